@@ -1,0 +1,319 @@
+//! Pure encoding and decoding of frames: no I/O here.
+//!
+//! A frame on the wire is a `u32` big-endian payload length followed by the
+//! payload: the [`Frame`] in bincode's legacy format (the bincode-1 wire format:
+//! little-endian fixed-width integers, `u64` lengths, `u32` enum tags). The
+//! length is checked against the maximum before anything is allocated, and
+//! bincode itself runs with a byte limit, so no input can make the decoder
+//! claim more than [`HARD_MAX_FRAME_BYTES`].
+
+use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+
+use super::{Frame, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES, MessageId, Priority, Sender};
+
+/// Number of frame types this build knows (wire tags `0..BODY_VARIANTS`).
+pub const BODY_VARIANTS: u32 = 15;
+
+type WireConfig = Configuration<LittleEndian, Fixint, Limit<HARD_MAX_FRAME_BYTES>>;
+
+const fn wire_config() -> WireConfig {
+    bincode::config::legacy().with_limit::<HARD_MAX_FRAME_BYTES>()
+}
+
+/// Why bytes could not be turned into a frame, or a frame into bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The length prefix announces more than the allowed maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// Announced payload length.
+        len: usize,
+        /// The maximum in force.
+        max: usize,
+    },
+    /// The header decoded but the frame type tag is not one this build knows.
+    #[error("unknown frame type {tag}")]
+    UnknownFrameType {
+        /// The tag found.
+        tag: u32,
+        /// The frame's id, from its header.
+        id: Option<MessageId>,
+    },
+    /// The payload is not a valid frame.
+    #[error("malformed frame: {reason}")]
+    Malformed {
+        /// What was wrong.
+        reason: String,
+        /// The frame's id, when the header could be read.
+        id: Option<MessageId>,
+    },
+    /// The frame could not be encoded (larger than the hard maximum).
+    #[error("cannot encode frame: {0}")]
+    Encode(String),
+}
+
+impl CodecError {
+    /// The id of the offending frame, when it could be recovered.
+    pub fn message_id(&self) -> Option<MessageId> {
+        match self {
+            CodecError::UnknownFrameType { id, .. } | CodecError::Malformed { id, .. } => *id,
+            _ => None,
+        }
+    }
+}
+
+/// Encodes `frame` with its length prefix, ready to write to a stream.
+pub fn encode(frame: &Frame) -> Result<Bytes, CodecError> {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_u32(0);
+    let mut writer = (&mut buf).writer();
+    bincode::serde::encode_into_std_write(frame, &mut writer, wire_config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    let len = buf.len() - LENGTH_PREFIX_BYTES;
+    if len > HARD_MAX_FRAME_BYTES {
+        return Err(CodecError::Encode(format!(
+            "{len} bytes exceeds the hard maximum of {HARD_MAX_FRAME_BYTES}"
+        )));
+    }
+    buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf.freeze())
+}
+
+/// Reads a length prefix and checks it against `max` (never above
+/// [`HARD_MAX_FRAME_BYTES`]).
+pub fn decode_length(prefix: [u8; LENGTH_PREFIX_BYTES], max: usize) -> Result<usize, CodecError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    let max = max.min(HARD_MAX_FRAME_BYTES);
+    if len > max {
+        return Err(CodecError::FrameTooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Decodes one frame payload (the bytes after the length prefix). The whole
+/// slice must be consumed: trailing bytes are an error.
+pub fn decode_frame(payload: &[u8]) -> Result<Frame, CodecError> {
+    match bincode::serde::decode_from_slice::<Frame, _>(payload, wire_config()) {
+        Ok((frame, used)) if used == payload.len() => Ok(frame),
+        Ok((frame, used)) => Err(CodecError::Malformed {
+            reason: format!("{} trailing bytes", payload.len() - used),
+            id: Some(frame.id),
+        }),
+        Err(err) => Err(classify(payload, err)),
+    }
+}
+
+/// Decodes the first frame in `buf` (length prefix included). Returns
+/// `Ok(None)` when `buf` does not hold a whole frame yet, otherwise the frame
+/// and the number of bytes it occupied.
+pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, CodecError> {
+    let Some(prefix) = buf.get(..LENGTH_PREFIX_BYTES) else {
+        return Ok(None);
+    };
+    let prefix: [u8; LENGTH_PREFIX_BYTES] = prefix.try_into().expect("slice of prefix length");
+    let len = decode_length(prefix, max)?;
+    let Some(payload) = buf.get(LENGTH_PREFIX_BYTES..LENGTH_PREFIX_BYTES + len) else {
+        return Ok(None);
+    };
+    decode_frame(payload).map(|frame| Some((frame, LENGTH_PREFIX_BYTES + len)))
+}
+
+/// Reads just the message id from the start of a payload, if it is long enough.
+pub fn peek_message_id(payload: &[u8]) -> Option<MessageId> {
+    let bytes: [u8; 16] = payload.get(..16)?.try_into().ok()?;
+    Some(MessageId(uuid::Uuid::from_bytes(bytes)))
+}
+
+/// The header fields, decoded on their own to tell an unknown frame type from
+/// a corrupt frame after a full decode failed.
+#[derive(Deserialize)]
+struct Header {
+    id: MessageId,
+    #[allow(dead_code)]
+    priority: Priority,
+    #[allow(dead_code)]
+    timestamp_ms: u64,
+    #[allow(dead_code)]
+    sender: Option<Sender>,
+}
+
+fn classify(payload: &[u8], err: bincode::error::DecodeError) -> CodecError {
+    let Ok((header, used)) =
+        bincode::serde::decode_from_slice::<Header, _>(payload, wire_config())
+    else {
+        return CodecError::Malformed {
+            reason: err.to_string(),
+            id: peek_message_id(payload),
+        };
+    };
+    let tag = payload
+        .get(used..used + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes);
+    match tag {
+        Some(tag) if tag >= BODY_VARIANTS => CodecError::UnknownFrameType {
+            tag,
+            id: Some(header.id),
+        },
+        _ => CodecError::Malformed {
+            reason: err.to_string(),
+            id: Some(header.id),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::*;
+
+    fn sample_frames() -> Vec<Frame> {
+        let client = ClientId::new_random();
+        let node = NodeId::new_random();
+        let id = MessageId::new_random();
+        let sender = Sender {
+            client_id: client,
+            node_id: node,
+            name: "alice".into(),
+            user: Some("u-1".into()),
+        };
+        let info = ClientInfo {
+            client_id: client,
+            node_id: node,
+            name: "alice".into(),
+            user: None,
+            connected_at_ms: 42,
+        };
+        let bodies = vec![
+            Body::Handshake(Handshake {
+                min_version: 1,
+                max_version: 1,
+                name: "alice".into(),
+                token: Some("t".into()),
+            }),
+            Body::HandshakeAck(HandshakeAck {
+                version: 1,
+                client_id: client,
+                node_id: node,
+                server_name: "n".into(),
+                max_frame_bytes: 1024,
+            }),
+            Body::Text { text: "héllo".into() },
+            Body::Binary { data: vec![0, 1, 255] },
+            Body::Broadcast { payload: Payload::Text("hi".into()) },
+            Body::Direct { to: client, payload: Payload::Binary(vec![9; 300]) },
+            Body::Ping,
+            Body::Pong { of: id },
+            Body::ListClients,
+            Body::ClientList { of: id, clients: vec![info.clone(), info], truncated: true },
+            Body::Ack { of: id },
+            Body::Error { of: Some(id), code: error_code::UNKNOWN_CLIENT, message: "x".into() },
+            Body::Goodbye { reason: "bye".into(), reconnect: true },
+            Body::StatsRequest,
+            Body::Stats { of: id, stats: NodeStats { node_id: node, messages_in: 7, ..Default::default() } },
+        ];
+        assert_eq!(bodies.len() as u32, BODY_VARIANTS, "every frame type is sampled");
+        bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| Frame {
+                id: MessageId::new_random(),
+                priority: Priority::ALL[i % 3],
+                timestamp_ms: 1_700_000_000_000 + i as u64,
+                sender: (i % 2 == 0).then(|| sender.clone()),
+                body,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_frame_type_round_trips() {
+        for frame in sample_frames() {
+            let bytes = encode(&frame).unwrap();
+            let (decoded, used) = decode(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap().unwrap();
+            assert_eq!(used, bytes.len());
+            assert_eq!(decoded, frame);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_incomplete_or_error_never_panic() {
+        for frame in sample_frames() {
+            let bytes = encode(&frame).unwrap();
+            for cut in 0..bytes.len() {
+                assert_eq!(decode(&bytes[..cut], DEFAULT_MAX_FRAME_BYTES), Ok(None));
+                if cut >= LENGTH_PREFIX_BYTES {
+                    // The payload cut short, with a prefix that claims only what is there.
+                    assert!(decode_frame(&bytes[LENGTH_PREFIX_BYTES..cut]).is_err());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_prefix_is_rejected_before_allocation() {
+        let prefix = u32::MAX.to_be_bytes();
+        assert_eq!(
+            decode(&prefix, DEFAULT_MAX_FRAME_BYTES),
+            Err(CodecError::FrameTooLarge { len: u32::MAX as usize, max: DEFAULT_MAX_FRAME_BYTES })
+        );
+        // The configured maximum is clamped to the hard maximum.
+        assert!(matches!(
+            decode_length(((HARD_MAX_FRAME_BYTES + 1) as u32).to_be_bytes(), usize::MAX),
+            Err(CodecError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn huge_claimed_string_length_is_an_error_not_an_abort() {
+        // A Text frame whose string claims 2^40 bytes.
+        let mut frame = encode(&Frame::new(Priority::Normal, Body::Text { text: String::new() }))
+            .unwrap()
+            .to_vec();
+        let len_at = frame.len() - 8;
+        frame[len_at..].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let err = decode_frame(&frame[LENGTH_PREFIX_BYTES..]).unwrap_err();
+        assert!(matches!(err, CodecError::Malformed { id: Some(_), .. }), "{err:?}");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // Deterministic pseudo-random garbage of many lengths.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..2000usize {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            let _ = decode_frame(&bytes);
+            let _ = decode(&bytes, DEFAULT_MAX_FRAME_BYTES);
+        }
+    }
+
+    #[test]
+    fn unknown_type_is_told_apart_from_garbage() {
+        let frame = Frame::new(Priority::High, Body::Ping);
+        let mut bytes = encode(&frame).unwrap().to_vec();
+        // Ping has no fields: its tag is the last 4 bytes.
+        let at = bytes.len() - 4;
+        bytes[at..].copy_from_slice(&99u32.to_le_bytes());
+        assert_eq!(
+            decode_frame(&bytes[LENGTH_PREFIX_BYTES..]),
+            Err(CodecError::UnknownFrameType { tag: 99, id: Some(frame.id) })
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let frame = Frame::new(Priority::High, Body::Ping);
+        let mut payload = encode(&frame).unwrap()[LENGTH_PREFIX_BYTES..].to_vec();
+        payload.push(0);
+        assert!(matches!(decode_frame(&payload), Err(CodecError::Malformed { .. })));
+    }
+}

@@ -1,0 +1,372 @@
+//! Frame types. Field order here *is* the wire order (bincode legacy encoding),
+//! so reordering fields or enum variants is a protocol change: bump the
+//! protocol version and update `PROTOCOL.md`.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+macro_rules! uuid_newtype {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(#[serde(with = "uuid::serde::compact")] pub Uuid);
+
+        impl $name {
+            /// A fresh random (v4) id.
+            pub fn new_random() -> Self {
+                Self(Uuid::new_v4())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = uuid::Error;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s).map(Self)
+            }
+        }
+    };
+}
+
+uuid_newtype!(
+    /// Identifies one connected client; assigned by the node at handshake.
+    ClientId
+);
+uuid_newtype!(
+    /// Identifies one node of the cluster.
+    NodeId
+);
+uuid_newtype!(
+    /// Identifies one message; chosen by whoever creates the frame.
+    MessageId
+);
+
+/// Delivery priority. Each priority has its own QUIC stream per direction,
+/// so a large low-priority message never holds back a high-priority one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Priority {
+    /// Bulk traffic; sent when nothing else is waiting.
+    Low,
+    /// The default.
+    Normal,
+    /// Control traffic and urgent messages; sent first.
+    High,
+}
+
+impl Priority {
+    /// All priorities, in wire index order.
+    pub const ALL: [Priority; 3] = [Priority::Low, Priority::Normal, Priority::High];
+
+    /// Position in [`Priority::ALL`] (equal to the wire index).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Default for Priority {
+    fn default() -> Self {
+        Priority::Normal
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        })
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "low" => Ok(Priority::Low),
+            "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            other => Err(format!("unknown priority {other:?} (expected low, normal or high)")),
+        }
+    }
+}
+
+/// Error code carried in an Error frame. A plain number on the wire so that
+/// codes added later still decode; named values live in `protocol::error_code`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorCode(pub u16);
+
+/// Who sent a message. Always filled in by the node from the connection the
+/// message arrived on; whatever a client puts here is overwritten.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    /// The sending client.
+    pub client_id: ClientId,
+    /// The node the sender is connected to.
+    pub node_id: NodeId,
+    /// The name the sender gave in its handshake.
+    pub name: String,
+    /// Authenticated user id, when the node authenticates clients.
+    pub user: Option<String>,
+}
+
+/// Content of a Broadcast or Direct message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// UTF-8 text.
+    Text(String),
+    /// Opaque bytes.
+    Binary(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl Payload {
+    /// Number of content bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Text(t) => t.len(),
+            Payload::Binary(b) => b.len(),
+        }
+    }
+
+    /// Whether the payload has no content bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One entry of a client list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// The client.
+    pub client_id: ClientId,
+    /// The node it is connected to.
+    pub node_id: NodeId,
+    /// Its handshake name.
+    pub name: String,
+    /// Its authenticated user id, if any.
+    pub user: Option<String>,
+    /// When it connected, Unix milliseconds.
+    pub connected_at_ms: u64,
+}
+
+/// Counters a node reports in a Stats frame.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// The reporting node.
+    pub node_id: NodeId,
+    /// The node's configured name.
+    pub server_name: String,
+    /// Milliseconds since the node started.
+    pub uptime_ms: u64,
+    /// Clients connected to this node now.
+    pub clients_connected: u64,
+    /// Connections accepted since start (handshake completed).
+    pub connections_total: u64,
+    /// Frames received from clients.
+    pub messages_in: u64,
+    /// Frames queued to clients.
+    pub messages_out: u64,
+    /// Frame bytes received from clients (prefix included).
+    pub bytes_in: u64,
+    /// Frame bytes queued to clients (prefix included).
+    pub bytes_out: u64,
+    /// Error frames sent.
+    pub errors: u64,
+    /// Clients disconnected because their outbound queue was full.
+    pub slow_consumer_disconnects: u64,
+}
+
+/// Handshake sent by the client as its very first frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshake {
+    /// Lowest protocol version the client speaks.
+    pub min_version: u16,
+    /// Highest protocol version the client speaks.
+    pub max_version: u16,
+    /// Display name, 1..=64 bytes of UTF-8.
+    pub name: String,
+    /// Bearer token, for nodes that authenticate clients.
+    pub token: Option<String>,
+}
+
+/// The node's answer to a successful handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakeAck {
+    /// The version chosen: the highest both sides speak.
+    pub version: u16,
+    /// The id the node assigned to this client.
+    pub client_id: ClientId,
+    /// The node the client is connected to.
+    pub node_id: NodeId,
+    /// The node's configured name.
+    pub server_name: String,
+    /// Largest frame payload the node accepts, in bytes.
+    pub max_frame_bytes: u32,
+}
+
+/// What a frame says. Variant order is the wire type number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// 0. Client → node, first frame of a connection.
+    Handshake(Handshake),
+    /// 1. Node → client, answer to a valid Handshake.
+    HandshakeAck(HandshakeAck),
+    /// 2. Client → node: text for the node, echoed back and acknowledged.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// 3. Client → node: bytes for the node, echoed back and acknowledged.
+    Binary {
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// 4. Client → node: deliver to every other client; node → client: a delivery.
+    Broadcast {
+        /// The content.
+        payload: Payload,
+    },
+    /// 5. Client → node: deliver to one client; node → client: a delivery.
+    Direct {
+        /// The recipient.
+        to: ClientId,
+        /// The content.
+        payload: Payload,
+    },
+    /// 6. Either way: asks for a Pong.
+    Ping,
+    /// 7. Answer to the Ping whose id is `of`.
+    Pong {
+        /// Id of the Ping.
+        of: MessageId,
+    },
+    /// 8. Client → node: asks for a ClientList.
+    ListClients,
+    /// 9. Node → client: the connected clients.
+    ClientList {
+        /// Id of the ListClients request.
+        of: MessageId,
+        /// The clients, at most the node's `max_list_clients`.
+        clients: Vec<ClientInfo>,
+        /// True when more clients exist than were returned.
+        truncated: bool,
+    },
+    /// 10. Node → client: the message `of` was accepted and handed on.
+    Ack {
+        /// Id of the acknowledged message.
+        of: MessageId,
+    },
+    /// 11. Node → client: something went wrong.
+    Error {
+        /// Id of the frame that caused it, when known.
+        of: Option<MessageId>,
+        /// Machine-readable code (`protocol::error_code`).
+        code: ErrorCode,
+        /// Human-readable reason.
+        message: String,
+    },
+    /// 12. Either way: the sender is about to close the connection.
+    Goodbye {
+        /// Why.
+        reason: String,
+        /// True when the client should reconnect (e.g. the node is restarting).
+        reconnect: bool,
+    },
+    /// 13. Client → node: asks for a Stats frame.
+    StatsRequest,
+    /// 14. Node → client: the node's counters.
+    Stats {
+        /// Id of the StatsRequest.
+        of: MessageId,
+        /// The counters.
+        stats: NodeStats,
+    },
+}
+
+impl Body {
+    /// Short lowercase name of the frame type, for logs and JSON output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Handshake(_) => "handshake",
+            Body::HandshakeAck(_) => "handshake_ack",
+            Body::Text { .. } => "text",
+            Body::Binary { .. } => "binary",
+            Body::Broadcast { .. } => "broadcast",
+            Body::Direct { .. } => "direct",
+            Body::Ping => "ping",
+            Body::Pong { .. } => "pong",
+            Body::ListClients => "list_clients",
+            Body::ClientList { .. } => "client_list",
+            Body::Ack { .. } => "ack",
+            Body::Error { .. } => "error",
+            Body::Goodbye { .. } => "goodbye",
+            Body::StatsRequest => "stats_request",
+            Body::Stats { .. } => "stats",
+        }
+    }
+
+    /// The request this frame answers, for reply frames.
+    pub fn reply_to(&self) -> Option<MessageId> {
+        match self {
+            Body::Pong { of } | Body::Ack { of } => Some(*of),
+            Body::ClientList { of, .. } | Body::Stats { of, .. } => Some(*of),
+            Body::Error { of, .. } => *of,
+            _ => None,
+        }
+    }
+}
+
+/// One protocol message: a header shared by every type, then the body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    /// Unique id of this message.
+    pub id: MessageId,
+    /// Delivery priority.
+    pub priority: Priority,
+    /// When the message was created, Unix milliseconds (sender's clock).
+    pub timestamp_ms: u64,
+    /// Who sent it; set by the node, ignored from clients.
+    pub sender: Option<Sender>,
+    /// What it says.
+    pub body: Body,
+}
+
+impl Frame {
+    /// A new frame with a fresh id, the given priority and the current time.
+    pub fn new(priority: Priority, body: Body) -> Self {
+        Frame {
+            id: MessageId::new_random(),
+            priority,
+            timestamp_ms: now_ms(),
+            sender: None,
+            body,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

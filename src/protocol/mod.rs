@@ -1,0 +1,102 @@
+//! The quic-fabric wire protocol: frame types ([`frame`]), the pure byte codec
+//! ([`codec`]) and the numbers both ends must agree on (ALPN, versions, limits,
+//! error and close codes). `PROTOCOL.md` is the normative description; the
+//! `protocol_examples` test keeps the two in step.
+
+pub mod codec;
+pub mod frame;
+
+pub use codec::{CodecError, decode, decode_frame, decode_length, encode};
+pub use frame::*;
+
+/// ALPN identifier negotiated in the TLS handshake. Connections offering
+/// anything else are rejected by TLS itself.
+pub const ALPN: &[u8] = b"quic-fabric/1";
+
+/// Lowest protocol version this build speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Highest protocol version this build speaks.
+pub const MAX_PROTOCOL_VERSION: u16 = 1;
+
+/// Size of the big-endian length prefix in front of every frame.
+pub const LENGTH_PREFIX_BYTES: usize = 4;
+
+/// Absolute ceiling for a frame's payload length, whatever the configuration
+/// says. Also the byte limit handed to bincode, so no decode can ever claim
+/// more memory than this.
+pub const HARD_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Default maximum frame payload length (prefix excluded).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Longest client name accepted in a handshake, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// Maps a [`Priority`] to quinn's stream priority: higher is sent first.
+pub fn stream_priority(priority: Priority) -> i32 {
+    match priority {
+        Priority::Low => -1,
+        Priority::Normal => 0,
+        Priority::High => 1,
+    }
+}
+
+/// Application error codes carried in QUIC CONNECTION_CLOSE frames.
+pub mod close_code {
+    /// Normal close: the client said Goodbye or simply left.
+    pub const NORMAL: u32 = 0;
+    /// The server is shutting down (a Goodbye frame was sent first).
+    pub const SHUTDOWN: u32 = 1;
+    /// The peer broke the protocol in a way that leaves the connection untrustworthy.
+    pub const PROTOCOL_VIOLATION: u32 = 2;
+    /// No protocol version in common.
+    pub const UNSUPPORTED_VERSION: u32 = 3;
+    /// The node already has `max_clients` clients.
+    pub const SERVER_FULL: u32 = 4;
+    /// The client did not read its messages fast enough; its outbound queue filled up.
+    pub const SLOW_CONSUMER: u32 = 5;
+    /// The client did not complete the handshake in time.
+    pub const HANDSHAKE_TIMEOUT: u32 = 6;
+    /// Authentication failed (reserved for authenticated deployments).
+    pub const AUTH_FAILED: u32 = 7;
+    /// The handshake was invalid (for example a name that is too long).
+    pub const BAD_HANDSHAKE: u32 = 8;
+    /// An internal server error ended the connection.
+    pub const INTERNAL: u32 = 9;
+}
+
+/// Application error codes carried in [`Body::Error`] frames.
+pub mod error_code {
+    use super::ErrorCode;
+
+    /// The frame payload could not be decoded.
+    pub const MALFORMED_FRAME: ErrorCode = ErrorCode(1);
+    /// The frame is longer than the negotiated maximum; it was discarded.
+    pub const FRAME_TOO_LARGE: ErrorCode = ErrorCode(2);
+    /// The frame type is not known to this server.
+    pub const UNKNOWN_FRAME_TYPE: ErrorCode = ErrorCode(3);
+    /// No protocol version in common; the connection closes.
+    pub const UNSUPPORTED_VERSION: ErrorCode = ErrorCode(4);
+    /// A frame other than Handshake arrived before the handshake completed.
+    pub const HANDSHAKE_REQUIRED: ErrorCode = ErrorCode(5);
+    /// A second Handshake on an established connection; it was ignored.
+    pub const ALREADY_HANDSHAKEN: ErrorCode = ErrorCode(6);
+    /// The target of a Direct message is not connected anywhere.
+    pub const UNKNOWN_CLIENT: ErrorCode = ErrorCode(7);
+    /// The node already has `max_clients` clients; the connection closes.
+    pub const SERVER_FULL: ErrorCode = ErrorCode(8);
+    /// A field is invalid (for example a name that is too long or empty).
+    pub const INVALID_FIELD: ErrorCode = ErrorCode(9);
+    /// The frame type is only sent by servers.
+    pub const UNEXPECTED_FRAME: ErrorCode = ErrorCode(10);
+    /// The message must cross the cluster but the cluster bus is unavailable.
+    pub const CLUSTER_UNAVAILABLE: ErrorCode = ErrorCode(11);
+    /// Too many messages; retry later (reserved for rate limits).
+    pub const RATE_LIMITED: ErrorCode = ErrorCode(12);
+    /// Authentication failed (reserved for authenticated deployments).
+    pub const AUTH_FAILED: ErrorCode = ErrorCode(13);
+    /// The server hit an internal error while handling the frame.
+    pub const INTERNAL: ErrorCode = ErrorCode(14);
+    /// The recipient's outbound queue is full; it is being disconnected.
+    pub const RECIPIENT_SLOW: ErrorCode = ErrorCode(15);
+}
