@@ -2,9 +2,23 @@
 //!
 //! Layers, bottom up: [`protocol`] (frames and codec, no I/O), [`tls`]
 //! (certificates and rustls configs), [`server`] (endpoint, accept loop,
-//! shutdown) with its per-connection [`connection`] handler, the
+//! shutdown) with its per-connection handler in `connection`, the
 //! [`client_manager`] registry of connected clients, the [`handler`] that
 //! gives each frame type its meaning, the [`router`] that delivers messages,
 //! and the [`client`] library used by the `fabric` CLI and the tests.
 
+pub mod client;
+pub mod cli;
+pub mod client_manager;
+pub mod config;
+mod connection;
+pub mod handler;
 pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod stats;
+pub mod telemetry;
+pub mod tls;
+
+pub use config::{NodeArgs, NodeConfig};
+pub use server::Server;

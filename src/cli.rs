@@ -1,0 +1,364 @@
+//! The `fabric` command-line client: argument parsing and the subcommands,
+//! on top of the client library. Errors print one line on stderr and exit
+//! non-zero.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::client::{Client, ClientConfig, Event};
+use crate::protocol::{Body, ClientId, ClientInfo, Frame, Payload, Priority};
+use crate::tls::ServerTrust;
+
+/// Command-line client for quic-fabric nodes.
+#[derive(Debug, Parser)]
+#[command(name = "fabric", version)]
+pub struct Cli {
+    /// Node (or load balancer) address, HOST:PORT.
+    #[arg(long, global = true, env = "FABRIC_SERVER", default_value = "127.0.0.1:4433")]
+    pub server: String,
+    /// CA certificate (PEM) the server certificate must chain to.
+    #[arg(long, global = true, env = "FABRIC_CA", default_value = "certs/ca.pem")]
+    pub ca: PathBuf,
+    /// TLS server name to verify, if not the host part of --server.
+    #[arg(long, global = true, env = "FABRIC_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Name shown to other clients.
+    #[arg(long, global = true, env = "FABRIC_CLIENT_NAME", default_value = "fabric-cli")]
+    pub name: String,
+    /// Skip server certificate verification (development only).
+    #[arg(long, global = true)]
+    pub insecure: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `fabric` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Interactive chat: lines are broadcast; /to ID TEXT, /list, /ping, /quit.
+    Chat,
+    /// Print every received frame as one JSON object per line.
+    Listen {
+        /// Exit after this many frames.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Broadcast TEXT to every other client.
+    Broadcast {
+        /// The text.
+        text: String,
+        /// Priority: low, normal or high.
+        #[arg(long, default_value = "normal")]
+        priority: Priority,
+    },
+    /// Send TEXT to one client; exits 0 only when the server acknowledged.
+    Send {
+        /// Recipient client id.
+        #[arg(long)]
+        to: ClientId,
+        /// The text.
+        text: String,
+        /// Priority: low, normal or high.
+        #[arg(long, default_value = "normal")]
+        priority: Priority,
+    },
+    /// List connected clients as JSON.
+    List,
+    /// Measure application round trips.
+    Ping {
+        /// Number of pings.
+        #[arg(long, default_value_t = 4)]
+        count: u32,
+        /// Pause between pings.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+    /// Print the node's counters as JSON.
+    Stats,
+}
+
+impl Cli {
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new(self.server.clone(), self.ca.clone()).name(self.name.clone());
+        config.server_name = self.server_name.clone();
+        if self.insecure {
+            config.trust = ServerTrust::InsecureAcceptAny;
+        }
+        config
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match execute(cli).await {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("fabric: {err:#}");
+            1
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    if cli.insecure {
+        eprintln!("fabric: warning: --insecure: the server certificate is NOT verified");
+    }
+    let config = cli.client_config();
+    let mut client = Client::connect(&config).await?;
+    let result = command(&mut client, cli.command).await;
+    // Close explicitly, also after an error, so the node sees the client
+    // leave at once instead of after the idle timeout.
+    client.close("done").await;
+    result
+}
+
+async fn command(client: &mut Client, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Chat => chat(client).await?,
+        Command::Listen { count } => listen(client, count).await?,
+        Command::Broadcast { text, priority } => {
+            let id = client.broadcast(Payload::Text(text), priority).await?;
+            println!("{}", json!({"type": "ack", "of": id.to_string()}));
+        }
+        Command::Send { to, text, priority } => {
+            let id = client.direct(to, Payload::Text(text), priority).await?;
+            println!("{}", json!({"type": "ack", "of": id.to_string()}));
+        }
+        Command::List => {
+            let (clients, truncated) = client.list().await?;
+            let clients: Vec<Value> = clients.iter().map(client_json).collect();
+            println!("{}", json!({"clients": clients, "truncated": truncated}));
+        }
+        Command::Ping { count, interval } => {
+            let mut rtts = Vec::new();
+            for i in 0..count {
+                if i > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                let rtt = client.ping().await?;
+                println!("pong from node {}: seq={} time={:.3} ms", client.node_id(), i + 1, ms(rtt));
+                rtts.push(rtt);
+            }
+            if let (Some(min), Some(max)) = (rtts.iter().min(), rtts.iter().max()) {
+                let avg = rtts.iter().sum::<Duration>() / rtts.len() as u32;
+                println!("{} pings: min {:.3} ms, avg {:.3} ms, max {:.3} ms", rtts.len(), ms(*min), ms(avg), ms(*max));
+            }
+        }
+        Command::Stats => {
+            let stats = client.stats().await?;
+            println!(
+                "{}",
+                json!({
+                    "node_id": stats.node_id.to_string(),
+                    "server_name": stats.server_name,
+                    "uptime_ms": stats.uptime_ms,
+                    "clients_connected": stats.clients_connected,
+                    "connections_total": stats.connections_total,
+                    "messages_in": stats.messages_in,
+                    "messages_out": stats.messages_out,
+                    "bytes_in": stats.bytes_in,
+                    "bytes_out": stats.bytes_out,
+                    "errors": stats.errors,
+                    "slow_consumer_disconnects": stats.slow_consumer_disconnects,
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn listen(client: &mut Client, count: Option<u64>) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        json!({"type": "connected", "client_id": client.client_id().to_string(), "node_id": client.node_id().to_string()})
+    );
+    let mut seen = 0u64;
+    if count == Some(0) {
+        return Ok(());
+    }
+    loop {
+        tokio::select! {
+            event = client.next_event() => match event {
+                Some(Event::Frame(frame)) => {
+                    println!("{}", frame_json(&frame));
+                    seen += 1;
+                    if Some(seen) == count {
+                        return Ok(());
+                    }
+                }
+                Some(Event::Closed { code, reason }) => {
+                    println!("{}", json!({"type": "closed", "code": code, "reason": reason}));
+                    anyhow::bail!("connection closed: {reason}");
+                }
+                None => anyhow::bail!("connection closed"),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+async fn chat(client: &mut Client) -> anyhow::Result<()> {
+    println!(
+        "connected as {} on node {} ({}). Type to broadcast; /to ID TEXT, /list, /ping, /quit.",
+        client.client_id(),
+        client.node_id(),
+        client.handshake().server_name
+    );
+    let mut events = client.take_events();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                if !chat_command(client, line.trim()).await? {
+                    break;
+                }
+            }
+            event = events.recv() => match event {
+                Some(Event::Frame(frame)) => {
+                    if let Some(text) = chat_line(&frame) {
+                        println!("{text}");
+                    }
+                }
+                Some(Event::Closed { reason, .. }) => anyhow::bail!("disconnected: {reason}"),
+                None => anyhow::bail!("disconnected"),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Runs one chat input line; returns false to quit.
+async fn chat_command(client: &Client, line: &str) -> anyhow::Result<bool> {
+    if line.is_empty() {
+        return Ok(true);
+    }
+    let result: Result<(), crate::client::ClientError> = async {
+        match line.split_once(' ').map_or((line, ""), |(c, r)| (c, r.trim())) {
+            ("/quit", _) => return Ok(()),
+            ("/list", _) => {
+                let (clients, truncated) = client.list().await?;
+                for c in &clients {
+                    let me = if c.client_id == client.client_id() { " (you)" } else { "" };
+                    println!("  {} {} on node {}{me}", c.client_id, c.name, c.node_id);
+                }
+                if truncated {
+                    println!("  (list truncated)");
+                }
+            }
+            ("/ping", _) => println!("pong: {:.3} ms", ms(client.ping().await?)),
+            ("/to", rest) => match rest.split_once(' ') {
+                Some((id, text)) => match id.parse::<ClientId>() {
+                    Ok(to) => {
+                        client.direct(to, Payload::Text(text.to_owned()), Priority::Normal).await?;
+                    }
+                    Err(_) => println!("! not a client id: {id}"),
+                },
+                None => println!("! usage: /to ID TEXT"),
+            },
+            (cmd, _) if cmd.starts_with('/') => println!("! unknown command {cmd}"),
+            _ => {
+                client.broadcast(Payload::Text(line.to_owned()), Priority::Normal).await?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if line == "/quit" {
+        return Ok(false);
+    }
+    match result {
+        Ok(()) => Ok(true),
+        Err(err @ crate::client::ClientError::Server { .. }) => {
+            println!("! {err}");
+            Ok(true)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn chat_line(frame: &Frame) -> Option<String> {
+    let from = frame.sender.as_ref().map_or("server", |s| s.name.as_str());
+    let text = |p: &Payload| match p {
+        Payload::Text(t) => t.clone(),
+        Payload::Binary(b) => format!("<{} bytes>", b.len()),
+    };
+    match &frame.body {
+        Body::Broadcast { payload } => Some(format!("[{from}] {}", text(payload))),
+        Body::Direct { payload, .. } => Some(format!("[{from} → you] {}", text(payload))),
+        Body::Goodbye { reason, .. } => Some(format!("* server says goodbye: {reason}")),
+        Body::Error { message, .. } => Some(format!("! {message}")),
+        _ => None,
+    }
+}
+
+fn client_json(c: &ClientInfo) -> Value {
+    json!({
+        "client_id": c.client_id.to_string(),
+        "node_id": c.node_id.to_string(),
+        "name": c.name,
+        "user": c.user,
+        "connected_at_ms": c.connected_at_ms,
+    })
+}
+
+fn payload_fields(p: &Payload, out: &mut serde_json::Map<String, Value>) {
+    match p {
+        Payload::Text(t) => {
+            out.insert("text".into(), json!(t));
+        }
+        Payload::Binary(b) => {
+            out.insert("data_base64".into(), json!(base64::engine::general_purpose::STANDARD.encode(b)));
+        }
+    }
+}
+
+/// One received frame as a JSON object (the `listen` output format).
+pub fn frame_json(frame: &Frame) -> Value {
+    let mut out = serde_json::Map::new();
+    out.insert("type".into(), json!(frame.body.kind()));
+    out.insert("id".into(), json!(frame.id.to_string()));
+    out.insert("priority".into(), json!(frame.priority.to_string()));
+    out.insert("timestamp_ms".into(), json!(frame.timestamp_ms));
+    if let Some(s) = &frame.sender {
+        out.insert(
+            "from".into(),
+            json!({"client_id": s.client_id.to_string(), "node_id": s.node_id.to_string(), "name": s.name, "user": s.user}),
+        );
+    }
+    match &frame.body {
+        Body::Text { text } => {
+            out.insert("text".into(), json!(text));
+        }
+        Body::Binary { data } => payload_fields(&Payload::Binary(data.clone()), &mut out),
+        Body::Broadcast { payload } => payload_fields(payload, &mut out),
+        Body::Direct { to, payload } => {
+            out.insert("to".into(), json!(to.to_string()));
+            payload_fields(payload, &mut out);
+        }
+        Body::Error { of, code, message } => {
+            out.insert("of".into(), json!(of.map(|o| o.to_string())));
+            out.insert("code".into(), json!(code.0));
+            out.insert("message".into(), json!(message));
+        }
+        Body::Goodbye { reason, reconnect } => {
+            out.insert("reason".into(), json!(reason));
+            out.insert("reconnect".into(), json!(reconnect));
+        }
+        Body::Ack { of } | Body::Pong { of } => {
+            out.insert("of".into(), json!(of.to_string()));
+        }
+        _ => {}
+    }
+    Value::Object(out)
+}

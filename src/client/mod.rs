@@ -1,0 +1,602 @@
+//! The quic-fabric client library: connect and handshake, send messages and
+//! requests, and read incoming events. The `fabric` CLI and the tests are
+//! built on it.
+//!
+//! Incoming frames that answer a request (Ack, Pong, ClientList, Stats, or an
+//! Error naming a request) complete that request; everything else arrives as
+//! an [`Event`]. Read events steadily: while the event buffer is full the
+//! client stops reading from the node, and a node disconnects clients that
+//! stop reading (`close_code::SLOW_CONSUMER`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::protocol::{
+    self, Body, ClientId, ClientInfo, CodecError, ErrorCode, Frame, HARD_MAX_FRAME_BYTES,
+    Handshake, HandshakeAck, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, MessageId, NodeId,
+    NodeStats, Payload, Priority, close_code,
+};
+use crate::tls::{self, ServerTrust, TlsError};
+
+/// How to reach and talk to a node.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `HOST:PORT` of the node (or of a load balancer in front of nodes).
+    pub server: String,
+    /// TLS server name; by default the host part of `server`.
+    pub server_name: Option<String>,
+    /// How the server certificate is checked.
+    pub trust: ServerTrust,
+    /// Display name sent in the handshake.
+    pub name: String,
+    /// Bearer token sent in the handshake, for nodes that require one.
+    pub token: Option<String>,
+    /// Time allowed for QUIC and application handshakes together.
+    pub connect_timeout: Duration,
+    /// Time allowed for a request's reply (Ack, Pong, ...).
+    pub request_timeout: Duration,
+    /// QUIC keep-alive interval; keeps NAT and load-balancer mappings alive.
+    pub keep_alive_interval: Duration,
+    /// Connection idle timeout.
+    pub idle_timeout: Duration,
+    /// Incoming events buffered before the client stops reading.
+    pub event_buffer: usize,
+}
+
+impl ClientConfig {
+    /// A config for `server` that trusts the CA in `ca_file`.
+    pub fn new(server: impl Into<String>, ca_file: impl Into<std::path::PathBuf>) -> Self {
+        ClientConfig {
+            server: server.into(),
+            server_name: None,
+            trust: ServerTrust::CaFile(ca_file.into()),
+            name: "client".into(),
+            token: None,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            keep_alive_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            event_buffer: 4096,
+        }
+    }
+
+    /// Sets the handshake name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+}
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server address could not be resolved or used.
+    #[error("cannot reach {server}: {reason}")]
+    Address {
+        /// The address given.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// TLS could not be set up (for example an unreadable CA file).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The QUIC connection could not be established.
+    #[error("cannot connect to {server}: {reason}")]
+    Connect {
+        /// The address given.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node refused the handshake.
+    #[error("server refused the connection: {message} (error {})", code.0)]
+    Refused {
+        /// The error code from the node.
+        code: ErrorCode,
+        /// The node's reason.
+        message: String,
+    },
+    /// The node answered a request with an Error frame.
+    #[error("server error {}: {message}", code.0)]
+    Server {
+        /// The error code.
+        code: ErrorCode,
+        /// The node's reason.
+        message: String,
+    },
+    /// The connection is closed.
+    #[error("connection closed: {reason}{}", code.map(|c| format!(" (close code {c})")).unwrap_or_default())]
+    Closed {
+        /// Application close code, when the node closed with one.
+        code: Option<u32>,
+        /// Why.
+        reason: String,
+    },
+    /// No reply in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The message is larger than the node accepts.
+    #[error("message of {len} bytes exceeds the server's maximum of {max} bytes")]
+    TooLarge {
+        /// The encoded frame size.
+        len: usize,
+        /// The node's limit.
+        max: usize,
+    },
+    /// The node broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(err: quinn::ConnectionError) -> Self {
+        closed_error(&err)
+    }
+}
+
+fn closed_error(err: &quinn::ConnectionError) -> ClientError {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => ClientError::Closed {
+            code: u32::try_from(close.error_code.into_inner()).ok(),
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+        },
+        other => ClientError::Closed {
+            code: None,
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Something that arrived without being asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A frame: a delivery (Broadcast, Direct), an echo (Text, Binary), a
+    /// Goodbye, or an Error not tied to a pending request.
+    Frame(Frame),
+    /// The connection ended; no more events follow.
+    Closed {
+        /// Application close code, when the node closed with one.
+        code: Option<u32>,
+        /// Why.
+        reason: String,
+    },
+}
+
+type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Frame>>>>;
+
+struct Inner {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+    streams: [tokio::sync::Mutex<Option<quinn::SendStream>>; 3],
+    pending: Pending,
+    ack: HandshakeAck,
+    request_timeout: Duration,
+}
+
+/// A connected, handshaken client.
+pub struct Client {
+    inner: Arc<Inner>,
+    events: mpsc::Receiver<Event>,
+}
+
+/// A sent request whose reply has not been awaited yet.
+pub struct PendingReply {
+    id: MessageId,
+    rx: oneshot::Receiver<Frame>,
+    inner: Arc<Inner>,
+}
+
+impl PendingReply {
+    /// The request's message id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// Waits for the reply; an Error reply becomes [`ClientError::Server`].
+    pub async fn wait(self) -> Result<Frame, ClientError> {
+        let timeout = self.inner.request_timeout;
+        let reply = match tokio::time::timeout(timeout, self.rx).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(_)) => return Err(self.inner.closed_error()),
+            Err(_) => {
+                lock(&self.inner.pending).remove(&self.id);
+                return Err(ClientError::Timeout(timeout));
+            }
+        };
+        match reply.body {
+            Body::Error { code, message, .. } => Err(ClientError::Server { code, message }),
+            _ => Ok(reply),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Without this the receive task's clone would keep a dropped client's
+        // connection alive through keep-alives.
+        self.conn.close(close_code::NORMAL.into(), b"client dropped");
+    }
+}
+
+impl Inner {
+    fn closed_error(&self) -> ClientError {
+        match self.conn.close_reason() {
+            Some(err) => closed_error(&err),
+            None => ClientError::Closed {
+                code: None,
+                reason: "reply channel dropped".into(),
+            },
+        }
+    }
+
+    async fn write(&self, frame: &Frame) -> Result<(), ClientError> {
+        let bytes = protocol::encode(frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let max = self.ack.max_frame_bytes as usize;
+        if bytes.len() - protocol::LENGTH_PREFIX_BYTES > max {
+            return Err(ClientError::TooLarge {
+                len: bytes.len() - protocol::LENGTH_PREFIX_BYTES,
+                max,
+            });
+        }
+        let mut slot = self.streams[frame.priority.index()].lock().await;
+        if slot.is_none() {
+            let send = self.conn.open_uni().await?;
+            let _ = send.set_priority(protocol::stream_priority(frame.priority));
+            *slot = Some(send);
+        }
+        let Some(send) = slot.as_mut() else {
+            return Err(ClientError::Protocol("stream missing".into()));
+        };
+        send.write_all(&bytes).await.map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(err) => closed_error(&err),
+            other => ClientError::Closed {
+                code: None,
+                reason: other.to_string(),
+            },
+        })
+    }
+}
+
+impl Client {
+    /// Connects, verifies the server and performs the handshake.
+    pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
+        let addr = resolve(&config.server).await?;
+        let server_name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_part(&config.server));
+        let crypto = tls::client_crypto(&config.trust)?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(0u32.into())
+            .max_concurrent_uni_streams(3u32.into())
+            .keep_alive_interval(Some(config.keep_alive_interval))
+            .max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
+        client_config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let connect_err = |reason: String| ClientError::Connect {
+            server: config.server.clone(),
+            reason,
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+        endpoint.set_default_client_config(client_config);
+
+        let handshake = async {
+            let conn = endpoint
+                .connect(addr, &server_name)
+                .map_err(|e| connect_err(e.to_string()))?
+                .await
+                .map_err(|e| match e {
+                    quinn::ConnectionError::ApplicationClosed(_) => closed_error(&e),
+                    other => connect_err(other.to_string()),
+                })?;
+            let mut high = conn.open_uni().await?;
+            let _ = high.set_priority(protocol::stream_priority(Priority::High));
+            let hello = Frame::new(
+                Priority::High,
+                Body::Handshake(Handshake {
+                    min_version: MIN_PROTOCOL_VERSION,
+                    max_version: MAX_PROTOCOL_VERSION,
+                    name: config.name.clone(),
+                    token: config.token.clone(),
+                }),
+            );
+            let bytes = protocol::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            high.write_all(&bytes)
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let mut first = conn.accept_uni().await?;
+            let reply = read_frame(&mut first).await.map_err(|e| match conn.close_reason() {
+                Some(err) => closed_error(&err),
+                None => ClientError::Protocol(format!("reading handshake reply: {e}")),
+            })?;
+            match reply.map(|f| f.body) {
+                Some(Body::HandshakeAck(ack)) => Ok((conn, high, first, ack)),
+                Some(Body::Error { code, message, .. }) => Err(ClientError::Refused { code, message }),
+                Some(other) => Err(ClientError::Protocol(format!(
+                    "expected HandshakeAck, got {}",
+                    other.kind()
+                ))),
+                None => Err(ClientError::Protocol("stream ended before HandshakeAck".into())),
+            }
+        };
+        let (conn, high, first, ack) = tokio::time::timeout(config.connect_timeout, handshake)
+            .await
+            .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
+
+        let inner = Arc::new(Inner {
+            conn: conn.clone(),
+            endpoint,
+            streams: [
+                tokio::sync::Mutex::new(None),
+                tokio::sync::Mutex::new(None),
+                tokio::sync::Mutex::new(Some(high)),
+            ],
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            ack,
+            request_timeout: config.request_timeout,
+        });
+        let (events_tx, events) = mpsc::channel(config.event_buffer.max(1));
+        tokio::spawn(receive(conn, first, inner.pending.clone(), events_tx, Arc::downgrade(&inner)));
+        Ok(Client { inner, events })
+    }
+
+    /// The id the node gave this client.
+    pub fn client_id(&self) -> ClientId {
+        self.inner.ack.client_id
+    }
+
+    /// The node this client is connected to.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.ack.node_id
+    }
+
+    /// The HandshakeAck the node sent.
+    pub fn handshake(&self) -> &HandshakeAck {
+        &self.inner.ack
+    }
+
+    /// Current QUIC round-trip estimate.
+    pub fn quic_rtt(&self) -> Duration {
+        self.inner.conn.rtt()
+    }
+
+    /// Sends a request without waiting for its reply.
+    pub async fn submit(&self, priority: Priority, body: Body) -> Result<PendingReply, ClientError> {
+        let frame = Frame::new(priority, body);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(frame.id, tx);
+        if let Err(err) = self.inner.write(&frame).await {
+            lock(&self.inner.pending).remove(&frame.id);
+            return Err(err);
+        }
+        Ok(PendingReply {
+            id: frame.id,
+            rx,
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// Sends a frame that expects no reply (for example an Ack of a delivery).
+    pub async fn send_frame(&self, frame: &Frame) -> Result<(), ClientError> {
+        self.inner.write(frame).await
+    }
+
+    async fn acked(&self, priority: Priority, body: Body) -> Result<MessageId, ClientError> {
+        let pending = self.submit(priority, body).await?;
+        let id = pending.id();
+        match pending.wait().await?.body {
+            Body::Ack { .. } => Ok(id),
+            other => Err(ClientError::Protocol(format!("expected Ack, got {}", other.kind()))),
+        }
+    }
+
+    /// Sends text to the node, which echoes it back (as an event) and acknowledges it.
+    pub async fn send_text(&self, text: impl Into<String>) -> Result<MessageId, ClientError> {
+        self.acked(Priority::Normal, Body::Text { text: text.into() }).await
+    }
+
+    /// Sends bytes to the node, which echoes them back (as an event) and acknowledges them.
+    pub async fn send_binary(&self, data: Vec<u8>) -> Result<MessageId, ClientError> {
+        self.acked(Priority::Normal, Body::Binary { data }).await
+    }
+
+    /// Delivers `payload` to every other client; returns once the node acknowledged.
+    pub async fn broadcast(&self, payload: Payload, priority: Priority) -> Result<MessageId, ClientError> {
+        self.acked(priority, Body::Broadcast { payload }).await
+    }
+
+    /// Delivers `payload` to client `to`; returns once the node acknowledged.
+    /// An unknown recipient is `ClientError::Server` with `error_code::UNKNOWN_CLIENT`.
+    pub async fn direct(&self, to: ClientId, payload: Payload, priority: Priority) -> Result<MessageId, ClientError> {
+        self.acked(priority, Body::Direct { to, payload }).await
+    }
+
+    /// The clients the node knows, and whether the list was cut short.
+    pub async fn list(&self) -> Result<(Vec<ClientInfo>, bool), ClientError> {
+        match self.submit(Priority::Normal, Body::ListClients).await?.wait().await?.body {
+            Body::ClientList { clients, truncated, .. } => Ok((clients, truncated)),
+            other => Err(ClientError::Protocol(format!("expected ClientList, got {}", other.kind()))),
+        }
+    }
+
+    /// Application-level round trip: Ping to Pong.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let start = Instant::now();
+        match self.submit(Priority::High, Body::Ping).await?.wait().await?.body {
+            Body::Pong { .. } => Ok(start.elapsed()),
+            other => Err(ClientError::Protocol(format!("expected Pong, got {}", other.kind()))),
+        }
+    }
+
+    /// The node's counters.
+    pub async fn stats(&self) -> Result<NodeStats, ClientError> {
+        match self.submit(Priority::Normal, Body::StatsRequest).await?.wait().await?.body {
+            Body::Stats { stats, .. } => Ok(stats),
+            other => Err(ClientError::Protocol(format!("expected Stats, got {}", other.kind()))),
+        }
+    }
+
+    /// The next incoming event; `None` after `Event::Closed` was returned.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Takes the event receiver, so events can be read in one task while
+    /// another sends. `next_event` returns `None` afterwards.
+    pub fn take_events(&mut self) -> mpsc::Receiver<Event> {
+        std::mem::replace(&mut self.events, mpsc::channel(1).1)
+    }
+
+    /// Says Goodbye and closes the connection, waiting briefly for the close to be sent.
+    pub async fn close(self, reason: &str) {
+        let bye = Frame::new(
+            Priority::High,
+            Body::Goodbye {
+                reason: reason.to_owned(),
+                reconnect: false,
+            },
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.write(&bye)).await;
+        self.inner.conn.close(close_code::NORMAL.into(), reason.as_bytes());
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
+    let err = |reason: String| ClientError::Address {
+        server: server.to_owned(),
+        reason,
+    };
+    tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address found".into()))
+}
+
+/// The host part of `HOST:PORT` or `[V6]:PORT`.
+fn host_part(server: &str) -> String {
+    let host = match server.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => server,
+    };
+    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+}
+
+/// Reads one frame sent by a node. The node is trusted up to the hard limit
+/// (its frames carry a sender stamp on top of the client's payload).
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, ClientError> {
+    let mut prefix = [0u8; protocol::LENGTH_PREFIX_BYTES];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(ClientError::Protocol(e.to_string())),
+    }
+    let len = protocol::decode_length(prefix, HARD_MAX_FRAME_BYTES)
+        .map_err(|e: CodecError| ClientError::Protocol(e.to_string()))?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    protocol::decode_frame(&payload)
+        .map(Some)
+        .map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Reads every stream the node opens and dispatches its frames until the
+/// connection ends, then reports `Event::Closed`.
+async fn receive(
+    conn: quinn::Connection,
+    first: quinn::RecvStream,
+    pending: Pending,
+    events: mpsc::Sender<Event>,
+    inner: std::sync::Weak<Inner>,
+) {
+    let mut readers = tokio::task::JoinSet::new();
+    readers.spawn(read_stream(first, pending.clone(), events.clone(), inner.clone()));
+    let err = loop {
+        tokio::select! {
+            accepted = conn.accept_uni() => match accepted {
+                Ok(recv) => {
+                    readers.spawn(read_stream(recv, pending.clone(), events.clone(), inner.clone()));
+                }
+                Err(err) => break err,
+            },
+            Some(_) = readers.join_next(), if !readers.is_empty() => {}
+        }
+    };
+    // Let readers hand over what they already read, then fail what is left.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while readers.join_next().await.is_some() {}
+    })
+    .await;
+    lock(&pending).clear();
+    let (code, reason) = match closed_error(&err) {
+        ClientError::Closed { code, reason } => (code, reason),
+        other => (None, other.to_string()),
+    };
+    let _ = events.send(Event::Closed { code, reason }).await;
+}
+
+async fn read_stream(
+    mut recv: quinn::RecvStream,
+    pending: Pending,
+    events: mpsc::Sender<Event>,
+    inner: std::sync::Weak<Inner>,
+) {
+    loop {
+        let frame = match read_frame(&mut recv).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::debug!(%err, "stream from node ended");
+                return;
+            }
+        };
+        if let Some(of) = frame.body.reply_to() {
+            let waiter = lock(&pending).remove(&of);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(frame);
+                continue;
+            }
+        }
+        if matches!(frame.body, Body::Ping) {
+            if let Some(inner) = inner.upgrade() {
+                let pong = Frame::new(frame.priority, Body::Pong { of: frame.id });
+                let _ = inner.write(&pong).await;
+            }
+            continue;
+        }
+        if events.send(Event::Frame(frame)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_part;
+
+    #[test]
+    fn host_part_handles_names_ipv4_and_ipv6() {
+        assert_eq!(host_part("localhost:4433"), "localhost");
+        assert_eq!(host_part("127.0.0.1:4433"), "127.0.0.1");
+        assert_eq!(host_part("[::1]:4433"), "::1");
+        assert_eq!(host_part("example.org"), "example.org");
+    }
+}

@@ -1,0 +1,231 @@
+//! ClientManager: the registry of clients connected to this node, and each
+//! client's bounded outbound queues.
+//!
+//! Every client has one queue per priority, drained by its own writer task
+//! onto its own QUIC stream (see `connection`). Enqueueing never blocks: a
+//! client whose queue is full, or who has more than `max_queued_bytes`
+//! waiting, is a slow consumer and is disconnected with
+//! `close_code::SLOW_CONSUMER`, so one slow reader can neither stall its
+//! senders nor grow the node's memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::protocol::{ClientId, ClientInfo, Priority, Sender, close_code};
+use crate::stats::{self, Stats};
+
+/// Why a frame could not be queued for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EnqueueError {
+    /// The client's queue was full; it is being disconnected.
+    #[error("recipient is not reading fast enough and is being disconnected")]
+    SlowConsumer,
+    /// The client is already gone.
+    #[error("recipient has disconnected")]
+    Closed,
+}
+
+/// The node's handle on one connected client.
+#[derive(Debug)]
+pub struct ClientHandle {
+    /// What the client list shows about it.
+    pub info: ClientInfo,
+    /// The sender stamp put on everything it sends.
+    pub stamp: Sender,
+    queues: [mpsc::Sender<Bytes>; 3],
+    queued_bytes: Arc<AtomicUsize>,
+    max_queued_bytes: usize,
+    slow: AtomicBool,
+    conn: quinn::Connection,
+    stats: Arc<Stats>,
+}
+
+/// The receiving ends of a client's queues, one per priority (indexed by
+/// `Priority::index`), plus the shared byte count the writers decrement.
+pub struct OutboundQueues {
+    /// Receivers, one per priority.
+    pub receivers: [mpsc::Receiver<Bytes>; 3],
+    /// Bytes queued and not yet written.
+    pub queued_bytes: Arc<AtomicUsize>,
+}
+
+impl ClientHandle {
+    /// A handle with fresh queues of `queue_len` messages per priority.
+    pub fn new(
+        info: ClientInfo,
+        stamp: Sender,
+        conn: quinn::Connection,
+        queue_len: usize,
+        max_queued_bytes: usize,
+        stats: Arc<Stats>,
+    ) -> (Arc<Self>, OutboundQueues) {
+        let (low_tx, low_rx) = mpsc::channel(queue_len);
+        let (normal_tx, normal_rx) = mpsc::channel(queue_len);
+        let (high_tx, high_rx) = mpsc::channel(queue_len);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let handle = ClientHandle {
+            info,
+            stamp,
+            queues: [low_tx, normal_tx, high_tx],
+            queued_bytes: queued_bytes.clone(),
+            max_queued_bytes,
+            slow: AtomicBool::new(false),
+            conn,
+            stats,
+        };
+        let queues = OutboundQueues {
+            receivers: [low_rx, normal_rx, high_rx],
+            queued_bytes,
+        };
+        (Arc::new(handle), queues)
+    }
+
+    /// The client's id.
+    pub fn id(&self) -> ClientId {
+        self.info.client_id
+    }
+
+    /// Queues an encoded frame without waiting. A full queue disconnects the
+    /// client as a slow consumer.
+    pub fn enqueue(&self, priority: Priority, frame: Bytes) -> Result<(), EnqueueError> {
+        if self.slow.load(Ordering::Relaxed) {
+            return Err(EnqueueError::SlowConsumer);
+        }
+        let len = frame.len();
+        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        // An empty queue always takes one frame, whatever its size.
+        if before > 0 && before + len > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.disconnect_slow("outbound byte budget exhausted");
+            return Err(EnqueueError::SlowConsumer);
+        }
+        match self.queues[priority.index()].try_send(frame) {
+            Ok(()) => {
+                stats::add(&self.stats.messages_out, 1);
+                stats::add(&self.stats.bytes_out, len as u64);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.disconnect_slow("outbound queue full");
+                Err(EnqueueError::SlowConsumer)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                Err(EnqueueError::Closed)
+            }
+        }
+    }
+
+    /// Closes the connection with `close_code::SLOW_CONSUMER` (once).
+    fn disconnect_slow(&self, why: &str) {
+        if !self.slow.swap(true, Ordering::AcqRel) {
+            stats::add(&self.stats.slow_consumer_disconnects, 1);
+            tracing::warn!(client_id = %self.id(), why, "disconnecting slow consumer");
+            self.conn.close(
+                close_code::SLOW_CONSUMER.into(),
+                format!("slow consumer: {why}").as_bytes(),
+            );
+        }
+    }
+
+    /// Whether the client was disconnected as a slow consumer.
+    pub fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
+    }
+}
+
+/// The node is at `max_clients`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("server full: {max} clients connected")]
+pub struct Full {
+    /// The limit.
+    pub max: usize,
+}
+
+/// All clients connected to this node.
+#[derive(Debug)]
+pub struct ClientManager {
+    clients: RwLock<HashMap<ClientId, Arc<ClientHandle>>>,
+    max_clients: usize,
+}
+
+impl ClientManager {
+    /// An empty registry admitting at most `max_clients`.
+    pub fn new(max_clients: usize) -> Self {
+        ClientManager {
+            clients: RwLock::new(HashMap::new()),
+            max_clients,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ClientId, Arc<ClientHandle>>> {
+        // A poisoned lock only means a panic elsewhere; the map itself is intact.
+        self.clients.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ClientId, Arc<ClientHandle>>> {
+        self.clients.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a client, unless the node is full.
+    pub fn register(&self, client: Arc<ClientHandle>) -> Result<(), Full> {
+        let mut clients = self.write();
+        if clients.len() >= self.max_clients {
+            return Err(Full {
+                max: self.max_clients,
+            });
+        }
+        clients.insert(client.id(), client);
+        Ok(())
+    }
+
+    /// Removes a client; returns whether it was there.
+    pub fn unregister(&self, id: ClientId) -> bool {
+        self.write().remove(&id).is_some()
+    }
+
+    /// The handle of a connected client.
+    pub fn get(&self, id: ClientId) -> Option<Arc<ClientHandle>> {
+        self.read().get(&id).cloned()
+    }
+
+    /// Number of connected clients.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `limit` clients, sorted by connection time, and whether more exist.
+    pub fn list(&self, limit: usize) -> (Vec<ClientInfo>, bool) {
+        let mut all: Vec<ClientInfo> = self.read().values().map(|c| c.info.clone()).collect();
+        all.sort_by_key(|c| (c.connected_at_ms, c.client_id));
+        let truncated = all.len() > limit;
+        all.truncate(limit);
+        (all, truncated)
+    }
+
+    /// Queues `frame` for every client except `exclude`; returns how many
+    /// took it. Never blocks: slow consumers are disconnected instead.
+    pub fn broadcast(&self, exclude: Option<ClientId>, priority: Priority, frame: &Bytes) -> usize {
+        let clients = self.read();
+        clients
+            .values()
+            .filter(|c| Some(c.id()) != exclude)
+            .filter(|c| c.enqueue(priority, frame.clone()).is_ok())
+            .count()
+    }
+
+    /// Every connected client's handle.
+    pub fn all(&self) -> Vec<Arc<ClientHandle>> {
+        self.read().values().cloned().collect()
+    }
+}

@@ -1,0 +1,346 @@
+//! Node configuration: one struct ([`NodeConfig`]) whose `Default` is a node
+//! that works out of the box, filled from an optional TOML file, then
+//! environment variables (`FABRIC_*`), then command-line flags ([`NodeArgs`]),
+//! each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, HARD_MAX_FRAME_BYTES, NodeId};
+
+/// Why a configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this struct.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Human-readable node name, reported in HandshakeAck and stats.
+    pub name: String,
+    /// Node id; a fresh random one when unset, so restarts look like new nodes.
+    pub node_id: Option<NodeId>,
+    /// Where dev certificates are generated and looked up.
+    pub certs_dir: PathBuf,
+    /// Certificate chain (PEM). With `key`, replaces the generated dev certificate.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) for `cert`.
+    pub key: Option<PathBuf>,
+    /// Names (DNS or IP) the generated dev certificate is valid for.
+    pub cert_names: Vec<String>,
+    /// Clients this node accepts at once; the next one is refused with SERVER_FULL.
+    pub max_clients: usize,
+    /// Connections allowed to be mid-handshake at once, beyond `max_clients`;
+    /// further connection attempts are refused before TLS.
+    pub max_pending_handshakes: usize,
+    /// Largest frame payload accepted, in bytes (at most 16 MiB).
+    pub max_message_bytes: usize,
+    /// Time a new connection has to complete the application handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection with no packets for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How often the node sends QUIC keep-alives on quiet connections (0 = never).
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// Unidirectional streams a client may have open at once (at least 3: one per priority).
+    pub max_streams_per_connection: u32,
+    /// QUIC flow-control window per stream, in bytes.
+    pub stream_receive_window: u32,
+    /// QUIC flow-control window per connection, in bytes.
+    pub connection_receive_window: u32,
+    /// Unacknowledged bytes the node may have in flight per connection.
+    pub send_window: u64,
+    /// Messages queued per client and priority before it counts as a slow consumer.
+    pub outbound_queue_len: usize,
+    /// Bytes queued per client (all priorities) before it counts as a slow consumer.
+    pub max_queued_bytes: usize,
+    /// Most entries returned in one ClientList.
+    pub max_list_clients: usize,
+    /// On shutdown, how long clients get to receive their queued messages.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
+            name: "quic-fabric".into(),
+            node_id: None,
+            certs_dir: PathBuf::from("certs"),
+            cert: None,
+            key: None,
+            cert_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            max_clients: 10_000,
+            max_pending_handshakes: 1_000,
+            max_message_bytes: DEFAULT_MAX_FRAME_BYTES,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Duration::from_secs(10),
+            max_streams_per_connection: 3,
+            stream_receive_window: 1024 * 1024,
+            connection_receive_window: 4 * 1024 * 1024,
+            send_window: 4 * 1024 * 1024,
+            outbound_queue_len: 1024,
+            max_queued_bytes: 16 * 1024 * 1024,
+            max_list_clients: 10_000,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Checks ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.max_message_bytes == 0 || self.max_message_bytes > HARD_MAX_FRAME_BYTES {
+            return invalid(format!(
+                "max_message_bytes must be 1..={HARD_MAX_FRAME_BYTES}, got {}",
+                self.max_message_bytes
+            ));
+        }
+        if self.max_clients == 0 {
+            return invalid("max_clients must be at least 1".into());
+        }
+        if self.max_streams_per_connection < 3 {
+            return invalid(format!(
+                "max_streams_per_connection must be at least 3 (one per priority), got {}",
+                self.max_streams_per_connection
+            ));
+        }
+        if self.outbound_queue_len == 0 {
+            return invalid("outbound_queue_len must be at least 1".into());
+        }
+        if self.max_queued_bytes < self.max_message_bytes {
+            return invalid(format!(
+                "max_queued_bytes ({}) must be at least max_message_bytes ({})",
+                self.max_queued_bytes, self.max_message_bytes
+            ));
+        }
+        if self.idle_timeout.is_zero() {
+            return invalid("idle_timeout must be above zero".into());
+        }
+        if !self.keep_alive_interval.is_zero() && self.keep_alive_interval >= self.idle_timeout {
+            return invalid(format!(
+                "keep_alive_interval ({:?}) must be below idle_timeout ({:?})",
+                self.keep_alive_interval, self.idle_timeout
+            ));
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return invalid("--cert and --key go together".into());
+        }
+        if self.name.is_empty() {
+            return invalid("name must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Node flags; every one also reads a `FABRIC_*` environment variable.
+/// Unset flags leave the file's (or the default) value alone.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeArgs {
+    /// TOML config file; flags and environment override it.
+    #[arg(long, env = "FABRIC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// UDP address to listen on [default: 0.0.0.0:4433].
+    #[arg(long, env = "FABRIC_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Node name shown to clients [default: quic-fabric].
+    #[arg(long, env = "FABRIC_NAME")]
+    pub name: Option<String>,
+    /// Node id (uuid) [default: random at each start].
+    #[arg(long, env = "FABRIC_NODE_ID")]
+    pub node_id: Option<NodeId>,
+    /// Directory for generated dev certificates [default: certs].
+    #[arg(long = "certs", env = "FABRIC_CERTS")]
+    pub certs_dir: Option<PathBuf>,
+    /// Certificate chain PEM file (instead of the generated dev certificate).
+    #[arg(long, env = "FABRIC_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key PEM file for --cert.
+    #[arg(long, env = "FABRIC_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Comma-separated names for the dev certificate [default: localhost,127.0.0.1,::1].
+    #[arg(long, env = "FABRIC_CERT_NAMES", value_delimiter = ',')]
+    pub cert_names: Option<Vec<String>>,
+    /// Maximum connected clients [default: 10000].
+    #[arg(long, env = "FABRIC_MAX_CLIENTS")]
+    pub max_clients: Option<usize>,
+    /// Maximum connections mid-handshake [default: 1000].
+    #[arg(long, env = "FABRIC_MAX_PENDING_HANDSHAKES")]
+    pub max_pending_handshakes: Option<usize>,
+    /// Maximum frame payload in bytes [default: 1048576].
+    #[arg(long, env = "FABRIC_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Time allowed for the application handshake, e.g. 10s [default: 10s].
+    #[arg(long, env = "FABRIC_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// Close connections silent for this long, e.g. 30s [default: 30s].
+    #[arg(long, env = "FABRIC_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// QUIC keep-alive interval, 0s to disable [default: 10s].
+    #[arg(long, env = "FABRIC_KEEP_ALIVE", value_parser = humantime::parse_duration)]
+    pub keep_alive_interval: Option<Duration>,
+    /// Concurrent unidirectional streams per client, at least 3 [default: 3].
+    #[arg(long, env = "FABRIC_MAX_STREAMS")]
+    pub max_streams_per_connection: Option<u32>,
+    /// Per-stream receive window in bytes [default: 1048576].
+    #[arg(long, env = "FABRIC_STREAM_RECEIVE_WINDOW")]
+    pub stream_receive_window: Option<u32>,
+    /// Per-connection receive window in bytes [default: 4194304].
+    #[arg(long, env = "FABRIC_CONNECTION_RECEIVE_WINDOW")]
+    pub connection_receive_window: Option<u32>,
+    /// Per-connection send window in bytes [default: 4194304].
+    #[arg(long, env = "FABRIC_SEND_WINDOW")]
+    pub send_window: Option<u64>,
+    /// Queued messages per client and priority before disconnecting it as slow [default: 1024].
+    #[arg(long, env = "FABRIC_OUTBOUND_QUEUE_LEN")]
+    pub outbound_queue_len: Option<usize>,
+    /// Queued bytes per client before disconnecting it as slow [default: 16777216].
+    #[arg(long, env = "FABRIC_MAX_QUEUED_BYTES")]
+    pub max_queued_bytes: Option<usize>,
+    /// Most entries in one client list [default: 10000].
+    #[arg(long, env = "FABRIC_MAX_LIST_CLIENTS")]
+    pub max_list_clients: Option<usize>,
+    /// Grace period for delivering queued messages at shutdown [default: 5s].
+    #[arg(long, env = "FABRIC_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+}
+
+impl NodeArgs {
+    /// Builds the config: defaults, then `--config` file, then these flags
+    /// (which clap has already merged with the environment). Validated.
+    pub fn into_config(self) -> Result<NodeConfig, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        macro_rules! overlay {
+            ($($field:ident),* $(,)?) => {
+                $(if let Some(value) = self.$field { config.$field = value; })*
+            };
+        }
+        overlay!(
+            listen,
+            name,
+            certs_dir,
+            cert_names,
+            max_clients,
+            max_pending_handshakes,
+            max_message_bytes,
+            handshake_timeout,
+            idle_timeout,
+            keep_alive_interval,
+            max_streams_per_connection,
+            stream_receive_window,
+            connection_receive_window,
+            send_window,
+            outbound_queue_len,
+            max_queued_bytes,
+            max_list_clients,
+            shutdown_grace,
+        );
+        if self.node_id.is_some() {
+            config.node_id = self.node_id;
+        }
+        if self.cert.is_some() {
+            config.cert = self.cert;
+            config.key = self.key;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "name = \"from-file\"\nmax_clients = 7\nidle_timeout = \"45s\"\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-clients",
+            "9",
+        ]);
+        let config = cli.node.into_config().unwrap();
+        assert_eq!(config.name, "from-file");
+        assert_eq!(config.max_clients, 9);
+        assert_eq!(config.idle_timeout, Duration::from_secs(45));
+        assert_eq!(config.listen, NodeConfig::default().listen);
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "max_clientz = 7\n").unwrap();
+        let err = NodeConfig::from_file(&path).unwrap_err();
+        assert!(err.to_string().contains("max_clientz"), "{err}");
+
+        let config = NodeConfig { max_streams_per_connection: 2, ..Default::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("at least 3"));
+    }
+}

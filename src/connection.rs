@@ -1,0 +1,452 @@
+//! The per-connection handler: application handshake, one reader task per
+//! incoming stream, one writer task per priority, and an orderly end.
+//!
+//! Stream model (see PROTOCOL.md): every frame travels on a unidirectional
+//! stream; each side opens at most one stream per priority, lazily, and sets
+//! its QUIC priority. Frames on one stream are ordered; streams are
+//! independent, so a large low-priority frame never holds back a
+//! high-priority one.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::client_manager::{ClientHandle, OutboundQueues};
+use crate::handler::{MessageHandler, Next};
+use crate::protocol::{
+    self, Body, ClientId, ClientInfo, CodecError, ErrorCode, Frame, HARD_MAX_FRAME_BYTES,
+    Handshake, HandshakeAck, LENGTH_PREFIX_BYTES, MAX_NAME_BYTES, MAX_PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, Priority, Sender, close_code, error_code, now_ms,
+};
+use crate::server::Shared;
+use crate::stats;
+
+/// Most frames a writer puts into one write call.
+const WRITE_BATCH: usize = 64;
+
+/// What reading one frame from a stream gave.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// A decoded frame and its size on the wire.
+    Frame(Frame, usize),
+    /// A frame that could not be decoded (with its id, when readable); the
+    /// stream is still in sync.
+    Bad(CodecError, Option<protocol::MessageId>),
+    /// The peer finished the stream cleanly.
+    End,
+}
+
+/// Reading failed so that the stream can no longer be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// The stream or connection failed.
+    #[error(transparent)]
+    Stream(#[from] quinn::ReadError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// A length prefix beyond anything the node would skip over.
+    #[error("frame length {0} is beyond the {HARD_MAX_FRAME_BYTES}-byte hard limit")]
+    Untrustworthy(usize),
+}
+
+impl From<quinn::ReadExactError> for ReadError {
+    fn from(err: quinn::ReadExactError) -> Self {
+        match err {
+            quinn::ReadExactError::FinishedEarly(_) => ReadError::Truncated,
+            quinn::ReadExactError::ReadError(e) => ReadError::Stream(e),
+        }
+    }
+}
+
+/// Reads one frame. Frames above `max` but within the hard limit are read
+/// and discarded (keeping the stream in sync) and reported as
+/// `Inbound::Bad(FrameTooLarge)`; longer ones make the stream untrustworthy.
+pub(crate) async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Inbound, ReadError> {
+    let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(Inbound::End),
+        Err(e) => return Err(e.into()),
+    }
+    match protocol::decode_length(prefix, max) {
+        Ok(len) => {
+            let mut payload = vec![0u8; len];
+            recv.read_exact(&mut payload).await?;
+            Ok(match protocol::decode_frame(&payload) {
+                Ok(frame) => Inbound::Frame(frame, LENGTH_PREFIX_BYTES + len),
+                Err(err) => {
+                    let id = err.message_id();
+                    Inbound::Bad(err, id)
+                }
+            })
+        }
+        Err(CodecError::FrameTooLarge { len, .. }) if len <= HARD_MAX_FRAME_BYTES => {
+            let mut id = [0u8; 16];
+            let head = len.min(id.len());
+            recv.read_exact(&mut id[..head]).await?;
+            let mut left = len - head;
+            while left > 0 {
+                let chunk = recv
+                    .read_chunk(left, true)
+                    .await?
+                    .ok_or(ReadError::Truncated)?;
+                left -= chunk.bytes.len();
+            }
+            let id = protocol::codec::peek_message_id(&id[..head]);
+            Ok(Inbound::Bad(CodecError::FrameTooLarge { len, max }, id))
+        }
+        Err(CodecError::FrameTooLarge { len, .. }) => Err(ReadError::Untrustworthy(len)),
+        Err(other) => Ok(Inbound::Bad(other, None)),
+    }
+}
+
+/// Serves one incoming connection until it ends.
+pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let remote = incoming.remote_address();
+    let span = info_span!("conn", %remote, client_id = tracing::field::Empty);
+    async move {
+        let conn = match incoming.accept() {
+            Ok(connecting) => match connecting.await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    debug!(%err, "QUIC handshake failed");
+                    return;
+                }
+            },
+            Err(err) => {
+                debug!(%err, "could not accept connection");
+                return;
+            }
+        };
+        let started = Instant::now();
+        let (code, reason) = match run(&conn, &shared, &shutdown).await {
+            Ok(end) => end,
+            Err(end) => end,
+        };
+        conn.close(code.into(), reason.as_bytes());
+        info!(code, reason, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
+    }
+    .instrument(span)
+    .await
+}
+
+type End = (u32, String);
+
+async fn run(conn: &quinn::Connection, shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<End, End> {
+    let config = &shared.config;
+    // The handshake: the first frame on the first stream the client opens.
+    let (first_stream, hello, hello_size) = tokio::select! {
+        res = tokio::time::timeout(config.handshake_timeout, read_handshake(conn, config.max_message_bytes)) => match res {
+            Ok(Ok(first)) => first,
+            Ok(Err(end)) => return Err(reject(conn, end).await),
+            Err(_) => return Err((close_code::HANDSHAKE_TIMEOUT, "no handshake in time".into())),
+        },
+        _ = shutdown.cancelled() => return Err((close_code::SHUTDOWN, "server shutting down".into())),
+    };
+    stats::add(&shared.stats.messages_in, 1);
+    stats::add(&shared.stats.bytes_in, hello_size as u64);
+    let Frame { id: hello_id, body: Body::Handshake(hello), .. } = hello else {
+        unreachable!("read_handshake returns only Handshake frames")
+    };
+    let version = match negotiate(&hello) {
+        Ok(v) => v,
+        Err(message) => {
+            return Err(reject(conn, Rejection {
+                of: Some(hello_id),
+                error: error_code::UNSUPPORTED_VERSION,
+                close: close_code::UNSUPPORTED_VERSION,
+                message,
+            })
+            .await);
+        }
+    };
+    if hello.name.is_empty() || hello.name.len() > MAX_NAME_BYTES || hello.name.chars().any(char::is_control) {
+        return Err(reject(conn, Rejection {
+            of: Some(hello_id),
+            error: error_code::INVALID_FIELD,
+            close: close_code::BAD_HANDSHAKE,
+            message: format!("name must be 1 to {MAX_NAME_BYTES} bytes without control characters"),
+        })
+        .await);
+    }
+
+    let client_id = ClientId::new_random();
+    tracing::Span::current().record("client_id", tracing::field::display(client_id));
+    let info = ClientInfo {
+        client_id,
+        node_id: shared.node_id,
+        name: hello.name.clone(),
+        user: None,
+        connected_at_ms: now_ms(),
+    };
+    let stamp = Sender {
+        client_id,
+        node_id: shared.node_id,
+        name: hello.name,
+        user: None,
+    };
+    let (handle, queues) = ClientHandle::new(
+        info,
+        stamp,
+        conn.clone(),
+        config.outbound_queue_len,
+        config.max_queued_bytes,
+        shared.stats.clone(),
+    );
+    if let Err(full) = shared.clients.register(handle.clone()) {
+        return Err(reject(conn, Rejection {
+            of: Some(hello_id),
+            error: error_code::SERVER_FULL,
+            close: close_code::SERVER_FULL,
+            message: full.to_string(),
+        })
+        .await);
+    }
+    stats::add(&shared.stats.connections_total, 1);
+    info!(name = %handle.info.name, version, "client connected");
+
+    // The HandshakeAck is the first thing on the node's first stream (the
+    // high-priority one), written before any writer runs, so the client
+    // always reads it before anything else.
+    let ack = Frame::new(
+        Priority::High,
+        Body::HandshakeAck(HandshakeAck {
+            version,
+            client_id,
+            node_id: shared.node_id,
+            server_name: config.name.clone(),
+            max_frame_bytes: config.max_message_bytes as u32,
+        }),
+    );
+    let high = async {
+        let mut send = conn.open_uni().await.ok()?;
+        let _ = send.set_priority(protocol::stream_priority(Priority::High));
+        let bytes = protocol::encode(&ack).ok()?;
+        send.write_all(&bytes).await.ok()?;
+        stats::add(&shared.stats.messages_out, 1);
+        stats::add(&shared.stats.bytes_out, bytes.len() as u64);
+        Some(send)
+    }
+    .await;
+    let Some(high) = high else {
+        shared.clients.unregister(client_id);
+        return Err((close_code::INTERNAL, "cannot send handshake ack".into()));
+    };
+    let mut writers = spawn_writers(conn, queues, high);
+
+    let handler = MessageHandler::new(shared.clone());
+    let (close_tx, mut close_rx) = mpsc::channel::<End>(1);
+    let mut readers = JoinSet::new();
+    let read_first = read_stream(first_stream, handle.clone(), handler.clone(), shared.clone(), close_tx.clone());
+    readers.spawn(read_first.in_current_span());
+
+    let end: End = loop {
+        tokio::select! {
+            accepted = conn.accept_uni() => match accepted {
+                Ok(recv) => {
+                    readers.spawn(read_stream(recv, handle.clone(), handler.clone(), shared.clone(), close_tx.clone()).in_current_span());
+                }
+                Err(err) => break closed_reason(&err),
+            },
+            Some(end) = close_rx.recv() => break end,
+            _ = shutdown.cancelled() => break (close_code::SHUTDOWN, "server shutting down".into()),
+            // Reap finished readers so the set does not grow.
+            Some(_) = readers.join_next(), if !readers.is_empty() => {}
+        }
+    };
+    readers.abort_all();
+    while readers.join_next().await.is_some() {}
+    shared.clients.unregister(client_id);
+
+    let grace = if end.0 == close_code::SHUTDOWN {
+        let goodbye = Frame::new(
+            Priority::High,
+            Body::Goodbye { reason: "server shutting down".into(), reconnect: true },
+        );
+        if let Ok(bytes) = protocol::encode(&goodbye) {
+            let _ = handle.enqueue(Priority::High, bytes);
+        }
+        config.shutdown_grace
+    } else {
+        Duration::from_millis(500)
+    };
+    // Dropping the last handle closes the queues: writers drain what is
+    // queued, finish their streams and wait for the peer to have it all.
+    drop(handle);
+    let drained = tokio::time::timeout(grace, async { while writers.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        debug!(?grace, "queued messages not delivered within the grace period");
+    }
+    Ok(end)
+}
+
+fn closed_reason(err: &quinn::ConnectionError) -> End {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            (close_code::NORMAL, format!("client closed: {}", String::from_utf8_lossy(&close.reason)))
+        }
+        quinn::ConnectionError::LocallyClosed => (close_code::NORMAL, "closed locally".into()),
+        other => (close_code::NORMAL, other.to_string()),
+    }
+}
+
+struct Rejection {
+    of: Option<protocol::MessageId>,
+    error: ErrorCode,
+    close: u32,
+    message: String,
+}
+
+/// Reads the first stream's first frame, which must be a Handshake.
+async fn read_handshake(conn: &quinn::Connection, max: usize) -> Result<(quinn::RecvStream, Frame, usize), Rejection> {
+    let violation = |message: String| Rejection {
+        of: None,
+        error: error_code::HANDSHAKE_REQUIRED,
+        close: close_code::PROTOCOL_VIOLATION,
+        message,
+    };
+    let mut recv = conn
+        .accept_uni()
+        .await
+        .map_err(|e| violation(format!("connection ended before the handshake: {e}")))?;
+    match read_frame(&mut recv, max).await {
+        Ok(Inbound::Frame(frame, size)) if matches!(frame.body, Body::Handshake(_)) => Ok((recv, frame, size)),
+        Ok(Inbound::Frame(frame, _)) => Err(Rejection {
+            of: Some(frame.id),
+            ..violation(format!("expected Handshake, got {}", frame.body.kind()))
+        }),
+        Ok(Inbound::Bad(err, id)) => Err(Rejection {
+            of: id,
+            ..violation(format!("invalid handshake frame: {err}"))
+        }),
+        Ok(Inbound::End) => Err(violation("stream finished before the handshake".into())),
+        Err(err) => Err(violation(format!("cannot read handshake: {err}"))),
+    }
+}
+
+fn negotiate(hello: &Handshake) -> Result<u16, String> {
+    let version = hello.max_version.min(MAX_PROTOCOL_VERSION);
+    if hello.min_version > hello.max_version || version < hello.min_version || version < MIN_PROTOCOL_VERSION {
+        return Err(format!(
+            "unsupported protocol version: client speaks {}..={}, server speaks {}..={}",
+            hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
+        ));
+    }
+    Ok(version)
+}
+
+/// Tells the client why it is refused (Error frame), then gives the close
+/// code and reason. The Error frame is given a moment to arrive first.
+async fn reject(conn: &quinn::Connection, rejection: Rejection) -> End {
+    debug!(code = rejection.error.0, message = %rejection.message, "refusing client");
+    let mut frame = Frame::new(
+        Priority::High,
+        Body::Error { of: rejection.of, code: rejection.error, message: rejection.message.clone() },
+    );
+    frame.timestamp_ms = now_ms();
+    if let Ok(bytes) = protocol::encode(&frame) {
+        let deliver = async {
+            let mut send = conn.open_uni().await.ok()?;
+            send.write_all(&bytes).await.ok()?;
+            send.finish().ok()?;
+            send.stopped().await.ok()
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), deliver).await;
+    }
+    (rejection.close, rejection.message)
+}
+
+async fn read_stream(
+    mut recv: quinn::RecvStream,
+    client: Arc<ClientHandle>,
+    handler: MessageHandler,
+    shared: Arc<Shared>,
+    close: mpsc::Sender<End>,
+) {
+    let max = shared.config.max_message_bytes;
+    loop {
+        match read_frame(&mut recv, max).await {
+            Ok(Inbound::Frame(frame, size)) => {
+                stats::add(&shared.stats.messages_in, 1);
+                stats::add(&shared.stats.bytes_in, size as u64);
+                if handler.handle(&client, frame) == Next::Close {
+                    let _ = close.send((close_code::NORMAL, "client said goodbye".into())).await;
+                    return;
+                }
+            }
+            Ok(Inbound::Bad(err, id)) => handler.bad_frame(&client, &err, id),
+            Ok(Inbound::End) => return,
+            Err(ReadError::Untrustworthy(len)) => {
+                let err = CodecError::FrameTooLarge { len, max };
+                handler.bad_frame(&client, &err, None);
+                warn!(len, "frame length beyond the hard limit; closing");
+                let _ = close.send((close_code::PROTOCOL_VIOLATION, err.to_string())).await;
+                return;
+            }
+            Err(ReadError::Truncated) => {
+                debug!("stream ended inside a frame");
+                return;
+            }
+            Err(ReadError::Stream(err)) => {
+                debug!(%err, "stream read failed");
+                return;
+            }
+        }
+    }
+}
+
+fn spawn_writers(conn: &quinn::Connection, queues: OutboundQueues, high: quinn::SendStream) -> JoinSet<()> {
+    let mut writers = JoinSet::new();
+    let OutboundQueues { receivers, queued_bytes } = queues;
+    let mut high = Some(high);
+    for (rx, priority) in receivers.into_iter().zip(Priority::ALL) {
+        let stream = if priority == Priority::High { high.take() } else { None };
+        writers.spawn(write_stream(conn.clone(), priority, stream, rx, queued_bytes.clone()).in_current_span());
+    }
+    writers
+}
+
+/// Drains one priority's queue onto its own stream, opened on first use.
+async fn write_stream(
+    conn: quinn::Connection,
+    priority: Priority,
+    mut stream: Option<quinn::SendStream>,
+    mut rx: mpsc::Receiver<Bytes>,
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
+    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        let len: usize = batch.iter().map(Bytes::len).sum();
+        let send = match &mut stream {
+            Some(s) => s,
+            None => match conn.open_uni().await {
+                Ok(s) => {
+                    let _ = s.set_priority(protocol::stream_priority(priority));
+                    stream.insert(s)
+                }
+                Err(err) => {
+                    debug!(%err, %priority, "cannot open stream");
+                    return;
+                }
+            },
+        };
+        let result = send.write_all_chunks(&mut batch).await;
+        batch.clear();
+        queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        if let Err(err) = result {
+            debug!(%err, %priority, "stream write failed");
+            return;
+        }
+    }
+    if let Some(mut send) = stream {
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
+}

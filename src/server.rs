@@ -1,0 +1,217 @@
+//! The node's QUIC server (the seed's QuicWebSocketServer): binds the
+//! endpoint, runs the accept loop with admission control, and shuts down
+//! gracefully: stop accepting, Goodbye to every client, drain queues for up
+//! to a grace period, close the endpoint.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::client_manager::ClientManager;
+use crate::config::NodeConfig;
+use crate::protocol::{NodeId, close_code};
+use crate::router::Router;
+use crate::stats::Stats;
+use crate::tls::{self, TlsError};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Certificates could not be loaded or generated.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be set up.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A transport setting is out of range.
+    #[error("invalid transport setting: {0}")]
+    Transport(String),
+}
+
+/// State shared by every task of a node.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration the node runs with.
+    pub config: NodeConfig,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Connected clients.
+    pub clients: Arc<ClientManager>,
+    /// Message delivery.
+    pub router: Router,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+/// A bound, not yet running node.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+/// UDP socket buffer size asked for; the kernel caps it at its `rmem_max`/`wmem_max`.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+impl Server {
+    /// Loads or generates certificates and binds the UDP socket.
+    pub fn bind(config: NodeConfig) -> Result<Self, ServerError> {
+        config.validate()?;
+        let (certs, key) = match (&config.cert, &config.key) {
+            (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?),
+            _ => {
+                let paths = tls::ensure_dev_certs(&config.certs_dir, &config.cert_names)?;
+                (tls::load_certs(&paths.server_cert)?, tls::load_key(&paths.server_key)?)
+            }
+        };
+        let crypto = tls::server_crypto(certs, key)?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(Arc::new(transport_config(&config)?));
+
+        let socket = bind_socket(config.listen).map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let node_id = config.node_id.unwrap_or_else(NodeId::new_random);
+        let clients = Arc::new(ClientManager::new(config.max_clients));
+        let shared = Arc::new(Shared {
+            node_id,
+            router: Router::new(clients.clone()),
+            clients,
+            stats: Arc::new(Stats::default()),
+            config,
+        });
+        Ok(Server { endpoint, shared })
+    }
+
+    /// The address the node actually listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    /// The node's shared state (registry, counters).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves clients until `shutdown` completes, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server { endpoint, shared } = self;
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let admit_limit = shared.config.max_clients + shared.config.max_pending_handshakes;
+        info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+              node_id = %shared.node_id, name = %shared.config.name, "node listening");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    if tracker.len() >= admit_limit {
+                        warn!(remote = %incoming.remote_address(), "connection refused: too many connections");
+                        incoming.refuse();
+                        continue;
+                    }
+                    tracker.spawn(crate::connection::serve(incoming, shared.clone(), cancel.clone()));
+                }
+            }
+        }
+        info!(clients = shared.clients.len(), "shutting down");
+        // New connection attempts are refused from here on.
+        endpoint.set_server_config(None);
+        cancel.cancel();
+        tracker.close();
+        let grace = shared.config.shutdown_grace + Duration::from_secs(1);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!("connections still open after the grace period; closing them");
+        }
+        endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        info!("node stopped");
+    }
+}
+
+fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError> {
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(config.max_streams_per_connection))
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(config.idle_timeout)
+                .map_err(|e| ServerError::Transport(format!("idle_timeout: {e}")))?,
+        ))
+        .keep_alive_interval((!config.keep_alive_interval.is_zero()).then_some(config.keep_alive_interval))
+        .stream_receive_window(VarInt::from_u32(config.stream_receive_window))
+        .receive_window(VarInt::from_u32(config.connection_receive_window))
+        .send_window(config.send_window);
+    Ok(transport)
+}
+
+/// A UDP socket with enlarged buffers: quinn does not size them, and the
+/// kernel default drops packets under bursts.
+fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,320 @@
+//! TLS for both ends: development certificates (a dev CA and a server
+//! certificate signed by it, generated once into the certs directory and
+//! reused), and the rustls configurations quinn runs on. TLS 1.3 only, ALPN
+//! `quic-fabric/1`, ring as the crypto provider.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::protocol::ALPN;
+
+/// Why certificates or TLS configs could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A PEM file held nothing usable.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// quinn refused the rustls configuration.
+    #[error("quic crypto configuration: {0}")]
+    Quic(String),
+}
+
+/// Paths of the dev certificate files inside a certs directory.
+#[derive(Debug, Clone)]
+pub struct DevCertPaths {
+    /// The CA certificate clients trust.
+    pub ca_cert: PathBuf,
+    /// The CA private key.
+    pub ca_key: PathBuf,
+    /// The server certificate.
+    pub server_cert: PathBuf,
+    /// The server private key.
+    pub server_key: PathBuf,
+    /// The names `server_cert` was made for, one per line.
+    pub server_names: PathBuf,
+}
+
+impl DevCertPaths {
+    /// The standard file names under `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        DevCertPaths {
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca.key"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            server_names: dir.join("server.names"),
+        }
+    }
+}
+
+/// Makes sure `dir` holds a dev CA and a server certificate valid for
+/// `names`, generating what is missing: the CA once, the server certificate
+/// whenever the requested names change. Files are written atomically, keys
+/// with mode 0600.
+pub fn ensure_dev_certs(dir: &Path, names: &[String]) -> Result<DevCertPaths, TlsError> {
+    let paths = DevCertPaths::in_dir(dir);
+    fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if !paths.ca_cert.exists() || !paths.ca_key.exists() {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "quic-fabric dev CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        write_atomic(&paths.ca_key, key.serialize_pem().as_bytes(), true)?;
+        write_atomic(&paths.ca_cert, cert.pem().as_bytes(), false)?;
+        // A new CA invalidates any server certificate signed by an old one.
+        let _ = fs::remove_file(&paths.server_names);
+    }
+    let wanted = names.join("\n");
+    let current = fs::read_to_string(&paths.server_names).unwrap_or_default();
+    if current != wanted || !paths.server_cert.exists() || !paths.server_key.exists() {
+        let ca_key_pem = read_string(&paths.ca_key)?;
+        let ca_cert_pem = read_string(&paths.ca_cert)?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "quic-fabric node");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &issuer)?;
+        write_atomic(&paths.server_key, key.serialize_pem().as_bytes(), true)?;
+        write_atomic(&paths.server_cert, cert.pem().as_bytes(), false)?;
+        write_atomic(&paths.server_names, wanted.as_bytes(), false)?;
+    }
+    Ok(paths)
+}
+
+fn read_string(path: &Path) -> Result<String, TlsError> {
+    fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write_atomic(path: &Path, contents: &[u8], secret: bool) -> Result<(), TlsError> {
+    let io = |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut file = options.open(&tmp).map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}
+
+/// Loads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            what: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Loads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_error(path, e))
+}
+
+fn pem_error(path: &Path, err: rustls::pki_types::pem::Error) -> TlsError {
+    match err {
+        rustls::pki_types::pem::Error::Io(source) => TlsError::Io {
+            path: path.to_owned(),
+            source,
+        },
+        other => TlsError::Pem {
+            path: path.to_owned(),
+            what: other.to_string(),
+        },
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The QUIC server crypto config for a certificate chain and key.
+pub fn server_crypto(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+/// How a client decides whether to trust the server.
+#[derive(Debug, Clone)]
+pub enum ServerTrust {
+    /// Verify against the CA certificates in this PEM file.
+    CaFile(PathBuf),
+    /// Accept any certificate. Only for development, only when asked for explicitly.
+    InsecureAcceptAny,
+}
+
+/// The QUIC client crypto config for the given trust.
+pub fn client_crypto(trust: &ServerTrust) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut tls = match trust {
+        ServerTrust::CaFile(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in load_certs(path)? {
+                roots.add(cert)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        ServerTrust::InsecureAcceptAny => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
+            .with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+/// Accepts any server certificate, but still checks handshake signatures so
+/// the connection is at least bound to the presented key.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_certs_are_generated_once_and_renewed_when_names_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let paths = ensure_dev_certs(dir.path(), &names).unwrap();
+        let ca_before = fs::read(&paths.ca_cert).unwrap();
+        let server_before = fs::read(&paths.server_cert).unwrap();
+
+        ensure_dev_certs(dir.path(), &names).unwrap();
+        assert_eq!(fs::read(&paths.server_cert).unwrap(), server_before, "reused");
+
+        let more = vec!["localhost".to_string(), "lb".to_string()];
+        ensure_dev_certs(dir.path(), &more).unwrap();
+        assert_eq!(fs::read(&paths.ca_cert).unwrap(), ca_before, "CA kept");
+        assert_ne!(fs::read(&paths.server_cert).unwrap(), server_before, "renewed");
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&paths.server_key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "private key readable by others: {mode:o}");
+        }
+        // The pieces load into working configs.
+        server_crypto(load_certs(&paths.server_cert).unwrap(), load_key(&paths.server_key).unwrap())
+            .unwrap();
+        client_crypto(&ServerTrust::CaFile(paths.ca_cert)).unwrap();
+    }
+
+    #[test]
+    fn missing_ca_file_is_a_clear_error() {
+        let Err(err) = client_crypto(&ServerTrust::CaFile("/nonexistent/ca.pem".into())) else {
+            panic!("a missing CA file must be an error");
+        };
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    }
+}

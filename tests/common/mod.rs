@@ -1,0 +1,174 @@
+//! Shared helpers for integration tests: a node on an ephemeral loopback
+//! port with its own dev certificates, library clients, and a raw quinn
+//! client that can send arbitrary bytes.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quic_fabric::client::{Client, ClientConfig, Event};
+use quic_fabric::protocol::{self, Body, Frame, Handshake, Priority};
+use quic_fabric::server::Shared;
+use quic_fabric::{NodeConfig, Server};
+use tokio_util::sync::CancellationToken;
+
+/// Generous bound for anything that should happen "soon" on a busy machine.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A node running in this test process.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub ca: PathBuf,
+    pub shared: Arc<Shared>,
+    pub shutdown: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+    _certs: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// Starts a node with `tweak` applied to a loopback test config.
+    pub async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> TestNode {
+        let certs = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            certs_dir: certs.path().to_owned(),
+            name: "test-node".into(),
+            ..NodeConfig::default()
+        };
+        tweak(&mut config);
+        let server = Server::bind(config).expect("node binds");
+        let addr = server.local_addr();
+        let shared = server.shared();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(server.run(async move { token.cancelled().await }));
+        TestNode {
+            addr,
+            ca: certs.path().join("ca.pem"),
+            shared,
+            shutdown,
+            task: Some(task),
+            _certs: certs,
+        }
+    }
+
+    pub async fn start() -> TestNode {
+        Self::start_with(|_| {}).await
+    }
+
+    pub fn client_config(&self, name: &str) -> ClientConfig {
+        ClientConfig::new(self.addr.to_string(), self.ca.clone()).name(name)
+    }
+
+    pub async fn connect(&self, name: &str) -> Client {
+        Client::connect(&self.client_config(name))
+            .await
+            .unwrap_or_else(|e| panic!("client {name} connects: {e}"))
+    }
+
+    /// Shuts the node down and waits for it to finish.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("node stops in time")
+                .unwrap();
+        }
+    }
+}
+
+/// The next event that is a frame matching `pred`, skipping others.
+pub async fn next_matching(client: &mut Client, mut pred: impl FnMut(&Frame) -> bool) -> Frame {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match client.next_event().await {
+                Some(Event::Frame(f)) if pred(&f) => return f,
+                Some(Event::Frame(_)) => continue,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("expected frame arrives in time")
+}
+
+/// Asserts no frame matching `pred` arrives before `probe` (a frame the
+/// client will certainly receive later, e.g. the echo of its own Text) comes.
+pub async fn assert_none_before_echo(client: &mut Client, pred: impl Fn(&Frame) -> bool) {
+    let probe = client.send_text("probe").await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match client.next_event().await {
+                Some(Event::Frame(f)) if f.id == probe => return,
+                Some(Event::Frame(f)) => assert!(!pred(&f), "unexpected frame {f:?}"),
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("probe echo arrives");
+}
+
+/// A quinn connection that speaks raw bytes, for hostile or odd clients.
+pub struct RawClient {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+}
+
+impl RawClient {
+    pub async fn connect(node: &TestNode) -> RawClient {
+        Self::connect_with(node, |_| {}).await
+    }
+
+    pub async fn connect_with(node: &TestNode, tweak: impl FnOnce(&mut quinn::TransportConfig)) -> RawClient {
+        let crypto = quic_fabric::tls::client_crypto(&quic_fabric::tls::ServerTrust::CaFile(node.ca.clone())).unwrap();
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        tweak(&mut transport);
+        config.transport_config(Arc::new(transport));
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        let conn = endpoint.connect(node.addr, "localhost").unwrap().await.unwrap();
+        RawClient { endpoint, conn }
+    }
+
+    /// Opens a stream and writes `bytes` on it (not finished).
+    pub async fn send_raw(&self, bytes: &[u8]) -> quinn::SendStream {
+        let mut send = self.conn.open_uni().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        send
+    }
+
+    /// Sends a valid v1 Handshake and returns its stream; the HandshakeAck is read by `handshake`.
+    pub async fn handshake(&self, name: &str) -> (quinn::SendStream, quinn::RecvStream, Frame) {
+        let hello = Frame::new(
+            Priority::High,
+            Body::Handshake(Handshake { min_version: 1, max_version: 1, name: name.into(), token: None }),
+        );
+        let send = self.send_raw(&protocol::encode(&hello).unwrap()).await;
+        let mut recv = tokio::time::timeout(WAIT, self.conn.accept_uni()).await.unwrap().unwrap();
+        let ack = read_frame(&mut recv).await.expect("handshake reply");
+        (send, recv, ack)
+    }
+
+    /// Waits for the connection to close and returns its application close code.
+    pub async fn closed_code(&self) -> Option<u64> {
+        match tokio::time::timeout(WAIT, self.conn.closed()).await.expect("connection closes in time") {
+            quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+            _ => None,
+        }
+    }
+}
+
+/// Reads one frame from a node stream; `None` at a clean end.
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Frame> {
+    let mut prefix = [0u8; 4];
+    tokio::time::timeout(WAIT, recv.read_exact(&mut prefix)).await.expect("frame in time").ok()?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    let mut payload = vec![0u8; len];
+    tokio::time::timeout(WAIT, recv.read_exact(&mut payload)).await.expect("frame in time").ok()?;
+    Some(protocol::decode_frame(&payload).expect("node sends valid frames"))
+}

@@ -1,0 +1,204 @@
+//! End-to-end messaging on one node, over real QUIC on loopback.
+
+mod common;
+
+use common::{TestNode, WAIT, assert_none_before_echo, next_matching};
+use quic_fabric::client::{ClientError, Event};
+use quic_fabric::protocol::{Body, ClientId, Payload, Priority, error_code};
+
+#[tokio::test]
+async fn handshake_assigns_ids_and_reports_the_node() {
+    let node = TestNode::start().await;
+    let a = node.connect("alice").await;
+    let b = node.connect("bob").await;
+    assert_ne!(a.client_id(), b.client_id());
+    assert_eq!(a.node_id(), node.shared.node_id);
+    assert_eq!(a.handshake().version, 1);
+    assert_eq!(a.handshake().server_name, "test-node");
+    assert_eq!(a.handshake().max_frame_bytes as usize, node.shared.config.max_message_bytes);
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_other_client_exactly_once() {
+    let node = TestNode::start().await;
+    let mut a = node.connect("alice").await;
+    let mut b = node.connect("bob").await;
+    let mut c = node.connect("carol").await;
+
+    let id = a.broadcast(Payload::Text("hello all".into()), Priority::Normal).await.unwrap();
+    for receiver in [&mut b, &mut c] {
+        let got = next_matching(receiver, |f| f.id == id).await;
+        assert_eq!(got.body, Body::Broadcast { payload: Payload::Text("hello all".into()) });
+        let sender = got.sender.expect("node stamps the sender");
+        assert_eq!(sender.client_id, a.client_id());
+        assert_eq!(sender.name, "alice");
+        // Exactly once: nothing else carrying that id before a later probe.
+        assert_none_before_echo(receiver, |f| f.id == id).await;
+    }
+    // The sender does not get its own broadcast.
+    assert_none_before_echo(&mut a, |f| f.id == id).await;
+}
+
+#[tokio::test]
+async fn direct_message_reaches_only_its_target() {
+    let node = TestNode::start().await;
+    let a = node.connect("alice").await;
+    let mut b = node.connect("bob").await;
+    let mut c = node.connect("carol").await;
+
+    let id = a.direct(b.client_id(), Payload::Binary(vec![1, 2, 3]), Priority::High).await.unwrap();
+    let got = next_matching(&mut b, |f| f.id == id).await;
+    assert_eq!(got.priority, Priority::High);
+    assert_eq!(got.body, Body::Direct { to: b.client_id(), payload: Payload::Binary(vec![1, 2, 3]) });
+    assert_eq!(got.sender.unwrap().client_id, a.client_id());
+    assert_none_before_echo(&mut c, |f| f.id == id).await;
+}
+
+#[tokio::test]
+async fn direct_to_unknown_client_is_an_error_for_the_sender() {
+    let node = TestNode::start().await;
+    let a = node.connect("alice").await;
+    let nobody = ClientId::new_random();
+    match a.direct(nobody, Payload::Text("hi".into()), Priority::Normal).await {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, error_code::UNKNOWN_CLIENT);
+            assert!(message.contains(&nobody.to_string()), "{message}");
+        }
+        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn messages_between_two_clients_keep_their_order() {
+    let node = TestNode::start().await;
+    let a = node.connect("alice").await;
+    let mut b = node.connect("bob").await;
+    let mut pending = Vec::new();
+    for i in 0..200u32 {
+        let body = Body::Direct { to: b.client_id(), payload: Payload::Text(i.to_string()) };
+        pending.push(a.submit(Priority::Normal, body).await.unwrap());
+    }
+    for p in pending {
+        p.wait().await.unwrap();
+    }
+    for i in 0..200u32 {
+        let got = next_matching(&mut b, |f| matches!(f.body, Body::Direct { .. })).await;
+        assert_eq!(got.body, Body::Direct { to: b.client_id(), payload: Payload::Text(i.to_string()) });
+    }
+}
+
+#[tokio::test]
+async fn text_and_binary_are_echoed_and_acknowledged() {
+    let node = TestNode::start().await;
+    let mut a = node.connect("alice").await;
+    let id = a.send_text("echo me").await.unwrap();
+    let echo = next_matching(&mut a, |f| f.id == id).await;
+    assert_eq!(echo.body, Body::Text { text: "echo me".into() });
+    assert_eq!(echo.sender.unwrap().client_id, a.client_id());
+
+    let id = a.send_binary(vec![0, 255]).await.unwrap();
+    let echo = next_matching(&mut a, |f| f.id == id).await;
+    assert_eq!(echo.body, Body::Binary { data: vec![0, 255] });
+}
+
+#[tokio::test]
+async fn list_shows_every_connected_client_and_drops_leavers() {
+    let node = TestNode::start().await;
+    let a = node.connect("alice").await;
+    let b = node.connect("bob").await;
+    let (clients, truncated) = a.list().await.unwrap();
+    assert!(!truncated);
+    let mut names: Vec<_> = clients.iter().map(|c| c.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["alice", "bob"]);
+    assert!(clients.iter().all(|c| c.node_id == node.shared.node_id));
+
+    let b_id = b.client_id();
+    b.close("bye").await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let (clients, _) = a.list().await.unwrap();
+            if clients.iter().all(|c| c.client_id != b_id) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("bob leaves the list");
+}
+
+#[tokio::test]
+async fn list_is_capped_and_says_so() {
+    let node = TestNode::start_with(|c| c.max_list_clients = 2).await;
+    let a = node.connect("a").await;
+    let _b = node.connect("b").await;
+    let _c = node.connect("c").await;
+    let (clients, truncated) = a.list().await.unwrap();
+    assert_eq!(clients.len(), 2);
+    assert!(truncated);
+}
+
+#[tokio::test]
+async fn ping_gets_pong_and_stats_count_traffic() {
+    let node = TestNode::start().await;
+    let a = node.connect("alice").await;
+    let rtt = a.ping().await.unwrap();
+    assert!(rtt < WAIT);
+    let stats = a.stats().await.unwrap();
+    assert_eq!(stats.node_id, node.shared.node_id);
+    assert_eq!(stats.clients_connected, 1);
+    // Handshake, Ping and the StatsRequest itself.
+    assert!(stats.messages_in >= 3, "{stats:?}");
+    assert!(stats.bytes_in > 0 && stats.bytes_out > 0);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_delivers_goodbye_then_closes() {
+    let mut node = TestNode::start().await;
+    let mut a = node.connect("alice").await;
+    let mut b = node.connect("bob").await;
+    // Something queued just before shutdown is still delivered first.
+    let id = a.broadcast(Payload::Text("last words".into()), Priority::Low).await.unwrap();
+    node.stop().await;
+    let mut saw_broadcast = false;
+    let mut saw_goodbye = false;
+    loop {
+        match tokio::time::timeout(WAIT, b.next_event()).await.expect("events in time") {
+            Some(Event::Frame(f)) if f.id == id => saw_broadcast = true,
+            Some(Event::Frame(f)) => {
+                if let Body::Goodbye { reconnect, .. } = f.body {
+                    assert!(reconnect, "a restarting node invites reconnects");
+                    saw_goodbye = true;
+                }
+            }
+            Some(Event::Closed { code, .. }) => {
+                assert_eq!(code, Some(quic_fabric::protocol::close_code::SHUTDOWN as u32));
+                break;
+            }
+            None => break,
+        }
+    }
+    assert!(saw_broadcast, "queued broadcast delivered before close");
+    assert!(saw_goodbye, "goodbye delivered before close");
+    // The other client saw the goodbye too.
+    let goodbye = next_matching(&mut a, |f| matches!(f.body, Body::Goodbye { .. })).await;
+    assert!(matches!(goodbye.body, Body::Goodbye { .. }));
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_it_cannot_verify() {
+    let node = TestNode::start().await;
+    let other_ca_dir = tempfile::tempdir().unwrap();
+    let other = quic_fabric::tls::ensure_dev_certs(other_ca_dir.path(), &["localhost".into()]).unwrap();
+    let mut config = node.client_config("mallory");
+    config.trust = quic_fabric::tls::ServerTrust::CaFile(other.ca_cert);
+    match quic_fabric::client::Client::connect(&config).await {
+        Err(ClientError::Connect { reason, .. }) => assert!(reason.to_lowercase().contains("certificate"), "{reason}"),
+        Err(other) => panic!("expected a certificate error, got {other}"),
+        Ok(_) => panic!("connected to a server signed by an untrusted CA"),
+    }
+    // Explicitly insecure mode connects.
+    config.trust = quic_fabric::tls::ServerTrust::InsecureAcceptAny;
+    quic_fabric::client::Client::connect(&config).await.unwrap();
+}
