@@ -19,7 +19,12 @@ use crate::tls::ServerTrust;
 #[command(name = "fabric", version)]
 pub struct Cli {
     /// Node (or load balancer) address, HOST:PORT.
-    #[arg(long, global = true, env = "FABRIC_SERVER", default_value = "127.0.0.1:4433")]
+    #[arg(
+        long,
+        global = true,
+        env = "FABRIC_SERVER",
+        default_value = "127.0.0.1:4433"
+    )]
     pub server: String,
     /// CA certificate (PEM) the server certificate must chain to.
     #[arg(long, global = true, env = "FABRIC_CA", default_value = "certs/ca.pem")]
@@ -28,7 +33,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "FABRIC_SERVER_NAME")]
     pub server_name: Option<String>,
     /// Name shown to other clients.
-    #[arg(long, global = true, env = "FABRIC_CLIENT_NAME", default_value = "fabric-cli")]
+    #[arg(
+        long,
+        global = true,
+        env = "FABRIC_CLIENT_NAME",
+        default_value = "fabric-cli"
+    )]
     pub name: String,
     /// Skip server certificate verification (development only).
     #[arg(long, global = true)]
@@ -85,7 +95,8 @@ pub enum Command {
 
 impl Cli {
     fn client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new(self.server.clone(), self.ca.clone()).name(self.name.clone());
+        let mut config =
+            ClientConfig::new(self.server.clone(), self.ca.clone()).name(self.name.clone());
         config.server_name = self.server_name.clone();
         if self.insecure {
             config.trust = ServerTrust::InsecureAcceptAny;
@@ -142,12 +153,23 @@ async fn command(client: &mut Client, command: Command) -> anyhow::Result<()> {
                     tokio::time::sleep(interval).await;
                 }
                 let rtt = client.ping().await?;
-                println!("pong from node {}: seq={} time={:.3} ms", client.node_id(), i + 1, ms(rtt));
+                println!(
+                    "pong from node {}: seq={} time={:.3} ms",
+                    client.node_id(),
+                    i + 1,
+                    ms(rtt)
+                );
                 rtts.push(rtt);
             }
             if let (Some(min), Some(max)) = (rtts.iter().min(), rtts.iter().max()) {
                 let avg = rtts.iter().sum::<Duration>() / rtts.len() as u32;
-                println!("{} pings: min {:.3} ms, avg {:.3} ms, max {:.3} ms", rtts.len(), ms(*min), ms(avg), ms(*max));
+                println!(
+                    "{} pings: min {:.3} ms, avg {:.3} ms, max {:.3} ms",
+                    rtts.len(),
+                    ms(*min),
+                    ms(avg),
+                    ms(*max)
+                );
             }
         }
         Command::Stats => {
@@ -244,12 +266,19 @@ async fn chat_command(client: &Client, line: &str) -> anyhow::Result<bool> {
         return Ok(true);
     }
     let result: Result<(), crate::client::ClientError> = async {
-        match line.split_once(' ').map_or((line, ""), |(c, r)| (c, r.trim())) {
+        match line
+            .split_once(' ')
+            .map_or((line, ""), |(c, r)| (c, r.trim()))
+        {
             ("/quit", _) => return Ok(()),
             ("/list", _) => {
                 let (clients, truncated) = client.list().await?;
                 for c in &clients {
-                    let me = if c.client_id == client.client_id() { " (you)" } else { "" };
+                    let me = if c.client_id == client.client_id() {
+                        " (you)"
+                    } else {
+                        ""
+                    };
                     println!("  {} {} on node {}{me}", c.client_id, c.name, c.node_id);
                 }
                 if truncated {
@@ -260,7 +289,9 @@ async fn chat_command(client: &Client, line: &str) -> anyhow::Result<bool> {
             ("/to", rest) => match rest.split_once(' ') {
                 Some((id, text)) => match id.parse::<ClientId>() {
                     Ok(to) => {
-                        client.direct(to, Payload::Text(text.to_owned()), Priority::Normal).await?;
+                        client
+                            .direct(to, Payload::Text(text.to_owned()), Priority::Normal)
+                            .await?;
                     }
                     Err(_) => println!("! not a client id: {id}"),
                 },
@@ -268,7 +299,9 @@ async fn chat_command(client: &Client, line: &str) -> anyhow::Result<bool> {
             },
             (cmd, _) if cmd.starts_with('/') => println!("! unknown command {cmd}"),
             _ => {
-                client.broadcast(Payload::Text(line.to_owned()), Priority::Normal).await?;
+                client
+                    .broadcast(Payload::Text(line.to_owned()), Priority::Normal)
+                    .await?;
             }
         }
         Ok(())
@@ -318,7 +351,10 @@ fn payload_fields(p: &Payload, out: &mut serde_json::Map<String, Value>) {
             out.insert("text".into(), json!(t));
         }
         Payload::Binary(b) => {
-            out.insert("data_base64".into(), json!(base64::engine::general_purpose::STANDARD.encode(b)));
+            out.insert(
+                "data_base64".into(),
+                json!(base64::engine::general_purpose::STANDARD.encode(b)),
+            );
         }
     }
 }

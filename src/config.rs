@@ -340,7 +340,16 @@ mod tests {
         let err = NodeConfig::from_file(&path).unwrap_err();
         assert!(err.to_string().contains("max_clientz"), "{err}");
 
-        let config = NodeConfig { max_streams_per_connection: 2, ..Default::default() };
-        assert!(config.validate().unwrap_err().to_string().contains("at least 3"));
+        let config = NodeConfig {
+            max_streams_per_connection: 2,
+            ..Default::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 3")
+        );
     }
 }

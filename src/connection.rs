@@ -68,7 +68,10 @@ impl From<quinn::ReadExactError> for ReadError {
 /// Reads one frame. Frames above `max` but within the hard limit are read
 /// and discarded (keeping the stream in sync) and reported as
 /// `Inbound::Bad(FrameTooLarge)`; longer ones make the stream untrustworthy.
-pub(crate) async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Inbound, ReadError> {
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Inbound, ReadError> {
     let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -108,7 +111,11 @@ pub(crate) async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Resu
 }
 
 /// Serves one incoming connection until it ends.
-pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let remote = incoming.remote_address();
     let span = info_span!("conn", %remote, client_id = tracing::field::Empty);
     async move {
@@ -131,7 +138,12 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, shutdo
             Err(end) => end,
         };
         conn.close(code.into(), reason.as_bytes());
-        info!(code, reason, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
+        info!(
+            code,
+            reason,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "connection closed"
+        );
     }
     .instrument(span)
     .await
@@ -139,7 +151,11 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, shutdo
 
 type End = (u32, String);
 
-async fn run(conn: &quinn::Connection, shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<End, End> {
+async fn run(
+    conn: &quinn::Connection,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Result<End, End> {
     let config = &shared.config;
     // The handshake: the first frame on the first stream the client opens.
     let (first_stream, hello, hello_size) = tokio::select! {
@@ -152,28 +168,44 @@ async fn run(conn: &quinn::Connection, shared: &Arc<Shared>, shutdown: &Cancella
     };
     stats::add(&shared.stats.messages_in, 1);
     stats::add(&shared.stats.bytes_in, hello_size as u64);
-    let Frame { id: hello_id, body: Body::Handshake(hello), .. } = hello else {
+    let Frame {
+        id: hello_id,
+        body: Body::Handshake(hello),
+        ..
+    } = hello
+    else {
         unreachable!("read_handshake returns only Handshake frames")
     };
     let version = match negotiate(&hello) {
         Ok(v) => v,
         Err(message) => {
-            return Err(reject(conn, Rejection {
-                of: Some(hello_id),
-                error: error_code::UNSUPPORTED_VERSION,
-                close: close_code::UNSUPPORTED_VERSION,
-                message,
-            })
+            return Err(reject(
+                conn,
+                Rejection {
+                    of: Some(hello_id),
+                    error: error_code::UNSUPPORTED_VERSION,
+                    close: close_code::UNSUPPORTED_VERSION,
+                    message,
+                },
+            )
             .await);
         }
     };
-    if hello.name.is_empty() || hello.name.len() > MAX_NAME_BYTES || hello.name.chars().any(char::is_control) {
-        return Err(reject(conn, Rejection {
-            of: Some(hello_id),
-            error: error_code::INVALID_FIELD,
-            close: close_code::BAD_HANDSHAKE,
-            message: format!("name must be 1 to {MAX_NAME_BYTES} bytes without control characters"),
-        })
+    if hello.name.is_empty()
+        || hello.name.len() > MAX_NAME_BYTES
+        || hello.name.chars().any(char::is_control)
+    {
+        return Err(reject(
+            conn,
+            Rejection {
+                of: Some(hello_id),
+                error: error_code::INVALID_FIELD,
+                close: close_code::BAD_HANDSHAKE,
+                message: format!(
+                    "name must be 1 to {MAX_NAME_BYTES} bytes without control characters"
+                ),
+            },
+        )
         .await);
     }
 
@@ -201,12 +233,15 @@ async fn run(conn: &quinn::Connection, shared: &Arc<Shared>, shutdown: &Cancella
         shared.stats.clone(),
     );
     if let Err(full) = shared.clients.register(handle.clone()) {
-        return Err(reject(conn, Rejection {
-            of: Some(hello_id),
-            error: error_code::SERVER_FULL,
-            close: close_code::SERVER_FULL,
-            message: full.to_string(),
-        })
+        return Err(reject(
+            conn,
+            Rejection {
+                of: Some(hello_id),
+                error: error_code::SERVER_FULL,
+                close: close_code::SERVER_FULL,
+                message: full.to_string(),
+            },
+        )
         .await);
     }
     stats::add(&shared.stats.connections_total, 1);
@@ -244,7 +279,13 @@ async fn run(conn: &quinn::Connection, shared: &Arc<Shared>, shutdown: &Cancella
     let handler = MessageHandler::new(shared.clone());
     let (close_tx, mut close_rx) = mpsc::channel::<End>(1);
     let mut readers = JoinSet::new();
-    let read_first = read_stream(first_stream, handle.clone(), handler.clone(), shared.clone(), close_tx.clone());
+    let read_first = read_stream(
+        first_stream,
+        handle.clone(),
+        handler.clone(),
+        shared.clone(),
+        close_tx.clone(),
+    );
     readers.spawn(read_first.in_current_span());
 
     let end: End = loop {
@@ -268,7 +309,10 @@ async fn run(conn: &quinn::Connection, shared: &Arc<Shared>, shutdown: &Cancella
     let grace = if end.0 == close_code::SHUTDOWN {
         let goodbye = Frame::new(
             Priority::High,
-            Body::Goodbye { reason: "server shutting down".into(), reconnect: true },
+            Body::Goodbye {
+                reason: "server shutting down".into(),
+                reconnect: true,
+            },
         );
         if let Ok(bytes) = protocol::encode(&goodbye) {
             let _ = handle.enqueue(Priority::High, bytes);
@@ -280,18 +324,25 @@ async fn run(conn: &quinn::Connection, shared: &Arc<Shared>, shutdown: &Cancella
     // Dropping the last handle closes the queues: writers drain what is
     // queued, finish their streams and wait for the peer to have it all.
     drop(handle);
-    let drained = tokio::time::timeout(grace, async { while writers.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(grace, async {
+        while writers.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
-        debug!(?grace, "queued messages not delivered within the grace period");
+        debug!(
+            ?grace,
+            "queued messages not delivered within the grace period"
+        );
     }
     Ok(end)
 }
 
 fn closed_reason(err: &quinn::ConnectionError) -> End {
     match err {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            (close_code::NORMAL, format!("client closed: {}", String::from_utf8_lossy(&close.reason)))
-        }
+        quinn::ConnectionError::ApplicationClosed(close) => (
+            close_code::NORMAL,
+            format!("client closed: {}", String::from_utf8_lossy(&close.reason)),
+        ),
         quinn::ConnectionError::LocallyClosed => (close_code::NORMAL, "closed locally".into()),
         other => (close_code::NORMAL, other.to_string()),
     }
@@ -305,7 +356,10 @@ struct Rejection {
 }
 
 /// Reads the first stream's first frame, which must be a Handshake.
-async fn read_handshake(conn: &quinn::Connection, max: usize) -> Result<(quinn::RecvStream, Frame, usize), Rejection> {
+async fn read_handshake(
+    conn: &quinn::Connection,
+    max: usize,
+) -> Result<(quinn::RecvStream, Frame, usize), Rejection> {
     let violation = |message: String| Rejection {
         of: None,
         error: error_code::HANDSHAKE_REQUIRED,
@@ -317,7 +371,9 @@ async fn read_handshake(conn: &quinn::Connection, max: usize) -> Result<(quinn::
         .await
         .map_err(|e| violation(format!("connection ended before the handshake: {e}")))?;
     match read_frame(&mut recv, max).await {
-        Ok(Inbound::Frame(frame, size)) if matches!(frame.body, Body::Handshake(_)) => Ok((recv, frame, size)),
+        Ok(Inbound::Frame(frame, size)) if matches!(frame.body, Body::Handshake(_)) => {
+            Ok((recv, frame, size))
+        }
         Ok(Inbound::Frame(frame, _)) => Err(Rejection {
             of: Some(frame.id),
             ..violation(format!("expected Handshake, got {}", frame.body.kind()))
@@ -333,7 +389,10 @@ async fn read_handshake(conn: &quinn::Connection, max: usize) -> Result<(quinn::
 
 fn negotiate(hello: &Handshake) -> Result<u16, String> {
     let version = hello.max_version.min(MAX_PROTOCOL_VERSION);
-    if hello.min_version > hello.max_version || version < hello.min_version || version < MIN_PROTOCOL_VERSION {
+    if hello.min_version > hello.max_version
+        || version < hello.min_version
+        || version < MIN_PROTOCOL_VERSION
+    {
         return Err(format!(
             "unsupported protocol version: client speaks {}..={}, server speaks {}..={}",
             hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
@@ -348,7 +407,11 @@ async fn reject(conn: &quinn::Connection, rejection: Rejection) -> End {
     debug!(code = rejection.error.0, message = %rejection.message, "refusing client");
     let mut frame = Frame::new(
         Priority::High,
-        Body::Error { of: rejection.of, code: rejection.error, message: rejection.message.clone() },
+        Body::Error {
+            of: rejection.of,
+            code: rejection.error,
+            message: rejection.message.clone(),
+        },
     );
     frame.timestamp_ms = now_ms();
     if let Ok(bytes) = protocol::encode(&frame) {
@@ -377,7 +440,9 @@ async fn read_stream(
                 stats::add(&shared.stats.messages_in, 1);
                 stats::add(&shared.stats.bytes_in, size as u64);
                 if handler.handle(&client, frame) == Next::Close {
-                    let _ = close.send((close_code::NORMAL, "client said goodbye".into())).await;
+                    let _ = close
+                        .send((close_code::NORMAL, "client said goodbye".into()))
+                        .await;
                     return;
                 }
             }
@@ -387,7 +452,9 @@ async fn read_stream(
                 let err = CodecError::FrameTooLarge { len, max };
                 handler.bad_frame(&client, &err, None);
                 warn!(len, "frame length beyond the hard limit; closing");
-                let _ = close.send((close_code::PROTOCOL_VIOLATION, err.to_string())).await;
+                let _ = close
+                    .send((close_code::PROTOCOL_VIOLATION, err.to_string()))
+                    .await;
                 return;
             }
             Err(ReadError::Truncated) => {
@@ -402,13 +469,27 @@ async fn read_stream(
     }
 }
 
-fn spawn_writers(conn: &quinn::Connection, queues: OutboundQueues, high: quinn::SendStream) -> JoinSet<()> {
+fn spawn_writers(
+    conn: &quinn::Connection,
+    queues: OutboundQueues,
+    high: quinn::SendStream,
+) -> JoinSet<()> {
     let mut writers = JoinSet::new();
-    let OutboundQueues { receivers, queued_bytes } = queues;
+    let OutboundQueues {
+        receivers,
+        queued_bytes,
+    } = queues;
     let mut high = Some(high);
     for (rx, priority) in receivers.into_iter().zip(Priority::ALL) {
-        let stream = if priority == Priority::High { high.take() } else { None };
-        writers.spawn(write_stream(conn.clone(), priority, stream, rx, queued_bytes.clone()).in_current_span());
+        let stream = if priority == Priority::High {
+            high.take()
+        } else {
+            None
+        };
+        writers.spawn(
+            write_stream(conn.clone(), priority, stream, rx, queued_bytes.clone())
+                .in_current_span(),
+        );
     }
     writers
 }

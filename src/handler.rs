@@ -67,8 +67,19 @@ impl MessageHandler {
             }
             Body::Ping => self.reply(client, priority, Body::Pong { of: id }),
             Body::ListClients => {
-                let (clients, truncated) = self.shared.clients.list(self.shared.config.max_list_clients);
-                self.reply(client, priority, Body::ClientList { of: id, clients, truncated });
+                let (clients, truncated) = self
+                    .shared
+                    .clients
+                    .list(self.shared.config.max_list_clients);
+                self.reply(
+                    client,
+                    priority,
+                    Body::ClientList {
+                        of: id,
+                        clients,
+                        truncated,
+                    },
+                );
             }
             Body::StatsRequest => {
                 let stats = self.shared.stats.snapshot(
@@ -119,7 +130,13 @@ impl MessageHandler {
         match protocol::encode(frame) {
             Ok(bytes) => Some(bytes),
             Err(err) => {
-                self.error(client, frame.priority, Some(frame.id), error_code::INTERNAL, err);
+                self.error(
+                    client,
+                    frame.priority,
+                    Some(frame.id),
+                    error_code::INTERNAL,
+                    err,
+                );
                 None
             }
         }

@@ -7,8 +7,8 @@
 //! gives each frame type its meaning, the [`router`] that delivers messages,
 //! and the [`client`] library used by the `fabric` CLI and the tests.
 
-pub mod client;
 pub mod cli;
+pub mod client;
 pub mod client_manager;
 pub mod config;
 mod connection;

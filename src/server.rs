@@ -74,7 +74,10 @@ impl Server {
             (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?),
             _ => {
                 let paths = tls::ensure_dev_certs(&config.certs_dir, &config.cert_names)?;
-                (tls::load_certs(&paths.server_cert)?, tls::load_key(&paths.server_key)?)
+                (
+                    tls::load_certs(&paths.server_cert)?,
+                    tls::load_key(&paths.server_key)?,
+                )
             }
         };
         let crypto = tls::server_crypto(certs, key)?;
@@ -172,7 +175,9 @@ fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError>
             IdleTimeout::try_from(config.idle_timeout)
                 .map_err(|e| ServerError::Transport(format!("idle_timeout: {e}")))?,
         ))
-        .keep_alive_interval((!config.keep_alive_interval.is_zero()).then_some(config.keep_alive_interval))
+        .keep_alive_interval(
+            (!config.keep_alive_interval.is_zero()).then_some(config.keep_alive_interval),
+        )
         .stream_receive_window(VarInt::from_u32(config.stream_receive_window))
         .receive_window(VarInt::from_u32(config.connection_receive_window))
         .send_window(config.send_window);

@@ -195,7 +195,8 @@ pub fn server_crypto(
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))
+    quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))
 }
 
 /// How a client decides whether to trust the server.
@@ -208,7 +209,9 @@ pub enum ServerTrust {
 }
 
 /// The QUIC client crypto config for the given trust.
-pub fn client_crypto(trust: &ServerTrust) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
+pub fn client_crypto(
+    trust: &ServerTrust,
+) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut tls = match trust {
@@ -225,7 +228,8 @@ pub fn client_crypto(trust: &ServerTrust) -> Result<quinn::crypto::rustls::QuicC
             .with_no_client_auth(),
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))
+    quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))
 }
 
 /// Accepts any server certificate, but still checks handshake signatures so
@@ -291,22 +295,36 @@ mod tests {
         let server_before = fs::read(&paths.server_cert).unwrap();
 
         ensure_dev_certs(dir.path(), &names).unwrap();
-        assert_eq!(fs::read(&paths.server_cert).unwrap(), server_before, "reused");
+        assert_eq!(
+            fs::read(&paths.server_cert).unwrap(),
+            server_before,
+            "reused"
+        );
 
         let more = vec!["localhost".to_string(), "lb".to_string()];
         ensure_dev_certs(dir.path(), &more).unwrap();
         assert_eq!(fs::read(&paths.ca_cert).unwrap(), ca_before, "CA kept");
-        assert_ne!(fs::read(&paths.server_cert).unwrap(), server_before, "renewed");
+        assert_ne!(
+            fs::read(&paths.server_cert).unwrap(),
+            server_before,
+            "renewed"
+        );
 
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(&paths.server_key).unwrap().permissions().mode();
+            let mode = fs::metadata(&paths.server_key)
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "private key readable by others: {mode:o}");
         }
         // The pieces load into working configs.
-        server_crypto(load_certs(&paths.server_cert).unwrap(), load_key(&paths.server_key).unwrap())
-            .unwrap();
+        server_crypto(
+            load_certs(&paths.server_cert).unwrap(),
+            load_key(&paths.server_key).unwrap(),
+        )
+        .unwrap();
         client_crypto(&ServerTrust::CaFile(paths.ca_cert)).unwrap();
     }
 

@@ -15,7 +15,10 @@ async fn handshake_assigns_ids_and_reports_the_node() {
     assert_eq!(a.node_id(), node.shared.node_id);
     assert_eq!(a.handshake().version, 1);
     assert_eq!(a.handshake().server_name, "test-node");
-    assert_eq!(a.handshake().max_frame_bytes as usize, node.shared.config.max_message_bytes);
+    assert_eq!(
+        a.handshake().max_frame_bytes as usize,
+        node.shared.config.max_message_bytes
+    );
 }
 
 #[tokio::test]
@@ -25,10 +28,18 @@ async fn broadcast_reaches_every_other_client_exactly_once() {
     let mut b = node.connect("bob").await;
     let mut c = node.connect("carol").await;
 
-    let id = a.broadcast(Payload::Text("hello all".into()), Priority::Normal).await.unwrap();
+    let id = a
+        .broadcast(Payload::Text("hello all".into()), Priority::Normal)
+        .await
+        .unwrap();
     for receiver in [&mut b, &mut c] {
         let got = next_matching(receiver, |f| f.id == id).await;
-        assert_eq!(got.body, Body::Broadcast { payload: Payload::Text("hello all".into()) });
+        assert_eq!(
+            got.body,
+            Body::Broadcast {
+                payload: Payload::Text("hello all".into())
+            }
+        );
         let sender = got.sender.expect("node stamps the sender");
         assert_eq!(sender.client_id, a.client_id());
         assert_eq!(sender.name, "alice");
@@ -46,10 +57,23 @@ async fn direct_message_reaches_only_its_target() {
     let mut b = node.connect("bob").await;
     let mut c = node.connect("carol").await;
 
-    let id = a.direct(b.client_id(), Payload::Binary(vec![1, 2, 3]), Priority::High).await.unwrap();
+    let id = a
+        .direct(
+            b.client_id(),
+            Payload::Binary(vec![1, 2, 3]),
+            Priority::High,
+        )
+        .await
+        .unwrap();
     let got = next_matching(&mut b, |f| f.id == id).await;
     assert_eq!(got.priority, Priority::High);
-    assert_eq!(got.body, Body::Direct { to: b.client_id(), payload: Payload::Binary(vec![1, 2, 3]) });
+    assert_eq!(
+        got.body,
+        Body::Direct {
+            to: b.client_id(),
+            payload: Payload::Binary(vec![1, 2, 3])
+        }
+    );
     assert_eq!(got.sender.unwrap().client_id, a.client_id());
     assert_none_before_echo(&mut c, |f| f.id == id).await;
 }
@@ -59,7 +83,10 @@ async fn direct_to_unknown_client_is_an_error_for_the_sender() {
     let node = TestNode::start().await;
     let a = node.connect("alice").await;
     let nobody = ClientId::new_random();
-    match a.direct(nobody, Payload::Text("hi".into()), Priority::Normal).await {
+    match a
+        .direct(nobody, Payload::Text("hi".into()), Priority::Normal)
+        .await
+    {
         Err(ClientError::Server { code, message }) => {
             assert_eq!(code, error_code::UNKNOWN_CLIENT);
             assert!(message.contains(&nobody.to_string()), "{message}");
@@ -75,7 +102,10 @@ async fn messages_between_two_clients_keep_their_order() {
     let mut b = node.connect("bob").await;
     let mut pending = Vec::new();
     for i in 0..200u32 {
-        let body = Body::Direct { to: b.client_id(), payload: Payload::Text(i.to_string()) };
+        let body = Body::Direct {
+            to: b.client_id(),
+            payload: Payload::Text(i.to_string()),
+        };
         pending.push(a.submit(Priority::Normal, body).await.unwrap());
     }
     for p in pending {
@@ -83,7 +113,13 @@ async fn messages_between_two_clients_keep_their_order() {
     }
     for i in 0..200u32 {
         let got = next_matching(&mut b, |f| matches!(f.body, Body::Direct { .. })).await;
-        assert_eq!(got.body, Body::Direct { to: b.client_id(), payload: Payload::Text(i.to_string()) });
+        assert_eq!(
+            got.body,
+            Body::Direct {
+                to: b.client_id(),
+                payload: Payload::Text(i.to_string())
+            }
+        );
     }
 }
 
@@ -93,7 +129,12 @@ async fn text_and_binary_are_echoed_and_acknowledged() {
     let mut a = node.connect("alice").await;
     let id = a.send_text("echo me").await.unwrap();
     let echo = next_matching(&mut a, |f| f.id == id).await;
-    assert_eq!(echo.body, Body::Text { text: "echo me".into() });
+    assert_eq!(
+        echo.body,
+        Body::Text {
+            text: "echo me".into()
+        }
+    );
     assert_eq!(echo.sender.unwrap().client_id, a.client_id());
 
     let id = a.send_binary(vec![0, 255]).await.unwrap();
@@ -159,12 +200,18 @@ async fn graceful_shutdown_delivers_goodbye_then_closes() {
     let mut a = node.connect("alice").await;
     let mut b = node.connect("bob").await;
     // Something queued just before shutdown is still delivered first.
-    let id = a.broadcast(Payload::Text("last words".into()), Priority::Low).await.unwrap();
+    let id = a
+        .broadcast(Payload::Text("last words".into()), Priority::Low)
+        .await
+        .unwrap();
     node.stop().await;
     let mut saw_broadcast = false;
     let mut saw_goodbye = false;
     loop {
-        match tokio::time::timeout(WAIT, b.next_event()).await.expect("events in time") {
+        match tokio::time::timeout(WAIT, b.next_event())
+            .await
+            .expect("events in time")
+        {
             Some(Event::Frame(f)) if f.id == id => saw_broadcast = true,
             Some(Event::Frame(f)) => {
                 if let Body::Goodbye { reconnect, .. } = f.body {
@@ -173,7 +220,7 @@ async fn graceful_shutdown_delivers_goodbye_then_closes() {
                 }
             }
             Some(Event::Closed { code, .. }) => {
-                assert_eq!(code, Some(quic_fabric::protocol::close_code::SHUTDOWN as u32));
+                assert_eq!(code, Some(quic_fabric::protocol::close_code::SHUTDOWN));
                 break;
             }
             None => break,
@@ -190,11 +237,14 @@ async fn graceful_shutdown_delivers_goodbye_then_closes() {
 async fn client_refuses_a_server_it_cannot_verify() {
     let node = TestNode::start().await;
     let other_ca_dir = tempfile::tempdir().unwrap();
-    let other = quic_fabric::tls::ensure_dev_certs(other_ca_dir.path(), &["localhost".into()]).unwrap();
+    let other =
+        quic_fabric::tls::ensure_dev_certs(other_ca_dir.path(), &["localhost".into()]).unwrap();
     let mut config = node.client_config("mallory");
     config.trust = quic_fabric::tls::ServerTrust::CaFile(other.ca_cert);
     match quic_fabric::client::Client::connect(&config).await {
-        Err(ClientError::Connect { reason, .. }) => assert!(reason.to_lowercase().contains("certificate"), "{reason}"),
+        Err(ClientError::Connect { reason, .. }) => {
+            assert!(reason.to_lowercase().contains("certificate"), "{reason}")
+        }
         Err(other) => panic!("expected a certificate error, got {other}"),
         Ok(_) => panic!("connected to a server signed by an untrusted CA"),
     }

@@ -153,6 +153,9 @@ fn closed_error(err: &quinn::ConnectionError) -> ClientError {
 }
 
 /// Something that arrived without being asked for.
+// `Closed` comes once per connection; boxing `Frame` would cost an
+// allocation per message instead.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A frame: a delivery (Broadcast, Direct), an echo (Text, Binary), a
@@ -223,7 +226,8 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Without this the receive task's clone would keep a dropped client's
         // connection alive through keep-alives.
-        self.conn.close(close_code::NORMAL.into(), b"client dropped");
+        self.conn
+            .close(close_code::NORMAL.into(), b"client dropped");
     }
 }
 
@@ -315,23 +319,30 @@ impl Client {
                     token: config.token.clone(),
                 }),
             );
-            let bytes = protocol::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let bytes =
+                protocol::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
             high.write_all(&bytes)
                 .await
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
             let mut first = conn.accept_uni().await?;
-            let reply = read_frame(&mut first).await.map_err(|e| match conn.close_reason() {
-                Some(err) => closed_error(&err),
-                None => ClientError::Protocol(format!("reading handshake reply: {e}")),
-            })?;
+            let reply = read_frame(&mut first)
+                .await
+                .map_err(|e| match conn.close_reason() {
+                    Some(err) => closed_error(&err),
+                    None => ClientError::Protocol(format!("reading handshake reply: {e}")),
+                })?;
             match reply.map(|f| f.body) {
                 Some(Body::HandshakeAck(ack)) => Ok((conn, high, first, ack)),
-                Some(Body::Error { code, message, .. }) => Err(ClientError::Refused { code, message }),
+                Some(Body::Error { code, message, .. }) => {
+                    Err(ClientError::Refused { code, message })
+                }
                 Some(other) => Err(ClientError::Protocol(format!(
                     "expected HandshakeAck, got {}",
                     other.kind()
                 ))),
-                None => Err(ClientError::Protocol("stream ended before HandshakeAck".into())),
+                None => Err(ClientError::Protocol(
+                    "stream ended before HandshakeAck".into(),
+                )),
             }
         };
         let (conn, high, first, ack) = tokio::time::timeout(config.connect_timeout, handshake)
@@ -351,7 +362,13 @@ impl Client {
             request_timeout: config.request_timeout,
         });
         let (events_tx, events) = mpsc::channel(config.event_buffer.max(1));
-        tokio::spawn(receive(conn, first, inner.pending.clone(), events_tx, Arc::downgrade(&inner)));
+        tokio::spawn(receive(
+            conn,
+            first,
+            inner.pending.clone(),
+            events_tx,
+            Arc::downgrade(&inner),
+        ));
         Ok(Client { inner, events })
     }
 
@@ -376,7 +393,11 @@ impl Client {
     }
 
     /// Sends a request without waiting for its reply.
-    pub async fn submit(&self, priority: Priority, body: Body) -> Result<PendingReply, ClientError> {
+    pub async fn submit(
+        &self,
+        priority: Priority,
+        body: Body,
+    ) -> Result<PendingReply, ClientError> {
         let frame = Frame::new(priority, body);
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(frame.id, tx);
@@ -401,13 +422,17 @@ impl Client {
         let id = pending.id();
         match pending.wait().await?.body {
             Body::Ack { .. } => Ok(id),
-            other => Err(ClientError::Protocol(format!("expected Ack, got {}", other.kind()))),
+            other => Err(ClientError::Protocol(format!(
+                "expected Ack, got {}",
+                other.kind()
+            ))),
         }
     }
 
     /// Sends text to the node, which echoes it back (as an event) and acknowledges it.
     pub async fn send_text(&self, text: impl Into<String>) -> Result<MessageId, ClientError> {
-        self.acked(Priority::Normal, Body::Text { text: text.into() }).await
+        self.acked(Priority::Normal, Body::Text { text: text.into() })
+            .await
     }
 
     /// Sends bytes to the node, which echoes them back (as an event) and acknowledges them.
@@ -416,38 +441,76 @@ impl Client {
     }
 
     /// Delivers `payload` to every other client; returns once the node acknowledged.
-    pub async fn broadcast(&self, payload: Payload, priority: Priority) -> Result<MessageId, ClientError> {
+    pub async fn broadcast(
+        &self,
+        payload: Payload,
+        priority: Priority,
+    ) -> Result<MessageId, ClientError> {
         self.acked(priority, Body::Broadcast { payload }).await
     }
 
     /// Delivers `payload` to client `to`; returns once the node acknowledged.
     /// An unknown recipient is `ClientError::Server` with `error_code::UNKNOWN_CLIENT`.
-    pub async fn direct(&self, to: ClientId, payload: Payload, priority: Priority) -> Result<MessageId, ClientError> {
+    pub async fn direct(
+        &self,
+        to: ClientId,
+        payload: Payload,
+        priority: Priority,
+    ) -> Result<MessageId, ClientError> {
         self.acked(priority, Body::Direct { to, payload }).await
     }
 
     /// The clients the node knows, and whether the list was cut short.
     pub async fn list(&self) -> Result<(Vec<ClientInfo>, bool), ClientError> {
-        match self.submit(Priority::Normal, Body::ListClients).await?.wait().await?.body {
-            Body::ClientList { clients, truncated, .. } => Ok((clients, truncated)),
-            other => Err(ClientError::Protocol(format!("expected ClientList, got {}", other.kind()))),
+        match self
+            .submit(Priority::Normal, Body::ListClients)
+            .await?
+            .wait()
+            .await?
+            .body
+        {
+            Body::ClientList {
+                clients, truncated, ..
+            } => Ok((clients, truncated)),
+            other => Err(ClientError::Protocol(format!(
+                "expected ClientList, got {}",
+                other.kind()
+            ))),
         }
     }
 
     /// Application-level round trip: Ping to Pong.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let start = Instant::now();
-        match self.submit(Priority::High, Body::Ping).await?.wait().await?.body {
+        match self
+            .submit(Priority::High, Body::Ping)
+            .await?
+            .wait()
+            .await?
+            .body
+        {
             Body::Pong { .. } => Ok(start.elapsed()),
-            other => Err(ClientError::Protocol(format!("expected Pong, got {}", other.kind()))),
+            other => Err(ClientError::Protocol(format!(
+                "expected Pong, got {}",
+                other.kind()
+            ))),
         }
     }
 
     /// The node's counters.
     pub async fn stats(&self) -> Result<NodeStats, ClientError> {
-        match self.submit(Priority::Normal, Body::StatsRequest).await?.wait().await?.body {
+        match self
+            .submit(Priority::Normal, Body::StatsRequest)
+            .await?
+            .wait()
+            .await?
+            .body
+        {
             Body::Stats { stats, .. } => Ok(stats),
-            other => Err(ClientError::Protocol(format!("expected Stats, got {}", other.kind()))),
+            other => Err(ClientError::Protocol(format!(
+                "expected Stats, got {}",
+                other.kind()
+            ))),
         }
     }
 
@@ -472,7 +535,9 @@ impl Client {
             },
         );
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.write(&bye)).await;
-        self.inner.conn.close(close_code::NORMAL.into(), reason.as_bytes());
+        self.inner
+            .conn
+            .close(close_code::NORMAL.into(), reason.as_bytes());
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
 }
@@ -495,7 +560,9 @@ fn host_part(server: &str) -> String {
         Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
         _ => server,
     };
-    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 /// Reads one frame sent by a node. The node is trusted up to the hard limit
@@ -528,7 +595,12 @@ async fn receive(
     inner: std::sync::Weak<Inner>,
 ) {
     let mut readers = tokio::task::JoinSet::new();
-    readers.spawn(read_stream(first, pending.clone(), events.clone(), inner.clone()));
+    readers.spawn(read_stream(
+        first,
+        pending.clone(),
+        events.clone(),
+        inner.clone(),
+    ));
     let err = loop {
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {

@@ -7,7 +7,7 @@
 //! bincode itself runs with a byte limit, so no input can make the decoder
 //! claim more than [`HARD_MAX_FRAME_BYTES`].
 
-use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
@@ -140,8 +140,7 @@ struct Header {
 }
 
 fn classify(payload: &[u8], err: bincode::error::DecodeError) -> CodecError {
-    let Ok((header, used)) =
-        bincode::serde::decode_from_slice::<Header, _>(payload, wire_config())
+    let Ok((header, used)) = bincode::serde::decode_from_slice::<Header, _>(payload, wire_config())
     else {
         return CodecError::Malformed {
             reason: err.to_string(),
@@ -200,21 +199,52 @@ mod tests {
                 server_name: "n".into(),
                 max_frame_bytes: 1024,
             }),
-            Body::Text { text: "héllo".into() },
-            Body::Binary { data: vec![0, 1, 255] },
-            Body::Broadcast { payload: Payload::Text("hi".into()) },
-            Body::Direct { to: client, payload: Payload::Binary(vec![9; 300]) },
+            Body::Text {
+                text: "héllo".into(),
+            },
+            Body::Binary {
+                data: vec![0, 1, 255],
+            },
+            Body::Broadcast {
+                payload: Payload::Text("hi".into()),
+            },
+            Body::Direct {
+                to: client,
+                payload: Payload::Binary(vec![9; 300]),
+            },
             Body::Ping,
             Body::Pong { of: id },
             Body::ListClients,
-            Body::ClientList { of: id, clients: vec![info.clone(), info], truncated: true },
+            Body::ClientList {
+                of: id,
+                clients: vec![info.clone(), info],
+                truncated: true,
+            },
             Body::Ack { of: id },
-            Body::Error { of: Some(id), code: error_code::UNKNOWN_CLIENT, message: "x".into() },
-            Body::Goodbye { reason: "bye".into(), reconnect: true },
+            Body::Error {
+                of: Some(id),
+                code: error_code::UNKNOWN_CLIENT,
+                message: "x".into(),
+            },
+            Body::Goodbye {
+                reason: "bye".into(),
+                reconnect: true,
+            },
             Body::StatsRequest,
-            Body::Stats { of: id, stats: NodeStats { node_id: node, messages_in: 7, ..Default::default() } },
+            Body::Stats {
+                of: id,
+                stats: NodeStats {
+                    node_id: node,
+                    messages_in: 7,
+                    ..Default::default()
+                },
+            },
         ];
-        assert_eq!(bodies.len() as u32, BODY_VARIANTS, "every frame type is sampled");
+        assert_eq!(
+            bodies.len() as u32,
+            BODY_VARIANTS,
+            "every frame type is sampled"
+        );
         bodies
             .into_iter()
             .enumerate()
@@ -257,11 +287,17 @@ mod tests {
         let prefix = u32::MAX.to_be_bytes();
         assert_eq!(
             decode(&prefix, DEFAULT_MAX_FRAME_BYTES),
-            Err(CodecError::FrameTooLarge { len: u32::MAX as usize, max: DEFAULT_MAX_FRAME_BYTES })
+            Err(CodecError::FrameTooLarge {
+                len: u32::MAX as usize,
+                max: DEFAULT_MAX_FRAME_BYTES
+            })
         );
         // The configured maximum is clamped to the hard maximum.
         assert!(matches!(
-            decode_length(((HARD_MAX_FRAME_BYTES + 1) as u32).to_be_bytes(), usize::MAX),
+            decode_length(
+                ((HARD_MAX_FRAME_BYTES + 1) as u32).to_be_bytes(),
+                usize::MAX
+            ),
             Err(CodecError::FrameTooLarge { .. })
         ));
     }
@@ -269,13 +305,21 @@ mod tests {
     #[test]
     fn huge_claimed_string_length_is_an_error_not_an_abort() {
         // A Text frame whose string claims 2^40 bytes.
-        let mut frame = encode(&Frame::new(Priority::Normal, Body::Text { text: String::new() }))
-            .unwrap()
-            .to_vec();
+        let mut frame = encode(&Frame::new(
+            Priority::Normal,
+            Body::Text {
+                text: String::new(),
+            },
+        ))
+        .unwrap()
+        .to_vec();
         let len_at = frame.len() - 8;
         frame[len_at..].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let err = decode_frame(&frame[LENGTH_PREFIX_BYTES..]).unwrap_err();
-        assert!(matches!(err, CodecError::Malformed { id: Some(_), .. }), "{err:?}");
+        assert!(
+            matches!(err, CodecError::Malformed { id: Some(_), .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -305,7 +349,10 @@ mod tests {
         bytes[at..].copy_from_slice(&99u32.to_le_bytes());
         assert_eq!(
             decode_frame(&bytes[LENGTH_PREFIX_BYTES..]),
-            Err(CodecError::UnknownFrameType { tag: 99, id: Some(frame.id) })
+            Err(CodecError::UnknownFrameType {
+                tag: 99,
+                id: Some(frame.id)
+            })
         );
     }
 
@@ -314,6 +361,9 @@ mod tests {
         let frame = Frame::new(Priority::High, Body::Ping);
         let mut payload = encode(&frame).unwrap()[LENGTH_PREFIX_BYTES..].to_vec();
         payload.push(0);
-        assert!(matches!(decode_frame(&payload), Err(CodecError::Malformed { .. })));
+        assert!(matches!(
+            decode_frame(&payload),
+            Err(CodecError::Malformed { .. })
+        ));
     }
 }

@@ -59,11 +59,14 @@ uuid_newtype!(
 
 /// Delivery priority. Each priority has its own QUIC stream per direction,
 /// so a large low-priority message never holds back a high-priority one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub enum Priority {
     /// Bulk traffic; sent when nothing else is waiting.
     Low,
     /// The default.
+    #[default]
     Normal,
     /// Control traffic and urgent messages; sent first.
     High,
@@ -76,12 +79,6 @@ impl Priority {
     /// Position in [`Priority::ALL`] (equal to the wire index).
     pub fn index(self) -> usize {
         self as usize
-    }
-}
-
-impl Default for Priority {
-    fn default() -> Self {
-        Priority::Normal
     }
 }
 
@@ -103,7 +100,9 @@ impl std::str::FromStr for Priority {
             "low" => Ok(Priority::Low),
             "normal" => Ok(Priority::Normal),
             "high" => Ok(Priority::High),
-            other => Err(format!("unknown priority {other:?} (expected low, normal or high)")),
+            other => Err(format!(
+                "unknown priority {other:?} (expected low, normal or high)"
+            )),
         }
     }
 }

@@ -123,15 +123,25 @@ impl RawClient {
         Self::connect_with(node, |_| {}).await
     }
 
-    pub async fn connect_with(node: &TestNode, tweak: impl FnOnce(&mut quinn::TransportConfig)) -> RawClient {
-        let crypto = quic_fabric::tls::client_crypto(&quic_fabric::tls::ServerTrust::CaFile(node.ca.clone())).unwrap();
+    pub async fn connect_with(
+        node: &TestNode,
+        tweak: impl FnOnce(&mut quinn::TransportConfig),
+    ) -> RawClient {
+        let crypto = quic_fabric::tls::client_crypto(&quic_fabric::tls::ServerTrust::CaFile(
+            node.ca.clone(),
+        ))
+        .unwrap();
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         tweak(&mut transport);
         config.transport_config(Arc::new(transport));
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
-        let conn = endpoint.connect(node.addr, "localhost").unwrap().await.unwrap();
+        let conn = endpoint
+            .connect(node.addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
         RawClient { endpoint, conn }
     }
 
@@ -146,17 +156,28 @@ impl RawClient {
     pub async fn handshake(&self, name: &str) -> (quinn::SendStream, quinn::RecvStream, Frame) {
         let hello = Frame::new(
             Priority::High,
-            Body::Handshake(Handshake { min_version: 1, max_version: 1, name: name.into(), token: None }),
+            Body::Handshake(Handshake {
+                min_version: 1,
+                max_version: 1,
+                name: name.into(),
+                token: None,
+            }),
         );
         let send = self.send_raw(&protocol::encode(&hello).unwrap()).await;
-        let mut recv = tokio::time::timeout(WAIT, self.conn.accept_uni()).await.unwrap().unwrap();
+        let mut recv = tokio::time::timeout(WAIT, self.conn.accept_uni())
+            .await
+            .unwrap()
+            .unwrap();
         let ack = read_frame(&mut recv).await.expect("handshake reply");
         (send, recv, ack)
     }
 
     /// Waits for the connection to close and returns its application close code.
     pub async fn closed_code(&self) -> Option<u64> {
-        match tokio::time::timeout(WAIT, self.conn.closed()).await.expect("connection closes in time") {
+        match tokio::time::timeout(WAIT, self.conn.closed())
+            .await
+            .expect("connection closes in time")
+        {
             quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
             _ => None,
         }
@@ -166,9 +187,15 @@ impl RawClient {
 /// Reads one frame from a node stream; `None` at a clean end.
 pub async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Frame> {
     let mut prefix = [0u8; 4];
-    tokio::time::timeout(WAIT, recv.read_exact(&mut prefix)).await.expect("frame in time").ok()?;
+    tokio::time::timeout(WAIT, recv.read_exact(&mut prefix))
+        .await
+        .expect("frame in time")
+        .ok()?;
     let len = u32::from_be_bytes(prefix) as usize;
     let mut payload = vec![0u8; len];
-    tokio::time::timeout(WAIT, recv.read_exact(&mut payload)).await.expect("frame in time").ok()?;
+    tokio::time::timeout(WAIT, recv.read_exact(&mut payload))
+        .await
+        .expect("frame in time")
+        .ok()?;
     Some(protocol::decode_frame(&payload).expect("node sends valid frames"))
 }

@@ -1,0 +1,258 @@
+//! The `fabric` and `fabric-node` binaries, run as a user would.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{TestNode, WAIT, next_matching};
+use quic_fabric::protocol::{Body, ClientId, Payload, Priority};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+fn fabric(node: &TestNode) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabric"));
+    cmd.arg("--server")
+        .arg(node.addr.to_string())
+        .arg("--ca")
+        .arg(&node.ca)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn output(mut cmd: Command) -> std::process::Output {
+    tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("command finishes")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn send_exits_zero_once_acknowledged_and_the_target_receives() {
+    let node = TestNode::start().await;
+    let mut bob = node.connect("bob").await;
+    let mut cmd = fabric(&node);
+    cmd.args([
+        "--name",
+        "cli",
+        "send",
+        "--to",
+        &bob.client_id().to_string(),
+        "hello bob",
+    ]);
+    let out = output(cmd).await;
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["type"], "ack");
+    let got = next_matching(&mut bob, |f| matches!(f.body, Body::Direct { .. })).await;
+    assert_eq!(
+        got.body,
+        Body::Direct {
+            to: bob.client_id(),
+            payload: Payload::Text("hello bob".into())
+        }
+    );
+    assert_eq!(got.sender.unwrap().name, "cli");
+}
+
+#[tokio::test]
+async fn send_to_an_unknown_client_fails_with_one_clear_line() {
+    let node = TestNode::start().await;
+    let mut cmd = fabric(&node);
+    cmd.args([
+        "send",
+        "--to",
+        &ClientId::new_random().to_string(),
+        "anyone?",
+    ]);
+    let out = output(cmd).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no client with id"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_missing_ca_file_is_a_clear_error() {
+    let node = TestNode::start().await;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabric"));
+    cmd.args([
+        "--server",
+        &node.addr.to_string(),
+        "--ca",
+        "/nonexistent/ca.pem",
+        "list",
+    ]);
+    let out = output(cmd).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ca.pem"));
+}
+
+#[tokio::test]
+async fn listen_prints_connected_then_one_json_object_per_frame() {
+    let node = TestNode::start().await;
+    let mut cmd = fabric(&node);
+    cmd.args(["listen", "--count", "1"]).stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let connected: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(connected["type"], "connected");
+    let listener_id: ClientId = connected["client_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(connected["node_id"], node.shared.node_id.to_string());
+
+    let alice = node.connect("alice").await;
+    alice
+        .direct(
+            listener_id,
+            Payload::Text("for the script".into()),
+            Priority::Low,
+        )
+        .await
+        .unwrap();
+    let second = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let frame: serde_json::Value = serde_json::from_str(&second).unwrap();
+    assert_eq!(frame["type"], "direct");
+    assert_eq!(frame["text"], "for the script");
+    assert_eq!(frame["priority"], "low");
+    assert_eq!(frame["from"]["name"], "alice");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "listen --count 1 exits 0 after one frame");
+}
+
+#[tokio::test]
+async fn list_and_stats_print_json() {
+    let node = TestNode::start().await;
+    let _alice = node.connect("alice").await;
+    let mut cmd = fabric(&node);
+    cmd.arg("list");
+    let out = output(cmd).await;
+    assert!(out.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"alice") && names.contains(&"fabric-cli"),
+        "{names:?}"
+    );
+
+    let mut cmd = fabric(&node);
+    cmd.arg("stats");
+    let out = output(cmd).await;
+    assert!(out.status.success());
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["node_id"], node.shared.node_id.to_string());
+    assert!(stats["clients_connected"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test]
+async fn chat_broadcasts_typed_lines_and_quits() {
+    let node = TestNode::start().await;
+    let mut bob = node.connect("bob").await;
+    let mut cmd = fabric(&node);
+    cmd.args(["--name", "typist", "chat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"hello from chat\n/ping\n/list\n")
+        .await
+        .unwrap();
+    let got = next_matching(&mut bob, |f| matches!(f.body, Body::Broadcast { .. })).await;
+    assert_eq!(
+        got.body,
+        Body::Broadcast {
+            payload: Payload::Text("hello from chat".into())
+        }
+    );
+    assert_eq!(got.sender.unwrap().name, "typist");
+    // Incoming messages are shown with the sender's name.
+    bob.broadcast(Payload::Text("hi typist".into()), Priority::Normal)
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("[bob] hi typist") {
+                return;
+            }
+        }
+        panic!("chat output ended without bob's message");
+    })
+    .await
+    .expect("bob's message shown");
+    stdin.write_all(b"/quit\n").await.unwrap();
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn fabric_node_generates_certs_serves_and_stops_on_sigterm() {
+    let certs = tempfile::tempdir().unwrap();
+    let port = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
+        .args(["--listen", &addr, "--certs"])
+        .arg(certs.path())
+        .args(["--name", "proc-node", "--shutdown-grace", "1s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let config = quic_fabric::client::ClientConfig::new(addr.clone(), certs.path().join("ca.pem"));
+    let client = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(c) = quic_fabric::client::Client::connect(&config).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("node comes up");
+    assert_eq!(client.handshake().server_name, "proc-node");
+    for file in ["ca.pem", "server.pem", "server.key", "ca.key"] {
+        assert!(certs.path().join(file).exists(), "{file} generated");
+    }
+    let pid = node.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(WAIT, node.wait())
+        .await
+        .expect("node exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "graceful exit: {status:?}");
+}
