@@ -15,7 +15,9 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::protocol::{ClientId, ClientInfo, Priority, Sender, close_code};
+use crate::protocol::{
+    self, Body, ClientId, ClientInfo, ErrorCode, Frame, MessageId, Priority, Sender, close_code,
+};
 use crate::stats::{self, Stats};
 
 /// Why a frame could not be queued for a client.
@@ -131,6 +133,36 @@ impl ClientHandle {
                 format!("slow consumer: {why}").as_bytes(),
             );
         }
+    }
+
+    /// Queues a node-originated reply (fresh id, current time). A failure
+    /// means the client itself is slow or gone, which is handled there.
+    pub fn reply(&self, priority: Priority, body: Body) {
+        match protocol::encode(&Frame::new(priority, body)) {
+            Ok(bytes) => {
+                let _ = self.enqueue(priority, bytes);
+            }
+            Err(err) => tracing::error!(%err, "cannot encode reply"),
+        }
+    }
+
+    /// Acknowledges message `of`.
+    pub fn ack(&self, priority: Priority, of: MessageId) {
+        self.reply(priority, Body::Ack { of });
+    }
+
+    /// Sends an Error frame about `of` (when known).
+    pub fn error(
+        &self,
+        priority: Priority,
+        of: Option<MessageId>,
+        code: ErrorCode,
+        message: impl ToString,
+    ) {
+        stats::add(&self.stats.errors, 1);
+        let message = message.to_string();
+        tracing::debug!(client_id = %self.id(), code = code.0, %message, "error to client");
+        self.reply(priority, Body::Error { of, code, message });
     }
 
     /// Whether the client was disconnected as a slow consumer.

@@ -87,6 +87,30 @@ pub struct NodeConfig {
     /// On shutdown, how long clients get to receive their queued messages.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Redis URL (`redis://`, `rediss://`, with optional `user:password@`);
+    /// unset runs a single node with the in-memory bus.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel this cluster uses.
+    pub redis_prefix: String,
+    /// Time to establish a Redis connection.
+    #[serde(with = "humantime_serde")]
+    pub redis_connect_timeout: Duration,
+    /// Time to wait for a Redis reply.
+    #[serde(with = "humantime_serde")]
+    pub redis_response_timeout: Duration,
+    /// A node that stops refreshing its heartbeat for this long is dead: its
+    /// clients leave presence and nothing is routed to it.
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Duration,
+    /// How often a node refreshes its heartbeat (well below `node_ttl`).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long a cross-node direct message waits for the target node's
+    /// delivery receipt before the sender gets CLUSTER_UNAVAILABLE.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// Cluster operations queued for Redis before new ones fail fast.
+    pub bus_queue_len: usize,
 }
 
 impl Default for NodeConfig {
@@ -113,6 +137,14 @@ impl Default for NodeConfig {
             max_queued_bytes: 16 * 1024 * 1024,
             max_list_clients: 10_000,
             shutdown_grace: Duration::from_secs(5),
+            redis_url: None,
+            redis_prefix: "fabric".into(),
+            redis_connect_timeout: Duration::from_secs(1),
+            redis_response_timeout: Duration::from_secs(1),
+            node_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            delivery_timeout: Duration::from_secs(5),
+            bus_queue_len: 65_536,
         }
     }
 }
@@ -168,6 +200,21 @@ impl NodeConfig {
         }
         if self.cert.is_some() != self.key.is_some() {
             return invalid("--cert and --key go together".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.node_ttl {
+            return invalid(format!(
+                "heartbeat_interval ({:?}) must be above zero and at most half of node_ttl ({:?})",
+                self.heartbeat_interval, self.node_ttl
+            ));
+        }
+        if self.node_ttl < Duration::from_millis(100) {
+            return invalid("node_ttl must be at least 100ms".into());
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+            return invalid("redis_prefix must be non-empty without spaces".into());
+        }
+        if self.bus_queue_len == 0 || self.delivery_timeout.is_zero() {
+            return invalid("bus_queue_len and delivery_timeout must be above zero".into());
         }
         if self.name.is_empty() {
             return invalid("name must not be empty".into());
@@ -246,6 +293,30 @@ pub struct NodeArgs {
     /// Grace period for delivering queued messages at shutdown [default: 5s].
     #[arg(long, env = "FABRIC_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// Redis URL for clustering, e.g. redis://127.0.0.1:6379 [default: none, single node].
+    #[arg(long = "redis", env = "FABRIC_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of Redis keys and channels [default: fabric].
+    #[arg(long, env = "FABRIC_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Redis connection timeout [default: 1s].
+    #[arg(long, env = "FABRIC_REDIS_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub redis_connect_timeout: Option<Duration>,
+    /// Redis response timeout [default: 1s].
+    #[arg(long, env = "FABRIC_REDIS_RESPONSE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub redis_response_timeout: Option<Duration>,
+    /// Heartbeat TTL: a silent node is dead after this [default: 10s].
+    #[arg(long, env = "FABRIC_NODE_TTL", value_parser = humantime::parse_duration)]
+    pub node_ttl: Option<Duration>,
+    /// Heartbeat refresh interval [default: 2s].
+    #[arg(long, env = "FABRIC_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Wait for a cross-node delivery receipt [default: 5s].
+    #[arg(long, env = "FABRIC_DELIVERY_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub delivery_timeout: Option<Duration>,
+    /// Cluster operations queued for Redis [default: 65536].
+    #[arg(long, env = "FABRIC_BUS_QUEUE_LEN")]
+    pub bus_queue_len: Option<usize>,
 }
 
 impl NodeArgs {
@@ -280,7 +351,17 @@ impl NodeArgs {
             max_queued_bytes,
             max_list_clients,
             shutdown_grace,
+            redis_prefix,
+            redis_connect_timeout,
+            redis_response_timeout,
+            node_ttl,
+            heartbeat_interval,
+            delivery_timeout,
+            bus_queue_len,
         );
+        if self.redis_url.is_some() {
+            config.redis_url = self.redis_url;
+        }
         if self.node_id.is_some() {
             config.node_id = self.node_id;
         }

@@ -245,6 +245,7 @@ async fn run(
         .await);
     }
     stats::add(&shared.stats.connections_total, 1);
+    shared.router.client_joined(&handle.info);
     info!(name = %handle.info.name, version, "client connected");
 
     // The HandshakeAck is the first thing on the node's first stream (the
@@ -272,6 +273,7 @@ async fn run(
     .await;
     let Some(high) = high else {
         shared.clients.unregister(client_id);
+        shared.router.client_left(client_id);
         return Err((close_code::INTERNAL, "cannot send handshake ack".into()));
     };
     let mut writers = spawn_writers(conn, queues, high);
@@ -305,6 +307,7 @@ async fn run(
     readers.abort_all();
     while readers.join_next().await.is_some() {}
     shared.clients.unregister(client_id);
+    shared.router.client_left(client_id);
 
     let grace = if end.0 == close_code::SHUTDOWN {
         let goodbye = Frame::new(
@@ -439,7 +442,7 @@ async fn read_stream(
             Ok(Inbound::Frame(frame, size)) => {
                 stats::add(&shared.stats.messages_in, 1);
                 stats::add(&shared.stats.bytes_in, size as u64);
-                if handler.handle(&client, frame) == Next::Close {
+                if handler.handle(&client, frame).await == Next::Close {
                     let _ = close
                         .send((close_code::NORMAL, "client said goodbye".into()))
                         .await;

@@ -1,48 +1,418 @@
-//! Message router: decides where a message goes and hands it to the right
-//! outbound queues. It knows nothing of streams or frames' meaning.
+//! Message router: decides where a message goes. Local recipients get it
+//! straight into their queues; recipients on other nodes get it through the
+//! cluster bus. It also answers the sender (Ack or Error) once the outcome
+//! is known, and handles what other nodes send this one.
+//!
+//! A direct message to a client of another node is acknowledged only when
+//! that node's delivery receipt comes back, so an Ack means the same thing
+//! everywhere: queued for the recipient.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
-use crate::client_manager::{ClientManager, EnqueueError};
-use crate::protocol::{ClientId, Priority};
+use crate::bus::{Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, Target};
+use crate::client_manager::{ClientHandle, ClientManager, EnqueueError};
+use crate::protocol::{ClientId, ClientInfo, MessageId, NodeId, Priority, error_code};
 
-/// Why a direct message could not be delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
-    /// No client with that id is connected.
-    #[error("no client with id {0} is connected")]
-    UnknownClient(ClientId),
-    /// The recipient is being disconnected as a slow consumer.
-    #[error("client {0} is not reading fast enough and is being disconnected")]
-    RecipientSlow(ClientId),
+/// Most client→node lookups kept; the cache is cleared when it fills.
+const LOCATE_CACHE_MAX: usize = 100_000;
+
+struct PendingDelivery {
+    to: ClientId,
+    node: NodeId,
+    priority: Priority,
+    deadline: Instant,
 }
 
-/// Delivers encoded frames to clients.
-#[derive(Debug, Clone)]
+/// Delivers messages to local clients and, through the bus, to other nodes.
 pub struct Router {
+    node_id: NodeId,
     clients: Arc<ClientManager>,
+    bus: Bus,
+    pending: Mutex<HashMap<(ClientId, MessageId), PendingDelivery>>,
+    located: Mutex<HashMap<ClientId, NodeId>>,
+    delivery_timeout: Duration,
+    max_pending: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Router {
-    /// A router over the given registry.
-    pub fn new(clients: Arc<ClientManager>) -> Self {
-        Router { clients }
-    }
-
-    /// Delivers `frame` to every client but `from`; returns how many took it.
-    pub fn broadcast(&self, from: ClientId, priority: Priority, frame: &Bytes) -> usize {
-        self.clients.broadcast(Some(from), priority, frame)
-    }
-
-    /// Delivers `frame` to client `to`.
-    pub fn direct(&self, to: ClientId, priority: Priority, frame: Bytes) -> Result<(), RouteError> {
-        let client = self.clients.get(to).ok_or(RouteError::UnknownClient(to))?;
-        match client.enqueue(priority, frame) {
-            Ok(()) => Ok(()),
-            Err(EnqueueError::SlowConsumer) => Err(RouteError::RecipientSlow(to)),
-            Err(EnqueueError::Closed) => Err(RouteError::UnknownClient(to)),
+    /// A router for node `node_id` over its local registry and bus.
+    pub fn new(
+        node_id: NodeId,
+        clients: Arc<ClientManager>,
+        bus: Bus,
+        delivery_timeout: Duration,
+        max_pending: usize,
+    ) -> Self {
+        Router {
+            node_id,
+            clients,
+            bus,
+            pending: Mutex::new(HashMap::new()),
+            located: Mutex::new(HashMap::new()),
+            delivery_timeout,
+            max_pending,
         }
+    }
+
+    /// The bus this router uses.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// Starts the bus and the tasks that process other nodes' messages and
+    /// expire unanswered deliveries.
+    pub fn start(
+        self: &Arc<Self>,
+        mut inbox: mpsc::Receiver<BusMessage>,
+        cancel: CancellationToken,
+    ) {
+        if let Bus::Redis(redis) = &self.bus {
+            redis.start();
+        }
+        let router = self.clone();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = inbox.recv() => match message {
+                        Some(message) => router.handle_bus_message(message),
+                        None => return,
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+        let router = self.clone();
+        tokio::spawn(async move {
+            let period = (router.delivery_timeout / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => router.expire_deliveries(),
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Leaves the cluster (removes this node's presence).
+    pub async fn leave(&self) {
+        self.bus.leave().await;
+    }
+
+    /// Records a newly connected local client in cluster presence.
+    pub fn client_joined(&self, info: &ClientInfo) {
+        self.bus.client_joined(info);
+    }
+
+    /// Records that a local client left.
+    pub fn client_left(&self, id: ClientId) {
+        self.bus.client_left(id);
+    }
+
+    /// Delivers a broadcast from `from` to every other client of the
+    /// cluster and answers the sender. When other nodes cannot be reached
+    /// the local clients still get it and the sender gets
+    /// CLUSTER_UNAVAILABLE instead of an Ack.
+    pub fn broadcast(
+        &self,
+        from: &Arc<ClientHandle>,
+        id: MessageId,
+        priority: Priority,
+        frame: Bytes,
+    ) {
+        let local = self.clients.broadcast(Some(from.id()), priority, &frame);
+        if !self.bus.clustered() {
+            from.ack(priority, id);
+            return;
+        }
+        if !self.bus.available() {
+            from.error(
+                priority,
+                Some(id),
+                error_code::CLUSTER_UNAVAILABLE,
+                format!(
+                    "delivered to {local} clients on this node only: the cluster bus is unavailable"
+                ),
+            );
+            return;
+        }
+        let sender = from.clone();
+        let message = BusMessage::Broadcast {
+            origin: self.node_id,
+            priority,
+            frame,
+        };
+        self.bus.publish(
+            Target::AllNodes,
+            message,
+            Some(Box::new(move |result| match result {
+                Ok(_) => sender.ack(priority, id),
+                Err(err) => sender.error(
+                    priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    format!("delivered to {local} clients on this node only: {err}"),
+                ),
+            })),
+        );
+    }
+
+    /// Delivers a direct message from `from` to `to`, wherever it is, and
+    /// answers the sender (now, or when the target node's receipt arrives).
+    pub async fn direct(
+        self: &Arc<Self>,
+        from: &Arc<ClientHandle>,
+        id: MessageId,
+        to: ClientId,
+        priority: Priority,
+        frame: Bytes,
+    ) {
+        if let Some(target) = self.clients.get(to) {
+            match target.enqueue(priority, frame) {
+                Ok(()) => from.ack(priority, id),
+                Err(err) => self.reply_outcome(from, priority, id, to, outcome_of(err)),
+            }
+            return;
+        }
+        if !self.bus.clustered() {
+            return self.reply_outcome(from, priority, id, to, DeliveryOutcome::UnknownClient);
+        }
+        if !self.bus.available() {
+            return from.error(
+                priority,
+                Some(id),
+                error_code::CLUSTER_UNAVAILABLE,
+                format!("client {to} is not on this node and the cluster bus is unavailable"),
+            );
+        }
+        let node = match self.locate(to).await {
+            Ok(Some(node)) if node != self.node_id => node,
+            Ok(_) => {
+                return self.reply_outcome(from, priority, id, to, DeliveryOutcome::UnknownClient);
+            }
+            Err(err) => {
+                return from.error(priority, Some(id), error_code::CLUSTER_UNAVAILABLE, err);
+            }
+        };
+        {
+            let mut pending = lock(&self.pending);
+            if pending.len() >= self.max_pending {
+                drop(pending);
+                return from.error(
+                    priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    "too many cross-node messages awaiting delivery; retry later",
+                );
+            }
+            if pending.contains_key(&(from.id(), id)) {
+                drop(pending);
+                return from.error(
+                    priority,
+                    Some(id),
+                    error_code::INVALID_FIELD,
+                    "a message with this id is already awaiting delivery",
+                );
+            }
+            pending.insert(
+                (from.id(), id),
+                PendingDelivery {
+                    to,
+                    node,
+                    priority,
+                    deadline: Instant::now() + self.delivery_timeout,
+                },
+            );
+        }
+        let message = BusMessage::Direct {
+            origin: self.node_id,
+            message_id: id,
+            sender: from.id(),
+            to,
+            priority,
+            frame,
+        };
+        let router = self.clone();
+        let sender = from.clone();
+        self.bus.publish(
+            Target::Node(node),
+            message,
+            Some(Box::new(move |result| {
+                let failure = match result {
+                    Ok(0) => {
+                        // Nobody listens on that node's channel: it is gone.
+                        lock(&router.located).remove(&to);
+                        Some((
+                            error_code::UNKNOWN_CLIENT,
+                            format!("no client with id {to} is connected"),
+                        ))
+                    }
+                    Ok(_) => None,
+                    Err(err) => Some((error_code::CLUSTER_UNAVAILABLE, err.to_string())),
+                };
+                if let Some((code, message)) = failure
+                    && lock(&router.pending).remove(&(sender.id(), id)).is_some()
+                {
+                    sender.error(priority, Some(id), code, message);
+                }
+            })),
+        );
+    }
+
+    async fn locate(&self, to: ClientId) -> Result<Option<NodeId>, BusError> {
+        if let Some(node) = lock(&self.located).get(&to) {
+            return Ok(Some(*node));
+        }
+        let node = self.bus.locate(to).await?;
+        if let Some(node) = node {
+            let mut located = lock(&self.located);
+            if located.len() >= LOCATE_CACHE_MAX {
+                located.clear();
+            }
+            located.insert(to, node);
+        }
+        Ok(node)
+    }
+
+    fn reply_outcome(
+        &self,
+        from: &ClientHandle,
+        priority: Priority,
+        id: MessageId,
+        to: ClientId,
+        outcome: DeliveryOutcome,
+    ) {
+        match outcome {
+            DeliveryOutcome::Delivered => from.ack(priority, id),
+            DeliveryOutcome::UnknownClient => from.error(
+                priority,
+                Some(id),
+                error_code::UNKNOWN_CLIENT,
+                format!("no client with id {to} is connected"),
+            ),
+            DeliveryOutcome::RecipientSlow => from.error(
+                priority,
+                Some(id),
+                error_code::RECIPIENT_SLOW,
+                format!("client {to} is not reading fast enough and is being disconnected"),
+            ),
+        }
+    }
+
+    /// Clients of the whole cluster (or of this node when it runs alone).
+    pub async fn list(&self, limit: usize) -> Result<(Vec<ClientInfo>, bool), BusError> {
+        if !self.bus.clustered() {
+            return Ok(self.clients.list(limit));
+        }
+        if !self.bus.available() {
+            return Err(BusError::Unavailable("Redis is unreachable".into()));
+        }
+        self.bus.list_clients(limit).await
+    }
+
+    /// Handles one message from another node.
+    pub fn handle_bus_message(&self, message: BusMessage) {
+        match message {
+            BusMessage::Broadcast {
+                origin,
+                priority,
+                frame,
+            } => {
+                if origin != self.node_id {
+                    self.clients.broadcast(None, priority, &frame);
+                }
+            }
+            BusMessage::Direct {
+                origin,
+                message_id,
+                sender,
+                to,
+                priority,
+                frame,
+            } => {
+                let outcome = match self.clients.get(to) {
+                    Some(target) => match target.enqueue(priority, frame) {
+                        Ok(()) => DeliveryOutcome::Delivered,
+                        Err(err) => outcome_of(err),
+                    },
+                    None => DeliveryOutcome::UnknownClient,
+                };
+                let receipt = BusMessage::Receipt {
+                    message_id,
+                    sender,
+                    to,
+                    outcome,
+                };
+                self.bus.publish(Target::Node(origin), receipt, None);
+            }
+            BusMessage::Receipt {
+                message_id,
+                sender,
+                to,
+                outcome,
+            } => {
+                let Some(pending) = lock(&self.pending).remove(&(sender, message_id)) else {
+                    debug!(%message_id, "receipt for an expired or unknown delivery");
+                    return;
+                };
+                if outcome == DeliveryOutcome::UnknownClient {
+                    lock(&self.located).remove(&to);
+                }
+                if let Some(from) = self.clients.get(sender) {
+                    self.reply_outcome(&from, pending.priority, message_id, to, outcome);
+                }
+            }
+        }
+    }
+
+    /// Fails deliveries whose receipt did not come in time.
+    fn expire_deliveries(&self) {
+        let now = Instant::now();
+        let expired: Vec<_> = {
+            let mut pending = lock(&self.pending);
+            let keys: Vec<_> = pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| pending.remove(&k).map(|p| (k, p)))
+                .collect()
+        };
+        for ((sender, id), p) in expired {
+            warn!(%id, node = %p.node, "no delivery receipt in time");
+            lock(&self.located).remove(&p.to);
+            if let Some(from) = self.clients.get(sender) {
+                from.error(
+                    p.priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    format!(
+                        "no delivery receipt from node {} within {:?}; the message may not have been delivered",
+                        p.node, self.delivery_timeout
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn outcome_of(err: EnqueueError) -> DeliveryOutcome {
+    match err {
+        EnqueueError::SlowConsumer => DeliveryOutcome::RecipientSlow,
+        EnqueueError::Closed => DeliveryOutcome::UnknownClient,
     }
 }

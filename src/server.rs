@@ -13,6 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use tokio::sync::mpsc;
+
+use crate::bus::memory::{MemoryBus, MemoryCluster};
+use crate::bus::redis_bus::{RedisBus, RedisBusConfig};
+use crate::bus::{Bus, BusMessage};
 use crate::client_manager::ClientManager;
 use crate::config::NodeConfig;
 use crate::protocol::{NodeId, close_code};
@@ -37,13 +42,15 @@ pub enum ServerError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The cluster bus could not be set up (for example an invalid Redis URL).
+    #[error("cluster bus: {0}")]
+    Bus(String),
     /// A transport setting is out of range.
     #[error("invalid transport setting: {0}")]
     Transport(String),
 }
 
 /// State shared by every task of a node.
-#[derive(Debug)]
 pub struct Shared {
     /// The configuration the node runs with.
     pub config: NodeConfig,
@@ -51,8 +58,8 @@ pub struct Shared {
     pub node_id: NodeId,
     /// Connected clients.
     pub clients: Arc<ClientManager>,
-    /// Message delivery.
-    pub router: Router,
+    /// Message delivery, local and across the cluster.
+    pub router: Arc<Router>,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -61,14 +68,29 @@ pub struct Shared {
 pub struct Server {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    inbox: mpsc::Receiver<BusMessage>,
+}
+
+/// Which cluster bus a node joins.
+pub enum BusChoice {
+    /// From the config: Redis when `redis_url` is set, else a lone in-memory node.
+    FromConfig,
+    /// A shared in-process cluster (several nodes in one process).
+    Memory(Arc<MemoryCluster>),
 }
 
 /// UDP socket buffer size asked for; the kernel caps it at its `rmem_max`/`wmem_max`.
 const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 impl Server {
-    /// Loads or generates certificates and binds the UDP socket.
+    /// Loads or generates certificates and binds the UDP socket. Joins the
+    /// Redis cluster when `redis_url` is set, else runs alone.
     pub fn bind(config: NodeConfig) -> Result<Self, ServerError> {
+        Self::bind_with(config, BusChoice::FromConfig)
+    }
+
+    /// Like [`Server::bind`], choosing the cluster bus explicitly.
+    pub fn bind_with(config: NodeConfig, bus: BusChoice) -> Result<Self, ServerError> {
         config.validate()?;
         let (certs, key) = match (&config.cert, &config.key) {
             (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?),
@@ -101,14 +123,50 @@ impl Server {
 
         let node_id = config.node_id.unwrap_or_else(NodeId::new_random);
         let clients = Arc::new(ClientManager::new(config.max_clients));
+        let (inbox_tx, inbox) = mpsc::channel(config.bus_queue_len);
+        let bus = match (bus, &config.redis_url) {
+            (BusChoice::Memory(cluster), _) => {
+                Bus::Memory(MemoryBus::join(cluster, node_id, inbox_tx))
+            }
+            (BusChoice::FromConfig, None) => Bus::Memory(MemoryBus::single(node_id, inbox_tx)),
+            (BusChoice::FromConfig, Some(url)) => Bus::Redis(
+                RedisBus::new(
+                    RedisBusConfig {
+                        url: url.clone(),
+                        prefix: config.redis_prefix.clone(),
+                        node_id,
+                        node_name: config.name.clone(),
+                        connect_timeout: config.redis_connect_timeout,
+                        response_timeout: config.redis_response_timeout,
+                        node_ttl: config.node_ttl,
+                        heartbeat_interval: config.heartbeat_interval,
+                        queue_len: config.bus_queue_len,
+                    },
+                    clients.clone(),
+                    inbox_tx,
+                )
+                .map_err(|e| ServerError::Bus(e.to_string()))?,
+            ),
+        };
+        let router = Router::new(
+            node_id,
+            clients.clone(),
+            bus,
+            config.delivery_timeout,
+            config.bus_queue_len,
+        );
         let shared = Arc::new(Shared {
             node_id,
-            router: Router::new(clients.clone()),
+            router: Arc::new(router),
             clients,
             stats: Arc::new(Stats::default()),
             config,
         });
-        Ok(Server { endpoint, shared })
+        Ok(Server {
+            endpoint,
+            shared,
+            inbox,
+        })
     }
 
     /// The address the node actually listens on (useful with port 0).
@@ -130,8 +188,14 @@ impl Server {
 
     /// Serves clients until `shutdown` completes, then shuts down gracefully.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { endpoint, shared } = self;
+        let Server {
+            endpoint,
+            shared,
+            inbox,
+        } = self;
         let cancel = CancellationToken::new();
+        let bus_cancel = CancellationToken::new();
+        shared.router.start(inbox, bus_cancel.clone());
         let tracker = TaskTracker::new();
         let admit_limit = shared.config.max_clients + shared.config.max_pending_handshakes;
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -160,6 +224,10 @@ impl Server {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!("connections still open after the grace period; closing them");
         }
+        // Connections are gone (their presence removals are queued); now
+        // leave the cluster so nothing more is routed here.
+        shared.router.leave().await;
+        bus_cancel.cancel();
         endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         info!("node stopped");

@@ -120,6 +120,28 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, CodecErr
     decode_frame(payload).map(|frame| Some((frame, LENGTH_PREFIX_BYTES + len)))
 }
 
+/// Encodes any value with the wire settings (used for cluster bus
+/// messages and Redis values, so they share the protocol's encoding).
+pub fn encode_value<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, wire_config())
+        .map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Decodes a value written by [`encode_value`]; the whole slice must be used.
+pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    match bincode::serde::decode_from_slice::<T, _>(bytes, wire_config()) {
+        Ok((value, used)) if used == bytes.len() => Ok(value),
+        Ok((_, used)) => Err(CodecError::Malformed {
+            reason: format!("{} trailing bytes", bytes.len() - used),
+            id: None,
+        }),
+        Err(err) => Err(CodecError::Malformed {
+            reason: err.to_string(),
+            id: None,
+        }),
+    }
+}
+
 /// Reads just the message id from the start of a payload, if it is long enough.
 pub fn peek_message_id(payload: &[u8]) -> Option<MessageId> {
     let bytes: [u8; 16] = payload.get(..16)?.try_into().ok()?;

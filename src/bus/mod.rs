@@ -1,0 +1,197 @@
+//! The cluster bus: "the rest of the cluster" as seen by one node. It
+//! carries presence (which client is on which node), node liveness, and
+//! cross-node delivery (broadcast to every node, direct to one node).
+//!
+//! Two engines implement [`ClusterBus`]: [`memory`] (the default; one node,
+//! or several nodes inside one process) and [`redis_bus`] (nodes sharing a
+//! Redis). The router talks to a [`Bus`], which dispatches to either, so it
+//! never knows which one it has. Messages from other nodes arrive on the
+//! inbox channel handed to the engine at construction.
+
+pub mod memory;
+pub mod redis_bus;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{ClientId, ClientInfo, MessageId, NodeId, Priority};
+
+/// Why a cluster operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    /// The shared store is unreachable or answered with an error.
+    #[error("cluster bus unavailable: {0}")]
+    Unavailable(String),
+    /// Too many operations are waiting for the store.
+    #[error("cluster bus backlog full")]
+    Backlog,
+}
+
+/// What one node sends another through the bus. Encoded with the protocol's
+/// codec settings (bincode legacy) when it crosses Redis; see CLUSTER.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BusMessage {
+    /// Tag 0: A client broadcast, delivered by every node but `origin` to all
+    /// of its clients.
+    Broadcast {
+        /// The node the sender is on (it delivered locally already).
+        origin: NodeId,
+        /// Delivery priority.
+        priority: Priority,
+        /// The stamped frame, length prefix included, ready to queue.
+        frame: Bytes,
+    },
+    /// Tag 1: A direct message for a client of the receiving node.
+    Direct {
+        /// The sender's node, which waits for the receipt.
+        origin: NodeId,
+        /// The message's id.
+        message_id: MessageId,
+        /// The sending client.
+        sender: ClientId,
+        /// The recipient.
+        to: ClientId,
+        /// Delivery priority.
+        priority: Priority,
+        /// The stamped frame, length prefix included.
+        frame: Bytes,
+    },
+    /// Tag 2: The outcome of a Direct, sent back to its origin node.
+    Receipt {
+        /// The message's id.
+        message_id: MessageId,
+        /// The sending client.
+        sender: ClientId,
+        /// The recipient.
+        to: ClientId,
+        /// What happened.
+        outcome: DeliveryOutcome,
+    },
+}
+
+/// What became of a cross-node direct message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryOutcome {
+    /// Tag 0: Queued for the recipient.
+    Delivered,
+    /// Tag 1: The recipient is not connected to that node.
+    UnknownClient,
+    /// Tag 2: The recipient is being disconnected as a slow consumer.
+    RecipientSlow,
+}
+
+/// Where a bus message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every node (the sender's own node ignores it).
+    AllNodes,
+    /// One node.
+    Node(NodeId),
+}
+
+/// Told how a publish went: `Ok(n)` with the number of nodes that received
+/// it (0: nobody listens there), or the error.
+pub type PublishDone = Box<dyn FnOnce(Result<usize, BusError>) + Send>;
+
+/// One engine of the cluster bus.
+pub trait ClusterBus: Send + Sync {
+    /// Whether the cluster can be reached right now. When false, cross-node
+    /// operations fail fast instead of waiting for timeouts.
+    fn available(&self) -> bool;
+
+    /// Whether other nodes can exist at all (false for a lone in-memory node).
+    fn clustered(&self) -> bool;
+
+    /// Records that a client connected to this node.
+    fn client_joined(&self, info: &ClientInfo);
+
+    /// Records that a client left this node.
+    fn client_left(&self, id: ClientId);
+
+    /// The node client `id` is connected to, if any live node has it.
+    fn locate(&self, id: ClientId)
+    -> impl Future<Output = Result<Option<NodeId>, BusError>> + Send;
+
+    /// Clients of the whole cluster, in connection order, at most `limit`,
+    /// and whether there were more.
+    fn list_clients(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<ClientInfo>, bool), BusError>> + Send;
+
+    /// Live nodes of the cluster.
+    fn live_nodes(&self) -> impl Future<Output = Result<Vec<NodeId>, BusError>> + Send;
+
+    /// Sends `message` to `target`, in order with this node's other
+    /// publishes; `done` (if any) learns the outcome.
+    fn publish(&self, target: Target, message: BusMessage, done: Option<PublishDone>);
+
+    /// Removes this node from the cluster (presence and liveness) and stops
+    /// background work.
+    fn leave(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The bus a node runs with.
+pub enum Bus {
+    /// In-process engine.
+    Memory(memory::MemoryBus),
+    /// Redis engine.
+    Redis(redis_bus::RedisBus),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $bus:ident => $e:expr) => {
+        match $self {
+            Bus::Memory($bus) => $e,
+            Bus::Redis($bus) => $e,
+        }
+    };
+}
+
+impl ClusterBus for Bus {
+    fn available(&self) -> bool {
+        dispatch!(self, b => b.available())
+    }
+
+    fn clustered(&self) -> bool {
+        dispatch!(self, b => b.clustered())
+    }
+
+    fn client_joined(&self, info: &ClientInfo) {
+        dispatch!(self, b => b.client_joined(info))
+    }
+
+    fn client_left(&self, id: ClientId) {
+        dispatch!(self, b => b.client_left(id))
+    }
+
+    async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {
+        dispatch!(self, b => b.locate(id).await)
+    }
+
+    async fn list_clients(&self, limit: usize) -> Result<(Vec<ClientInfo>, bool), BusError> {
+        dispatch!(self, b => b.list_clients(limit).await)
+    }
+
+    async fn live_nodes(&self) -> Result<Vec<NodeId>, BusError> {
+        dispatch!(self, b => b.live_nodes().await)
+    }
+
+    fn publish(&self, target: Target, message: BusMessage, done: Option<PublishDone>) {
+        dispatch!(self, b => b.publish(target, message, done))
+    }
+
+    async fn leave(&self) {
+        dispatch!(self, b => b.leave().await)
+    }
+}
+
+/// Sorts clients by connection time and cuts the list at `limit`.
+pub(crate) fn sort_and_cut(mut clients: Vec<ClientInfo>, limit: usize) -> (Vec<ClientInfo>, bool) {
+    clients.sort_by_key(|c| (c.connected_at_ms, c.client_id));
+    let truncated = clients.len() > limit;
+    clients.truncate(limit);
+    (clients, truncated)
+}
