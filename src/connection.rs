@@ -245,7 +245,9 @@ async fn run(
         .await);
     }
     stats::add(&shared.stats.connections_total, 1);
-    shared.router.client_joined(&handle.info);
+    // Registered cluster-wide before the client learns its id, so any
+    // node can route to the id as soon as the client can hand it out.
+    shared.router.client_joined(&handle.info).await;
     info!(name = %handle.info.name, version, "client connected");
 
     // The HandshakeAck is the first thing on the node's first stream (the

@@ -112,9 +112,10 @@ impl Router {
         self.bus.leave().await;
     }
 
-    /// Records a newly connected local client in cluster presence.
-    pub fn client_joined(&self, info: &ClientInfo) {
-        self.bus.client_joined(info);
+    /// Records a newly connected local client in cluster presence; returns
+    /// once other nodes can route to it (bounded wait when Redis is slow).
+    pub async fn client_joined(&self, info: &ClientInfo) {
+        self.bus.client_joined(info).await;
     }
 
     /// Records that a local client left.

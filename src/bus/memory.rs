@@ -94,7 +94,7 @@ impl ClusterBus for MemoryBus {
         self.clustered
     }
 
-    fn client_joined(&self, info: &ClientInfo) {
+    async fn client_joined(&self, info: &ClientInfo) {
         if let Some(me) = self.cluster.write().get_mut(&self.node_id) {
             me.clients.insert(info.client_id, info.clone());
         }

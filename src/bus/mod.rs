@@ -104,8 +104,10 @@ pub trait ClusterBus: Send + Sync {
     /// Whether other nodes can exist at all (false for a lone in-memory node).
     fn clustered(&self) -> bool;
 
-    /// Records that a client connected to this node.
-    fn client_joined(&self, info: &ClientInfo);
+    /// Records that a client connected to this node. Completes once the
+    /// rest of the cluster can see it (or at once when the cluster is
+    /// unreachable; presence is then rewritten when it comes back).
+    fn client_joined(&self, info: &ClientInfo) -> impl Future<Output = ()> + Send;
 
     /// Records that a client left this node.
     fn client_left(&self, id: ClientId);
@@ -159,8 +161,8 @@ impl ClusterBus for Bus {
         dispatch!(self, b => b.clustered())
     }
 
-    fn client_joined(&self, info: &ClientInfo) {
-        dispatch!(self, b => b.client_joined(info))
+    async fn client_joined(&self, info: &ClientInfo) {
+        dispatch!(self, b => b.client_joined(info).await)
     }
 
     fn client_left(&self, id: ClientId) {

@@ -98,7 +98,7 @@ enum Op {
         payload: Vec<u8>,
         done: Option<PublishDone>,
     },
-    Join(ClientInfo),
+    Join(ClientInfo, Option<oneshot::Sender<()>>),
     Leave(ClientId),
     Heartbeat,
     Shutdown(oneshot::Sender<()>),
@@ -214,7 +214,7 @@ impl RedisBus {
                     Op::Publish {
                         done: Some(done), ..
                     } => done(Err(BusError::Backlog)),
-                    Op::Join(_) | Op::Leave(_) => {
+                    Op::Join(..) | Op::Leave(_) => {
                         // Presence will be rewritten in full once the queue drains.
                         self.inner.needs_resync.store(true, Ordering::Release);
                     }
@@ -245,8 +245,15 @@ impl ClusterBus for RedisBus {
         true
     }
 
-    fn client_joined(&self, info: &ClientInfo) {
-        self.enqueue(Op::Join(info.clone()));
+    async fn client_joined(&self, info: &ClientInfo) {
+        if !self.available() {
+            // Registered by the resync once Redis is back.
+            self.enqueue(Op::Join(info.clone(), None));
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Op::Join(info.clone(), Some(tx)));
+        let _ = tokio::time::timeout(self.inner.config.response_timeout * 2, rx).await;
     }
 
     fn client_left(&self, id: ClientId) {
@@ -264,13 +271,30 @@ impl ClusterBus for RedisBus {
         let Some(node) = node.and_then(|n| n.parse::<NodeId>().ok()) else {
             return Ok(None);
         };
-        let live = self
+        if self
             .inner
             .live
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&node);
-        Ok(live.then_some(node))
+            .contains(&node)
+        {
+            return Ok(Some(node));
+        }
+        // Not in the cache of live nodes: it may have joined since the last
+        // heartbeat, or be dead. Ask its liveness key.
+        let alive: bool = redis::cmd("EXISTS")
+            .arg(self.inner.keys.node(node))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if alive {
+            self.inner
+                .live
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(node);
+        }
+        Ok(alive.then_some(node))
     }
 
     async fn list_clients(&self, limit: usize) -> Result<(Vec<ClientInfo>, bool), BusError> {
@@ -402,6 +426,7 @@ async fn flush(inner: &Inner, conn: &mut ConnectionManager, ops: Vec<Op>) {
     let node = inner.config.node_id.to_string();
     let mut pipe = redis::pipe();
     let mut dones = Vec::new();
+    let mut registrations: Vec<oneshot::Sender<()>> = Vec::new();
     for op in ops {
         match op {
             Op::Publish {
@@ -412,7 +437,7 @@ async fn flush(inner: &Inner, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 pipe.cmd("PUBLISH").arg(channel).arg(payload);
                 dones.push(done);
             }
-            Op::Join(info) => match encode_value(&info) {
+            Op::Join(info, registered) => match encode_value(&info) {
                 Ok(value) => {
                     let id = info.client_id.to_string();
                     pipe.cmd("HSET")
@@ -425,6 +450,7 @@ async fn flush(inner: &Inner, conn: &mut ConnectionManager, ops: Vec<Op>) {
                         .arg(&id)
                         .arg(&node)
                         .ignore();
+                    registrations.extend(registered);
                 }
                 Err(err) => warn!(%err, "cannot encode presence"),
             },
@@ -441,6 +467,9 @@ async fn flush(inner: &Inner, conn: &mut ConnectionManager, ops: Vec<Op>) {
     }
     match pipe.query_async::<Vec<i64>>(conn).await {
         Ok(counts) => {
+            for registered in registrations {
+                let _ = registered.send(());
+            }
             for (done, count) in dones
                 .into_iter()
                 .zip(counts.into_iter().chain(std::iter::repeat(0)))

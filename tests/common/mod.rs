@@ -10,12 +10,26 @@ use std::time::Duration;
 
 use quic_fabric::client::{Client, ClientConfig, Event};
 use quic_fabric::protocol::{self, Body, Frame, Handshake, Priority};
-use quic_fabric::server::Shared;
+use quic_fabric::server::{BusChoice, Shared};
 use quic_fabric::{NodeConfig, Server};
 use tokio_util::sync::CancellationToken;
 
 /// Generous bound for anything that should happen "soon" on a busy machine.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A certificate directory shared by several nodes (one CA, like a cluster).
+pub struct TestCerts {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCerts {
+    pub fn new() -> TestCerts {
+        let dir = tempfile::tempdir().unwrap();
+        quic_fabric::tls::ensure_dev_certs(dir.path(), &["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        TestCerts { dir }
+    }
+}
 
 /// A node running in this test process.
 pub struct TestNode {
@@ -30,15 +44,25 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node with `tweak` applied to a loopback test config.
     pub async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> TestNode {
-        let certs = tempfile::tempdir().unwrap();
+        Self::start_on(BusChoice::FromConfig, None, tweak).await
+    }
+
+    /// Starts a node on the given bus; with `certs` it shares that CA dir.
+    pub async fn start_on(
+        bus: BusChoice,
+        certs: Option<&TestCerts>,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> TestNode {
+        let own = tempfile::tempdir().unwrap();
+        let dir = certs.map_or(own.path(), |c| c.dir.path()).to_owned();
         let mut config = NodeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            certs_dir: certs.path().to_owned(),
+            certs_dir: dir.clone(),
             name: "test-node".into(),
             ..NodeConfig::default()
         };
         tweak(&mut config);
-        let server = Server::bind(config).expect("node binds");
+        let server = Server::bind_with(config, bus).expect("node binds");
         let addr = server.local_addr();
         let shared = server.shared();
         let shutdown = CancellationToken::new();
@@ -46,11 +70,11 @@ impl TestNode {
         let task = tokio::spawn(server.run(async move { token.cancelled().await }));
         TestNode {
             addr,
-            ca: certs.path().join("ca.pem"),
+            ca: dir.join("ca.pem"),
             shared,
             shutdown,
             task: Some(task),
-            _certs: certs,
+            _certs: own,
         }
     }
 
@@ -198,4 +222,25 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Frame> {
         .expect("frame in time")
         .ok()?;
     Some(protocol::decode_frame(&payload).expect("node sends valid frames"))
+}
+
+/// Polls `check` until it returns true, failing after `within`. For
+/// conditions that have no event to wait on (state in another process or
+/// in Redis); the poll interval is short and the bound generous.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -1,0 +1,476 @@
+//! Nodes sharing a real Redis (testcontainers): presence, cross-node
+//! delivery, node death, Redis outages and recovery.
+//!
+//! The image comes from `FABRIC_REDIS_IMAGE` (default `redis:7`); on a
+//! machine without a registry, `cluster/images.sh redis` builds it from
+//! Debian packages (the README's test command runs it).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{TestCerts, TestNode, WAIT, eventually, next_matching};
+use quic_fabric::bus::ClusterBus;
+use quic_fabric::client::{Client, ClientConfig, ClientError, Event};
+use quic_fabric::protocol::{Body, ClientId, Payload, Priority, error_code};
+use quic_fabric::server::BusChoice;
+use testcontainers_modules::redis::Redis;
+use testcontainers_modules::testcontainers::core::IntoContainerPort;
+use testcontainers_modules::testcontainers::runners::AsyncRunner;
+use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
+
+const NODE_TTL: Duration = Duration::from_secs(2);
+
+struct TestRedis {
+    container: ContainerAsync<Redis>,
+    url: String,
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl TestRedis {
+    /// A Redis container on a fixed host port, so a restart keeps its address.
+    async fn start() -> TestRedis {
+        let image = std::env::var("FABRIC_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into());
+        let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+        let port = free_tcp_port();
+        let container = Redis::default()
+            .with_name(name)
+            .with_tag(tag)
+            .with_mapped_port(port, 6379.tcp())
+            .start()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start Redis image {image} ({e}); run `cluster/images.sh redis` first"
+                )
+            });
+        TestRedis {
+            container,
+            url: format!("redis://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn remove(self) {
+        self.container.rm().await.expect("container removed");
+    }
+}
+
+async fn redis_node(redis: &TestRedis, certs: &TestCerts, name: &str) -> TestNode {
+    let url = redis.url.clone();
+    let name = name.to_owned();
+    TestNode::start_on(BusChoice::FromConfig, Some(certs), move |c| {
+        c.name = name;
+        c.redis_url = Some(url);
+        c.node_ttl = NODE_TTL;
+        c.heartbeat_interval = Duration::from_millis(300);
+        c.delivery_timeout = Duration::from_secs(3);
+        c.redis_connect_timeout = Duration::from_millis(500);
+        c.redis_response_timeout = Duration::from_millis(500);
+    })
+    .await
+}
+
+/// Waits until every node reaches Redis and sees all the others alive.
+async fn wait_ready(nodes: &[&TestNode]) {
+    let ids: Vec<_> = nodes.iter().map(|n| n.shared.node_id).collect();
+    for node in nodes {
+        let bus = node.shared.router.bus();
+        eventually(WAIT, "node joins the cluster", || async {
+            bus.available() && matches!(bus.live_nodes().await, Ok(live) if ids.iter().all(|i| live.contains(i)))
+        })
+        .await;
+    }
+}
+
+/// Waits until `observer`'s cluster list has exactly `expected` clients.
+async fn wait_listed(observer: &Client, expected: &[ClientId]) {
+    eventually(WAIT, "cluster list converges", || async {
+        match observer.list().await {
+            Ok((clients, _)) => {
+                let mut ids: Vec<_> = clients.iter().map(|c| c.client_id).collect();
+                let mut want = expected.to_vec();
+                ids.sort();
+                want.sort();
+                ids == want
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn broadcast_direct_and_list_work_across_nodes() {
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let n1 = redis_node(&redis, &certs, "n1").await;
+    let n2 = redis_node(&redis, &certs, "n2").await;
+    let n3 = redis_node(&redis, &certs, "n3").await;
+    wait_ready(&[&n1, &n2, &n3]).await;
+
+    let a = n1.connect("a").await;
+    let mut b = n2.connect("b").await;
+    let mut c = n3.connect("c").await;
+    let mut a2 = n1.connect("a2").await;
+    let all = [a.client_id(), b.client_id(), c.client_id(), a2.client_id()];
+    wait_listed(&a, &all).await;
+    let (clients, _) = b.list().await.unwrap();
+    for info in &clients {
+        let expected_node = if info.name.starts_with('a') {
+            n1.shared.node_id
+        } else if info.name == "b" {
+            n2.shared.node_id
+        } else {
+            n3.shared.node_id
+        };
+        assert_eq!(info.node_id, expected_node, "{info:?}");
+    }
+
+    // Broadcast: once to every other client, on every node.
+    let id = a
+        .broadcast(Payload::Text("cluster-wide".into()), Priority::Normal)
+        .await
+        .unwrap();
+    for receiver in [&mut b, &mut c, &mut a2] {
+        let got = next_matching(receiver, |f| f.id == id).await;
+        assert_eq!(
+            got.body,
+            Body::Broadcast {
+                payload: Payload::Text("cluster-wide".into())
+            }
+        );
+        common::assert_none_before_echo(receiver, |f| f.id == id).await;
+    }
+
+    // Direct across nodes, acknowledged after delivery, in order.
+    let mut pending = Vec::new();
+    for i in 0..50u32 {
+        let body = Body::Direct {
+            to: c.client_id(),
+            payload: Payload::Text(i.to_string()),
+        };
+        pending.push(a.submit(Priority::Normal, body).await.unwrap());
+    }
+    for p in pending {
+        assert!(matches!(p.wait().await.unwrap().body, Body::Ack { .. }));
+    }
+    for i in 0..50u32 {
+        let got = next_matching(&mut c, |f| matches!(f.body, Body::Direct { .. })).await;
+        assert_eq!(
+            got.body,
+            Body::Direct {
+                to: c.client_id(),
+                payload: Payload::Text(i.to_string())
+            }
+        );
+        assert_eq!(got.sender.as_ref().unwrap().node_id, n1.shared.node_id);
+    }
+
+    // Unknown target.
+    match a
+        .direct(
+            ClientId::new_random(),
+            Payload::Text("?".into()),
+            Priority::Normal,
+        )
+        .await
+    {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::UNKNOWN_CLIENT),
+        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
+    }
+    drop((a, b, c, a2));
+    drop((n1, n2, n3));
+    redis.remove().await;
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_presence_within_its_ttl_and_gets_nothing_routed() {
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let n1 = redis_node(&redis, &certs, "n1").await;
+    // The victim is a real process, so it can die by SIGKILL.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_fabric-node"))
+        .args(["--listen", &addr, "--certs"])
+        .arg(certs.dir.path())
+        .args([
+            "--redis",
+            &redis.url,
+            "--node-ttl",
+            "2s",
+            "--heartbeat-interval",
+            "300ms",
+            "--name",
+            "victim",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let config = ClientConfig::new(addr.clone(), certs.dir.path().join("ca.pem")).name("doomed");
+    let doomed = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(c) = Client::connect(&config).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("victim node comes up");
+    let a = n1.connect("a").await;
+    wait_listed(&a, &[a.client_id(), doomed.client_id()]).await;
+    a.direct(
+        doomed.client_id(),
+        Payload::Text("alive?".into()),
+        Priority::Normal,
+    )
+    .await
+    .unwrap();
+
+    victim.start_kill().unwrap();
+    victim.wait().await.unwrap();
+    let killed_at = tokio::time::Instant::now();
+    // Gone from presence by TTL alone (nobody cleaned up).
+    wait_listed(&a, &[a.client_id()]).await;
+    let gone_after = killed_at.elapsed();
+    assert!(
+        gone_after < NODE_TTL * 4,
+        "presence outlived the TTL by far: {gone_after:?}"
+    );
+    // Nothing is routed to the dead node: the sender learns the client is gone.
+    match a
+        .direct(
+            doomed.client_id(),
+            Payload::Text("dead?".into()),
+            Priority::Normal,
+        )
+        .await
+    {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::UNKNOWN_CLIENT),
+        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
+    }
+    drop(n1);
+    redis.remove().await;
+}
+
+#[tokio::test]
+async fn a_gracefully_stopped_node_leaves_presence_at_once() {
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let n1 = redis_node(&redis, &certs, "n1").await;
+    let mut n2 = redis_node(&redis, &certs, "n2").await;
+    wait_ready(&[&n1, &n2]).await;
+    let a = n1.connect("a").await;
+    let b = n2.connect("b").await;
+    wait_listed(&a, &[a.client_id(), b.client_id()]).await;
+    n2.stop().await;
+    // No waiting: the node removed its presence before it stopped.
+    let (clients, _) = a.list().await.unwrap();
+    assert_eq!(
+        clients.iter().map(|c| c.client_id).collect::<Vec<_>>(),
+        vec![a.client_id()]
+    );
+    let live = n1.shared.router.bus().live_nodes().await.unwrap();
+    assert_eq!(live, vec![n1.shared.node_id]);
+    drop(n1);
+    redis.remove().await;
+}
+
+#[tokio::test]
+async fn a_client_that_reconnects_elsewhere_is_routed_to_its_new_node() {
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let n1 = redis_node(&redis, &certs, "n1").await;
+    let n2 = redis_node(&redis, &certs, "n2").await;
+    let n3 = redis_node(&redis, &certs, "n3").await;
+    wait_ready(&[&n1, &n2, &n3]).await;
+    let sender = n1.connect("sender").await;
+    let roamer = n2.connect("roamer").await;
+    let old_id = roamer.client_id();
+    wait_listed(&sender, &[sender.client_id(), old_id]).await;
+    // Warm the sender node's lookup cache with roamer → n2.
+    sender
+        .direct(old_id, Payload::Text("one".into()), Priority::Normal)
+        .await
+        .unwrap();
+    roamer.close("moving").await;
+
+    let mut moved = n3.connect("roamer").await;
+    wait_listed(&sender, &[sender.client_id(), moved.client_id()]).await;
+    let id = sender
+        .direct(
+            moved.client_id(),
+            Payload::Text("found you".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    let got = next_matching(&mut moved, |f| f.id == id).await;
+    assert_eq!(
+        got.body,
+        Body::Direct {
+            to: moved.client_id(),
+            payload: Payload::Text("found you".into())
+        }
+    );
+    // The old id is gone even though it is still cached on n1.
+    match sender
+        .direct(old_id, Payload::Text("stale".into()), Priority::Normal)
+        .await
+    {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::UNKNOWN_CLIENT),
+        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
+    }
+    drop((n1, n2, n3));
+    redis.remove().await;
+}
+
+#[tokio::test]
+async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let n1 = redis_node(&redis, &certs, "n1").await;
+    let n2 = redis_node(&redis, &certs, "n2").await;
+    wait_ready(&[&n1, &n2]).await;
+    let a = n1.connect("a").await;
+    let mut a2 = n1.connect("a2").await;
+    let mut b = n2.connect("b").await;
+    wait_listed(&a, &[a.client_id(), a2.client_id(), b.client_id()]).await;
+
+    redis.container.stop_with_timeout(Some(0)).await.unwrap();
+    let bus = n1.shared.router.bus();
+    eventually(WAIT, "node notices the outage", || async {
+        !bus.available()
+    })
+    .await;
+
+    // Local delivery goes on.
+    let id = a
+        .direct(
+            a2.client_id(),
+            Payload::Text("local".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    next_matching(&mut a2, |f| f.id == id).await;
+    // Cross-node sends fail visibly.
+    match a
+        .direct(
+            b.client_id(),
+            Payload::Text("remote".into()),
+            Priority::Normal,
+        )
+        .await
+    {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::CLUSTER_UNAVAILABLE),
+        other => panic!("expected CLUSTER_UNAVAILABLE, got {other:?}"),
+    }
+    // A broadcast reaches local clients and tells the sender it went no further.
+    let pending = a
+        .submit(
+            Priority::Normal,
+            Body::Broadcast {
+                payload: Payload::Text("partial".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let bid = pending.id();
+    match pending.wait().await {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, error_code::CLUSTER_UNAVAILABLE);
+            assert!(message.contains("1 clients on this node"), "{message}");
+        }
+        other => panic!("expected CLUSTER_UNAVAILABLE, got {other:?}"),
+    }
+    next_matching(&mut a2, |f| f.id == bid).await;
+    // Listing the cluster is refused rather than silently partial.
+    assert!(
+        matches!(a.list().await, Err(ClientError::Server { code, .. }) if code == error_code::CLUSTER_UNAVAILABLE)
+    );
+
+    // A node started during the outage starts anyway and serves locally.
+    let n3 = redis_node(&redis, &certs, "n3").await;
+    let c = n3.connect("c").await;
+    c.ping().await.unwrap();
+
+    // Longer than the command connection's own retry budget.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    redis.container.start().await.unwrap();
+    wait_ready(&[&n1, &n2, &n3]).await;
+    // Presence is rebuilt (the restarted Redis may have lost it) and delivery resumes.
+    wait_listed(
+        &a,
+        &[a.client_id(), a2.client_id(), b.client_id(), c.client_id()],
+    )
+    .await;
+    let id = a
+        .direct(
+            b.client_id(),
+            Payload::Text("back".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    let got = next_matching(&mut b, |f| f.id == id).await;
+    assert_eq!(
+        got.body,
+        Body::Direct {
+            to: b.client_id(),
+            payload: Payload::Text("back".into())
+        }
+    );
+    let id = c
+        .broadcast(Payload::Text("from the late node".into()), Priority::Normal)
+        .await
+        .unwrap();
+    next_matching(&mut b, |f| f.id == id).await;
+    // Nothing from the outage is replayed.
+    match tokio::time::timeout(Duration::from_millis(200), b.next_event()).await {
+        Err(_) => {}
+        Ok(Some(Event::Frame(f))) => {
+            assert!(f.id != bid, "outage broadcast leaked to another node")
+        }
+        Ok(other) => panic!("unexpected {other:?}"),
+    }
+    drop((n1, n2, n3));
+    redis.remove().await;
+}
+
+#[tokio::test]
+async fn a_client_is_routable_cluster_wide_as_soon_as_it_has_its_id() {
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let n1 = redis_node(&redis, &certs, "n1").await;
+    let n2 = redis_node(&redis, &certs, "n2").await;
+    wait_ready(&[&n1, &n2]).await;
+    let a = n1.connect("a").await;
+    for i in 0..5 {
+        let mut b = n2.connect(&format!("b{i}")).await;
+        // No waiting for presence: the HandshakeAck came after registration.
+        let id = a
+            .direct(b.client_id(), Payload::Text("hi".into()), Priority::Normal)
+            .await
+            .unwrap();
+        next_matching(&mut b, |f| f.id == id).await;
+    }
+    drop((n1, n2));
+    redis.remove().await;
+}
