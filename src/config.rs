@@ -90,6 +90,9 @@ pub struct NodeConfig {
     /// Redis URL (`redis://`, `rediss://`, with optional `user:password@`);
     /// unset runs a single node with the in-memory bus.
     pub redis_url: Option<String>,
+    /// CA certificate (PEM) that a `rediss://` server must chain to, instead
+    /// of the public web roots.
+    pub redis_ca: Option<PathBuf>,
     /// Prefix of every Redis key and channel this cluster uses.
     pub redis_prefix: String,
     /// Time to establish a Redis connection.
@@ -138,6 +141,7 @@ impl Default for NodeConfig {
             max_list_clients: 10_000,
             shutdown_grace: Duration::from_secs(5),
             redis_url: None,
+            redis_ca: None,
             redis_prefix: "fabric".into(),
             redis_connect_timeout: Duration::from_secs(1),
             redis_response_timeout: Duration::from_secs(1),
@@ -296,6 +300,9 @@ pub struct NodeArgs {
     /// Redis URL for clustering, e.g. redis://127.0.0.1:6379 [default: none, single node].
     #[arg(long = "redis", env = "FABRIC_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// CA certificate (PEM) for a rediss:// server [default: public web roots].
+    #[arg(long, env = "FABRIC_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
     /// Prefix of Redis keys and channels [default: fabric].
     #[arg(long, env = "FABRIC_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
@@ -361,6 +368,9 @@ impl NodeArgs {
         );
         if self.redis_url.is_some() {
             config.redis_url = self.redis_url;
+        }
+        if self.redis_ca.is_some() {
+            config.redis_ca = self.redis_ca;
         }
         if self.node_id.is_some() {
             config.node_id = self.node_id;

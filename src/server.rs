@@ -133,6 +133,12 @@ impl Server {
                 RedisBus::new(
                     RedisBusConfig {
                         url: url.clone(),
+                        ca_pem: match &config.redis_ca {
+                            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                                ServerError::Bus(format!("cannot read {}: {e}", path.display()))
+                            })?),
+                            None => None,
+                        },
                         prefix: config.redis_prefix.clone(),
                         node_id,
                         node_name: config.name.clone(),

@@ -474,3 +474,170 @@ async fn a_client_is_routable_cluster_wide_as_soon_as_it_has_its_id() {
     drop((n1, n2));
     redis.remove().await;
 }
+
+#[tokio::test]
+async fn rediss_with_a_password_and_a_private_ca() {
+    // A TLS-only Redis with a password, certificate from a throwaway CA.
+    let tls_dir = tempfile::tempdir().unwrap();
+    let paths = quic_fabric::tls::ensure_dev_certs(tls_dir.path(), &["127.0.0.1".into()]).unwrap();
+    let port = free_tcp_port();
+    let image = std::env::var("FABRIC_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into());
+    let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+    let container = Redis::default()
+        .with_name(name)
+        .with_tag(tag)
+        .with_mapped_port(port, 6380.tcp())
+        .with_mount(
+            testcontainers_modules::testcontainers::core::Mount::bind_mount(
+                tls_dir.path().to_str().unwrap(),
+                "/tls",
+            ),
+        )
+        .with_cmd([
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            "6380",
+            "--tls-cert-file",
+            "/tls/server.pem",
+            "--tls-key-file",
+            "/tls/server.key",
+            "--tls-ca-cert-file",
+            "/tls/ca.pem",
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret",
+        ])
+        .start()
+        .await
+        .expect("TLS Redis starts");
+    let certs = TestCerts::new();
+    let start = |name: &'static str, password: &'static str| {
+        let url = format!("rediss://:{password}@127.0.0.1:{port}");
+        let ca = paths.ca_cert.clone();
+        TestNode::start_on(BusChoice::FromConfig, Some(&certs), move |c| {
+            c.name = name.into();
+            c.redis_url = Some(url);
+            c.redis_ca = Some(ca);
+            c.heartbeat_interval = Duration::from_millis(300);
+            c.node_ttl = NODE_TTL;
+        })
+    };
+    let n1 = start("n1", "s3cret").await;
+    let n2 = start("n2", "s3cret").await;
+    wait_ready(&[&n1, &n2]).await;
+    let a = n1.connect("a").await;
+    let mut b = n2.connect("b").await;
+    let id = a
+        .direct(
+            b.client_id(),
+            Payload::Text("over TLS".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    next_matching(&mut b, |f| f.id == id).await;
+
+    // A wrong password never joins: cross-node traffic fails visibly.
+    let intruder = start("n3", "wrong").await;
+    let c = intruder.connect("c").await;
+    c.ping().await.unwrap();
+    match c
+        .direct(
+            b.client_id(),
+            Payload::Text("let me in".into()),
+            Priority::Normal,
+        )
+        .await
+    {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::CLUSTER_UNAVAILABLE),
+        other => panic!("expected CLUSTER_UNAVAILABLE, got {other:?}"),
+    }
+    drop((n1, n2, intruder));
+    container.rm().await.unwrap();
+}
+
+/// How many PUBLISH commands Redis has executed so far.
+async fn publishes(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test]
+async fn redis_cost_per_message_is_as_documented() {
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let n1 = redis_node(&redis, &certs, "n1").await;
+    let n2 = redis_node(&redis, &certs, "n2").await;
+    let n3 = redis_node(&redis, &certs, "n3").await;
+    wait_ready(&[&n1, &n2, &n3]).await;
+    let a = n1.connect("a").await;
+    let mut a2 = n1.connect("a2").await;
+    let mut b = n2.connect("b").await;
+    let _c = n3.connect("c").await;
+    // Warm the lookup cache.
+    a.direct(
+        b.client_id(),
+        Payload::Text("warm".into()),
+        Priority::Normal,
+    )
+    .await
+    .unwrap();
+
+    let before = publishes(&redis.url).await;
+    let id = a
+        .direct(
+            a2.client_id(),
+            Payload::Text("same node".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    next_matching(&mut a2, |f| f.id == id).await;
+    assert_eq!(
+        publishes(&redis.url).await - before,
+        0,
+        "a same-node direct message never touches Redis"
+    );
+
+    let before = publishes(&redis.url).await;
+    let id = a
+        .broadcast(Payload::Text("all".into()), Priority::Normal)
+        .await
+        .unwrap();
+    next_matching(&mut b, |f| f.id == id).await;
+    assert_eq!(
+        publishes(&redis.url).await - before,
+        1,
+        "a broadcast is published once for 3 nodes"
+    );
+
+    let before = publishes(&redis.url).await;
+    let id = a
+        .direct(
+            b.client_id(),
+            Payload::Text("cross".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    next_matching(&mut b, |f| f.id == id).await;
+    assert_eq!(
+        publishes(&redis.url).await - before,
+        2,
+        "message and receipt"
+    );
+    drop((n1, n2, n3));
+    redis.remove().await;
+}

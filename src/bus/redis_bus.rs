@@ -35,6 +35,8 @@ const MAX_BATCH: usize = 512;
 pub struct RedisBusConfig {
     /// `redis://` or `rediss://` URL.
     pub url: String,
+    /// CA certificate (PEM bytes) for `rediss://`; public web roots when unset.
+    pub ca_pem: Option<Vec<u8>>,
     /// Key and channel prefix.
     pub prefix: String,
     /// This node.
@@ -139,8 +141,17 @@ impl RedisBus {
         presence: Arc<ClientManager>,
         inbox: mpsc::Sender<BusMessage>,
     ) -> Result<Self, BusError> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| BusError::Unavailable(format!("invalid Redis URL: {e}")))?;
+        let client = match &config.ca_pem {
+            Some(ca) => redis::Client::build_with_tls(
+                config.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+            None => redis::Client::open(config.url.as_str()),
+        }
+        .map_err(|e| BusError::Unavailable(format!("invalid Redis URL or CA: {e}")))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
