@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::client::{Client, ClientConfig, Event};
+use crate::client::{Client, ClientConfig, Event, ReconnectPolicy};
 use crate::protocol::{Body, ClientId, ClientInfo, Frame, Payload, Priority};
 use crate::tls::ServerTrust;
 
@@ -52,12 +52,19 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Interactive chat: lines are broadcast; /to ID TEXT, /list, /ping, /quit.
-    Chat,
+    Chat {
+        /// Exit when the connection is lost instead of reconnecting.
+        #[arg(long)]
+        no_reconnect: bool,
+    },
     /// Print every received frame as one JSON object per line.
     Listen {
         /// Exit after this many frames.
         #[arg(long)]
         count: Option<u64>,
+        /// Exit when the connection is lost instead of reconnecting.
+        #[arg(long)]
+        no_reconnect: bool,
     },
     /// Broadcast TEXT to every other client.
     Broadcast {
@@ -120,7 +127,17 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     if cli.insecure {
         eprintln!("fabric: warning: --insecure: the server certificate is NOT verified");
     }
-    let config = cli.client_config();
+    let mut config = cli.client_config();
+    if let Command::Chat {
+        no_reconnect: false,
+    }
+    | Command::Listen {
+        no_reconnect: false,
+        ..
+    } = cli.command
+    {
+        config.reconnect = Some(ReconnectPolicy::default());
+    }
     let mut client = Client::connect(&config).await?;
     let result = command(&mut client, cli.command).await;
     // Close explicitly, also after an error, so the node sees the client
@@ -131,8 +148,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
 
 async fn command(client: &mut Client, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Chat => chat(client).await?,
-        Command::Listen { count } => listen(client, count).await?,
+        Command::Chat { .. } => chat(client).await?,
+        Command::Listen { count, .. } => listen(client, count).await?,
         Command::Broadcast { text, priority } => {
             let id = client.broadcast(Payload::Text(text), priority).await?;
             println!("{}", json!({"type": "ack", "of": id.to_string()}));
@@ -218,6 +235,15 @@ async fn listen(client: &mut Client, count: Option<u64>) -> anyhow::Result<()> {
                         return Ok(());
                     }
                 }
+                Some(Event::Disconnected { code, reason }) => {
+                    println!("{}", json!({"type": "disconnected", "code": code, "reason": reason}));
+                }
+                Some(Event::Reconnected { client_id, node_id }) => {
+                    println!(
+                        "{}",
+                        json!({"type": "reconnected", "client_id": client_id.to_string(), "node_id": node_id.to_string()})
+                    );
+                }
                 Some(Event::Closed { code, reason }) => {
                     println!("{}", json!({"type": "closed", "code": code, "reason": reason}));
                     anyhow::bail!("connection closed: {reason}");
@@ -251,6 +277,10 @@ async fn chat(client: &mut Client) -> anyhow::Result<()> {
                     if let Some(text) = chat_line(&frame) {
                         println!("{text}");
                     }
+                }
+                Some(Event::Disconnected { reason, .. }) => println!("* connection lost ({reason}); reconnecting"),
+                Some(Event::Reconnected { client_id, node_id }) => {
+                    println!("* reconnected as {client_id} on node {node_id}")
                 }
                 Some(Event::Closed { reason, .. }) => anyhow::bail!("disconnected: {reason}"),
                 None => anyhow::bail!("disconnected"),

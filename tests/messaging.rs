@@ -223,7 +223,7 @@ async fn graceful_shutdown_delivers_goodbye_then_closes() {
                 assert_eq!(code, Some(quic_fabric::protocol::close_code::SHUTDOWN));
                 break;
             }
-            None => break,
+            other => panic!("unexpected {other:?}"),
         }
     }
     assert!(saw_broadcast, "queued broadcast delivered before close");

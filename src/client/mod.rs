@@ -45,6 +45,38 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// Incoming events buffered before the client stops reading.
     pub event_buffer: usize,
+    /// Reconnect automatically after losing the node (off by default).
+    pub reconnect: Option<ReconnectPolicy>,
+}
+
+/// How a client reconnects after losing its connection.
+///
+/// A reconnect dials the same `server` address again from a new UDP port,
+/// so behind a load balancer it may land on another node. What survives:
+/// the `Client` value, its configuration (name, token) and its event
+/// stream. What does not: the client id (the node assigns a new one,
+/// announced by [`Event::Reconnected`]), requests that were waiting for a
+/// reply (they fail with [`ClientError::Closed`]), and messages sent to the
+/// old id while it was gone (their senders get UNKNOWN_CLIENT).
+#[derive(Debug, Clone)]
+pub struct ReconnectPolicy {
+    /// Wait before the second attempt (the first is immediate); doubles
+    /// after every failed attempt.
+    pub initial_backoff: Duration,
+    /// Upper bound of the wait between attempts.
+    pub max_backoff: Duration,
+    /// Give up after this many failed attempts in a row (`None`: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            max_attempts: None,
+        }
+    }
 }
 
 impl ClientConfig {
@@ -61,12 +93,19 @@ impl ClientConfig {
             keep_alive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             event_buffer: 4096,
+            reconnect: None,
         }
     }
 
     /// Sets the handshake name.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
+        self
+    }
+
+    /// Turns on automatic reconnection with `policy`.
+    pub fn reconnect(mut self, policy: ReconnectPolicy) -> Self {
+        self.reconnect = Some(policy);
         self
     }
 }
@@ -161,7 +200,22 @@ pub enum Event {
     /// A frame: a delivery (Broadcast, Direct), an echo (Text, Binary), a
     /// Goodbye, or an Error not tied to a pending request.
     Frame(Frame),
-    /// The connection ended; no more events follow.
+    /// The connection was lost and the client is reconnecting (only with
+    /// a [`ReconnectPolicy`]). Requests fail until `Reconnected`.
+    Disconnected {
+        /// Application close code, when the node closed with one.
+        code: Option<u32>,
+        /// Why.
+        reason: String,
+    },
+    /// The client reconnected and handshook again.
+    Reconnected {
+        /// The new client id.
+        client_id: ClientId,
+        /// The node it is now connected to.
+        node_id: NodeId,
+    },
+    /// The connection ended for good; no more events follow.
     Closed {
         /// Application close code, when the node closed with one.
         code: Option<u32>,
@@ -181,9 +235,17 @@ struct Inner {
     request_timeout: Duration,
 }
 
+/// What survives reconnects: the config, the current connection, the
+/// event channel.
+struct State {
+    config: ClientConfig,
+    current: std::sync::RwLock<Arc<Inner>>,
+    closing: std::sync::atomic::AtomicBool,
+}
+
 /// A connected, handshaken client.
 pub struct Client {
-    inner: Arc<Inner>,
+    state: Arc<State>,
     events: mpsc::Receiver<Event>,
 }
 
@@ -271,125 +333,56 @@ impl Inner {
 }
 
 impl Client {
-    /// Connects, verifies the server and performs the handshake.
+    /// Connects, verifies the server and performs the handshake. With a
+    /// reconnect policy, later losses of the connection are repaired in the
+    /// background; the first connection must succeed.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
-        let addr = resolve(&config.server).await?;
-        let server_name = config
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host_part(&config.server));
-        let crypto = tls::client_crypto(&config.trust)?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_concurrent_bidi_streams(0u32.into())
-            .max_concurrent_uni_streams(3u32.into())
-            .keep_alive_interval(Some(config.keep_alive_interval))
-            .max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
-        client_config.transport_config(Arc::new(transport));
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let connect_err = |reason: String| ClientError::Connect {
-            server: config.server.clone(),
-            reason,
-        };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
-        endpoint.set_default_client_config(client_config);
-
-        let handshake = async {
-            let conn = endpoint
-                .connect(addr, &server_name)
-                .map_err(|e| connect_err(e.to_string()))?
-                .await
-                .map_err(|e| match e {
-                    quinn::ConnectionError::ApplicationClosed(_) => closed_error(&e),
-                    other => connect_err(other.to_string()),
-                })?;
-            let mut high = conn.open_uni().await?;
-            let _ = high.set_priority(protocol::stream_priority(Priority::High));
-            let hello = Frame::new(
-                Priority::High,
-                Body::Handshake(Handshake {
-                    min_version: MIN_PROTOCOL_VERSION,
-                    max_version: MAX_PROTOCOL_VERSION,
-                    name: config.name.clone(),
-                    token: config.token.clone(),
-                }),
-            );
-            let bytes =
-                protocol::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
-            high.write_all(&bytes)
-                .await
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
-            let mut first = conn.accept_uni().await?;
-            let reply = read_frame(&mut first)
-                .await
-                .map_err(|e| match conn.close_reason() {
-                    Some(err) => closed_error(&err),
-                    None => ClientError::Protocol(format!("reading handshake reply: {e}")),
-                })?;
-            match reply.map(|f| f.body) {
-                Some(Body::HandshakeAck(ack)) => Ok((conn, high, first, ack)),
-                Some(Body::Error { code, message, .. }) => {
-                    Err(ClientError::Refused { code, message })
-                }
-                Some(other) => Err(ClientError::Protocol(format!(
-                    "expected HandshakeAck, got {}",
-                    other.kind()
-                ))),
-                None => Err(ClientError::Protocol(
-                    "stream ended before HandshakeAck".into(),
-                )),
-            }
-        };
-        let (conn, high, first, ack) = tokio::time::timeout(config.connect_timeout, handshake)
-            .await
-            .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
-
-        let inner = Arc::new(Inner {
-            conn: conn.clone(),
-            endpoint,
-            streams: [
-                tokio::sync::Mutex::new(None),
-                tokio::sync::Mutex::new(None),
-                tokio::sync::Mutex::new(Some(high)),
-            ],
-            pending: Arc::new(Mutex::new(HashMap::new())),
-            ack,
-            request_timeout: config.request_timeout,
-        });
+        let (inner, first) = connect_once(config).await?;
         let (events_tx, events) = mpsc::channel(config.event_buffer.max(1));
-        tokio::spawn(receive(
+        let conn = inner.conn.clone();
+        let state = Arc::new(State {
+            config: config.clone(),
+            current: std::sync::RwLock::new(inner.clone()),
+            closing: std::sync::atomic::AtomicBool::new(false),
+        });
+        // The supervisor owns the only event sender: when it ends, the
+        // stream ends.
+        tokio::spawn(supervise(
+            Arc::downgrade(&state),
+            events_tx,
             conn,
             first,
-            inner.pending.clone(),
-            events_tx,
-            Arc::downgrade(&inner),
+            inner,
         ));
-        Ok(Client { inner, events })
+        Ok(Client { state, events })
     }
 
-    /// The id the node gave this client.
+    fn inner(&self) -> Arc<Inner> {
+        self.state
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The id the node gave this client (it changes when it reconnects).
     pub fn client_id(&self) -> ClientId {
-        self.inner.ack.client_id
+        self.inner().ack.client_id
     }
 
     /// The node this client is connected to.
     pub fn node_id(&self) -> NodeId {
-        self.inner.ack.node_id
+        self.inner().ack.node_id
     }
 
-    /// The HandshakeAck the node sent.
-    pub fn handshake(&self) -> &HandshakeAck {
-        &self.inner.ack
+    /// The HandshakeAck of the current connection.
+    pub fn handshake(&self) -> HandshakeAck {
+        self.inner().ack.clone()
     }
 
     /// Current QUIC round-trip estimate.
     pub fn quic_rtt(&self) -> Duration {
-        self.inner.conn.rtt()
+        self.inner().conn.rtt()
     }
 
     /// Sends a request without waiting for its reply.
@@ -399,22 +392,23 @@ impl Client {
         body: Body,
     ) -> Result<PendingReply, ClientError> {
         let frame = Frame::new(priority, body);
+        let inner = self.inner();
         let (tx, rx) = oneshot::channel();
-        lock(&self.inner.pending).insert(frame.id, tx);
-        if let Err(err) = self.inner.write(&frame).await {
-            lock(&self.inner.pending).remove(&frame.id);
+        lock(&inner.pending).insert(frame.id, tx);
+        if let Err(err) = inner.write(&frame).await {
+            lock(&inner.pending).remove(&frame.id);
             return Err(err);
         }
         Ok(PendingReply {
             id: frame.id,
             rx,
-            inner: self.inner.clone(),
+            inner,
         })
     }
 
     /// Sends a frame that expects no reply (for example an Ack of a delivery).
     pub async fn send_frame(&self, frame: &Frame) -> Result<(), ClientError> {
-        self.inner.write(frame).await
+        self.inner().write(frame).await
     }
 
     async fn acked(&self, priority: Priority, body: Body) -> Result<MessageId, ClientError> {
@@ -527,6 +521,10 @@ impl Client {
 
     /// Says Goodbye and closes the connection, waiting briefly for the close to be sent.
     pub async fn close(self, reason: &str) {
+        self.state
+            .closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        let inner = self.inner();
         let bye = Frame::new(
             Priority::High,
             Body::Goodbye {
@@ -534,12 +532,104 @@ impl Client {
                 reconnect: false,
             },
         );
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.write(&bye)).await;
-        self.inner
+        let _ = tokio::time::timeout(Duration::from_secs(1), inner.write(&bye)).await;
+        inner
             .conn
             .close(close_code::NORMAL.into(), reason.as_bytes());
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
     }
+}
+
+/// One connection attempt: QUIC + TLS, then the application handshake.
+async fn connect_once(
+    config: &ClientConfig,
+) -> Result<(Arc<Inner>, quinn::RecvStream), ClientError> {
+    let addr = resolve(&config.server).await?;
+    let server_name = config
+        .server_name
+        .clone()
+        .unwrap_or_else(|| host_part(&config.server));
+    let crypto = tls::client_crypto(&config.trust)?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(3u32.into())
+        .keep_alive_interval(Some(config.keep_alive_interval))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
+    client_config.transport_config(Arc::new(transport));
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let connect_err = |reason: String| ClientError::Connect {
+        server: config.server.clone(),
+        reason,
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+    endpoint.set_default_client_config(client_config);
+
+    let handshake = async {
+        let conn = endpoint
+            .connect(addr, &server_name)
+            .map_err(|e| connect_err(e.to_string()))?
+            .await
+            .map_err(|e| match e {
+                quinn::ConnectionError::ApplicationClosed(_) => closed_error(&e),
+                other => connect_err(other.to_string()),
+            })?;
+        let mut high = conn.open_uni().await?;
+        let _ = high.set_priority(protocol::stream_priority(Priority::High));
+        let hello = Frame::new(
+            Priority::High,
+            Body::Handshake(Handshake {
+                min_version: MIN_PROTOCOL_VERSION,
+                max_version: MAX_PROTOCOL_VERSION,
+                name: config.name.clone(),
+                token: config.token.clone(),
+            }),
+        );
+        let bytes = protocol::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        high.write_all(&bytes)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut first = conn.accept_uni().await?;
+        let reply = read_frame(&mut first)
+            .await
+            .map_err(|e| match conn.close_reason() {
+                Some(err) => closed_error(&err),
+                None => ClientError::Protocol(format!("reading handshake reply: {e}")),
+            })?;
+        match reply.map(|f| f.body) {
+            Some(Body::HandshakeAck(ack)) => Ok((conn, high, first, ack)),
+            Some(Body::Error { code, message, .. }) => Err(ClientError::Refused { code, message }),
+            Some(other) => Err(ClientError::Protocol(format!(
+                "expected HandshakeAck, got {}",
+                other.kind()
+            ))),
+            None => Err(ClientError::Protocol(
+                "stream ended before HandshakeAck".into(),
+            )),
+        }
+    };
+    let (conn, high, first, ack) = tokio::time::timeout(config.connect_timeout, handshake)
+        .await
+        .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
+
+    let inner = Arc::new(Inner {
+        conn,
+        endpoint,
+        streams: [
+            tokio::sync::Mutex::new(None),
+            tokio::sync::Mutex::new(None),
+            tokio::sync::Mutex::new(Some(high)),
+        ],
+        pending: Arc::new(Mutex::new(HashMap::new())),
+        ack,
+        request_timeout: config.request_timeout,
+    });
+    Ok((inner, first))
 }
 
 async fn resolve(server: &str) -> Result<SocketAddr, ClientError> {
@@ -585,15 +675,89 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, Clien
         .map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
+/// Runs connections one after another: reads the current one until it
+/// ends, then either reports `Event::Closed` or, with a reconnect policy,
+/// reconnects with backoff and carries on.
+async fn supervise(
+    state: std::sync::Weak<State>,
+    events: mpsc::Sender<Event>,
+    mut conn: quinn::Connection,
+    mut first: quinn::RecvStream,
+    inner: Arc<Inner>,
+) {
+    let mut pending = inner.pending.clone();
+    let mut weak_inner = Arc::downgrade(&inner);
+    drop(inner);
+    loop {
+        let (code, reason) = receive(conn, first, pending, events.clone(), weak_inner).await;
+        let policy = match state.upgrade() {
+            Some(s) if !s.closing.load(std::sync::atomic::Ordering::Acquire) => {
+                s.config.reconnect.clone()
+            }
+            _ => None,
+        };
+        let Some(policy) = policy else {
+            let _ = events.send(Event::Closed { code, reason }).await;
+            return;
+        };
+        let _ = events.send(Event::Disconnected { code, reason }).await;
+        let mut backoff = Duration::ZERO;
+        let mut attempts = 0u32;
+        let (next, next_first) = loop {
+            tokio::time::sleep(backoff).await;
+            let Some(s) = state.upgrade() else { return };
+            if s.closing.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            let config = s.config.clone();
+            drop(s);
+            match connect_once(&config).await {
+                Ok(ok) => break ok,
+                Err(err) => {
+                    attempts += 1;
+                    tracing::debug!(%err, attempts, "reconnect failed");
+                    if policy.max_attempts.is_some_and(|max| attempts >= max) {
+                        let _ = events
+                            .send(Event::Closed {
+                                code: None,
+                                reason: format!("gave up reconnecting: {err}"),
+                            })
+                            .await;
+                        return;
+                    }
+                    backoff = if backoff.is_zero() {
+                        policy.initial_backoff
+                    } else {
+                        (backoff * 2).min(policy.max_backoff)
+                    };
+                }
+            }
+        };
+        let Some(s) = state.upgrade() else { return };
+        *s.current.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+        drop(s);
+        let _ = events
+            .send(Event::Reconnected {
+                client_id: next.ack.client_id,
+                node_id: next.ack.node_id,
+            })
+            .await;
+        conn = next.conn.clone();
+        first = next_first;
+        pending = next.pending.clone();
+        weak_inner = Arc::downgrade(&next);
+    }
+}
+
 /// Reads every stream the node opens and dispatches its frames until the
-/// connection ends, then reports `Event::Closed`.
+/// connection ends; returns the close code and reason.
 async fn receive(
     conn: quinn::Connection,
     first: quinn::RecvStream,
     pending: Pending,
     events: mpsc::Sender<Event>,
     inner: std::sync::Weak<Inner>,
-) {
+) -> (Option<u32>, String) {
     let mut readers = tokio::task::JoinSet::new();
     readers.spawn(read_stream(
         first,
@@ -618,11 +782,10 @@ async fn receive(
     })
     .await;
     lock(&pending).clear();
-    let (code, reason) = match closed_error(&err) {
+    match closed_error(&err) {
         ClientError::Closed { code, reason } => (code, reason),
         other => (None, other.to_string()),
-    };
-    let _ = events.send(Event::Closed { code, reason }).await;
+    }
 }
 
 async fn read_stream(
