@@ -47,19 +47,16 @@ async fn a_client_reconnects_to_whatever_answers_at_the_same_address() {
 
     first.stop().await;
     // Goodbye, then the loss of the connection.
-    let mut saw_disconnect = false;
     loop {
         match next_event(&mut client).await {
             Event::Frame(_) => {}
             Event::Disconnected { code, .. } => {
                 assert_eq!(code, Some(quic_fabric::protocol::close_code::SHUTDOWN));
-                saw_disconnect = true;
                 break;
             }
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!(saw_disconnect);
     // Requests fail while nobody answers, instead of hanging.
     assert!(client.ping().await.is_err());
 
