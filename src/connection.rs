@@ -27,6 +27,9 @@ use crate::protocol::{
 use crate::server::Shared;
 use crate::stats;
 
+/// End reason of connections closed by the peer before any handshake.
+const PEER_LEFT_BEFORE_HANDSHAKE: &str = "peer closed before the handshake";
+
 /// Most frames a writer puts into one write call.
 const WRITE_BATCH: usize = 64;
 
@@ -138,6 +141,10 @@ pub(crate) async fn serve(
             Err(end) => end,
         };
         conn.close(code.into(), reason.as_bytes());
+        if reason == PEER_LEFT_BEFORE_HANDSHAKE {
+            debug!("peer closed before the handshake (health probe?)");
+            return;
+        }
         info!(
             code,
             reason,
@@ -161,6 +168,10 @@ async fn run(
     let (first_stream, hello, hello_size) = tokio::select! {
         res = tokio::time::timeout(config.handshake_timeout, read_handshake(conn, config.max_message_bytes)) => match res {
             Ok(Ok(first)) => first,
+            Ok(Err(_)) if conn.close_reason().is_some() => {
+                // Gone before saying anything: a health probe or a dropped dial.
+                return Err((close_code::NORMAL, PEER_LEFT_BEFORE_HANDSHAKE.into()));
+            }
             Ok(Err(end)) => return Err(reject(conn, end).await),
             Err(_) => return Err((close_code::HANDSHAKE_TIMEOUT, "no handshake in time".into())),
         },

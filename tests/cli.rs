@@ -256,3 +256,64 @@ async fn fabric_node_generates_certs_serves_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "graceful exit: {status:?}");
 }
+
+#[tokio::test]
+async fn fabric_node_health_probes_without_becoming_a_client_and_gen_certs_is_idempotent() {
+    let node = TestNode::start().await;
+    let health = |server: String, ca: std::path::PathBuf| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabric-node"));
+        cmd.args([
+            "health",
+            "--server",
+            &server,
+            "--server-name",
+            "localhost",
+            "--timeout",
+            "2s",
+            "--ca",
+        ])
+        .arg(ca)
+        .kill_on_drop(true);
+        cmd
+    };
+    let out = output(health(node.addr.to_string(), node.ca.clone())).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        node.shared
+            .stats
+            .connections_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let watcher = node.connect("watcher").await;
+    let (clients, _) = watcher.list().await.unwrap();
+    assert_eq!(clients.len(), 1, "the probe never appears as a client");
+
+    // Nobody there: non-zero exit and a reason.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let out = output(health(
+        silent.local_addr().unwrap().to_string(),
+        node.ca.clone(),
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unhealthy"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let gen_certs = |dir: &std::path::Path| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabric-node"));
+        cmd.args(["gen-certs", "--cert-names", "localhost,lb", "--certs"])
+            .arg(dir);
+        cmd
+    };
+    assert!(output(gen_certs(dir.path())).await.status.success());
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let cert = std::fs::read(dir.path().join("server.pem")).unwrap();
+    assert!(output(gen_certs(dir.path())).await.status.success());
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca);
+    assert_eq!(std::fs::read(dir.path().join("server.pem")).unwrap(), cert);
+}

@@ -1,13 +1,20 @@
-//! `fabric-node`: runs one quic-fabric node until SIGINT or SIGTERM.
+//! `fabric-node`: runs one quic-fabric node until SIGINT or SIGTERM, or
+//! performs a maintenance task (`gen-certs`, `health`).
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use quic_fabric::client::{ClientConfig, probe};
 use quic_fabric::telemetry::{self, LogFormat};
 use quic_fabric::{NodeArgs, Server};
 
 /// A quic-fabric node: QUIC server for real-time messaging.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    task: Option<Task>,
     #[command(flatten)]
     node: NodeArgs,
     /// Log format.
@@ -15,12 +22,74 @@ struct Cli {
     log_format: LogFormat,
 }
 
+#[derive(Subcommand)]
+enum Task {
+    /// Generate (or reuse) the dev CA and a server certificate, then exit.
+    GenCerts {
+        /// Directory for ca.pem, ca.key, server.pem, server.key.
+        #[arg(long, default_value = "certs")]
+        certs: PathBuf,
+        /// Comma-separated names (DNS or IP) the server certificate covers.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1,::1")]
+        cert_names: Vec<String>,
+    },
+    /// Exit 0 when a node accepts QUIC connections with a trusted
+    /// certificate (a health check that does not become a client).
+    Health {
+        /// Node address.
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        server: String,
+        /// CA certificate to verify the node with.
+        #[arg(long, default_value = "certs/ca.pem")]
+        ca: PathBuf,
+        /// TLS name to verify.
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, "info");
-    let config = cli.node.into_config()?;
-    let server = Server::bind(config)?;
-    server.run(quic_fabric::server::shutdown_signal()).await;
+    match cli.task {
+        Some(Task::GenCerts { certs, cert_names }) => {
+            let paths = quic_fabric::tls::ensure_dev_certs(&certs, &cert_names)?;
+            println!(
+                "CA {} and server certificate {} for {}",
+                paths.ca_cert.display(),
+                paths.server_cert.display(),
+                cert_names.join(", ")
+            );
+        }
+        Some(Task::Health {
+            server,
+            ca,
+            server_name,
+            timeout,
+        }) => {
+            let mut config = ClientConfig::new(server.clone(), ca);
+            config.server_name = server_name;
+            config.connect_timeout = timeout;
+            match probe(&config).await {
+                Ok(rtt) => println!(
+                    "healthy: {server} answered in {:.1} ms",
+                    rtt.as_secs_f64() * 1e3
+                ),
+                Err(err) => {
+                    eprintln!("unhealthy: {err}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        None => {
+            let config = cli.node.into_config()?;
+            let server = Server::bind(config)?;
+            server.run(quic_fabric::server::shutdown_signal()).await;
+        }
+    }
     Ok(())
 }

@@ -540,10 +540,22 @@ impl Client {
     }
 }
 
-/// One connection attempt: QUIC + TLS, then the application handshake.
-async fn connect_once(
-    config: &ClientConfig,
-) -> Result<(Arc<Inner>, quinn::RecvStream), ClientError> {
+/// Checks that a node accepts QUIC connections with a certificate the
+/// config trusts, without becoming a client (no handshake, no presence):
+/// what a container health check needs. Returns the handshake time.
+pub async fn probe(config: &ClientConfig) -> Result<Duration, ClientError> {
+    let start = Instant::now();
+    let (endpoint, conn) = tokio::time::timeout(config.connect_timeout, dial(config))
+        .await
+        .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
+    let elapsed = start.elapsed();
+    conn.close(close_code::NORMAL.into(), b"health probe");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(elapsed)
+}
+
+/// Opens a QUIC connection (TLS verified) from a fresh local port.
+async fn dial(config: &ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
     let addr = resolve(&config.server).await?;
     let server_name = config
         .server_name
@@ -569,16 +581,23 @@ async fn connect_once(
     };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
     endpoint.set_default_client_config(client_config);
+    let conn = endpoint
+        .connect(addr, &server_name)
+        .map_err(|e| connect_err(e.to_string()))?
+        .await
+        .map_err(|e| match e {
+            quinn::ConnectionError::ApplicationClosed(_) => closed_error(&e),
+            other => connect_err(other.to_string()),
+        })?;
+    Ok((endpoint, conn))
+}
 
+/// One connection attempt: QUIC + TLS, then the application handshake.
+async fn connect_once(
+    config: &ClientConfig,
+) -> Result<(Arc<Inner>, quinn::RecvStream), ClientError> {
     let handshake = async {
-        let conn = endpoint
-            .connect(addr, &server_name)
-            .map_err(|e| connect_err(e.to_string()))?
-            .await
-            .map_err(|e| match e {
-                quinn::ConnectionError::ApplicationClosed(_) => closed_error(&e),
-                other => connect_err(other.to_string()),
-            })?;
+        let (endpoint, conn) = dial(config).await?;
         let mut high = conn.open_uni().await?;
         let _ = high.set_priority(protocol::stream_priority(Priority::High));
         let hello = Frame::new(
@@ -602,7 +621,7 @@ async fn connect_once(
                 None => ClientError::Protocol(format!("reading handshake reply: {e}")),
             })?;
         match reply.map(|f| f.body) {
-            Some(Body::HandshakeAck(ack)) => Ok((conn, high, first, ack)),
+            Some(Body::HandshakeAck(ack)) => Ok((endpoint, conn, high, first, ack)),
             Some(Body::Error { code, message, .. }) => Err(ClientError::Refused { code, message }),
             Some(other) => Err(ClientError::Protocol(format!(
                 "expected HandshakeAck, got {}",
@@ -613,9 +632,10 @@ async fn connect_once(
             )),
         }
     };
-    let (conn, high, first, ack) = tokio::time::timeout(config.connect_timeout, handshake)
-        .await
-        .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
+    let (endpoint, conn, high, first, ack) =
+        tokio::time::timeout(config.connect_timeout, handshake)
+            .await
+            .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
 
     let inner = Arc::new(Inner {
         conn,
