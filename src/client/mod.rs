@@ -41,7 +41,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// QUIC keep-alive interval; keeps NAT and load-balancer mappings alive.
     pub keep_alive_interval: Duration,
-    /// Connection idle timeout.
+    /// Connection idle timeout: how long a silent node takes to count as
+    /// lost (with keep-alives flowing, only a dead path is silent).
     pub idle_timeout: Duration,
     /// Incoming events buffered before the client stops reading.
     pub event_buffer: usize,
@@ -91,7 +92,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             keep_alive_interval: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(10),
             event_buffer: 4096,
             reconnect: None,
         }
