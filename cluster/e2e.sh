@@ -67,5 +67,5 @@ say "step 1/6 PASS images built, cluster up, node1..node3 healthy ($((SECONDS - 
 # Steps 2-5 talk to the cluster through the LB only.
 FABRIC_E2E_SERVER="127.0.0.1:$FABRIC_LB_PORT" FABRIC_E2E_CA="certs/ca.pem" \
     cargo test --locked --test e2e_cluster -- --ignored --nocapture --test-threads=1 2>&1 \
-    | tee "$LOG_DIR/test.log" | grep -E '^e2e |panicked|^  ' || true
+    | tee "$LOG_DIR/test.log" | grep -oE 'e2e step .*|panicked.*|^  .*' || true
 grep -q 'test result: ok. 1 passed' "$LOG_DIR/test.log" || fail "steps 2-5: see the messages above"
