@@ -7,6 +7,7 @@
 //! gives each frame type its meaning, the [`router`] that delivers messages,
 //! and the [`client`] library used by the `fabric` CLI and the tests.
 
+pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod client;

@@ -240,7 +240,9 @@ impl Server {
     }
 }
 
-fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError> {
+/// The QUIC transport settings a node runs with (also used by the
+/// benchmark's raw-quinn floor, so both run the same transport).
+pub fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError> {
     let mut transport = TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(0))

@@ -48,6 +48,9 @@ pub struct ClientConfig {
     pub event_buffer: usize,
     /// Reconnect automatically after losing the node (off by default).
     pub reconnect: Option<ReconnectPolicy>,
+    /// Dial from this endpoint (one UDP socket shared by many clients, as
+    /// load generators need) instead of a fresh endpoint per connection.
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 /// How a client reconnects after losing its connection.
@@ -95,6 +98,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(10),
             event_buffer: 4096,
             reconnect: None,
+            endpoint: None,
         }
     }
 
@@ -580,10 +584,12 @@ async fn dial(config: &ClientConfig) -> Result<(quinn::Endpoint, quinn::Connecti
         server: config.server.clone(),
         reason,
     };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
-    endpoint.set_default_client_config(client_config);
+    let endpoint = match &config.endpoint {
+        Some(shared) => shared.clone(),
+        None => quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?,
+    };
     let conn = endpoint
-        .connect(addr, &server_name)
+        .connect_with(client_config, addr, &server_name)
         .map_err(|e| connect_err(e.to_string()))?
         .await
         .map_err(|e| match e {

@@ -1,0 +1,184 @@
+//! The raw-quinn floor: the same TLS, transport settings and length-prefixed
+//! framing as a node, with no fabric logic at all. A raw server either
+//! echoes each frame back to its sender (the `rtt` floor) or forwards it to
+//! every other connection through a bounded queue and writer task per
+//! connection (the `direct-local` and `fanout` floors).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::config::NodeConfig;
+use crate::protocol::{HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
+use crate::tls;
+
+/// What a raw server does with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Send it back to its sender.
+    Echo,
+    /// Send it to every other connection.
+    Forward,
+}
+
+/// A raw quinn server on loopback.
+pub struct RawServer {
+    endpoint: quinn::Endpoint,
+}
+
+type Peers = Arc<Mutex<Vec<(usize, mpsc::Sender<Bytes>)>>>;
+
+impl RawServer {
+    /// Starts a raw server with the node's default transport and the dev
+    /// certificates in `certs`.
+    pub fn start(certs: &std::path::Path, mode: Mode) -> anyhow::Result<RawServer> {
+        let config = NodeConfig {
+            listen: "127.0.0.1:0".parse()?,
+            ..NodeConfig::default()
+        };
+        let paths = tls::ensure_dev_certs(certs, &config.cert_names)?;
+        let crypto = tls::server_crypto(tls::load_certs(&paths.server_cert)?, tls::load_key(&paths.server_key)?)?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(Arc::new(crate::server::transport_config(&config)?));
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
+        let peers: Peers = Arc::new(Mutex::new(Vec::new()));
+        let accept = endpoint.clone();
+        tokio::spawn(async move {
+            let mut next_id = 0usize;
+            while let Some(incoming) = accept.accept().await {
+                next_id += 1;
+                let id = next_id;
+                let peers = peers.clone();
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        serve(conn, id, mode, peers).await;
+                    }
+                });
+            }
+        });
+        Ok(RawServer { endpoint })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("bound")
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"done");
+    }
+}
+
+async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
+    peers.lock().unwrap_or_else(|e| e.into_inner()).push((id, tx.clone()));
+    let writer_conn = conn.clone();
+    let writer = tokio::spawn(async move {
+        let Ok(mut send) = writer_conn.open_uni().await else { return };
+        let mut batch = Vec::with_capacity(64);
+        while rx.recv_many(&mut batch, 64).await > 0 {
+            if send.write_all_chunks(&mut batch).await.is_err() {
+                return;
+            }
+            batch.clear();
+        }
+    });
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let peers = peers.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = read(&mut recv).await {
+                match mode {
+                    Mode::Echo => {
+                        let _ = tx.send(frame).await;
+                    }
+                    Mode::Forward => {
+                        let targets: Vec<_> = peers
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .iter()
+                            .filter(|(p, _)| *p != id)
+                            .map(|(_, t)| t.clone())
+                            .collect();
+                        for t in targets {
+                            let _ = t.try_send(frame.clone());
+                        }
+                    }
+                }
+            }
+        });
+    }
+    peers.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| *p != id);
+    writer.abort();
+}
+
+/// Reads one length-prefixed frame (prefix included in the result).
+pub async fn read(recv: &mut quinn::RecvStream) -> Option<Bytes> {
+    let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+    recv.read_exact(&mut prefix).await.ok()?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > HARD_MAX_FRAME_BYTES {
+        return None;
+    }
+    let mut buf = vec![0u8; LENGTH_PREFIX_BYTES + len];
+    buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&prefix);
+    recv.read_exact(&mut buf[LENGTH_PREFIX_BYTES..]).await.ok()?;
+    Some(Bytes::from(buf))
+}
+
+/// A raw client: one outgoing stream, one incoming stream.
+pub struct RawClient {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: Option<quinn::RecvStream>,
+}
+
+impl RawClient {
+    /// Connects with the client library's TLS and transport settings.
+    pub async fn connect(addr: SocketAddr, ca: &std::path::Path) -> anyhow::Result<RawClient> {
+        let crypto = tls::client_crypto(&tls::ServerTrust::CaFile(ca.to_owned()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(0u32.into())
+            .max_concurrent_uni_streams(3u32.into())
+            .keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+        config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let conn = endpoint.connect_with(config, addr, "localhost")?.await?;
+        let mut send = conn.open_uni().await?;
+        // Announce ourselves so the server opens its stream back.
+        send.write_all(&0u32.to_be_bytes()).await?;
+        Ok(RawClient {
+            _endpoint: endpoint,
+            conn,
+            send,
+            recv: None,
+        })
+    }
+
+    /// Writes one frame.
+    pub async fn send(&mut self, frame: &[u8]) -> anyhow::Result<()> {
+        self.send.write_all(frame).await?;
+        Ok(())
+    }
+
+    /// Reads the next frame sent by the server (skipping empty announcements).
+    pub async fn recv(&mut self) -> anyhow::Result<Bytes> {
+        if self.recv.is_none() {
+            self.recv = Some(self.conn.accept_uni().await?);
+        }
+        let recv = self.recv.as_mut().expect("set above");
+        loop {
+            let frame = read(recv).await.ok_or_else(|| anyhow::anyhow!("raw stream ended"))?;
+            if frame.len() > LENGTH_PREFIX_BYTES {
+                return Ok(frame);
+            }
+        }
+    }
+}
