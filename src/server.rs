@@ -262,7 +262,7 @@ pub fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerEr
 
 /// A UDP socket with enlarged buffers: quinn does not size them, and the
 /// kernel default drops packets under bursts.
-fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {

@@ -382,36 +382,54 @@ async fn one_way(a: &Client, b: &mut Client, samples: usize, window: Duration) -
     Ok((hist, rate))
 }
 
+/// Most messages sent but not yet received during a rate measurement: an
+/// end-to-end window, so the measured rate is what the receiver sustains
+/// (without it a producer simply outruns the consumer, which the node then
+/// disconnects as slow).
+const RATE_WINDOW: u64 = 512;
+
+/// Counts receptions until 500 ms of silence; returns messages/s.
+fn count_rate(received: &std::sync::atomic::AtomicU64, first: Instant, last: Instant) -> f64 {
+    let n = received.load(std::sync::atomic::Ordering::Relaxed);
+    n as f64 / last.duration_since(first).as_secs_f64().max(1e-3)
+}
+
 async fn saturate(a: &Client, b: &mut Client, to: ClientId, window: Duration) -> anyhow::Result<f64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let received = std::sync::Arc::new(AtomicU64::new(0));
     let mut events = b.take_events();
+    let counter = received.clone();
     let receiver = tokio::spawn(async move {
-        let mut n = 0u64;
-        let start = Instant::now();
-        let mut first: Option<Instant> = None;
+        let mut last = Instant::now();
         while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(500), events.recv()).await {
             if matches!(event, Event::Frame(_)) {
-                first.get_or_insert_with(Instant::now);
-                n += 1;
+                counter.fetch_add(1, Ordering::Relaxed);
+                last = Instant::now();
             }
         }
-        let span = first.map_or(start.elapsed(), |f| f.elapsed().saturating_sub(Duration::from_millis(500)));
-        n as f64 / span.as_secs_f64().max(1e-3)
+        last
     });
-    let deadline = Instant::now() + window;
-    let mut inflight = std::collections::VecDeque::new();
+    let start = Instant::now();
+    let deadline = start + window;
+    let mut sent = 0u64;
+    let mut acks = std::collections::VecDeque::new();
     while Instant::now() < deadline {
-        let p = a.submit(Priority::Normal, Body::Direct { to, payload: Payload::Binary(stamp(100)) }).await?;
-        inflight.push_back(p);
-        if inflight.len() >= 1024
-            && let Some(p) = inflight.pop_front()
+        while sent - received.load(Ordering::Relaxed) >= RATE_WINDOW {
+            tokio::task::yield_now().await;
+        }
+        acks.push_back(a.submit(Priority::Normal, Body::Direct { to, payload: Payload::Binary(stamp(100)) }).await?);
+        sent += 1;
+        if acks.len() >= RATE_WINDOW as usize
+            && let Some(p) = acks.pop_front()
         {
             p.wait().await?;
         }
     }
-    for p in inflight {
+    for p in acks {
         p.wait().await?;
     }
-    Ok(receiver.await?)
+    let last = receiver.await?;
+    Ok(count_rate(&received, start, last))
 }
 
 async fn raw_one_way(lab: &Lab, samples: usize, window: Duration) -> anyhow::Result<(Latency, f64)> {
@@ -434,25 +452,33 @@ async fn raw_one_way(lab: &Lab, samples: usize, window: Duration) -> anyhow::Res
             hist.record(d);
         }
     }
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let received = std::sync::Arc::new(AtomicU64::new(0));
+    let count = received.clone();
     let counter = tokio::spawn(async move {
-        let mut n = 0u64;
-        let mut first = None;
+        let mut last = Instant::now();
         while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), b.recv()).await {
-            first.get_or_insert_with(Instant::now);
-            n += 1;
+            count.fetch_add(1, Ordering::Relaxed);
+            last = Instant::now();
         }
-        let span = first.map_or(Duration::from_millis(1), |f: Instant| f.elapsed().saturating_sub(Duration::from_millis(500)));
-        n as f64 / span.as_secs_f64().max(1e-3)
+        last
     });
-    let deadline = Instant::now() + window;
+    let start = Instant::now();
+    let deadline = start + window;
+    let mut sent = 0u64;
     while Instant::now() < deadline {
+        while sent - received.load(Ordering::Relaxed) >= RATE_WINDOW {
+            tokio::task::yield_now().await;
+        }
         let frame = protocol::encode(&Frame::new(
             Priority::Normal,
             Body::Direct { to: ClientId::new_random(), payload: Payload::Binary(stamp(100)) },
         ))?;
         a.send(&frame).await?;
+        sent += 1;
     }
-    Ok((hist, counter.await?))
+    let last = counter.await?;
+    Ok((hist, count_rate(&received, start, last)))
 }
 
 async fn direct_local(sizes: &Sizes) -> anyhow::Result<Value> {
@@ -670,10 +696,13 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         let lab = Lab::new()?;
         let server = raw::RawServer::start(lab.certs.path(), raw::Mode::Forward)?;
         let mut publisher = raw::RawClient::connect(server.addr(), &lab.ca()).await?;
+        // Same load-generator shape as the fabric side: 8 shared sockets.
+        let endpoints: Vec<quinn::Endpoint> = (0..8).map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))).collect::<Result<_, _>>()?;
         let mut raws = Vec::new();
-        for _ in 0..n {
-            raws.push(raw::RawClient::connect(server.addr(), &lab.ca()).await?);
+        for i in 0..n {
+            raws.push(raw::RawClient::connect_on(endpoints[i % 8].clone(), server.addr(), &lab.ca()).await?);
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
         println!("  floor, raw quinn:");
         let publisher = tokio::sync::Mutex::new(&mut publisher);
         let steps = fanout_steps(Vec::new(), raws, sizes.fanout_step, |p| {
@@ -858,12 +887,21 @@ pub async fn raw_server_main(addr: std::net::SocketAddr, certs: &Path) -> anyhow
     let crypto = crate::tls::server_crypto(crate::tls::load_certs(&paths.server_cert)?, crate::tls::load_key(&paths.server_key)?)?;
     let mut server_config = quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto));
     server_config.transport_config(std::sync::Arc::new(crate::server::transport_config(&config)?));
-    let endpoint = quinn::Endpoint::server(server_config, addr)?;
-    let mut conns = Vec::new();
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        crate::server::bind_socket(addr)?,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )?;
+    let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     while let Some(incoming) = endpoint.accept().await {
-        if let Ok(conn) = incoming.await {
-            conns.push(conn);
-        }
+        // Concurrent handshakes, as the node does them.
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            if let Ok(conn) = incoming.await {
+                conns.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            }
+        });
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! connection (the `direct-local` and `fanout` floors).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -28,7 +28,7 @@ pub struct RawServer {
     endpoint: quinn::Endpoint,
 }
 
-type Peers = Arc<Mutex<Vec<(usize, mpsc::Sender<Bytes>)>>>;
+type Peers = Arc<std::sync::RwLock<Vec<(usize, mpsc::Sender<Bytes>)>>>;
 
 impl RawServer {
     /// Starts a raw server with the node's default transport and the dev
@@ -42,8 +42,14 @@ impl RawServer {
         let crypto = tls::server_crypto(tls::load_certs(&paths.server_cert)?, tls::load_key(&paths.server_key)?)?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(crate::server::transport_config(&config)?));
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
-        let peers: Peers = Arc::new(Mutex::new(Vec::new()));
+        // The node's socket (enlarged buffers), so only fabric logic differs.
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            crate::server::bind_socket(config.listen)?,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let peers: Peers = Arc::new(std::sync::RwLock::new(Vec::new()));
         let accept = endpoint.clone();
         tokio::spawn(async move {
             let mut next_id = 0usize;
@@ -75,7 +81,7 @@ impl Drop for RawServer {
 
 async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
-    peers.lock().unwrap_or_else(|e| e.into_inner()).push((id, tx.clone()));
+    peers.write().unwrap_or_else(|e| e.into_inner()).push((id, tx.clone()));
     let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
         let Ok(mut send) = writer_conn.open_uni().await else { return };
@@ -96,23 +102,22 @@ async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
                     Mode::Echo => {
                         let _ = tx.send(frame).await;
                     }
+                    // Empty frames only announce a client's stream.
+                    Mode::Forward if frame.len() <= LENGTH_PREFIX_BYTES => {}
                     Mode::Forward => {
-                        let targets: Vec<_> = peers
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .iter()
-                            .filter(|(p, _)| *p != id)
-                            .map(|(_, t)| t.clone())
-                            .collect();
-                        for t in targets {
-                            let _ = t.try_send(frame.clone());
+                        // The least a forwarder can do: one try_send per
+                        // peer under a read lock, like the node's broadcast.
+                        for (peer, t) in peers.read().unwrap_or_else(|e| e.into_inner()).iter() {
+                            if *peer != id {
+                                let _ = t.try_send(frame.clone());
+                            }
                         }
                     }
                 }
             }
         });
     }
-    peers.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| *p != id);
+    peers.write().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| *p != id);
     writer.abort();
 }
 
@@ -141,6 +146,12 @@ pub struct RawClient {
 impl RawClient {
     /// Connects with the client library's TLS and transport settings.
     pub async fn connect(addr: SocketAddr, ca: &std::path::Path) -> anyhow::Result<RawClient> {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        Self::connect_on(endpoint, addr, ca).await
+    }
+
+    /// Like `connect`, from a (possibly shared) endpoint.
+    pub async fn connect_on(endpoint: quinn::Endpoint, addr: SocketAddr, ca: &std::path::Path) -> anyhow::Result<RawClient> {
         let crypto = tls::client_crypto(&tls::ServerTrust::CaFile(ca.to_owned()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
@@ -149,7 +160,6 @@ impl RawClient {
             .max_concurrent_uni_streams(3u32.into())
             .keep_alive_interval(Some(std::time::Duration::from_secs(5)));
         config.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         let conn = endpoint.connect_with(config, addr, "localhost")?.await?;
         let mut send = conn.open_uni().await?;
         // Announce ourselves so the server opens its stream back.
