@@ -34,8 +34,15 @@ fn config(name: &str) -> ClientConfig {
 }
 
 fn docker(args: &[&str]) -> String {
-    let out = std::process::Command::new("docker").args(args).output().expect("docker runs");
-    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker runs");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -73,12 +80,19 @@ impl Peer {
         .await
         .expect("client connects through the LB");
         let hs = client.handshake();
-        Peer { node: hs.server_name, node_id: hs.node_id, client }
+        Peer {
+            node: hs.server_name,
+            node_id: hs.node_id,
+            client,
+        }
     }
 
     /// Next frame; panics on disconnects (for clients that must not notice anything).
     async fn frame(&mut self) -> Frame {
-        match tokio::time::timeout(STEP_TIMEOUT, self.client.next_event()).await.expect("event in time") {
+        match tokio::time::timeout(STEP_TIMEOUT, self.client.next_event())
+            .await
+            .expect("event in time")
+        {
             Some(Event::Frame(f)) => f,
             other => panic!("client on {} was disturbed: {other:?}", self.node),
         }
@@ -107,7 +121,11 @@ async fn exactly_once(peer: &mut Peer, id: MessageId, fence: MessageId) {
             break;
         }
     }
-    assert_eq!(seen, 1, "broadcast delivered {seen} times to a client on {}", peer.node);
+    assert_eq!(
+        seen, 1,
+        "broadcast delivered {seen} times to a client on {}",
+        peer.node
+    );
 }
 
 async fn list(client: &Client) -> Vec<(ClientId, NodeId)> {
@@ -122,47 +140,99 @@ async fn compose_cluster_end_to_end() {
     // Step 2: clients spread over nodes.
     let t = Instant::now();
     let mut peers = Vec::new();
-    while peers.len() < 8 || (peers.iter().map(|p: &Peer| &p.node).collect::<std::collections::HashSet<_>>().len() < 2 && peers.len() < 30) {
+    while peers.len() < 8
+        || (peers
+            .iter()
+            .map(|p: &Peer| &p.node)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            < 2
+            && peers.len() < 30)
+    {
         peers.push(Peer::connect(&format!("e2e-{}", peers.len())).await);
     }
     let mut spread: BTreeMap<String, usize> = BTreeMap::new();
     for p in &peers {
         *spread.entry(p.node.clone()).or_default() += 1;
     }
-    assert!(spread.len() >= 2, "all clients landed on one node: {spread:?}");
-    println!("e2e step 2/6 PASS {} clients through the LB landed on {} nodes {spread:?} ({:.1}s)", peers.len(), spread.len(), t.elapsed().as_secs_f64());
+    assert!(
+        spread.len() >= 2,
+        "all clients landed on one node: {spread:?}"
+    );
+    println!(
+        "e2e step 2/6 PASS {} clients through the LB landed on {} nodes {spread:?} ({:.1}s)",
+        peers.len(),
+        spread.len(),
+        t.elapsed().as_secs_f64()
+    );
 
     // Step 3: broadcast exactly once, direct across nodes, list.
     let t = Instant::now();
     let sender_node = peers[0].node.clone();
-    let b1 = peers[0].client.broadcast(Payload::Text("hello cluster".into()), Priority::Normal).await.unwrap();
-    let fence = peers[0].client.broadcast(Payload::Text("fence".into()), Priority::Normal).await.unwrap();
+    let b1 = peers[0]
+        .client
+        .broadcast(Payload::Text("hello cluster".into()), Priority::Normal)
+        .await
+        .unwrap();
+    let fence = peers[0]
+        .client
+        .broadcast(Payload::Text("fence".into()), Priority::Normal)
+        .await
+        .unwrap();
     for p in peers.iter_mut().skip(1) {
         exactly_once(p, b1, fence).await;
     }
-    let far = peers.iter().position(|p| p.node != sender_node).expect("a client on another node");
+    let far = peers
+        .iter()
+        .position(|p| p.node != sender_node)
+        .expect("a client on another node");
     let to = peers[far].client.client_id();
-    let d = peers[0].client.direct(to, Payload::Text("across".into()), Priority::High).await.unwrap();
+    let d = peers[0]
+        .client
+        .direct(to, Payload::Text("across".into()), Priority::High)
+        .await
+        .unwrap();
     let got = peers[far].expect(d).await;
     assert_eq!(got.sender.unwrap().node_id, peers[0].node_id);
     let listed: HashMap<ClientId, NodeId> = list(&peers[far].client).await.into_iter().collect();
     for p in &peers {
-        assert_eq!(listed.get(&p.client.client_id()), Some(&p.node_id), "list shows {} on {}", p.client.client_id(), p.node);
+        assert_eq!(
+            listed.get(&p.client.client_id()),
+            Some(&p.node_id),
+            "list shows {} on {}",
+            p.client.client_id(),
+            p.node
+        );
     }
-    assert_eq!(listed.len(), peers.len(), "list shows exactly the connected clients");
-    println!("e2e step 3/6 PASS broadcast reached {} clients exactly once, direct {} -> {} delivered, list shows all {} with their nodes ({:.1}s)", peers.len() - 1, sender_node, peers[far].node, listed.len(), t.elapsed().as_secs_f64());
+    assert_eq!(
+        listed.len(),
+        peers.len(),
+        "list shows exactly the connected clients"
+    );
+    println!(
+        "e2e step 3/6 PASS broadcast reached {} clients exactly once, direct {} -> {} delivered, list shows all {} with their nodes ({:.1}s)",
+        peers.len() - 1,
+        sender_node,
+        peers[far].node,
+        listed.len(),
+        t.elapsed().as_secs_f64()
+    );
 
     // Step 4: kill the sender's node.
     let t = Instant::now();
     let victim_node = sender_node.clone();
     let victim_id = peers[0].node_id;
-    let (mut victims, mut survivors): (Vec<Peer>, Vec<Peer>) = peers.into_iter().partition(|p| p.node == victim_node);
+    let (mut victims, mut survivors): (Vec<Peer>, Vec<Peer>) =
+        peers.into_iter().partition(|p| p.node == victim_node);
     docker(&["kill", &container(&victim_node)]);
     let killed = Instant::now();
     let observer = &survivors[0].client;
     let deadline = Instant::now() + STEP_TIMEOUT;
     while list(observer).await.iter().any(|(_, n)| *n == victim_id) {
-        assert!(Instant::now() < deadline, "dead node's clients still listed");
+        assert!(
+            Instant::now() < deadline,
+            "dead node's clients still listed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let presence_gone = killed.elapsed();
@@ -183,7 +253,15 @@ async fn compose_cluster_end_to_end() {
         v.node_id = reconnected.1;
     }
     for v in victims.iter_mut() {
-        let id = survivors[0].client.direct(v.client.client_id(), Payload::Text("welcome back".into()), Priority::Normal).await.unwrap();
+        let id = survivors[0]
+            .client
+            .direct(
+                v.client.client_id(),
+                Payload::Text("welcome back".into()),
+                Priority::Normal,
+            )
+            .await
+            .unwrap();
         v.expect(id).await;
     }
     println!(
@@ -215,7 +293,10 @@ async fn compose_cluster_end_to_end() {
     let redis = container("redis");
     docker(&["stop", "-t", "1", &redis]);
     let to = all[b].client.client_id();
-    let outage = all[a].client.direct(to, Payload::Text("during outage".into()), Priority::Normal).await;
+    let outage = all[a]
+        .client
+        .direct(to, Payload::Text("during outage".into()), Priority::Normal)
+        .await;
     assert!(
         matches!(&outage, Err(ClientError::Server { code, .. }) if *code == error_code::CLUSTER_UNAVAILABLE),
         "cross-node send during the outage must fail visibly: {outage:?}"
@@ -224,9 +305,16 @@ async fn compose_cluster_end_to_end() {
     let restarted = Instant::now();
     let deadline = Instant::now() + STEP_TIMEOUT;
     let id = loop {
-        match all[a].client.direct(to, Payload::Text("after outage".into()), Priority::Normal).await {
+        match all[a]
+            .client
+            .direct(to, Payload::Text("after outage".into()), Priority::Normal)
+            .await
+        {
             Ok(id) => break id,
-            Err(ClientError::Server { code, .. }) if code == error_code::CLUSTER_UNAVAILABLE || code == error_code::UNKNOWN_CLIENT => {
+            Err(ClientError::Server { code, .. })
+                if code == error_code::CLUSTER_UNAVAILABLE
+                    || code == error_code::UNKNOWN_CLIENT =>
+            {
                 assert!(Instant::now() < deadline, "delivery did not resume");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -237,7 +325,11 @@ async fn compose_cluster_end_to_end() {
     all[b].expect(id).await;
     // Nobody was disconnected by the Redis outage.
     for p in all.iter_mut() {
-        let probe = p.client.send_text("still here").await.expect("client still connected");
+        let probe = p
+            .client
+            .send_text("still here")
+            .await
+            .expect("client still connected");
         p.expect(probe).await;
     }
     println!(

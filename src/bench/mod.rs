@@ -117,7 +117,9 @@ impl Latency {
     }
 
     fn record(&mut self, d: Duration) {
-        let _ = self.hist.record((d.as_micros() as u64).clamp(1, 120_000_000));
+        let _ = self
+            .hist
+            .record((d.as_micros() as u64).clamp(1, 120_000_000));
     }
 
     fn q(&self, q: f64) -> u64 {
@@ -163,12 +165,22 @@ fn stamp(size: usize) -> Vec<u8> {
 
 fn age(payload: &[u8]) -> Option<Duration> {
     let nanos = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
-    Some(epoch().elapsed().saturating_sub(Duration::from_nanos(nanos)))
+    Some(
+        epoch()
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(nanos)),
+    )
 }
 
 fn payload_of(frame: &Frame) -> Option<&[u8]> {
     match &frame.body {
-        Body::Direct { payload: Payload::Binary(b), .. } | Body::Broadcast { payload: Payload::Binary(b) } => Some(b),
+        Body::Direct {
+            payload: Payload::Binary(b),
+            ..
+        }
+        | Body::Broadcast {
+            payload: Payload::Binary(b),
+        } => Some(b),
         _ => None,
     }
 }
@@ -183,14 +195,21 @@ impl Lab {
     fn new() -> anyhow::Result<Lab> {
         let certs = tempfile::tempdir()?;
         crate::tls::ensure_dev_certs(certs.path(), &NodeConfig::default().cert_names)?;
-        Ok(Lab { certs, stops: Vec::new() })
+        Ok(Lab {
+            certs,
+            stops: Vec::new(),
+        })
     }
 
     fn ca(&self) -> PathBuf {
         self.certs.path().join("ca.pem")
     }
 
-    async fn node(&mut self, redis: Option<&str>, tweak: impl FnOnce(&mut NodeConfig)) -> anyhow::Result<std::net::SocketAddr> {
+    async fn node(
+        &mut self,
+        redis: Option<&str>,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> anyhow::Result<std::net::SocketAddr> {
         let mut config = NodeConfig {
             listen: "127.0.0.1:0".parse()?,
             certs_dir: self.certs.path().to_owned(),
@@ -244,29 +263,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     epoch();
     let mut results = BTreeMap::new();
     let scenarios: Vec<Scenario> = match args.scenario {
-        Scenario::All => vec![Scenario::Rtt, Scenario::DirectLocal, Scenario::DirectCross, Scenario::Fanout, Scenario::Connections],
+        Scenario::All => vec![
+            Scenario::Rtt,
+            Scenario::DirectLocal,
+            Scenario::DirectCross,
+            Scenario::Fanout,
+            Scenario::Connections,
+        ],
         s => vec![s],
     };
     let mut redis = None;
-    for scenario in scenarios {
-        let started = Instant::now();
-        let value = match scenario {
-            Scenario::Rtt => rtt(&sizes).await?,
-            Scenario::DirectLocal => direct_local(&sizes).await?,
-            Scenario::DirectCross => {
-                let url = redis_url(&args, &mut redis).await?;
-                direct_cross(&sizes, &url).await?
-            }
-            Scenario::Fanout => {
-                let url = redis_url(&args, &mut redis).await?;
-                fanout(&sizes, &url).await?
-            }
-            Scenario::Connections => connections(&sizes).await?,
-            Scenario::All => unreachable!(),
-        };
-        println!("  ({:.1}s)\n", started.elapsed().as_secs_f64());
-        results.insert(format!("{scenario:?}"), value);
+    let outcome = run_scenarios(&args, &sizes, &scenarios, &mut results, &mut redis).await;
+    // The Redis container goes away whatever happened.
+    if let Some(container) = redis {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &container])
+            .output();
     }
+    outcome?;
     if let Some(path) = &args.json {
         let doc = json!({
             "quick": args.quick,
@@ -275,8 +289,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
-    if let Some(container) = redis {
-        let _ = std::process::Command::new("docker").args(["rm", "-f", &container]).output();
+    Ok(())
+}
+
+async fn run_scenarios(
+    args: &BenchArgs,
+    sizes: &Sizes,
+    scenarios: &[Scenario],
+    results: &mut BTreeMap<String, Value>,
+    redis: &mut Option<String>,
+) -> anyhow::Result<()> {
+    for &scenario in scenarios {
+        let started = Instant::now();
+        let value = match scenario {
+            Scenario::Rtt => rtt(sizes).await?,
+            Scenario::DirectLocal => direct_local(sizes).await?,
+            Scenario::DirectCross => {
+                let url = redis_url(args, redis).await?;
+                direct_cross(sizes, &url).await?
+            }
+            Scenario::Fanout => {
+                let url = redis_url(args, redis).await?;
+                fanout(sizes, &url).await?
+            }
+            Scenario::Connections => connections(sizes).await?,
+            Scenario::All => unreachable!("expanded above"),
+        };
+        println!("  ({:.1}s)\n", started.elapsed().as_secs_f64());
+        results.insert(format!("{scenario:?}"), value);
     }
     Ok(())
 }
@@ -286,12 +326,26 @@ async fn redis_url(args: &BenchArgs, started: &mut Option<String>) -> anyhow::Re
     if let Some(url) = &args.redis {
         return Ok(url.clone());
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let url = format!("redis://127.0.0.1:{port}");
     if started.is_none() {
         let image = std::env::var("FABRIC_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into());
         let out = std::process::Command::new("docker")
-            .args(["run", "-d", "--rm", "-p", &format!("127.0.0.1:{port}:6379"), &image, "redis-server", "--save", "", "--appendonly", "no"])
+            .args([
+                "run",
+                "-d",
+                "--rm",
+                "-p",
+                &format!("127.0.0.1:{port}:6379"),
+                &image,
+                "redis-server",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -303,7 +357,10 @@ async fn redis_url(args: &BenchArgs, started: &mut Option<String>) -> anyhow::Re
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
             {
                 break;
             }
@@ -314,9 +371,16 @@ async fn redis_url(args: &BenchArgs, started: &mut Option<String>) -> anyhow::Re
     }
     // Reuse the started container: find its port.
     let id = started.as_ref().expect("set");
-    let out = std::process::Command::new("docker").args(["port", id, "6379/tcp"]).output()?;
+    let out = std::process::Command::new("docker")
+        .args(["port", id, "6379/tcp"])
+        .output()?;
     let mapping = String::from_utf8_lossy(&out.stdout);
-    let port = mapping.trim().rsplit(':').next().unwrap_or_default().to_owned();
+    let port = mapping
+        .trim()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     Ok(format!("redis://127.0.0.1:{port}"))
 }
 
@@ -336,7 +400,10 @@ async fn rtt(sizes: &Sizes) -> anyhow::Result<Value> {
     println!("{}", fabric.row("fabric ping/pong"));
     println!("{}", floor.row("floor: raw quinn echo"));
     let r = ratio(fabric.q(0.99) as f64, floor.q(0.99) as f64);
-    println!("  fabric / floor: p50 {:.2}x, p99 {r:.2}x", ratio(fabric.q(0.5) as f64, floor.q(0.5) as f64));
+    println!(
+        "  fabric / floor: p50 {:.2}x, p99 {r:.2}x",
+        ratio(fabric.q(0.5) as f64, floor.q(0.5) as f64)
+    );
     Ok(json!({"fabric": fabric.json(), "floor_raw_quinn": floor.json(), "p99_ratio": r}))
 }
 
@@ -358,11 +425,23 @@ async fn raw_rtt(lab: &Lab, samples: usize) -> anyhow::Result<Latency> {
 }
 
 /// One-way latency (one message at a time) and saturated rate from `a` to `b`.
-async fn one_way(a: &Client, b: &mut Client, samples: usize, window: Duration) -> anyhow::Result<(Latency, f64)> {
+async fn one_way(
+    a: &Client,
+    b: &mut Client,
+    samples: usize,
+    window: Duration,
+) -> anyhow::Result<(Latency, f64)> {
     let to = b.client_id();
     let mut hist = Latency::new();
     for i in 0..samples + 100 {
-        a.submit(Priority::Normal, Body::Direct { to, payload: Payload::Binary(stamp(100)) }).await?;
+        a.submit(
+            Priority::Normal,
+            Body::Direct {
+                to,
+                payload: Payload::Binary(stamp(100)),
+            },
+        )
+        .await?;
         let took = loop {
             match b.next_event().await {
                 Some(Event::Frame(f)) => {
@@ -394,14 +473,21 @@ fn count_rate(received: &std::sync::atomic::AtomicU64, first: Instant, last: Ins
     n as f64 / last.duration_since(first).as_secs_f64().max(1e-3)
 }
 
-async fn saturate(a: &Client, b: &mut Client, to: ClientId, window: Duration) -> anyhow::Result<f64> {
+async fn saturate(
+    a: &Client,
+    b: &mut Client,
+    to: ClientId,
+    window: Duration,
+) -> anyhow::Result<f64> {
     use std::sync::atomic::{AtomicU64, Ordering};
     let received = std::sync::Arc::new(AtomicU64::new(0));
     let mut events = b.take_events();
     let counter = received.clone();
     let receiver = tokio::spawn(async move {
         let mut last = Instant::now();
-        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(500), events.recv()).await {
+        while let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(500), events.recv()).await
+        {
             if matches!(event, Event::Frame(_)) {
                 counter.fetch_add(1, Ordering::Relaxed);
                 last = Instant::now();
@@ -417,7 +503,16 @@ async fn saturate(a: &Client, b: &mut Client, to: ClientId, window: Duration) ->
         while sent - received.load(Ordering::Relaxed) >= RATE_WINDOW {
             tokio::task::yield_now().await;
         }
-        acks.push_back(a.submit(Priority::Normal, Body::Direct { to, payload: Payload::Binary(stamp(100)) }).await?);
+        acks.push_back(
+            a.submit(
+                Priority::Normal,
+                Body::Direct {
+                    to,
+                    payload: Payload::Binary(stamp(100)),
+                },
+            )
+            .await?,
+        );
         sent += 1;
         if acks.len() >= RATE_WINDOW as usize
             && let Some(p) = acks.pop_front()
@@ -432,7 +527,11 @@ async fn saturate(a: &Client, b: &mut Client, to: ClientId, window: Duration) ->
     Ok(count_rate(&received, start, last))
 }
 
-async fn raw_one_way(lab: &Lab, samples: usize, window: Duration) -> anyhow::Result<(Latency, f64)> {
+async fn raw_one_way(
+    lab: &Lab,
+    samples: usize,
+    window: Duration,
+) -> anyhow::Result<(Latency, f64)> {
     let server = raw::RawServer::start(lab.certs.path(), raw::Mode::Forward)?;
     let mut a = raw::RawClient::connect(server.addr(), &lab.ca()).await?;
     let mut b = raw::RawClient::connect(server.addr(), &lab.ca()).await?;
@@ -441,7 +540,10 @@ async fn raw_one_way(lab: &Lab, samples: usize, window: Duration) -> anyhow::Res
     for i in 0..samples + 100 {
         let frame = protocol::encode(&Frame::new(
             Priority::Normal,
-            Body::Direct { to: ClientId::new_random(), payload: Payload::Binary(stamp(100)) },
+            Body::Direct {
+                to: ClientId::new_random(),
+                payload: Payload::Binary(stamp(100)),
+            },
         ))?;
         a.send(&frame).await?;
         let got = b.recv().await?;
@@ -472,7 +574,10 @@ async fn raw_one_way(lab: &Lab, samples: usize, window: Duration) -> anyhow::Res
         }
         let frame = protocol::encode(&Frame::new(
             Priority::Normal,
-            Body::Direct { to: ClientId::new_random(), payload: Payload::Binary(stamp(100)) },
+            Body::Direct {
+                to: ClientId::new_random(),
+                payload: Payload::Binary(stamp(100)),
+            },
         ))?;
         a.send(&frame).await?;
         sent += 1;
@@ -493,9 +598,14 @@ async fn direct_local(sizes: &Sizes) -> anyhow::Result<Value> {
     println!("{}", floor.row("floor: raw quinn relay"));
     println!("  rate at saturation: fabric {fabric_rate:.0} msg/s, floor {floor_rate:.0} msg/s");
     let r = ratio(fabric.q(0.99) as f64, floor.q(0.99) as f64);
-    println!("  fabric / floor: p99 {r:.2}x (target <= 1.3x), rate {:.2}x", ratio(fabric_rate, floor_rate));
-    Ok(json!({"fabric": fabric.json(), "floor_raw_quinn": floor.json(), "p99_ratio": r,
-              "fabric_rate": fabric_rate, "floor_rate": floor_rate}))
+    println!(
+        "  fabric / floor: p99 {r:.2}x (target <= 1.3x), rate {:.2}x",
+        ratio(fabric_rate, floor_rate)
+    );
+    Ok(
+        json!({"fabric": fabric.json(), "floor_raw_quinn": floor.json(), "p99_ratio": r,
+              "fabric_rate": fabric_rate, "floor_rate": floor_rate}),
+    )
 }
 
 /// Raw Redis hop: PUBLISH on one connection, SUBSCRIBE on another.
@@ -508,8 +618,15 @@ async fn redis_hop(url: &str, samples: usize, window: Duration) -> anyhow::Resul
     let mut stream = pubsub.into_on_message();
     let mut hist = Latency::new();
     for i in 0..samples + 100 {
-        redis::cmd("PUBLISH").arg("bench:hop").arg(stamp(100)).query_async::<i64>(&mut publisher).await?;
-        let msg = stream.next().await.ok_or_else(|| anyhow::anyhow!("subscription ended"))?;
+        redis::cmd("PUBLISH")
+            .arg("bench:hop")
+            .arg(stamp(100))
+            .query_async::<i64>(&mut publisher)
+            .await?;
+        let msg = stream
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("subscription ended"))?;
         if i >= 100
             && let Some(d) = age(msg.get_payload_bytes())
         {
@@ -519,11 +636,15 @@ async fn redis_hop(url: &str, samples: usize, window: Duration) -> anyhow::Resul
     let counter = tokio::spawn(async move {
         let mut n = 0u64;
         let mut first = None;
-        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+        {
             first.get_or_insert_with(Instant::now);
             n += 1;
         }
-        let span = first.map_or(Duration::from_millis(1), |f: Instant| f.elapsed().saturating_sub(Duration::from_millis(500)));
+        let span = first.map_or(Duration::from_millis(1), |f: Instant| {
+            f.elapsed().saturating_sub(Duration::from_millis(500))
+        });
         n as f64 / span.as_secs_f64().max(1e-3)
     });
     let deadline = Instant::now() + window;
@@ -531,7 +652,10 @@ async fn redis_hop(url: &str, samples: usize, window: Duration) -> anyhow::Resul
         // Batches of 64 concurrent publishes, like the node's pipelined writer.
         let mut pipe = redis::pipe();
         for _ in 0..64 {
-            pipe.cmd("PUBLISH").arg("bench:hop").arg(stamp(100)).ignore();
+            pipe.cmd("PUBLISH")
+                .arg("bench:hop")
+                .arg(stamp(100))
+                .ignore();
         }
         pipe.query_async::<()>(&mut publisher).await?;
     }
@@ -542,8 +666,12 @@ async fn direct_cross(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
     println!("direct-cross: client A on node 1 -> client B on node 2 through Redis");
     let mut lab = Lab::new()?;
     let prefix = format!("bench{}", std::process::id());
-    let n1 = lab.node(Some(url), |c| c.redis_prefix = prefix.clone()).await?;
-    let n2 = lab.node(Some(url), |c| c.redis_prefix = prefix.clone()).await?;
+    let n1 = lab
+        .node(Some(url), |c| c.redis_prefix = prefix.clone())
+        .await?;
+    let n2 = lab
+        .node(Some(url), |c| c.redis_prefix = prefix.clone())
+        .await?;
     let a = lab.client(n1, "a").await?;
     let mut b = lab.client(n2, "b").await?;
     let (fabric, fabric_rate) = one_way(&a, &mut b, sizes.samples, sizes.rate_window).await?;
@@ -554,10 +682,17 @@ async fn direct_cross(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
     println!("{}", hop.row("floor: raw Redis hop"));
     let floor_p99 = (rtt_floor.q(0.99) + hop.q(0.99)) as f64;
     let r = ratio(fabric.q(0.99) as f64, floor_p99);
-    println!("  rate at saturation: fabric {fabric_rate:.0} msg/s, raw Redis pub/sub {hop_rate:.0} msg/s");
-    println!("  fabric / (quinn RTT + Redis hop): p99 {r:.2}x (target <= 1.5x), rate {:.2}x", ratio(fabric_rate, hop_rate));
-    Ok(json!({"fabric": fabric.json(), "floor_raw_quinn_rtt": rtt_floor.json(), "floor_raw_redis_hop": hop.json(),
-              "p99_ratio": r, "fabric_rate": fabric_rate, "floor_redis_rate": hop_rate}))
+    println!(
+        "  rate at saturation: fabric {fabric_rate:.0} msg/s, raw Redis pub/sub {hop_rate:.0} msg/s"
+    );
+    println!(
+        "  fabric / (quinn RTT + Redis hop): p99 {r:.2}x (target <= 1.5x), rate {:.2}x",
+        ratio(fabric_rate, hop_rate)
+    );
+    Ok(
+        json!({"fabric": fabric.json(), "floor_raw_quinn_rtt": rtt_floor.json(), "floor_raw_redis_hop": hop.json(),
+              "p99_ratio": r, "fabric_rate": fabric_rate, "floor_redis_rate": hop_rate}),
+    )
 }
 
 /// One fan-out step's outcome.
@@ -569,7 +704,12 @@ struct Step {
 }
 
 /// Receivers record latency of every delivery; returns per-step results.
-async fn fanout_steps<S, F>(receivers: Vec<tokio::sync::mpsc::Receiver<Event>>, raw: Vec<raw::RawClient>, step: Duration, mut send: S) -> anyhow::Result<Vec<Step>>
+async fn fanout_steps<S, F>(
+    receivers: Vec<tokio::sync::mpsc::Receiver<Event>>,
+    raw: Vec<raw::RawClient>,
+    step: Duration,
+    mut send: S,
+) -> anyhow::Result<Vec<Step>>
 where
     S: FnMut(Vec<u8>) -> F,
     F: std::future::Future<Output = anyhow::Result<()>>,
@@ -578,7 +718,9 @@ where
     let n = receivers.len() + raw.len();
     // One histogram per receiver: its lock is uncontended except when a
     // step ends and the stepper collects them.
-    let hists: Vec<Arc<Mutex<Latency>>> = (0..n).map(|_| Arc::new(Mutex::new(Latency::new()))).collect();
+    let hists: Vec<Arc<Mutex<Latency>>> = (0..n)
+        .map(|_| Arc::new(Mutex::new(Latency::new())))
+        .collect();
     let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     let mut slots = hists.iter().cloned();
@@ -597,7 +739,9 @@ where
         let (hist, count) = (slots.next().expect("one per receiver"), count.clone());
         tasks.push(tokio::spawn(async move {
             while let Ok(frame) = c.recv().await {
-                let Ok(f) = protocol::decode_frame(&frame[protocol::LENGTH_PREFIX_BYTES..]) else { continue };
+                let Ok(f) = protocol::decode_frame(&frame[protocol::LENGTH_PREFIX_BYTES..]) else {
+                    continue;
+                };
                 if let Some(d) = payload_of(&f).and_then(age) {
                     hist.lock().unwrap_or_else(|e| e.into_inner()).record(d);
                     count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -635,7 +779,9 @@ where
         // Let in-flight deliveries land (bounded).
         let expected = sent * n as u64;
         let drain_deadline = Instant::now() + Duration::from_secs(2);
-        while count.load(std::sync::atomic::Ordering::Relaxed) - before < expected && Instant::now() < drain_deadline {
+        while count.load(std::sync::atomic::Ordering::Relaxed) - before < expected
+            && Instant::now() < drain_deadline
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let delivered = count.load(std::sync::atomic::Ordering::Relaxed) - before;
@@ -649,7 +795,10 @@ where
         };
         println!(
             "    offered {:>9.0} deliveries/s: delivered {:>9.0}/s, p99 {:>7} µs {}",
-            s.offered, s.delivered_per_s, s.p99_us, if ok { "ok" } else { "over" }
+            s.offered,
+            s.delivered_per_s,
+            s.p99_us,
+            if ok { "ok" } else { "over" }
         );
         steps.push(s);
         if !ok || rate > 1_000_000.0 {
@@ -673,7 +822,9 @@ fn best(steps: &[Step]) -> f64 {
 
 async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
     let n = sizes.fanout_clients;
-    println!("fanout: 1 publisher, {n} receivers, 100-byte broadcasts at doubling rates (sustained = all delivered, p99 < 50 ms)");
+    println!(
+        "fanout: 1 publisher, {n} receivers, 100-byte broadcasts at doubling rates (sustained = all delivered, p99 < 50 ms)"
+    );
     // Fabric, one node.
     let one_node = {
         let mut lab = Lab::new()?;
@@ -684,7 +835,14 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         let steps = fanout_steps(receivers, Vec::new(), sizes.fanout_step, |p| {
             let publisher = &publisher;
             async move {
-                publisher.submit(Priority::Normal, Body::Broadcast { payload: Payload::Binary(p) }).await?;
+                publisher
+                    .submit(
+                        Priority::Normal,
+                        Body::Broadcast {
+                            payload: Payload::Binary(p),
+                        },
+                    )
+                    .await?;
                 Ok(())
             }
         })
@@ -697,10 +855,15 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         let server = raw::RawServer::start(lab.certs.path(), raw::Mode::Forward)?;
         let mut publisher = raw::RawClient::connect(server.addr(), &lab.ca()).await?;
         // Same load-generator shape as the fabric side: 8 shared sockets.
-        let endpoints: Vec<quinn::Endpoint> = (0..8).map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))).collect::<Result<_, _>>()?;
+        let endpoints: Vec<quinn::Endpoint> = (0..8)
+            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
+            .collect::<Result<_, _>>()?;
         let mut raws = Vec::new();
         for i in 0..n {
-            raws.push(raw::RawClient::connect_on(endpoints[i % 8].clone(), server.addr(), &lab.ca()).await?);
+            raws.push(
+                raw::RawClient::connect_on(endpoints[i % 8].clone(), server.addr(), &lab.ca())
+                    .await?,
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         println!("  floor, raw quinn:");
@@ -708,7 +871,12 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         let steps = fanout_steps(Vec::new(), raws, sizes.fanout_step, |p| {
             let publisher = &publisher;
             async move {
-                let frame = protocol::encode(&Frame::new(Priority::Normal, Body::Broadcast { payload: Payload::Binary(p) }))?;
+                let frame = protocol::encode(&Frame::new(
+                    Priority::Normal,
+                    Body::Broadcast {
+                        payload: Payload::Binary(p),
+                    },
+                ))?;
                 publisher.lock().await.send(&frame).await
             }
         })
@@ -721,10 +889,13 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         let prefix = format!("benchfan{}", std::process::id());
         let mut addrs = Vec::new();
         for _ in 0..3 {
-            addrs.push(lab.node(Some(url), |c| {
-                c.redis_prefix = prefix.clone();
-                c.outbound_queue_len = 4096;
-            }).await?);
+            addrs.push(
+                lab.node(Some(url), |c| {
+                    c.redis_prefix = prefix.clone();
+                    c.outbound_queue_len = 4096;
+                })
+                .await?,
+            );
         }
         let receivers = connect_many(&lab, &addrs, n).await?;
         let publisher = lab.client(addrs[0], "publisher").await?;
@@ -732,21 +903,40 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         let steps = fanout_steps(receivers, Vec::new(), sizes.fanout_step, |p| {
             let publisher = &publisher;
             async move {
-                publisher.submit(Priority::Normal, Body::Broadcast { payload: Payload::Binary(p) }).await?;
+                publisher
+                    .submit(
+                        Priority::Normal,
+                        Body::Broadcast {
+                            payload: Payload::Binary(p),
+                        },
+                    )
+                    .await?;
                 Ok(())
             }
         })
         .await?;
         best(&steps)
     };
-    println!("  sustained deliveries/s: fabric 1 node {one_node:.0}, floor {floor:.0} ({:.2}x), fabric 3 nodes {three_nodes:.0} ({:.2}x); target >= 500000 on one node", ratio(one_node, floor), ratio(three_nodes, floor));
-    Ok(json!({"clients": n, "fabric_one_node": one_node, "floor_raw_quinn": floor, "fabric_three_nodes": three_nodes,
-              "one_node_ratio": ratio(one_node, floor), "three_nodes_ratio": ratio(three_nodes, floor)}))
+    println!(
+        "  sustained deliveries/s: fabric 1 node {one_node:.0}, floor {floor:.0} ({:.2}x), fabric 3 nodes {three_nodes:.0} ({:.2}x); target >= 500000 on one node",
+        ratio(one_node, floor),
+        ratio(three_nodes, floor)
+    );
+    Ok(
+        json!({"clients": n, "fabric_one_node": one_node, "floor_raw_quinn": floor, "fabric_three_nodes": three_nodes,
+              "one_node_ratio": ratio(one_node, floor), "three_nodes_ratio": ratio(three_nodes, floor)}),
+    )
 }
 
 /// `n` clients spread over `addrs`, sharing a few UDP sockets; returns their event streams.
-async fn connect_many(lab: &Lab, addrs: &[std::net::SocketAddr], n: usize) -> anyhow::Result<Vec<tokio::sync::mpsc::Receiver<Event>>> {
-    let endpoints: Vec<quinn::Endpoint> = (0..8).map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))).collect::<Result<_, _>>()?;
+async fn connect_many(
+    lab: &Lab,
+    addrs: &[std::net::SocketAddr],
+    n: usize,
+) -> anyhow::Result<Vec<tokio::sync::mpsc::Receiver<Event>>> {
+    let endpoints: Vec<quinn::Endpoint> = (0..8)
+        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
+        .collect::<Result<_, _>>()?;
     let mut receivers = Vec::with_capacity(n);
     let mut keep = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
@@ -793,16 +983,32 @@ async fn spawn_child(exe: &Path, args: &[String]) -> anyhow::Result<tokio::proce
 }
 
 async fn start_child(lab: &Lab, raw_server: bool, max: usize) -> anyhow::Result<Child> {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let dir = std::env::current_exe()?.parent().map(Path::to_owned).unwrap_or_default();
+    let dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default();
     let certs = lab.certs.path().display().to_string();
     let child = if raw_server {
-        spawn_child(&std::env::current_exe()?, &["raw-server".into(), addr.to_string(), certs]).await?
+        spawn_child(
+            &std::env::current_exe()?,
+            &["raw-server".into(), addr.to_string(), certs],
+        )
+        .await?
     } else {
         spawn_child(
             &dir.join("fabric-node"),
-            &["--listen".into(), addr.to_string(), "--certs".into(), certs, "--max-clients".into(), max.to_string()],
+            &[
+                "--listen".into(),
+                addr.to_string(),
+                "--certs".into(),
+                certs,
+                "--max-clients".into(),
+                max.to_string(),
+            ],
         )
         .await?
     };
@@ -816,11 +1022,20 @@ async fn start_child(lab: &Lab, raw_server: bool, max: usize) -> anyhow::Result<
 }
 
 /// Opens `n` connections to `addr`; returns (handshakes/s, the connections).
-async fn open_idle(lab: &Lab, addr: std::net::SocketAddr, n: usize, raw_quic: bool) -> anyhow::Result<(f64, Vec<Box<dyn std::any::Any + Send>>)> {
-    let endpoints: Vec<quinn::Endpoint> = (0..16).map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))).collect::<Result<_, _>>()?;
+async fn open_idle(
+    lab: &Lab,
+    addr: std::net::SocketAddr,
+    n: usize,
+    raw_quic: bool,
+) -> anyhow::Result<(f64, Vec<Box<dyn std::any::Any + Send>>)> {
+    let endpoints: Vec<quinn::Endpoint> = (0..16)
+        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
+        .collect::<Result<_, _>>()?;
     let start = Instant::now();
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::with_capacity(n);
-    let crypto = std::sync::Arc::new(crate::tls::client_crypto(&crate::tls::ServerTrust::CaFile(lab.ca()))?);
+    let crypto = std::sync::Arc::new(crate::tls::client_crypto(
+        &crate::tls::ServerTrust::CaFile(lab.ca()),
+    )?);
     for chunk in (0..n).collect::<Vec<_>>().chunks(128) {
         let mut handles = Vec::new();
         for &i in chunk {
@@ -860,33 +1075,57 @@ async fn connections(sizes: &Sizes) -> anyhow::Result<Value> {
     let mut results = Vec::new();
     for raw_server in [false, true] {
         let child = start_child(&lab, raw_server, n + 10).await?;
-        let pid = child.child.id().ok_or_else(|| anyhow::anyhow!("child exited"))?;
+        let pid = child
+            .child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("child exited"))?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = rss_kib(pid)?;
         let (rate, held) = open_idle(&lab, child.addr, n, raw_server).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = rss_kib(pid)?;
         let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
-        let label = if raw_server { "floor: raw quinn server" } else { "fabric node" };
-        println!("  {label:<24} {rate:>8.0} handshakes/s, RSS {before} KiB -> {after} KiB, {:.1} KiB per connection", per_conn / 1024.0);
+        let label = if raw_server {
+            "floor: raw quinn server"
+        } else {
+            "fabric node"
+        };
+        println!(
+            "  {label:<24} {rate:>8.0} handshakes/s, RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
+            per_conn / 1024.0
+        );
         results.push((rate, per_conn));
         drop(held);
         drop(child);
     }
     let (fr, fm) = results[0];
     let (rr, rm) = results[1];
-    println!("  fabric / floor: handshakes/s {:.2}x, bytes per connection {:.2}x (target <= 32 KiB per connection)", ratio(fr, rr), ratio(fm, rm));
-    Ok(json!({"connections": n, "fabric_handshakes_per_s": fr, "fabric_bytes_per_conn": fm,
-              "floor_handshakes_per_s": rr, "floor_bytes_per_conn": rm}))
+    println!(
+        "  fabric / floor: handshakes/s {:.2}x, bytes per connection {:.2}x (target <= 32 KiB per connection)",
+        ratio(fr, rr),
+        ratio(fm, rm)
+    );
+    Ok(
+        json!({"connections": n, "fabric_handshakes_per_s": fr, "fabric_bytes_per_conn": fm,
+              "floor_handshakes_per_s": rr, "floor_bytes_per_conn": rm}),
+    )
 }
 
 /// Runs a raw quinn echo server until killed (the `connections` floor child).
 pub async fn raw_server_main(addr: std::net::SocketAddr, certs: &Path) -> anyhow::Result<()> {
-    let config = NodeConfig { listen: addr, ..NodeConfig::default() };
+    let config = NodeConfig {
+        listen: addr,
+        ..NodeConfig::default()
+    };
     let paths = crate::tls::ensure_dev_certs(certs, &config.cert_names)?;
-    let crypto = crate::tls::server_crypto(crate::tls::load_certs(&paths.server_cert)?, crate::tls::load_key(&paths.server_key)?)?;
+    let crypto = crate::tls::server_crypto(
+        crate::tls::load_certs(&paths.server_cert)?,
+        crate::tls::load_key(&paths.server_key)?,
+    )?;
     let mut server_config = quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto));
-    server_config.transport_config(std::sync::Arc::new(crate::server::transport_config(&config)?));
+    server_config.transport_config(std::sync::Arc::new(crate::server::transport_config(
+        &config,
+    )?));
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server_config),

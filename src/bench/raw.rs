@@ -39,7 +39,10 @@ impl RawServer {
             ..NodeConfig::default()
         };
         let paths = tls::ensure_dev_certs(certs, &config.cert_names)?;
-        let crypto = tls::server_crypto(tls::load_certs(&paths.server_cert)?, tls::load_key(&paths.server_key)?)?;
+        let crypto = tls::server_crypto(
+            tls::load_certs(&paths.server_cert)?,
+            tls::load_key(&paths.server_key)?,
+        )?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(crate::server::transport_config(&config)?));
         // The node's socket (enlarged buffers), so only fabric logic differs.
@@ -81,10 +84,15 @@ impl Drop for RawServer {
 
 async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
-    peers.write().unwrap_or_else(|e| e.into_inner()).push((id, tx.clone()));
+    peers
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((id, tx.clone()));
     let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
-        let Ok(mut send) = writer_conn.open_uni().await else { return };
+        let Ok(mut send) = writer_conn.open_uni().await else {
+            return;
+        };
         let mut batch = Vec::with_capacity(64);
         while rx.recv_many(&mut batch, 64).await > 0 {
             if send.write_all_chunks(&mut batch).await.is_err() {
@@ -117,7 +125,10 @@ async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
             }
         });
     }
-    peers.write().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| *p != id);
+    peers
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(p, _)| *p != id);
     writer.abort();
 }
 
@@ -131,7 +142,9 @@ pub async fn read(recv: &mut quinn::RecvStream) -> Option<Bytes> {
     }
     let mut buf = vec![0u8; LENGTH_PREFIX_BYTES + len];
     buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&prefix);
-    recv.read_exact(&mut buf[LENGTH_PREFIX_BYTES..]).await.ok()?;
+    recv.read_exact(&mut buf[LENGTH_PREFIX_BYTES..])
+        .await
+        .ok()?;
     Some(Bytes::from(buf))
 }
 
@@ -151,7 +164,11 @@ impl RawClient {
     }
 
     /// Like `connect`, from a (possibly shared) endpoint.
-    pub async fn connect_on(endpoint: quinn::Endpoint, addr: SocketAddr, ca: &std::path::Path) -> anyhow::Result<RawClient> {
+    pub async fn connect_on(
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        ca: &std::path::Path,
+    ) -> anyhow::Result<RawClient> {
         let crypto = tls::client_crypto(&tls::ServerTrust::CaFile(ca.to_owned()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
@@ -185,7 +202,9 @@ impl RawClient {
         }
         let recv = self.recv.as_mut().expect("set above");
         loop {
-            let frame = read(recv).await.ok_or_else(|| anyhow::anyhow!("raw stream ended"))?;
+            let frame = read(recv)
+                .await
+                .ok_or_else(|| anyhow::anyhow!("raw stream ended"))?;
             if frame.len() > LENGTH_PREFIX_BYTES {
                 return Ok(frame);
             }

@@ -7,8 +7,13 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args();
     // Internal: the raw quinn server child used as the `connections` floor.
     if std::env::args().nth(1).as_deref() == Some("raw-server") {
-        let addr = args.nth(2).ok_or_else(|| anyhow::anyhow!("raw-server ADDR CERTS"))?.parse()?;
-        let certs = args.next().ok_or_else(|| anyhow::anyhow!("raw-server ADDR CERTS"))?;
+        let addr = args
+            .nth(2)
+            .ok_or_else(|| anyhow::anyhow!("raw-server ADDR CERTS"))?
+            .parse()?;
+        let certs = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("raw-server ADDR CERTS"))?;
         return quic_fabric::bench::raw_server_main(addr, certs.as_ref()).await;
     }
     quic_fabric::telemetry::init(quic_fabric::telemetry::LogFormat::Text, "error");
