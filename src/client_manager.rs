@@ -10,10 +10,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::protocol::{
     self, Body, ClientId, ClientInfo, ErrorCode, Frame, MessageId, Priority, Sender, close_code,
@@ -38,25 +40,36 @@ pub struct ClientHandle {
     pub info: ClientInfo,
     /// The sender stamp put on everything it sends.
     pub stamp: Sender,
-    queues: [mpsc::Sender<Bytes>; 3],
+    lanes: [Lane; 3],
+    queue_len: usize,
     queued_bytes: Arc<AtomicUsize>,
     max_queued_bytes: usize,
     slow: AtomicBool,
     conn: quinn::Connection,
     stats: Arc<Stats>,
+    writers: TaskTracker,
+    span: tracing::Span,
+    ready: AtomicBool,
+    high_stream: Mutex<Option<quinn::SendStream>>,
 }
 
-/// The receiving ends of a client's queues, one per priority (indexed by
-/// `Priority::index`), plus the shared byte count the writers decrement.
-pub struct OutboundQueues {
-    /// Receivers, one per priority.
-    pub receivers: [mpsc::Receiver<Bytes>; 3],
-    /// Bytes queued and not yet written.
-    pub queued_bytes: Arc<AtomicUsize>,
+/// One priority's queue and writer, created on first use: most clients
+/// never use all three priorities, and an idle client then costs no
+/// channel and no task for them (see BENCHMARKS.md, `connections`).
+#[derive(Debug, Default)]
+struct Lane {
+    tx: OnceLock<mpsc::Sender<Bytes>>,
+    /// A receiver waiting for the client to be ready before its writer
+    /// starts, so nothing is written before the HandshakeAck.
+    pending: Mutex<Option<mpsc::Receiver<Bytes>>>,
 }
+
+/// Most frames a writer puts into one write call.
+const WRITE_BATCH: usize = 64;
 
 impl ClientHandle {
-    /// A handle with fresh queues of `queue_len` messages per priority.
+    /// A handle whose queues hold `queue_len` messages per priority. Writer
+    /// tasks run in `span` and are tracked by [`ClientHandle::writers`].
     pub fn new(
         info: ClientInfo,
         stamp: Sender,
@@ -64,26 +77,82 @@ impl ClientHandle {
         queue_len: usize,
         max_queued_bytes: usize,
         stats: Arc<Stats>,
-    ) -> (Arc<Self>, OutboundQueues) {
-        let (low_tx, low_rx) = mpsc::channel(queue_len);
-        let (normal_tx, normal_rx) = mpsc::channel(queue_len);
-        let (high_tx, high_rx) = mpsc::channel(queue_len);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let handle = ClientHandle {
+    ) -> Arc<Self> {
+        Arc::new(ClientHandle {
             info,
             stamp,
-            queues: [low_tx, normal_tx, high_tx],
-            queued_bytes: queued_bytes.clone(),
+            lanes: Default::default(),
+            queue_len,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
             max_queued_bytes,
             slow: AtomicBool::new(false),
             conn,
             stats,
+            writers: TaskTracker::new(),
+            span: tracing::Span::current(),
+            ready: AtomicBool::new(false),
+            high_stream: Mutex::new(None),
+        })
+    }
+
+    /// Starts delivery once the HandshakeAck is on `high` (the high-priority
+    /// stream, reused by the high lane). Frames queued before stay queued
+    /// until now, so the client always reads the HandshakeAck first.
+    pub fn mark_ready(&self, high: quinn::SendStream) {
+        *self.high_stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(high);
+        self.ready.store(true, Ordering::SeqCst);
+        for priority in Priority::ALL {
+            let rx = self.lanes[priority.index()]
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(rx) = rx {
+                self.spawn_writer(priority, rx);
+            }
+        }
+    }
+
+    fn spawn_writer(&self, priority: Priority, rx: mpsc::Receiver<Bytes>) {
+        let stream = if priority == Priority::High {
+            self.high_stream
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+        } else {
+            None
         };
-        let queues = OutboundQueues {
-            receivers: [low_rx, normal_rx, high_rx],
-            queued_bytes,
-        };
-        (Arc::new(handle), queues)
+        let writer = write_stream(
+            self.conn.clone(),
+            priority,
+            stream,
+            rx,
+            self.queued_bytes.clone(),
+        );
+        self.writers.spawn(writer.instrument(self.span.clone()));
+    }
+
+    /// The writer tasks; they end once the last handle is dropped and their
+    /// queues are drained.
+    pub fn writers(&self) -> TaskTracker {
+        self.writers.clone()
+    }
+
+    fn sender(&self, priority: Priority) -> &mpsc::Sender<Bytes> {
+        let lane = &self.lanes[priority.index()];
+        lane.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(self.queue_len);
+            // Checked under the lane lock, which mark_ready also takes after
+            // setting `ready`: the receiver is either spawned here or found there.
+            let mut pending = lane.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if self.ready.load(Ordering::SeqCst) {
+                drop(pending);
+                self.spawn_writer(priority, rx);
+            } else {
+                *pending = Some(rx);
+            }
+            tx
+        })
     }
 
     /// The client's id.
@@ -105,7 +174,7 @@ impl ClientHandle {
             self.disconnect_slow("outbound byte budget exhausted");
             return Err(EnqueueError::SlowConsumer);
         }
-        match self.queues[priority.index()].try_send(frame) {
+        match self.sender(priority).try_send(frame) {
             Ok(()) => {
                 stats::add(&self.stats.messages_out, 1);
                 stats::add(&self.stats.bytes_out, len as u64);
@@ -259,5 +328,43 @@ impl ClientManager {
     /// Every connected client's handle.
     pub fn all(&self) -> Vec<Arc<ClientHandle>> {
         self.read().values().cloned().collect()
+    }
+}
+
+/// Drains one priority's queue onto its own stream, opened on first use.
+async fn write_stream(
+    conn: quinn::Connection,
+    priority: Priority,
+    mut stream: Option<quinn::SendStream>,
+    mut rx: mpsc::Receiver<Bytes>,
+    queued_bytes: Arc<AtomicUsize>,
+) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
+    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        let len: usize = batch.iter().map(Bytes::len).sum();
+        let send = match &mut stream {
+            Some(s) => s,
+            None => match conn.open_uni().await {
+                Ok(s) => {
+                    let _ = s.set_priority(protocol::stream_priority(priority));
+                    stream.insert(s)
+                }
+                Err(err) => {
+                    tracing::debug!(%err, %priority, "cannot open stream");
+                    return;
+                }
+            },
+        };
+        let result = send.write_all_chunks(&mut batch).await;
+        batch.clear();
+        queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        if let Err(err) = result {
+            tracing::debug!(%err, %priority, "stream write failed");
+            return;
+        }
+    }
+    if let Some(mut send) = stream {
+        let _ = send.finish();
+        let _ = send.stopped().await;
     }
 }

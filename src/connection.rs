@@ -8,16 +8,13 @@
 //! high-priority one.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::client_manager::{ClientHandle, OutboundQueues};
+use crate::client_manager::ClientHandle;
 use crate::handler::{MessageHandler, Next};
 use crate::protocol::{
     self, Body, ClientId, ClientInfo, CodecError, ErrorCode, Frame, HARD_MAX_FRAME_BYTES,
@@ -29,9 +26,6 @@ use crate::stats;
 
 /// End reason of connections closed by the peer before any handshake.
 const PEER_LEFT_BEFORE_HANDSHAKE: &str = "peer closed before the handshake";
-
-/// Most frames a writer puts into one write call.
-const WRITE_BATCH: usize = 64;
 
 /// What reading one frame from a stream gave.
 #[derive(Debug)]
@@ -158,11 +152,11 @@ pub(crate) async fn serve(
 
 type End = (u32, String);
 
-async fn run(
+async fn admit(
     conn: &quinn::Connection,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
-) -> Result<End, End> {
+) -> Result<Admitted, End> {
     let config = &shared.config;
     // The handshake: the first frame on the first stream the client opens.
     let (first_stream, hello, hello_size) = tokio::select! {
@@ -235,7 +229,7 @@ async fn run(
         name: hello.name,
         user: None,
     };
-    let (handle, queues) = ClientHandle::new(
+    let handle = ClientHandle::new(
         info,
         stamp,
         conn.clone(),
@@ -289,29 +283,89 @@ async fn run(
         shared.router.client_left(client_id);
         return Err((close_code::INTERNAL, "cannot send handshake ack".into()));
     };
-    let mut writers = spawn_writers(conn, queues, high);
-
-    let handler = MessageHandler::new(shared.clone());
-    let (close_tx, mut close_rx) = mpsc::channel::<End>(1);
-    let mut readers = JoinSet::new();
-    let read_first = read_stream(
+    handle.mark_ready(high);
+    Ok(Admitted {
+        handle,
         first_stream,
-        handle.clone(),
-        handler.clone(),
-        shared.clone(),
-        close_tx.clone(),
-    );
-    readers.spawn(read_first.in_current_span());
+    })
+}
 
+/// What the handshake phase hands to the rest of the connection.
+struct Admitted {
+    handle: Arc<ClientHandle>,
+    first_stream: quinn::RecvStream,
+}
+
+/// How readers tell the connection task to end it.
+#[derive(Clone)]
+struct Closer {
+    token: CancellationToken,
+    end: Arc<std::sync::Mutex<Option<End>>>,
+}
+
+impl Closer {
+    fn close(&self, end: End) {
+        self.end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(end);
+        self.token.cancel();
+    }
+}
+
+async fn run(
+    conn: &quinn::Connection,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Result<End, End> {
+    // Each phase is boxed and freed when it is over, so an idle connection
+    // keeps only the steady phase's state (measured with massif:
+    // BENCHMARKS.md, `connections`).
+    let admitted = Box::pin(admit(conn, shared, shutdown)).await?;
+    let Admitted {
+        handle,
+        first_stream,
+    } = admitted;
+    let end = Box::pin(steady(conn, shared, shutdown, &handle, first_stream)).await;
+    Box::pin(drain(shared, handle, end)).await
+}
+
+/// Reads the client's streams until the connection ends.
+async fn steady(
+    conn: &quinn::Connection,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    handle: &Arc<ClientHandle>,
+    first_stream: quinn::RecvStream,
+) -> End {
+    let handler = MessageHandler::new(shared.clone());
+    let closer = Closer {
+        token: CancellationToken::new(),
+        end: Arc::new(std::sync::Mutex::new(None)),
+    };
+    let mut readers = JoinSet::new();
+    readers.spawn(
+        read_stream(
+            first_stream,
+            handle.clone(),
+            handler.clone(),
+            shared.clone(),
+            closer.clone(),
+        )
+        .in_current_span(),
+    );
     let end: End = loop {
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
                 Ok(recv) => {
-                    readers.spawn(read_stream(recv, handle.clone(), handler.clone(), shared.clone(), close_tx.clone()).in_current_span());
+                    readers.spawn(read_stream(recv, handle.clone(), handler.clone(), shared.clone(), closer.clone()).in_current_span());
                 }
                 Err(err) => break closed_reason(&err),
             },
-            Some(end) = close_rx.recv() => break end,
+            _ = closer.token.cancelled() => {
+                let end = closer.end.lock().unwrap_or_else(|e| e.into_inner()).take();
+                break end.unwrap_or((close_code::NORMAL, "closed".into()));
+            }
             _ = shutdown.cancelled() => break (close_code::SHUTDOWN, "server shutting down".into()),
             // Reap finished readers so the set does not grow.
             Some(_) = readers.join_next(), if !readers.is_empty() => {}
@@ -319,6 +373,14 @@ async fn run(
     };
     readers.abort_all();
     while readers.join_next().await.is_some() {}
+    end
+}
+
+/// Unregisters the client, says Goodbye on shutdown, and lets the writers
+/// deliver what is queued for up to the grace period.
+async fn drain(shared: &Arc<Shared>, handle: Arc<ClientHandle>, end: End) -> Result<End, End> {
+    let client_id = handle.id();
+    let config = &shared.config;
     shared.clients.unregister(client_id);
     shared.router.client_left(client_id);
 
@@ -339,11 +401,10 @@ async fn run(
     };
     // Dropping the last handle closes the queues: writers drain what is
     // queued, finish their streams and wait for the peer to have it all.
+    let writers = handle.writers();
     drop(handle);
-    let drained = tokio::time::timeout(grace, async {
-        while writers.join_next().await.is_some() {}
-    })
-    .await;
+    writers.close();
+    let drained = tokio::time::timeout(grace, writers.wait()).await;
     if drained.is_err() {
         debug!(
             ?grace,
@@ -447,7 +508,7 @@ async fn read_stream(
     client: Arc<ClientHandle>,
     handler: MessageHandler,
     shared: Arc<Shared>,
-    close: mpsc::Sender<End>,
+    close: Closer,
 ) {
     let max = shared.config.max_message_bytes;
     loop {
@@ -456,9 +517,7 @@ async fn read_stream(
                 stats::add(&shared.stats.messages_in, 1);
                 stats::add(&shared.stats.bytes_in, size as u64);
                 if handler.handle(&client, frame).await == Next::Close {
-                    let _ = close
-                        .send((close_code::NORMAL, "client said goodbye".into()))
-                        .await;
+                    close.close((close_code::NORMAL, "client said goodbye".into()));
                     return;
                 }
             }
@@ -468,9 +527,7 @@ async fn read_stream(
                 let err = CodecError::FrameTooLarge { len, max };
                 handler.bad_frame(&client, &err, None);
                 warn!(len, "frame length beyond the hard limit; closing");
-                let _ = close
-                    .send((close_code::PROTOCOL_VIOLATION, err.to_string()))
-                    .await;
+                close.close((close_code::PROTOCOL_VIOLATION, err.to_string()));
                 return;
             }
             Err(ReadError::Truncated) => {
@@ -482,68 +539,5 @@ async fn read_stream(
                 return;
             }
         }
-    }
-}
-
-fn spawn_writers(
-    conn: &quinn::Connection,
-    queues: OutboundQueues,
-    high: quinn::SendStream,
-) -> JoinSet<()> {
-    let mut writers = JoinSet::new();
-    let OutboundQueues {
-        receivers,
-        queued_bytes,
-    } = queues;
-    let mut high = Some(high);
-    for (rx, priority) in receivers.into_iter().zip(Priority::ALL) {
-        let stream = if priority == Priority::High {
-            high.take()
-        } else {
-            None
-        };
-        writers.spawn(
-            write_stream(conn.clone(), priority, stream, rx, queued_bytes.clone())
-                .in_current_span(),
-        );
-    }
-    writers
-}
-
-/// Drains one priority's queue onto its own stream, opened on first use.
-async fn write_stream(
-    conn: quinn::Connection,
-    priority: Priority,
-    mut stream: Option<quinn::SendStream>,
-    mut rx: mpsc::Receiver<Bytes>,
-    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
-) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
-    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        let len: usize = batch.iter().map(Bytes::len).sum();
-        let send = match &mut stream {
-            Some(s) => s,
-            None => match conn.open_uni().await {
-                Ok(s) => {
-                    let _ = s.set_priority(protocol::stream_priority(priority));
-                    stream.insert(s)
-                }
-                Err(err) => {
-                    debug!(%err, %priority, "cannot open stream");
-                    return;
-                }
-            },
-        };
-        let result = send.write_all_chunks(&mut batch).await;
-        batch.clear();
-        queued_bytes.fetch_sub(len, Ordering::AcqRel);
-        if let Err(err) = result {
-            debug!(%err, %priority, "stream write failed");
-            return;
-        }
-    }
-    if let Some(mut send) = stream {
-        let _ = send.finish();
-        let _ = send.stopped().await;
     }
 }

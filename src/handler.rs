@@ -53,26 +53,30 @@ impl MessageHandler {
             Body::Direct { to, .. } => {
                 let to = *to;
                 if let Some(bytes) = encode(client, &frame) {
-                    router.direct(client, id, to, priority, bytes).await;
+                    // Boxed: a cross-node lookup's future is large, and
+                    // inline it would sit in every idle reader task.
+                    Box::pin(router.direct(client, id, to, priority, bytes)).await;
                 }
             }
             Body::Ping => client.reply(priority, Body::Pong { of: id }),
-            Body::ListClients => match router.list(self.shared.config.max_list_clients).await {
-                Ok((clients, truncated)) => client.reply(
-                    priority,
-                    Body::ClientList {
-                        of: id,
-                        clients,
-                        truncated,
-                    },
-                ),
-                Err(err) => client.error(
-                    priority,
-                    Some(id),
-                    error_code::CLUSTER_UNAVAILABLE,
-                    format!("cannot list the cluster's clients: {err}"),
-                ),
-            },
+            Body::ListClients => {
+                match Box::pin(router.list(self.shared.config.max_list_clients)).await {
+                    Ok((clients, truncated)) => client.reply(
+                        priority,
+                        Body::ClientList {
+                            of: id,
+                            clients,
+                            truncated,
+                        },
+                    ),
+                    Err(err) => client.error(
+                        priority,
+                        Some(id),
+                        error_code::CLUSTER_UNAVAILABLE,
+                        format!("cannot list the cluster's clients: {err}"),
+                    ),
+                }
+            }
             Body::StatsRequest => {
                 let stats = self.shared.stats.snapshot(
                     self.shared.node_id,

@@ -252,3 +252,39 @@ async fn client_refuses_a_server_it_cannot_verify() {
     config.trust = quic_fabric::tls::ServerTrust::InsecureAcceptAny;
     quic_fabric::client::Client::connect(&config).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_handshake_ack_comes_first_even_while_broadcasts_fly() {
+    let node = TestNode::start().await;
+    let publisher = node.connect("publisher").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let storm = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // Bounded: at most 20,000 broadcasts, until the joins are done.
+            for i in 0..20_000u32 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let priority = Priority::ALL[i as usize % 3];
+                let _ = publisher
+                    .submit(
+                        priority,
+                        Body::Broadcast {
+                            payload: Payload::Text(i.to_string()),
+                        },
+                    )
+                    .await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    // A client whose first frame is not the HandshakeAck fails to connect.
+    for i in 0..20 {
+        let mut c = node.connect(&format!("joiner{i}")).await;
+        c.ping().await.unwrap();
+        drop(c.take_events());
+    }
+    stop.cancel();
+    storm.await.unwrap();
+}

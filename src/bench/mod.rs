@@ -44,6 +44,17 @@ pub struct BenchArgs {
     /// Idle connections for `connections`.
     #[arg(long)]
     pub connections: Option<usize>,
+    /// `connections` only: open the idle clients against this already
+    /// running node (e.g. one under a heap profiler), hold them `--hold`,
+    /// and measure nothing else.
+    #[arg(long)]
+    pub against: Option<std::net::SocketAddr>,
+    /// With `--against`: the CA file of that node.
+    #[arg(long, default_value = "certs/ca.pem")]
+    pub ca: PathBuf,
+    /// With `--against`: how long to hold the connections open.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
 }
 
 /// A benchmark scenario.
@@ -261,6 +272,9 @@ impl Drop for Lab {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sizes = Sizes::new(&args);
     epoch();
+    if let Some(addr) = args.against {
+        return hold_idle(addr, &args.ca, sizes.connections, args.hold).await;
+    }
     let mut results = BTreeMap::new();
     let scenarios: Vec<Scenario> = match args.scenario {
         Scenario::All => vec![
@@ -1109,6 +1123,27 @@ async fn connections(sizes: &Sizes) -> anyhow::Result<Value> {
         json!({"connections": n, "fabric_handshakes_per_s": fr, "fabric_bytes_per_conn": fm,
               "floor_handshakes_per_s": rr, "floor_bytes_per_conn": rm}),
     )
+}
+
+/// Opens `n` idle clients against a running node and holds them.
+async fn hold_idle(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    n: usize,
+    hold: Duration,
+) -> anyhow::Result<()> {
+    let lab = Lab {
+        certs: tempfile::tempdir()?,
+        stops: Vec::new(),
+    };
+    std::fs::copy(ca, lab.ca())?;
+    let (rate, held) = open_idle(&lab, addr, n, false).await?;
+    println!(
+        "{n} idle clients connected to {addr} at {rate:.0} handshakes/s; holding for {hold:?}"
+    );
+    tokio::time::sleep(hold).await;
+    drop(held);
+    Ok(())
 }
 
 /// Runs a raw quinn echo server until killed (the `connections` floor child).
