@@ -313,7 +313,12 @@ async fn run_scenarios(
     results: &mut BTreeMap<String, Value>,
     redis: &mut Option<String>,
 ) -> anyhow::Result<()> {
-    for &scenario in scenarios {
+    for (i, &scenario) in scenarios.iter().enumerate() {
+        if i > 0 {
+            // The previous scenario's nodes shut down in the background;
+            // let that finish before measuring again.
+            tokio::time::sleep(Duration::from_secs(if args.quick { 0 } else { 3 })).await;
+        }
         let started = Instant::now();
         let value = match scenario {
             Scenario::Rtt => rtt(sizes).await?,
