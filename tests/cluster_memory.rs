@@ -5,7 +5,7 @@ mod common;
 
 use common::{TestCerts, TestNode, assert_none_before_echo, next_matching};
 use quic_fabric::bus::memory::MemoryCluster;
-use quic_fabric::client::{Client, ClientError};
+use quic_fabric::client::Client;
 use quic_fabric::protocol::{Body, ClientId, Payload, Priority, error_code};
 use quic_fabric::server::BusChoice;
 
@@ -127,13 +127,11 @@ async fn a_node_leaving_takes_its_clients_out_of_the_cluster() {
     nodes[1].stop().await;
     let (clients, _) = a.list().await.unwrap();
     assert!(clients.iter().all(|c| c.client_id != b_id), "{clients:?}");
-    match a
-        .direct(b_id, Payload::Text("gone?".into()), Priority::Normal)
-        .await
-    {
-        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::UNKNOWN_CLIENT),
-        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
-    }
+    common::expect_server_error(
+        a.direct(b_id, Payload::Text("gone?".into()), Priority::Normal)
+            .await,
+        error_code::UNKNOWN_CLIENT,
+    );
     // The remaining nodes still talk.
     let mut c = nodes[2].connect("c").await;
     let id = a
@@ -151,15 +149,13 @@ async fn a_node_leaving_takes_its_clients_out_of_the_cluster() {
 async fn direct_to_a_client_nowhere_in_the_cluster_is_an_error() {
     let (_certs, nodes) = three_nodes().await;
     let a = nodes[0].connect("a").await;
-    match a
-        .direct(
+    common::expect_server_error(
+        a.direct(
             ClientId::new_random(),
             Payload::Text("?".into()),
             Priority::Normal,
         )
-        .await
-    {
-        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::UNKNOWN_CLIENT),
-        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
-    }
+        .await,
+        error_code::UNKNOWN_CLIENT,
+    );
 }

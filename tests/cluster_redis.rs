@@ -175,17 +175,15 @@ async fn broadcast_direct_and_list_work_across_nodes() {
     }
 
     // Unknown target.
-    match a
-        .direct(
+    common::expect_server_error(
+        a.direct(
             ClientId::new_random(),
             Payload::Text("?".into()),
             Priority::Normal,
         )
-        .await
-    {
-        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::UNKNOWN_CLIENT),
-        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
-    }
+        .await,
+        error_code::UNKNOWN_CLIENT,
+    );
     drop((a, b, c, a2));
     drop((n1, n2, n3));
     redis.remove().await;
@@ -254,17 +252,15 @@ async fn a_killed_node_leaves_presence_within_its_ttl_and_gets_nothing_routed() 
         "presence outlived the TTL by far: {gone_after:?}"
     );
     // Nothing is routed to the dead node: the sender learns the client is gone.
-    match a
-        .direct(
+    common::expect_server_error(
+        a.direct(
             doomed.client_id(),
             Payload::Text("dead?".into()),
             Priority::Normal,
         )
-        .await
-    {
-        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::UNKNOWN_CLIENT),
-        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
-    }
+        .await,
+        error_code::UNKNOWN_CLIENT,
+    );
     drop(n1);
     redis.remove().await;
 }
@@ -330,13 +326,12 @@ async fn a_client_that_reconnects_elsewhere_is_routed_to_its_new_node() {
         }
     );
     // The old id is gone even though it is still cached on n1.
-    match sender
-        .direct(old_id, Payload::Text("stale".into()), Priority::Normal)
-        .await
-    {
-        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::UNKNOWN_CLIENT),
-        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
-    }
+    common::expect_server_error(
+        sender
+            .direct(old_id, Payload::Text("stale".into()), Priority::Normal)
+            .await,
+        error_code::UNKNOWN_CLIENT,
+    );
     drop((n1, n2, n3));
     redis.remove().await;
 }
@@ -371,17 +366,15 @@ async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
         .unwrap();
     next_matching(&mut a2, |f| f.id == id).await;
     // Cross-node sends fail visibly.
-    match a
-        .direct(
+    common::expect_server_error(
+        a.direct(
             b.client_id(),
             Payload::Text("remote".into()),
             Priority::Normal,
         )
-        .await
-    {
-        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::CLUSTER_UNAVAILABLE),
-        other => panic!("expected CLUSTER_UNAVAILABLE, got {other:?}"),
-    }
+        .await,
+        error_code::CLUSTER_UNAVAILABLE,
+    );
     // A broadcast reaches local clients and tells the sender it went no further.
     let pending = a
         .submit(
@@ -544,17 +537,15 @@ async fn rediss_with_a_password_and_a_private_ca() {
     let intruder = start("n3", "wrong").await;
     let c = intruder.connect("c").await;
     c.ping().await.unwrap();
-    match c
-        .direct(
+    common::expect_server_error(
+        c.direct(
             b.client_id(),
             Payload::Text("let me in".into()),
             Priority::Normal,
         )
-        .await
-    {
-        Err(ClientError::Server { code, .. }) => assert_eq!(code, error_code::CLUSTER_UNAVAILABLE),
-        other => panic!("expected CLUSTER_UNAVAILABLE, got {other:?}"),
-    }
+        .await,
+        error_code::CLUSTER_UNAVAILABLE,
+    );
     drop((n1, n2, intruder));
     container.rm().await.unwrap();
 }

@@ -244,3 +244,18 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Asserts that `result` is an Error frame from the node with `code`;
+/// returns its message.
+pub fn expect_server_error<T: std::fmt::Debug>(
+    result: Result<T, quic_fabric::client::ClientError>,
+    code: quic_fabric::protocol::ErrorCode,
+) -> String {
+    match result {
+        Err(quic_fabric::client::ClientError::Server { code: got, message }) => {
+            assert_eq!(got, code, "{message}");
+            message
+        }
+        other => panic!("expected server error {code:?}, got {other:?}"),
+    }
+}
