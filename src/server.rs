@@ -92,34 +92,7 @@ impl Server {
     /// Like [`Server::bind`], choosing the cluster bus explicitly.
     pub fn bind_with(config: NodeConfig, bus: BusChoice) -> Result<Self, ServerError> {
         config.validate()?;
-        let (certs, key) = match (&config.cert, &config.key) {
-            (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?),
-            _ => {
-                let paths = tls::ensure_dev_certs(&config.certs_dir, &config.cert_names)?;
-                (
-                    tls::load_certs(&paths.server_cert)?,
-                    tls::load_key(&paths.server_key)?,
-                )
-            }
-        };
-        let crypto = tls::server_crypto(certs, key)?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server_config.transport_config(Arc::new(transport_config(&config)?));
-
-        let socket = bind_socket(config.listen).map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        let endpoint = quinn::Endpoint::new(
-            EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let endpoint = endpoint(&config)?;
 
         let node_id = config.node_id.unwrap_or_else(NodeId::new_random);
         let clients = Arc::new(ClientManager::new(config.max_clients));
@@ -240,9 +213,38 @@ impl Server {
     }
 }
 
-/// The QUIC transport settings a node runs with (also used by the
-/// benchmark's raw-quinn floor, so both run the same transport).
-pub fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError> {
+/// The node's QUIC endpoint: certificates (given or dev), TLS, transport
+/// settings and UDP socket. The benchmark's raw-quinn floor uses it too, so
+/// the two differ only in what runs on top.
+pub fn endpoint(config: &NodeConfig) -> Result<quinn::Endpoint, ServerError> {
+    let (certs, key) = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?),
+        _ => {
+            let paths = tls::ensure_dev_certs(&config.certs_dir, &config.cert_names)?;
+            (
+                tls::load_certs(&paths.server_cert)?,
+                tls::load_key(&paths.server_key)?,
+            )
+        }
+    };
+    let crypto = tls::server_crypto(certs, key)?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server_config.transport_config(Arc::new(transport_config(config)?));
+    let bind_error = |source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let socket = bind_socket(config.listen).map_err(bind_error)?;
+    quinn::Endpoint::new(
+        EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)
+}
+
+fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError> {
     let mut transport = TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
@@ -262,7 +264,7 @@ pub fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerEr
 
 /// A UDP socket with enlarged buffers: quinn does not size them, and the
 /// kernel default drops packets under bursts.
-pub fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {

@@ -848,25 +848,8 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
     let one_node = {
         let mut lab = Lab::new()?;
         let addr = lab.node(None, |c| c.outbound_queue_len = 4096).await?;
-        let receivers = connect_many(&lab, &[addr], n).await?;
-        let publisher = lab.client(addr, "publisher").await?;
         println!("  fabric, 1 node:");
-        let steps = fanout_steps(receivers, Vec::new(), sizes.fanout_step, |p| {
-            let publisher = &publisher;
-            async move {
-                publisher
-                    .submit(
-                        Priority::Normal,
-                        Body::Broadcast {
-                            payload: Payload::Binary(p),
-                        },
-                    )
-                    .await?;
-                Ok(())
-            }
-        })
-        .await?;
-        best(&steps)
+        fabric_fanout(&lab, &[addr], n, sizes.fanout_step).await?
     };
     // Floor: raw quinn fan-out.
     let floor = {
@@ -916,25 +899,8 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
                 .await?,
             );
         }
-        let receivers = connect_many(&lab, &addrs, n).await?;
-        let publisher = lab.client(addrs[0], "publisher").await?;
         println!("  fabric, 3 nodes + Redis:");
-        let steps = fanout_steps(receivers, Vec::new(), sizes.fanout_step, |p| {
-            let publisher = &publisher;
-            async move {
-                publisher
-                    .submit(
-                        Priority::Normal,
-                        Body::Broadcast {
-                            payload: Payload::Binary(p),
-                        },
-                    )
-                    .await?;
-                Ok(())
-            }
-        })
-        .await?;
-        best(&steps)
+        fabric_fanout(&lab, &addrs, n, sizes.fanout_step).await?
     };
     println!(
         "  sustained deliveries/s: fabric 1 node {one_node:.0}, floor {floor:.0} ({:.2}x), fabric 3 nodes {three_nodes:.0} ({:.2}x); target >= 500000 on one node",
@@ -945,6 +911,30 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         json!({"clients": n, "fabric_one_node": one_node, "floor_raw_quinn": floor, "fabric_three_nodes": three_nodes,
               "one_node_ratio": ratio(one_node, floor), "three_nodes_ratio": ratio(three_nodes, floor)}),
     )
+}
+
+/// Fabric fan-out: `n` receivers spread over `addrs`, the publisher on the
+/// first node; returns the highest sustained deliveries/s.
+async fn fabric_fanout(
+    lab: &Lab,
+    addrs: &[std::net::SocketAddr],
+    n: usize,
+    step: Duration,
+) -> anyhow::Result<f64> {
+    let receivers = connect_many(lab, addrs, n).await?;
+    let publisher = lab.client(addrs[0], "publisher").await?;
+    let steps = fanout_steps(receivers, Vec::new(), step, |p| {
+        let publisher = &publisher;
+        async move {
+            let broadcast = Body::Broadcast {
+                payload: Payload::Binary(p),
+            };
+            publisher.submit(Priority::Normal, broadcast).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(best(&steps))
 }
 
 /// `n` clients spread over `addrs`, sharing a few UDP sockets; returns their event streams.
@@ -1155,23 +1145,10 @@ async fn hold_idle(
 pub async fn raw_server_main(addr: std::net::SocketAddr, certs: &Path) -> anyhow::Result<()> {
     let config = NodeConfig {
         listen: addr,
+        certs_dir: certs.to_owned(),
         ..NodeConfig::default()
     };
-    let paths = crate::tls::ensure_dev_certs(certs, &config.cert_names)?;
-    let crypto = crate::tls::server_crypto(
-        crate::tls::load_certs(&paths.server_cert)?,
-        crate::tls::load_key(&paths.server_key)?,
-    )?;
-    let mut server_config = quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto));
-    server_config.transport_config(std::sync::Arc::new(crate::server::transport_config(
-        &config,
-    )?));
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config),
-        crate::server::bind_socket(addr)?,
-        std::sync::Arc::new(quinn::TokioRuntime),
-    )?;
+    let endpoint = crate::server::endpoint(&config)?;
     let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     while let Some(incoming) = endpoint.accept().await {
         // Concurrent handshakes, as the node does them.

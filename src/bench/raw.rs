@@ -36,22 +36,11 @@ impl RawServer {
     pub fn start(certs: &std::path::Path, mode: Mode) -> anyhow::Result<RawServer> {
         let config = NodeConfig {
             listen: "127.0.0.1:0".parse()?,
+            certs_dir: certs.to_owned(),
             ..NodeConfig::default()
         };
-        let paths = tls::ensure_dev_certs(certs, &config.cert_names)?;
-        let crypto = tls::server_crypto(
-            tls::load_certs(&paths.server_cert)?,
-            tls::load_key(&paths.server_key)?,
-        )?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server_config.transport_config(Arc::new(crate::server::transport_config(&config)?));
-        // The node's socket (enlarged buffers), so only fabric logic differs.
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            crate::server::bind_socket(config.listen)?,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        // The node's endpoint (TLS, transport, socket), so only fabric logic differs.
+        let endpoint = crate::server::endpoint(&config)?;
         let peers: Peers = Arc::new(std::sync::RwLock::new(Vec::new()));
         let accept = endpoint.clone();
         tokio::spawn(async move {

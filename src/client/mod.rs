@@ -244,6 +244,7 @@ struct Inner {
 /// event channel.
 struct State {
     config: ClientConfig,
+    crypto: Arc<quinn::crypto::rustls::QuicClientConfig>,
     current: std::sync::RwLock<Arc<Inner>>,
     closing: std::sync::atomic::AtomicBool,
 }
@@ -342,11 +343,14 @@ impl Client {
     /// reconnect policy, later losses of the connection are repaired in the
     /// background; the first connection must succeed.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
-        let (inner, first) = connect_once(config).await?;
+        // TLS is set up once (the CA file read once) and reused by reconnects.
+        let crypto = Arc::new(tls::client_crypto(&config.trust)?);
+        let (inner, first) = connect_once(config, &crypto).await?;
         let (events_tx, events) = mpsc::channel(config.event_buffer.max(1));
         let conn = inner.conn.clone();
         let state = Arc::new(State {
             config: config.clone(),
+            crypto,
             current: std::sync::RwLock::new(inner.clone()),
             closing: std::sync::atomic::AtomicBool::new(false),
         });
@@ -549,8 +553,9 @@ impl Client {
 /// config trusts, without becoming a client (no handshake, no presence):
 /// what a container health check needs. Returns the handshake time.
 pub async fn probe(config: &ClientConfig) -> Result<Duration, ClientError> {
+    let crypto = Arc::new(tls::client_crypto(&config.trust)?);
     let start = Instant::now();
-    let (endpoint, conn) = tokio::time::timeout(config.connect_timeout, dial(config))
+    let (endpoint, conn) = tokio::time::timeout(config.connect_timeout, dial(config, &crypto))
         .await
         .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
     let elapsed = start.elapsed();
@@ -560,14 +565,16 @@ pub async fn probe(config: &ClientConfig) -> Result<Duration, ClientError> {
 }
 
 /// Opens a QUIC connection (TLS verified) from a fresh local port.
-async fn dial(config: &ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
+async fn dial(
+    config: &ClientConfig,
+    crypto: &Arc<quinn::crypto::rustls::QuicClientConfig>,
+) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
     let addr = resolve(&config.server).await?;
     let server_name = config
         .server_name
         .clone()
         .unwrap_or_else(|| host_part(&config.server));
-    let crypto = tls::client_crypto(&config.trust)?;
-    let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut client_config = quinn::ClientConfig::new(crypto.clone());
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(0u32.into())
@@ -602,9 +609,10 @@ async fn dial(config: &ClientConfig) -> Result<(quinn::Endpoint, quinn::Connecti
 /// One connection attempt: QUIC + TLS, then the application handshake.
 async fn connect_once(
     config: &ClientConfig,
+    crypto: &Arc<quinn::crypto::rustls::QuicClientConfig>,
 ) -> Result<(Arc<Inner>, quinn::RecvStream), ClientError> {
     let handshake = async {
-        let (endpoint, conn) = dial(config).await?;
+        let (endpoint, conn) = dial(config, crypto).await?;
         let mut high = conn.open_uni().await?;
         let _ = high.set_priority(protocol::stream_priority(Priority::High));
         let hello = Frame::new(
@@ -736,9 +744,9 @@ async fn supervise(
             if s.closing.load(std::sync::atomic::Ordering::Acquire) {
                 return;
             }
-            let config = s.config.clone();
+            let (config, crypto) = (s.config.clone(), s.crypto.clone());
             drop(s);
-            match connect_once(&config).await {
+            match connect_once(&config, &crypto).await {
                 Ok(ok) => break ok,
                 Err(err) => {
                     attempts += 1;
