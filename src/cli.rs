@@ -412,7 +412,9 @@ pub fn frame_json(frame: &Frame) -> Value {
             out.insert("to".into(), json!(to.to_string()));
             payload_fields(payload, &mut out);
         }
-        Body::Error { of, code, message } => {
+        Body::Error {
+            of, code, message, ..
+        } => {
             out.insert("of".into(), json!(of.map(|o| o.to_string())));
             out.insert("code".into(), json!(code.0));
             out.insert("message".into(), json!(message));

@@ -231,7 +231,15 @@ impl ClientHandle {
         stats::add(&self.stats.errors, 1);
         let message = message.to_string();
         tracing::debug!(client_id = %self.id(), code = code.0, %message, "error to client");
-        self.reply(priority, Body::Error { of, code, message });
+        self.reply(
+            priority,
+            Body::Error {
+                of,
+                code,
+                message,
+                retry_after_ms: None,
+            },
+        );
     }
 
     /// Whether the client was disconnected as a slow consumer.

@@ -488,6 +488,7 @@ async fn reject(conn: &quinn::Connection, rejection: Rejection) -> End {
             of: rejection.of,
             code: rejection.error,
             message: rejection.message.clone(),
+            retry_after_ms: None,
         },
     );
     frame.timestamp_ms = now_ms();

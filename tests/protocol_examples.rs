@@ -143,6 +143,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
                     of: Some(REQ),
                     code: error_code::UNKNOWN_CLIENT,
                     message: "no".into(),
+                    retry_after_ms: None,
                 },
             ),
         ),

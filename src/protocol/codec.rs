@@ -247,6 +247,7 @@ mod tests {
                 of: Some(id),
                 code: error_code::UNKNOWN_CLIENT,
                 message: "x".into(),
+                retry_after_ms: Some(250),
             },
             Body::Goodbye {
                 reason: "bye".into(),

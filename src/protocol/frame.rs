@@ -282,6 +282,8 @@ pub enum Body {
         code: ErrorCode,
         /// Human-readable reason.
         message: String,
+        /// For RATE_LIMITED: milliseconds until a frame would be accepted again.
+        retry_after_ms: Option<u32>,
     },
     /// 12. Either way: the sender is about to close the connection.
     Goodbye {
