@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -31,6 +32,49 @@ pub enum EnqueueError {
     /// The client is already gone.
     #[error("recipient has disconnected")]
     Closed,
+    /// The node's memory budget for queued messages (all clients together)
+    /// is exhausted; the message was not queued.
+    #[error("the node's queues are full (max_total_queued_bytes)")]
+    NodeBusy,
+}
+
+/// The node-wide budget for bytes queued to clients.
+#[derive(Debug)]
+pub struct QueueBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl QueueBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(QueueBudget {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Bytes queued for all clients right now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, len: usize) -> bool {
+        let before = self.used.fetch_add(len, Ordering::AcqRel);
+        if before + len > self.max {
+            self.used.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn force(&self, len: usize) {
+        self.used.fetch_add(len, Ordering::AcqRel);
+    }
+
+    fn give(&self, len: usize) {
+        self.used.fetch_sub(len, Ordering::AcqRel);
+    }
 }
 
 /// The node's handle on one connected client.
@@ -44,6 +88,7 @@ pub struct ClientHandle {
     queue_len: usize,
     queued_bytes: Arc<AtomicUsize>,
     max_queued_bytes: usize,
+    budget: Arc<QueueBudget>,
     slow: AtomicBool,
     conn: quinn::Connection,
     stats: Arc<Stats>,
@@ -76,6 +121,7 @@ impl ClientHandle {
         conn: quinn::Connection,
         queue_len: usize,
         max_queued_bytes: usize,
+        budget: Arc<QueueBudget>,
         stats: Arc<Stats>,
     ) -> Arc<Self> {
         Arc::new(ClientHandle {
@@ -85,6 +131,7 @@ impl ClientHandle {
             queue_len,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             max_queued_bytes,
+            budget,
             slow: AtomicBool::new(false),
             conn,
             stats,
@@ -128,6 +175,7 @@ impl ClientHandle {
             stream,
             rx,
             self.queued_bytes.clone(),
+            self.budget.clone(),
         );
         self.writers.spawn(writer.instrument(self.span.clone()));
     }
@@ -161,16 +209,36 @@ impl ClientHandle {
     }
 
     /// Queues an encoded frame without waiting. A full queue disconnects the
-    /// client as a slow consumer.
+    /// client as a slow consumer; an exhausted node-wide budget refuses the
+    /// frame with [`EnqueueError::NodeBusy`].
     pub fn enqueue(&self, priority: Priority, frame: Bytes) -> Result<(), EnqueueError> {
+        self.enqueue_inner(priority, frame, false)
+    }
+
+    fn enqueue_inner(
+        &self,
+        priority: Priority,
+        frame: Bytes,
+        is_reply: bool,
+    ) -> Result<(), EnqueueError> {
         if self.slow.load(Ordering::Relaxed) {
             return Err(EnqueueError::SlowConsumer);
         }
         let len = frame.len();
+        // Replies to the client's own requests are small and bounded by its
+        // own budget; they are never refused for the node-wide one, so a
+        // request always gets its answer.
+        if is_reply {
+            self.budget.force(len);
+        } else if !self.budget.take(len) {
+            stats::add(&self.stats.node_busy, 1);
+            return Err(EnqueueError::NodeBusy);
+        }
         let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
         // An empty queue always takes one frame, whatever its size.
         if before > 0 && before + len > self.max_queued_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.budget.give(len);
             self.disconnect_slow("outbound byte budget exhausted");
             return Err(EnqueueError::SlowConsumer);
         }
@@ -182,11 +250,13 @@ impl ClientHandle {
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.budget.give(len);
                 self.disconnect_slow("outbound queue full");
                 Err(EnqueueError::SlowConsumer)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.budget.give(len);
                 Err(EnqueueError::Closed)
             }
         }
@@ -209,7 +279,7 @@ impl ClientHandle {
     pub fn reply(&self, priority: Priority, body: Body) {
         match protocol::encode(&Frame::new(priority, body)) {
             Ok(bytes) => {
-                let _ = self.enqueue(priority, bytes);
+                let _ = self.enqueue_inner(priority, bytes, true);
             }
             Err(err) => tracing::error!(%err, "cannot encode reply"),
         }
@@ -238,6 +308,22 @@ impl ClientHandle {
                 code,
                 message,
                 retry_after_ms: None,
+            },
+        );
+    }
+
+    /// Tells the client that frame `of` was dropped by its rate limit and
+    /// when to try again.
+    pub fn rate_limited(&self, priority: Priority, of: Option<MessageId>, wait: Duration) {
+        stats::add(&self.stats.rate_limited, 1);
+        let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+        self.reply(
+            priority,
+            Body::Error {
+                of,
+                code: crate::protocol::error_code::RATE_LIMITED,
+                message: format!("rate limit exceeded; retry after {retry_after_ms} ms"),
+                retry_after_ms: Some(retry_after_ms),
             },
         );
     }
@@ -322,21 +408,39 @@ impl ClientManager {
         (all, truncated)
     }
 
-    /// Queues `frame` for every client except `exclude`; returns how many
-    /// took it. Never blocks: slow consumers are disconnected instead.
-    pub fn broadcast(&self, exclude: Option<ClientId>, priority: Priority, frame: &Bytes) -> usize {
+    /// Queues `frame` for every client except `exclude`. Never blocks:
+    /// slow consumers are disconnected instead.
+    pub fn broadcast(
+        &self,
+        exclude: Option<ClientId>,
+        priority: Priority,
+        frame: &Bytes,
+    ) -> BroadcastCount {
         let clients = self.read();
-        clients
-            .values()
-            .filter(|c| Some(c.id()) != exclude)
-            .filter(|c| c.enqueue(priority, frame.clone()).is_ok())
-            .count()
+        let mut count = BroadcastCount::default();
+        for client in clients.values().filter(|c| Some(c.id()) != exclude) {
+            match client.enqueue(priority, frame.clone()) {
+                Ok(()) => count.delivered += 1,
+                Err(EnqueueError::NodeBusy) => count.node_busy += 1,
+                Err(_) => {}
+            }
+        }
+        count
     }
 
     /// Every connected client's handle.
     pub fn all(&self) -> Vec<Arc<ClientHandle>> {
         self.read().values().cloned().collect()
     }
+}
+
+/// What a local broadcast reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BroadcastCount {
+    /// Clients that got it queued.
+    pub delivered: usize,
+    /// Clients that missed it because the node-wide queue budget was exhausted.
+    pub node_busy: usize,
 }
 
 /// Drains one priority's queue onto its own stream, opened on first use.
@@ -346,6 +450,7 @@ async fn write_stream(
     mut stream: Option<quinn::SendStream>,
     mut rx: mpsc::Receiver<Bytes>,
     queued_bytes: Arc<AtomicUsize>,
+    budget: Arc<QueueBudget>,
 ) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
@@ -359,20 +464,50 @@ async fn write_stream(
                 }
                 Err(err) => {
                     tracing::debug!(%err, %priority, "cannot open stream");
-                    return;
+                    release(&queued_bytes, &budget, len);
+                    return discard(rx, &queued_bytes, &budget);
                 }
             },
         };
         let result = send.write_all_chunks(&mut batch).await;
         batch.clear();
-        queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        release(&queued_bytes, &budget, len);
         if let Err(err) = result {
             tracing::debug!(%err, %priority, "stream write failed");
-            return;
+            return discard(rx, &queued_bytes, &budget);
         }
     }
     if let Some(mut send) = stream {
         let _ = send.finish();
         let _ = send.stopped().await;
+    }
+}
+
+fn release(queued_bytes: &AtomicUsize, budget: &QueueBudget, len: usize) {
+    queued_bytes.fetch_sub(len, Ordering::AcqRel);
+    budget.give(len);
+}
+
+/// Gives back the budget of frames that will never be written.
+fn discard(mut rx: mpsc::Receiver<Bytes>, queued_bytes: &AtomicUsize, budget: &QueueBudget) {
+    rx.close();
+    while let Ok(frame) = rx.try_recv() {
+        release(queued_bytes, budget, frame.len());
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        // Lanes whose writer never started (the client never became ready).
+        for lane in &self.lanes {
+            let pending = lane
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(rx) = pending {
+                discard(rx, &self.queued_bytes, &self.budget);
+            }
+        }
     }
 }

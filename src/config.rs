@@ -10,7 +10,8 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, HARD_MAX_FRAME_BYTES, NodeId};
+pub use crate::limits::AddressValidation;
+use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, HARD_MAX_FRAME_BYTES, MAX_NAME_BYTES, NodeId};
 
 /// Why a configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,47 @@ pub struct NodeConfig {
     pub delivery_timeout: Duration,
     /// Cluster operations queued for Redis before new ones fail fast.
     pub bus_queue_len: usize,
+    /// Longest client name accepted in a handshake, in bytes (at most 1024).
+    pub max_name_bytes: usize,
+    /// Largest Handshake frame accepted from a not yet authenticated peer
+    /// (capped by `max_message_bytes`).
+    pub max_handshake_bytes: usize,
+    /// Bytes queued for all clients together; beyond it new messages are
+    /// refused with SERVER_BUSY instead of growing memory.
+    pub max_total_queued_bytes: usize,
+    /// Messages per second each client may send (0 = unlimited).
+    pub rate_limit_messages: u32,
+    /// Messages a client may send in a burst above the rate.
+    pub rate_limit_burst: u32,
+    /// Rate-limited frames tolerated within `rate_limit_strike_window`
+    /// before the client is disconnected (close code 10).
+    pub rate_limit_strikes: u32,
+    /// Window for `rate_limit_strikes`.
+    #[serde(with = "humantime_serde")]
+    pub rate_limit_strike_window: Duration,
+    /// Connections at once from one IP address (0 = unlimited).
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one IP address (0 = unlimited).
+    pub connection_rate_per_ip: u32,
+    /// New connections from one IP address in a burst above the rate.
+    pub connection_burst_per_ip: u32,
+    /// When new connections must prove their address with a QUIC Retry.
+    pub address_validation: AddressValidation,
+    /// HS256 shared secret (at least 32 bytes); turns JWT auth on.
+    pub auth_jwt_secret: Option<String>,
+    /// Public key PEM (RSA → RS256, P-256 → ES256, Ed25519 → EdDSA); turns JWT auth on.
+    pub auth_jwt_public_key: Option<PathBuf>,
+    /// JWKS file (keys chosen by `kid`); turns JWT auth on.
+    pub auth_jwks: Option<PathBuf>,
+    /// Accepted token audiences (`aud`); empty = not checked.
+    pub auth_audience: Vec<String>,
+    /// Accepted token issuers (`iss`); empty = not checked.
+    pub auth_issuer: Vec<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub auth_leeway: Duration,
+    /// CA (PEM) client certificates must chain to; turns mutual TLS on.
+    pub auth_client_ca: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -149,6 +191,24 @@ impl Default for NodeConfig {
             heartbeat_interval: Duration::from_secs(2),
             delivery_timeout: Duration::from_secs(5),
             bus_queue_len: 65_536,
+            max_name_bytes: MAX_NAME_BYTES,
+            max_handshake_bytes: 16 * 1024,
+            max_total_queued_bytes: 1024 * 1024 * 1024,
+            rate_limit_messages: 1_000,
+            rate_limit_burst: 2_000,
+            rate_limit_strikes: 1_000,
+            rate_limit_strike_window: Duration::from_secs(10),
+            max_connections_per_ip: 256,
+            connection_rate_per_ip: 20,
+            connection_burst_per_ip: 100,
+            address_validation: AddressValidation::UnderLoad,
+            auth_jwt_secret: None,
+            auth_jwt_public_key: None,
+            auth_jwks: None,
+            auth_audience: Vec::new(),
+            auth_issuer: Vec::new(),
+            auth_leeway: Duration::from_secs(30),
+            auth_client_ca: None,
         }
     }
 }
@@ -222,6 +282,48 @@ impl NodeConfig {
         }
         if self.name.is_empty() {
             return invalid("name must not be empty".into());
+        }
+        if self.max_name_bytes == 0 || self.max_name_bytes > 1024 {
+            return invalid(format!(
+                "max_name_bytes must be 1..=1024, got {}",
+                self.max_name_bytes
+            ));
+        }
+        if self.max_handshake_bytes < 256 {
+            return invalid(format!(
+                "max_handshake_bytes must be at least 256, got {}",
+                self.max_handshake_bytes
+            ));
+        }
+        if self.max_total_queued_bytes < self.max_queued_bytes {
+            return invalid(format!(
+                "max_total_queued_bytes ({}) must be at least max_queued_bytes ({})",
+                self.max_total_queued_bytes, self.max_queued_bytes
+            ));
+        }
+        if self.rate_limit_messages > 0 && self.rate_limit_burst < self.rate_limit_messages.min(1) {
+            return invalid("rate_limit_burst must be at least 1".into());
+        }
+        if self.rate_limit_strike_window.is_zero() {
+            return invalid("rate_limit_strike_window must be above zero".into());
+        }
+        let key_sources = [
+            self.auth_jwt_secret.is_some(),
+            self.auth_jwt_public_key.is_some(),
+            self.auth_jwks.is_some(),
+        ];
+        if key_sources.iter().filter(|on| **on).count() > 1 {
+            return invalid(
+                "choose one of --auth-jwt-secret, --auth-jwt-public-key and --auth-jwks".into(),
+            );
+        }
+        if let Some(secret) = &self.auth_jwt_secret
+            && secret.len() < crate::auth::MIN_SECRET_BYTES
+        {
+            return invalid(format!(
+                "the JWT secret must be at least {} bytes (256 bits)",
+                crate::auth::MIN_SECRET_BYTES
+            ));
         }
         Ok(())
     }
@@ -324,6 +426,60 @@ pub struct NodeArgs {
     /// Cluster operations queued for Redis [default: 65536].
     #[arg(long, env = "FABRIC_BUS_QUEUE_LEN")]
     pub bus_queue_len: Option<usize>,
+    /// Longest client name in bytes [default: 64].
+    #[arg(long, env = "FABRIC_MAX_NAME_BYTES")]
+    pub max_name_bytes: Option<usize>,
+    /// Largest Handshake frame in bytes [default: 16384].
+    #[arg(long, env = "FABRIC_MAX_HANDSHAKE_BYTES")]
+    pub max_handshake_bytes: Option<usize>,
+    /// Bytes queued for all clients together [default: 1073741824].
+    #[arg(long, env = "FABRIC_MAX_TOTAL_QUEUED_BYTES")]
+    pub max_total_queued_bytes: Option<usize>,
+    /// Messages per second per client, 0 = unlimited [default: 1000].
+    #[arg(long, env = "FABRIC_RATE_LIMIT")]
+    pub rate_limit_messages: Option<u32>,
+    /// Message burst per client above the rate [default: 2000].
+    #[arg(long, env = "FABRIC_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// Rate-limited frames within the strike window before disconnecting [default: 1000].
+    #[arg(long, env = "FABRIC_RATE_LIMIT_STRIKES")]
+    pub rate_limit_strikes: Option<u32>,
+    /// Strike window [default: 10s].
+    #[arg(long, env = "FABRIC_RATE_LIMIT_STRIKE_WINDOW", value_parser = humantime::parse_duration)]
+    pub rate_limit_strike_window: Option<Duration>,
+    /// Connections at once per IP address, 0 = unlimited [default: 256].
+    #[arg(long, env = "FABRIC_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New connections per second per IP address, 0 = unlimited [default: 20].
+    #[arg(long, env = "FABRIC_CONNECTION_RATE_PER_IP")]
+    pub connection_rate_per_ip: Option<u32>,
+    /// New-connection burst per IP address [default: 100].
+    #[arg(long, env = "FABRIC_CONNECTION_BURST_PER_IP")]
+    pub connection_burst_per_ip: Option<u32>,
+    /// QUIC Retry (address validation) for new connections [default: under-load].
+    #[arg(long, env = "FABRIC_ADDRESS_VALIDATION", value_enum)]
+    pub address_validation: Option<AddressValidation>,
+    /// Require a JWT signed with this HS256 secret (at least 32 bytes).
+    #[arg(long, env = "FABRIC_AUTH_JWT_SECRET", hide_env_values = true)]
+    pub auth_jwt_secret: Option<String>,
+    /// Require a JWT signed by this public key (PEM: RSA, P-256 or Ed25519).
+    #[arg(long, env = "FABRIC_AUTH_JWT_PUBLIC_KEY")]
+    pub auth_jwt_public_key: Option<PathBuf>,
+    /// Require a JWT signed by a key of this JWKS file (chosen by kid).
+    #[arg(long, env = "FABRIC_AUTH_JWKS")]
+    pub auth_jwks: Option<PathBuf>,
+    /// Accepted token audience (repeat or comma-separate for several).
+    #[arg(long, env = "FABRIC_AUTH_AUDIENCE", value_delimiter = ',')]
+    pub auth_audience: Option<Vec<String>>,
+    /// Accepted token issuer (repeat or comma-separate for several).
+    #[arg(long, env = "FABRIC_AUTH_ISSUER", value_delimiter = ',')]
+    pub auth_issuer: Option<Vec<String>>,
+    /// Clock skew tolerated on exp/nbf [default: 30s].
+    #[arg(long, env = "FABRIC_AUTH_LEEWAY", value_parser = humantime::parse_duration)]
+    pub auth_leeway: Option<Duration>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "FABRIC_AUTH_CLIENT_CA")]
+    pub auth_client_ca: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -365,6 +521,31 @@ impl NodeArgs {
             heartbeat_interval,
             delivery_timeout,
             bus_queue_len,
+            max_name_bytes,
+            max_handshake_bytes,
+            max_total_queued_bytes,
+            rate_limit_messages,
+            rate_limit_burst,
+            rate_limit_strikes,
+            rate_limit_strike_window,
+            max_connections_per_ip,
+            connection_rate_per_ip,
+            connection_burst_per_ip,
+            address_validation,
+            auth_audience,
+            auth_issuer,
+            auth_leeway,
+        );
+        macro_rules! overlay_optional {
+            ($($field:ident),* $(,)?) => {
+                $(if self.$field.is_some() { config.$field = self.$field; })*
+            };
+        }
+        overlay_optional!(
+            auth_jwt_secret,
+            auth_jwt_public_key,
+            auth_jwks,
+            auth_client_ca
         );
         if self.redis_url.is_some() {
             config.redis_url = self.redis_url;

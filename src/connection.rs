@@ -10,19 +10,24 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use quinn::VarInt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::client_manager::ClientHandle;
 use crate::handler::{MessageHandler, Next};
+use crate::limits::{ClientRateLimit, ConnectionPermit, RateVerdict};
 use crate::protocol::{
     self, Body, ClientId, ClientInfo, CodecError, ErrorCode, Frame, HARD_MAX_FRAME_BYTES,
-    Handshake, HandshakeAck, LENGTH_PREFIX_BYTES, MAX_NAME_BYTES, MAX_PROTOCOL_VERSION,
-    MIN_PROTOCOL_VERSION, Priority, Sender, close_code, error_code, now_ms,
+    Handshake, HandshakeAck, LENGTH_PREFIX_BYTES, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION,
+    Priority, Sender, close_code, error_code, now_ms,
 };
 use crate::server::Shared;
 use crate::stats;
+
+/// Most buffer reserved for a frame before its bytes arrive.
+const PREALLOCATE_BYTES: usize = 64 * 1024;
 
 /// End reason of connections closed by the peer before any handshake.
 const PEER_LEFT_BEFORE_HANDSHAKE: &str = "peer closed before the handshake";
@@ -77,8 +82,17 @@ pub(crate) async fn read_frame(
     }
     match protocol::decode_length(prefix, max) {
         Ok(len) => {
-            let mut payload = vec![0u8; len];
-            recv.read_exact(&mut payload).await?;
+            // Memory grows with the bytes that actually arrive, not with
+            // what the prefix claims: a peer announcing a large frame and
+            // then going silent holds no more than it sent.
+            let mut payload = Vec::with_capacity(len.min(PREALLOCATE_BYTES));
+            while payload.len() < len {
+                let chunk = recv
+                    .read_chunk(len - payload.len(), true)
+                    .await?
+                    .ok_or(ReadError::Truncated)?;
+                payload.extend_from_slice(&chunk.bytes);
+            }
             Ok(match protocol::decode_frame(&payload) {
                 Ok(frame) => Inbound::Frame(frame, LENGTH_PREFIX_BYTES + len),
                 Err(err) => {
@@ -110,6 +124,7 @@ pub(crate) async fn read_frame(
 /// Serves one incoming connection until it ends.
 pub(crate) async fn serve(
     incoming: quinn::Incoming,
+    mut permit: ConnectionPermit,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
@@ -130,7 +145,7 @@ pub(crate) async fn serve(
             }
         };
         let started = Instant::now();
-        let (code, reason) = match run(&conn, &shared, &shutdown).await {
+        let (code, reason) = match run(&conn, &mut permit, &shared, &shutdown).await {
             Ok(end) => end,
             Err(end) => end,
         };
@@ -160,7 +175,7 @@ async fn admit(
     let config = &shared.config;
     // The handshake: the first frame on the first stream the client opens.
     let (first_stream, hello, hello_size) = tokio::select! {
-        res = tokio::time::timeout(config.handshake_timeout, read_handshake(conn, config.max_message_bytes)) => match res {
+        res = tokio::time::timeout(config.handshake_timeout, read_handshake(conn, config.max_handshake_bytes.min(config.max_message_bytes))) => match res {
             Ok(Ok(first)) => first,
             Ok(Err(_)) if conn.close_reason().is_some() => {
                 // Gone before saying anything: a health probe or a dropped dial.
@@ -196,8 +211,25 @@ async fn admit(
             .await);
         }
     };
+    let identity = match authenticate(conn, shared, hello.token.as_deref()) {
+        Ok(identity) => identity,
+        Err(message) => {
+            stats::add(&shared.stats.auth_failures, 1);
+            return Err(reject(
+                conn,
+                Rejection {
+                    of: Some(hello_id),
+                    error: error_code::AUTH_FAILED,
+                    close: close_code::AUTH_FAILED,
+                    message,
+                },
+            )
+            .await);
+        }
+    };
+    let max_name = config.max_name_bytes;
     if hello.name.is_empty()
-        || hello.name.len() > MAX_NAME_BYTES
+        || hello.name.len() > max_name
         || hello.name.chars().any(char::is_control)
     {
         return Err(reject(
@@ -206,9 +238,7 @@ async fn admit(
                 of: Some(hello_id),
                 error: error_code::INVALID_FIELD,
                 close: close_code::BAD_HANDSHAKE,
-                message: format!(
-                    "name must be 1 to {MAX_NAME_BYTES} bytes without control characters"
-                ),
+                message: format!("name must be 1 to {max_name} bytes without control characters"),
             },
         )
         .await);
@@ -220,14 +250,14 @@ async fn admit(
         client_id,
         node_id: shared.node_id,
         name: hello.name.clone(),
-        user: None,
+        user: identity.user.clone(),
         connected_at_ms: now_ms(),
     };
     let stamp = Sender {
         client_id,
         node_id: shared.node_id,
         name: hello.name,
-        user: None,
+        user: identity.user,
     };
     let handle = ClientHandle::new(
         info,
@@ -235,6 +265,7 @@ async fn admit(
         conn.clone(),
         config.outbound_queue_len,
         config.max_queued_bytes,
+        shared.queue_budget.clone(),
         shared.stats.clone(),
     );
     if let Err(full) = shared.clients.register(handle.clone()) {
@@ -287,13 +318,51 @@ async fn admit(
     Ok(Admitted {
         handle,
         first_stream,
+        expires_at: identity.expires_at,
     })
+}
+
+/// Who the client is, as far as the node can tell.
+#[derive(Debug, Default)]
+struct ClientIdentity {
+    /// The authenticated user id (token subject or certificate name).
+    user: Option<String>,
+    /// When the client's token expires (Unix seconds).
+    expires_at: Option<u64>,
+}
+
+/// Checks the client's certificate (mutual TLS) and token (JWT), as
+/// configured. The error message goes to the client.
+fn authenticate(
+    conn: &quinn::Connection,
+    shared: &Shared,
+    token: Option<&str>,
+) -> Result<ClientIdentity, String> {
+    let mut identity = ClientIdentity::default();
+    if shared.config.auth_client_ca.is_some() {
+        // TLS already verified the chain; this only reads the name.
+        let user = crate::tls::peer_user(conn)
+            .ok_or("the client certificate names no user (no CN or SAN)")?;
+        if user.len() > crate::auth::MAX_USER_BYTES || user.chars().any(char::is_control) {
+            return Err("the client certificate's name is not a usable user id".into());
+        }
+        identity.user = Some(user);
+    }
+    if let Some(auth) = &shared.auth {
+        let verified = auth.verify(token).map_err(|e| e.to_string())?;
+        // With both on, the token names the user; the certificate vouches
+        // for the device.
+        identity.user = Some(verified.user);
+        identity.expires_at = Some(verified.expires_at);
+    }
+    Ok(identity)
 }
 
 /// What the handshake phase hands to the rest of the connection.
 struct Admitted {
     handle: Arc<ClientHandle>,
     first_stream: quinn::RecvStream,
+    expires_at: Option<u64>,
 }
 
 /// How readers tell the connection task to end it.
@@ -315,18 +384,29 @@ impl Closer {
 
 async fn run(
     conn: &quinn::Connection,
+    permit: &mut ConnectionPermit,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
 ) -> Result<End, End> {
     // Each phase is boxed and freed when it is over, so an idle connection
     // keeps only the steady phase's state (measured with massif:
     // BENCHMARKS.md, `connections`).
-    let admitted = Box::pin(admit(conn, shared, shutdown)).await?;
+    let admitted = Box::pin(admit(conn, shared, shutdown)).await;
+    permit.handshake_done();
     let Admitted {
         handle,
         first_stream,
-    } = admitted;
-    let end = Box::pin(steady(conn, shared, shutdown, &handle, first_stream)).await;
+        expires_at,
+    } = admitted?;
+    let end = Box::pin(steady(
+        conn,
+        shared,
+        shutdown,
+        &handle,
+        first_stream,
+        expires_at,
+    ))
+    .await;
     Box::pin(drain(shared, handle, end)).await
 }
 
@@ -337,31 +417,55 @@ async fn steady(
     shutdown: &CancellationToken,
     handle: &Arc<ClientHandle>,
     first_stream: quinn::RecvStream,
+    expires_at: Option<u64>,
 ) -> End {
-    let handler = MessageHandler::new(shared.clone());
-    let closer = Closer {
-        token: CancellationToken::new(),
-        end: Arc::new(std::sync::Mutex::new(None)),
+    let reader = Reader {
+        client: handle.clone(),
+        handler: MessageHandler::new(shared.clone()),
+        shared: shared.clone(),
+        close: Closer {
+            token: CancellationToken::new(),
+            end: Arc::new(std::sync::Mutex::new(None)),
+        },
+        limit: ClientRateLimit::from_config(&shared.config).map(Arc::new),
     };
+    let closer = reader.close.clone();
+    // A connection may not outlive its token (plus the clock-skew leeway).
+    let expiry = async {
+        match expires_at {
+            Some(exp) => {
+                let left = exp.saturating_sub(crate::auth::unix_now())
+                    + shared.config.auth_leeway.as_secs();
+                tokio::time::sleep(Duration::from_secs(left)).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     let mut readers = JoinSet::new();
-    readers.spawn(
-        read_stream(
-            first_stream,
-            handle.clone(),
-            handler.clone(),
-            shared.clone(),
-            closer.clone(),
-        )
-        .in_current_span(),
-    );
+    readers.spawn(read_stream(first_stream, reader.clone()).in_current_span());
     let end: End = loop {
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
-                Ok(recv) => {
-                    readers.spawn(read_stream(recv, handle.clone(), handler.clone(), shared.clone(), closer.clone()).in_current_span());
+                Ok(mut recv) => {
+                    // Opening a stream costs a token too, so stream churn
+                    // is rate limited like frames.
+                    match reader.check_rate(Priority::High, None) {
+                        RateVerdict::Allow => {
+                            readers.spawn(read_stream(recv, reader.clone()).in_current_span());
+                        }
+                        RateVerdict::Reject(_) => {
+                            let _ = recv.stop(VarInt::from_u32(close_code::RATE_LIMITED));
+                        }
+                        RateVerdict::Disconnect => {}
+                    }
                 }
                 Err(err) => break closed_reason(&err),
             },
+            _ = &mut expiry => {
+                handle.error(Priority::High, None, error_code::AUTH_FAILED, "token expired");
+                break (close_code::TOKEN_EXPIRED, "token expired".into());
+            }
             _ = closer.token.cancelled() => {
                 let end = closer.end.lock().unwrap_or_else(|e| e.into_inner()).take();
                 break end.unwrap_or((close_code::NORMAL, "closed".into()));
@@ -455,6 +559,12 @@ async fn read_handshake(
             of: Some(frame.id),
             ..violation(format!("expected Handshake, got {}", frame.body.kind()))
         }),
+        Ok(Inbound::Bad(err @ CodecError::FrameTooLarge { .. }, id)) => Err(Rejection {
+            of: id,
+            error: error_code::FRAME_TOO_LARGE,
+            close: close_code::BAD_HANDSHAKE,
+            message: format!("handshake frame too large: {err}"),
+        }),
         Ok(Inbound::Bad(err, id)) => Err(Rejection {
             of: id,
             ..violation(format!("invalid handshake frame: {err}"))
@@ -504,29 +614,77 @@ async fn reject(conn: &quinn::Connection, rejection: Rejection) -> End {
     (rejection.close, rejection.message)
 }
 
-async fn read_stream(
-    mut recv: quinn::RecvStream,
+/// What every reader task of one connection shares.
+#[derive(Clone)]
+struct Reader {
     client: Arc<ClientHandle>,
     handler: MessageHandler,
     shared: Arc<Shared>,
     close: Closer,
-) {
+    limit: Option<Arc<ClientRateLimit>>,
+}
+
+impl Reader {
+    /// Takes a rate-limit token for one frame (or stream). Over the limit
+    /// the client is told (Error RATE_LIMITED with retry_after_ms); after
+    /// too many strikes the connection is closed.
+    fn check_rate(&self, priority: Priority, of: Option<protocol::MessageId>) -> RateVerdict {
+        let Some(limit) = &self.limit else {
+            return RateVerdict::Allow;
+        };
+        let verdict = limit.check();
+        match verdict {
+            RateVerdict::Allow => {}
+            RateVerdict::Reject(wait) => self.client.rate_limited(priority, of, wait),
+            RateVerdict::Disconnect => {
+                stats::add(&self.shared.stats.rate_limit_disconnects, 1);
+                warn!("client kept sending over its rate limit; disconnecting");
+                self.close.close((
+                    close_code::RATE_LIMITED,
+                    "rate limit exceeded for too long".into(),
+                ));
+            }
+        }
+        verdict
+    }
+}
+
+async fn read_stream(mut recv: quinn::RecvStream, reader: Reader) {
+    let Reader {
+        client,
+        handler,
+        shared,
+        close,
+        ..
+    } = &reader;
     let max = shared.config.max_message_bytes;
     loop {
         match read_frame(&mut recv, max).await {
             Ok(Inbound::Frame(frame, size)) => {
                 stats::add(&shared.stats.messages_in, 1);
                 stats::add(&shared.stats.bytes_in, size as u64);
-                if handler.handle(&client, frame).await == Next::Close {
+                // A Goodbye is always honoured, limit or not.
+                if !matches!(frame.body, Body::Goodbye { .. }) {
+                    match reader.check_rate(frame.priority, Some(frame.id)) {
+                        RateVerdict::Allow => {}
+                        RateVerdict::Reject(_) => continue,
+                        RateVerdict::Disconnect => return,
+                    }
+                }
+                if handler.handle(client, frame).await == Next::Close {
                     close.close((close_code::NORMAL, "client said goodbye".into()));
                     return;
                 }
             }
-            Ok(Inbound::Bad(err, id)) => handler.bad_frame(&client, &err, id),
+            Ok(Inbound::Bad(err, id)) => match reader.check_rate(Priority::High, id) {
+                RateVerdict::Allow => handler.bad_frame(client, &err, id),
+                RateVerdict::Reject(_) => {}
+                RateVerdict::Disconnect => return,
+            },
             Ok(Inbound::End) => return,
             Err(ReadError::Untrustworthy(len)) => {
                 let err = CodecError::FrameTooLarge { len, max };
-                handler.bad_frame(&client, &err, None);
+                handler.bad_frame(client, &err, None);
                 warn!(len, "frame length beyond the hard limit; closing");
                 close.close((close_code::PROTOCOL_VIOLATION, err.to_string()));
                 return;

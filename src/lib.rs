@@ -7,6 +7,7 @@
 //! gives each frame type its meaning, the [`router`] that delivers messages,
 //! and the [`client`] library used by the `fabric` CLI and the tests.
 
+pub mod auth;
 pub mod bench;
 pub mod bus;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod client_manager;
 pub mod config;
 mod connection;
 pub mod handler;
+pub mod limits;
 pub mod protocol;
 pub mod router;
 pub mod server;

@@ -134,7 +134,20 @@ impl Router {
         priority: Priority,
         frame: Bytes,
     ) {
-        let local = self.clients.broadcast(Some(from.id()), priority, &frame);
+        let count = self.clients.broadcast(Some(from.id()), priority, &frame);
+        let local = count.delivered;
+        if count.node_busy > 0 {
+            // Nothing lost silently: the sender learns that some missed it.
+            return from.error(
+                priority,
+                Some(id),
+                error_code::SERVER_BUSY,
+                format!(
+                    "delivered to {local} clients on this node; {} missed it because the node's queues are full (not sent to other nodes)",
+                    count.node_busy
+                ),
+            );
+        }
         if !self.bus.clustered() {
             from.ack(priority, id);
             return;
@@ -304,6 +317,12 @@ impl Router {
                 error_code::UNKNOWN_CLIENT,
                 format!("no client with id {to} is connected"),
             ),
+            DeliveryOutcome::NodeBusy => from.error(
+                priority,
+                Some(id),
+                error_code::SERVER_BUSY,
+                format!("client {to}'s node has no queue memory left; retry later"),
+            ),
             DeliveryOutcome::RecipientSlow => from.error(
                 priority,
                 Some(id),
@@ -333,7 +352,15 @@ impl Router {
                 frame,
             } => {
                 if origin != self.node_id {
-                    self.clients.broadcast(None, priority, &frame);
+                    let count = self.clients.broadcast(None, priority, &frame);
+                    if count.node_busy > 0 {
+                        // The origin acknowledged on publish; all that is
+                        // left is to make the loss visible here.
+                        warn!(
+                            missed = count.node_busy,
+                            "cluster broadcast not delivered to some clients: node queues full"
+                        );
+                    }
                 }
             }
             BusMessage::Direct {
@@ -415,5 +442,6 @@ fn outcome_of(err: EnqueueError) -> DeliveryOutcome {
     match err {
         EnqueueError::SlowConsumer => DeliveryOutcome::RecipientSlow,
         EnqueueError::Closed => DeliveryOutcome::UnknownClient,
+        EnqueueError::NodeBusy => DeliveryOutcome::NodeBusy,
     }
 }

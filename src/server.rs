@@ -11,17 +11,20 @@ use std::time::Duration;
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use tokio::sync::mpsc;
 
+use crate::auth::Authenticator;
 use crate::bus::memory::{MemoryBus, MemoryCluster};
 use crate::bus::redis_bus::{RedisBus, RedisBusConfig};
 use crate::bus::{Bus, BusMessage};
-use crate::client_manager::ClientManager;
+use crate::client_manager::{ClientManager, QueueBudget};
 use crate::config::NodeConfig;
+use crate::limits::{Admission, Admit};
 use crate::protocol::{NodeId, close_code};
 use crate::router::Router;
+use crate::stats;
 use crate::stats::Stats;
 use crate::tls::{self, TlsError};
 
@@ -48,6 +51,9 @@ pub enum ServerError {
     /// A transport setting is out of range.
     #[error("invalid transport setting: {0}")]
     Transport(String),
+    /// Authentication keys could not be loaded.
+    #[error("authentication: {0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
 }
 
 /// State shared by every task of a node.
@@ -62,6 +68,12 @@ pub struct Shared {
     pub router: Arc<Router>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Verifies Handshake tokens when JWT auth is on.
+    pub auth: Option<Authenticator>,
+    /// Admission control for new connections.
+    pub admission: Admission,
+    /// Bytes queued for all clients together.
+    pub queue_budget: Arc<QueueBudget>,
 }
 
 /// A bound, not yet running node.
@@ -139,6 +151,9 @@ impl Server {
             router: Arc::new(router),
             clients,
             stats: Arc::new(Stats::default()),
+            auth: Authenticator::from_config(&config)?,
+            admission: Admission::new(&config),
+            queue_budget: QueueBudget::new(config.max_total_queued_bytes),
             config,
         });
         Ok(Server {
@@ -176,7 +191,7 @@ impl Server {
         let bus_cancel = CancellationToken::new();
         shared.router.start(inbox, bus_cancel.clone());
         let tracker = TaskTracker::new();
-        let admit_limit = shared.config.max_clients + shared.config.max_pending_handshakes;
+        let mut forget = tokio::time::interval(Duration::from_secs(60));
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
               node_id = %shared.node_id, name = %shared.config.name, "node listening");
         tokio::pin!(shutdown);
@@ -185,13 +200,27 @@ impl Server {
                 _ = &mut shutdown => break,
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    if tracker.len() >= admit_limit {
-                        warn!(remote = %incoming.remote_address(), "connection refused: too many connections");
-                        incoming.refuse();
-                        continue;
+                    let remote = incoming.remote_address();
+                    match shared.admission.admit(remote.ip(), incoming.remote_address_validated()) {
+                        Admit::Accept(permit) => {
+                            tracker.spawn(crate::connection::serve(incoming, permit, shared.clone(), cancel.clone()));
+                        }
+                        Admit::Retry => {
+                            debug!(%remote, "asking for address validation (Retry)");
+                            if let Err(err) = incoming.retry() {
+                                // Only fails if the address was validated already.
+                                debug!(%remote, ?err, "cannot send Retry");
+                                err.into_incoming().refuse();
+                            }
+                        }
+                        Admit::Refuse(why) => {
+                            stats::add(&shared.stats.connections_refused, 1);
+                            debug!(%remote, reason = why.as_str(), "connection refused before TLS");
+                            incoming.refuse();
+                        }
                     }
-                    tracker.spawn(crate::connection::serve(incoming, shared.clone(), cancel.clone()));
                 }
+                _ = forget.tick() => shared.admission.forget_idle(),
             }
         }
         info!(clients = shared.clients.len(), "shutting down");
@@ -227,7 +256,7 @@ pub fn endpoint(config: &NodeConfig) -> Result<quinn::Endpoint, ServerError> {
             )
         }
     };
-    let crypto = tls::server_crypto(certs, key)?;
+    let crypto = tls::server_crypto(certs, key, config.auth_client_ca.as_deref())?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server_config.transport_config(Arc::new(transport_config(config)?));
     let bind_error = |source| ServerError::Bind {

@@ -24,6 +24,16 @@ pub struct Stats {
     pub errors: AtomicU64,
     /// Clients disconnected as slow consumers.
     pub slow_consumer_disconnects: AtomicU64,
+    /// Messages refused because the node-wide queue budget was exhausted.
+    pub node_busy: AtomicU64,
+    /// Frames rejected by the per-client rate limit.
+    pub rate_limited: AtomicU64,
+    /// Clients disconnected for sustained rate-limit abuse.
+    pub rate_limit_disconnects: AtomicU64,
+    /// Handshakes refused for authentication.
+    pub auth_failures: AtomicU64,
+    /// Connection attempts refused before TLS (admission control).
+    pub connections_refused: AtomicU64,
 }
 
 impl Default for Stats {
@@ -37,6 +47,11 @@ impl Default for Stats {
             bytes_out: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             slow_consumer_disconnects: AtomicU64::new(0),
+            node_busy: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            rate_limit_disconnects: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
         }
     }
 }

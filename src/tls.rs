@@ -120,6 +120,66 @@ pub fn ensure_dev_certs(dir: &Path, names: &[String]) -> Result<DevCertPaths, Tl
     Ok(paths)
 }
 
+/// Issues a client certificate for mutual TLS from the dev CA in `dir`
+/// (created if missing): common name `name`, written as
+/// `client-NAME.pem` / `client-NAME.key`. Returns the two paths.
+pub fn issue_dev_client_cert(dir: &Path, name: &str) -> Result<ClientIdentity, TlsError> {
+    let invalid = name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+    if invalid {
+        return Err(TlsError::Pem {
+            path: dir.to_owned(),
+            what: format!("client name {name:?} must be 1 to 64 of [A-Za-z0-9-_.@]"),
+        });
+    }
+    let paths = DevCertPaths::in_dir(dir);
+    if !paths.ca_cert.exists() || !paths.ca_key.exists() {
+        ensure_dev_certs(dir, &["localhost".into()])?;
+    }
+    let ca_key = KeyPair::from_pem(&read_string(&paths.ca_key)?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read_string(&paths.ca_cert)?, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer)?;
+    let identity = ClientIdentity {
+        cert: dir.join(format!("client-{name}.pem")),
+        key: dir.join(format!("client-{name}.key")),
+    };
+    write_atomic(&identity.key, key.serialize_pem().as_bytes(), true)?;
+    write_atomic(&identity.cert, cert.pem().as_bytes(), false)?;
+    Ok(identity)
+}
+
+/// The user a verified client certificate names: its subject common name,
+/// else its first DNS or e-mail subject alternative name.
+pub fn certificate_user(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .find_map(|cn| cn.as_str().ok().map(str::to_owned));
+    cn.or_else(|| {
+        let san = parsed.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|name| match name {
+            GeneralName::DNSName(n) | GeneralName::RFC822Name(n) => Some((*n).to_owned()),
+            _ => None,
+        })
+    })
+}
+
+/// The user named by the certificate a QUIC peer presented (mutual TLS).
+pub fn peer_user(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
+    certificate_user(chain.first()?)
+}
+
 fn read_string(path: &Path) -> Result<String, TlsError> {
     fs::read_to_string(path).map_err(|source| TlsError::Io {
         path: path.to_owned(),
@@ -185,15 +245,33 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The QUIC server crypto config for a certificate chain and key.
+/// The QUIC server crypto config for a certificate chain and key. With
+/// `client_ca`, every client must present a certificate chaining to one of
+/// the CA certificates in that PEM file (mutual TLS).
 pub fn server_crypto(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    client_ca: Option<&Path>,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        Some(path) => {
+            let roots = root_store(path)?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::Pem {
+                path: path.to_owned(),
+                what: format!("unusable client CA: {e}"),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder.with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))
@@ -208,24 +286,41 @@ pub enum ServerTrust {
     InsecureAcceptAny,
 }
 
-/// The QUIC client crypto config for the given trust.
+/// A client certificate and its key (PEM files), for nodes that require
+/// mutual TLS.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+fn root_store(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// The QUIC client crypto config for the given trust, presenting
+/// `identity` when given.
 pub fn client_crypto(
     trust: &ServerTrust,
+    identity: Option<&ClientIdentity>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut tls = match trust {
-        ServerTrust::CaFile(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in load_certs(path)? {
-                roots.add(cert)?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+    let builder = match trust {
+        ServerTrust::CaFile(path) => builder.with_root_certificates(root_store(path)?),
         ServerTrust::InsecureAcceptAny => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider()))),
+    };
+    let mut tls = match identity {
+        Some(id) => builder.with_client_auth_cert(load_certs(&id.cert)?, load_key(&id.key)?)?,
+        None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     quinn::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -323,14 +418,16 @@ mod tests {
         server_crypto(
             load_certs(&paths.server_cert).unwrap(),
             load_key(&paths.server_key).unwrap(),
+            None,
         )
         .unwrap();
-        client_crypto(&ServerTrust::CaFile(paths.ca_cert)).unwrap();
+        client_crypto(&ServerTrust::CaFile(paths.ca_cert), None).unwrap();
     }
 
     #[test]
     fn missing_ca_file_is_a_clear_error() {
-        let Err(err) = client_crypto(&ServerTrust::CaFile("/nonexistent/ca.pem".into())) else {
+        let Err(err) = client_crypto(&ServerTrust::CaFile("/nonexistent/ca.pem".into()), None)
+        else {
             panic!("a missing CA file must be an error");
         };
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");

@@ -158,7 +158,7 @@ impl RawClient {
         addr: SocketAddr,
         ca: &std::path::Path,
     ) -> anyhow::Result<RawClient> {
-        let crypto = tls::client_crypto(&tls::ServerTrust::CaFile(ca.to_owned()))?;
+        let crypto = tls::client_crypto(&tls::ServerTrust::CaFile(ca.to_owned()), None)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport

@@ -80,6 +80,8 @@ pub enum DeliveryOutcome {
     UnknownClient,
     /// Tag 2: The recipient is being disconnected as a slow consumer.
     RecipientSlow,
+    /// Tag 3: The recipient's node has no queue memory left.
+    NodeBusy,
 }
 
 /// Where a bus message goes.

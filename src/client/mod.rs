@@ -33,8 +33,10 @@ pub struct ClientConfig {
     pub trust: ServerTrust,
     /// Display name sent in the handshake.
     pub name: String,
-    /// Bearer token sent in the handshake, for nodes that require one.
+    /// Bearer token (JWT) sent in the handshake, for nodes that require one.
     pub token: Option<String>,
+    /// Client certificate presented to nodes that require mutual TLS.
+    pub identity: Option<tls::ClientIdentity>,
     /// Time allowed for QUIC and application handshakes together.
     pub connect_timeout: Duration,
     /// Time allowed for a request's reply (Ack, Pong, ...).
@@ -92,6 +94,7 @@ impl ClientConfig {
             trust: ServerTrust::CaFile(ca_file.into()),
             name: "client".into(),
             token: None,
+            identity: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             keep_alive_interval: Duration::from_secs(5),
@@ -344,7 +347,7 @@ impl Client {
     /// background; the first connection must succeed.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
         // TLS is set up once (the CA file read once) and reused by reconnects.
-        let crypto = Arc::new(tls::client_crypto(&config.trust)?);
+        let crypto = Arc::new(tls::client_crypto(&config.trust, config.identity.as_ref())?);
         let (inner, first) = connect_once(config, &crypto).await?;
         let (events_tx, events) = mpsc::channel(config.event_buffer.max(1));
         let conn = inner.conn.clone();
@@ -553,7 +556,7 @@ impl Client {
 /// config trusts, without becoming a client (no handshake, no presence):
 /// what a container health check needs. Returns the handshake time.
 pub async fn probe(config: &ClientConfig) -> Result<Duration, ClientError> {
-    let crypto = Arc::new(tls::client_crypto(&config.trust)?);
+    let crypto = Arc::new(tls::client_crypto(&config.trust, config.identity.as_ref())?);
     let start = Instant::now();
     let (endpoint, conn) = tokio::time::timeout(config.connect_timeout, dial(config, &crypto))
         .await

@@ -29,7 +29,8 @@ pub const HARD_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// Default maximum frame payload length (prefix excluded).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 
-/// Longest client name accepted in a handshake, in bytes.
+/// Default for the longest client name accepted in a handshake, in bytes
+/// (`max_name_bytes`).
 pub const MAX_NAME_BYTES: usize = 64;
 
 /// Maps a [`Priority`] to quinn's stream priority: higher is sent first.
@@ -57,12 +58,16 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u32 = 5;
     /// The client did not complete the handshake in time.
     pub const HANDSHAKE_TIMEOUT: u32 = 6;
-    /// Authentication failed (reserved for authenticated deployments).
+    /// Authentication failed: missing or invalid token or client certificate.
     pub const AUTH_FAILED: u32 = 7;
     /// The handshake was invalid (for example a name that is too long).
     pub const BAD_HANDSHAKE: u32 = 8;
     /// An internal server error ended the connection.
     pub const INTERNAL: u32 = 9;
+    /// The client kept sending over its rate limit (`rate_limit_strikes`).
+    pub const RATE_LIMITED: u32 = 10;
+    /// The client's token expired while it was connected.
+    pub const TOKEN_EXPIRED: u32 = 11;
 }
 
 /// Application error codes carried in [`Body::Error`] frames.
@@ -91,12 +96,17 @@ pub mod error_code {
     pub const UNEXPECTED_FRAME: ErrorCode = ErrorCode(10);
     /// The message must cross the cluster but the cluster bus is unavailable.
     pub const CLUSTER_UNAVAILABLE: ErrorCode = ErrorCode(11);
-    /// Too many messages; retry later (reserved for rate limits).
+    /// The client exceeded its message rate; the frame was dropped. The
+    /// Error carries `retry_after_ms`.
     pub const RATE_LIMITED: ErrorCode = ErrorCode(12);
-    /// Authentication failed (reserved for authenticated deployments).
+    /// The Handshake's token (or client certificate) was missing or
+    /// invalid; the connection closes with `close_code::AUTH_FAILED`.
     pub const AUTH_FAILED: ErrorCode = ErrorCode(13);
     /// The server hit an internal error while handling the frame.
     pub const INTERNAL: ErrorCode = ErrorCode(14);
     /// The recipient's outbound queue is full; it is being disconnected.
     pub const RECIPIENT_SLOW: ErrorCode = ErrorCode(15);
+    /// The node's memory budget for queued messages is exhausted; the
+    /// message was not (fully) delivered. Retry later.
+    pub const SERVER_BUSY: ErrorCode = ErrorCode(16);
 }

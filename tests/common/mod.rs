@@ -151,9 +151,10 @@ impl RawClient {
         node: &TestNode,
         tweak: impl FnOnce(&mut quinn::TransportConfig),
     ) -> RawClient {
-        let crypto = quic_fabric::tls::client_crypto(&quic_fabric::tls::ServerTrust::CaFile(
-            node.ca.clone(),
-        ))
+        let crypto = quic_fabric::tls::client_crypto(
+            &quic_fabric::tls::ServerTrust::CaFile(node.ca.clone()),
+            None,
+        )
         .unwrap();
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();

@@ -1,0 +1,313 @@
+//! Client authentication: JWT bearer tokens carried in the Handshake
+//! (HS256 with a shared secret; RS256, ES256 or EdDSA with a public key
+//! file or a JWKS file), verified with `jsonwebtoken`. The token's subject
+//! becomes the client's user id. Mutual TLS is configured in `tls`; its
+//! certificate name is used as the user id when no JWT is configured.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::NodeConfig;
+
+/// Shortest HS256 secret accepted: 256 bits, as RFC 7518 §3.2 requires.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Longest token accepted in a Handshake.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Longest user id (token subject or certificate name) accepted.
+pub const MAX_USER_BYTES: usize = 256;
+
+/// Why the authenticator could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// A key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A key is unusable.
+    #[error("{0}")]
+    Key(String),
+}
+
+/// Why a client was not authenticated. The message goes to the client, so
+/// it names the failed check but never echoes key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The node requires a token and the Handshake carried none.
+    #[error("this node requires a token in the handshake")]
+    Missing,
+    /// The token is longer than [`MAX_TOKEN_BYTES`].
+    #[error("token longer than {MAX_TOKEN_BYTES} bytes")]
+    TooLong,
+    /// The token was rejected.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The token is fine but names no usable user.
+    #[error("token subject must be 1 to {MAX_USER_BYTES} bytes without control characters")]
+    BadSubject,
+}
+
+/// Claims the node reads from a token (others are ignored).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+    /// Not before, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+}
+
+/// An authenticated client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user id (token subject).
+    pub user: String,
+    /// When the token expires (Unix seconds).
+    pub expires_at: u64,
+}
+
+#[derive(Debug)]
+struct Key {
+    kid: Option<String>,
+    key: DecodingKey,
+    algorithms: Vec<Algorithm>,
+}
+
+/// Verifies Handshake tokens.
+#[derive(Debug)]
+pub struct Authenticator {
+    keys: Vec<Key>,
+    validation: Validation,
+}
+
+impl Authenticator {
+    /// The authenticator `config` asks for, or `None` when JWT auth is off.
+    pub fn from_config(config: &NodeConfig) -> Result<Option<Self>, AuthSetupError> {
+        let keys = if let Some(secret) = &config.auth_jwt_secret {
+            if secret.len() < MIN_SECRET_BYTES {
+                return Err(AuthSetupError::Key(format!(
+                    "the JWT secret must be at least {MIN_SECRET_BYTES} bytes"
+                )));
+            }
+            vec![Key {
+                kid: None,
+                key: DecodingKey::from_secret(secret.as_bytes()).map_err(key_error)?,
+                algorithms: vec![Algorithm::HS256],
+            }]
+        } else if let Some(path) = &config.auth_jwt_public_key {
+            vec![public_key_from_pem(&read(path)?, path)?]
+        } else if let Some(path) = &config.auth_jwks {
+            jwks(&read(path)?, path)?
+        } else {
+            return Ok(None);
+        };
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = config.auth_leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if !config.auth_audience.is_empty() {
+            validation.set_audience(&config.auth_audience);
+            validation.required_spec_claims.insert("aud".into());
+        } else {
+            validation.validate_aud = false;
+        }
+        if !config.auth_issuer.is_empty() {
+            validation.set_issuer(&config.auth_issuer);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        Ok(Some(Authenticator { keys, validation }))
+    }
+
+    /// Checks a Handshake's token.
+    pub fn verify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        let token = token.ok_or(AuthError::Missing)?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TooLong);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+        let key = match &header.kid {
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid.as_str()))
+                .or_else(|| self.only_key())
+                .ok_or_else(|| AuthError::Invalid(format!("unknown key id {kid:?}")))?,
+            None => self.only_key().ok_or_else(|| {
+                AuthError::Invalid(
+                    "the token names no key id (kid) and the key set has several keys".into(),
+                )
+            })?,
+        };
+        let mut validation = self.validation.clone();
+        validation.algorithms = key.algorithms.clone();
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(invalid)?;
+        let user = data.claims.sub;
+        if user.is_empty() || user.len() > MAX_USER_BYTES || user.chars().any(char::is_control) {
+            return Err(AuthError::BadSubject);
+        }
+        Ok(Identity {
+            user,
+            expires_at: data.claims.exp,
+        })
+    }
+
+    fn only_key(&self) -> Option<&Key> {
+        match self.keys.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        }
+    }
+}
+
+fn invalid(err: jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    let reason = match err.kind() {
+        ErrorKind::ExpiredSignature => "expired".to_owned(),
+        ErrorKind::ImmatureSignature => "not valid yet (nbf)".to_owned(),
+        ErrorKind::InvalidSignature => "bad signature".to_owned(),
+        ErrorKind::InvalidAudience => "wrong audience".to_owned(),
+        ErrorKind::InvalidIssuer => "wrong issuer".to_owned(),
+        ErrorKind::InvalidAlgorithm => "algorithm not allowed for this key".to_owned(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("missing claim {claim}"),
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) => {
+            "not a well-formed JWT".to_owned()
+        }
+        _ => "rejected".to_owned(),
+    };
+    AuthError::Invalid(reason)
+}
+
+fn key_error(err: jsonwebtoken::errors::Error) -> AuthSetupError {
+    AuthSetupError::Key(format!("unusable JWT key: {err}"))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, AuthSetupError> {
+    std::fs::read(path).map_err(|source| AuthSetupError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// An RSA, EC (P-256) or Ed25519 public key in PEM; the algorithm follows
+/// from the key type.
+fn public_key_from_pem(pem: &[u8], path: &Path) -> Result<Key, AuthSetupError> {
+    type Parse = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+    let candidates: [(Parse, Algorithm); 3] = [
+        (DecodingKey::from_rsa_pem, Algorithm::RS256),
+        (DecodingKey::from_ec_pem, Algorithm::ES256),
+        (DecodingKey::from_ed_pem, Algorithm::EdDSA),
+    ];
+    candidates
+        .iter()
+        .find_map(|(parse, alg)| {
+            parse(pem).ok().map(|key| Key {
+                kid: None,
+                key,
+                algorithms: vec![*alg],
+            })
+        })
+        .ok_or_else(|| {
+            AuthSetupError::Key(format!(
+                "{}: not an RSA, EC or Ed25519 public key in PEM",
+                path.display()
+            ))
+        })
+}
+
+fn jwks(json: &[u8], path: &Path) -> Result<Vec<Key>, AuthSetupError> {
+    let set: JwkSet = serde_json::from_slice(json)
+        .map_err(|e| AuthSetupError::Key(format!("{}: not a JWKS: {e}", path.display())))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let key = DecodingKey::from_jwk(jwk).map_err(key_error)?;
+        let algorithms = match jwk
+            .common
+            .key_algorithm
+            .and_then(|a| a.to_string().parse().ok())
+        {
+            Some(alg) => vec![alg],
+            None => match key.family() {
+                jsonwebtoken::AlgorithmFamily::Rsa => vec![Algorithm::RS256],
+                jsonwebtoken::AlgorithmFamily::Ec => vec![Algorithm::ES256],
+                jsonwebtoken::AlgorithmFamily::Ed => vec![Algorithm::EdDSA],
+                jsonwebtoken::AlgorithmFamily::Hmac => {
+                    return Err(AuthSetupError::Key(format!(
+                        "{}: symmetric keys do not belong in a JWKS file; use --auth-jwt-secret",
+                        path.display()
+                    )));
+                }
+            },
+        };
+        keys.push(Key {
+            kid: jwk.common.key_id.clone(),
+            key,
+            algorithms,
+        });
+    }
+    if keys.is_empty() {
+        return Err(AuthSetupError::Key(format!(
+            "{}: the key set is empty",
+            path.display()
+        )));
+    }
+    Ok(keys)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Mints an HS256 token for local testing (`fabric token`).
+pub fn mint_hs256(
+    secret: &str,
+    sub: &str,
+    ttl: Duration,
+    audience: Option<&str>,
+    issuer: Option<&str>,
+) -> Result<String, AuthSetupError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(AuthSetupError::Key(format!(
+            "the JWT secret must be at least {MIN_SECRET_BYTES} bytes"
+        )));
+    }
+    let now = unix_now();
+    let claims = Claims {
+        sub: sub.to_owned(),
+        exp: now + ttl.as_secs(),
+        nbf: None,
+        iat: Some(now),
+        aud: audience.map(str::to_owned),
+        iss: issuer.map(str::to_owned),
+    };
+    let key = EncodingKey::from_secret(secret.as_bytes()).map_err(key_error)?;
+    mint(&Header::new(Algorithm::HS256), &claims, &key)
+}
+
+/// Signs `claims` with `key` (tests and tools).
+pub fn mint(header: &Header, claims: &Claims, key: &EncodingKey) -> Result<String, AuthSetupError> {
+    jsonwebtoken::encode(header, claims, key).map_err(key_error)
+}
