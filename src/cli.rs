@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::client::{Client, ClientConfig, Event, ReconnectPolicy};
 use crate::protocol::{Body, ClientId, ClientInfo, Frame, Payload, Priority};
-use crate::tls::ServerTrust;
+use crate::tls::{ClientIdentity, ServerTrust};
 
 /// Command-line client for quic-fabric nodes.
 #[derive(Debug, Parser)]
@@ -43,6 +43,15 @@ pub struct Cli {
     /// Skip server certificate verification (development only).
     #[arg(long, global = true)]
     pub insecure: bool,
+    /// Token (JWT) for nodes that require authentication.
+    #[arg(long, global = true, env = "FABRIC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Client certificate (PEM) for nodes that require mutual TLS.
+    #[arg(long, global = true, env = "FABRIC_CLIENT_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert.
+    #[arg(long, global = true, env = "FABRIC_CLIENT_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -98,6 +107,24 @@ pub enum Command {
     },
     /// Print the node's counters as JSON.
     Stats,
+    /// Mint an HS256 token for local testing (does not connect).
+    Token {
+        /// The shared secret the node verifies with (at least 32 bytes).
+        #[arg(long, env = "FABRIC_AUTH_JWT_SECRET", hide_env_values = true)]
+        secret: String,
+        /// The user id (`sub` claim).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime of the token.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Audience (`aud` claim).
+        #[arg(long)]
+        aud: Option<String>,
+        /// Issuer (`iss` claim).
+        #[arg(long)]
+        iss: Option<String>,
+    },
 }
 
 impl Cli {
@@ -107,6 +134,13 @@ impl Cli {
         config.server_name = self.server_name.clone();
         if self.insecure {
             config.trust = ServerTrust::InsecureAcceptAny;
+        }
+        config.token = self.token.clone();
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            config.identity = Some(ClientIdentity {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
         }
         config
     }
@@ -124,6 +158,18 @@ pub async fn run(cli: Cli) -> i32 {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Token {
+        secret,
+        sub,
+        ttl,
+        aud,
+        iss,
+    } = &cli.command
+    {
+        let token = crate::auth::mint_hs256(secret, sub, *ttl, aud.as_deref(), iss.as_deref())?;
+        println!("{token}");
+        return Ok(());
+    }
     if cli.insecure {
         eprintln!("fabric: warning: --insecure: the server certificate is NOT verified");
     }
@@ -208,6 +254,7 @@ async fn command(client: &mut Client, command: Command) -> anyhow::Result<()> {
                 })
             );
         }
+        Command::Token { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
 }

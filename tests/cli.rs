@@ -317,3 +317,47 @@ async fn fabric_node_health_probes_without_becoming_a_client_and_gen_certs_is_id
     assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca);
     assert_eq!(std::fs::read(dir.path().join("server.pem")).unwrap(), cert);
 }
+
+#[tokio::test]
+async fn token_mints_what_an_authenticating_node_accepts() {
+    const SECRET: &str = "cli-test-secret-0123456789abcdef-0123";
+    let node = TestNode::start_with(|c| c.auth_jwt_secret = Some(SECRET.into())).await;
+    let mut mint = fabric(&node);
+    mint.args(["token", "--sub", "zed", "--ttl", "10m"])
+        .env("FABRIC_AUTH_JWT_SECRET", SECRET);
+    let out = output(mint).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.matches('.').count(), 2, "a JWT: {token}");
+
+    let mut list = fabric(&node);
+    list.args(["--name", "z", "list"])
+        .env("FABRIC_TOKEN", &token);
+    let out = output(list).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["clients"][0]["user"], "zed");
+
+    // Without a token: a non-zero exit that says why.
+    let mut anon = fabric(&node);
+    anon.arg("list");
+    let out = output(anon).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("requires a token"), "{err}");
+
+    // A weak secret is refused at minting time.
+    let mut weak = fabric(&node);
+    weak.args(["token", "--secret", "short", "--sub", "x"]);
+    let out = output(weak).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 bytes"));
+}

@@ -32,6 +32,10 @@ enum Task {
         /// Comma-separated names (DNS or IP) the server certificate covers.
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1,::1")]
         cert_names: Vec<String>,
+        /// Also issue a client certificate (mutual TLS) for this user name,
+        /// written as client-NAME.pem / client-NAME.key.
+        #[arg(long)]
+        client: Vec<String>,
     },
     /// Exit 0 when a node accepts QUIC connections with a trusted
     /// certificate (a health check that does not become a client).
@@ -56,7 +60,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, "info");
     match cli.task {
-        Some(Task::GenCerts { certs, cert_names }) => {
+        Some(Task::GenCerts {
+            certs,
+            cert_names,
+            client,
+        }) => {
             let paths = quic_fabric::tls::ensure_dev_certs(&certs, &cert_names)?;
             println!(
                 "CA {} and server certificate {} for {}",
@@ -64,6 +72,14 @@ async fn main() -> anyhow::Result<()> {
                 paths.server_cert.display(),
                 cert_names.join(", ")
             );
+            for name in client {
+                let id = quic_fabric::tls::issue_dev_client_cert(&certs, &name)?;
+                println!(
+                    "client certificate {} (key {}) for user {name}",
+                    id.cert.display(),
+                    id.key.display()
+                );
+            }
         }
         Some(Task::Health {
             server,

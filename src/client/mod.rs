@@ -754,7 +754,12 @@ async fn supervise(
                 Err(err) => {
                     attempts += 1;
                     tracing::debug!(%err, attempts, "reconnect failed");
-                    if policy.max_attempts.is_some_and(|max| attempts >= max) {
+                    // A refused token or certificate will be refused again.
+                    let hopeless = matches!(
+                        &err,
+                        ClientError::Refused { code, .. } if *code == protocol::error_code::AUTH_FAILED
+                    );
+                    if hopeless || policy.max_attempts.is_some_and(|max| attempts >= max) {
                         let _ = events
                             .send(Event::Closed {
                                 code: None,
