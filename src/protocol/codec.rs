@@ -109,11 +109,10 @@ pub fn decode_frame(payload: &[u8]) -> Result<Frame, CodecError> {
 /// `Ok(None)` when `buf` does not hold a whole frame yet, otherwise the frame
 /// and the number of bytes it occupied.
 pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, CodecError> {
-    let Some(prefix) = buf.get(..LENGTH_PREFIX_BYTES) else {
+    let Some(prefix) = buf.first_chunk::<LENGTH_PREFIX_BYTES>() else {
         return Ok(None);
     };
-    let prefix: [u8; LENGTH_PREFIX_BYTES] = prefix.try_into().expect("slice of prefix length");
-    let len = decode_length(prefix, max)?;
+    let len = decode_length(*prefix, max)?;
     let Some(payload) = buf.get(LENGTH_PREFIX_BYTES..LENGTH_PREFIX_BYTES + len) else {
         return Ok(None);
     };
