@@ -96,6 +96,8 @@ pub struct ClientHandle {
     span: tracing::Span,
     ready: AtomicBool,
     high_stream: Mutex<Option<quinn::SendStream>>,
+    kick: tokio::sync::Notify,
+    kick_reason: Mutex<Option<String>>,
 }
 
 /// One priority's queue and writer, created on first use: most clients
@@ -139,6 +141,8 @@ impl ClientHandle {
             span: tracing::Span::current(),
             ready: AtomicBool::new(false),
             high_stream: Mutex::new(None),
+            kick: tokio::sync::Notify::new(),
+            kick_reason: Mutex::new(None),
         })
     }
 
@@ -211,13 +215,20 @@ impl ClientHandle {
     /// Queues an encoded frame without waiting. A full queue disconnects the
     /// client as a slow consumer; an exhausted node-wide budget refuses the
     /// frame with [`EnqueueError::NodeBusy`].
-    pub fn enqueue(&self, priority: Priority, frame: Bytes) -> Result<(), EnqueueError> {
-        self.enqueue_inner(priority, frame, false)
+    /// `kind` is the frame's wire tag ([`Body::tag`]), for the statistics.
+    pub fn enqueue(
+        &self,
+        priority: Priority,
+        kind: usize,
+        frame: Bytes,
+    ) -> Result<(), EnqueueError> {
+        self.enqueue_inner(priority, kind, frame, false)
     }
 
     fn enqueue_inner(
         &self,
         priority: Priority,
+        kind: usize,
         frame: Bytes,
         is_reply: bool,
     ) -> Result<(), EnqueueError> {
@@ -244,8 +255,7 @@ impl ClientHandle {
         }
         match self.sender(priority).try_send(frame) {
             Ok(()) => {
-                stats::add(&self.stats.messages_out, 1);
-                stats::add(&self.stats.bytes_out, len as u64);
+                self.stats.frame_out(kind, len);
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -277,9 +287,10 @@ impl ClientHandle {
     /// Queues a node-originated reply (fresh id, current time). A failure
     /// means the client itself is slow or gone, which is handled there.
     pub fn reply(&self, priority: Priority, body: Body) {
+        let kind = body.tag();
         match protocol::encode(&Frame::new(priority, body)) {
             Ok(bytes) => {
-                let _ = self.enqueue_inner(priority, bytes, true);
+                let _ = self.enqueue_inner(priority, kind, bytes, true);
             }
             Err(err) => tracing::error!(%err, "cannot encode reply"),
         }
@@ -298,7 +309,7 @@ impl ClientHandle {
         code: ErrorCode,
         message: impl ToString,
     ) {
-        stats::add(&self.stats.errors, 1);
+        self.stats.error(code.0);
         let message = message.to_string();
         tracing::debug!(client_id = %self.id(), code = code.0, %message, "error to client");
         self.reply(
@@ -316,6 +327,8 @@ impl ClientHandle {
     /// when to try again.
     pub fn rate_limited(&self, priority: Priority, of: Option<MessageId>, wait: Duration) {
         stats::add(&self.stats.rate_limited, 1);
+        self.stats
+            .error(crate::protocol::error_code::RATE_LIMITED.0);
         let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
         self.reply(
             priority,
@@ -326,6 +339,38 @@ impl ClientHandle {
                 retry_after_ms: Some(retry_after_ms),
             },
         );
+    }
+
+    /// Queues a Goodbye (never refused for the node-wide budget).
+    pub fn goodbye(&self, reason: &str, reconnect: bool) {
+        self.reply(
+            Priority::High,
+            Body::Goodbye {
+                reason: reason.to_owned(),
+                reconnect,
+            },
+        );
+    }
+
+    /// Asks the connection to say Goodbye (`reconnect: false`) with
+    /// `reason` and close with `close_code::KICKED`.
+    pub fn kick(&self, reason: &str) {
+        *self.kick_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
+        self.kick.notify_one();
+    }
+
+    /// Completes when [`ClientHandle::kick`] was called.
+    pub async fn kicked(&self) {
+        self.kick.notified().await
+    }
+
+    /// The reason given to [`ClientHandle::kick`].
+    pub fn kick_reason(&self) -> String {
+        self.kick_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Whether the client was disconnected as a slow consumer.
@@ -419,7 +464,7 @@ impl ClientManager {
         let clients = self.read();
         let mut count = BroadcastCount::default();
         for client in clients.values().filter(|c| Some(c.id()) != exclude) {
-            match client.enqueue(priority, frame.clone()) {
+            match client.enqueue(priority, protocol::kind::BROADCAST, frame.clone()) {
                 Ok(()) => count.delivered += 1,
                 Err(EnqueueError::NodeBusy) => count.node_busy += 1,
                 Err(_) => {}

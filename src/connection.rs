@@ -24,7 +24,7 @@ use crate::protocol::{
     Priority, Sender, close_code, error_code, now_ms,
 };
 use crate::server::Shared;
-use crate::stats;
+use crate::stats::{self, RefusedReason};
 
 /// Most buffer reserved for a frame before its bytes arrive.
 const PREALLOCATE_BYTES: usize = 64 * 1024;
@@ -181,13 +181,15 @@ async fn admit(
                 // Gone before saying anything: a health probe or a dropped dial.
                 return Err((close_code::NORMAL, PEER_LEFT_BEFORE_HANDSHAKE.into()));
             }
-            Ok(Err(end)) => return Err(reject(conn, end).await),
-            Err(_) => return Err((close_code::HANDSHAKE_TIMEOUT, "no handshake in time".into())),
+            Ok(Err(end)) => return Err(reject(conn, shared, end).await),
+            Err(_) => {
+                shared.stats.refused(RefusedReason::HandshakeTimeout);
+                return Err((close_code::HANDSHAKE_TIMEOUT, "no handshake in time".into()));
+            }
         },
         _ = shutdown.cancelled() => return Err((close_code::SHUTDOWN, "server shutting down".into())),
     };
-    stats::add(&shared.stats.messages_in, 1);
-    stats::add(&shared.stats.bytes_in, hello_size as u64);
+    shared.stats.frame_in(hello.body.tag(), hello_size);
     let Frame {
         id: hello_id,
         body: Body::Handshake(hello),
@@ -201,6 +203,7 @@ async fn admit(
         Err(message) => {
             return Err(reject(
                 conn,
+                shared,
                 Rejection {
                     of: Some(hello_id),
                     error: error_code::UNSUPPORTED_VERSION,
@@ -217,6 +220,7 @@ async fn admit(
             stats::add(&shared.stats.auth_failures, 1);
             return Err(reject(
                 conn,
+                shared,
                 Rejection {
                     of: Some(hello_id),
                     error: error_code::AUTH_FAILED,
@@ -234,6 +238,7 @@ async fn admit(
     {
         return Err(reject(
             conn,
+            shared,
             Rejection {
                 of: Some(hello_id),
                 error: error_code::INVALID_FIELD,
@@ -271,6 +276,7 @@ async fn admit(
     if let Err(full) = shared.clients.register(handle.clone()) {
         return Err(reject(
             conn,
+            shared,
             Rejection {
                 of: Some(hello_id),
                 error: error_code::SERVER_FULL,
@@ -304,8 +310,7 @@ async fn admit(
         let _ = send.set_priority(protocol::stream_priority(Priority::High));
         let bytes = protocol::encode(&ack).ok()?;
         send.write_all(&bytes).await.ok()?;
-        stats::add(&shared.stats.messages_out, 1);
-        stats::add(&shared.stats.bytes_out, bytes.len() as u64);
+        shared.stats.frame_out(ack.body.tag(), bytes.len());
         Some(send)
     }
     .await;
@@ -442,6 +447,15 @@ async fn steady(
         }
     };
     tokio::pin!(expiry);
+    // Draining (SIGTERM or the admin API): say Goodbye with a reconnect cue,
+    // keep serving what the client still sends, and give it the grace
+    // period to leave by itself.
+    let drain = async {
+        shutdown.cancelled().await;
+        handle.goodbye("node draining; reconnect to another node", true);
+        tokio::time::sleep(shared.config.shutdown_grace).await;
+    };
+    tokio::pin!(drain);
     let mut readers = JoinSet::new();
     readers.spawn(read_stream(first_stream, reader.clone()).in_current_span());
     let end: End = loop {
@@ -470,7 +484,12 @@ async fn steady(
                 let end = closer.end.lock().unwrap_or_else(|e| e.into_inner()).take();
                 break end.unwrap_or((close_code::NORMAL, "closed".into()));
             }
-            _ = shutdown.cancelled() => break (close_code::SHUTDOWN, "server shutting down".into()),
+            _ = &mut drain => break (close_code::SHUTDOWN, "drain grace period over".into()),
+            _ = handle.kicked() => {
+                let reason = handle.kick_reason();
+                handle.goodbye(&reason, false);
+                break (close_code::KICKED, format!("disconnected by an operator: {reason}"));
+            }
             // Reap finished readers so the set does not grow.
             Some(_) = readers.join_next(), if !readers.is_empty() => {}
         }
@@ -480,26 +499,14 @@ async fn steady(
     end
 }
 
-/// Unregisters the client, says Goodbye on shutdown, and lets the writers
-/// deliver what is queued for up to the grace period.
+/// Unregisters the client and lets the writers deliver what is queued
+/// (a Goodbye, when the node sent one) for a short while.
 async fn drain(shared: &Arc<Shared>, handle: Arc<ClientHandle>, end: End) -> Result<End, End> {
     let client_id = handle.id();
-    let config = &shared.config;
     shared.clients.unregister(client_id);
     shared.router.client_left(client_id);
-
-    let grace = if end.0 == close_code::SHUTDOWN {
-        let goodbye = Frame::new(
-            Priority::High,
-            Body::Goodbye {
-                reason: "server shutting down".into(),
-                reconnect: true,
-            },
-        );
-        if let Ok(bytes) = protocol::encode(&goodbye) {
-            let _ = handle.enqueue(Priority::High, bytes);
-        }
-        config.shutdown_grace
+    let grace = if matches!(end.0, close_code::SHUTDOWN | close_code::KICKED) {
+        Duration::from_secs(1)
     } else {
         Duration::from_millis(500)
     };
@@ -590,8 +597,14 @@ fn negotiate(hello: &Handshake) -> Result<u16, String> {
 
 /// Tells the client why it is refused (Error frame), then gives the close
 /// code and reason. The Error frame is given a moment to arrive first.
-async fn reject(conn: &quinn::Connection, rejection: Rejection) -> End {
+async fn reject(conn: &quinn::Connection, shared: &Shared, rejection: Rejection) -> End {
     debug!(code = rejection.error.0, message = %rejection.message, "refusing client");
+    shared.stats.error(rejection.error.0);
+    shared.stats.refused(match rejection.close {
+        close_code::AUTH_FAILED => RefusedReason::AuthFailed,
+        close_code::SERVER_FULL => RefusedReason::ServerFull,
+        _ => RefusedReason::BadHandshake,
+    });
     let mut frame = Frame::new(
         Priority::High,
         Body::Error {
@@ -661,8 +674,7 @@ async fn read_stream(mut recv: quinn::RecvStream, reader: Reader) {
     loop {
         match read_frame(&mut recv, max).await {
             Ok(Inbound::Frame(frame, size)) => {
-                stats::add(&shared.stats.messages_in, 1);
-                stats::add(&shared.stats.bytes_in, size as u64);
+                shared.stats.frame_in(frame.body.tag(), size);
                 // A Goodbye is always honoured, limit or not.
                 if !matches!(frame.body, Body::Goodbye { .. }) {
                     match reader.check_rate(frame.priority, Some(frame.id)) {

@@ -41,7 +41,7 @@ impl MessageHandler {
         match &frame.body {
             Body::Text { .. } | Body::Binary { .. } => {
                 if let Some(bytes) = encode(client, &frame) {
-                    let _ = client.enqueue(priority, bytes);
+                    let _ = client.enqueue(priority, frame.body.tag(), bytes);
                     client.ack(priority, id);
                 }
             }

@@ -18,7 +18,8 @@ use tracing::{debug, warn};
 
 use crate::bus::{Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, Target};
 use crate::client_manager::{ClientHandle, ClientManager, EnqueueError};
-use crate::protocol::{ClientId, ClientInfo, MessageId, NodeId, Priority, error_code};
+use crate::protocol::{self, ClientId, ClientInfo, MessageId, NodeId, Priority, error_code};
+use crate::stats::Stats;
 
 /// Most client→node lookups kept; the cache is cleared when it fills.
 const LOCATE_CACHE_MAX: usize = 100_000;
@@ -39,6 +40,7 @@ pub struct Router {
     located: Mutex<HashMap<ClientId, NodeId>>,
     delivery_timeout: Duration,
     max_pending: usize,
+    stats: Arc<Stats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -53,6 +55,7 @@ impl Router {
         bus: Bus,
         delivery_timeout: Duration,
         max_pending: usize,
+        stats: Arc<Stats>,
     ) -> Self {
         Router {
             node_id,
@@ -62,6 +65,7 @@ impl Router {
             located: Mutex::new(HashMap::new()),
             delivery_timeout,
             max_pending,
+            stats,
         }
     }
 
@@ -134,7 +138,11 @@ impl Router {
         priority: Priority,
         frame: Bytes,
     ) {
+        let started = Instant::now();
         let count = self.clients.broadcast(Some(from.id()), priority, &frame);
+        self.stats
+            .delivery_local
+            .observe(started.elapsed().as_secs_f64());
         let local = count.delivered;
         if count.node_busy > 0 {
             // Nothing lost silently: the sender learns that some missed it.
@@ -194,9 +202,15 @@ impl Router {
         priority: Priority,
         frame: Bytes,
     ) {
+        let started = Instant::now();
         if let Some(target) = self.clients.get(to) {
-            match target.enqueue(priority, frame) {
-                Ok(()) => from.ack(priority, id),
+            match target.enqueue(priority, protocol::kind::DIRECT, frame) {
+                Ok(()) => {
+                    self.stats
+                        .delivery_local
+                        .observe(started.elapsed().as_secs_f64());
+                    from.ack(priority, id)
+                }
                 Err(err) => self.reply_outcome(from, priority, id, to, outcome_of(err)),
             }
             return;
@@ -372,7 +386,7 @@ impl Router {
                 frame,
             } => {
                 let outcome = match self.clients.get(to) {
-                    Some(target) => match target.enqueue(priority, frame) {
+                    Some(target) => match target.enqueue(priority, protocol::kind::DIRECT, frame) {
                         Ok(()) => DeliveryOutcome::Delivered,
                         Err(err) => outcome_of(err),
                     },
@@ -398,6 +412,12 @@ impl Router {
                 };
                 if outcome == DeliveryOutcome::UnknownClient {
                     lock(&self.located).remove(&to);
+                }
+                if outcome == DeliveryOutcome::Delivered {
+                    let started = pending.deadline - self.delivery_timeout;
+                    self.stats
+                        .delivery_cross_node
+                        .observe(started.elapsed().as_secs_f64());
                 }
                 if let Some(from) = self.clients.get(sender) {
                     self.reply_outcome(&from, pending.priority, message_id, to, outcome);

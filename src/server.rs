@@ -18,13 +18,14 @@ use tokio::sync::mpsc;
 use crate::auth::Authenticator;
 use crate::bus::memory::{MemoryBus, MemoryCluster};
 use crate::bus::redis_bus::{RedisBus, RedisBusConfig};
-use crate::bus::{Bus, BusMessage};
+use crate::bus::{Bus, BusMessage, ClusterBus};
 use crate::client_manager::{ClientManager, QueueBudget};
 use crate::config::NodeConfig;
-use crate::limits::{Admission, Admit};
+use crate::limits::{Admission, Admit, Refusal};
 use crate::protocol::{NodeId, close_code};
 use crate::router::Router;
 use crate::stats;
+use crate::stats::RefusedReason;
 use crate::stats::Stats;
 use crate::tls::{self, TlsError};
 
@@ -74,6 +75,36 @@ pub struct Shared {
     pub admission: Admission,
     /// Bytes queued for all clients together.
     pub queue_budget: Arc<QueueBudget>,
+    /// Cancelled when the node starts draining (SIGTERM, shutdown or the
+    /// admin API's `POST /drain`).
+    pub drain: CancellationToken,
+}
+
+impl Shared {
+    /// Whether the node is draining (no new clients; clients told to leave).
+    pub fn draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// Starts draining: the node stops taking clients, asks every client
+    /// to reconnect elsewhere, waits up to `shutdown_grace` for them to
+    /// leave, then stops (`Server::run` returns).
+    pub fn start_drain(&self) {
+        self.drain.cancel();
+    }
+
+    /// Why the node is not ready for new clients, if it is not: draining,
+    /// or (in cluster mode) the cluster bus unreachable.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.draining() {
+            return Some("draining".into());
+        }
+        let bus = self.router.bus();
+        if bus.clustered() && !bus.available() {
+            return Some("cluster bus (Redis) unreachable".into());
+        }
+        None
+    }
 }
 
 /// A bound, not yet running node.
@@ -107,6 +138,7 @@ impl Server {
         let endpoint = endpoint(&config)?;
 
         let node_id = config.node_id.unwrap_or_else(NodeId::new_random);
+        let stats = Arc::new(Stats::default());
         let clients = Arc::new(ClientManager::new(config.max_clients));
         let (inbox_tx, inbox) = mpsc::channel(config.bus_queue_len);
         let bus = match (bus, &config.redis_url) {
@@ -145,12 +177,14 @@ impl Server {
             bus,
             config.delivery_timeout,
             config.bus_queue_len,
+            stats.clone(),
         );
         let shared = Arc::new(Shared {
             node_id,
             router: Arc::new(router),
             clients,
-            stats: Arc::new(Stats::default()),
+            stats,
+            drain: CancellationToken::new(),
             auth: Authenticator::from_config(&config)?,
             admission: Admission::new(&config),
             queue_budget: QueueBudget::new(config.max_total_queued_bytes),
@@ -180,7 +214,10 @@ impl Server {
         self.shared.clone()
     }
 
-    /// Serves clients until `shutdown` completes, then shuts down gracefully.
+    /// Serves clients until `shutdown` completes or a drain is requested
+    /// ([`Shared::start_drain`]), then drains: new connections are refused,
+    /// every client gets a Goodbye with a reconnect cue and `shutdown_grace`
+    /// to leave; then the node leaves the cluster and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             endpoint,
@@ -198,6 +235,7 @@ impl Server {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = shared.drain.cancelled() => break,
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let remote = incoming.remote_address();
@@ -215,6 +253,11 @@ impl Server {
                         }
                         Admit::Refuse(why) => {
                             stats::add(&shared.stats.connections_refused, 1);
+                            shared.stats.refused(match why {
+                                Refusal::TooManyPending => RefusedReason::PendingHandshakes,
+                                Refusal::IpRate => RefusedReason::IpRate,
+                                Refusal::IpConnections => RefusedReason::IpConnections,
+                            });
                             debug!(%remote, reason = why.as_str(), "connection refused before TLS");
                             incoming.refuse();
                         }
@@ -223,15 +266,35 @@ impl Server {
                 _ = forget.tick() => shared.admission.forget_idle(),
             }
         }
-        info!(clients = shared.clients.len(), "shutting down");
-        // New connection attempts are refused from here on.
-        endpoint.set_server_config(None);
+        shared.drain.cancel();
+        info!(
+            clients = shared.clients.len(),
+            grace = ?shared.config.shutdown_grace,
+            "draining: refusing new connections, asking clients to reconnect elsewhere"
+        );
         cancel.cancel();
         tracker.close();
-        let grace = shared.config.shutdown_grace + Duration::from_secs(1);
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            warn!("connections still open after the grace period; closing them");
+        let deadline = tokio::time::sleep(shared.config.shutdown_grace + Duration::from_secs(2));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = tracker.wait() => break,
+                _ = &mut deadline => {
+                    warn!("connections still open after the grace period; closing them");
+                    break;
+                }
+                // Refused at once, so a reconnecting client tries elsewhere
+                // instead of waiting for a timeout.
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        shared.stats.refused(RefusedReason::Draining);
+                        incoming.refuse();
+                    }
+                    None => break,
+                },
+            }
         }
+        endpoint.set_server_config(None);
         // Connections are gone (their presence removals are queued); now
         // leave the cluster so nothing more is routed here.
         shared.router.leave().await;

@@ -1,10 +1,65 @@
-//! Node-wide counters, updated lock-free on the hot path and reported in
-//! Stats frames.
+//! Node-wide counters and histograms, updated lock-free (counters) on the
+//! hot path, reported in Stats frames and exported to Prometheus by
+//! `metrics`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::protocol::{NodeId, NodeStats};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use crate::protocol::{FRAME_KINDS, NodeId, NodeStats};
+
+/// Error codes counted one by one; higher codes share the last slot.
+pub const ERROR_CODE_SLOTS: usize = 32;
+
+/// Why a connection was refused or ended before becoming a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedReason {
+    /// Too many connections mid-handshake.
+    PendingHandshakes,
+    /// The IP address opened connections too fast.
+    IpRate,
+    /// The IP address has too many connections.
+    IpConnections,
+    /// The node is at `max_clients`.
+    ServerFull,
+    /// The token or certificate was refused.
+    AuthFailed,
+    /// The Handshake was invalid (frame, name, version).
+    BadHandshake,
+    /// No Handshake in time.
+    HandshakeTimeout,
+    /// The node is draining or shutting down.
+    Draining,
+}
+
+impl RefusedReason {
+    /// Every reason, in slot order.
+    pub const ALL: [RefusedReason; 8] = [
+        RefusedReason::PendingHandshakes,
+        RefusedReason::IpRate,
+        RefusedReason::IpConnections,
+        RefusedReason::ServerFull,
+        RefusedReason::AuthFailed,
+        RefusedReason::BadHandshake,
+        RefusedReason::HandshakeTimeout,
+        RefusedReason::Draining,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusedReason::PendingHandshakes => "pending_handshakes",
+            RefusedReason::IpRate => "ip_rate",
+            RefusedReason::IpConnections => "ip_connections",
+            RefusedReason::ServerFull => "server_full",
+            RefusedReason::AuthFailed => "auth_failed",
+            RefusedReason::BadHandshake => "bad_handshake",
+            RefusedReason::HandshakeTimeout => "handshake_timeout",
+            RefusedReason::Draining => "draining",
+        }
+    }
+}
 
 /// Counters shared by every task of a node.
 #[derive(Debug)]
@@ -34,6 +89,37 @@ pub struct Stats {
     pub auth_failures: AtomicU64,
     /// Connection attempts refused before TLS (admission control).
     pub connections_refused: AtomicU64,
+    /// Frames received, by type (wire tag).
+    pub messages_in_by_kind: [AtomicU64; FRAME_KINDS.len()],
+    /// Frames queued to clients, by type (wire tag).
+    pub messages_out_by_kind: [AtomicU64; FRAME_KINDS.len()],
+    /// Error frames sent, by code.
+    pub errors_by_code: [AtomicU64; ERROR_CODE_SLOTS],
+    /// Connections refused or ended before becoming clients, by reason.
+    pub refused_by_reason: [AtomicU64; RefusedReason::ALL.len()],
+    /// Messages received from the cluster bus (Redis pub/sub).
+    pub pubsub_in: AtomicU64,
+    /// Messages published to the cluster bus.
+    pub pubsub_out: AtomicU64,
+    /// QUIC packets lost, over all connections.
+    pub quic_lost_packets: AtomicU64,
+    /// From receiving a message to queueing it for local recipients.
+    pub delivery_local: Histogram,
+    /// From receiving a direct message to the target node's receipt.
+    pub delivery_cross_node: Histogram,
+    /// Redis pipeline and heartbeat round trips.
+    pub redis_command: Histogram,
+    /// QUIC round-trip time of clients, sampled at scrape and at close.
+    pub quic_rtt: Histogram,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to about 10 s.
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 21))
+}
+
+fn counters<const N: usize>() -> [AtomicU64; N] {
+    std::array::from_fn(|_| AtomicU64::new(0))
 }
 
 impl Default for Stats {
@@ -52,6 +138,17 @@ impl Default for Stats {
             rate_limit_disconnects: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
+            messages_in_by_kind: counters(),
+            messages_out_by_kind: counters(),
+            errors_by_code: counters(),
+            refused_by_reason: counters(),
+            pubsub_in: AtomicU64::new(0),
+            pubsub_out: AtomicU64::new(0),
+            quic_lost_packets: AtomicU64::new(0),
+            delivery_local: latency_histogram(),
+            delivery_cross_node: latency_histogram(),
+            redis_command: latency_histogram(),
+            quic_rtt: latency_histogram(),
         }
     }
 }
@@ -61,10 +158,51 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Reads a counter.
+pub fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
 impl Stats {
+    /// Counts one inbound frame of type `tag` and `bytes` on the wire.
+    pub(crate) fn frame_in(&self, tag: usize, bytes: usize) {
+        add(&self.messages_in, 1);
+        add(&self.bytes_in, bytes as u64);
+        if let Some(c) = self.messages_in_by_kind.get(tag) {
+            add(c, 1);
+        }
+    }
+
+    /// Counts one frame of type `tag` queued to a client.
+    pub(crate) fn frame_out(&self, tag: usize, bytes: usize) {
+        add(&self.messages_out, 1);
+        add(&self.bytes_out, bytes as u64);
+        if let Some(c) = self.messages_out_by_kind.get(tag) {
+            add(c, 1);
+        }
+    }
+
+    /// Counts one Error frame with `code`.
+    pub(crate) fn error(&self, code: u16) {
+        add(&self.errors, 1);
+        let slot = usize::from(code).min(ERROR_CODE_SLOTS - 1);
+        add(&self.errors_by_code[slot], 1);
+    }
+
+    /// Counts one connection refused for `reason`.
+    pub(crate) fn refused(&self, reason: RefusedReason) {
+        if let Some(i) = RefusedReason::ALL.iter().position(|r| *r == reason) {
+            add(&self.refused_by_reason[i], 1);
+        }
+    }
+
+    /// Time since the node started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// A consistent-enough copy for a Stats frame.
     pub fn snapshot(&self, node_id: NodeId, server_name: &str, clients: usize) -> NodeStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         NodeStats {
             node_id,
             server_name: server_name.to_owned(),

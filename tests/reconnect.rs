@@ -46,12 +46,19 @@ async fn a_client_reconnects_to_whatever_answers_at_the_same_address() {
     assert_eq!(client.node_id(), first.shared.node_id);
 
     first.stop().await;
-    // Goodbye, then the loss of the connection.
+    // A Goodbye with the reconnect cue: the client leaves by itself at once
+    // (it does not wait for the node's grace period to run out).
+    let mut goodbye = false;
     loop {
         match next_event(&mut client).await {
-            Event::Frame(_) => {}
-            Event::Disconnected { code, .. } => {
-                assert_eq!(code, Some(quic_fabric::protocol::close_code::SHUTDOWN));
+            Event::Frame(frame) => {
+                if let quic_fabric::protocol::Body::Goodbye { reconnect, .. } = frame.body {
+                    assert!(reconnect);
+                    goodbye = true;
+                }
+            }
+            Event::Disconnected { reason, .. } => {
+                assert!(goodbye, "Goodbye before the disconnect ({reason})");
                 break;
             }
             other => panic!("unexpected {other:?}"),

@@ -726,8 +726,19 @@ async fn supervise(
     let mut pending = inner.pending.clone();
     let mut weak_inner = Arc::downgrade(&inner);
     drop(inner);
+    let follow_goodbye = state
+        .upgrade()
+        .is_some_and(|s| s.config.reconnect.is_some());
     loop {
-        let (code, reason) = receive(conn, first, pending, events.clone(), weak_inner).await;
+        let (code, reason) = receive(
+            conn,
+            first,
+            pending,
+            events.clone(),
+            weak_inner,
+            follow_goodbye,
+        )
+        .await;
         let policy = match state.upgrade() {
             Some(s) if !s.closing.load(std::sync::atomic::Ordering::Acquire) => {
                 s.config.reconnect.clone()
@@ -800,6 +811,7 @@ async fn receive(
     pending: Pending,
     events: mpsc::Sender<Event>,
     inner: std::sync::Weak<Inner>,
+    follow_goodbye: bool,
 ) -> (Option<u32>, String) {
     let mut readers = tokio::task::JoinSet::new();
     readers.spawn(read_stream(
@@ -807,12 +819,13 @@ async fn receive(
         pending.clone(),
         events.clone(),
         inner.clone(),
+        follow_goodbye,
     ));
     let err = loop {
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
                 Ok(recv) => {
-                    readers.spawn(read_stream(recv, pending.clone(), events.clone(), inner.clone()));
+                    readers.spawn(read_stream(recv, pending.clone(), events.clone(), inner.clone(), follow_goodbye));
                 }
                 Err(err) => break err,
             },
@@ -836,6 +849,7 @@ async fn read_stream(
     pending: Pending,
     events: mpsc::Sender<Event>,
     inner: std::sync::Weak<Inner>,
+    follow_goodbye: bool,
 ) {
     loop {
         let frame = match read_frame(&mut recv).await {
@@ -860,11 +874,43 @@ async fn read_stream(
             }
             continue;
         }
+        let leave = follow_goodbye
+            && matches!(
+                frame.body,
+                Body::Goodbye {
+                    reconnect: true,
+                    ..
+                }
+            );
         if events.send(Event::Frame(frame)).await.is_err() {
             return;
         }
+        if leave && let Some(inner) = inner.upgrade() {
+            // The node is draining: a cue to reconnect (through the load
+            // balancer, to another node) at once. Requests in flight get
+            // their replies first; the node keeps serving meanwhile.
+            let conn = inner.conn.clone();
+            drop(inner);
+            let pending = pending.clone();
+            tokio::spawn(async move {
+                let settled = async {
+                    while !lock(&pending).is_empty() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                let _ = tokio::time::timeout(GOODBYE_SETTLE, settled).await;
+                conn.close(
+                    quinn::VarInt::from_u32(protocol::close_code::NORMAL),
+                    b"reconnecting: the node asked",
+                );
+            });
+        }
     }
 }
+
+/// Longest a client waits for its requests in flight after a Goodbye that
+/// asks it to reconnect.
+const GOODBYE_SETTLE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

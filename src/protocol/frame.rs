@@ -303,25 +303,63 @@ pub enum Body {
     },
 }
 
+/// Names of the frame types, indexed by wire tag ([`Body::tag`]).
+pub const FRAME_KINDS: [&str; 15] = [
+    "handshake",
+    "handshake_ack",
+    "text",
+    "binary",
+    "broadcast",
+    "direct",
+    "ping",
+    "pong",
+    "list_clients",
+    "client_list",
+    "ack",
+    "error",
+    "goodbye",
+    "stats_request",
+    "stats",
+];
+
+/// Wire tags of the frame types the node queues itself (see [`Body::tag`]).
+pub mod kind {
+    /// Text echo.
+    pub const TEXT: usize = 2;
+    /// Binary echo.
+    pub const BINARY: usize = 3;
+    /// Broadcast.
+    pub const BROADCAST: usize = 4;
+    /// Direct.
+    pub const DIRECT: usize = 5;
+    /// Goodbye.
+    pub const GOODBYE: usize = 12;
+}
+
 impl Body {
     /// Short lowercase name of the frame type, for logs and JSON output.
     pub fn kind(&self) -> &'static str {
+        FRAME_KINDS[self.tag()]
+    }
+
+    /// The body's wire tag (0 to 14), also its index in [`FRAME_KINDS`].
+    pub fn tag(&self) -> usize {
         match self {
-            Body::Handshake(_) => "handshake",
-            Body::HandshakeAck(_) => "handshake_ack",
-            Body::Text { .. } => "text",
-            Body::Binary { .. } => "binary",
-            Body::Broadcast { .. } => "broadcast",
-            Body::Direct { .. } => "direct",
-            Body::Ping => "ping",
-            Body::Pong { .. } => "pong",
-            Body::ListClients => "list_clients",
-            Body::ClientList { .. } => "client_list",
-            Body::Ack { .. } => "ack",
-            Body::Error { .. } => "error",
-            Body::Goodbye { .. } => "goodbye",
-            Body::StatsRequest => "stats_request",
-            Body::Stats { .. } => "stats",
+            Body::Handshake(_) => 0,
+            Body::HandshakeAck(_) => 1,
+            Body::Text { .. } => 2,
+            Body::Binary { .. } => 3,
+            Body::Broadcast { .. } => 4,
+            Body::Direct { .. } => 5,
+            Body::Ping => 6,
+            Body::Pong { .. } => 7,
+            Body::ListClients => 8,
+            Body::ClientList { .. } => 9,
+            Body::Ack { .. } => 10,
+            Body::Error { .. } => 11,
+            Body::Goodbye { .. } => 12,
+            Body::StatsRequest => 13,
+            Body::Stats { .. } => 14,
         }
     }
 

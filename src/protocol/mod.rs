@@ -68,6 +68,9 @@ pub mod close_code {
     pub const RATE_LIMITED: u32 = 10;
     /// The client's token expired while it was connected.
     pub const TOKEN_EXPIRED: u32 = 11;
+    /// An operator disconnected the client (admin API); a Goodbye with the
+    /// reason and `reconnect: false` was sent first.
+    pub const KICKED: u32 = 12;
 }
 
 /// Application error codes carried in [`Body::Error`] frames.
