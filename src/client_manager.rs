@@ -98,6 +98,7 @@ pub struct ClientHandle {
     high_stream: Mutex<Option<quinn::SendStream>>,
     kick: tokio::sync::Notify,
     kick_reason: Mutex<Option<String>>,
+    lost_reported: std::sync::atomic::AtomicU64,
 }
 
 /// One priority's queue and writer, created on first use: most clients
@@ -143,6 +144,7 @@ impl ClientHandle {
             high_stream: Mutex::new(None),
             kick: tokio::sync::Notify::new(),
             kick_reason: Mutex::new(None),
+            lost_reported: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -371,6 +373,18 @@ impl ClientHandle {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .unwrap_or_default()
+    }
+
+    /// The connection's current QUIC round-trip estimate.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
+    /// Adds the packets lost since the last call to the node's counter.
+    pub fn report_lost_packets(&self) {
+        let lost = self.conn.stats().path.lost_packets;
+        let before = self.lost_reported.swap(lost, Ordering::AcqRel);
+        stats::add(&self.stats.quic_lost_packets, lost.saturating_sub(before));
     }
 
     /// Whether the client was disconnected as a slow consumer.

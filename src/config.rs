@@ -156,6 +156,13 @@ pub struct NodeConfig {
     pub auth_leeway: Duration,
     /// CA (PEM) client certificates must chain to; turns mutual TLS on.
     pub auth_client_ca: Option<PathBuf>,
+    /// TCP address of the Prometheus endpoint (`GET /metrics`); off when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    /// TCP address of the admin HTTP API; off when unset.
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin API requires (mandatory when `admin_listen`
+    /// is not a loopback address).
+    pub admin_token: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -209,6 +216,9 @@ impl Default for NodeConfig {
             auth_issuer: Vec::new(),
             auth_leeway: Duration::from_secs(30),
             auth_client_ca: None,
+            metrics_listen: None,
+            admin_listen: None,
+            admin_token: None,
         }
     }
 }
@@ -316,6 +326,17 @@ impl NodeConfig {
             return invalid(
                 "choose one of --auth-jwt-secret, --auth-jwt-public-key and --auth-jwks".into(),
             );
+        }
+        if let Some(admin) = self.admin_listen
+            && !admin.ip().is_loopback()
+            && self.admin_token.is_none()
+        {
+            return invalid(format!(
+                "the admin API on {admin} is reachable beyond this host: set --admin-token"
+            ));
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return invalid("admin_token must be at least 16 characters".into());
         }
         if let Some(secret) = &self.auth_jwt_secret
             && secret.len() < crate::auth::MIN_SECRET_BYTES
@@ -480,6 +501,15 @@ pub struct NodeArgs {
     /// Require client certificates signed by this CA (mutual TLS).
     #[arg(long, env = "FABRIC_AUTH_CLIENT_CA")]
     pub auth_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9090 [default: off].
+    #[arg(long = "metrics", env = "FABRIC_METRICS")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve the admin HTTP API on ADDR, e.g. 127.0.0.1:9091 [default: off].
+    #[arg(long = "admin", env = "FABRIC_ADMIN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token for the admin API (required unless it listens on loopback).
+    #[arg(long, env = "FABRIC_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 impl NodeArgs {
@@ -545,7 +575,10 @@ impl NodeArgs {
             auth_jwt_secret,
             auth_jwt_public_key,
             auth_jwks,
-            auth_client_ca
+            auth_client_ca,
+            metrics_listen,
+            admin_listen,
+            admin_token
         );
         if self.redis_url.is_some() {
             config.redis_url = self.redis_url;

@@ -505,6 +505,8 @@ async fn drain(shared: &Arc<Shared>, handle: Arc<ClientHandle>, end: End) -> Res
     let client_id = handle.id();
     shared.clients.unregister(client_id);
     shared.router.client_left(client_id);
+    shared.stats.quic_rtt.observe(handle.rtt().as_secs_f64());
+    handle.report_lost_packets();
     let grace = if matches!(end.0, close_code::SHUTDOWN | close_code::KICKED) {
         Duration::from_secs(1)
     } else {

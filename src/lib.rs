@@ -11,6 +11,7 @@
 // no unwrap()/expect() outside tests (the load generator is exempted below).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod auth;
 #[allow(clippy::unwrap_used, clippy::expect_used)] // a load generator; its expects are invariants
 pub mod bench;
@@ -22,6 +23,7 @@ pub mod config;
 mod connection;
 pub mod handler;
 pub mod limits;
+pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod server;

@@ -192,6 +192,102 @@ impl Router {
         );
     }
 
+    /// Broadcasts a node-originated message (no sender: it comes from the
+    /// operator) to every client of the cluster. Returns its id and how
+    /// many local clients got it; an error when it could not reach the
+    /// other nodes (local clients still got it).
+    pub async fn server_broadcast(
+        &self,
+        priority: Priority,
+        payload: protocol::Payload,
+    ) -> Result<(MessageId, usize), (MessageId, usize, BusError)> {
+        let frame = protocol::Frame::new(priority, protocol::Body::Broadcast { payload });
+        let id = frame.id;
+        let bytes =
+            protocol::encode(&frame).map_err(|e| (id, 0, BusError::Unavailable(e.to_string())))?;
+        let local = self.clients.broadcast(None, priority, &bytes).delivered;
+        if !self.bus.clustered() {
+            return Ok((id, local));
+        }
+        if !self.bus.available() {
+            return Err((
+                id,
+                local,
+                BusError::Unavailable("Redis is unreachable".into()),
+            ));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.bus.publish(
+            Target::AllNodes,
+            BusMessage::Broadcast {
+                origin: self.node_id,
+                priority,
+                frame: bytes,
+            },
+            Some(Box::new(move |result| {
+                let _ = tx.send(result);
+            })),
+        );
+        match rx.await {
+            Ok(Ok(_)) => Ok((id, local)),
+            Ok(Err(err)) => Err((id, local, err)),
+            Err(_) => Err((id, local, BusError::Unavailable("bus stopped".into()))),
+        }
+    }
+
+    /// Disconnects client `id` wherever it is in the cluster: it gets a
+    /// Goodbye with `reason` and close code KICKED.
+    pub async fn kick(&self, id: ClientId, reason: &str) -> Result<Kick, BusError> {
+        if let Some(client) = self.clients.get(id) {
+            client.kick(reason);
+            return Ok(Kick::Local);
+        }
+        if !self.bus.clustered() {
+            return Ok(Kick::Unknown);
+        }
+        match self.bus.locate(id).await? {
+            Some(node) if node != self.node_id => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.bus.publish(
+                    Target::Node(node),
+                    BusMessage::Kick {
+                        client: id,
+                        reason: reason.to_owned(),
+                    },
+                    Some(Box::new(move |result| {
+                        let _ = tx.send(result);
+                    })),
+                );
+                match rx.await {
+                    Ok(Ok(0)) => Ok(Kick::Unknown),
+                    Ok(Ok(_)) => Ok(Kick::Remote(node)),
+                    Ok(Err(err)) => Err(err),
+                    Err(_) => Err(BusError::Unavailable("bus stopped".into())),
+                }
+            }
+            _ => Ok(Kick::Unknown),
+        }
+    }
+
+    /// Live nodes and how many clients each has (this node alone when it
+    /// is not clustered).
+    pub async fn nodes(&self, max_clients: usize) -> Result<Vec<(NodeId, usize)>, BusError> {
+        if !self.bus.clustered() {
+            return Ok(vec![(self.node_id, self.clients.len())]);
+        }
+        let live = self.bus.live_nodes().await?;
+        let (clients, _) = self.bus.list_clients(max_clients).await?;
+        let mut counts: HashMap<NodeId, usize> = live.into_iter().map(|n| (n, 0)).collect();
+        for client in clients {
+            if let Some(count) = counts.get_mut(&client.node_id) {
+                *count += 1;
+            }
+        }
+        let mut nodes: Vec<_> = counts.into_iter().collect();
+        nodes.sort();
+        Ok(nodes)
+    }
+
     /// Delivers a direct message from `from` to `to`, wherever it is, and
     /// answers the sender (now, or when the target node's receipt arrives).
     pub async fn direct(
@@ -400,6 +496,10 @@ impl Router {
                 };
                 self.bus.publish(Target::Node(origin), receipt, None);
             }
+            BusMessage::Kick { client, reason } => match self.clients.get(client) {
+                Some(handle) => handle.kick(&reason),
+                None => debug!(%client, "kick for a client that is not here"),
+            },
             BusMessage::Receipt {
                 message_id,
                 sender,
@@ -456,6 +556,17 @@ impl Router {
             }
         }
     }
+}
+
+/// Where a kicked client was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// On this node; it is being disconnected.
+    Local,
+    /// On that node, which was asked to disconnect it.
+    Remote(NodeId),
+    /// Not connected anywhere.
+    Unknown,
 }
 
 fn outcome_of(err: EnqueueError) -> DeliveryOutcome {

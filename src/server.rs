@@ -112,6 +112,16 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     inbox: mpsc::Receiver<BusMessage>,
+    metrics: Option<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
+}
+
+fn bind_tcp(addr: Option<SocketAddr>) -> Result<Option<std::net::TcpListener>, ServerError> {
+    let Some(addr) = addr else { return Ok(None) };
+    let bind_error = |source| ServerError::Bind { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    Ok(Some(listener))
 }
 
 /// Which cluster bus a node joins.
@@ -136,6 +146,8 @@ impl Server {
     pub fn bind_with(config: NodeConfig, bus: BusChoice) -> Result<Self, ServerError> {
         config.validate()?;
         let endpoint = endpoint(&config)?;
+        let metrics = bind_tcp(config.metrics_listen)?;
+        let admin = bind_tcp(config.admin_listen)?;
 
         let node_id = config.node_id.unwrap_or_else(NodeId::new_random);
         let stats = Arc::new(Stats::default());
@@ -194,6 +206,8 @@ impl Server {
             endpoint,
             shared,
             inbox,
+            metrics,
+            admin,
         })
     }
 
@@ -202,6 +216,16 @@ impl Server {
         self.endpoint
             .local_addr()
             .unwrap_or(self.shared.config.listen)
+    }
+
+    /// Where the metrics endpoint listens, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the admin API listens, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// This node's id.
@@ -223,7 +247,31 @@ impl Server {
             endpoint,
             shared,
             inbox,
+            metrics,
+            admin,
         } = self;
+        let http_cancel = CancellationToken::new();
+        let mut http = Vec::new();
+        for (listener, api) in [(metrics, false), (admin, true)] {
+            let Some(listener) = listener else { continue };
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let addr = listener
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let (shared, cancel) = (shared.clone(), http_cancel.clone());
+                    http.push(if api {
+                        info!(%addr, "admin API listening");
+                        tokio::spawn(crate::admin::serve(listener, shared, cancel))
+                    } else {
+                        info!(%addr, "metrics listening on /metrics");
+                        tokio::spawn(crate::metrics::serve(listener, shared, cancel))
+                    });
+                }
+                Err(err) => warn!(%err, "cannot serve HTTP listener"),
+            }
+        }
         let cancel = CancellationToken::new();
         let bus_cancel = CancellationToken::new();
         shared.router.start(inbox, bus_cancel.clone());
@@ -299,6 +347,10 @@ impl Server {
         // leave the cluster so nothing more is routed here.
         shared.router.leave().await;
         bus_cancel.cancel();
+        http_cancel.cancel();
+        for task in http {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         info!("node stopped");

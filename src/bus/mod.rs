@@ -69,6 +69,13 @@ pub enum BusMessage {
         /// What happened.
         outcome: DeliveryOutcome,
     },
+    /// Tag 3: An operator asked to disconnect a client of the receiving node.
+    Kick {
+        /// The client.
+        client: ClientId,
+        /// Why (sent to the client in its Goodbye).
+        reason: String,
+    },
 }
 
 /// What became of a cross-node direct message.
