@@ -129,7 +129,12 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
-    let span = info_span!("conn", %remote, client_id = tracing::field::Empty);
+    let span = info_span!(
+        "conn",
+        %remote,
+        node_id = %shared.node_id,
+        client_id = tracing::field::Empty
+    );
     async move {
         let conn = match incoming.accept() {
             Ok(connecting) => match connecting.await {

@@ -223,9 +223,11 @@ async fn fabric_node_generates_certs_serves_and_stops_on_sigterm() {
         .args(["--listen", &addr, "--certs"])
         .arg(certs.path())
         .args(["--name", "proc-node", "--shutdown-grace", "1s"])
+        .args(["--log-format", "json"])
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -250,11 +252,43 @@ async fn fabric_node_generates_certs_serves_and_stops_on_sigterm() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = tokio::time::timeout(WAIT, node.wait())
+    let out = tokio::time::timeout(WAIT, node.wait_with_output())
         .await
         .expect("node exits after SIGTERM")
         .unwrap();
-    assert!(status.success(), "graceful exit: {status:?}");
+    assert!(out.status.success(), "graceful exit: {:?}", out.status);
+    drop(client);
+
+    // Machine-readable logs: one JSON object per line; the connection's
+    // open and close lines carry its span (remote, node id, client id).
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let find = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {lines:#?}"))
+            .clone()
+    };
+    let opened = find("client connected");
+    let closed = find("connection closed");
+    for line in [&opened, &closed] {
+        let span = &line["span"];
+        assert_eq!(span["name"], "conn");
+        assert!(
+            span["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{line}"
+        );
+        assert_eq!(span["node_id"].as_str().unwrap().len(), 36, "{line}");
+        assert_eq!(span["client_id"].as_str().unwrap().len(), 36, "{line}");
+    }
+    assert_eq!(opened["span"]["client_id"], closed["span"]["client_id"]);
+    assert_eq!(closed["fields"]["code"], 1, "closed by the drain: {closed}");
+    assert!(closed["fields"]["duration_ms"].is_u64(), "{closed}");
+    assert!(closed["fields"]["reason"].is_string(), "{closed}");
+    find("draining: refusing new connections, asking clients to reconnect elsewhere");
 }
 
 #[tokio::test]
