@@ -219,7 +219,7 @@ async fn fabric_node_generates_certs_serves_and_stops_on_sigterm() {
         probe.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let mut node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
+    let node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
         .args(["--listen", &addr, "--certs"])
         .arg(certs.path())
         .args(["--name", "proc-node", "--shutdown-grace", "1s"])

@@ -34,6 +34,10 @@ impl TestCerts {
 /// A node running in this test process.
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The metrics endpoint, when the config enabled it.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The admin API, when the config enabled it.
+    pub admin_addr: Option<SocketAddr>,
     pub ca: PathBuf,
     pub shared: Arc<Shared>,
     pub shutdown: CancellationToken,
@@ -64,12 +68,15 @@ impl TestNode {
         tweak(&mut config);
         let server = Server::bind_with(config, bus).expect("node binds");
         let addr = server.local_addr();
+        let (metrics_addr, admin_addr) = (server.metrics_addr(), server.admin_addr());
         let shared = server.shared();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(server.run(async move { token.cancelled().await }));
         TestNode {
             addr,
+            metrics_addr,
+            admin_addr,
             ca: dir.join("ca.pem"),
             shared,
             shutdown,
@@ -258,5 +265,121 @@ pub fn expect_server_error<T: std::fmt::Debug>(
             message
         }
         other => panic!("expected server error {code:?}, got {other:?}"),
+    }
+}
+
+impl RawClient {
+    /// Like [`RawClient::connect_with`], but hands back why the connection
+    /// failed (for example the node refusing it before TLS) instead of
+    /// panicking.
+    pub async fn try_connect_with(
+        node: &TestNode,
+        tweak: impl FnOnce(&mut quinn::TransportConfig),
+    ) -> Result<RawClient, quinn::ConnectionError> {
+        let crypto = quic_fabric::tls::client_crypto(
+            &quic_fabric::tls::ServerTrust::CaFile(node.ca.clone()),
+            None,
+        )
+        .unwrap();
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        tweak(&mut transport);
+        config.transport_config(Arc::new(transport));
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint.connect(node.addr, "localhost").unwrap();
+        let conn = tokio::time::timeout(WAIT, connecting)
+            .await
+            .expect("connection attempt settles in time")?;
+        Ok(RawClient { endpoint, conn })
+    }
+
+    /// [`RawClient::try_connect_with`] with default transport settings.
+    pub async fn try_connect(node: &TestNode) -> Result<RawClient, quinn::ConnectionError> {
+        Self::try_connect_with(node, |_| {}).await
+    }
+}
+
+/// Whether `err` is the node refusing a connection attempt before TLS
+/// (admission control: QUIC CONNECTION_REFUSED).
+pub fn is_refused(err: &quinn::ConnectionError) -> bool {
+    matches!(
+        err,
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    )
+}
+
+/// Connects a library client, retrying while the node refuses the attempt
+/// (for example until it has noticed that an earlier connection ended and
+/// freed its admission slot). Fails after [`WAIT`].
+pub async fn connect_when_admitted(node: &TestNode, name: &str) -> Client {
+    let config = node.client_config(name);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match Client::connect(&config).await {
+                Ok(client) => return client,
+                Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("client {name} admitted in time"))
+}
+
+/// A response from [`http`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request over a fresh TCP connection (`Connection: close`),
+/// enough for the node's admin and metrics listeners.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut request =
+            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(token) = token {
+            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        let body = body.unwrap_or("");
+        if !body.is_empty() {
+            request.push_str("Content-Type: application/json\r\n");
+        }
+        request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("HTTP reply in time");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status");
+    HttpResponse {
+        status,
+        headers: head.to_owned(),
+        body: body.to_owned(),
     }
 }
