@@ -383,3 +383,62 @@ pub async fn http(
         body: body.to_owned(),
     }
 }
+
+impl RawClient {
+    /// Like [`RawClient::connect_with`], but hands back why the connection
+    /// failed (for example the node refusing it before TLS) instead of
+    /// panicking.
+    pub async fn try_connect_with(
+        node: &TestNode,
+        tweak: impl FnOnce(&mut quinn::TransportConfig),
+    ) -> Result<RawClient, quinn::ConnectionError> {
+        let crypto = quic_fabric::tls::client_crypto(
+            &quic_fabric::tls::ServerTrust::CaFile(node.ca.clone()),
+            None,
+        )
+        .unwrap();
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        tweak(&mut transport);
+        config.transport_config(Arc::new(transport));
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint.connect(node.addr, "localhost").unwrap();
+        let conn = tokio::time::timeout(WAIT, connecting)
+            .await
+            .expect("connection attempt settles in time")?;
+        Ok(RawClient { endpoint, conn })
+    }
+
+    /// [`RawClient::try_connect_with`] with default transport settings.
+    pub async fn try_connect(node: &TestNode) -> Result<RawClient, quinn::ConnectionError> {
+        Self::try_connect_with(node, |_| {}).await
+    }
+}
+
+/// Whether `err` is the node refusing a connection attempt before TLS
+/// (admission control: QUIC CONNECTION_REFUSED).
+pub fn is_refused(err: &quinn::ConnectionError) -> bool {
+    matches!(
+        err,
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    )
+}
+
+/// Connects a library client, retrying while the node refuses the attempt
+/// (for example until it has noticed that an earlier connection ended and
+/// freed its admission slot). Fails after [`WAIT`].
+pub async fn connect_when_admitted(node: &TestNode, name: &str) -> Client {
+    let config = node.client_config(name);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match Client::connect(&config).await {
+                Ok(client) => return client,
+                Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("client {name} admitted in time"))
+}
