@@ -179,6 +179,7 @@ impl Server {
                     },
                     clients.clone(),
                     inbox_tx,
+                    stats.clone(),
                 )
                 .map_err(|e| ServerError::Bus(e.to_string()))?,
             ),

@@ -632,3 +632,123 @@ async fn redis_cost_per_message_is_as_documented() {
     drop((n1, n2, n3));
     redis.remove().await;
 }
+
+#[tokio::test]
+async fn admin_api_and_metrics_see_and_steer_the_whole_cluster() {
+    const TOKEN: &str = "cluster-admin-token-0123";
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let url = redis.url.clone();
+    let n1 = TestNode::start_on(BusChoice::FromConfig, Some(&certs), move |c| {
+        c.name = "n1".into();
+        c.redis_url = Some(url);
+        c.node_ttl = NODE_TTL;
+        c.heartbeat_interval = Duration::from_millis(300);
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin_token = Some(TOKEN.into());
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let n2 = redis_node(&redis, &certs, "n2").await;
+    wait_ready(&[&n1, &n2]).await;
+    let admin = n1.admin_addr.unwrap();
+    let on1 = n1.connect("on1").await;
+    let mut on2 = n2.connect("on2").await;
+    let mut other2 = n2.connect("other2").await;
+    wait_listed(
+        &on1,
+        &[on1.client_id(), on2.client_id(), other2.client_id()],
+    )
+    .await;
+
+    let ready = common::http(admin, "GET", "/ready", None, None).await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let nodes = common::http(admin, "GET", "/nodes", Some(TOKEN), None)
+        .await
+        .json();
+    let mut counts: Vec<(String, u64, bool)> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node_id"].as_str().unwrap().to_owned(),
+                n["clients"].as_u64().unwrap(),
+                n["self"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    counts.sort();
+    let mut want = vec![
+        (n1.shared.node_id.to_string(), 1, true),
+        (n2.shared.node_id.to_string(), 2, false),
+    ];
+    want.sort();
+    assert_eq!(counts, want);
+    let listed = common::http(admin, "GET", "/clients?limit=10", Some(TOKEN), None)
+        .await
+        .json();
+    assert_eq!(
+        listed["clients"].as_array().unwrap().len(),
+        3,
+        "cluster-wide"
+    );
+
+    // An operator broadcast from n1 reaches the clients of n2.
+    let sent = common::http(
+        admin,
+        "POST",
+        "/broadcast",
+        Some(TOKEN),
+        Some(r#"{"text":"ops"}"#),
+    )
+    .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let got = next_matching(&mut on2, |f| matches!(f.body, Body::Broadcast { .. })).await;
+    assert_eq!(got.sender, None);
+
+    // Disconnecting a client of n2 through n1's API.
+    let path = format!("/clients/{}?reason=bye", other2.client_id());
+    let kicked = common::http(admin, "DELETE", &path, Some(TOKEN), None).await;
+    assert_eq!(kicked.status, 202, "{}", kicked.body);
+    assert_eq!(kicked.json()["node_id"], n2.shared.node_id.to_string());
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match other2.next_event().await {
+                Some(Event::Closed { code, .. }) => return code,
+                None => return None,
+                Some(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, Some(quic_fabric::protocol::close_code::KICKED));
+    on2.ping().await.unwrap();
+
+    // Cluster metrics: Redis up, pub/sub and command latency recorded.
+    let metrics = common::http(n1.metrics_addr.unwrap(), "GET", "/metrics", None, None)
+        .await
+        .body;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{metrics}"))
+    };
+    assert_eq!(value("fabric_redis_up"), 1.0);
+    assert!(value("fabric_pubsub_messages_total{direction=\"out\"}") >= 2.0);
+    assert!(value("fabric_redis_command_duration_seconds_count{op=\"pipeline\"}") >= 1.0);
+
+    // Without Redis the node is not ready (it still serves local clients).
+    redis.container.stop().await.unwrap();
+    eventually(WAIT, "/ready turns 503 without Redis", || async {
+        let ready = common::http(admin, "GET", "/ready", None, None).await;
+        ready.status == 503 && ready.json()["reason"] == "cluster bus (Redis) unreachable"
+    })
+    .await;
+    on1.ping().await.unwrap();
+    drop((on1, on2));
+    drop((n1, n2));
+    redis.remove().await;
+}

@@ -26,6 +26,7 @@ use super::{BusError, BusMessage, ClusterBus, PublishDone, Target, sort_and_cut}
 use crate::client_manager::ClientManager;
 use crate::protocol::codec::{decode_value, encode_value};
 use crate::protocol::{ClientId, ClientInfo, NodeId, now_ms};
+use crate::stats::Stats;
 
 /// Most queued operations sent in one pipeline.
 const MAX_BATCH: usize = 512;
@@ -121,6 +122,7 @@ struct Inner {
     live: RwLock<HashSet<NodeId>>,
     dropped_inbound: AtomicU64,
     cancel: CancellationToken,
+    stats: Arc<Stats>,
 }
 
 /// A node's connection to the Redis bus.
@@ -140,6 +142,7 @@ impl RedisBus {
         config: RedisBusConfig,
         presence: Arc<ClientManager>,
         inbox: mpsc::Sender<BusMessage>,
+        stats: Arc<Stats>,
     ) -> Result<Self, BusError> {
         let client = match &config.ca_pem {
             Some(ca) => redis::Client::build_with_tls(
@@ -176,6 +179,7 @@ impl RedisBus {
                 live: RwLock::new(HashSet::new()),
                 dropped_inbound: AtomicU64::new(0),
                 cancel: CancellationToken::new(),
+                stats,
             }),
         })
     }
@@ -476,8 +480,16 @@ async fn flush(inner: &Inner, conn: &mut ConnectionManager, ops: Vec<Op>) {
             Op::Heartbeat | Op::Shutdown(_) => unreachable!("handled by the writer"),
         }
     }
-    match pipe.query_async::<Vec<i64>>(conn).await {
+    let publishes = dones.len() as u64;
+    let started = std::time::Instant::now();
+    let result = pipe.query_async::<Vec<i64>>(conn).await;
+    inner
+        .stats
+        .redis_command
+        .observe(started.elapsed().as_secs_f64());
+    match result {
         Ok(counts) => {
+            crate::stats::add(&inner.stats.pubsub_out, publishes);
             for registered in registrations {
                 let _ = registered.send(());
             }
@@ -520,6 +532,7 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
     let me = inner.config.node_id;
     let ttl_ms = inner.config.node_ttl.as_millis() as u64;
     let record = format!("{}|{}", inner.config.node_name, now_ms());
+    let started = std::time::Instant::now();
     let result: redis::RedisResult<(Option<String>, i64, i64)> = redis::pipe()
         .cmd("SET")
         .arg(keys.node(me))
@@ -535,6 +548,10 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
         .arg(ttl_ms)
         .query_async(conn)
         .await;
+    inner
+        .stats
+        .redis_command
+        .observe(started.elapsed().as_secs_f64());
     let previous = match result {
         Ok((previous, _, _)) => previous,
         Err(err) => {
@@ -752,6 +769,7 @@ async fn receive(inner: &Inner, pubsub: redis::aio::PubSub) -> String {
         tokio::select! {
             msg = stream.next() => {
                 let Some(msg) = msg else { return "connection closed".into() };
+                crate::stats::add(&inner.stats.pubsub_in, 1);
                 let message = match decode_value::<BusMessage>(msg.get_payload_bytes()) {
                     Ok(m) => m,
                     Err(err) => {
