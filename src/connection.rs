@@ -20,11 +20,14 @@ use crate::handler::{MessageHandler, Next};
 use crate::limits::{ClientRateLimit, ConnectionPermit, RateVerdict};
 use crate::protocol::{
     self, Body, ClientId, ClientInfo, CodecError, ErrorCode, Frame, HARD_MAX_FRAME_BYTES,
-    Handshake, HandshakeAck, LENGTH_PREFIX_BYTES, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION,
-    Priority, Sender, close_code, error_code, now_ms,
+    HandshakeAck, LENGTH_PREFIX_BYTES, Priority, Sender, close_code, error_code, now_ms,
 };
 use crate::server::Shared;
 use crate::stats::{self, RefusedReason};
+
+/// How long the node waits for the id of an oversized Handshake frame, to
+/// name it in the refusal.
+const ID_PEEK_WAIT: Duration = Duration::from_millis(200);
 
 /// Most buffer reserved for a frame before its bytes arrive.
 const PREALLOCATE_BYTES: usize = 64 * 1024;
@@ -74,6 +77,18 @@ pub(crate) async fn read_frame(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Inbound, ReadError> {
+    read_frame_with(recv, max, true).await
+}
+
+/// Like [`read_frame`]; with `skip_oversized` false, a frame above `max`
+/// is reported at once (after a brief look at its id) without reading its
+/// body, whatever its claimed length: for peers that have not handshaken,
+/// which must not make the node read large frames.
+async fn read_frame_with(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    skip_oversized: bool,
+) -> Result<Inbound, ReadError> {
     let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -100,6 +115,16 @@ pub(crate) async fn read_frame(
                     Inbound::Bad(err, id)
                 }
             })
+        }
+        Err(CodecError::FrameTooLarge { len, .. }) if !skip_oversized => {
+            let mut id = [0u8; 16];
+            let head = len.min(id.len());
+            let peek = tokio::time::timeout(ID_PEEK_WAIT, recv.read_exact(&mut id[..head])).await;
+            let id = match peek {
+                Ok(Ok(())) => protocol::codec::peek_message_id(&id[..head]),
+                _ => None,
+            };
+            Ok(Inbound::Bad(CodecError::FrameTooLarge { len, max }, id))
         }
         Err(CodecError::FrameTooLarge { len, .. }) if len <= HARD_MAX_FRAME_BYTES => {
             let mut id = [0u8; 16];
@@ -203,7 +228,7 @@ async fn admit(
     else {
         unreachable!("read_handshake returns only Handshake frames")
     };
-    let version = match negotiate(&hello) {
+    let version = match protocol::negotiate_version(&hello) {
         Ok(v) => v,
         Err(message) => {
             return Err(reject(
@@ -237,10 +262,7 @@ async fn admit(
         }
     };
     let max_name = config.max_name_bytes;
-    if hello.name.is_empty()
-        || hello.name.len() > max_name
-        || hello.name.chars().any(char::is_control)
-    {
+    if !protocol::valid_name(&hello.name, max_name) {
         return Err(reject(
             conn,
             shared,
@@ -383,12 +405,14 @@ struct Closer {
 }
 
 impl Closer {
-    fn close(&self, end: End) {
-        self.end
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(end);
+    /// Asks for the connection to end with `end`; true for the first ask
+    /// (later ones keep the first reason).
+    fn close(&self, end: End) -> bool {
+        let mut slot = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        let first = slot.is_none() && !self.token.is_cancelled();
+        slot.get_or_insert(end);
         self.token.cancel();
+        first
     }
 }
 
@@ -565,7 +589,7 @@ async fn read_handshake(
         .accept_uni()
         .await
         .map_err(|e| violation(format!("connection ended before the handshake: {e}")))?;
-    match read_frame(&mut recv, max).await {
+    match read_frame_with(&mut recv, max, false).await {
         Ok(Inbound::Frame(frame, size)) if matches!(frame.body, Body::Handshake(_)) => {
             Ok((recv, frame, size))
         }
@@ -586,20 +610,6 @@ async fn read_handshake(
         Ok(Inbound::End) => Err(violation("stream finished before the handshake".into())),
         Err(err) => Err(violation(format!("cannot read handshake: {err}"))),
     }
-}
-
-fn negotiate(hello: &Handshake) -> Result<u16, String> {
-    let version = hello.max_version.min(MAX_PROTOCOL_VERSION);
-    if hello.min_version > hello.max_version
-        || version < hello.min_version
-        || version < MIN_PROTOCOL_VERSION
-    {
-        return Err(format!(
-            "unsupported protocol version: client speaks {}..={}, server speaks {}..={}",
-            hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
-        ));
-    }
-    Ok(version)
 }
 
 /// Tells the client why it is refused (Error frame), then gives the close
@@ -657,12 +667,14 @@ impl Reader {
             RateVerdict::Allow => {}
             RateVerdict::Reject(wait) => self.client.rate_limited(priority, of, wait),
             RateVerdict::Disconnect => {
-                stats::add(&self.shared.stats.rate_limit_disconnects, 1);
-                warn!("client kept sending over its rate limit; disconnecting");
-                self.close.close((
+                let first = self.close.close((
                     close_code::RATE_LIMITED,
                     "rate limit exceeded for too long".into(),
                 ));
+                if first {
+                    stats::add(&self.shared.stats.rate_limit_disconnects, 1);
+                    warn!("client kept sending over its rate limit; disconnecting");
+                }
             }
         }
         verdict

@@ -177,19 +177,21 @@ impl Admission {
                 return Admit::Retry;
             }
         }
+        // The count is checked before the rate, so an attempt refused for
+        // the count does not use up a rate token.
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if self.max_per_ip > 0 && per_ip.get(&ip).is_some_and(|n| *n >= self.max_per_ip) {
+            return Admit::Refuse(Refusal::IpConnections);
+        }
         if let Some(rate) = &self.ip_rate
             && rate.check_key(&ip).is_err()
         {
             return Admit::Refuse(Refusal::IpRate);
         }
         if self.max_per_ip > 0 {
-            let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let count = per_ip.entry(ip).or_insert(0);
-            if *count >= self.max_per_ip {
-                return Admit::Refuse(Refusal::IpConnections);
-            }
-            *count += 1;
+            *per_ip.entry(ip).or_insert(0) += 1;
         }
+        drop(per_ip);
         self.pending.fetch_add(1, Ordering::AcqRel);
         Admit::Accept(ConnectionPermit {
             ip,

@@ -437,9 +437,6 @@ async fn stream_churn_past_the_strikes_closes_the_connection() {
 }
 
 #[tokio::test]
-#[ignore = "src bug: rate_limit_disconnects counts Disconnect verdicts, not clients: the accept \
-            loop and reader tasks keep taking tokens until the connection task notices the close \
-            (connection.rs steady/Reader::check_rate)"]
 async fn a_rate_limit_disconnect_is_counted_once_per_client() {
     let node = TestNode::start_with(|c| {
         c.rate_limit_messages = 5;
@@ -590,8 +587,6 @@ async fn an_oversized_handshake_is_refused_with_bad_handshake() {
 }
 
 #[tokio::test]
-#[ignore = "src bug: an oversized Handshake is only refused after its whole body (up to 16 MiB) \
-            arrived; a longer prefix gets HANDSHAKE_REQUIRED/close 2 (see read_handshake)"]
 async fn an_oversized_handshake_prefix_is_refused_without_waiting_for_the_body() {
     // The node should not read (and wait for) megabytes from a peer that
     // has not even handshaken: the announced length alone decides.

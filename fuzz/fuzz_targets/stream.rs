@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Every Handshake frame goes through the node's version negotiation and name
-//! checks (copied here from the private `connection::negotiate` and `admit`,
+//! checks (the node's own `protocol::negotiate_version` and `valid_name`,
 //! with the default config: 16 KiB handshake cap, 64-byte names). Token and
 //! client-certificate authentication are not modelled.
 //! Every decoded frame is also stamped with a sender and re-encoded, as the
@@ -38,25 +38,14 @@ use quic_fabric::protocol::{
 /// `max_handshake_bytes.min(max_message_bytes)` as its maximum.
 const MAX_HANDSHAKE_BYTES: usize = 16 * 1024;
 
-/// Copy of `connection::negotiate` (private in the server).
+/// The node's own checks (`connection::admit` calls these).
 fn negotiate(hello: &Handshake) -> Result<u16, String> {
-    let version = hello.max_version.min(MAX_PROTOCOL_VERSION);
-    if hello.min_version > hello.max_version
-        || version < hello.min_version
-        || version < MIN_PROTOCOL_VERSION
-    {
-        return Err(format!(
-            "unsupported protocol version: client speaks {}..={}, server speaks {}..={}",
-            hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
-        ));
-    }
-    Ok(version)
+    quic_fabric::protocol::negotiate_version(hello)
 }
 
-/// Copy of the name check in `connection::admit`, with the default
-/// `max_name_bytes` (= `MAX_NAME_BYTES`).
+/// The name check with the default `max_name_bytes` (= `MAX_NAME_BYTES`).
 fn name_ok(name: &str) -> bool {
-    !(name.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control))
+    quic_fabric::protocol::valid_name(name, MAX_NAME_BYTES)
 }
 
 fn check_handshake(hello: &Handshake) {

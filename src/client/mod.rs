@@ -704,10 +704,16 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, Clien
     }
     let len = protocol::decode_length(prefix, HARD_MAX_FRAME_BYTES)
         .map_err(|e: CodecError| ClientError::Protocol(e.to_string()))?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    // Grown as bytes arrive, not reserved from the prefix's claim.
+    let mut payload = Vec::with_capacity(len.min(64 * 1024));
+    while payload.len() < len {
+        let chunk = recv
+            .read_chunk(len - payload.len(), true)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .ok_or_else(|| ClientError::Protocol("stream ended inside a frame".into()))?;
+        payload.extend_from_slice(&chunk.bytes);
+    }
     protocol::decode_frame(&payload)
         .map(Some)
         .map_err(|e| ClientError::Protocol(e.to_string()))

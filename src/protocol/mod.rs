@@ -33,6 +33,29 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// (`max_name_bytes`).
 pub const MAX_NAME_BYTES: usize = 64;
 
+/// Picks the protocol version for a Handshake offering
+/// `min_version..=max_version`: the highest both sides speak. The error
+/// message names both ranges.
+pub fn negotiate_version(hello: &Handshake) -> Result<u16, String> {
+    let version = hello.max_version.min(MAX_PROTOCOL_VERSION);
+    if hello.min_version > hello.max_version
+        || version < hello.min_version
+        || version < MIN_PROTOCOL_VERSION
+    {
+        return Err(format!(
+            "unsupported protocol version: client speaks {}..={}, server speaks {}..={}",
+            hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
+        ));
+    }
+    Ok(version)
+}
+
+/// Whether `name` is an acceptable client name: 1 to `max_bytes` bytes,
+/// no control characters.
+pub fn valid_name(name: &str, max_bytes: usize) -> bool {
+    !name.is_empty() && name.len() <= max_bytes && !name.chars().any(char::is_control)
+}
+
 /// Maps a [`Priority`] to quinn's stream priority: higher is sent first.
 pub fn stream_priority(priority: Priority) -> i32 {
     match priority {
