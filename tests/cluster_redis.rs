@@ -726,7 +726,11 @@ async fn admin_api_and_metrics_see_and_steer_the_whole_cluster() {
     assert_eq!(closed, Some(quic_fabric::protocol::close_code::KICKED));
     on2.ping().await.unwrap();
 
-    // Cluster metrics: Redis up, pub/sub and command latency recorded.
+    // Cluster metrics: Redis up, pub/sub, command and cross-node delivery
+    // latency recorded.
+    on1.direct(on2.client_id(), Payload::Text("x".into()), Priority::Normal)
+        .await
+        .unwrap();
     let metrics = common::http(n1.metrics_addr.unwrap(), "GET", "/metrics", None, None)
         .await
         .body;
@@ -739,6 +743,10 @@ async fn admin_api_and_metrics_see_and_steer_the_whole_cluster() {
     assert_eq!(value("fabric_redis_up"), 1.0);
     assert!(value("fabric_pubsub_messages_total{direction=\"out\"}") >= 2.0);
     assert!(value("fabric_redis_command_duration_seconds_count{op=\"pipeline\"}") >= 1.0);
+    assert_eq!(
+        value("fabric_delivery_latency_seconds_count{path=\"cross_node\"}"),
+        1.0
+    );
 
     // Without Redis the node is not ready (it still serves local clients).
     redis.container.stop().await.unwrap();
