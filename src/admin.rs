@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::ClusterBus;
-use crate::protocol::{ClientId, ClientInfo, Payload, Priority};
+use crate::cli::client_json;
+use crate::protocol::{ClientId, Payload, Priority};
 use crate::router::Kick;
 use crate::server::Shared;
 use crate::stats::get as counter;
@@ -146,16 +147,6 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
         "clustered": bus.clustered(),
         "redis_up": bus.clustered().then(|| bus.available()),
     }))
-}
-
-fn client_json(c: &ClientInfo) -> Value {
-    json!({
-        "client_id": c.client_id.to_string(),
-        "node_id": c.node_id.to_string(),
-        "name": c.name,
-        "user": c.user,
-        "connected_at_ms": c.connected_at_ms,
-    })
 }
 
 #[derive(Debug, Deserialize)]

@@ -412,7 +412,8 @@ fn chat_line(frame: &Frame) -> Option<String> {
     }
 }
 
-fn client_json(c: &ClientInfo) -> Value {
+/// A client list entry as JSON (CLI output and the admin API).
+pub(crate) fn client_json(c: &ClientInfo) -> Value {
     json!({
         "client_id": c.client_id.to_string(),
         "node_id": c.node_id.to_string(),

@@ -158,23 +158,9 @@ impl RawClient {
         node: &TestNode,
         tweak: impl FnOnce(&mut quinn::TransportConfig),
     ) -> RawClient {
-        let crypto = quic_fabric::tls::client_crypto(
-            &quic_fabric::tls::ServerTrust::CaFile(node.ca.clone()),
-            None,
-        )
-        .unwrap();
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        tweak(&mut transport);
-        config.transport_config(Arc::new(transport));
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(config);
-        let conn = endpoint
-            .connect(node.addr, "localhost")
-            .unwrap()
+        Self::try_connect_with(node, tweak)
             .await
-            .unwrap();
-        RawClient { endpoint, conn }
+            .expect("raw client connects")
     }
 
     /// Opens a stream and writes `bytes` on it (not finished).
