@@ -85,9 +85,14 @@ pub struct NodeConfig {
     pub max_queued_bytes: usize,
     /// Most entries returned in one ClientList.
     pub max_list_clients: usize,
-    /// On shutdown, how long clients get to receive their queued messages.
+    /// On drain or shutdown, how long clients get to leave by themselves.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a draining node keeps refusing new connections (instead of
+    /// vanishing) after it started draining, so that reconnects a load
+    /// balancer still sends here are turned away at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_linger: Duration,
     /// Redis URL (`redis://`, `rediss://`, with optional `user:password@`);
     /// unset runs a single node with the in-memory bus.
     pub redis_url: Option<String>,
@@ -189,6 +194,7 @@ impl Default for NodeConfig {
             max_queued_bytes: 16 * 1024 * 1024,
             max_list_clients: 10_000,
             shutdown_grace: Duration::from_secs(5),
+            drain_linger: Duration::from_secs(2),
             redis_url: None,
             redis_ca: None,
             redis_prefix: "fabric".into(),
@@ -417,9 +423,12 @@ pub struct NodeArgs {
     /// Most entries in one client list [default: 10000].
     #[arg(long, env = "FABRIC_MAX_LIST_CLIENTS")]
     pub max_list_clients: Option<usize>,
-    /// Grace period for delivering queued messages at shutdown [default: 5s].
+    /// Time clients get to leave a draining node [default: 5s].
     #[arg(long, env = "FABRIC_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// Time a draining node keeps refusing new connections [default: 2s].
+    #[arg(long, env = "FABRIC_DRAIN_LINGER", value_parser = humantime::parse_duration)]
+    pub drain_linger: Option<Duration>,
     /// Redis URL for clustering, e.g. redis://127.0.0.1:6379 [default: none, single node].
     #[arg(long = "redis", env = "FABRIC_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -544,6 +553,7 @@ impl NodeArgs {
             max_queued_bytes,
             max_list_clients,
             shutdown_grace,
+            drain_linger,
             redis_prefix,
             redis_connect_timeout,
             redis_response_timeout,

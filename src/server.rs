@@ -323,11 +323,21 @@ impl Server {
         );
         cancel.cancel();
         tracker.close();
+        let drain_started = tokio::time::Instant::now();
         let deadline = tokio::time::sleep(shared.config.shutdown_grace + Duration::from_secs(2));
         tokio::pin!(deadline);
+        // Once every client left, go on refusing for `drain_linger`: a load
+        // balancer still sends some reconnect attempts here, and a refusal
+        // sends them elsewhere at once where silence would cost them their
+        // connect timeout.
+        let linger = async {
+            tracker.wait().await;
+            tokio::time::sleep_until(drain_started + shared.config.drain_linger).await;
+        };
+        tokio::pin!(linger);
         loop {
             tokio::select! {
-                _ = tracker.wait() => break,
+                _ = &mut linger => break,
                 _ = &mut deadline => {
                     warn!("connections still open after the grace period; closing them");
                     break;

@@ -352,3 +352,20 @@ fn an_admin_api_beyond_loopback_needs_a_token() {
     };
     config.validate().unwrap();
 }
+
+#[tokio::test]
+async fn a_drained_node_keeps_refusing_for_the_linger_instead_of_vanishing() {
+    let mut node = TestNode::start_with(|c| c.drain_linger = Duration::from_secs(3)).await;
+    node.shared.start_drain();
+    // No clients: without the linger the node would be gone at once and an
+    // attempt would just time out; with it, the attempt is refused at once.
+    let attempt = common::RawClient::try_connect(&node).await;
+    match attempt {
+        Err(err) => assert!(common::is_refused(&err), "{err}"),
+        Ok(_) => panic!("a draining node accepted a connection"),
+    }
+    tokio::time::timeout(Duration::from_secs(20), node.task.take().unwrap())
+        .await
+        .expect("the node stops after the linger")
+        .unwrap();
+}

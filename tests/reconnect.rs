@@ -59,6 +59,7 @@ async fn a_client_reconnects_to_whatever_answers_at_the_same_address() {
             }
             Event::Disconnected { reason, .. } => {
                 assert!(goodbye, "Goodbye before the disconnect ({reason})");
+                assert!(reason.contains("at the node's request"), "{reason}");
                 break;
             }
             other => panic!("unexpected {other:?}"),

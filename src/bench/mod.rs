@@ -234,6 +234,7 @@ impl Lab {
             connection_rate_per_ip: 0,
             rate_limit_messages: 100_000_000,
             rate_limit_burst: 100_000_000,
+            drain_linger: Duration::ZERO,
             ..NodeConfig::default()
         };
         tweak(&mut config);

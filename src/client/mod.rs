@@ -819,19 +819,20 @@ async fn receive(
     inner: std::sync::Weak<Inner>,
     follow_goodbye: bool,
 ) -> (Option<u32>, String) {
+    let left = Left::default();
     let mut readers = tokio::task::JoinSet::new();
     readers.spawn(read_stream(
         first,
         pending.clone(),
         events.clone(),
         inner.clone(),
-        follow_goodbye,
+        follow_goodbye.then(|| left.clone()),
     ));
     let err = loop {
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
                 Ok(recv) => {
-                    readers.spawn(read_stream(recv, pending.clone(), events.clone(), inner.clone(), follow_goodbye));
+                    readers.spawn(read_stream(recv, pending.clone(), events.clone(), inner.clone(), follow_goodbye.then(|| left.clone())));
                 }
                 Err(err) => break err,
             },
@@ -844,6 +845,12 @@ async fn receive(
     })
     .await;
     lock(&pending).clear();
+    if let Some(reason) = lock(&left).take() {
+        return (
+            Some(protocol::close_code::NORMAL),
+            format!("left at the node's request: {reason}"),
+        );
+    }
     match closed_error(&err) {
         ClientError::Closed { code, reason } => (code, reason),
         other => (None, other.to_string()),
@@ -855,7 +862,7 @@ async fn read_stream(
     pending: Pending,
     events: mpsc::Sender<Event>,
     inner: std::sync::Weak<Inner>,
-    follow_goodbye: bool,
+    follow_goodbye: Option<Left>,
 ) {
     loop {
         let frame = match read_frame(&mut recv).await {
@@ -880,14 +887,19 @@ async fn read_stream(
             }
             continue;
         }
-        let leave = follow_goodbye
-            && matches!(
-                frame.body,
+        let leave = match (&follow_goodbye, &frame.body) {
+            (
+                Some(left),
                 Body::Goodbye {
+                    reason,
                     reconnect: true,
-                    ..
-                }
-            );
+                },
+            ) => {
+                *lock(left) = Some(reason.clone());
+                true
+            }
+            _ => false,
+        };
         if events.send(Event::Frame(frame)).await.is_err() {
             return;
         }
@@ -913,6 +925,9 @@ async fn read_stream(
         }
     }
 }
+
+/// Why the client left its connection itself (a Goodbye's reason), if it did.
+type Left = Arc<Mutex<Option<String>>>;
 
 /// Longest a client waits for its requests in flight after a Goodbye that
 /// asks it to reconnect.

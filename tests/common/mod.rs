@@ -63,6 +63,8 @@ impl TestNode {
             listen: "127.0.0.1:0".parse().unwrap(),
             certs_dir: dir.clone(),
             name: "test-node".into(),
+            // No load balancer in front: nothing to linger for.
+            drain_linger: Duration::ZERO,
             ..NodeConfig::default()
         };
         tweak(&mut config);
