@@ -1026,6 +1026,11 @@ async fn start_child(lab: &Lab, raw_server: bool, max: usize) -> anyhow::Result<
                 certs,
                 "--max-clients".into(),
                 max.to_string(),
+                // Every client comes from 127.0.0.1.
+                "--max-connections-per-ip".into(),
+                "0".into(),
+                "--connection-rate-per-ip".into(),
+                "0".into(),
             ],
         )
         .await?
