@@ -7,6 +7,7 @@
 //! independent, so a large low-priority frame never holds back a
 //! high-priority one.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,7 +120,13 @@ async fn read_frame_with(
         Err(CodecError::FrameTooLarge { len, .. }) if !skip_oversized => {
             let mut id = [0u8; 16];
             let head = len.min(id.len());
-            let peek = tokio::time::timeout(ID_PEEK_WAIT, recv.read_exact(&mut id[..head])).await;
+            // Boxed: this rare path's future would otherwise sit in every
+            // idle reader task.
+            let peek = Box::pin(tokio::time::timeout(
+                ID_PEEK_WAIT,
+                recv.read_exact(&mut id[..head]),
+            ))
+            .await;
             let id = match peek {
                 Ok(Ok(())) => protocol::codec::peek_message_id(&id[..head]),
                 _ => None,
@@ -464,27 +471,20 @@ async fn steady(
         limit: ClientRateLimit::from_config(&shared.config).map(Arc::new),
     };
     let closer = reader.close.clone();
-    // A connection may not outlive its token (plus the clock-skew leeway).
-    let expiry = async {
-        match expires_at {
-            Some(exp) => {
-                let left = exp.saturating_sub(crate::auth::unix_now())
-                    + shared.config.auth_leeway.as_secs();
-                tokio::time::sleep(Duration::from_secs(left)).await
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(expiry);
-    // Draining (SIGTERM or the admin API): say Goodbye with a reconnect cue,
-    // keep serving what the client still sends, and give it the grace
-    // period to leave by itself.
-    let drain = async {
-        shutdown.cancelled().await;
-        handle.goodbye("node draining; reconnect to another node", true);
-        tokio::time::sleep(shared.config.shutdown_grace).await;
-    };
-    tokio::pin!(drain);
+    // The connection's one deadline, when it has one: its token's expiry
+    // (plus the clock-skew leeway), or, once the node drains, the end of
+    // the grace period the client gets to leave by itself, whichever comes
+    // first. The timer is boxed and made only when needed, so idle
+    // connections without a token carry none.
+    let mut deadline: Option<(Pin<Box<tokio::time::Sleep>>, End)> = expires_at.map(|exp| {
+        let left =
+            exp.saturating_sub(crate::auth::unix_now()) + shared.config.auth_leeway.as_secs();
+        (
+            Box::pin(tokio::time::sleep(Duration::from_secs(left))),
+            (close_code::TOKEN_EXPIRED, "token expired".into()),
+        )
+    });
+    let mut draining = false;
     let mut readers = JoinSet::new();
     readers.spawn(read_stream(first_stream, reader.clone()).in_current_span());
     let end: End = loop {
@@ -505,15 +505,34 @@ async fn steady(
                 }
                 Err(err) => break closed_reason(&err),
             },
-            _ = &mut expiry => {
-                handle.error(Priority::High, None, error_code::AUTH_FAILED, "token expired");
-                break (close_code::TOKEN_EXPIRED, "token expired".into());
+            _ = async { if let Some((timer, _)) = &mut deadline { timer.await } }, if deadline.is_some() => {
+                let Some((_, end)) = deadline.take() else { continue };
+                if end.0 == close_code::TOKEN_EXPIRED {
+                    handle.error(Priority::High, None, error_code::AUTH_FAILED, "token expired");
+                }
+                break end;
+            }
+            // Draining (SIGTERM or the admin API): say Goodbye with a
+            // reconnect cue, keep serving what the client still sends, and
+            // give it the grace period to leave by itself.
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                handle.goodbye("node draining; reconnect to another node", true);
+                let grace = shared.config.shutdown_grace;
+                let sooner = deadline
+                    .as_ref()
+                    .is_none_or(|(timer, _)| tokio::time::Instant::now() + grace < timer.deadline());
+                if sooner {
+                    deadline = Some((
+                        Box::pin(tokio::time::sleep(grace)),
+                        (close_code::SHUTDOWN, "drain grace period over".into()),
+                    ));
+                }
             }
             _ = closer.token.cancelled() => {
                 let end = closer.end.lock().unwrap_or_else(|e| e.into_inner()).take();
                 break end.unwrap_or((close_code::NORMAL, "closed".into()));
             }
-            _ = &mut drain => break (close_code::SHUTDOWN, "drain grace period over".into()),
             _ = handle.kicked() => {
                 let reason = handle.kick_reason();
                 handle.goodbye(&reason, false);
