@@ -41,6 +41,7 @@ async fn a_client_reconnects_to_whatever_answers_at_the_same_address() {
         .name("phoenix")
         .reconnect(policy());
     config.connect_timeout = Duration::from_secs(1);
+    config.request_timeout = Duration::from_secs(3);
     let mut client = Client::connect(&config).await.unwrap();
     let old_id = client.client_id();
     assert_eq!(client.node_id(), first.shared.node_id);
@@ -65,10 +66,14 @@ async fn a_client_reconnects_to_whatever_answers_at_the_same_address() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    // Requests fail while nobody answers, instead of hanging.
+    // A request made while reconnecting waits for the new connection, but
+    // only up to the request timeout: with nobody answering it fails
+    // instead of hanging.
     assert!(client.ping().await.is_err());
-
-    let second = node_at(&certs, addr, "second").await;
+    // When a node comes back within the request timeout, the request made
+    // in the gap goes out on the new connection and succeeds.
+    let (pinged, second) = tokio::join!(client.ping(), node_at(&certs, addr, "second"));
+    pinged.expect("the request made while reconnecting succeeds once reconnected");
     match next_event(&mut client).await {
         Event::Reconnected { client_id, node_id } => {
             assert_ne!(client_id, old_id, "a new connection gets a new id");

@@ -62,8 +62,11 @@ pub struct ClientConfig {
 /// the `Client` value, its configuration (name, token) and its event
 /// stream. What does not: the client id (the node assigns a new one,
 /// announced by [`Event::Reconnected`]), requests that were waiting for a
-/// reply (they fail with [`ClientError::Closed`]), and messages sent to the
-/// old id while it was gone (their senders get UNKNOWN_CLIENT).
+/// reply (they fail with [`ClientError::Closed`]: whether the node got
+/// them is unknown), and messages sent to the old id while it was gone
+/// (their senders get UNKNOWN_CLIENT). Requests made *while* the client is
+/// reconnecting wait for the new connection, up to `request_timeout`, and
+/// then go out on it.
 #[derive(Debug, Clone)]
 pub struct ReconnectPolicy {
     /// Wait before the second attempt (the first is immediate); doubles
@@ -250,6 +253,17 @@ struct State {
     crypto: Arc<quinn::crypto::rustls::QuicClientConfig>,
     current: std::sync::RwLock<Arc<Inner>>,
     closing: std::sync::atomic::AtomicBool,
+    /// Bumped whenever `current` is replaced or reconnecting is given up.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// Reconnecting was given up (or there is no reconnect policy and the
+    /// connection ended).
+    gave_up: std::sync::atomic::AtomicBool,
+}
+
+impl State {
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
 }
 
 /// A connected, handshaken client.
@@ -356,6 +370,8 @@ impl Client {
             crypto,
             current: std::sync::RwLock::new(inner.clone()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            generation: tokio::sync::watch::Sender::new(0),
+            gave_up: std::sync::atomic::AtomicBool::new(false),
         });
         // The supervisor owns the only event sender: when it ends, the
         // stream ends.
@@ -397,14 +413,53 @@ impl Client {
         self.inner().conn.rtt()
     }
 
-    /// Sends a request without waiting for its reply.
+    /// The connection to send on. While a reconnect is under way (the
+    /// current connection is closed and a reconnect policy is set), waits
+    /// for the new connection, up to `request_timeout`: a request made in
+    /// the gap goes out once the client is back instead of failing. Past
+    /// that, or once reconnecting was given up, the closed connection is
+    /// returned and the write fails with `ClientError::Closed`.
+    async fn live_inner(&self) -> Arc<Inner> {
+        let old = self.inner();
+        if old.conn.close_reason().is_none() || self.state.config.reconnect.is_none() {
+            return old;
+        }
+        let mut changed = self.state.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + self.state.config.request_timeout;
+        loop {
+            let current = self.inner();
+            if !Arc::ptr_eq(&current, &old) {
+                return current;
+            }
+            let over = self
+                .state
+                .gave_up
+                .load(std::sync::atomic::Ordering::Acquire)
+                || self
+                    .state
+                    .closing
+                    .load(std::sync::atomic::Ordering::Acquire);
+            if over
+                || !matches!(
+                    tokio::time::timeout_at(deadline, changed.changed()).await,
+                    Ok(Ok(()))
+                )
+            {
+                return current;
+            }
+        }
+    }
+
+    /// Sends a request without waiting for its reply. With a reconnect
+    /// policy, a request made while the client is reconnecting waits for
+    /// the new connection (up to `request_timeout`).
     pub async fn submit(
         &self,
         priority: Priority,
         body: Body,
     ) -> Result<PendingReply, ClientError> {
         let frame = Frame::new(priority, body);
-        let inner = self.inner();
+        let inner = self.live_inner().await;
         let (tx, rx) = oneshot::channel();
         lock(&inner.pending).insert(frame.id, tx);
         if let Err(err) = inner.write(&frame).await {
@@ -420,7 +475,7 @@ impl Client {
 
     /// Sends a frame that expects no reply (for example an Ack of a delivery).
     pub async fn send_frame(&self, frame: &Frame) -> Result<(), ClientError> {
-        self.inner().write(frame).await
+        self.live_inner().await.write(frame).await
     }
 
     async fn acked(&self, priority: Priority, body: Body) -> Result<MessageId, ClientError> {
@@ -751,7 +806,14 @@ async fn supervise(
             }
             _ => None,
         };
+        let give_up = |state: &std::sync::Weak<State>| {
+            if let Some(s) = state.upgrade() {
+                s.gave_up.store(true, std::sync::atomic::Ordering::Release);
+                s.bump();
+            }
+        };
         let Some(policy) = policy else {
+            give_up(&state);
             let _ = events.send(Event::Closed { code, reason }).await;
             return;
         };
@@ -777,6 +839,7 @@ async fn supervise(
                         ClientError::Refused { code, .. } if *code == protocol::error_code::AUTH_FAILED
                     );
                     if hopeless || policy.max_attempts.is_some_and(|max| attempts >= max) {
+                        give_up(&state);
                         let _ = events
                             .send(Event::Closed {
                                 code: None,
@@ -795,6 +858,7 @@ async fn supervise(
         };
         let Some(s) = state.upgrade() else { return };
         *s.current.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+        s.bump();
         drop(s);
         let _ = events
             .send(Event::Reconnected {
