@@ -17,7 +17,6 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use crate::bus::ClusterBus;
 use crate::cli::client_json;
@@ -51,20 +50,6 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .merge(protected)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(shared)
-}
-
-/// Serves the admin API on `listener` until `cancel`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) {
-    if let Err(err) = axum::serve(listener, router(shared))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
-    {
-        tracing::error!(%err, "admin listener failed");
-    }
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -133,15 +118,15 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
         "clients_connected": shared.clients.len(),
         "handshakes_pending": shared.admission.pending(),
         "connections_total": counter(&s.connections_total),
-        "connections_refused": counter(&s.connections_refused),
-        "messages_in": counter(&s.messages_in),
-        "messages_out": counter(&s.messages_out),
+        "connections_refused": s.refused_before_tls(),
+        "messages_in": s.messages_in(),
+        "messages_out": s.messages_out(),
         "bytes_in": counter(&s.bytes_in),
         "bytes_out": counter(&s.bytes_out),
-        "errors": counter(&s.errors),
+        "errors": s.errors(),
         "slow_consumer_disconnects": counter(&s.slow_consumer_disconnects),
         "rate_limited": counter(&s.rate_limited),
-        "auth_failures": counter(&s.auth_failures),
+        "auth_failures": s.refused_count(crate::stats::RefusedReason::AuthFailed),
         "outbound_queue_bytes": shared.queue_budget.used(),
         "draining": shared.draining(),
         "clustered": bus.clustered(),

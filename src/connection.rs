@@ -254,7 +254,6 @@ async fn admit(
     let identity = match authenticate(conn, shared, hello.token.as_deref()) {
         Ok(identity) => identity,
         Err(message) => {
-            stats::add(&shared.stats.auth_failures, 1);
             return Err(reject(
                 conn,
                 shared,

@@ -18,7 +18,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use tokio_util::sync::CancellationToken;
 
 use crate::bus::ClusterBus;
 use crate::protocol::FRAME_KINDS;
@@ -40,21 +39,11 @@ pub fn render(shared: &Arc<Shared>) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener` until `cancel`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) {
-    let app = Router::new()
+/// The metrics listener's routes: `GET /metrics`.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
         .route("/metrics", routing::get(metrics))
-        .with_state(shared);
-    if let Err(err) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
-    {
-        tracing::error!(%err, "metrics listener failed");
-    }
+        .with_state(shared)
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -65,14 +54,6 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 #[derive(Debug)]
 struct NodeCollector {
     shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("node_id", &self.node_id)
-            .finish_non_exhaustive()
-    }
 }
 
 type Enc<'a> = DescriptorEncoder<'a>;

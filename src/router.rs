@@ -216,23 +216,33 @@ impl Router {
                 BusError::Unavailable("Redis is unreachable".into()),
             ));
         }
+        let message = BusMessage::Broadcast {
+            origin: self.node_id,
+            priority,
+            frame: bytes,
+        };
+        match self.publish_and_wait(Target::AllNodes, message).await {
+            Ok(_) => Ok((id, local)),
+            Err(err) => Err((id, local, err)),
+        }
+    }
+
+    /// Publishes and waits for the outcome: how many nodes received it.
+    async fn publish_and_wait(
+        &self,
+        target: Target,
+        message: BusMessage,
+    ) -> Result<usize, BusError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.bus.publish(
-            Target::AllNodes,
-            BusMessage::Broadcast {
-                origin: self.node_id,
-                priority,
-                frame: bytes,
-            },
+            target,
+            message,
             Some(Box::new(move |result| {
                 let _ = tx.send(result);
             })),
         );
-        match rx.await {
-            Ok(Ok(_)) => Ok((id, local)),
-            Ok(Err(err)) => Err((id, local, err)),
-            Err(_) => Err((id, local, BusError::Unavailable("bus stopped".into()))),
-        }
+        rx.await
+            .unwrap_or_else(|_| Err(BusError::Unavailable("bus stopped".into())))
     }
 
     /// Disconnects client `id` wherever it is in the cluster: it gets a
@@ -247,22 +257,13 @@ impl Router {
         }
         match self.bus.locate(id).await? {
             Some(node) if node != self.node_id => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                self.bus.publish(
-                    Target::Node(node),
-                    BusMessage::Kick {
-                        client: id,
-                        reason: reason.to_owned(),
-                    },
-                    Some(Box::new(move |result| {
-                        let _ = tx.send(result);
-                    })),
-                );
-                match rx.await {
-                    Ok(Ok(0)) => Ok(Kick::Unknown),
-                    Ok(Ok(_)) => Ok(Kick::Remote(node)),
-                    Ok(Err(err)) => Err(err),
-                    Err(_) => Err(BusError::Unavailable("bus stopped".into())),
+                let message = BusMessage::Kick {
+                    client: id,
+                    reason: reason.to_owned(),
+                };
+                match self.publish_and_wait(Target::Node(node), message).await? {
+                    0 => Ok(Kick::Unknown),
+                    _ => Ok(Kick::Remote(node)),
                 }
             }
             _ => Ok(Kick::Unknown),

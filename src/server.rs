@@ -24,7 +24,6 @@ use crate::config::NodeConfig;
 use crate::limits::{Admission, Admit, Refusal};
 use crate::protocol::{NodeId, close_code};
 use crate::router::Router;
-use crate::stats;
 use crate::stats::RefusedReason;
 use crate::stats::Stats;
 use crate::tls::{self, TlsError};
@@ -252,27 +251,13 @@ impl Server {
             admin,
         } = self;
         let http_cancel = CancellationToken::new();
-        let mut http = Vec::new();
-        for (listener, api) in [(metrics, false), (admin, true)] {
-            let Some(listener) = listener else { continue };
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    let addr = listener
-                        .local_addr()
-                        .map(|a| a.to_string())
-                        .unwrap_or_default();
-                    let (shared, cancel) = (shared.clone(), http_cancel.clone());
-                    http.push(if api {
-                        info!(%addr, "admin API listening");
-                        tokio::spawn(crate::admin::serve(listener, shared, cancel))
-                    } else {
-                        info!(%addr, "metrics listening on /metrics");
-                        tokio::spawn(crate::metrics::serve(listener, shared, cancel))
-                    });
-                }
-                Err(err) => warn!(%err, "cannot serve HTTP listener"),
-            }
-        }
+        let http: Vec<_> = [
+            (metrics, "metrics", crate::metrics::router(shared.clone())),
+            (admin, "admin API", crate::admin::router(shared.clone())),
+        ]
+        .into_iter()
+        .filter_map(|(listener, what, app)| serve_http(listener?, what, app, http_cancel.clone()))
+        .collect();
         let cancel = CancellationToken::new();
         let bus_cancel = CancellationToken::new();
         shared.router.start(inbox, bus_cancel.clone());
@@ -301,7 +286,6 @@ impl Server {
                             }
                         }
                         Admit::Refuse(why) => {
-                            stats::add(&shared.stats.connections_refused, 1);
                             shared.stats.refused(match why {
                                 Refusal::TooManyPending => RefusedReason::PendingHandshakes,
                                 Refusal::IpRate => RefusedReason::IpRate,
@@ -365,6 +349,44 @@ impl Server {
         endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         info!("node stopped");
+    }
+}
+
+/// Serves `app` on `listener` until `cancel` (the metrics and admin
+/// listeners).
+fn serve_http(
+    listener: std::net::TcpListener,
+    what: &'static str,
+    app: axum::Router,
+    cancel: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            warn!(%err, what, "cannot serve HTTP listener");
+            return None;
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(%addr, what, "HTTP listening");
+    Some(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, what, "HTTP listener failed");
+        }
+    }))
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -67,16 +67,10 @@ pub struct Stats {
     started: Instant,
     /// Handshakes completed.
     pub connections_total: AtomicU64,
-    /// Frames received from clients.
-    pub messages_in: AtomicU64,
-    /// Frames queued to clients.
-    pub messages_out: AtomicU64,
     /// Bytes received from clients.
     pub bytes_in: AtomicU64,
     /// Bytes queued to clients.
     pub bytes_out: AtomicU64,
-    /// Error frames sent.
-    pub errors: AtomicU64,
     /// Clients disconnected as slow consumers.
     pub slow_consumer_disconnects: AtomicU64,
     /// Messages refused because the node-wide queue budget was exhausted.
@@ -85,10 +79,6 @@ pub struct Stats {
     pub rate_limited: AtomicU64,
     /// Clients disconnected for sustained rate-limit abuse.
     pub rate_limit_disconnects: AtomicU64,
-    /// Handshakes refused for authentication.
-    pub auth_failures: AtomicU64,
-    /// Connection attempts refused before TLS (admission control).
-    pub connections_refused: AtomicU64,
     /// Frames received, by type (wire tag).
     pub messages_in_by_kind: [AtomicU64; FRAME_KINDS.len()],
     /// Frames queued to clients, by type (wire tag).
@@ -127,17 +117,12 @@ impl Default for Stats {
         Stats {
             started: Instant::now(),
             connections_total: AtomicU64::new(0),
-            messages_in: AtomicU64::new(0),
-            messages_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
             slow_consumer_disconnects: AtomicU64::new(0),
             node_busy: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             rate_limit_disconnects: AtomicU64::new(0),
-            auth_failures: AtomicU64::new(0),
-            connections_refused: AtomicU64::new(0),
             messages_in_by_kind: counters(),
             messages_out_by_kind: counters(),
             errors_by_code: counters(),
@@ -158,6 +143,10 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+fn sum(counters: &[AtomicU64]) -> u64 {
+    counters.iter().map(get).sum()
+}
+
 /// Reads a counter.
 pub fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
@@ -166,7 +155,6 @@ pub fn get(counter: &AtomicU64) -> u64 {
 impl Stats {
     /// Counts one inbound frame of type `tag` and `bytes` on the wire.
     pub(crate) fn frame_in(&self, tag: usize, bytes: usize) {
-        add(&self.messages_in, 1);
         add(&self.bytes_in, bytes as u64);
         if let Some(c) = self.messages_in_by_kind.get(tag) {
             add(c, 1);
@@ -175,7 +163,6 @@ impl Stats {
 
     /// Counts one frame of type `tag` queued to a client.
     pub(crate) fn frame_out(&self, tag: usize, bytes: usize) {
-        add(&self.messages_out, 1);
         add(&self.bytes_out, bytes as u64);
         if let Some(c) = self.messages_out_by_kind.get(tag) {
             add(c, 1);
@@ -184,7 +171,6 @@ impl Stats {
 
     /// Counts one Error frame with `code`.
     pub(crate) fn error(&self, code: u16) {
-        add(&self.errors, 1);
         let slot = usize::from(code).min(ERROR_CODE_SLOTS - 1);
         add(&self.errors_by_code[slot], 1);
     }
@@ -194,6 +180,41 @@ impl Stats {
         if let Some(i) = RefusedReason::ALL.iter().position(|r| *r == reason) {
             add(&self.refused_by_reason[i], 1);
         }
+    }
+
+    /// Frames received from clients (all types).
+    pub fn messages_in(&self) -> u64 {
+        sum(&self.messages_in_by_kind)
+    }
+
+    /// Frames queued to clients (all types).
+    pub fn messages_out(&self) -> u64 {
+        sum(&self.messages_out_by_kind)
+    }
+
+    /// Error frames sent (all codes).
+    pub fn errors(&self) -> u64 {
+        sum(&self.errors_by_code)
+    }
+
+    /// Connections refused or ended before becoming clients for `reason`.
+    pub fn refused_count(&self, reason: RefusedReason) -> u64 {
+        RefusedReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| get(&self.refused_by_reason[i]))
+    }
+
+    /// Connection attempts refused by admission control, before TLS.
+    pub fn refused_before_tls(&self) -> u64 {
+        [
+            RefusedReason::PendingHandshakes,
+            RefusedReason::IpRate,
+            RefusedReason::IpConnections,
+        ]
+        .into_iter()
+        .map(|r| self.refused_count(r))
+        .sum()
     }
 
     /// Time since the node started.
@@ -209,11 +230,11 @@ impl Stats {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             clients_connected: clients as u64,
             connections_total: get(&self.connections_total),
-            messages_in: get(&self.messages_in),
-            messages_out: get(&self.messages_out),
+            messages_in: self.messages_in(),
+            messages_out: self.messages_out(),
             bytes_in: get(&self.bytes_in),
             bytes_out: get(&self.bytes_out),
-            errors: get(&self.errors),
+            errors: self.errors(),
             slow_consumer_disconnects: get(&self.slow_consumer_disconnects),
         }
     }

@@ -192,8 +192,7 @@ async fn hs256_token_names_the_user_everywhere_and_bad_tokens_are_refused() {
     assert_eq!(
         node.shared
             .stats
-            .auth_failures
-            .load(std::sync::atomic::Ordering::Relaxed),
+            .refused_count(quic_fabric::stats::RefusedReason::AuthFailed),
         10
     );
     // The authenticated clients were never disturbed.

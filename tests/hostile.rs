@@ -657,7 +657,7 @@ async fn connections_per_ip_are_capped_and_released() {
         Err(other) => panic!("expected a connect error, got {other}"),
         Ok(_) => panic!("a library client got in beyond the per-IP limit"),
     }
-    assert_eq!(stat(&node.shared.stats.connections_refused), 2);
+    assert_eq!(node.shared.stats.refused_before_tls(), 2);
     // Those already in are served.
     let p = ping();
     a_send.write_all(&encode(&p)).await.unwrap();
@@ -711,7 +711,7 @@ async fn connection_rate_per_ip_refuses_beyond_the_burst() {
     }
     let refused = refused.expect("a connection beyond the per-IP rate is refused");
     assert!(is_refused(&refused), "{refused:?}");
-    assert!(stat(&node.shared.stats.connections_refused) >= 1);
+    assert!(node.shared.stats.refused_before_tls() >= 1);
     // The accepted ones are full clients.
     for (i, raw) in accepted.iter().enumerate() {
         let (mut send, mut recv, ack) = raw.handshake(&format!("quick{i}")).await;
@@ -747,7 +747,7 @@ async fn pending_handshakes_are_capped_before_tls() {
         Err(err) => assert!(is_refused(err), "{err:?}"),
         Ok(_) => panic!("a third pending handshake was admitted"),
     }
-    assert_eq!(stat(&node.shared.stats.connections_refused), 1);
+    assert_eq!(node.shared.stats.refused_before_tls(), 1);
 
     // The silent ones leave: their slots are freed and a client gets in.
     silent1.conn.close(0u32.into(), b"bye");
@@ -802,7 +802,7 @@ async fn address_validation_always_is_transparent_to_clients() {
         async move { shared.admission.pending() == 0 }
     })
     .await;
-    assert_eq!(stat(&node.shared.stats.connections_refused), 0);
+    assert_eq!(node.shared.stats.refused_before_tls(), 0);
 }
 
 // ------------------------------------------------------- node-wide budget

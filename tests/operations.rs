@@ -325,7 +325,10 @@ async fn drain_turns_ready_off_asks_clients_to_leave_and_stops_the_node() {
     // A new client is refused while draining.
     assert!(Client::connect(&node.client_config("late")).await.is_err());
     assert!(
-        node.shared.stats.refused_by_reason[7].load(std::sync::atomic::Ordering::Relaxed) > 0,
+        node.shared
+            .stats
+            .refused_count(quic_fabric::stats::RefusedReason::Draining)
+            > 0,
         "refusals counted as draining"
     );
     // The plain client stays; the node closes it after the grace period

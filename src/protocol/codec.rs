@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::{Frame, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES, MessageId, Priority, Sender};
 
 /// Number of frame types this build knows (wire tags `0..BODY_VARIANTS`).
-pub const BODY_VARIANTS: u32 = 15;
+pub const BODY_VARIANTS: u32 = super::FRAME_KINDS.len() as u32;
 
 type WireConfig = Configuration<LittleEndian, Fixint, Limit<HARD_MAX_FRAME_BYTES>>;
 
