@@ -245,7 +245,7 @@ async fn broadcast(
             Json(json!({
                 "id": id.to_string(),
                 "local_clients": local,
-                "error": format!("delivered on this node only: {err}"),
+                "error": crate::router::broadcast_shortfall(local, &err),
             })),
         )
             .into_response(),

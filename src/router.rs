@@ -186,7 +186,7 @@ impl Router {
                     priority,
                     Some(id),
                     error_code::CLUSTER_UNAVAILABLE,
-                    format!("delivered to {local} clients on this node only: {err}"),
+                    broadcast_shortfall(local, &err),
                 ),
             })),
         );
@@ -556,6 +556,19 @@ impl Router {
                 );
             }
         }
+    }
+}
+
+/// What the sender of a broadcast that did not reach every live node is told.
+pub(crate) fn broadcast_shortfall(local: usize, err: &BusError) -> String {
+    match err {
+        BusError::Partial { reached, live } => format!(
+            "delivered to {local} clients on this node and to {} of the {} other live nodes; \
+             the others were not listening (subscription lost or re-registering), so their clients did not get it",
+            reached.saturating_sub(1),
+            live.saturating_sub(1)
+        ),
+        other => format!("delivered to {local} clients on this node only: {other}"),
     }
 }
 

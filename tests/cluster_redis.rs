@@ -10,102 +10,18 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::redis::{
+    NODE_TTL, TestRedis, free_tcp_port, redis_image, redis_node, wait_listed, wait_ready,
+};
 use common::{TestCerts, TestNode, WAIT, eventually, next_matching};
 use quic_fabric::bus::ClusterBus;
 use quic_fabric::client::{Client, ClientConfig, ClientError, Event};
 use quic_fabric::protocol::{Body, ClientId, Payload, Priority, error_code};
 use quic_fabric::server::BusChoice;
 use testcontainers_modules::redis::Redis;
+use testcontainers_modules::testcontainers::ImageExt;
 use testcontainers_modules::testcontainers::core::IntoContainerPort;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
-use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
-
-const NODE_TTL: Duration = Duration::from_secs(2);
-
-struct TestRedis {
-    container: ContainerAsync<Redis>,
-    url: String,
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl TestRedis {
-    /// A Redis container on a fixed host port, so a restart keeps its address.
-    async fn start() -> TestRedis {
-        let image = std::env::var("FABRIC_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into());
-        let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
-        let port = free_tcp_port();
-        let container = Redis::default()
-            .with_name(name)
-            .with_tag(tag)
-            .with_mapped_port(port, 6379.tcp())
-            .start()
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start Redis image {image} ({e}); run `cluster/images.sh redis` first"
-                )
-            });
-        TestRedis {
-            container,
-            url: format!("redis://127.0.0.1:{port}"),
-        }
-    }
-
-    async fn remove(self) {
-        self.container.rm().await.expect("container removed");
-    }
-}
-
-async fn redis_node(redis: &TestRedis, certs: &TestCerts, name: &str) -> TestNode {
-    let url = redis.url.clone();
-    let name = name.to_owned();
-    TestNode::start_on(BusChoice::FromConfig, Some(certs), move |c| {
-        c.name = name;
-        c.redis_url = Some(url);
-        c.node_ttl = NODE_TTL;
-        c.heartbeat_interval = Duration::from_millis(300);
-        c.delivery_timeout = Duration::from_secs(3);
-        c.redis_connect_timeout = Duration::from_millis(500);
-        c.redis_response_timeout = Duration::from_millis(500);
-    })
-    .await
-}
-
-/// Waits until every node reaches Redis and sees all the others alive.
-async fn wait_ready(nodes: &[&TestNode]) {
-    let ids: Vec<_> = nodes.iter().map(|n| n.shared.node_id).collect();
-    for node in nodes {
-        let bus = node.shared.router.bus();
-        eventually(WAIT, "node joins the cluster", || async {
-            bus.available() && matches!(bus.live_nodes().await, Ok(live) if ids.iter().all(|i| live.contains(i)))
-        })
-        .await;
-    }
-}
-
-/// Waits until `observer`'s cluster list has exactly `expected` clients.
-async fn wait_listed(observer: &Client, expected: &[ClientId]) {
-    eventually(WAIT, "cluster list converges", || async {
-        match observer.list().await {
-            Ok((clients, _)) => {
-                let mut ids: Vec<_> = clients.iter().map(|c| c.client_id).collect();
-                let mut want = expected.to_vec();
-                ids.sort();
-                want.sort();
-                ids == want
-            }
-            Err(_) => false,
-        }
-    })
-    .await;
-}
 
 #[tokio::test]
 async fn broadcast_direct_and_list_work_across_nodes() {
@@ -474,8 +390,7 @@ async fn rediss_with_a_password_and_a_private_ca() {
     let tls_dir = tempfile::tempdir().unwrap();
     let paths = quic_fabric::tls::ensure_dev_certs(tls_dir.path(), &["127.0.0.1".into()]).unwrap();
     let port = free_tcp_port();
-    let image = std::env::var("FABRIC_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into());
-    let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+    let (name, tag) = redis_image();
     let container = Redis::default()
         .with_name(name)
         .with_tag(tag)
@@ -758,5 +673,56 @@ async fn admin_api_and_metrics_see_and_steer_the_whole_cluster() {
     on1.ping().await.unwrap();
     drop((on1, on2));
     drop((n1, n2));
+    redis.remove().await;
+}
+
+#[tokio::test]
+async fn a_node_restarted_with_its_id_within_its_ttl_leaves_no_stale_routing_entries() {
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let node_id = ClientId::new_random().to_string();
+    let mut node = common::NodeProcess::start(
+        certs.dir.path(),
+        &[
+            "--redis",
+            &redis.url,
+            "--node-id",
+            &node_id,
+            "--node-ttl",
+            "10s",
+            "--heartbeat-interval",
+            "300ms",
+        ],
+    )
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(node.connect(&format!("c{i}")).await);
+    }
+    let mut conn = redis.conn().await;
+    let index = async |conn: &mut redis::aio::MultiplexedConnection| -> Vec<(String, String)> {
+        redis::cmd("HGETALL")
+            .arg("fabric:client-nodes")
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        index(&mut conn).await.len(),
+        3,
+        "the three clients are routable"
+    );
+
+    // Killed, and back with the same id long before its TTL ran out: the
+    // old process's clients are gone and must not stay routable here.
+    node.kill().await;
+    node.restart().await;
+    drop(clients);
+    eventually(WAIT, "stale routing entries removed", || {
+        let mut conn = conn.clone();
+        async move { index(&mut conn).await.is_empty() }
+    })
+    .await;
+    drop(node);
     redis.remove().await;
 }

@@ -131,20 +131,30 @@ impl ClusterBus for MemoryBus {
 
     fn publish(&self, target: Target, message: BusMessage, done: Option<PublishDone>) {
         let members = self.cluster.read();
-        let received = match target {
-            Target::AllNodes => members
-                .iter()
-                .filter(|(node, _)| **node != self.node_id)
-                .filter(|(node, member)| self.deliver(member, **node, message.clone()))
-                .count(),
-            Target::Node(node) => members
-                .get(&node)
-                .is_some_and(|member| self.deliver(member, node, message))
-                .into(),
+        let outcome = match target {
+            Target::AllNodes => {
+                // This node counts as reached, as a Redis subscriber does.
+                let reached = 1 + members
+                    .iter()
+                    .filter(|(node, _)| **node != self.node_id)
+                    .filter(|(node, member)| self.deliver(member, **node, message.clone()))
+                    .count();
+                let live = members.len().max(1);
+                if reached >= live {
+                    Ok(reached)
+                } else {
+                    Err(BusError::Partial { reached, live })
+                }
+            }
+            Target::Node(node) => match members.get(&node) {
+                None => Ok(0),
+                Some(member) if self.deliver(member, node, message) => Ok(1),
+                Some(_) => Err(BusError::NotListening(node)),
+            },
         };
         drop(members);
         if let Some(done) = done {
-            done(Ok(received));
+            done(outcome);
         }
     }
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::{ClientId, ClientInfo, MessageId, NodeId, Priority};
 
 /// Why a cluster operation failed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
     /// The shared store is unreachable or answered with an error.
     #[error("cluster bus unavailable: {0}")]
@@ -27,6 +27,26 @@ pub enum BusError {
     /// Too many operations are waiting for the store.
     #[error("cluster bus backlog full")]
     Backlog,
+    /// A message to every node reached fewer nodes than are alive: at
+    /// least one live node was not subscribed when it was published (its
+    /// subscription dropped and is being restored, or it is re-registering
+    /// after Redis lost its data), so that node's clients did not get it.
+    #[error("reached {reached} of {live} live nodes; the others were not listening")]
+    Partial {
+        /// Nodes that received it, this one included.
+        reached: usize,
+        /// Nodes alive when it was checked, this one included.
+        live: usize,
+    },
+    /// The target node is alive but was not listening (its subscription
+    /// dropped, or it is re-registering after Redis lost its data).
+    #[error("node {0} is alive but not listening on the cluster bus; retry")]
+    NotListening(NodeId),
+    /// Cluster presence is incomplete right now (Redis lost its data and
+    /// nodes are re-registering their clients, or a node is behind on its
+    /// heartbeat), so a client that was not found may still be connected.
+    #[error("cluster presence is being rebuilt ({0}); retry")]
+    Rebuilding(String),
 }
 
 /// What one node sends another through the bus. Encoded with the protocol's
@@ -101,7 +121,10 @@ pub enum Target {
 }
 
 /// Told how a publish went: `Ok(n)` with the number of nodes that received
-/// it (0: nobody listens there), or the error.
+/// it, or the error. For [`Target::AllNodes`], `Ok` means every live node
+/// received it (a shortfall is [`BusError::Partial`]); for
+/// [`Target::Node`], `Ok(0)` means that node is gone (dead or left), while
+/// a live node that was not listening is [`BusError::NotListening`].
 pub type PublishDone = Box<dyn FnOnce(Result<usize, BusError>) + Send>;
 
 /// One engine of the cluster bus.
@@ -122,6 +145,8 @@ pub trait ClusterBus: Send + Sync {
     fn client_left(&self, id: ClientId);
 
     /// The node client `id` is connected to, if any live node has it.
+    /// `Ok(None)` is a definite "not connected"; while presence is
+    /// incomplete the answer is [`BusError::Rebuilding`] instead.
     fn locate(&self, id: ClientId)
     -> impl Future<Output = Result<Option<NodeId>, BusError>> + Send;
 

@@ -10,11 +10,18 @@
 //! The subscriber runs its own reconnect loop; a heartbeat every
 //! `heartbeat_interval` refreshes liveness and, after any outage or data
 //! loss, re-registers every local client, so recovery needs no restart.
+//!
+//! Answers never claim more than Redis showed: a broadcast that reached
+//! fewer subscribers than there are live nodes, a direct whose target node
+//! is alive but not subscribed, and a lookup that misses while presence is
+//! being rebuilt are errors (CLUSTER_UNAVAILABLE for the sender), not
+//! successes or "unknown client". [`Membership`] is what the node knows to
+//! tell these apart.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -93,10 +100,95 @@ impl Keys {
     pub fn node_channel(&self, node: NodeId) -> String {
         format!("{}:ch:node:{node}", self.prefix)
     }
+    /// STRING random marker created once per Redis dataset: when it
+    /// changes, Redis lost its data (a restart without persistence).
+    pub fn incarnation(&self) -> String {
+        format!("{}:incarnation", self.prefix)
+    }
+}
+
+/// What this node knows about the other nodes: enough to tell a client
+/// that is not connected from one whose node has not re-registered yet,
+/// and to know how many nodes a broadcast must reach.
+#[derive(Debug, Default)]
+struct Membership {
+    /// Other nodes seen alive (liveness key present), and when.
+    seen: HashMap<NodeId, Instant>,
+    /// Other nodes alive at the last heartbeat.
+    live: HashSet<NodeId>,
+    /// Redis's incarnation marker as last read.
+    incarnation: Option<String>,
+    /// Until when presence counts as being rebuilt after Redis lost its data.
+    settling_until: Option<Instant>,
+}
+
+impl Membership {
+    fn settling(&self, now: Instant) -> bool {
+        self.settling_until.is_some_and(|until| now < until)
+    }
+
+    /// Records the incarnation marker read from Redis (`None`: missing);
+    /// true when it changed or vanished since the last read, i.e. Redis
+    /// lost its data. Presence then counts as incomplete for up to `ttl`
+    /// (a live node re-registers within a heartbeat; one that does not
+    /// within its TTL is dead).
+    fn note_incarnation(&mut self, value: Option<&str>, now: Instant, ttl: Duration) -> bool {
+        let changed = match (&self.incarnation, value) {
+            (Some(known), Some(value)) => known != value,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        self.incarnation = value.map(str::to_owned);
+        if changed {
+            self.settling_until = Some(now + ttl);
+        }
+        changed
+    }
+
+    /// Other nodes seen alive within `ttl`: the ones a broadcast must reach.
+    fn recent(&self, now: Instant, ttl: Duration) -> Vec<NodeId> {
+        self.seen
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) < ttl)
+            .map(|(node, _)| *node)
+            .collect()
+    }
+
+    fn saw(&mut self, node: NodeId, now: Instant) {
+        self.seen.insert(node, now);
+        self.live.insert(node);
+    }
+
+    /// Takes in a heartbeat's view: `live` nodes have their liveness key,
+    /// `dead` ones are registered without it (expired: they died).
+    fn observe(
+        &mut self,
+        me: NodeId,
+        live: &[NodeId],
+        dead: &[NodeId],
+        now: Instant,
+        ttl: Duration,
+    ) {
+        self.live = live.iter().copied().filter(|n| *n != me).collect();
+        for node in &self.live {
+            self.seen.insert(*node, now);
+        }
+        for node in dead {
+            self.seen.remove(node);
+        }
+        self.seen
+            .retain(|_, at| now.saturating_duration_since(*at) < ttl);
+        // Presence is whole again once every recently seen node re-registered.
+        if self.settling(now) && self.seen.keys().all(|n| self.live.contains(n)) {
+            self.settling_until = None;
+            info!("every node re-registered its clients; presence is complete again");
+        }
+    }
 }
 
 enum Op {
     Publish {
+        target: Target,
         channel: String,
         payload: Vec<u8>,
         done: Option<PublishDone>,
@@ -119,8 +211,10 @@ struct Inner {
     commands_ok: AtomicBool,
     subscribed: AtomicBool,
     needs_resync: AtomicBool,
-    live: RwLock<HashSet<NodeId>>,
-    dropped_inbound: AtomicU64,
+    /// When a write last reached Redis (`since` milliseconds).
+    last_write_ok: AtomicU64,
+    since: Instant,
+    members: Mutex<Membership>,
     cancel: CancellationToken,
     stats: Arc<Stats>,
 }
@@ -133,6 +227,82 @@ pub struct RedisBus {
 
 fn unavailable(err: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(err.to_string())
+}
+
+impl Inner {
+    fn members(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How far behind its heartbeat a node may be before the others stop
+    /// trusting that its registered presence is complete: one missed beat
+    /// and a reply's worth of slack.
+    fn lag(&self) -> Duration {
+        self.config.heartbeat_interval * 2 + self.config.response_timeout
+    }
+
+    fn wrote(&self) {
+        let now = self.since.elapsed().as_millis() as u64;
+        self.last_write_ok.store(now.max(1), Ordering::Release);
+    }
+
+    /// Time since a write last reached Redis (`None`: never).
+    fn since_last_write(&self) -> Option<Duration> {
+        match self.last_write_ok.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(
+                self.since
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(at)),
+            ),
+        }
+    }
+
+    /// Takes in an incarnation marker read from Redis (see [`Membership`]).
+    fn note_incarnation(&self, value: Option<&str>) {
+        let lost = self
+            .members()
+            .note_incarnation(value, Instant::now(), self.config.node_ttl);
+        if lost {
+            warn!(
+                "Redis lost its data (restarted without persistence?); \
+                 re-registering, and treating presence as incomplete until every node has"
+            );
+            self.needs_resync.store(true, Ordering::Release);
+        }
+    }
+
+    /// Why a client that was not found may still be connected somewhere,
+    /// if presence is incomplete: Redis lost its data and nodes are still
+    /// re-registering, or a recently seen node is behind on its heartbeat
+    /// (it may be cut off from Redis with clients it could not register).
+    async fn presence_gap(&self, conn: &mut ConnectionManager) -> Result<Option<String>, BusError> {
+        let now = Instant::now();
+        let recent = {
+            let members = self.members();
+            if members.settling(now) {
+                return Ok(Some(
+                    "Redis lost its data and nodes are re-registering".into(),
+                ));
+            }
+            members.recent(now, self.config.node_ttl)
+        };
+        if recent.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for node in &recent {
+            pipe.cmd("PTTL").arg(self.keys.node(*node));
+        }
+        let ttls: Vec<i64> = pipe.query_async(conn).await.map_err(unavailable)?;
+        // A heartbeat refreshes the TTL every interval.
+        let fresh_ms = self.config.node_ttl.saturating_sub(self.lag()).as_millis() as i64;
+        Ok(recent
+            .iter()
+            .zip(ttls)
+            .find(|(_, ttl)| (0..fresh_ms).contains(ttl))
+            .map(|(node, _)| format!("node {node} is behind on its heartbeat")))
+    }
 }
 
 impl RedisBus {
@@ -176,8 +346,9 @@ impl RedisBus {
                 commands_ok: AtomicBool::new(false),
                 subscribed: AtomicBool::new(false),
                 needs_resync: AtomicBool::new(true),
-                live: RwLock::new(HashSet::new()),
-                dropped_inbound: AtomicU64::new(0),
+                last_write_ok: AtomicU64::new(0),
+                since: Instant::now(),
+                members: Mutex::new(Membership::default()),
                 cancel: CancellationToken::new(),
                 stats,
             }),
@@ -209,11 +380,6 @@ impl RedisBus {
                 }
             }
         });
-    }
-
-    /// Messages from Redis dropped because this node's inbox was full.
-    pub fn dropped_inbound(&self) -> u64 {
-        self.inner.dropped_inbound.load(Ordering::Relaxed)
     }
 
     /// The key and channel names in use.
@@ -261,14 +427,33 @@ impl ClusterBus for RedisBus {
     }
 
     async fn client_joined(&self, info: &ClientInfo) {
-        if !self.available() {
-            // Registered by the resync once Redis is back.
-            self.enqueue(Op::Join(info.clone(), None));
-            return;
+        // The client must not learn its id before other nodes can find it,
+        // or else tell "not found" from "not registered yet". So the write
+        // is awaited (retried while it fails) until it lands, or until this
+        // node has been cut off from Redis for longer than the lag others
+        // tolerate on its heartbeat: from then on they treat this node's
+        // presence as incomplete (CLUSTER_UNAVAILABLE, see `presence_gap`),
+        // and the resync after the outage registers the client.
+        let inner = &self.inner;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.enqueue(Op::Join(info.clone(), Some(tx)));
+            if let Ok(Ok(())) = tokio::time::timeout(inner.config.response_timeout * 2, rx).await {
+                return;
+            }
+            // One more beat of margin over what the others tolerate.
+            let stale = inner.lag() + inner.config.heartbeat_interval;
+            if inner
+                .since_last_write()
+                .is_none_or(|cut_off| cut_off >= stale)
+            {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = inner.cancel.cancelled() => return,
+            }
         }
-        let (tx, rx) = oneshot::channel();
-        self.enqueue(Op::Join(info.clone(), Some(tx)));
-        let _ = tokio::time::timeout(self.inner.config.response_timeout * 2, rx).await;
     }
 
     fn client_left(&self, id: ClientId) {
@@ -276,40 +461,48 @@ impl ClusterBus for RedisBus {
     }
 
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {
-        let mut conn = self.inner.conn.clone();
-        let node: Option<String> = redis::cmd("HGET")
-            .arg(self.inner.keys.client_nodes())
+        let inner = &self.inner;
+        let mut conn = inner.conn.clone();
+        let (node, incarnation): (Option<String>, Option<String>) = redis::pipe()
+            .cmd("HGET")
+            .arg(inner.keys.client_nodes())
             .arg(id.to_string())
+            .cmd("GET")
+            .arg(inner.keys.incarnation())
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        inner.note_incarnation(incarnation.as_deref());
         let Some(node) = node.and_then(|n| n.parse::<NodeId>().ok()) else {
-            return Ok(None);
+            // Not registered: a definite "not connected" only while
+            // presence is complete.
+            return match inner.presence_gap(&mut conn).await? {
+                Some(why) => Err(BusError::Rebuilding(why)),
+                None => Ok(None),
+            };
         };
-        if self
-            .inner
-            .live
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&node)
-        {
+        if inner.members().live.contains(&node) {
             return Ok(Some(node));
         }
-        // Not in the cache of live nodes: it may have joined since the last
-        // heartbeat, or be dead. Ask its liveness key.
+        // Not alive at the last heartbeat: it may have joined since, be
+        // dead, or be re-registering. Ask its liveness key.
         let alive: bool = redis::cmd("EXISTS")
-            .arg(self.inner.keys.node(node))
+            .arg(inner.keys.node(node))
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        let now = Instant::now();
+        let mut members = inner.members();
         if alive {
-            self.inner
-                .live
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(node);
+            members.saw(node, now);
+            Ok(Some(node))
+        } else if members.settling(now) && members.seen.contains_key(&node) {
+            Err(BusError::Rebuilding(format!(
+                "node {node} is re-registering after Redis lost its data"
+            )))
+        } else {
+            Ok(None)
         }
-        Ok(alive.then_some(node))
     }
 
     async fn list_clients(&self, limit: usize) -> Result<(Vec<ClientInfo>, bool), BusError> {
@@ -349,6 +542,7 @@ impl ClusterBus for RedisBus {
         };
         match encode_value(&message) {
             Ok(payload) => self.enqueue(Op::Publish {
+                target,
                 channel,
                 payload,
                 done,
@@ -432,8 +626,17 @@ async fn writer(inner: Arc<Inner>, mut ops: mpsc::Receiver<Op>) {
     }
 }
 
+/// A publish whose receiver count needs a second look before its outcome
+/// can be told (see [`verify`]).
+enum Doubt {
+    /// A broadcast that reached `reached` subscribers, fewer than expected.
+    Short { reached: usize, done: PublishDone },
+    /// A direct publish nobody received: is its node dead or just not listening?
+    Unheard { node: NodeId, done: PublishDone },
+}
+
 /// Sends a batch of publishes and presence changes as one pipeline.
-async fn flush(inner: &Inner, conn: &mut ConnectionManager, ops: Vec<Op>) {
+async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
     if ops.is_empty() {
         return;
     }
@@ -445,12 +648,13 @@ async fn flush(inner: &Inner, conn: &mut ConnectionManager, ops: Vec<Op>) {
     for op in ops {
         match op {
             Op::Publish {
+                target,
                 channel,
                 payload,
                 done,
             } => {
                 pipe.cmd("PUBLISH").arg(channel).arg(payload);
-                dones.push(done);
+                dones.push((target, done));
             }
             Op::Join(info, registered) => match encode_value(&info) {
                 Ok(value) => {
@@ -487,28 +691,132 @@ async fn flush(inner: &Inner, conn: &mut ConnectionManager, ops: Vec<Op>) {
         .stats
         .redis_command
         .observe(started.elapsed().as_secs_f64());
-    match result {
-        Ok(counts) => {
-            crate::stats::add(&inner.stats.pubsub_out, publishes);
-            for registered in registrations {
-                let _ = registered.send(());
-            }
-            for (done, count) in dones
-                .into_iter()
-                .zip(counts.into_iter().chain(std::iter::repeat(0)))
-            {
-                if let Some(done) = done {
-                    done(Ok(usize::try_from(count).unwrap_or(0)));
-                }
-            }
-        }
+    let counts = match result {
+        Ok(counts) => counts,
         Err(err) => {
             set_commands_ok(inner, false, &err.to_string());
             inner.needs_resync.store(true, Ordering::Release);
             let err = unavailable(&err);
-            for done in dones.into_iter().flatten() {
+            for (_, done) in dones {
+                if let Some(done) = done {
+                    done(Err(err.clone()));
+                }
+            }
+            return;
+        }
+    };
+    inner.wrote();
+    crate::stats::add(&inner.stats.pubsub_out, publishes);
+    for registered in registrations {
+        let _ = registered.send(());
+    }
+    // Every live node subscribes to the broadcast channel, this one
+    // included: fewer receivers than that means someone was not listening.
+    let expected = 1 + inner
+        .members()
+        .recent(Instant::now(), inner.config.node_ttl)
+        .len();
+    let mut doubts = Vec::new();
+    for ((target, done), count) in dones
+        .into_iter()
+        .zip(counts.into_iter().chain(std::iter::repeat(0)))
+    {
+        let Some(done) = done else { continue };
+        let reached = usize::try_from(count).unwrap_or(0);
+        match target {
+            Target::AllNodes if reached < expected => doubts.push(Doubt::Short { reached, done }),
+            Target::Node(node) if reached == 0 => doubts.push(Doubt::Unheard { node, done }),
+            _ => done(Ok(reached)),
+        }
+    }
+    if !doubts.is_empty() {
+        // Off the writer, so later writes do not wait for the check.
+        tokio::spawn(verify(inner.clone(), doubts));
+    }
+}
+
+/// Settles publishes whose receiver count fell short, against the liveness
+/// keys as they are now: a broadcast is complete when it reached every
+/// node that is alive (a node that left or died since the last heartbeat
+/// does not count), and a direct nobody received goes to a node that is
+/// gone, or to one that is alive but not listening. While Redis is being
+/// repopulated after losing its data, nodes seen before the loss count as
+/// alive until they re-register or their TTL passes.
+async fn verify(inner: Arc<Inner>, doubts: Vec<Doubt>) {
+    let now = Instant::now();
+    let mut nodes = inner.members().recent(now, inner.config.node_ttl);
+    for doubt in &doubts {
+        if let Doubt::Unheard { node, .. } = doubt
+            && !nodes.contains(node)
+        {
+            nodes.push(*node);
+        }
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET").arg(inner.keys.incarnation());
+    for node in &nodes {
+        pipe.cmd("EXISTS").arg(inner.keys.node(*node));
+    }
+    let mut conn = inner.conn.clone();
+    let result = pipe
+        .query_async::<Vec<redis::Value>>(&mut conn)
+        .await
+        .map(|replies| {
+            let mut replies = replies.into_iter();
+            let incarnation = match replies.next() {
+                Some(redis::Value::BulkString(bytes)) => String::from_utf8(bytes).ok(),
+                _ => None,
+            };
+            let exists: Vec<i64> = replies
+                .map(|reply| match reply {
+                    redis::Value::Int(n) => n,
+                    _ => 0,
+                })
+                .collect();
+            (incarnation, exists)
+        });
+    let exists = match result {
+        Ok((incarnation, exists)) => {
+            inner.note_incarnation(incarnation.as_deref());
+            exists
+        }
+        Err(err) => {
+            let err = unavailable(&err);
+            for doubt in doubts {
+                let (Doubt::Short { done, .. } | Doubt::Unheard { done, .. }) = doubt;
                 done(Err(err.clone()));
             }
+            return;
+        }
+    };
+    let alive: HashSet<NodeId> = {
+        let mut members = inner.members();
+        let settling = members.settling(now);
+        let mut alive = HashSet::new();
+        for (node, exists) in nodes.iter().zip(exists) {
+            if exists > 0 {
+                members.saw(*node, now);
+                alive.insert(*node);
+            } else if settling && members.seen.contains_key(node) {
+                alive.insert(*node);
+            }
+        }
+        alive
+    };
+    let recent: HashSet<NodeId> = inner
+        .members()
+        .recent(now, inner.config.node_ttl)
+        .into_iter()
+        .collect();
+    let live = 1 + alive.intersection(&recent).count();
+    for doubt in doubts {
+        match doubt {
+            Doubt::Short { reached, done } if reached >= live => done(Ok(reached)),
+            Doubt::Short { reached, done } => done(Err(BusError::Partial { reached, live })),
+            Doubt::Unheard { node, done } if alive.contains(&node) => {
+                done(Err(BusError::NotListening(node)))
+            }
+            Doubt::Unheard { done, .. } => done(Ok(0)),
         }
     }
 }
@@ -525,42 +833,53 @@ fn set_commands_ok(inner: &Inner, ok: bool, why: &str) {
     }
 }
 
-/// Refreshes liveness, learns which nodes are alive, sweeps dead ones, and
-/// re-registers local presence when Redis lost it (outage, restart, expiry).
+/// Refreshes liveness, notices when Redis lost its data, re-registers local
+/// presence when needed (first start, outage, data loss, expiry), learns
+/// which nodes are alive and sweeps dead ones.
 async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
     let keys = &inner.keys;
     let me = inner.config.node_id;
     let ttl_ms = inner.config.node_ttl.as_millis() as u64;
     let record = format!("{}|{}", inner.config.node_name, now_ms());
     let started = std::time::Instant::now();
-    let result: redis::RedisResult<(Option<String>, i64, i64)> = redis::pipe()
+    // The liveness key is only refreshed (XX), never created here: it is
+    // created by `resync` together with this node's presence, so a node
+    // whose key exists always has its clients registered.
+    let result: redis::RedisResult<(Option<String>, Option<String>)> = redis::pipe()
+        .cmd("SET")
+        .arg(keys.incarnation())
+        .arg(uuid::Uuid::new_v4().simple().to_string())
+        .arg("NX")
+        .ignore()
+        .cmd("GET")
+        .arg(keys.incarnation())
         .cmd("SET")
         .arg(keys.node(me))
         .arg(&record)
         .arg("PX")
         .arg(ttl_ms)
-        .arg("GET")
-        .cmd("SADD")
-        .arg(keys.nodes())
-        .arg(me.to_string())
+        .arg("XX")
         .cmd("PEXPIRE")
         .arg(keys.node_clients(me))
         .arg(ttl_ms)
+        .ignore()
         .query_async(conn)
         .await;
     inner
         .stats
         .redis_command
         .observe(started.elapsed().as_secs_f64());
-    let previous = match result {
-        Ok((previous, _, _)) => previous,
+    let (incarnation, refreshed) = match result {
+        Ok(replies) => replies,
         Err(err) => {
             set_commands_ok(inner, false, &err.to_string());
             inner.needs_resync.store(true, Ordering::Release);
             return;
         }
     };
-    if previous.is_none() {
+    inner.wrote();
+    inner.note_incarnation(incarnation.as_deref());
+    if refreshed.is_none() {
         // Our liveness key was gone: first start, Redis restarted or lost
         // data, or we were silent past the TTL. Presence must be rewritten.
         inner.needs_resync.store(true, Ordering::Release);
@@ -574,7 +893,9 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
     }
     match query_live_nodes(keys, conn).await {
         Ok((live, dead)) => {
-            *inner.live.write().unwrap_or_else(|e| e.into_inner()) = live.into_iter().collect();
+            inner
+                .members()
+                .observe(me, &live, &dead, Instant::now(), inner.config.node_ttl);
             for node in dead {
                 if let Err(err) = sweep(inner, conn, node).await {
                     debug!(%err, %node, "sweep of dead node failed; will retry");
@@ -586,7 +907,12 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
     }
 }
 
-/// Writes every local client into Redis again.
+/// Writes every local client into Redis again and comes alive: first drops
+/// routing-index entries that point here but are no local client (clients
+/// that left while Redis was unreachable, or of an earlier process that ran
+/// with this node id), then, in one transaction, replaces this node's
+/// presence hash and sets its liveness key and node-set entry, so other
+/// nodes never see this node alive with half its presence.
 async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
     let keys = &inner.keys;
     let me = inner.config.node_id;
@@ -596,7 +922,14 @@ async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResu
         .iter()
         .map(|c| c.info.clone())
         .collect();
+    let here: HashSet<String> = clients.iter().map(|c| c.client_id.to_string()).collect();
+    let me_str = me.to_string();
+    let stale = remove_index_entries(inner, conn, |client, node| {
+        node == me_str && !here.contains(client)
+    })
+    .await?;
     let mut pipe = redis::pipe();
+    pipe.atomic();
     pipe.cmd("DEL").arg(keys.node_clients(me)).ignore();
     for chunk in clients.chunks(1000) {
         let mut infos = redis::cmd("HSET");
@@ -608,18 +941,69 @@ async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResu
                 continue;
             };
             infos.arg(info.client_id.to_string()).arg(value);
-            index.arg(info.client_id.to_string()).arg(me.to_string());
+            index.arg(info.client_id.to_string()).arg(&me_str);
         }
         pipe.add_command(infos).ignore();
         pipe.add_command(index).ignore();
     }
+    let ttl_ms = inner.config.node_ttl.as_millis() as u64;
     pipe.cmd("PEXPIRE")
         .arg(keys.node_clients(me))
-        .arg(inner.config.node_ttl.as_millis() as u64)
+        .arg(ttl_ms)
         .ignore();
+    pipe.cmd("SET")
+        .arg(keys.node(me))
+        .arg(format!("{}|{}", inner.config.node_name, now_ms()))
+        .arg("PX")
+        .arg(ttl_ms)
+        .ignore();
+    pipe.cmd("SADD").arg(keys.nodes()).arg(&me_str).ignore();
     pipe.query_async::<()>(conn).await?;
-    info!(clients = clients.len(), "registered local clients in Redis");
+    info!(
+        clients = clients.len(),
+        stale_index_entries = stale,
+        "registered local clients in Redis"
+    );
     Ok(())
+}
+
+/// Removes the routing-index entries for which `stale(client, node)` holds
+/// (scanned with HSCAN, so the index is never read at once); returns how
+/// many.
+async fn remove_index_entries(
+    inner: &Inner,
+    conn: &mut ConnectionManager,
+    stale: impl Fn(&str, &str) -> bool,
+) -> redis::RedisResult<usize> {
+    let index = inner.keys.client_nodes();
+    let mut cursor: u64 = 0;
+    let mut removed = 0;
+    loop {
+        let (next, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(&index)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        let doomed: Vec<&String> = entries
+            .iter()
+            .filter(|(client, node)| stale(client, node))
+            .map(|(client, _)| client)
+            .collect();
+        if !doomed.is_empty() {
+            removed += doomed.len();
+            redis::cmd("HDEL")
+                .arg(&index)
+                .arg(doomed)
+                .query_async::<()>(conn)
+                .await?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(removed);
+        }
+    }
 }
 
 /// Forgets a dead node: its routing index entries and its node-set entry.
@@ -629,36 +1013,10 @@ async fn sweep(
     conn: &mut ConnectionManager,
     dead: NodeId,
 ) -> redis::RedisResult<()> {
-    let keys = &inner.keys;
     let dead_str = dead.to_string();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(keys.client_nodes())
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        let stale: Vec<&String> = entries
-            .iter()
-            .filter(|(_, n)| *n == dead_str)
-            .map(|(c, _)| c)
-            .collect();
-        if !stale.is_empty() {
-            redis::cmd("HDEL")
-                .arg(keys.client_nodes())
-                .arg(stale)
-                .query_async::<()>(conn)
-                .await?;
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
+    remove_index_entries(inner, conn, |_, node| node == dead_str).await?;
     redis::cmd("SREM")
-        .arg(keys.nodes())
+        .arg(inner.keys.nodes())
         .arg(&dead_str)
         .query_async::<()>(conn)
         .await?;
@@ -780,11 +1138,13 @@ async fn receive(inner: &Inner, pubsub: redis::aio::PubSub) -> String {
                 if matches!(&message, BusMessage::Broadcast { origin, .. } if *origin == me) {
                     continue;
                 }
-                if inner.inbox.try_send(message).is_err() {
-                    let n = inner.dropped_inbound.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n == 1 || n.is_multiple_of(1000) {
-                        warn!(dropped = n, "node inbox full: cluster messages dropped");
-                    }
+                // Waits rather than drops when the inbox is full: Redis
+                // counted this node as a receiver, so dropping would make
+                // the sender's Ack a lie. If the wait lasts, Redis closes
+                // this subscriber over its output buffer limit, and that
+                // gap is reported to senders (BusError::Partial).
+                if inner.inbox.send(message).await.is_err() {
+                    return "node stopped".into();
                 }
             }
             _ = ping.tick() => {

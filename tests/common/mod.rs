@@ -3,6 +3,8 @@
 //! client that can send arbitrary bytes.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -99,6 +101,19 @@ impl TestNode {
         Client::connect(&self.client_config(name))
             .await
             .unwrap_or_else(|e| panic!("client {name} connects: {e}"))
+    }
+
+    /// Connects a client from another loopback address (`127.0.0.x`), which
+    /// the node sees as another host: per-IP limits and rate-limit memory
+    /// are per address.
+    pub async fn connect_from(&self, ip: [u8; 4], name: &str) -> Client {
+        let mut config = self.client_config(name);
+        config.endpoint = Some(
+            quinn::Endpoint::client(SocketAddr::from((ip, 0))).expect("client endpoint binds"),
+        );
+        Client::connect(&config)
+            .await
+            .unwrap_or_else(|e| panic!("client {name} connects from {ip:?}: {e}"))
     }
 
     /// Shuts the node down and waits for it to finish.
@@ -264,8 +279,18 @@ impl RawClient {
         node: &TestNode,
         tweak: impl FnOnce(&mut quinn::TransportConfig),
     ) -> Result<RawClient, quinn::ConnectionError> {
+        Self::try_connect_to(node.addr, &node.ca, tweak).await
+    }
+
+    /// Like [`RawClient::try_connect_with`], for any node address and CA
+    /// (e.g. a node process).
+    pub async fn try_connect_to(
+        addr: SocketAddr,
+        ca: &std::path::Path,
+        tweak: impl FnOnce(&mut quinn::TransportConfig),
+    ) -> Result<RawClient, quinn::ConnectionError> {
         let crypto = quic_fabric::tls::client_crypto(
-            &quic_fabric::tls::ServerTrust::CaFile(node.ca.clone()),
+            &quic_fabric::tls::ServerTrust::CaFile(ca.to_owned()),
             None,
         )
         .unwrap();
@@ -275,7 +300,7 @@ impl RawClient {
         config.transport_config(Arc::new(transport));
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
-        let connecting = endpoint.connect(node.addr, "localhost").unwrap();
+        let connecting = endpoint.connect(addr, "localhost").unwrap();
         let conn = tokio::time::timeout(WAIT, connecting)
             .await
             .expect("connection attempt settles in time")?;
@@ -369,5 +394,155 @@ pub async fn http(
         status,
         headers: head.to_owned(),
         body: body.to_owned(),
+    }
+}
+
+/// A `fabric-node` running as a child process (so it can be killed with
+/// SIGKILL or restarted on the same address), on a loopback port.
+pub struct NodeProcess {
+    pub child: tokio::process::Child,
+    pub addr: String,
+    pub certs: PathBuf,
+    args: Vec<String>,
+}
+
+/// A free UDP port on loopback (free when asked; good enough for tests).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl NodeProcess {
+    /// Starts `fabric-node --listen 127.0.0.1:PORT --certs DIR ARGS...` and
+    /// waits until it answers a client.
+    pub async fn start(certs: &std::path::Path, args: &[&str]) -> NodeProcess {
+        let addr = format!("127.0.0.1:{}", free_udp_port());
+        let mut node = NodeProcess {
+            child: Self::spawn(&addr, certs, args),
+            addr,
+            certs: certs.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        node.wait_up().await;
+        node
+    }
+
+    fn spawn(addr: &str, certs: &std::path::Path, args: &[&str]) -> tokio::process::Child {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fabric-node"))
+            .args(["--listen", addr, "--certs"])
+            .arg(certs)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("fabric-node starts")
+    }
+
+    /// Waits until a client can connect (the process may still be binding).
+    pub async fn wait_up(&mut self) {
+        let config = self.client_config("probe");
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Ok(c) = Client::connect(&config).await {
+                    c.close("probe done").await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("node process comes up");
+    }
+
+    pub fn client_config(&self, name: &str) -> ClientConfig {
+        let mut config = ClientConfig::new(self.addr.clone(), self.certs.join("ca.pem")).name(name);
+        config.connect_timeout = Duration::from_secs(2);
+        config
+    }
+
+    pub async fn connect(&self, name: &str) -> Client {
+        Client::connect(&self.client_config(name))
+            .await
+            .unwrap_or_else(|e| panic!("client {name} connects to the node process: {e}"))
+    }
+
+    /// SIGKILL: no drain, no cleanup in Redis.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().expect("SIGKILL sent");
+        self.child.wait().await.expect("node process reaped");
+    }
+
+    /// Starts the same node again on the same address (after `kill`), with
+    /// the same arguments, and waits until it answers.
+    pub async fn restart(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = Self::spawn(&self.addr, &self.certs, &args);
+        self.wait_up().await;
+    }
+}
+
+/// A TCP forwarder on loopback that a test can cut (every connection
+/// through it dropped, new ones closed at once) and restore: a network
+/// blip between one node and Redis.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> TcpProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let accept = {
+            let (cut, links) = (cut.clone(), links.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    let link = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    links.lock().unwrap().push(link.abort_handle());
+                }
+            })
+        };
+        TcpProxy {
+            addr,
+            cut,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every connection and refuses new ones until [`TcpProxy::restore`].
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
     }
 }
