@@ -6,12 +6,16 @@
 //! client whose queue is full, or who has more than `max_queued_bytes`
 //! waiting, is a slow consumer and is disconnected with
 //! `close_code::SLOW_CONSUMER`, so one slow reader can neither stall its
-//! senders nor grow the node's memory.
+//! senders nor grow the node's memory. When the node-wide budget
+//! (`max_total_queued_bytes`) runs out before any one client's does,
+//! [`reclaim`] disconnects the clients whose queues have not moved for
+//! `slow_consumer_stall`, so clients that stopped reading cannot block
+//! everyone else whatever the two budgets are.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -38,11 +42,20 @@ pub enum EnqueueError {
     NodeBusy,
 }
 
+/// Milliseconds on a process-wide monotonic clock (for progress stamps).
+fn mono_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// The node-wide budget for bytes queued to clients.
 #[derive(Debug)]
 pub struct QueueBudget {
     used: AtomicUsize,
     max: usize,
+    /// Woken when the budget refused a message, so [`reclaim`] looks for
+    /// clients that stopped reading.
+    exhausted: tokio::sync::Notify,
 }
 
 impl QueueBudget {
@@ -51,6 +64,7 @@ impl QueueBudget {
         Arc::new(QueueBudget {
             used: AtomicUsize::new(0),
             max,
+            exhausted: tokio::sync::Notify::new(),
         })
     }
 
@@ -63,6 +77,7 @@ impl QueueBudget {
         let before = self.used.fetch_add(len, Ordering::AcqRel);
         if before + len > self.max {
             self.used.fetch_sub(len, Ordering::AcqRel);
+            self.exhausted.notify_one();
             return false;
         }
         true
@@ -99,6 +114,35 @@ pub struct ClientHandle {
     kick: tokio::sync::Notify,
     kick_reason: Mutex<Option<String>>,
     lost_reported: std::sync::atomic::AtomicU64,
+    /// Since when (`mono_ms`) the queue has held bytes without a write
+    /// completing: set when it turns non-empty and after every write.
+    progress_ms: Arc<AtomicU64>,
+    /// How the node itself closed the connection, for the close log line.
+    closed: Arc<NodeClose>,
+}
+
+/// The close code and reason the node closed a connection with, kept so
+/// the connection's log line states what the client received (quinn only
+/// reports "closed locally").
+#[derive(Debug, Default)]
+pub struct NodeClose {
+    end: Mutex<Option<(u32, String)>>,
+}
+
+impl NodeClose {
+    /// Closes `conn` with `code` and `reason` (the first close wins).
+    fn close(&self, conn: &quinn::Connection, code: u32, reason: String) {
+        let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        if end.is_none() {
+            conn.close(code.into(), reason.as_bytes());
+            *end = Some((code, reason));
+        }
+    }
+
+    /// The code and reason, if the node closed the connection this way.
+    pub fn get(&self) -> Option<(u32, String)> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// One priority's queue and writer, created on first use: most clients
@@ -145,7 +189,23 @@ impl ClientHandle {
             kick: tokio::sync::Notify::new(),
             kick_reason: Mutex::new(None),
             lost_reported: std::sync::atomic::AtomicU64::new(0),
+            progress_ms: Arc::new(AtomicU64::new(mono_ms())),
+            closed: Arc::new(NodeClose::default()),
         })
+    }
+
+    /// How the node closed this client's connection itself (slow consumer,
+    /// a client that stopped a node stream), if it did.
+    pub fn closed_by_node(&self) -> Option<(u32, String)> {
+        self.closed.get()
+    }
+
+    /// Whether the client's queue holds bytes that no write has taken for
+    /// `stall`: it stopped reading.
+    fn stalled(&self, now_ms: u64, stall: Duration) -> bool {
+        self.queued_bytes.load(Ordering::Acquire) > 0
+            && now_ms.saturating_sub(self.progress_ms.load(Ordering::Acquire))
+                >= stall.as_millis() as u64
     }
 
     /// Starts delivery once the HandshakeAck is on `high` (the high-priority
@@ -176,12 +236,16 @@ impl ClientHandle {
             None
         };
         let writer = write_stream(
-            self.conn.clone(),
-            priority,
+            Writer {
+                conn: self.conn.clone(),
+                priority,
+                queued_bytes: self.queued_bytes.clone(),
+                budget: self.budget.clone(),
+                progress_ms: self.progress_ms.clone(),
+                closed: self.closed.clone(),
+            },
             stream,
             rx,
-            self.queued_bytes.clone(),
-            self.budget.clone(),
         );
         self.writers.spawn(writer.instrument(self.span.clone()));
     }
@@ -238,22 +302,28 @@ impl ClientHandle {
             return Err(EnqueueError::SlowConsumer);
         }
         let len = frame.len();
+        // The client's own budget first: a client that stopped reading is
+        // a slow consumer even when the node-wide budget is no larger.
+        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        // An empty queue always takes one frame, whatever its size.
+        if before > 0 && before + len > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.disconnect_slow("outbound byte budget exhausted");
+            return Err(EnqueueError::SlowConsumer);
+        }
         // Replies to the client's own requests are small and bounded by its
         // own budget; they are never refused for the node-wide one, so a
         // request always gets its answer.
         if is_reply {
             self.budget.force(len);
         } else if !self.budget.take(len) {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             stats::add(&self.stats.node_busy, 1);
             return Err(EnqueueError::NodeBusy);
         }
-        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        // An empty queue always takes one frame, whatever its size.
-        if before > 0 && before + len > self.max_queued_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            self.budget.give(len);
-            self.disconnect_slow("outbound byte budget exhausted");
-            return Err(EnqueueError::SlowConsumer);
+        if before == 0 {
+            // Stall time counts from when the queue stopped being empty.
+            self.progress_ms.store(mono_ms(), Ordering::Release);
         }
         match self.sender(priority).try_send(frame) {
             Ok(()) => {
@@ -279,9 +349,10 @@ impl ClientHandle {
         if !self.slow.swap(true, Ordering::AcqRel) {
             stats::add(&self.stats.slow_consumer_disconnects, 1);
             tracing::warn!(client_id = %self.id(), why, "disconnecting slow consumer");
-            self.conn.close(
-                close_code::SLOW_CONSUMER.into(),
-                format!("slow consumer: {why}").as_bytes(),
+            self.closed.close(
+                &self.conn,
+                close_code::SLOW_CONSUMER,
+                format!("slow consumer: {why}"),
             );
         }
     }
@@ -502,15 +573,29 @@ pub struct BroadcastCount {
     pub node_busy: usize,
 }
 
-/// Drains one priority's queue onto its own stream, opened on first use.
-async fn write_stream(
+/// What a writer task needs of its client.
+struct Writer {
     conn: quinn::Connection,
     priority: Priority,
-    mut stream: Option<quinn::SendStream>,
-    mut rx: mpsc::Receiver<Bytes>,
     queued_bytes: Arc<AtomicUsize>,
     budget: Arc<QueueBudget>,
+    progress_ms: Arc<AtomicU64>,
+    closed: Arc<NodeClose>,
+}
+
+/// Drains one priority's queue onto its own stream, opened on first use.
+async fn write_stream(
+    w: Writer,
+    mut stream: Option<quinn::SendStream>,
+    mut rx: mpsc::Receiver<Bytes>,
 ) {
+    let Writer {
+        conn,
+        priority,
+        queued_bytes,
+        budget,
+        ..
+    } = &w;
     let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         let len: usize = batch.iter().map(Bytes::len).sum();
@@ -518,27 +603,87 @@ async fn write_stream(
             Some(s) => s,
             None => match conn.open_uni().await {
                 Ok(s) => {
-                    let _ = s.set_priority(protocol::stream_priority(priority));
+                    let _ = s.set_priority(protocol::stream_priority(*priority));
                     stream.insert(s)
                 }
                 Err(err) => {
                     tracing::debug!(%err, %priority, "cannot open stream");
-                    release(&queued_bytes, &budget, len);
-                    return discard(rx, &queued_bytes, &budget);
+                    release(queued_bytes, budget, len);
+                    return discard(rx, queued_bytes, budget);
                 }
             },
         };
-        let result = send.write_all_chunks(&mut batch).await;
+        let result = write_all(send, &mut batch, &w.progress_ms).await;
         batch.clear();
-        release(&queued_bytes, &budget, len);
-        if let Err(err) = result {
-            tracing::debug!(%err, %priority, "stream write failed");
-            return discard(rx, &queued_bytes, &budget);
+        release(queued_bytes, budget, len);
+        match result {
+            Ok(()) => {}
+            Err(quinn::WriteError::Stopped(code)) => {
+                // The client may not stop the node's streams (PROTOCOL.md
+                // section 2): everything later on this priority would be
+                // lost while it looks connected.
+                tracing::debug!(%code, %priority, "client stopped a node stream");
+                w.closed.close(
+                    conn,
+                    close_code::PROTOCOL_VIOLATION,
+                    format!("the client stopped the node's {priority} stream (code {code})"),
+                );
+                return discard(rx, queued_bytes, budget);
+            }
+            Err(err) => {
+                tracing::debug!(%err, %priority, "stream write failed");
+                return discard(rx, queued_bytes, budget);
+            }
         }
     }
     if let Some(mut send) = stream {
         let _ = send.finish();
         let _ = send.stopped().await;
+    }
+}
+
+/// Writes the whole batch, stamping progress whenever some of it went out
+/// (a client that reads slowly but steadily is never taken for stalled).
+async fn write_all(
+    send: &mut quinn::SendStream,
+    mut bufs: &mut [Bytes],
+    progress_ms: &AtomicU64,
+) -> Result<(), quinn::WriteError> {
+    while !bufs.is_empty() {
+        let written = send.write_chunks(bufs).await?;
+        progress_ms.store(mono_ms(), Ordering::Release);
+        bufs = &mut bufs[written.chunks..];
+    }
+    Ok(())
+}
+
+/// Disconnects clients that stopped reading whenever the node-wide queue
+/// budget refuses a message: without this, clients each within their own
+/// `max_queued_bytes` could together hold the whole budget and make every
+/// other client's messages SERVER_BUSY for as long as they stay connected.
+/// `stall` is `slow_consumer_stall`. Looks at most every 100 ms; runs
+/// until `cancel`.
+pub async fn reclaim(
+    clients: Arc<ClientManager>,
+    budget: Arc<QueueBudget>,
+    stall: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = budget.exhausted.notified() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let now = mono_ms();
+        for client in clients.all() {
+            if client.stalled(now, stall) {
+                client.disconnect_slow("not reading while the node's queue memory is exhausted");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = cancel.cancelled() => return,
+        }
     }
 }
 

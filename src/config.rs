@@ -83,6 +83,12 @@ pub struct NodeConfig {
     pub outbound_queue_len: usize,
     /// Bytes queued per client (all priorities) before it counts as a slow consumer.
     pub max_queued_bytes: usize,
+    /// While the node-wide queue budget is exhausted, a client whose queue
+    /// has held bytes without any being written for this long counts as a
+    /// slow consumer and is disconnected, so clients that stopped reading
+    /// cannot block everyone else whatever the budgets are.
+    #[serde(with = "humantime_serde")]
+    pub slow_consumer_stall: Duration,
     /// Most entries returned in one ClientList.
     pub max_list_clients: usize,
     /// On drain or shutdown, how long clients get to leave by themselves.
@@ -138,6 +144,11 @@ pub struct NodeConfig {
     /// Window for `rate_limit_strikes`.
     #[serde(with = "humantime_serde")]
     pub rate_limit_strike_window: Duration,
+    /// Whether an anonymous client's rate-limit state follows its IP
+    /// address across reconnects (an authenticated client's follows its
+    /// user). Turn off behind a proxy that hides client addresses, where
+    /// every anonymous client would inherit every other's debt.
+    pub rate_limit_anonymous_by_ip: bool,
     /// Connections at once from one IP address (0 = unlimited).
     pub max_connections_per_ip: usize,
     /// New connections per second from one IP address (0 = unlimited).
@@ -192,6 +203,7 @@ impl Default for NodeConfig {
             send_window: 4 * 1024 * 1024,
             outbound_queue_len: 1024,
             max_queued_bytes: 16 * 1024 * 1024,
+            slow_consumer_stall: Duration::from_secs(2),
             max_list_clients: 10_000,
             shutdown_grace: Duration::from_secs(5),
             drain_linger: Duration::from_secs(2),
@@ -211,6 +223,7 @@ impl Default for NodeConfig {
             rate_limit_burst: 2_000,
             rate_limit_strikes: 1_000,
             rate_limit_strike_window: Duration::from_secs(10),
+            rate_limit_anonymous_by_ip: true,
             max_connections_per_ip: 256,
             connection_rate_per_ip: 20,
             connection_burst_per_ip: 100,
@@ -268,6 +281,9 @@ impl NodeConfig {
                 "max_queued_bytes ({}) must be at least max_message_bytes ({})",
                 self.max_queued_bytes, self.max_message_bytes
             ));
+        }
+        if self.slow_consumer_stall.is_zero() {
+            return invalid("slow_consumer_stall must be above zero".into());
         }
         if self.idle_timeout.is_zero() {
             return invalid("idle_timeout must be above zero".into());
@@ -420,6 +436,10 @@ pub struct NodeArgs {
     /// Queued bytes per client before disconnecting it as slow [default: 16777216].
     #[arg(long, env = "FABRIC_MAX_QUEUED_BYTES")]
     pub max_queued_bytes: Option<usize>,
+    /// Stall after which, while the node's queue memory is exhausted, a
+    /// client that stopped reading is disconnected as slow [default: 2s].
+    #[arg(long, env = "FABRIC_SLOW_CONSUMER_STALL", value_parser = humantime::parse_duration)]
+    pub slow_consumer_stall: Option<Duration>,
     /// Most entries in one client list [default: 10000].
     #[arg(long, env = "FABRIC_MAX_LIST_CLIENTS")]
     pub max_list_clients: Option<usize>,
@@ -466,7 +486,7 @@ pub struct NodeArgs {
     #[arg(long, env = "FABRIC_MAX_TOTAL_QUEUED_BYTES")]
     pub max_total_queued_bytes: Option<usize>,
     /// Messages per second per client, 0 = unlimited [default: 1000].
-    #[arg(long, env = "FABRIC_RATE_LIMIT")]
+    #[arg(long, alias = "rate-limit", env = "FABRIC_RATE_LIMIT")]
     pub rate_limit_messages: Option<u32>,
     /// Message burst per client above the rate [default: 2000].
     #[arg(long, env = "FABRIC_RATE_LIMIT_BURST")]
@@ -477,6 +497,10 @@ pub struct NodeArgs {
     /// Strike window [default: 10s].
     #[arg(long, env = "FABRIC_RATE_LIMIT_STRIKE_WINDOW", value_parser = humantime::parse_duration)]
     pub rate_limit_strike_window: Option<Duration>,
+    /// Remember anonymous clients' rate-limit state by IP across reconnects
+    /// (false behind a proxy that hides client addresses) [default: true].
+    #[arg(long, env = "FABRIC_RATE_LIMIT_ANONYMOUS_BY_IP")]
+    pub rate_limit_anonymous_by_ip: Option<bool>,
     /// Connections at once per IP address, 0 = unlimited [default: 256].
     #[arg(long, env = "FABRIC_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
@@ -551,6 +575,7 @@ impl NodeArgs {
             send_window,
             outbound_queue_len,
             max_queued_bytes,
+            slow_consumer_stall,
             max_list_clients,
             shutdown_grace,
             drain_linger,
@@ -568,6 +593,7 @@ impl NodeArgs {
             rate_limit_burst,
             rate_limit_strikes,
             rate_limit_strike_window,
+            rate_limit_anonymous_by_ip,
             max_connections_per_ip,
             connection_rate_per_ip,
             connection_burst_per_ip,

@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::client_manager::ClientHandle;
 use crate::handler::{MessageHandler, Next};
-use crate::limits::{ClientRateLimit, ConnectionPermit, RateVerdict};
+use crate::limits::{ClientRateLimit, ConnectionPermit, RateKey, RateVerdict};
 use crate::protocol::{
     self, Body, ClientId, ClientInfo, CodecError, ErrorCode, Frame, HARD_MAX_FRAME_BYTES,
     HandshakeAck, LENGTH_PREFIX_BYTES, Priority, Sender, close_code, error_code, now_ms,
@@ -291,6 +291,9 @@ async fn admit(
         user: identity.user.clone(),
         connected_at_ms: now_ms(),
     };
+    let rate_key = shared
+        .rate_limits
+        .key(identity.user.as_deref(), conn.remote_address().ip());
     let stamp = Sender {
         client_id,
         node_id: shared.node_id,
@@ -357,6 +360,7 @@ async fn admit(
         handle,
         first_stream,
         expires_at: identity.expires_at,
+        rate_key,
     })
 }
 
@@ -401,6 +405,8 @@ struct Admitted {
     handle: Arc<ClientHandle>,
     first_stream: quinn::RecvStream,
     expires_at: Option<u64>,
+    /// Whose rate-limit state this connection continues.
+    rate_key: Option<RateKey>,
 }
 
 /// How readers tell the connection task to end it.
@@ -437,7 +443,9 @@ async fn run(
         handle,
         first_stream,
         expires_at,
+        rate_key,
     } = admitted?;
+    let limit = shared.rate_limits.start(rate_key.as_ref()).map(Arc::new);
     let end = Box::pin(steady(
         conn,
         shared,
@@ -445,8 +453,13 @@ async fn run(
         &handle,
         first_stream,
         expires_at,
+        limit.clone(),
     ))
     .await;
+    if let Some(limit) = &limit {
+        // The next connection of this identity starts from here.
+        shared.rate_limits.remember(rate_key, limit);
+    }
     Box::pin(drain(shared, handle, end)).await
 }
 
@@ -458,6 +471,7 @@ async fn steady(
     handle: &Arc<ClientHandle>,
     first_stream: quinn::RecvStream,
     expires_at: Option<u64>,
+    limit: Option<Arc<ClientRateLimit>>,
 ) -> End {
     let reader = Reader {
         client: handle.clone(),
@@ -467,7 +481,7 @@ async fn steady(
             token: CancellationToken::new(),
             end: Arc::new(std::sync::Mutex::new(None)),
         },
-        limit: ClientRateLimit::from_config(&shared.config).map(Arc::new),
+        limit,
     };
     let closer = reader.close.clone();
     // The connection's one deadline, when it has one: its token's expiry
@@ -502,7 +516,12 @@ async fn steady(
                         RateVerdict::Disconnect => {}
                     }
                 }
-                Err(err) => break closed_reason(&err),
+                Err(err) => break match (&err, handle.closed_by_node()) {
+                    // The node closed it itself (slow consumer, a stopped
+                    // node stream): log what the client received.
+                    (quinn::ConnectionError::LocallyClosed, Some(end)) => end,
+                    _ => closed_reason(&err),
+                },
             },
             _ = async { if let Some((timer, _)) = &mut deadline { timer.await } }, if deadline.is_some() => {
                 let Some((_, end)) = deadline.take() else { continue };

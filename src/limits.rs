@@ -1,7 +1,9 @@
 //! Limits a client cannot get around: the per-client message rate limit
-//! (token bucket, with disconnection for sustained abuse) and admission
-//! control for new connections (pending handshakes, per-IP connection rate
-//! and count, QUIC Retry under load), all decided before TLS runs.
+//! (token bucket, with disconnection for sustained abuse, remembered across
+//! reconnects by [`RateLimits`] so a new connection does not bring a fresh
+//! burst) and admission control for new connections (pending handshakes,
+//! per-IP connection rate and count, QUIC Retry under load), all decided
+//! before TLS runs.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -10,8 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 
 use crate::config::NodeConfig;
@@ -41,55 +42,211 @@ pub enum RateVerdict {
     Disconnect,
 }
 
-/// One client's message rate limit. Frames (and newly opened streams) take
-/// a token each; a frame without a token is rejected, and more than
-/// `strikes` rejections within `strike_window` disconnect the client.
+/// Most identities whose rate-limit state is remembered after their
+/// connections ended; beyond it, entries whose bucket refilled are dropped
+/// first and new ones are not remembered.
+pub const MAX_REMEMBERED: usize = 100_000;
+
+/// Who a client is for its rate limit's memory across connections.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RateKey {
+    /// An authenticated user (token subject or certificate name).
+    User(String),
+    /// An anonymous client, by source address (`rate_limit_anonymous_by_ip`).
+    Ip(IpAddr),
+}
+
+/// A token bucket in GCRA form: one "theoretical arrival time" in
+/// nanoseconds since the node's epoch, updated with compare-and-swap. The
+/// bucket is full when it is in the past; each frame moves it one interval
+/// forward, and a frame is refused when that would put it more than
+/// `burst` intervals ahead of now.
 #[derive(Debug)]
-pub struct ClientRateLimit {
-    bucket: DefaultDirectRateLimiter,
-    clock: DefaultClock,
+struct Bucket {
+    tat_ns: AtomicU64,
+    interval_ns: u64,
+    tolerance_ns: u64,
+}
+
+impl Bucket {
+    /// Takes a token at `now_ns`, or says how long until one is free.
+    fn take(&self, now_ns: u64) -> Result<(), u64> {
+        let mut tat = self.tat_ns.load(Ordering::Acquire);
+        loop {
+            let next = tat.max(now_ns) + self.interval_ns;
+            let ahead = next - now_ns;
+            if ahead > self.tolerance_ns {
+                return Err(ahead - self.tolerance_ns);
+            }
+            match self
+                .tat_ns
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
+        }
+    }
+}
+
+/// The node's rate-limit settings and what it remembers of identities
+/// whose connections ended: their bucket level. A client that reconnects
+/// (the same user, or the same address for anonymous clients) starts from
+/// where its last connection left its bucket, not from a full one, so the
+/// limit cannot be escaped by reconnecting.
+#[derive(Debug)]
+pub struct RateLimits {
+    /// Interval and tolerance of a bucket; `None` when rate limiting is off.
+    quota: Option<(u64, u64)>,
     strikes: u32,
     strike_window: Duration,
-    /// Start of the current strike window, as milliseconds since `epoch`.
+    by_ip: bool,
+    epoch: Instant,
+    remembered: Mutex<HashMap<RateKey, u64>>,
+}
+
+impl RateLimits {
+    /// The limits of `config`.
+    pub fn new(config: &NodeConfig) -> Self {
+        let quota = (config.rate_limit_messages > 0).then(|| {
+            let interval = 1_000_000_000 / u64::from(config.rate_limit_messages);
+            let burst = u64::from(config.rate_limit_burst.max(1));
+            (interval.max(1), interval.max(1) * burst)
+        });
+        RateLimits {
+            quota,
+            strikes: config.rate_limit_strikes,
+            strike_window: config.rate_limit_strike_window,
+            by_ip: config.rate_limit_anonymous_by_ip,
+            epoch: Instant::now(),
+            remembered: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The identity a client's rate state follows: its user when
+    /// authenticated, else its address (unless addresses do not identify
+    /// clients here, e.g. behind a proxy that hides them).
+    pub fn key(&self, user: Option<&str>, ip: IpAddr) -> Option<RateKey> {
+        match user {
+            Some(user) => Some(RateKey::User(user.to_owned())),
+            None => self.by_ip.then_some(RateKey::Ip(ip)),
+        }
+    }
+
+    /// The rate limit of a new connection of `key`, starting from the
+    /// bucket level its identity's last connection left; `None` when rate
+    /// limiting is off.
+    pub fn start(&self, key: Option<&RateKey>) -> Option<ClientRateLimit> {
+        let (interval_ns, tolerance_ns) = self.quota?;
+        let tat = key
+            .and_then(|key| {
+                self.remembered
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(key)
+                    .copied()
+            })
+            .unwrap_or(0);
+        Some(ClientRateLimit {
+            bucket: Bucket {
+                tat_ns: AtomicU64::new(tat),
+                interval_ns,
+                tolerance_ns,
+            },
+            strikes: self.strikes,
+            strike_window: self.strike_window,
+            window_start_ms: AtomicU64::new(0),
+            rejected_in_window: AtomicU32::new(0),
+            limits_epoch: self.epoch,
+        })
+    }
+
+    /// Remembers the bucket level a connection of `key` ended with, for
+    /// the identity's next connection (nothing to remember once it refilled).
+    pub fn remember(&self, key: Option<RateKey>, limit: &ClientRateLimit) {
+        let Some(key) = key else { return };
+        let now = self.now_ns();
+        let tat = limit.bucket.tat_ns.load(Ordering::Acquire);
+        let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        if tat <= now {
+            return;
+        }
+        if remembered.len() >= MAX_REMEMBERED && !remembered.contains_key(&key) {
+            remembered.retain(|_, tat| *tat > now);
+            if remembered.len() >= MAX_REMEMBERED {
+                tracing::debug!("rate-limit memory full; not remembering this identity");
+                return;
+            }
+        }
+        let entry = remembered.entry(key).or_insert(0);
+        // Several connections of one identity: the emptiest bucket wins.
+        *entry = (*entry).max(tat);
+    }
+
+    /// Forgets identities whose bucket has refilled since (call
+    /// periodically, so the table only holds identities still in debt).
+    pub fn forget_idle(&self) {
+        let now = self.now_ns();
+        self.remembered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, tat| *tat > now);
+    }
+
+    /// Identities remembered right now.
+    pub fn remembered(&self) -> usize {
+        self.remembered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+/// One connection's message rate limit. Frames (and newly opened streams)
+/// take a token each from a bucket of `rate_limit_burst` tokens refilled
+/// at `rate_limit_messages` per second; a frame without a token is
+/// rejected, and more than `strikes` rejections within `strike_window`
+/// disconnect the client.
+#[derive(Debug)]
+pub struct ClientRateLimit {
+    bucket: Bucket,
+    strikes: u32,
+    strike_window: Duration,
+    /// Start of the current strike window, as milliseconds since `limits_epoch`.
     window_start_ms: AtomicU64,
     rejected_in_window: AtomicU32,
-    epoch: Instant,
+    limits_epoch: Instant,
 }
 
 impl ClientRateLimit {
-    /// The limit configured for `config`, or `None` when rate limiting is off.
+    /// A fresh limit as configured for `config` (no memory of earlier
+    /// connections), or `None` when rate limiting is off.
     pub fn from_config(config: &NodeConfig) -> Option<Self> {
-        let rate = NonZeroU32::new(config.rate_limit_messages)?;
-        let burst = NonZeroU32::new(config.rate_limit_burst).unwrap_or(rate);
-        Some(ClientRateLimit {
-            bucket: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
-            clock: DefaultClock::default(),
-            strikes: config.rate_limit_strikes,
-            strike_window: config.rate_limit_strike_window,
-            window_start_ms: AtomicU64::new(0),
-            rejected_in_window: AtomicU32::new(0),
-            epoch: Instant::now(),
-        })
+        RateLimits::new(config).start(None)
     }
 
     /// Takes a token for one frame.
     pub fn check(&self) -> RateVerdict {
-        match self.bucket.check() {
+        let now = self.limits_epoch.elapsed();
+        match self.bucket.take(now.as_nanos() as u64) {
             Ok(()) => RateVerdict::Allow,
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(self.clock.now());
-                if self.strike() {
+            Err(wait_ns) => {
+                if self.strike(now) {
                     RateVerdict::Disconnect
                 } else {
-                    RateVerdict::Reject(wait)
+                    RateVerdict::Reject(Duration::from_nanos(wait_ns))
                 }
             }
         }
     }
 
     /// Counts one rejection; true once the client exceeded its strikes.
-    fn strike(&self) -> bool {
-        let now = self.epoch.elapsed().as_millis() as u64;
+    fn strike(&self, now: Duration) -> bool {
+        let now = now.as_millis() as u64;
         let start = self.window_start_ms.load(Ordering::Relaxed);
         if now.saturating_sub(start) >= self.strike_window.as_millis() as u64 {
             self.window_start_ms.store(now, Ordering::Relaxed);
@@ -360,6 +517,34 @@ mod tests {
             assert!(wait <= Duration::from_millis(100), "{wait:?}");
         }
         assert_eq!(limit.check(), RateVerdict::Disconnect);
+    }
+
+    #[test]
+    fn a_reconnect_starts_from_the_bucket_its_identity_left() {
+        let limits = RateLimits::new(&config());
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let key = limits.key(None, ip);
+        let first = limits.start(key.as_ref()).unwrap();
+        for _ in 0..5 {
+            assert_eq!(first.check(), RateVerdict::Allow);
+        }
+        assert!(matches!(first.check(), RateVerdict::Reject(_)));
+        limits.remember(key.clone(), &first);
+        assert_eq!(limits.remembered(), 1);
+        // Same address: no fresh burst.
+        let again = limits.start(key.as_ref()).unwrap();
+        assert!(matches!(again.check(), RateVerdict::Reject(_)));
+        // Another address, or the same address as a user, starts full.
+        let other = limits.start(limits.key(None, [10, 0, 0, 2].into()).as_ref());
+        assert_eq!(other.unwrap().check(), RateVerdict::Allow);
+        let user = limits.start(limits.key(Some("alice"), ip).as_ref());
+        assert_eq!(user.unwrap().check(), RateVerdict::Allow);
+        // Without address identity, anonymous clients are not remembered.
+        let blind = RateLimits::new(&NodeConfig {
+            rate_limit_anonymous_by_ip: false,
+            ..config()
+        });
+        assert_eq!(blind.key(None, ip), None);
     }
 
     #[test]

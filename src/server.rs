@@ -21,7 +21,7 @@ use crate::bus::redis_bus::{RedisBus, RedisBusConfig};
 use crate::bus::{Bus, BusMessage, ClusterBus};
 use crate::client_manager::{ClientManager, QueueBudget};
 use crate::config::NodeConfig;
-use crate::limits::{Admission, Admit, Refusal};
+use crate::limits::{Admission, Admit, RateLimits, Refusal};
 use crate::protocol::{NodeId, close_code};
 use crate::router::Router;
 use crate::stats::RefusedReason;
@@ -72,6 +72,8 @@ pub struct Shared {
     pub auth: Option<Authenticator>,
     /// Admission control for new connections.
     pub admission: Admission,
+    /// Per-client message rate limits, remembered across reconnects.
+    pub rate_limits: RateLimits,
     /// Bytes queued for all clients together.
     pub queue_budget: Arc<QueueBudget>,
     /// Cancelled when the node starts draining (SIGTERM, shutdown or the
@@ -199,6 +201,7 @@ impl Server {
             drain: CancellationToken::new(),
             auth: Authenticator::from_config(&config)?,
             admission: Admission::new(&config),
+            rate_limits: RateLimits::new(&config),
             queue_budget: QueueBudget::new(config.max_total_queued_bytes),
             config,
         });
@@ -261,6 +264,12 @@ impl Server {
         let cancel = CancellationToken::new();
         let bus_cancel = CancellationToken::new();
         shared.router.start(inbox, bus_cancel.clone());
+        tokio::spawn(crate::client_manager::reclaim(
+            shared.clients.clone(),
+            shared.queue_budget.clone(),
+            shared.config.slow_consumer_stall,
+            bus_cancel.clone(),
+        ));
         let tracker = TaskTracker::new();
         let mut forget = tokio::time::interval(Duration::from_secs(60));
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -296,7 +305,10 @@ impl Server {
                         }
                     }
                 }
-                _ = forget.tick() => shared.admission.forget_idle(),
+                _ = forget.tick() => {
+                    shared.admission.forget_idle();
+                    shared.rate_limits.forget_idle();
+                }
             }
         }
         shared.drain.cancel();

@@ -395,3 +395,86 @@ async fn token_mints_what_an_authenticating_node_accepts() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 bytes"));
 }
+
+/// The close line of a connection the node dropped as a slow consumer
+/// states the close code the client received (5), not "closed locally".
+#[tokio::test]
+async fn a_slow_consumer_disconnect_is_logged_with_the_close_code_sent() {
+    let certs = common::TestCerts::new();
+    let addr = format!("127.0.0.1:{}", common::free_udp_port());
+    let node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
+        .args(["--listen", &addr, "--certs"])
+        .arg(certs.dir.path())
+        .args(["--max-message-bytes", "4096", "--max-queued-bytes", "65536"])
+        .args(["--shutdown-grace", "1s", "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let ca = certs.dir.path().join("ca.pem");
+    let config = quic_fabric::client::ClientConfig::new(addr.clone(), ca.clone()).name("sender");
+    let sender = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(c) = quic_fabric::client::Client::connect(&config).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("node comes up");
+    // A client that stops reading, with tiny QUIC windows.
+    let sink = common::RawClient::try_connect_to(addr.parse().unwrap(), &ca, |t| {
+        t.stream_receive_window(quinn::VarInt::from_u32(4096));
+        t.receive_window(quinn::VarInt::from_u32(8192));
+    })
+    .await
+    .unwrap();
+    let (_keep, _recv, ack) = sink.handshake("sink").await;
+    let Body::HandshakeAck(ack) = ack.body else {
+        panic!("no ack: {ack:?}")
+    };
+    while sink.conn.close_reason().is_none() {
+        let _ = sender
+            .direct(
+                ack.client_id,
+                Payload::Binary(vec![0; 4000]),
+                Priority::Normal,
+            )
+            .await;
+    }
+    assert_eq!(sink.closed_code().await, Some(5));
+
+    let pid = node.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(WAIT, node.wait_with_output())
+        .await
+        .expect("node exits after SIGTERM")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let closed: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| {
+            l["fields"]["message"] == "connection closed"
+                && l["span"]["client_id"] == ack.client_id.to_string()
+        })
+        .collect();
+    assert_eq!(closed.len(), 1, "one close line for the sink in:\n{stderr}");
+    assert_eq!(closed[0]["fields"]["code"], 5, "{}", closed[0]);
+    assert!(
+        closed[0]["fields"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("slow consumer"),
+        "{}",
+        closed[0]
+    );
+}

@@ -24,9 +24,11 @@ use quic_fabric::protocol::{
 };
 use tokio::sync::mpsc;
 
-/// A library client proves the node still serves others.
+/// A library client on another host proves the node still serves others.
+/// (One from the abuser's own address would inherit the abuser's
+/// rate-limit debt: anonymous clients are limited by address.)
 async fn still_serving(node: &TestNode) {
-    let c = node.connect("bystander").await;
+    let c = node.connect_from([127, 0, 0, 2], "bystander").await;
     c.ping().await.expect("node still answers pings");
 }
 
@@ -810,29 +812,33 @@ async fn address_validation_always_is_transparent_to_clients() {
 #[tokio::test]
 async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flow() {
     const BUDGET: usize = 16 * 1024;
-    // Per-client budget = node budget: whatever one client has queued is
-    // also in the node budget, which is checked first, so the node budget
-    // always runs out before the recipient counts as a slow consumer.
+    // Per-client budget = node budget, and two recipients that never read
+    // share it: the node budget runs out while neither is over its own.
+    // Stalled clients would be disconnected after slow_consumer_stall
+    // (see slow_consumer_tests); here they must stay for the whole test.
     let node = TestNode::start_with(|c| {
         c.max_message_bytes = 2048;
         c.max_queued_bytes = BUDGET;
         c.max_total_queued_bytes = BUDGET;
+        c.slow_consumer_stall = Duration::from_secs(3600);
     })
     .await;
-    // A recipient that never reads, with tiny QUIC windows: what the node
-    // queues for it stays queued.
-    let sink = RawClient::connect_with(&node, |t| {
-        t.stream_receive_window(quinn::VarInt::from_u32(4096));
-        t.receive_window(quinn::VarInt::from_u32(8192));
-    })
-    .await;
-    let (_sink_send, _sink_recv, sink_ack) = sink.handshake("sink").await;
-    let Body::HandshakeAck(HandshakeAck {
-        client_id: sink_id, ..
-    }) = sink_ack.body
-    else {
-        panic!("no ack: {sink_ack:?}")
-    };
+    // Recipients that never read, with tiny QUIC windows: what the node
+    // queues for them stays queued.
+    let mut sinks = Vec::new();
+    for name in ["sink1", "sink2"] {
+        let sink = RawClient::connect_with(&node, |t| {
+            t.stream_receive_window(quinn::VarInt::from_u32(4096));
+            t.receive_window(quinn::VarInt::from_u32(8192));
+        })
+        .await;
+        let (send, recv, ack) = sink.handshake(name).await;
+        let Body::HandshakeAck(HandshakeAck { client_id, .. }) = ack.body else {
+            panic!("no ack: {ack:?}")
+        };
+        sinks.push((sink, send, recv, client_id));
+    }
+    let sink_ids = [sinks[0].3, sinks[1].3];
     let mut watcher = node.connect("watcher").await;
     let raw = RawClient::connect(&node).await;
     let (mut send, mut recv, ack) = raw.handshake("sender").await;
@@ -864,14 +870,14 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
             },
         )
     };
-    let direct_len = stamped_len(direct(sink_id, 1000).body);
+    let direct_len = stamped_len(direct(sink_ids[0], 1000).body);
 
-    // Directs to the sink are acknowledged until the budget is used up,
-    // then refused with SERVER_BUSY naming the message.
+    // Directs to the sinks (in turn) are acknowledged until the budget is
+    // used up, then refused with SERVER_BUSY naming the message.
     let mut acks = 0;
     loop {
         assert!(acks < 100, "the node budget never ran out");
-        let d = direct(sink_id, 1000);
+        let d = direct(sink_ids[acks % 2], 1000);
         send.write_all(&encode(&d)).await.unwrap();
         let answer = read_frame(&mut recv).await.unwrap();
         match answer.body {
@@ -894,9 +900,9 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
     assert_eq!(
         stat(&stats.slow_consumer_disconnects),
         0,
-        "the recipient is not dropped as slow"
+        "the recipients are not dropped as slow"
     );
-    assert!(sink.conn.close_reason().is_none());
+    assert!(sinks.iter().all(|s| s.0.conn.close_reason().is_none()));
 
     // Replies are never refused: Ping still gets its Pong.
     let p = ping();
@@ -920,14 +926,16 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
     );
     assert_eq!(of, Some(b.id));
     assert!(
-        message.contains("delivered to 0") && message.contains("2 missed"),
+        message.contains("delivered to 0") && message.contains("3 missed"),
         "{message}"
     );
     // Others are still served (their replies too).
     watcher.ping().await.unwrap();
 
-    // When the sink leaves, everything queued for it is given back.
-    sink.conn.close(0u32.into(), b"bye");
+    // When the sinks leave, everything queued for them is given back.
+    for sink in &sinks {
+        sink.0.conn.close(0u32.into(), b"bye");
+    }
     let budget = node.shared.queue_budget.clone();
     common::eventually(WAIT, "queue budget back to zero", || {
         let budget = budget.clone();
@@ -943,4 +951,151 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
     );
     let got = next_matching(&mut watcher, |f| f.id == d.id).await;
     assert_eq!(got.sender.unwrap().client_id, sender_id);
+}
+
+/// A recipient that never reads, with tiny QUIC windows: what the node
+/// queues for it stays queued. Returns it with its client id.
+async fn stalled_reader(node: &TestNode, name: &str) -> (RawClient, quinn::SendStream, ClientId) {
+    let sink = RawClient::connect_with(node, |t| {
+        t.stream_receive_window(quinn::VarInt::from_u32(4096));
+        t.receive_window(quinn::VarInt::from_u32(8192));
+    })
+    .await;
+    let (send, _recv, ack) = sink.handshake(name).await;
+    let Body::HandshakeAck(HandshakeAck { client_id, .. }) = ack.body else {
+        panic!("no ack: {ack:?}")
+    };
+    (sink, send, client_id)
+}
+
+/// Sends Directs of `len` bytes to `targets` in turn from `sender` (acks
+/// awaited, errors tolerated) until `done` holds; fails after `limit`.
+async fn push_until(
+    sender: &Client,
+    targets: &[ClientId],
+    len: usize,
+    limit: usize,
+    mut done: impl FnMut() -> bool,
+) -> HashMap<u16, usize> {
+    let mut outcomes = HashMap::new();
+    for i in 0..limit {
+        if done() {
+            return outcomes;
+        }
+        let to = targets[i % targets.len()];
+        let code = match sender
+            .direct(to, Payload::Binary(vec![1; len]), Priority::Normal)
+            .await
+        {
+            Ok(_) => 0,
+            Err(ClientError::Server { code, .. }) => code.0,
+            Err(err) => panic!("sender failed: {err}"),
+        };
+        *outcomes.entry(code).or_default() += 1;
+        if code != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    panic!("still not done after {limit} messages: {outcomes:?}");
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_dropped_as_slow_even_when_the_node_budget_is_no_larger() {
+    const BUDGET: usize = 16 * 1024;
+    let node = TestNode::start_with(|c| {
+        c.max_message_bytes = 2048;
+        c.max_queued_bytes = BUDGET;
+        c.max_total_queued_bytes = BUDGET;
+        c.slow_consumer_stall = Duration::from_secs(3600);
+    })
+    .await;
+    let (sink, _keep, sink_id) = stalled_reader(&node, "sink").await;
+    let sender = node.connect("sender").await;
+    // The recipient's own budget trips first: it is disconnected as slow
+    // (RECIPIENT_SLOW to the sender), never a node-wide SERVER_BUSY.
+    let conn = sink.conn.clone();
+    let outcomes = push_until(&sender, &[sink_id], 1000, 200, || {
+        conn.close_reason().is_some()
+    })
+    .await;
+    assert_eq!(
+        outcomes.get(&error_code::SERVER_BUSY.0),
+        None,
+        "other clients were refused because of one that stopped reading: {outcomes:?}"
+    );
+    assert_eq!(
+        sink.closed_code().await,
+        Some(close_code::SLOW_CONSUMER as u64)
+    );
+    assert_eq!(stat(&node.shared.stats.slow_consumer_disconnects), 1);
+    still_serving(&node).await;
+}
+
+#[tokio::test]
+async fn readers_that_stop_together_are_dropped_once_they_exhaust_the_node_budget() {
+    const BUDGET: usize = 16 * 1024;
+    let node = TestNode::start_with(|c| {
+        c.max_message_bytes = 2048;
+        c.max_queued_bytes = BUDGET;
+        c.max_total_queued_bytes = BUDGET;
+        c.slow_consumer_stall = Duration::from_millis(300);
+    })
+    .await;
+    // Two readers that stop, each within its own budget, together holding
+    // the node's.
+    let (sink1, _k1, id1) = stalled_reader(&node, "sink1").await;
+    let (sink2, _k2, id2) = stalled_reader(&node, "sink2").await;
+    let sender = node.connect("sender").await;
+    let (c1, c2) = (sink1.conn.clone(), sink2.conn.clone());
+    let outcomes = push_until(&sender, &[id1, id2], 1000, 2000, || {
+        c1.close_reason().is_some() && c2.close_reason().is_some()
+    })
+    .await;
+    assert!(
+        outcomes.contains_key(&error_code::SERVER_BUSY.0),
+        "the node budget was never exhausted: {outcomes:?}"
+    );
+    // Both were disconnected as slow consumers once stalled, and the
+    // node's queue memory came back.
+    assert_eq!(
+        sink1.closed_code().await,
+        Some(close_code::SLOW_CONSUMER as u64)
+    );
+    assert_eq!(
+        sink2.closed_code().await,
+        Some(close_code::SLOW_CONSUMER as u64)
+    );
+    let budget = node.shared.queue_budget.clone();
+    common::eventually(WAIT, "queue budget given back", || {
+        let budget = budget.clone();
+        async move { budget.used() == 0 }
+    })
+    .await;
+    let mut watcher = node.connect("watcher").await;
+    let id = sender
+        .direct(
+            watcher.client_id(),
+            Payload::Text("flowing".into()),
+            Priority::Normal,
+        )
+        .await
+        .expect("messages flow again");
+    next_matching(&mut watcher, |f| f.id == id).await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_a_node_stream_is_closed_as_a_protocol_violation() {
+    let node = TestNode::start().await;
+    let raw = RawClient::connect(&node).await;
+    let (mut send, mut recv, _) = raw.handshake("stopper").await;
+    // Stopping the node's high stream would silently lose every later
+    // high-priority frame for this client: the node closes instead.
+    recv.stop(quinn::VarInt::from_u32(99)).unwrap();
+    let p = ping();
+    send.write_all(&encode(&p)).await.unwrap();
+    assert_eq!(
+        raw.closed_code().await,
+        Some(close_code::PROTOCOL_VIOLATION as u64)
+    );
+    still_serving(&node).await;
 }
