@@ -133,3 +133,83 @@ async fn reconnecting_gives_up_after_max_attempts() {
         }
     }
 }
+
+/// A node process killed with SIGKILL: the client's next request must end
+/// with `Closed` (its connection is gone), never with a bare `Timeout`,
+/// whether the request timeout is shorter than the idle timeout or equal.
+#[tokio::test]
+async fn a_request_to_a_node_that_died_ends_closed_not_timed_out() {
+    let certs = TestCerts::new();
+    for (request, idle) in [(1, 10), (3, 3)] {
+        let mut node = common::NodeProcess::start(certs.dir.path(), &[]).await;
+        let mut config = node.client_config("orphan");
+        config.request_timeout = Duration::from_secs(request);
+        config.idle_timeout = Duration::from_secs(idle);
+        let client = Client::connect(&config).await.unwrap();
+        client.ping().await.unwrap();
+        node.kill().await;
+        let started = std::time::Instant::now();
+        let result = client.ping().await;
+        assert!(
+            matches!(result, Err(quic_fabric::client::ClientError::Closed { .. })),
+            "request {request}s / idle {idle}s: expected Closed, got {result:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(request + 2),
+            "answered only after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// After the node closed it for rate-limit abuse (close code 10), the
+/// library waits before reconnecting instead of coming back at once with
+/// a fresh connection.
+#[tokio::test]
+async fn a_client_closed_for_flooding_backs_off_before_reconnecting() {
+    let node = TestNode::start_with(|c| {
+        c.rate_limit_messages = 10;
+        c.rate_limit_burst = 5;
+        c.rate_limit_strikes = 20;
+    })
+    .await;
+    let config = node.client_config("flooder").reconnect(policy());
+    let mut client = Client::connect(&config).await.unwrap();
+    // Far past burst and strikes, without waiting for answers.
+    let mut pending = Vec::new();
+    for _ in 0..100 {
+        match client
+            .submit(
+                quic_fabric::protocol::Priority::Normal,
+                quic_fabric::protocol::Body::Ping,
+            )
+            .await
+        {
+            Ok(p) => pending.push(p),
+            Err(_) => break,
+        }
+    }
+    let disconnected = loop {
+        match next_event(&mut client).await {
+            Event::Disconnected { code, .. } => {
+                assert_eq!(code, Some(quic_fabric::protocol::close_code::RATE_LIMITED));
+                break std::time::Instant::now();
+            }
+            Event::Frame(_) => {}
+            other => panic!("expected a disconnect, got {other:?}"),
+        }
+    };
+    loop {
+        match next_event(&mut client).await {
+            Event::Reconnected { .. } => break,
+            Event::Frame(_) => {}
+            other => panic!("expected a reconnect, got {other:?}"),
+        }
+    }
+    let waited = disconnected.elapsed();
+    assert!(
+        waited >= quic_fabric::client::RATE_LIMITED_BACKOFF,
+        "reconnected {waited:?} after close 10"
+    );
+    drop(pending);
+}

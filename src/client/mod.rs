@@ -67,6 +67,12 @@ pub struct ClientConfig {
 /// (their senders get UNKNOWN_CLIENT). Requests made *while* the client is
 /// reconnecting wait for the new connection, up to `request_timeout`, and
 /// then go out on it.
+///
+/// After the node closed the connection for rate-limit abuse (close code
+/// 10), the first attempt waits at least [`RATE_LIMITED_BACKOFF`] (or the
+/// last `retry_after_ms` the node gave, or `initial_backoff`, whichever is
+/// longest), doubling for each further close 10 in a row: a client that
+/// floods must not get a fresh allowance by reconnecting at once.
 #[derive(Debug, Clone)]
 pub struct ReconnectPolicy {
     /// Wait before the second attempt (the first is immediate); doubles
@@ -272,11 +278,17 @@ pub struct Client {
     events: mpsc::Receiver<Event>,
 }
 
+/// Shortest wait before reconnecting after the node closed the connection
+/// with close code 10 (RATE_LIMITED).
+pub const RATE_LIMITED_BACKOFF: Duration = Duration::from_secs(1);
+
 /// A sent request whose reply has not been awaited yet.
 pub struct PendingReply {
     id: MessageId,
     rx: oneshot::Receiver<Frame>,
     inner: Arc<Inner>,
+    /// UDP datagrams received on the connection when the request was sent.
+    heard_at_send: u64,
 }
 
 impl PendingReply {
@@ -286,6 +298,15 @@ impl PendingReply {
     }
 
     /// Waits for the reply; an Error reply becomes [`ClientError::Server`].
+    ///
+    /// A request whose connection is lost before its reply came fails with
+    /// [`ClientError::Closed`] (whether the node handled it is unknown).
+    /// When `request_timeout` passes without a reply and without a single
+    /// packet from the node since the request was sent (a live node at
+    /// least acknowledges it within milliseconds), the node is presumed
+    /// gone: the connection is closed (a reconnect policy then reconnects)
+    /// and the request fails with `Closed` too. Only a node that is heard
+    /// from but does not answer in time gives [`ClientError::Timeout`].
     pub async fn wait(self) -> Result<Frame, ClientError> {
         let timeout = self.inner.request_timeout;
         let reply = match tokio::time::timeout(timeout, self.rx).await {
@@ -293,6 +314,20 @@ impl PendingReply {
             Ok(Err(_)) => return Err(self.inner.closed_error()),
             Err(_) => {
                 lock(&self.inner.pending).remove(&self.id);
+                let conn = &self.inner.conn;
+                if conn.close_reason().is_some() {
+                    return Err(self.inner.closed_error());
+                }
+                let silent = conn.stats().udp_rx.datagrams <= self.heard_at_send;
+                // Too short a timeout proves nothing about the path.
+                let meaningful = timeout >= conn.rtt() * 3 + Duration::from_millis(200);
+                if silent && meaningful {
+                    let reason = format!(
+                        "nothing heard from the node for {timeout:?}; connection presumed lost"
+                    );
+                    conn.close(close_code::NORMAL.into(), reason.as_bytes());
+                    return Err(ClientError::Closed { code: None, reason });
+                }
                 return Err(ClientError::Timeout(timeout));
             }
         };
@@ -462,6 +497,7 @@ impl Client {
         let inner = self.live_inner().await;
         let (tx, rx) = oneshot::channel();
         lock(&inner.pending).insert(frame.id, tx);
+        let heard_at_send = inner.conn.stats().udp_rx.datagrams;
         if let Err(err) = inner.write(&frame).await {
             lock(&inner.pending).remove(&frame.id);
             return Err(err);
@@ -470,6 +506,7 @@ impl Client {
             id: frame.id,
             rx,
             inner,
+            heard_at_send,
         })
     }
 
@@ -790,6 +827,10 @@ async fn supervise(
     let follow_goodbye = state
         .upgrade()
         .is_some_and(|s| s.config.reconnect.is_some());
+    // The longest retry_after_ms of the current connection, and the wait
+    // after the last close 10 (doubled by each close 10 in a row).
+    let retry_hint = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut rate_backoff = Duration::ZERO;
     loop {
         let (code, reason) = receive(
             conn,
@@ -798,6 +839,7 @@ async fn supervise(
             events.clone(),
             weak_inner,
             follow_goodbye,
+            retry_hint.clone(),
         )
         .await;
         let policy = match state.upgrade() {
@@ -818,7 +860,23 @@ async fn supervise(
             return;
         };
         let _ = events.send(Event::Disconnected { code, reason }).await;
-        let mut backoff = Duration::ZERO;
+        let hint = Duration::from_millis(u64::from(
+            retry_hint.swap(0, std::sync::atomic::Ordering::AcqRel),
+        ));
+        rate_backoff = if code != Some(close_code::RATE_LIMITED) {
+            Duration::ZERO
+        } else if rate_backoff.is_zero() {
+            RATE_LIMITED_BACKOFF.max(policy.initial_backoff).max(hint)
+        } else {
+            (rate_backoff * 2).min(policy.max_backoff.max(RATE_LIMITED_BACKOFF))
+        };
+        if !rate_backoff.is_zero() {
+            tracing::debug!(
+                ?rate_backoff,
+                "closed for exceeding the rate limit; waiting before reconnecting"
+            );
+        }
+        let mut backoff = rate_backoff;
         let mut attempts = 0u32;
         let (next, next_first) = loop {
             tokio::time::sleep(backoff).await;
@@ -882,21 +940,23 @@ async fn receive(
     events: mpsc::Sender<Event>,
     inner: std::sync::Weak<Inner>,
     follow_goodbye: bool,
+    retry_hint: Arc<std::sync::atomic::AtomicU32>,
 ) -> (Option<u32>, String) {
     let left = Left::default();
+    let reader = StreamReader {
+        pending: pending.clone(),
+        events,
+        inner,
+        follow_goodbye: follow_goodbye.then(|| left.clone()),
+        retry_hint,
+    };
     let mut readers = tokio::task::JoinSet::new();
-    readers.spawn(read_stream(
-        first,
-        pending.clone(),
-        events.clone(),
-        inner.clone(),
-        follow_goodbye.then(|| left.clone()),
-    ));
+    readers.spawn(read_stream(first, reader.clone()));
     let err = loop {
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
                 Ok(recv) => {
-                    readers.spawn(read_stream(recv, pending.clone(), events.clone(), inner.clone(), follow_goodbye.then(|| left.clone())));
+                    readers.spawn(read_stream(recv, reader.clone()));
                 }
                 Err(err) => break err,
             },
@@ -921,13 +981,26 @@ async fn receive(
     }
 }
 
-async fn read_stream(
-    mut recv: quinn::RecvStream,
+/// What every stream reader of one connection shares.
+#[derive(Clone)]
+struct StreamReader {
     pending: Pending,
     events: mpsc::Sender<Event>,
     inner: std::sync::Weak<Inner>,
+    /// Set when Goodbyes asking to reconnect are followed.
     follow_goodbye: Option<Left>,
-) {
+    /// The longest `retry_after_ms` seen (RATE_LIMITED errors).
+    retry_hint: Arc<std::sync::atomic::AtomicU32>,
+}
+
+async fn read_stream(mut recv: quinn::RecvStream, reader: StreamReader) {
+    let StreamReader {
+        pending,
+        events,
+        inner,
+        follow_goodbye,
+        retry_hint,
+    } = reader;
     loop {
         let frame = match read_frame(&mut recv).await {
             Ok(Some(frame)) => frame,
@@ -937,6 +1010,15 @@ async fn read_stream(
                 return;
             }
         };
+        if let Body::Error {
+            code,
+            retry_after_ms: Some(wait),
+            ..
+        } = &frame.body
+            && *code == protocol::error_code::RATE_LIMITED
+        {
+            retry_hint.fetch_max(*wait, std::sync::atomic::Ordering::AcqRel);
+        }
         if let Some(of) = frame.body.reply_to() {
             let waiter = lock(&pending).remove(&of);
             if let Some(waiter) = waiter {
