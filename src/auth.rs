@@ -51,9 +51,11 @@ pub enum AuthError {
     /// The token was rejected.
     #[error("invalid token: {0}")]
     Invalid(String),
-    /// The token is fine but names no usable user.
-    #[error("token subject must be 1 to {MAX_USER_BYTES} bytes without control characters")]
-    BadSubject,
+    /// The token is fine but names no usable user: its subject breaks the
+    /// name rule of [`crate::protocol::valid_name`] (with at most
+    /// [`MAX_USER_BYTES`] bytes).
+    #[error("token subject {0}")]
+    BadSubject(crate::protocol::NameError),
 }
 
 /// Claims the node reads from a token (others are ignored).
@@ -162,9 +164,7 @@ impl Authenticator {
         validation.algorithms = key.algorithms.clone();
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(invalid)?;
         let user = data.claims.sub;
-        if user.is_empty() || user.len() > MAX_USER_BYTES || user.chars().any(char::is_control) {
-            return Err(AuthError::BadSubject);
-        }
+        crate::protocol::valid_name(&user, MAX_USER_BYTES).map_err(AuthError::BadSubject)?;
         Ok(Identity {
             user,
             expires_at: data.claims.exp,
@@ -310,4 +310,66 @@ pub fn mint_hs256(
 /// Signs `claims` with `key` (tests and tools).
 pub fn mint(header: &Header, claims: &Claims, key: &EncodingKey) -> Result<String, AuthSetupError> {
     jsonwebtoken::encode(header, claims, key).map_err(key_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-unit";
+
+    fn authenticator(audience: &[&str]) -> Authenticator {
+        let config = NodeConfig {
+            auth_jwt_secret: Some(SECRET.into()),
+            auth_audience: audience.iter().map(|a| (*a).to_owned()).collect(),
+            ..NodeConfig::default()
+        };
+        Authenticator::from_config(&config).unwrap().unwrap()
+    }
+
+    /// Signs any JSON claims with the test secret (HS256).
+    fn token(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    }
+
+    fn later() -> u64 {
+        unix_now() + 600
+    }
+
+    #[test]
+    fn subjects_follow_the_name_rule() {
+        let auth = authenticator(&[]);
+        for (sub, why) in [
+            ("", "must be 1 to 256 bytes of UTF-8, not 0"),
+            ("a\tb", "contains U+0009, a control character"),
+            (
+                "al\u{200B}",
+                "contains U+200B, an invisible format character",
+            ),
+            (
+                "a\u{2029}",
+                "contains U+2029, a line or paragraph separator",
+            ),
+            ("  ", "is only whitespace"),
+        ] {
+            let err = auth
+                .verify(Some(&token(json!({ "sub": sub, "exp": later() }))))
+                .unwrap_err();
+            assert_eq!(err.to_string(), format!("token subject {why}"), "{sub:?}");
+        }
+        let long = "u".repeat(MAX_USER_BYTES + 1);
+        let err = auth
+            .verify(Some(&token(json!({ "sub": long, "exp": later() }))))
+            .unwrap_err();
+        assert!(matches!(err, AuthError::BadSubject(_)), "{err:?}");
+        let user = "u".repeat(MAX_USER_BYTES);
+        assert_eq!(
+            auth.verify(Some(&token(json!({ "sub": user, "exp": later() }))))
+                .unwrap()
+                .user,
+            user
+        );
+    }
 }
