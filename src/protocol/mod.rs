@@ -34,14 +34,20 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const MAX_NAME_BYTES: usize = 64;
 
 /// Picks the protocol version for a Handshake offering
-/// `min_version..=max_version`: the highest both sides speak. The error
-/// message names both ranges.
+/// `min_version..=max_version`: the highest both sides speak. Versions are
+/// 1-based, so an offer reaching down to 0 simply has no version 0 in
+/// common. The error message names both ranges, or says the offer is an
+/// empty range (`min_version > max_version`), which is a client bug rather
+/// than a version mismatch.
 pub fn negotiate_version(hello: &Handshake) -> Result<u16, String> {
+    if hello.min_version > hello.max_version {
+        return Err(format!(
+            "unsupported protocol version: the offered range {}..={} is empty (min_version > max_version); server speaks {}..={}",
+            hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
+        ));
+    }
     let version = hello.max_version.min(MAX_PROTOCOL_VERSION);
-    if hello.min_version > hello.max_version
-        || version < hello.min_version
-        || version < MIN_PROTOCOL_VERSION
-    {
+    if version < hello.min_version || version < MIN_PROTOCOL_VERSION {
         return Err(format!(
             "unsupported protocol version: client speaks {}..={}, server speaks {}..={}",
             hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
@@ -211,6 +217,38 @@ pub mod error_code {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn offer(min_version: u16, max_version: u16) -> Handshake {
+        Handshake {
+            min_version,
+            max_version,
+            name: "n".into(),
+            token: None,
+        }
+    }
+
+    #[test]
+    fn versions_are_one_based_and_the_highest_common_one_is_chosen() {
+        assert_eq!(negotiate_version(&offer(1, 1)), Ok(1));
+        assert_eq!(negotiate_version(&offer(1, 7)), Ok(1));
+        // An offer reaching down to 0 still has 1 in common.
+        assert_eq!(negotiate_version(&offer(0, 1)), Ok(1));
+        assert_eq!(negotiate_version(&offer(0, u16::MAX)), Ok(1));
+        for (min, max) in [(0, 0), (2, 3)] {
+            let err = negotiate_version(&offer(min, max)).unwrap_err();
+            assert!(err.contains(&format!("{min}..={max}")), "{err}");
+            assert!(err.contains("1..=1"), "{err}");
+            assert!(!err.contains("empty"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_offered_range_is_refused_as_empty() {
+        for (min, max) in [(2, 1), (1, 0), (u16::MAX, 1)] {
+            let err = negotiate_version(&offer(min, max)).unwrap_err();
+            assert!(err.contains(&format!("{min}..={max} is empty")), "{err}");
+        }
+    }
 
     #[test]
     fn names_of_visible_characters_on_one_line_are_accepted() {
