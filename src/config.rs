@@ -130,7 +130,9 @@ pub struct NodeConfig {
     pub max_total_queued_bytes: usize,
     /// Messages per second each client may send (0 = unlimited).
     pub rate_limit_messages: u32,
-    /// Messages a client may send in a burst above the rate.
+    /// Size of each client's token bucket: the frames it may send at once.
+    /// The bucket starts full and refills at `rate_limit_messages` per
+    /// second; the burst is the bucket's size, not added to the rate.
     pub rate_limit_burst: u32,
     /// Rate-limited frames tolerated within `rate_limit_strike_window`
     /// before the client is disconnected (close code 10).
@@ -142,7 +144,9 @@ pub struct NodeConfig {
     pub max_connections_per_ip: usize,
     /// New connections per second from one IP address (0 = unlimited).
     pub connection_rate_per_ip: u32,
-    /// New connections from one IP address in a burst above the rate.
+    /// Size of each IP address's token bucket for new connections: the
+    /// connections it may open at once (refilled at
+    /// `connection_rate_per_ip` per second; not added to the rate).
     pub connection_burst_per_ip: u32,
     /// When new connections must prove their address with a QUIC Retry.
     pub address_validation: AddressValidation,
@@ -468,7 +472,7 @@ pub struct NodeArgs {
     /// Messages per second per client, 0 = unlimited [default: 1000].
     #[arg(long, env = "FABRIC_RATE_LIMIT")]
     pub rate_limit_messages: Option<u32>,
-    /// Message burst per client above the rate [default: 2000].
+    /// Frames a client may send at once: its token bucket's size, refilled at --rate-limit per second [default: 2000].
     #[arg(long, env = "FABRIC_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
     /// Rate-limited frames within the strike window before disconnecting [default: 1000].
@@ -483,7 +487,7 @@ pub struct NodeArgs {
     /// New connections per second per IP address, 0 = unlimited [default: 20].
     #[arg(long, env = "FABRIC_CONNECTION_RATE_PER_IP")]
     pub connection_rate_per_ip: Option<u32>,
-    /// New-connection burst per IP address [default: 100].
+    /// New connections an IP address may open at once: its token bucket's size, refilled at --connection-rate-per-ip per second [default: 100].
     #[arg(long, env = "FABRIC_CONNECTION_BURST_PER_IP")]
     pub connection_burst_per_ip: Option<u32>,
     /// QUIC Retry (address validation) for new connections [default: under-load].
