@@ -923,6 +923,20 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
         message.contains("delivered to 0") && message.contains("2 missed"),
         "{message}"
     );
+    // An echo that does not fit is refused the same way: no Ack without
+    // the echo it stands for.
+    let t = Frame::new(
+        Priority::High,
+        Body::Text {
+            text: "e".repeat(1500),
+        },
+    );
+    send.write_all(&encode(&t)).await.unwrap();
+    let (of, _) = expect_error(
+        &read_frame(&mut recv).await.unwrap(),
+        error_code::SERVER_BUSY,
+    );
+    assert_eq!(of, Some(t.id));
     // Others are still served (their replies too).
     watcher.ping().await.unwrap();
 
