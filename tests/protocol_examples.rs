@@ -226,6 +226,54 @@ fn rewrite(doc: &str, blocks: &dyn Fn(&str) -> Option<String>) -> (String, Vec<(
     (out, found)
 }
 
+/// PROTOCOL.md section 3 gives the largest stamp as a formula and as 369
+/// bytes (default `max_name_bytes`) and 1,329 bytes (its maximum, 1024):
+/// what stamping the largest Sender adds to a client's frame.
+#[test]
+fn stamp_sizes_in_protocol_md_match_the_encoder() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md");
+    let doc = std::fs::read_to_string(path).expect("PROTOCOL.md exists");
+    let max_user = quic_fabric::auth::MAX_USER_BYTES;
+    assert_eq!(max_user, 256, "the formula in PROTOCOL.md says 256");
+    for (max_name, documented) in [
+        (protocol::MAX_NAME_BYTES, "**369 bytes**"),
+        (1024, "**1,329 bytes**"),
+    ] {
+        let sent = frame(
+            Priority::Normal,
+            None,
+            Body::Broadcast {
+                payload: Payload::Text("hi".into()),
+            },
+        );
+        let stamped = Frame {
+            sender: Some(Sender {
+                client_id: ALICE,
+                node_id: NODE,
+                name: "n".repeat(max_name),
+                user: Some("u".repeat(max_user)),
+            }),
+            ..sent.clone()
+        };
+        let growth =
+            protocol::encode(&stamped).unwrap().len() - protocol::encode(&sent).unwrap().len();
+        assert_eq!(growth, 16 + 16 + 8 + max_name + 1 + 8 + max_user);
+        let number: String = documented.chars().filter(char::is_ascii_digit).collect();
+        assert_eq!(growth.to_string(), number);
+        assert!(doc.contains(documented), "PROTOCOL.md states {documented}");
+    }
+    // The largest ClientList entry with the default max_name_bytes.
+    let entry = ClientInfo {
+        client_id: ALICE,
+        node_id: NODE,
+        name: "n".repeat(protocol::MAX_NAME_BYTES),
+        user: Some("u".repeat(max_user)),
+        connected_at_ms: TS,
+    };
+    assert_eq!(protocol::codec::encode_value(&entry).unwrap().len(), 377);
+    assert!(doc.contains("**377 bytes**"));
+}
+
 #[test]
 fn protocol_md_hex_examples_match_the_encoder() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md");
