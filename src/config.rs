@@ -150,7 +150,9 @@ pub struct NodeConfig {
     pub connection_burst_per_ip: u32,
     /// When new connections must prove their address with a QUIC Retry.
     pub address_validation: AddressValidation,
-    /// HS256 shared secret (at least 32 bytes); turns JWT auth on.
+    /// HS256 shared secret (at least 32 bytes); turns JWT auth on. The key
+    /// is the UTF-8 bytes of this string as they are (not base64-decoded),
+    /// which is what other JWT libraries do with a string secret.
     pub auth_jwt_secret: Option<String>,
     /// Public key PEM (RSA → RS256, P-256 → ES256, Ed25519 → EdDSA); turns JWT auth on.
     pub auth_jwt_public_key: Option<PathBuf>,
@@ -493,7 +495,7 @@ pub struct NodeArgs {
     /// QUIC Retry (address validation) for new connections [default: under-load].
     #[arg(long, env = "FABRIC_ADDRESS_VALIDATION", value_enum)]
     pub address_validation: Option<AddressValidation>,
-    /// Require a JWT signed with this HS256 secret (at least 32 bytes).
+    /// Require a JWT signed with this HS256 secret (at least 32 bytes; its UTF-8 bytes are the key, not base64-decoded).
     #[arg(long, env = "FABRIC_AUTH_JWT_SECRET", hide_env_values = true)]
     pub auth_jwt_secret: Option<String>,
     /// Require a JWT signed by this public key (PEM: RSA, P-256 or Ed25519).
