@@ -35,6 +35,14 @@ fn alice() -> Option<Sender> {
     })
 }
 
+/// Alice as stamped by a node that authenticated her as user `alice`.
+fn alice_user() -> Option<Sender> {
+    Some(Sender {
+        user: Some("alice".into()),
+        ..alice()?
+    })
+}
+
 fn examples() -> Vec<(&'static str, Frame)> {
     vec![
         (
@@ -99,6 +107,16 @@ fn examples() -> Vec<(&'static str, Frame)> {
             ),
         ),
         (
+            "broadcast_delivered_user",
+            frame(
+                Priority::Normal,
+                alice_user(),
+                Body::Broadcast {
+                    payload: Payload::Text("hi".into()),
+                },
+            ),
+        ),
+        (
             "direct",
             frame(
                 Priority::High,
@@ -133,6 +151,33 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "client_list_two",
+            frame(
+                Priority::Normal,
+                None,
+                Body::ClientList {
+                    of: REQ,
+                    clients: vec![
+                        ClientInfo {
+                            client_id: ALICE,
+                            node_id: NODE,
+                            name: "al".into(),
+                            user: None,
+                            connected_at_ms: TS,
+                        },
+                        ClientInfo {
+                            client_id: BOB,
+                            node_id: NODE,
+                            name: "bo".into(),
+                            user: Some("bob".into()),
+                            connected_at_ms: TS,
+                        },
+                    ],
+                    truncated: false,
+                },
+            ),
+        ),
         ("ack", frame(Priority::Normal, None, Body::Ack { of: REQ })),
         (
             "error",
@@ -144,6 +189,19 @@ fn examples() -> Vec<(&'static str, Frame)> {
                     code: error_code::UNKNOWN_CLIENT,
                     message: "no".into(),
                     retry_after_ms: None,
+                },
+            ),
+        ),
+        (
+            "error_rate_limited",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Error {
+                    of: Some(REQ),
+                    code: error_code::RATE_LIMITED,
+                    message: "slow".into(),
+                    retry_after_ms: Some(250),
                 },
             ),
         ),
