@@ -51,12 +51,17 @@ pub enum AuthError {
     /// The token was rejected.
     #[error("invalid token: {0}")]
     Invalid(String),
-    /// The token is fine but names no usable user.
-    #[error("token subject must be 1 to {MAX_USER_BYTES} bytes without control characters")]
-    BadSubject,
+    /// The token is fine but names no usable user: its subject breaks the
+    /// name rule of [`crate::protocol::valid_name`] (with at most
+    /// [`MAX_USER_BYTES`] bytes).
+    #[error("token subject {0}")]
+    BadSubject(crate::protocol::NameError),
 }
 
-/// Claims the node reads from a token (others are ignored).
+/// The registered claims of a token, as [`mint_hs256`] and the tests mint
+/// them. The node reads tokens more leniently than this struct (see
+/// [`Authenticator::verify`]): `aud` may also be an array of strings and
+/// `exp` / `nbf` may be fractional; unknown claims are ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user id.
@@ -160,15 +165,31 @@ impl Authenticator {
         };
         let mut validation = self.validation.clone();
         validation.algorithms = key.algorithms.clone();
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(invalid)?;
-        let user = data.claims.sub;
-        if user.is_empty() || user.len() > MAX_USER_BYTES || user.chars().any(char::is_control) {
-            return Err(AuthError::BadSubject);
-        }
-        Ok(Identity {
-            user,
-            expires_at: data.claims.exp,
-        })
+        // Decoded as a plain JSON object, not as [`Claims`]: jsonwebtoken
+        // deserializes the claims before it validates them, so a typed
+        // struct would turn a missing `exp` into "not a well-formed JWT"
+        // and refuse an `aud` array, which RFC 7519 allows. The validation
+        // checks presence and types (exp, sub, nbf, aud, iss) and names
+        // what failed.
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &key.key,
+            &validation,
+        )
+        .map_err(invalid)?;
+        let user = data
+            .claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| AuthError::Invalid("missing claim sub".into()))?
+            .to_owned();
+        let expires_at = data
+            .claims
+            .get("exp")
+            .and_then(numeric_date)
+            .ok_or_else(|| AuthError::Invalid("missing claim exp".into()))?;
+        crate::protocol::valid_name(&user, MAX_USER_BYTES).map_err(AuthError::BadSubject)?;
+        Ok(Identity { user, expires_at })
     }
 
     fn only_key(&self) -> Option<&Key> {
@@ -177,6 +198,17 @@ impl Authenticator {
             _ => None,
         }
     }
+}
+
+/// A NumericDate (RFC 7519: seconds, possibly fractional) as whole
+/// seconds, rounded the way jsonwebtoken's own `exp` check rounds it.
+fn numeric_date(value: &serde_json::Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.round() as u64)
+    })
 }
 
 fn invalid(err: jsonwebtoken::errors::Error) -> AuthError {
@@ -189,6 +221,7 @@ fn invalid(err: jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::InvalidIssuer => "wrong issuer".to_owned(),
         ErrorKind::InvalidAlgorithm => "algorithm not allowed for this key".to_owned(),
         ErrorKind::MissingRequiredClaim(claim) => format!("missing claim {claim}"),
+        ErrorKind::InvalidClaimFormat(claim) => format!("malformed claim {claim}"),
         ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) => {
             "not a well-formed JWT".to_owned()
         }
@@ -310,4 +343,168 @@ pub fn mint_hs256(
 /// Signs `claims` with `key` (tests and tools).
 pub fn mint(header: &Header, claims: &Claims, key: &EncodingKey) -> Result<String, AuthSetupError> {
     jsonwebtoken::encode(header, claims, key).map_err(key_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-unit";
+
+    fn authenticator(audience: &[&str]) -> Authenticator {
+        let config = NodeConfig {
+            auth_jwt_secret: Some(SECRET.into()),
+            auth_audience: audience.iter().map(|a| (*a).to_owned()).collect(),
+            ..NodeConfig::default()
+        };
+        Authenticator::from_config(&config).unwrap().unwrap()
+    }
+
+    /// Signs any JSON claims with the test secret (HS256).
+    fn token(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    }
+
+    fn later() -> u64 {
+        unix_now() + 600
+    }
+
+    #[test]
+    fn a_token_without_exp_is_missing_claim_exp() {
+        let err = authenticator(&[])
+            .verify(Some(&token(json!({ "sub": "alice" }))))
+            .unwrap_err();
+        assert_eq!(err, AuthError::Invalid("missing claim exp".into()));
+    }
+
+    #[test]
+    fn a_token_without_sub_is_missing_claim_sub() {
+        let err = authenticator(&[])
+            .verify(Some(&token(json!({ "exp": later() }))))
+            .unwrap_err();
+        assert_eq!(err, AuthError::Invalid("missing claim sub".into()));
+    }
+
+    #[test]
+    fn claims_of_the_wrong_type_are_named() {
+        let auth = authenticator(&[]);
+        // jsonwebtoken counts a required claim that is not a number as absent.
+        let err = auth
+            .verify(Some(&token(json!({ "sub": "alice", "exp": "soon" }))))
+            .unwrap_err();
+        assert_eq!(err, AuthError::Invalid("missing claim exp".into()));
+        let err = auth
+            .verify(Some(&token(
+                json!({ "sub": "alice", "exp": later(), "nbf": "now" }),
+            )))
+            .unwrap_err();
+        assert_eq!(err, AuthError::Invalid("malformed claim nbf".into()));
+    }
+
+    #[test]
+    fn a_fractional_exp_is_a_numeric_date() {
+        // RFC 7519 NumericDate may have a fraction.
+        let exp = later();
+        let ok = authenticator(&[])
+            .verify(Some(&token(
+                json!({ "sub": "alice", "exp": exp as f64 + 0.25 }),
+            )))
+            .unwrap();
+        assert_eq!(ok.expires_at, exp);
+    }
+
+    #[test]
+    fn an_audience_array_is_accepted_when_one_entry_matches() {
+        let auth = authenticator(&["fabric"]);
+        let exp = later();
+        let ok = auth
+            .verify(Some(&token(
+                json!({ "sub": "alice", "exp": exp, "aud": ["other", "fabric"] }),
+            )))
+            .unwrap();
+        assert_eq!(
+            ok,
+            Identity {
+                user: "alice".into(),
+                expires_at: exp
+            }
+        );
+        // A single string still works, and an array without a match is refused.
+        auth.verify(Some(&token(
+            json!({ "sub": "alice", "exp": exp, "aud": "fabric" }),
+        )))
+        .unwrap();
+        let err = auth
+            .verify(Some(&token(
+                json!({ "sub": "alice", "exp": exp, "aud": ["other", "elsewhere"] }),
+            )))
+            .unwrap_err();
+        assert_eq!(err, AuthError::Invalid("wrong audience".into()));
+        // Without a configured audience any `aud` is accepted.
+        authenticator(&[])
+            .verify(Some(&token(
+                json!({ "sub": "alice", "exp": exp, "aud": ["x", "y"] }),
+            )))
+            .unwrap();
+    }
+
+    #[test]
+    fn the_hs256_secret_is_the_utf8_bytes_of_the_setting() {
+        // Not base64-decoded: a secret that happens to be valid base64 is
+        // still used as its text.
+        let secret = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA==";
+        let config = NodeConfig {
+            auth_jwt_secret: Some(secret.into()),
+            ..NodeConfig::default()
+        };
+        let auth = Authenticator::from_config(&config).unwrap().unwrap();
+        let key = EncodingKey::from_secret(secret.as_bytes()).unwrap();
+        let claims = json!({ "sub": "alice", "exp": later() });
+        let good = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        auth.verify(Some(&good)).unwrap();
+        let decoded = EncodingKey::from_base64_secret(secret).unwrap();
+        let other =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &decoded).unwrap();
+        assert_eq!(
+            auth.verify(Some(&other)),
+            Err(AuthError::Invalid("bad signature".into()))
+        );
+    }
+
+    #[test]
+    fn subjects_follow_the_name_rule() {
+        let auth = authenticator(&[]);
+        for (sub, why) in [
+            ("", "must be 1 to 256 bytes of UTF-8, not 0"),
+            ("a\tb", "contains U+0009, a control character"),
+            (
+                "al\u{200B}",
+                "contains U+200B, an invisible format character",
+            ),
+            (
+                "a\u{2029}",
+                "contains U+2029, a line or paragraph separator",
+            ),
+            ("  ", "is only whitespace"),
+        ] {
+            let err = auth
+                .verify(Some(&token(json!({ "sub": sub, "exp": later() }))))
+                .unwrap_err();
+            assert_eq!(err.to_string(), format!("token subject {why}"), "{sub:?}");
+        }
+        let long = "u".repeat(MAX_USER_BYTES + 1);
+        let err = auth
+            .verify(Some(&token(json!({ "sub": long, "exp": later() }))))
+            .unwrap_err();
+        assert!(matches!(err, AuthError::BadSubject(_)), "{err:?}");
+        let user = "u".repeat(MAX_USER_BYTES);
+        assert_eq!(
+            auth.verify(Some(&token(json!({ "sub": user, "exp": later() }))))
+                .unwrap()
+                .user,
+            user
+        );
+    }
 }

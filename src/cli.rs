@@ -109,7 +109,7 @@ pub enum Command {
     Stats,
     /// Mint an HS256 token for local testing (does not connect).
     Token {
-        /// The shared secret the node verifies with (at least 32 bytes).
+        /// The shared secret the node verifies with (at least 32 bytes; its UTF-8 bytes are the key, not base64-decoded).
         #[arg(long, env = "FABRIC_AUTH_JWT_SECRET", hide_env_values = true)]
         secret: String,
         /// The user id (`sub` claim).

@@ -136,7 +136,9 @@ pub struct NodeConfig {
     pub max_total_queued_bytes: usize,
     /// Messages per second each client may send (0 = unlimited).
     pub rate_limit_messages: u32,
-    /// Messages a client may send in a burst above the rate.
+    /// Size of each client's token bucket: the frames it may send at once.
+    /// The bucket starts full and refills at `rate_limit_messages` per
+    /// second; the burst is the bucket's size, not added to the rate.
     pub rate_limit_burst: u32,
     /// Rate-limited frames tolerated within `rate_limit_strike_window`
     /// before the client is disconnected (close code 10).
@@ -153,11 +155,15 @@ pub struct NodeConfig {
     pub max_connections_per_ip: usize,
     /// New connections per second from one IP address (0 = unlimited).
     pub connection_rate_per_ip: u32,
-    /// New connections from one IP address in a burst above the rate.
+    /// Size of each IP address's token bucket for new connections: the
+    /// connections it may open at once (refilled at
+    /// `connection_rate_per_ip` per second; not added to the rate).
     pub connection_burst_per_ip: u32,
     /// When new connections must prove their address with a QUIC Retry.
     pub address_validation: AddressValidation,
-    /// HS256 shared secret (at least 32 bytes); turns JWT auth on.
+    /// HS256 shared secret (at least 32 bytes); turns JWT auth on. The key
+    /// is the UTF-8 bytes of this string as they are (not base64-decoded),
+    /// which is what other JWT libraries do with a string secret.
     pub auth_jwt_secret: Option<String>,
     /// Public key PEM (RSA → RS256, P-256 → ES256, Ed25519 → EdDSA); turns JWT auth on.
     pub auth_jwt_public_key: Option<PathBuf>,
@@ -488,7 +494,7 @@ pub struct NodeArgs {
     /// Messages per second per client, 0 = unlimited [default: 1000].
     #[arg(long, alias = "rate-limit", env = "FABRIC_RATE_LIMIT")]
     pub rate_limit_messages: Option<u32>,
-    /// Message burst per client above the rate [default: 2000].
+    /// Frames a client may send at once: its token bucket's size, refilled at --rate-limit per second [default: 2000].
     #[arg(long, env = "FABRIC_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
     /// Rate-limited frames within the strike window before disconnecting [default: 1000].
@@ -507,13 +513,13 @@ pub struct NodeArgs {
     /// New connections per second per IP address, 0 = unlimited [default: 20].
     #[arg(long, env = "FABRIC_CONNECTION_RATE_PER_IP")]
     pub connection_rate_per_ip: Option<u32>,
-    /// New-connection burst per IP address [default: 100].
+    /// New connections an IP address may open at once: its token bucket's size, refilled at --connection-rate-per-ip per second [default: 100].
     #[arg(long, env = "FABRIC_CONNECTION_BURST_PER_IP")]
     pub connection_burst_per_ip: Option<u32>,
     /// QUIC Retry (address validation) for new connections [default: under-load].
     #[arg(long, env = "FABRIC_ADDRESS_VALIDATION", value_enum)]
     pub address_validation: Option<AddressValidation>,
-    /// Require a JWT signed with this HS256 secret (at least 32 bytes).
+    /// Require a JWT signed with this HS256 secret (at least 32 bytes; its UTF-8 bytes are the key, not base64-decoded).
     #[arg(long, env = "FABRIC_AUTH_JWT_SECRET", hide_env_values = true)]
     pub auth_jwt_secret: Option<String>,
     /// Require a JWT signed by this public key (PEM: RSA, P-256 or Ed25519).

@@ -267,8 +267,7 @@ async fn admit(
             .await);
         }
     };
-    let max_name = config.max_name_bytes;
-    if !protocol::valid_name(&hello.name, max_name) {
+    if let Err(why) = protocol::valid_name(&hello.name, config.max_name_bytes) {
         return Err(reject(
             conn,
             shared,
@@ -276,7 +275,7 @@ async fn admit(
                 of: Some(hello_id),
                 error: error_code::INVALID_FIELD,
                 close: close_code::BAD_HANDSHAKE,
-                message: format!("name must be 1 to {max_name} bytes without control characters"),
+                message: format!("name {why}"),
             },
         )
         .await);
@@ -385,8 +384,12 @@ fn authenticate(
         // TLS already verified the chain; this only reads the name.
         let user = crate::tls::peer_user(conn)
             .ok_or("the client certificate names no user (no CN or SAN)")?;
-        if user.len() > crate::auth::MAX_USER_BYTES || user.chars().any(char::is_control) {
-            return Err("the client certificate's name is not a usable user id".into());
+        // The same rule as for names and token subjects: a user id shows
+        // in lists and stamps, so it must be visible and on one line.
+        if let Err(why) = protocol::valid_name(&user, crate::auth::MAX_USER_BYTES) {
+            return Err(format!(
+                "the client certificate's name is not a usable user id: it {why}"
+            ));
         }
         identity.user = Some(user);
     }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::client_manager::ClientHandle;
+use crate::client_manager::{ClientHandle, EnqueueError};
 use crate::protocol::{self, Body, CodecError, Frame, MessageId, Priority, error_code};
 use crate::server::Shared;
 
@@ -41,8 +41,18 @@ impl MessageHandler {
         match &frame.body {
             Body::Text { .. } | Body::Binary { .. } => {
                 if let Some(bytes) = encode(client, &frame) {
-                    let _ = client.enqueue(priority, frame.body.tag(), bytes);
-                    client.ack(priority, id);
+                    match client.enqueue(priority, frame.body.tag(), bytes) {
+                        Ok(()) => client.ack(priority, id),
+                        // The Ack would claim an echo that was never queued.
+                        Err(EnqueueError::NodeBusy) => client.error(
+                            priority,
+                            Some(id),
+                            error_code::SERVER_BUSY,
+                            "not echoed: the node's queues are full; retry later",
+                        ),
+                        // The client itself is slow or gone: it is being closed.
+                        Err(EnqueueError::SlowConsumer | EnqueueError::Closed) => {}
+                    }
                 }
             }
             Body::Broadcast { .. } => {

@@ -635,6 +635,63 @@ async fn max_name_bytes_counts_bytes() {
     }
 }
 
+// ------------------------------------------------------------- pipelining
+
+#[tokio::test]
+async fn frames_pipelined_before_the_handshake_ack_are_answered_after_it() {
+    // PROTOCOL.md section 6: a client MAY send frames right after its
+    // Handshake, on the same stream or on others, without waiting for the
+    // HandshakeAck; the node processes them once the handshake succeeded.
+    let node = TestNode::start().await;
+    let raw = RawClient::connect(&node).await;
+    let mut first = raw.conn.open_uni().await.unwrap();
+    let mut second = raw.conn.open_uni().await.unwrap();
+    // The second stream's Ping is sent before the Handshake is even
+    // written, so it can reach the node first; the node still reads the
+    // Handshake from the first stream the client opened.
+    let early = ping();
+    second.write_all(&encode(&early)).await.unwrap();
+    // The Handshake and a Ping in one write on the first stream.
+    let pipelined = ping();
+    let mut bytes = encode(&hello("pipeliner", None));
+    bytes.extend(encode(&pipelined));
+    first.write_all(&bytes).await.unwrap();
+
+    let mut recv = tokio::time::timeout(WAIT, raw.conn.accept_uni())
+        .await
+        .expect("the node opens its stream")
+        .unwrap();
+    let ack = read_frame(&mut recv).await.expect("a first frame");
+    assert!(
+        matches!(ack.body, Body::HandshakeAck(_)),
+        "the HandshakeAck comes first: {ack:?}"
+    );
+    // Both Pings are answered, after the HandshakeAck (the two streams'
+    // answers are not ordered against each other).
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..2 {
+        match read_frame(&mut recv).await.expect("a Pong").body {
+            Body::Pong { of } => assert!(answered.insert(of), "{of:?} answered twice"),
+            other => panic!("expected a Pong, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        answered,
+        [early.id, pipelined.id].into_iter().collect(),
+        "both pipelined Pings answered"
+    );
+    // Both streams stay usable.
+    for send in [&mut first, &mut second] {
+        let p = ping();
+        send.write_all(&encode(&p)).await.unwrap();
+        assert_eq!(
+            read_frame(&mut recv).await.unwrap().body,
+            Body::Pong { of: p.id }
+        );
+    }
+    assert!(raw.conn.close_reason().is_none());
+}
+
 // ---------------------------------------------------------------- admission
 
 #[tokio::test]
@@ -929,6 +986,20 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
         message.contains("delivered to 0") && message.contains("3 missed"),
         "{message}"
     );
+    // An echo that does not fit is refused the same way: no Ack without
+    // the echo it stands for.
+    let t = Frame::new(
+        Priority::High,
+        Body::Text {
+            text: "e".repeat(1500),
+        },
+    );
+    send.write_all(&encode(&t)).await.unwrap();
+    let (of, _) = expect_error(
+        &read_frame(&mut recv).await.unwrap(),
+        error_code::SERVER_BUSY,
+    );
+    assert_eq!(of, Some(t.id));
     // Others are still served (their replies too).
     watcher.ping().await.unwrap();
 

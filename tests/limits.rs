@@ -109,13 +109,41 @@ async fn a_second_handshake_is_refused_but_the_connection_stays() {
 #[tokio::test]
 async fn invalid_names_are_refused() {
     let node = TestNode::start().await;
-    for name in ["", &"x".repeat(65), "bad\nname"] {
+    // Each refusal names the rule the name broke (PROTOCOL.md section 6).
+    let long = "x".repeat(65);
+    let cases = [
+        ("", "must be 1 to 64 bytes of UTF-8, not 0"),
+        (long.as_str(), "must be 1 to 64 bytes of UTF-8, not 65"),
+        ("bad\nname", "contains U+000A, a control character"),
+        ("tab\there", "contains U+0009, a control character"),
+        (
+            "two\u{2028}lines",
+            "contains U+2028, a line or paragraph separator",
+        ),
+        (
+            "al\u{200B}",
+            "contains U+200B, an invisible format character",
+        ),
+        (
+            "\u{FEFF}al",
+            "contains U+FEFF, an invisible format character",
+        ),
+        ("   ", "is only whitespace"),
+    ];
+    for (name, why) in cases {
         let config = node.client_config(name);
         match Client::connect(&config).await {
-            Err(ClientError::Refused { code, .. }) => assert_eq!(code, error_code::INVALID_FIELD),
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(code, error_code::INVALID_FIELD, "{message}");
+                assert_eq!(message, format!("name {why}"), "{name:?}");
+            }
             Err(other) => panic!("expected INVALID_FIELD for {name:?}, got {other}"),
             Ok(_) => panic!("name {name:?} accepted"),
         }
+    }
+    // Spaces inside a name, and any visible script, are fine.
+    for name in ["al ice", " bob ", "Zoë", "名前"] {
+        node.connect(name).await.ping().await.unwrap();
     }
     still_serving(&node).await;
 }

@@ -2,9 +2,11 @@
 
 mod common;
 
-use common::{TestNode, WAIT, assert_none_before_echo, next_matching};
+use common::{RawClient, TestNode, WAIT, assert_none_before_echo, next_matching, read_frame};
 use quic_fabric::client::{ClientError, Event};
-use quic_fabric::protocol::{Body, ClientId, Payload, Priority, error_code};
+use quic_fabric::protocol::{
+    self, Body, ClientId, Frame, HandshakeAck, Payload, Priority, error_code,
+};
 
 #[tokio::test]
 async fn handshake_assigns_ids_and_reports_the_node() {
@@ -76,6 +78,68 @@ async fn direct_message_reaches_only_its_target() {
     );
     assert_eq!(got.sender.unwrap().client_id, a.client_id());
     assert_none_before_echo(&mut c, |f| f.id == id).await;
+}
+
+#[tokio::test]
+async fn a_direct_to_oneself_is_delivered_then_acknowledged() {
+    // PROTOCOL.md section 5: the node treats the sender like any recipient;
+    // the delivery is queued before the Ack, on the same stream.
+    let node = TestNode::start().await;
+    let raw = RawClient::connect(&node).await;
+    let (mut send, mut recv, ack) = raw.handshake("alice").await;
+    let Body::HandshakeAck(HandshakeAck { client_id: me, .. }) = ack.body else {
+        panic!("no HandshakeAck: {ack:?}")
+    };
+    // High: the replies come on the node's high stream, which carried
+    // the HandshakeAck.
+    let direct = Frame::new(
+        Priority::High,
+        Body::Direct {
+            to: me,
+            payload: Payload::Text("note to self".into()),
+        },
+    );
+    send.write_all(&protocol::encode(&direct).unwrap())
+        .await
+        .unwrap();
+    let delivered = read_frame(&mut recv).await.unwrap();
+    assert_eq!(delivered.id, direct.id);
+    assert_eq!(delivered.body, direct.body);
+    assert_eq!(delivered.sender.unwrap().client_id, me);
+    assert_eq!(
+        read_frame(&mut recv).await.unwrap().body,
+        Body::Ack { of: direct.id }
+    );
+}
+
+#[tokio::test]
+async fn empty_payloads_are_messages_like_any_other() {
+    let node = TestNode::start().await;
+    let a = node.connect("alice").await;
+    let mut b = node.connect("bob").await;
+    for payload in [Payload::Text(String::new()), Payload::Binary(Vec::new())] {
+        let id = a
+            .direct(b.client_id(), payload.clone(), Priority::Normal)
+            .await
+            .unwrap();
+        let got = next_matching(&mut b, |f| f.id == id).await;
+        assert_eq!(
+            got.body,
+            Body::Direct {
+                to: b.client_id(),
+                payload: payload.clone()
+            }
+        );
+        let id = a.broadcast(payload.clone(), Priority::Low).await.unwrap();
+        let got = next_matching(&mut b, |f| f.id == id).await;
+        assert_eq!(got.body, Body::Broadcast { payload });
+    }
+    a.send_text("")
+        .await
+        .expect("an empty Text is acknowledged");
+    a.send_binary(Vec::new())
+        .await
+        .expect("an empty Binary is acknowledged");
 }
 
 #[tokio::test]

@@ -35,6 +35,14 @@ fn alice() -> Option<Sender> {
     })
 }
 
+/// Alice as stamped by a node that authenticated her as user `alice`.
+fn alice_user() -> Option<Sender> {
+    Some(Sender {
+        user: Some("alice".into()),
+        ..alice()?
+    })
+}
+
 fn examples() -> Vec<(&'static str, Frame)> {
     vec![
         (
@@ -99,6 +107,16 @@ fn examples() -> Vec<(&'static str, Frame)> {
             ),
         ),
         (
+            "broadcast_delivered_user",
+            frame(
+                Priority::Normal,
+                alice_user(),
+                Body::Broadcast {
+                    payload: Payload::Text("hi".into()),
+                },
+            ),
+        ),
+        (
             "direct",
             frame(
                 Priority::High,
@@ -133,6 +151,33 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "client_list_two",
+            frame(
+                Priority::Normal,
+                None,
+                Body::ClientList {
+                    of: REQ,
+                    clients: vec![
+                        ClientInfo {
+                            client_id: ALICE,
+                            node_id: NODE,
+                            name: "al".into(),
+                            user: None,
+                            connected_at_ms: TS,
+                        },
+                        ClientInfo {
+                            client_id: BOB,
+                            node_id: NODE,
+                            name: "bo".into(),
+                            user: Some("bob".into()),
+                            connected_at_ms: TS,
+                        },
+                    ],
+                    truncated: false,
+                },
+            ),
+        ),
         ("ack", frame(Priority::Normal, None, Body::Ack { of: REQ })),
         (
             "error",
@@ -144,6 +189,19 @@ fn examples() -> Vec<(&'static str, Frame)> {
                     code: error_code::UNKNOWN_CLIENT,
                     message: "no".into(),
                     retry_after_ms: None,
+                },
+            ),
+        ),
+        (
+            "error_rate_limited",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Error {
+                    of: Some(REQ),
+                    code: error_code::RATE_LIMITED,
+                    message: "slow".into(),
+                    retry_after_ms: Some(250),
                 },
             ),
         ),
@@ -224,6 +282,54 @@ fn rewrite(doc: &str, blocks: &dyn Fn(&str) -> Option<String>) -> (String, Vec<(
     }
     out.push_str(rest);
     (out, found)
+}
+
+/// PROTOCOL.md section 3 gives the largest stamp as a formula and as 369
+/// bytes (default `max_name_bytes`) and 1,329 bytes (its maximum, 1024):
+/// what stamping the largest Sender adds to a client's frame.
+#[test]
+fn stamp_sizes_in_protocol_md_match_the_encoder() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md");
+    let doc = std::fs::read_to_string(path).expect("PROTOCOL.md exists");
+    let max_user = quic_fabric::auth::MAX_USER_BYTES;
+    assert_eq!(max_user, 256, "the formula in PROTOCOL.md says 256");
+    for (max_name, documented) in [
+        (protocol::MAX_NAME_BYTES, "**369 bytes**"),
+        (1024, "**1,329 bytes**"),
+    ] {
+        let sent = frame(
+            Priority::Normal,
+            None,
+            Body::Broadcast {
+                payload: Payload::Text("hi".into()),
+            },
+        );
+        let stamped = Frame {
+            sender: Some(Sender {
+                client_id: ALICE,
+                node_id: NODE,
+                name: "n".repeat(max_name),
+                user: Some("u".repeat(max_user)),
+            }),
+            ..sent.clone()
+        };
+        let growth =
+            protocol::encode(&stamped).unwrap().len() - protocol::encode(&sent).unwrap().len();
+        assert_eq!(growth, 16 + 16 + 8 + max_name + 1 + 8 + max_user);
+        let number: String = documented.chars().filter(char::is_ascii_digit).collect();
+        assert_eq!(growth.to_string(), number);
+        assert!(doc.contains(documented), "PROTOCOL.md states {documented}");
+    }
+    // The largest ClientList entry with the default max_name_bytes.
+    let entry = ClientInfo {
+        client_id: ALICE,
+        node_id: NODE,
+        name: "n".repeat(protocol::MAX_NAME_BYTES),
+        user: Some("u".repeat(max_user)),
+        connected_at_ms: TS,
+    };
+    assert_eq!(protocol::codec::encode_value(&entry).unwrap().len(), 377);
+    assert!(doc.contains("**377 bytes**"));
 }
 
 #[test]

@@ -45,7 +45,7 @@ fn negotiate(hello: &Handshake) -> Result<u16, String> {
 
 /// The name check with the default `max_name_bytes` (= `MAX_NAME_BYTES`).
 fn name_ok(name: &str) -> bool {
-    quic_fabric::protocol::valid_name(name, MAX_NAME_BYTES)
+    quic_fabric::protocol::valid_name(name, MAX_NAME_BYTES).is_ok()
 }
 
 fn check_handshake(hello: &Handshake) {

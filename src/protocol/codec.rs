@@ -5,11 +5,13 @@
 //! little-endian fixed-width integers, `u64` lengths, `u32` enum tags). The
 //! length is checked against the maximum before anything is allocated, and
 //! bincode itself runs with a byte limit, so no input can make the decoder
-//! claim more than [`HARD_MAX_FRAME_BYTES`].
+//! claim more than [`HARD_MAX_FRAME_BYTES`]. Why a payload does not decode
+//! is worded for people (it goes to the client in an Error frame): the
+//! field at fault and what was wrong, never bincode's Rust debug output.
 
 use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
+use bincode::error::DecodeError;
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
 
 use super::{Frame, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES, MessageId, Priority, Sender};
 
@@ -44,7 +46,8 @@ pub enum CodecError {
     /// The payload is not a valid frame.
     #[error("malformed frame: {reason}")]
     Malformed {
-        /// What was wrong.
+        /// What was wrong, in plain words: for a frame, the field at fault
+        /// (`priority: invalid enum tag 7 (expected 0 to 2)`).
         reason: String,
         /// The frame's id, when the header could be read.
         id: Option<MessageId>,
@@ -135,7 +138,7 @@ pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, C
             id: None,
         }),
         Err(err) => Err(CodecError::Malformed {
-            reason: err.to_string(),
+            reason: describe(&err),
             id: None,
         }),
     }
@@ -147,41 +150,107 @@ pub fn peek_message_id(payload: &[u8]) -> Option<MessageId> {
     Some(MessageId(uuid::Uuid::from_bytes(bytes)))
 }
 
-/// The header fields, decoded on their own to tell an unknown frame type from
-/// a corrupt frame after a full decode failed.
-#[derive(Deserialize)]
-struct Header {
-    id: MessageId,
-    #[allow(dead_code)]
-    priority: Priority,
-    #[allow(dead_code)]
-    timestamp_ms: u64,
-    #[allow(dead_code)]
-    sender: Option<Sender>,
+/// Decodes one `T` from the front of `rest` and moves `rest` past it.
+fn take<T: serde::de::DeserializeOwned>(rest: &mut &[u8]) -> Result<T, DecodeError> {
+    let (value, used) = bincode::serde::decode_from_slice::<T, _>(rest, wire_config())?;
+    *rest = rest.get(used..).unwrap_or_default();
+    Ok(value)
 }
 
-fn classify(payload: &[u8], err: bincode::error::DecodeError) -> CodecError {
-    let Ok((header, used)) = bincode::serde::decode_from_slice::<Header, _>(payload, wire_config())
-    else {
-        return CodecError::Malformed {
-            reason: err.to_string(),
-            id: peek_message_id(payload),
-        };
+/// Explains why a full decode of `payload` failed: the header fields are
+/// decoded one by one to name the field at fault, and a valid header
+/// followed by a tag this build does not know is an unknown frame type,
+/// not a corrupt frame.
+fn classify(payload: &[u8], err: DecodeError) -> CodecError {
+    let malformed = |field: &str, err: &DecodeError| CodecError::Malformed {
+        reason: format!("{field}: {}", describe(err)),
+        id: peek_message_id(payload),
     };
-    let tag = payload
-        .get(used..used + 4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes);
-    match tag {
-        Some(tag) if tag >= BODY_VARIANTS => CodecError::UnknownFrameType {
+    let mut rest = payload;
+    if let Err(e) = take::<MessageId>(&mut rest) {
+        return malformed("id", &e);
+    }
+    if let Err(e) = take::<Priority>(&mut rest) {
+        return malformed("priority", &e);
+    }
+    if let Err(e) = take::<u64>(&mut rest) {
+        return malformed("timestamp_ms", &e);
+    }
+    if let Err(e) = take::<Option<Sender>>(&mut rest) {
+        return malformed("sender", &e);
+    }
+    let tag = match take::<u32>(&mut rest) {
+        Ok(tag) => tag,
+        Err(e) => return malformed("body", &e),
+    };
+    match super::FRAME_KINDS.get(tag as usize) {
+        Some(kind) => malformed(&format!("body ({kind})"), &err),
+        None => CodecError::UnknownFrameType {
             tag,
-            id: Some(header.id),
-        },
-        _ => CodecError::Malformed {
-            reason: err.to_string(),
-            id: Some(header.id),
+            id: peek_message_id(payload),
         },
     }
+}
+
+/// A decoding failure in words a client in any language can read.
+/// bincode's own `Display` prints its Rust debug form (for example
+/// `UnexpectedEnd { additional: 98 }`), which goes to clients in Error
+/// frames and means little outside Rust.
+fn describe(err: &DecodeError) -> String {
+    use bincode::error::AllowedEnumVariants;
+    match err {
+        DecodeError::UnexpectedEnd { additional } | DecodeError::Io { additional, .. } => {
+            format!("truncated: {additional} more bytes expected")
+        }
+        DecodeError::LimitExceeded => {
+            format!("a length field claims more than the {HARD_MAX_FRAME_BYTES}-byte maximum")
+        }
+        DecodeError::UnexpectedVariant {
+            type_name, found, ..
+        } if type_name.starts_with("Option") => {
+            format!("invalid Option tag 0x{found:02x} (expected 0x00 or 0x01)")
+        }
+        DecodeError::UnexpectedVariant {
+            type_name,
+            found,
+            allowed,
+        } => match allowed {
+            AllowedEnumVariants::Range { min, max } => {
+                format!("invalid enum tag {found} for {type_name} (expected {min} to {max})")
+            }
+            _ => format!("invalid enum tag {found} for {type_name}"),
+        },
+        DecodeError::Utf8 { inner } => format!(
+            "invalid UTF-8 in a string, at byte {} of the string",
+            inner.valid_up_to()
+        ),
+        DecodeError::InvalidCharEncoding(_) => "invalid UTF-8 in a character".to_owned(),
+        DecodeError::InvalidBooleanValue(byte) => {
+            format!("invalid bool byte 0x{byte:02x} (expected 0x00 or 0x01)")
+        }
+        DecodeError::ArrayLengthMismatch { required, found } => {
+            format!("{found} elements where exactly {required} are expected")
+        }
+        DecodeError::OutsideUsizeRange(len) => format!("length {len} is out of range"),
+        DecodeError::OtherString(message) => describe_serde(message),
+        _ => "the bytes are not a valid value of the expected type".to_owned(),
+    }
+}
+
+/// serde's own messages are English already, except for the code quotes;
+/// the one every derived enum produces for an unknown tag is reworded.
+fn describe_serde(message: &str) -> String {
+    // "invalid value: integer `7`, expected variant index 0 <= i < 3"
+    if let Some(rest) = message.strip_prefix("invalid value: integer `")
+        && let Some((found, count)) = rest.split_once("`, expected variant index 0 <= i < ")
+        && let Ok(count) = count.parse::<u32>()
+    {
+        return format!(
+            "invalid enum tag {found} (expected 0 to {})",
+            count.saturating_sub(1)
+        );
+    }
+    message.replace(['`', '{', '}'], "")
 }
 
 #[cfg(test)]
@@ -387,5 +456,170 @@ mod tests {
             decode_frame(&payload),
             Err(CodecError::Malformed { .. })
         ));
+    }
+
+    /// The reason of a Malformed error; fails on any other outcome.
+    fn malformed_reason(payload: &[u8]) -> String {
+        match decode_frame(payload) {
+            Err(CodecError::Malformed { reason, .. }) => reason,
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    /// No Rust struct or debug syntax: a client in any language reads it.
+    fn assert_plain(reason: &str) {
+        for rust in ['{', '}', '`'] {
+            assert!(!reason.contains(rust), "{rust:?} in {reason:?}");
+        }
+        for name in [
+            "UnexpectedEnd",
+            "additional",
+            "OtherString",
+            "Utf8Error",
+            "InvalidBooleanValue",
+        ] {
+            assert!(!reason.contains(name), "{name:?} in {reason:?}");
+        }
+    }
+
+    fn payload_of(frame: &Frame) -> Vec<u8> {
+        encode(frame).unwrap()[LENGTH_PREFIX_BYTES..].to_vec()
+    }
+
+    #[test]
+    fn a_truncated_frame_says_how_many_bytes_are_missing() {
+        let payload = payload_of(&Frame::new(
+            Priority::Normal,
+            Body::Text {
+                text: "x".repeat(100),
+            },
+        ));
+        let reason = malformed_reason(&payload[..payload.len() - 98]);
+        assert_plain(&reason);
+        assert_eq!(reason, "body (text): truncated: 98 more bytes expected");
+        // Cut inside the header: the field is named.
+        let reason = malformed_reason(&payload[..18]);
+        assert_plain(&reason);
+        assert_eq!(reason, "priority: truncated: 2 more bytes expected");
+    }
+
+    #[test]
+    fn invalid_utf8_is_named() {
+        let mut payload = payload_of(&Frame::new(
+            Priority::Normal,
+            Body::Text { text: "hi".into() },
+        ));
+        let last = payload.len() - 1;
+        payload[last] = 0xff;
+        let reason = malformed_reason(&payload);
+        assert_plain(&reason);
+        assert!(
+            reason.starts_with("body (text): invalid UTF-8 in a string"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_bool_byte_is_named() {
+        let mut payload = payload_of(&Frame::new(
+            Priority::High,
+            Body::Goodbye {
+                reason: "bye".into(),
+                reconnect: true,
+            },
+        ));
+        let last = payload.len() - 1;
+        payload[last] = 5;
+        let reason = malformed_reason(&payload);
+        assert_plain(&reason);
+        assert_eq!(
+            reason,
+            "body (goodbye): invalid bool byte 0x05 (expected 0x00 or 0x01)"
+        );
+    }
+
+    #[test]
+    fn invalid_enum_and_option_tags_are_named() {
+        let payload = payload_of(&Frame::new(Priority::High, Body::Ping));
+        // Priority is the u32 after the 16-byte id.
+        let mut bad = payload.clone();
+        bad[16..20].copy_from_slice(&7u32.to_le_bytes());
+        let reason = malformed_reason(&bad);
+        assert_plain(&reason);
+        assert_eq!(reason, "priority: invalid enum tag 7 (expected 0 to 2)");
+        // The sender Option's tag byte follows the 8-byte timestamp.
+        let mut bad = payload.clone();
+        bad[28] = 5;
+        let reason = malformed_reason(&bad);
+        assert_plain(&reason);
+        assert_eq!(
+            reason,
+            "sender: invalid Option tag 0x05 (expected 0x00 or 0x01)"
+        );
+        // A Payload tag inside a Broadcast body.
+        let mut bad = payload_of(&Frame::new(
+            Priority::High,
+            Body::Broadcast {
+                payload: Payload::Text(String::new()),
+            },
+        ));
+        bad[33..37].copy_from_slice(&9u32.to_le_bytes());
+        let reason = malformed_reason(&bad);
+        assert_plain(&reason);
+        assert_eq!(
+            reason,
+            "body (broadcast): invalid enum tag 9 (expected 0 to 1)"
+        );
+    }
+
+    #[test]
+    fn a_length_beyond_the_hard_maximum_is_named() {
+        let mut payload = payload_of(&Frame::new(
+            Priority::Normal,
+            Body::Text {
+                text: String::new(),
+            },
+        ));
+        let at = payload.len() - 8;
+        payload[at..].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let reason = malformed_reason(&payload);
+        assert_plain(&reason);
+        assert!(reason.starts_with("body (text): "), "{reason}");
+    }
+
+    #[test]
+    fn decode_value_reasons_are_plain_too() {
+        let info = ClientInfo {
+            client_id: ClientId::new_random(),
+            node_id: NodeId::new_random(),
+            name: "al".into(),
+            user: Some("u".into()),
+            connected_at_ms: 1,
+        };
+        let bytes = encode_value(&info).unwrap();
+        let reason = |bytes: &[u8]| match decode_value::<ClientInfo>(bytes) {
+            Err(CodecError::Malformed { reason, id: None }) => reason,
+            other => panic!("expected Malformed, got {other:?}"),
+        };
+        let truncated = reason(&bytes[..bytes.len() - 3]);
+        assert_plain(&truncated);
+        assert_eq!(truncated, "truncated: 3 more bytes expected");
+        let mut bad = bytes.clone();
+        bad[32 + 8] = 0xff; // first byte of the name
+        let utf8 = reason(&bad);
+        assert_plain(&utf8);
+        assert!(utf8.starts_with("invalid UTF-8 in a string"), "{utf8}");
+        let mut bad = bytes.clone();
+        bad[32 + 8 + 2] = 7; // the user Option's tag
+        let option = reason(&bad);
+        assert_plain(&option);
+        assert_eq!(option, "invalid Option tag 0x07 (expected 0x00 or 0x01)");
+        let mut priority = encode_value(&Priority::High).unwrap();
+        priority[0] = 3;
+        let tag = match decode_value::<Priority>(&priority) {
+            Err(CodecError::Malformed { reason, .. }) => reason,
+            other => panic!("expected Malformed, got {other:?}"),
+        };
+        assert_eq!(tag, "invalid enum tag 3 (expected 0 to 2)");
     }
 }

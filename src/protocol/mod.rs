@@ -34,14 +34,20 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const MAX_NAME_BYTES: usize = 64;
 
 /// Picks the protocol version for a Handshake offering
-/// `min_version..=max_version`: the highest both sides speak. The error
-/// message names both ranges.
+/// `min_version..=max_version`: the highest both sides speak. Versions are
+/// 1-based, so an offer reaching down to 0 simply has no version 0 in
+/// common. The error message names both ranges, or says the offer is an
+/// empty range (`min_version > max_version`), which is a client bug rather
+/// than a version mismatch.
 pub fn negotiate_version(hello: &Handshake) -> Result<u16, String> {
+    if hello.min_version > hello.max_version {
+        return Err(format!(
+            "unsupported protocol version: the offered range {}..={} is empty (min_version > max_version); server speaks {}..={}",
+            hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
+        ));
+    }
     let version = hello.max_version.min(MAX_PROTOCOL_VERSION);
-    if hello.min_version > hello.max_version
-        || version < hello.min_version
-        || version < MIN_PROTOCOL_VERSION
-    {
+    if version < hello.min_version || version < MIN_PROTOCOL_VERSION {
         return Err(format!(
             "unsupported protocol version: client speaks {}..={}, server speaks {}..={}",
             hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, MAX_PROTOCOL_VERSION
@@ -50,10 +56,81 @@ pub fn negotiate_version(hello: &Handshake) -> Result<u16, String> {
     Ok(version)
 }
 
-/// Whether `name` is an acceptable client name: 1 to `max_bytes` bytes,
-/// no control characters.
-pub fn valid_name(name: &str, max_bytes: usize) -> bool {
-    !name.is_empty() && name.len() <= max_bytes && !name.chars().any(char::is_control)
+/// Why a name (a Handshake `name`, a token subject, a certificate's user
+/// name) was refused. The messages say which rule failed, without naming
+/// the field, so each caller puts its own field name in front.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Empty, or longer than the maximum (counted in bytes of UTF-8).
+    #[error("must be 1 to {max} bytes of UTF-8, not {len}")]
+    Length {
+        /// The name's length in bytes.
+        len: usize,
+        /// The maximum in force.
+        max: usize,
+    },
+    /// A Unicode control character (general category Cc).
+    #[error("contains U+{:04X}, a control character", u32::from(*.0))]
+    Control(char),
+    /// U+2028 or U+2029: they break lines wherever the name is shown.
+    #[error("contains U+{:04X}, a line or paragraph separator", u32::from(*.0))]
+    Separator(char),
+    /// A character that shows nothing (zero-width, bidi control, BOM...):
+    /// two names that look the same must not differ only by these.
+    #[error("contains U+{:04X}, an invisible format character", u32::from(*.0))]
+    Invisible(char),
+    /// Nothing but whitespace: such a name shows as a blank.
+    #[error("is only whitespace")]
+    Blank,
+}
+
+/// Whether `c` is one of the invisible format characters names may not
+/// contain (PROTOCOL.md section 6): soft hyphen, Arabic letter mark,
+/// Mongolian vowel separator, zero-width characters and directional marks,
+/// bidi embeddings and isolates, invisible operators, BOM, interlinear
+/// annotation marks.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
+}
+
+/// Checks a client name (and, with their own maximum, token subjects and
+/// certificate user names): 1 to `max_bytes` bytes of UTF-8, no control
+/// characters (Cc), no line or paragraph separator, no invisible format
+/// character, and not only whitespace. The rule is in PROTOCOL.md section
+/// 6; a name that passes shows as something visible on one line.
+pub fn valid_name(name: &str, max_bytes: usize) -> Result<(), NameError> {
+    if name.is_empty() || name.len() > max_bytes {
+        return Err(NameError::Length {
+            len: name.len(),
+            max: max_bytes,
+        });
+    }
+    for c in name.chars() {
+        if c.is_control() {
+            return Err(NameError::Control(c));
+        }
+        if matches!(c, '\u{2028}' | '\u{2029}') {
+            return Err(NameError::Separator(c));
+        }
+        if is_invisible_format(c) {
+            return Err(NameError::Invisible(c));
+        }
+    }
+    if name.chars().all(char::is_whitespace) {
+        return Err(NameError::Blank);
+    }
+    Ok(())
 }
 
 /// Maps a [`Priority`] to quinn's stream priority: higher is sent first.
@@ -135,4 +212,149 @@ pub mod error_code {
     /// The node's memory budget for queued messages is exhausted; the
     /// message was not (fully) delivered. Retry later.
     pub const SERVER_BUSY: ErrorCode = ErrorCode(16);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(min_version: u16, max_version: u16) -> Handshake {
+        Handshake {
+            min_version,
+            max_version,
+            name: "n".into(),
+            token: None,
+        }
+    }
+
+    #[test]
+    fn versions_are_one_based_and_the_highest_common_one_is_chosen() {
+        assert_eq!(negotiate_version(&offer(1, 1)), Ok(1));
+        assert_eq!(negotiate_version(&offer(1, 7)), Ok(1));
+        // An offer reaching down to 0 still has 1 in common.
+        assert_eq!(negotiate_version(&offer(0, 1)), Ok(1));
+        assert_eq!(negotiate_version(&offer(0, u16::MAX)), Ok(1));
+        for (min, max) in [(0, 0), (2, 3)] {
+            let err = negotiate_version(&offer(min, max)).unwrap_err();
+            assert!(err.contains(&format!("{min}..={max}")), "{err}");
+            assert!(err.contains("1..=1"), "{err}");
+            assert!(!err.contains("empty"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_offered_range_is_refused_as_empty() {
+        for (min, max) in [(2, 1), (1, 0), (u16::MAX, 1)] {
+            let err = negotiate_version(&offer(min, max)).unwrap_err();
+            assert!(err.contains(&format!("{min}..={max} is empty")), "{err}");
+        }
+    }
+
+    #[test]
+    fn names_of_visible_characters_on_one_line_are_accepted() {
+        for name in [
+            "al",
+            "Zoë",
+            "名前",
+            "a b",
+            " padded ",
+            "emoji 🦀",
+            "x".repeat(64).as_str(),
+            "é".repeat(32).as_str(),
+        ] {
+            assert_eq!(valid_name(name, MAX_NAME_BYTES), Ok(()), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn name_length_is_counted_in_bytes() {
+        assert_eq!(
+            valid_name("", 64),
+            Err(NameError::Length { len: 0, max: 64 })
+        );
+        assert_eq!(
+            valid_name(&"é".repeat(5), 8),
+            Err(NameError::Length { len: 10, max: 8 })
+        );
+        assert_eq!(
+            valid_name("ninechars", 8).unwrap_err().to_string(),
+            "must be 1 to 8 bytes of UTF-8, not 9"
+        );
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        for c in [
+            '\0', '\t', '\n', '\r', '\u{1F}', '\u{7F}', '\u{80}', '\u{85}', '\u{9F}',
+        ] {
+            let name = format!("a{c}b");
+            assert_eq!(
+                valid_name(&name, 64),
+                Err(NameError::Control(c)),
+                "{name:?}"
+            );
+        }
+        assert_eq!(
+            valid_name("a\tb", 64).unwrap_err().to_string(),
+            "contains U+0009, a control character"
+        );
+        // The first character past the Cc range is an ordinary one.
+        assert_eq!(valid_name("a\u{A1}b", 64), Ok(()));
+    }
+
+    #[test]
+    fn line_and_paragraph_separators_are_refused() {
+        for c in ['\u{2028}', '\u{2029}'] {
+            assert_eq!(
+                valid_name(&format!("a{c}b"), 64),
+                Err(NameError::Separator(c))
+            );
+        }
+        assert_eq!(
+            valid_name("a\u{2028}", 64).unwrap_err().to_string(),
+            "contains U+2028, a line or paragraph separator"
+        );
+    }
+
+    #[test]
+    fn invisible_format_characters_are_refused() {
+        let invisible = [
+            '\u{00AD}', '\u{061C}', '\u{180E}', '\u{200B}', '\u{200C}', '\u{200D}', '\u{200E}',
+            '\u{200F}', '\u{202A}', '\u{202E}', '\u{2060}', '\u{2064}', '\u{2066}', '\u{2069}',
+            '\u{206F}', '\u{FEFF}', '\u{FFF9}', '\u{FFFB}',
+        ];
+        for c in invisible {
+            assert_eq!(
+                valid_name(&format!("a{c}b"), 64),
+                Err(NameError::Invisible(c)),
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+        assert_eq!(
+            valid_name("al\u{200B}", 64).unwrap_err().to_string(),
+            "contains U+200B, an invisible format character"
+        );
+        // Neighbours of the ranges are visible characters (or spaces).
+        for c in ['\u{00AC}', '\u{2010}', '\u{2065}', '\u{FFFC}', '\u{2029}'] {
+            assert_ne!(
+                valid_name(&format!("a{c}b"), 64).err(),
+                Some(NameError::Invisible(c)),
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+    }
+
+    #[test]
+    fn whitespace_only_names_are_refused_but_inner_spaces_are_fine() {
+        for name in [" ", "   ", "\u{A0}", "\u{3000}", "\u{2003} \u{2003}"] {
+            assert_eq!(valid_name(name, 64), Err(NameError::Blank), "{name:?}");
+        }
+        assert_eq!(
+            valid_name(" ", 64).unwrap_err().to_string(),
+            "is only whitespace"
+        );
+        assert_eq!(valid_name(" a ", 64), Ok(()));
+    }
 }
