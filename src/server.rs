@@ -397,11 +397,10 @@ pub fn endpoint(config: &NodeConfig) -> Result<quinn::Endpoint, ServerError> {
     let (certs, key) = match (&config.cert, &config.key) {
         (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?),
         _ => {
-            let paths = tls::ensure_dev_certs(&config.certs_dir, &config.cert_names)?;
-            (
-                tls::load_certs(&paths.server_cert)?,
-                tls::load_key(&paths.server_key)?,
-            )
+            // Read under the certs directory's lock: a node renewing the
+            // certificate at the same moment cannot swap one file of the pair.
+            let dev = tls::load_dev_certs(&config.certs_dir, &config.cert_names)?;
+            (dev.chain, dev.key)
         }
     };
     let crypto = tls::server_crypto(certs, key, config.auth_client_ca.as_deref())?;
