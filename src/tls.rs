@@ -1,8 +1,9 @@
 //! TLS for both ends: development certificates (a dev CA and a server
 //! certificate signed by it, generated once into the certs directory and
-//! reused, under a lock file so nodes sharing the directory agree), and the
-//! rustls configurations quinn runs on. TLS 1.3 only, ALPN
-//! `quic-fabric/1`, ring as the crypto provider.
+//! reused, under a lock file so nodes sharing the directory agree), the
+//! rustls configurations quinn runs on, and the QUIC endpoint keys (stateless
+//! reset, connection ids) derived from the node's TLS key. TLS 1.3 only,
+//! ALPN `quic-fabric/1`, ring as the crypto provider.
 
 use std::fs;
 use std::io::Write;
@@ -337,6 +338,52 @@ fn pem_error(path: &Path, err: rustls::pki_types::pem::Error) -> TlsError {
             what: other.to_string(),
         },
     }
+}
+
+// HKDF labels of what `endpoint_config` derives from the TLS key. Versioned
+// so the derivation can change; a new label changes the keys, as rotating
+// the TLS key does.
+const RESET_KEY_LABEL: &[u8] = b"quic-fabric stateless reset v1";
+const CID_KEY_LABEL: &[u8] = b"quic-fabric connection id v1";
+
+/// The QUIC endpoint config of a node that serves `key`: its stateless
+/// reset key and the key its connection ids are validated with are derived
+/// from the TLS private key (HKDF-SHA256) instead of being random per
+/// process. A process started after a crash on the same address, or any
+/// node serving the same key, can then answer a packet of a connection it
+/// does not know with a stateless reset the client accepts, so the client
+/// learns at once that the connection is gone instead of waiting for its
+/// idle timeout. Both keys change when the TLS key does.
+pub fn endpoint_config(key: &PrivateKeyDer<'_>) -> Result<quinn::EndpointConfig, TlsError> {
+    use ring::hkdf;
+
+    /// An HKDF output length: the 8-byte connection id key.
+    struct CidKeyLen;
+    impl hkdf::KeyType for CidKeyLen {
+        fn len(&self) -> usize {
+            8
+        }
+    }
+
+    let failed = |_| TlsError::Quic("deriving endpoint keys from the TLS key failed".into());
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(key.secret_der());
+    let reset_key = ring::hmac::Key::from(
+        prk.expand(&[RESET_KEY_LABEL], ring::hmac::HMAC_SHA256)
+            .map_err(failed)?,
+    );
+    let mut cid_key = [0u8; 8];
+    prk.expand(&[CID_KEY_LABEL], CidKeyLen)
+        .and_then(|okm| okm.fill(&mut cid_key))
+        .map_err(failed)?;
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // quinn drops short-header packets whose connection id its generator
+    // does not validate, before considering a reset; with the default
+    // (random per process) generator a restarted node would stay silent.
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
