@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -409,13 +409,13 @@ pub fn endpoint(config: &NodeConfig) -> Result<quinn::Endpoint, ServerError> {
     let (certs, key) = match (&config.cert, &config.key) {
         (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?),
         _ => {
-            let paths = tls::ensure_dev_certs(&config.certs_dir, &config.cert_names)?;
-            (
-                tls::load_certs(&paths.server_cert)?,
-                tls::load_key(&paths.server_key)?,
-            )
+            // Read under the certs directory's lock: a node renewing the
+            // certificate at the same moment cannot swap one file of the pair.
+            let dev = tls::load_dev_certs(&config.certs_dir, &config.cert_names)?;
+            (dev.chain, dev.key)
         }
     };
+    let endpoint_config = tls::endpoint_config(&key)?;
     let crypto = tls::server_crypto(certs, key, config.auth_client_ca.as_deref())?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server_config.transport_config(Arc::new(transport_config(config)?));
@@ -425,7 +425,7 @@ pub fn endpoint(config: &NodeConfig) -> Result<quinn::Endpoint, ServerError> {
     };
     let socket = bind_socket(config.listen).map_err(bind_error)?;
     quinn::Endpoint::new(
-        EndpointConfig::default(),
+        endpoint_config,
         Some(server_config),
         socket,
         Arc::new(quinn::TokioRuntime),

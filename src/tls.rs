@@ -1,7 +1,9 @@
 //! TLS for both ends: development certificates (a dev CA and a server
 //! certificate signed by it, generated once into the certs directory and
-//! reused), and the rustls configurations quinn runs on. TLS 1.3 only, ALPN
-//! `quic-fabric/1`, ring as the crypto provider.
+//! reused, under a lock file so nodes sharing the directory agree), the
+//! rustls configurations quinn runs on, and the QUIC endpoint keys (stateless
+//! reset, connection ids) derived from the node's TLS key. TLS 1.3 only,
+//! ALPN `quic-fabric/1`, ring as the crypto provider.
 
 use std::fs;
 use std::io::Write;
@@ -36,6 +38,17 @@ pub enum TlsError {
         /// What was wrong.
         what: String,
     },
+    /// The certs directory could not be locked, and something in it needed
+    /// generating (a directory without its lock file is only usable as is).
+    #[error("{path}: cannot lock to generate {what}: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// What needed generating.
+        what: String,
+        /// Why the lock could not be had.
+        source: std::io::Error,
+    },
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
@@ -60,6 +73,10 @@ pub struct DevCertPaths {
     pub server_key: PathBuf,
     /// The names `server_cert` was made for, one per line.
     pub server_names: PathBuf,
+    /// Held exclusively (`File::lock`, flock on Unix) while the set is
+    /// checked, generated or read, so nodes started together, or a node
+    /// renewing while another starts, never see half of a generation.
+    pub lock: PathBuf,
 }
 
 impl DevCertPaths {
@@ -71,41 +88,48 @@ impl DevCertPaths {
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
             server_names: dir.join("server.names"),
+            lock: dir.join(".lock"),
         }
     }
+}
+
+/// A dev server certificate chain and its private key, read together under
+/// the certs directory's lock: one generation, never a key from one and a
+/// certificate from another.
+#[derive(Debug)]
+pub struct DevServerCert {
+    /// Where the files are.
+    pub paths: DevCertPaths,
+    /// The server certificate chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The server private key.
+    pub key: PrivateKeyDer<'static>,
 }
 
 /// Makes sure `dir` holds a dev CA and a server certificate valid for
 /// `names`, generating what is missing: the CA once, the server certificate
 /// whenever the requested names change. Files are written atomically, keys
-/// with mode 0600.
+/// with mode 0600. Safe to call from several processes at once; to serve
+/// the certificate, use [`load_dev_certs`], which also reads it under the
+/// lock.
 pub fn ensure_dev_certs(dir: &Path, names: &[String]) -> Result<DevCertPaths, TlsError> {
-    let paths = DevCertPaths::in_dir(dir);
-    fs::create_dir_all(dir).map_err(|source| TlsError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
-    if !paths.ca_cert.exists() || !paths.ca_key.exists() {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "quic-fabric dev CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key)?;
-        write_atomic(&paths.ca_key, key.serialize_pem().as_bytes(), true)?;
-        write_atomic(&paths.ca_cert, cert.pem().as_bytes(), false)?;
-        // A new CA invalidates any server certificate signed by an old one.
-        let _ = fs::remove_file(&paths.server_names);
-    }
+    load_dev_certs(dir, names).map(|dev| dev.paths)
+}
+
+/// [`ensure_dev_certs`], returning the server chain and key as read while
+/// the directory was still locked. A directory whose lock file cannot be
+/// created (mounted read-only) is used without the lock as long as nothing
+/// in it needs generating.
+pub fn load_dev_certs(dir: &Path, names: &[String]) -> Result<DevServerCert, TlsError> {
+    let certs = CertsDir::lock(dir)?;
+    let paths = &certs.paths;
+    certs.ensure_ca()?;
     let wanted = names.join("\n");
     let current = fs::read_to_string(&paths.server_names).unwrap_or_default();
     if current != wanted || !paths.server_cert.exists() || !paths.server_key.exists() {
-        let ca_key_pem = read_string(&paths.ca_key)?;
-        let ca_cert_pem = read_string(&paths.ca_cert)?;
-        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)?;
+        certs.writable("a server certificate")?;
+        let ca_key = KeyPair::from_pem(&read_string(&paths.ca_key)?)?;
+        let issuer = Issuer::from_ca_cert_pem(&read_string(&paths.ca_cert)?, ca_key)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
         params
@@ -117,12 +141,18 @@ pub fn ensure_dev_certs(dir: &Path, names: &[String]) -> Result<DevCertPaths, Tl
         write_atomic(&paths.server_cert, cert.pem().as_bytes(), false)?;
         write_atomic(&paths.server_names, wanted.as_bytes(), false)?;
     }
-    Ok(paths)
+    let chain = load_certs(&paths.server_cert)?;
+    let key = load_key(&paths.server_key)?;
+    Ok(DevServerCert {
+        chain,
+        key,
+        paths: certs.paths,
+    })
 }
 
 /// Issues a client certificate for mutual TLS from the dev CA in `dir`
-/// (created if missing): common name `name`, written as
-/// `client-NAME.pem` / `client-NAME.key`. Returns the two paths.
+/// (created if missing), under the directory's lock: common name `name`,
+/// written as `client-NAME.pem` / `client-NAME.key`. Returns the two paths.
 pub fn issue_dev_client_cert(dir: &Path, name: &str) -> Result<ClientIdentity, TlsError> {
     let invalid = name.is_empty()
         || name.len() > 64
@@ -135,10 +165,10 @@ pub fn issue_dev_client_cert(dir: &Path, name: &str) -> Result<ClientIdentity, T
             what: format!("client name {name:?} must be 1 to 64 of [A-Za-z0-9-_.@]"),
         });
     }
-    let paths = DevCertPaths::in_dir(dir);
-    if !paths.ca_cert.exists() || !paths.ca_key.exists() {
-        ensure_dev_certs(dir, &["localhost".into()])?;
-    }
+    let certs = CertsDir::lock(dir)?;
+    certs.writable("a client certificate")?;
+    certs.ensure_ca()?;
+    let paths = &certs.paths;
     let ca_key = KeyPair::from_pem(&read_string(&paths.ca_key)?)?;
     let issuer = Issuer::from_ca_cert_pem(&read_string(&paths.ca_cert)?, ca_key)?;
     let key = KeyPair::generate()?;
@@ -153,6 +183,72 @@ pub fn issue_dev_client_cert(dir: &Path, name: &str) -> Result<ClientIdentity, T
     write_atomic(&identity.key, key.serialize_pem().as_bytes(), true)?;
     write_atomic(&identity.cert, cert.pem().as_bytes(), false)?;
     Ok(identity)
+}
+
+/// A certs directory, locked for as long as this value lives (dropping the
+/// file releases the lock), or known to be unlockable.
+struct CertsDir {
+    paths: DevCertPaths,
+    /// The locked file, or why it could not be opened or locked.
+    lock: Result<fs::File, std::io::Error>,
+}
+
+impl CertsDir {
+    /// Creates `dir` if needed and waits for its lock. Only creating the
+    /// directory is fatal here; a lock that cannot be had is reported by
+    /// [`CertsDir::writable`] once something needs writing.
+    fn lock(dir: &Path) -> Result<CertsDir, TlsError> {
+        fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let paths = DevCertPaths::in_dir(dir);
+        let lock = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&paths.lock)
+            // A lock file left in a directory since mounted read-only
+            // still locks: flock needs no write access.
+            .or_else(|err| fs::File::open(&paths.lock).map_err(|_| err))
+            .and_then(|file| file.lock().map(|()| file));
+        Ok(CertsDir { paths, lock })
+    }
+
+    /// Fails unless the lock is held, naming `what` needed writing.
+    fn writable(&self, what: &str) -> Result<(), TlsError> {
+        match &self.lock {
+            Ok(_) => Ok(()),
+            Err(err) => Err(TlsError::Lock {
+                path: self.paths.lock.clone(),
+                what: what.to_owned(),
+                source: std::io::Error::new(err.kind(), err.to_string()),
+            }),
+        }
+    }
+
+    /// Generates the dev CA unless both its files exist.
+    fn ensure_ca(&self) -> Result<(), TlsError> {
+        let paths = &self.paths;
+        if paths.ca_cert.exists() && paths.ca_key.exists() {
+            return Ok(());
+        }
+        self.writable("the dev CA")?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "quic-fabric dev CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        write_atomic(&paths.ca_key, key.serialize_pem().as_bytes(), true)?;
+        write_atomic(&paths.ca_cert, cert.pem().as_bytes(), false)?;
+        // A new CA invalidates any server certificate signed by an old one.
+        let _ = fs::remove_file(&paths.server_names);
+        Ok(())
+    }
 }
 
 /// The user a verified client certificate names: its subject common name,
@@ -192,7 +288,10 @@ fn write_atomic(path: &Path, contents: &[u8], secret: bool) -> Result<(), TlsErr
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per process and call, so writers never share a temporary file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -239,6 +338,52 @@ fn pem_error(path: &Path, err: rustls::pki_types::pem::Error) -> TlsError {
             what: other.to_string(),
         },
     }
+}
+
+// HKDF labels of what `endpoint_config` derives from the TLS key. Versioned
+// so the derivation can change; a new label changes the keys, as rotating
+// the TLS key does.
+const RESET_KEY_LABEL: &[u8] = b"quic-fabric stateless reset v1";
+const CID_KEY_LABEL: &[u8] = b"quic-fabric connection id v1";
+
+/// The QUIC endpoint config of a node that serves `key`: its stateless
+/// reset key and the key its connection ids are validated with are derived
+/// from the TLS private key (HKDF-SHA256) instead of being random per
+/// process. A process started after a crash on the same address, or any
+/// node serving the same key, can then answer a packet of a connection it
+/// does not know with a stateless reset the client accepts, so the client
+/// learns at once that the connection is gone instead of waiting for its
+/// idle timeout. Both keys change when the TLS key does.
+pub fn endpoint_config(key: &PrivateKeyDer<'_>) -> Result<quinn::EndpointConfig, TlsError> {
+    use ring::hkdf;
+
+    /// An HKDF output length: the 8-byte connection id key.
+    struct CidKeyLen;
+    impl hkdf::KeyType for CidKeyLen {
+        fn len(&self) -> usize {
+            8
+        }
+    }
+
+    let failed = |_| TlsError::Quic("deriving endpoint keys from the TLS key failed".into());
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(key.secret_der());
+    let reset_key = ring::hmac::Key::from(
+        prk.expand(&[RESET_KEY_LABEL], ring::hmac::HMAC_SHA256)
+            .map_err(failed)?,
+    );
+    let mut cid_key = [0u8; 8];
+    prk.expand(&[CID_KEY_LABEL], CidKeyLen)
+        .and_then(|okm| okm.fill(&mut cid_key))
+        .map_err(failed)?;
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // quinn drops short-header packets whose connection id its generator
+    // does not validate, before considering a reset; with the default
+    // (random per process) generator a restarted node would stay silent.
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -380,6 +525,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::client::danger::ServerCertVerifier;
 
     #[test]
     fn dev_certs_are_generated_once_and_renewed_when_names_change() {
@@ -422,6 +568,76 @@ mod tests {
         )
         .unwrap();
         client_crypto(&ServerTrust::CaFile(paths.ca_cert), None).unwrap();
+    }
+
+    /// Nodes started together on one certs directory, half of them with
+    /// other names (a renewal racing a start): every node must get a key
+    /// that belongs to its certificate, signed by the CA that stays.
+    #[test]
+    fn concurrent_starts_and_renewals_get_consistent_certificates() {
+        const THREADS: usize = 16;
+        let name_sets = [
+            vec!["localhost".to_string(), "127.0.0.1".to_string()],
+            vec!["localhost".to_string(), "lb".to_string()],
+        ];
+        for round in 0..4 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = Arc::new(std::sync::Barrier::new(THREADS));
+            let threads: Vec<_> = (0..THREADS)
+                .map(|i| {
+                    let (dir, names) = (dir.path().to_owned(), name_sets[i % 2].clone());
+                    let start = start.clone();
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let got = load_dev_certs(&dir, &names);
+                        (names, got)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let roots = root_store(&DevCertPaths::in_dir(dir.path()).ca_cert).unwrap();
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .unwrap();
+            for (names, got) in results {
+                let dev = got.unwrap_or_else(|e| panic!("round {round}, {names:?}: {e}"));
+                server_crypto(dev.chain.clone(), dev.key, None)
+                    .unwrap_or_else(|e| panic!("round {round}, {names:?}: {e}"));
+                let name = ServerName::try_from(names[1].clone()).unwrap();
+                verifier
+                    .verify_server_cert(&dev.chain[0], &dev.chain[1..], &name, &[], UnixTime::now())
+                    .unwrap_or_else(|e| panic!("round {round}, {names:?} vs final ca.pem: {e}"));
+            }
+        }
+    }
+
+    /// A directory whose lock file cannot be created (a read-only mount)
+    /// serves what it holds, and says so clearly when it would have to change.
+    #[cfg(unix)]
+    #[test]
+    fn an_unlockable_directory_is_used_as_is_and_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_string()];
+        let first = load_dev_certs(dir.path(), &names).unwrap();
+        // Root ignores permissions, so a lock path that cannot be opened
+        // stands in for the read-only mount.
+        fs::remove_file(&first.paths.lock).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone/.lock"), &first.paths.lock).unwrap();
+
+        let again = load_dev_certs(dir.path(), &names).unwrap();
+        assert_eq!(again.chain, first.chain);
+        assert_eq!(again.key, first.key);
+
+        let err = load_dev_certs(dir.path(), &["lb".to_string()]).unwrap_err();
+        assert!(matches!(err, TlsError::Lock { .. }), "{err}");
+        assert!(err.to_string().contains("server certificate"), "{err}");
+        let err = issue_dev_client_cert(dir.path(), "bob").unwrap_err();
+        assert!(matches!(err, TlsError::Lock { .. }), "{err}");
+        assert_eq!(load_certs(&first.paths.server_cert).unwrap(), first.chain);
+        assert!(!dir.path().join("client-bob.pem").exists());
     }
 
     #[test]

@@ -478,3 +478,55 @@ async fn a_slow_consumer_disconnect_is_logged_with_the_close_code_sent() {
         closed[0]
     );
 }
+
+/// `gen-certs` run from several scripts at once, some with other names (a
+/// renewal racing a first start): all succeed, and what stays on disk is one
+/// consistent set, the key belonging to the certificate and the certificate
+/// signed by the CA that clients trust.
+#[tokio::test]
+async fn gen_certs_run_together_leave_one_consistent_set() {
+    use quic_fabric::tls;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    let dir = tempfile::tempdir().unwrap();
+    let runs = (0..16).map(|i| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabric-node"));
+        cmd.arg("gen-certs")
+            .arg("--certs")
+            .arg(dir.path())
+            .arg("--cert-names")
+            .arg(["localhost,127.0.0.1", "localhost,lb"][i % 2])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        output(cmd)
+    });
+    for out in futures_util::future::join_all(runs).await {
+        assert!(
+            out.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let paths = tls::DevCertPaths::in_dir(dir.path());
+    let chain = tls::load_certs(&paths.server_cert).unwrap();
+    let key = tls::load_key(&paths.server_key).unwrap();
+    tls::server_crypto(chain.clone(), key, None).expect("server.key belongs to server.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tls::load_certs(&paths.ca_cert).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .unwrap();
+    let names = std::fs::read_to_string(&paths.server_names).unwrap();
+    for name in names.lines() {
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        verifier
+            .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+            .unwrap_or_else(|e| panic!("server.pem for {name:?} against ca.pem: {e}"));
+    }
+}
