@@ -160,7 +160,9 @@ impl Membership {
     }
 
     /// Takes in a heartbeat's view: `live` nodes have their liveness key,
-    /// `dead` ones are registered without it (expired: they died).
+    /// `dead` ones are registered without it (expired: they died), and a
+    /// node in neither left the cluster (it removed itself) - unless Redis
+    /// just lost its data, when absence proves nothing.
     fn observe(
         &mut self,
         me: NodeId,
@@ -175,6 +177,10 @@ impl Membership {
         }
         for node in dead {
             self.seen.remove(node);
+        }
+        if !self.settling(now) {
+            let live = &self.live;
+            self.seen.retain(|node, _| live.contains(node));
         }
         self.seen
             .retain(|_, at| now.saturating_duration_since(*at) < ttl);
@@ -429,23 +435,34 @@ impl ClusterBus for RedisBus {
     async fn client_joined(&self, info: &ClientInfo) {
         // The client must not learn its id before other nodes can find it,
         // or else tell "not found" from "not registered yet". So the write
-        // is awaited (retried while it fails) until it lands, or until this
-        // node has been cut off from Redis for longer than the lag others
-        // tolerate on its heartbeat: from then on they treat this node's
+        // is awaited (retried while it fails), and so is this node being a
+        // listening member (alive and subscribed: else its id would lead
+        // others to a node that cannot receive). The wait ends early when
+        // this node has been cut off from Redis for longer than the lag
+        // others tolerate on its heartbeat: from then on they treat its
         // presence as incomplete (CLUSTER_UNAVAILABLE, see `presence_gap`),
-        // and the resync after the outage registers the client.
+        // and its resync after the outage registers the client. It never
+        // lasts longer than that lag either.
         let inner = &self.inner;
+        // One more beat of margin over what the others tolerate.
+        let stale = inner.lag() + inner.config.heartbeat_interval;
+        let give_up = tokio::time::Instant::now() + stale;
         loop {
             let (tx, rx) = oneshot::channel();
             self.enqueue(Op::Join(info.clone(), Some(tx)));
-            if let Ok(Ok(())) = tokio::time::timeout(inner.config.response_timeout * 2, rx).await {
+            let landed = matches!(
+                tokio::time::timeout(inner.config.response_timeout * 2, rx).await,
+                Ok(Ok(()))
+            );
+            let member = inner.subscribed.load(Ordering::Acquire)
+                && !inner.needs_resync.load(Ordering::Acquire);
+            if landed && member {
                 return;
             }
-            // One more beat of margin over what the others tolerate.
-            let stale = inner.lag() + inner.config.heartbeat_interval;
             if inner
                 .since_last_write()
                 .is_none_or(|cut_off| cut_off >= stale)
+                || tokio::time::Instant::now() >= give_up
             {
                 return;
             }
@@ -884,7 +901,11 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
         // data, or we were silent past the TTL. Presence must be rewritten.
         inner.needs_resync.store(true, Ordering::Release);
     }
-    if inner.needs_resync.swap(false, Ordering::AcqRel)
+    // A node comes alive only once it listens: alive but not subscribed,
+    // every broadcast in between would be refused as missing it. (The
+    // subscriber asks for a heartbeat as soon as it is subscribed.)
+    if inner.subscribed.load(Ordering::Acquire)
+        && inner.needs_resync.swap(false, Ordering::AcqRel)
         && let Err(err) = resync(inner, conn).await
     {
         inner.needs_resync.store(true, Ordering::Release);
@@ -1157,5 +1178,61 @@ async fn receive(inner: &Inner, pubsub: redis::aio::PubSub) -> String {
             }
             _ = inner.cancel.cancelled() => return "shutting down".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_changed_or_vanished_incarnation_means_redis_lost_its_data() {
+        let now = Instant::now();
+        let mut m = Membership::default();
+        assert!(!m.note_incarnation(Some("a"), now, TTL), "first sight");
+        assert!(!m.note_incarnation(Some("a"), now, TTL));
+        assert!(!m.settling(now));
+        assert!(m.note_incarnation(Some("b"), now, TTL), "changed");
+        assert!(m.settling(now) && !m.settling(now + TTL));
+        let mut m = Membership::default();
+        m.note_incarnation(Some("a"), now, TTL);
+        assert!(m.note_incarnation(None, now, TTL), "vanished");
+        assert!(m.settling(now));
+        // The marker that replaces it is not a second loss.
+        assert!(!m.note_incarnation(Some("c"), now, TTL));
+    }
+
+    #[test]
+    fn nodes_that_died_or_left_are_forgotten_but_not_while_settling() {
+        let me = NodeId::new_random();
+        let (a, b, c) = (NodeId::new_random(), NodeId::new_random(), NodeId::new_random());
+        let now = Instant::now();
+        let mut m = Membership::default();
+        m.observe(me, &[me, a, b, c], &[], now, TTL);
+        assert_eq!(m.recent(now, TTL).len(), 3, "this node is not counted");
+        // a died (registered, no key), b left (gone from the node set).
+        m.observe(me, &[me, c], &[a], now, TTL);
+        assert_eq!(m.recent(now, TTL), vec![c]);
+
+        // Redis lost its data: nobody is registered yet, nobody is forgotten.
+        let mut m = Membership::default();
+        m.note_incarnation(Some("x"), now, TTL);
+        m.observe(me, &[me, a, b], &[], now, TTL);
+        m.note_incarnation(Some("y"), now, TTL);
+        m.observe(me, &[me], &[], now, TTL);
+        let mut recent = m.recent(now, TTL);
+        recent.sort();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(recent, want);
+        assert!(m.settling(now));
+        // Once every node seen before came back, presence is complete again.
+        m.observe(me, &[me, a, b], &[], now, TTL);
+        assert!(!m.settling(now));
+        // And one that never comes back is dead after its TTL.
+        let later = now + TTL;
+        assert!(m.recent(later, TTL).is_empty());
     }
 }
