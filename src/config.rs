@@ -333,6 +333,19 @@ impl NodeConfig {
                 self.max_handshake_bytes
             ));
         }
+        // A ClientList must fit in one frame, or the request goes unanswered.
+        let entry_bytes =
+            16 + 16 + 8 + self.max_name_bytes + 1 + 8 + crate::auth::MAX_USER_BYTES + 8;
+        if self.max_list_clients == 0
+            || self.max_list_clients.saturating_mul(entry_bytes) > HARD_MAX_FRAME_BYTES - 1024
+        {
+            return invalid(format!(
+                "max_list_clients must be 1..={} with max_name_bytes {} (a client list must fit in one 16 MiB frame), got {}",
+                (HARD_MAX_FRAME_BYTES - 1024) / entry_bytes,
+                self.max_name_bytes,
+                self.max_list_clients
+            ));
+        }
         if self.max_total_queued_bytes < self.max_queued_bytes {
             return invalid(format!(
                 "max_total_queued_bytes ({}) must be at least max_queued_bytes ({})",
@@ -686,6 +699,13 @@ mod tests {
         std::fs::write(&path, "max_clientz = 7\n").unwrap();
         let err = NodeConfig::from_file(&path).unwrap_err();
         assert!(err.to_string().contains("max_clientz"), "{err}");
+
+        let config = NodeConfig {
+            max_list_clients: 100_000,
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("1..=44499"), "a list must fit one frame: {err}");
 
         let config = NodeConfig {
             max_streams_per_connection: 2,

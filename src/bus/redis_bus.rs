@@ -1207,7 +1207,11 @@ mod tests {
     #[test]
     fn nodes_that_died_or_left_are_forgotten_but_not_while_settling() {
         let me = NodeId::new_random();
-        let (a, b, c) = (NodeId::new_random(), NodeId::new_random(), NodeId::new_random());
+        let (a, b, c) = (
+            NodeId::new_random(),
+            NodeId::new_random(),
+            NodeId::new_random(),
+        );
         let now = Instant::now();
         let mut m = Membership::default();
         m.observe(me, &[me, a, b, c], &[], now, TTL);
