@@ -19,10 +19,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::bus::ClusterBus;
-use crate::cli::client_json;
+use crate::node::{Kick, Node};
+use crate::protocol::json::client_json;
 use crate::protocol::{ClientId, Payload, Priority};
-use crate::router::Kick;
-use crate::server::Shared;
 use crate::stats::get as counter;
 
 /// Most clients returned in one page of `GET /clients`.
@@ -31,8 +30,8 @@ pub const MAX_PAGE: usize = 1000;
 /// Longest operator-supplied reason or broadcast text accepted, in bytes.
 const MAX_REASON_BYTES: usize = 256;
 
-/// The admin API's routes over `shared`.
-pub fn router(shared: Arc<Shared>) -> Router {
+/// The admin API's routes over `node`.
+pub fn router(node: Arc<Node>) -> Router {
     let protected = Router::new()
         .route("/stats", get(stats))
         .route("/clients", get(clients))
@@ -40,28 +39,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/nodes", get(nodes))
         .route("/broadcast", post(broadcast))
         .route("/drain", post(drain))
-        .route_layer(middleware::from_fn_with_state(
-            shared.clone(),
-            require_token,
-        ));
+        .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .merge(protected)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(shared)
+        .with_state(node)
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(json!({ "error": message.to_string() }))).into_response()
 }
 
-async fn require_token(
-    State(shared): State<Arc<Shared>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(expected) = &shared.config.admin_token else {
+async fn require_token(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
+    let Some(expected) = &node.config().admin_token else {
         return next.run(request).await;
     };
     let given = request
@@ -93,12 +85,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!({ "status": "ok", "node_id": shared.node_id.to_string() }))
+async fn health(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(json!({ "status": "ok", "node_id": node.id().to_string() }))
 }
 
-async fn ready(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.not_ready() {
+async fn ready(State(node): State<Arc<Node>>) -> Response {
+    match node.not_ready() {
         None => Json(json!({ "ready": true })).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -108,15 +100,15 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    let s = &shared.stats;
-    let bus = shared.router.bus();
+async fn stats(State(node): State<Arc<Node>>) -> Json<Value> {
+    let s = node.stats();
+    let bus = node.bus();
     Json(json!({
-        "node_id": shared.node_id.to_string(),
-        "name": shared.config.name,
+        "node_id": node.id().to_string(),
+        "name": node.config().name,
         "uptime_ms": s.uptime().as_millis() as u64,
-        "clients_connected": shared.clients.len(),
-        "handshakes_pending": shared.admission.pending(),
+        "clients_connected": node.registry().len(),
+        "handshakes_pending": node.admission().pending(),
         "connections_total": counter(&s.connections_total),
         "connections_refused": s.refused_before_tls(),
         "messages_in": s.messages_in(),
@@ -127,8 +119,8 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
         "slow_consumer_disconnects": counter(&s.slow_consumer_disconnects),
         "rate_limited": counter(&s.rate_limited),
         "auth_failures": s.refused_count(crate::stats::RefusedReason::AuthFailed),
-        "outbound_queue_bytes": shared.queue_budget.used(),
-        "draining": shared.draining(),
+        "outbound_queue_bytes": node.queue_budget().used(),
+        "draining": node.draining(),
         "clustered": bus.clustered(),
         "redis_up": bus.clustered().then(|| bus.available()),
     }))
@@ -141,7 +133,7 @@ struct Page {
     limit: Option<usize>,
 }
 
-async fn clients(State(shared): State<Arc<Shared>>, Query(page): Query<Page>) -> Response {
+async fn clients(State(node): State<Arc<Node>>, Query(page): Query<Page>) -> Response {
     let limit = page.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return error(
@@ -152,7 +144,7 @@ async fn clients(State(shared): State<Arc<Shared>>, Query(page): Query<Page>) ->
     let Some(end) = page.offset.checked_add(limit) else {
         return error(StatusCode::BAD_REQUEST, "offset too large");
     };
-    match shared.router.list(end).await {
+    match node.list_clients(end).await {
         Ok((all, more)) => {
             let page_clients: Vec<Value> = all.iter().skip(page.offset).map(client_json).collect();
             Json(json!({
@@ -167,16 +159,16 @@ async fn clients(State(shared): State<Arc<Shared>>, Query(page): Query<Page>) ->
     }
 }
 
-async fn nodes(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.router.nodes(usize::MAX).await {
+async fn nodes(State(node): State<Arc<Node>>) -> Response {
+    match node.nodes().await {
         Ok(nodes) => {
             let nodes: Vec<Value> = nodes
                 .iter()
-                .map(|(node, clients)| {
+                .map(|(id, clients)| {
                     json!({
-                        "node_id": node.to_string(),
+                        "node_id": id.to_string(),
                         "clients": clients,
-                        "self": *node == shared.node_id,
+                        "self": *id == node.id(),
                     })
                 })
                 .collect();
@@ -196,7 +188,7 @@ struct BroadcastRequest {
 }
 
 async fn broadcast(
-    State(shared): State<Arc<Shared>>,
+    State(node): State<Arc<Node>>,
     body: Result<Json<BroadcastRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(request) = match body {
@@ -224,20 +216,20 @@ async fn broadcast(
             );
         }
     };
-    if payload.len() > shared.config.max_message_bytes {
+    if payload.len() > node.config().max_message_bytes {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "payload above max_message_bytes ({})",
-                shared.config.max_message_bytes
+                node.config().max_message_bytes
             ),
         );
     }
-    match shared.router.server_broadcast(priority, payload).await {
+    match node.server_broadcast(priority, payload).await {
         Ok((id, local)) => Json(json!({
             "id": id.to_string(),
             "local_clients": local,
-            "cluster": shared.router.bus().clustered(),
+            "cluster": node.bus().clustered(),
         }))
         .into_response(),
         Err((id, local, err)) => (
@@ -258,7 +250,7 @@ struct KickQuery {
 }
 
 async fn kick(
-    State(shared): State<Arc<Shared>>,
+    State(node): State<Arc<Node>>,
     Path(id): Path<String>,
     Query(query): Query<KickQuery>,
 ) -> Response {
@@ -274,10 +266,10 @@ async fn kick(
             format!("reason must be at most {MAX_REASON_BYTES} bytes without control characters"),
         );
     }
-    match shared.router.kick(id, &reason).await {
+    match node.kick(id, &reason).await {
         Ok(Kick::Local) => Json(json!({
             "client_id": id.to_string(),
-            "node_id": shared.node_id.to_string(),
+            "node_id": node.id().to_string(),
             "status": "disconnecting",
         }))
         .into_response(),
@@ -298,16 +290,16 @@ async fn kick(
     }
 }
 
-async fn drain(State(shared): State<Arc<Shared>>) -> Response {
-    let already = shared.draining();
-    shared.start_drain();
+async fn drain(State(node): State<Arc<Node>>) -> Response {
+    let already = node.draining();
+    node.start_drain();
     (
         StatusCode::ACCEPTED,
         Json(json!({
             "draining": true,
             "already_draining": already,
-            "clients": shared.clients.len(),
-            "grace_ms": shared.config.shutdown_grace.as_millis() as u64,
+            "clients": node.registry().len(),
+            "grace_ms": node.config().shutdown_grace.as_millis() as u64,
         })),
     )
         .into_response()

@@ -13,14 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::NodeConfig;
 
-/// Shortest HS256 secret accepted: 256 bits, as RFC 7518 §3.2 requires.
-pub const MIN_SECRET_BYTES: usize = 32;
+pub use crate::config::MIN_SECRET_BYTES;
 
 /// Longest token accepted in a Handshake.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
-/// Longest user id (token subject or certificate name) accepted.
-pub const MAX_USER_BYTES: usize = 256;
+pub use crate::protocol::MAX_USER_BYTES;
 
 /// Why the authenticator could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -5,14 +5,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::client::{Client, ClientConfig, Event, ReconnectPolicy};
-use crate::protocol::{Body, ClientId, ClientInfo, Frame, Payload, Priority};
-use crate::tls::{ClientIdentity, ServerTrust};
+use crate::protocol::json::{client_json, frame_json};
+use crate::protocol::{Body, ClientId, Frame, Payload, Priority};
+use crate::tls::{ClientCert, ServerTrust};
 
 /// Command-line client for quic-fabric nodes.
 #[derive(Debug, Parser)]
@@ -137,7 +137,7 @@ impl Cli {
         }
         config.token = self.token.clone();
         if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-            config.identity = Some(ClientIdentity {
+            config.identity = Some(ClientCert {
                 cert: cert.clone(),
                 key: key.clone(),
             });
@@ -410,71 +410,4 @@ fn chat_line(frame: &Frame) -> Option<String> {
         Body::Error { message, .. } => Some(format!("! {message}")),
         _ => None,
     }
-}
-
-/// A client list entry as JSON (CLI output and the admin API).
-pub(crate) fn client_json(c: &ClientInfo) -> Value {
-    json!({
-        "client_id": c.client_id.to_string(),
-        "node_id": c.node_id.to_string(),
-        "name": c.name,
-        "user": c.user,
-        "connected_at_ms": c.connected_at_ms,
-    })
-}
-
-fn payload_fields(p: &Payload, out: &mut serde_json::Map<String, Value>) {
-    match p {
-        Payload::Text(t) => {
-            out.insert("text".into(), json!(t));
-        }
-        Payload::Binary(b) => {
-            out.insert(
-                "data_base64".into(),
-                json!(base64::engine::general_purpose::STANDARD.encode(b)),
-            );
-        }
-    }
-}
-
-/// One received frame as a JSON object (the `listen` output format).
-pub fn frame_json(frame: &Frame) -> Value {
-    let mut out = serde_json::Map::new();
-    out.insert("type".into(), json!(frame.body.kind()));
-    out.insert("id".into(), json!(frame.id.to_string()));
-    out.insert("priority".into(), json!(frame.priority.to_string()));
-    out.insert("timestamp_ms".into(), json!(frame.timestamp_ms));
-    if let Some(s) = &frame.sender {
-        out.insert(
-            "from".into(),
-            json!({"client_id": s.client_id.to_string(), "node_id": s.node_id.to_string(), "name": s.name, "user": s.user}),
-        );
-    }
-    match &frame.body {
-        Body::Text { text } => {
-            out.insert("text".into(), json!(text));
-        }
-        Body::Binary { data } => payload_fields(&Payload::Binary(data.clone()), &mut out),
-        Body::Broadcast { payload } => payload_fields(payload, &mut out),
-        Body::Direct { to, payload } => {
-            out.insert("to".into(), json!(to.to_string()));
-            payload_fields(payload, &mut out);
-        }
-        Body::Error {
-            of, code, message, ..
-        } => {
-            out.insert("of".into(), json!(of.map(|o| o.to_string())));
-            out.insert("code".into(), json!(code.0));
-            out.insert("message".into(), json!(message));
-        }
-        Body::Goodbye { reason, reconnect } => {
-            out.insert("reason".into(), json!(reason));
-            out.insert("reconnect".into(), json!(reconnect));
-        }
-        Body::Ack { of } | Body::Pong { of } => {
-            out.insert("of".into(), json!(of.to_string()));
-        }
-        _ => {}
-    }
-    Value::Object(out)
 }

@@ -10,8 +10,24 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-pub use crate::limits::AddressValidation;
 use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, HARD_MAX_FRAME_BYTES, MAX_NAME_BYTES, NodeId};
+
+/// When the node asks new connections to prove their address with a QUIC
+/// Retry (one extra round trip; spoofed source addresses cannot answer it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AddressValidation {
+    /// Every connection.
+    Always,
+    /// Only while more than half of `max_pending_handshakes` are in use.
+    #[default]
+    UnderLoad,
+    /// Never.
+    Never,
+}
+
+/// Shortest HS256 secret accepted: 256 bits, as RFC 7518 §3.2 requires.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Why a configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -335,7 +351,7 @@ impl NodeConfig {
         }
         // A ClientList must fit in one frame, or the request goes unanswered.
         let entry_bytes =
-            16 + 16 + 8 + self.max_name_bytes + 1 + 8 + crate::auth::MAX_USER_BYTES + 8;
+            16 + 16 + 8 + self.max_name_bytes + 1 + 8 + crate::protocol::MAX_USER_BYTES + 8;
         if self.max_list_clients == 0
             || self.max_list_clients.saturating_mul(entry_bytes) > HARD_MAX_FRAME_BYTES - 1024
         {
@@ -380,11 +396,11 @@ impl NodeConfig {
             return invalid("admin_token must be at least 16 characters".into());
         }
         if let Some(secret) = &self.auth_jwt_secret
-            && secret.len() < crate::auth::MIN_SECRET_BYTES
+            && secret.len() < MIN_SECRET_BYTES
         {
             return invalid(format!(
                 "the JWT secret must be at least {} bytes (256 bits)",
-                crate::auth::MIN_SECRET_BYTES
+                MIN_SECRET_BYTES
             ));
         }
         Ok(())
@@ -705,7 +721,10 @@ mod tests {
             ..Default::default()
         };
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("1..=44499"), "a list must fit one frame: {err}");
+        assert!(
+            err.contains("1..=44499"),
+            "a list must fit one frame: {err}"
+        );
 
         let config = NodeConfig {
             max_streams_per_connection: 2,

@@ -5,14 +5,15 @@
 
 use std::sync::Arc;
 
-use crate::client_manager::{ClientHandle, EnqueueError};
+use crate::node::Node;
+use crate::outbound::EnqueueError;
 use crate::protocol::{self, Body, CodecError, Frame, MessageId, Priority, error_code};
-use crate::server::Shared;
+use crate::registry::ClientHandle;
 
 /// Handles frames from connected clients.
 #[derive(Clone)]
 pub struct MessageHandler {
-    shared: Arc<Shared>,
+    node: Arc<Node>,
 }
 
 /// What the connection should do after a frame was handled.
@@ -25,9 +26,9 @@ pub enum Next {
 }
 
 impl MessageHandler {
-    /// A handler for the node behind `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        MessageHandler { shared }
+    /// A handler for `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        MessageHandler { node }
     }
 
     /// Handles one decoded frame from `client`. Frames of one stream are
@@ -37,7 +38,7 @@ impl MessageHandler {
         frame.sender = Some(client.stamp.clone());
         let priority = frame.priority;
         let id = frame.id;
-        let router = &self.shared.router;
+        let router = self.node.router();
         match &frame.body {
             Body::Text { .. } | Body::Binary { .. } => {
                 if let Some(bytes) = encode(client, &frame) {
@@ -70,7 +71,7 @@ impl MessageHandler {
             }
             Body::Ping => client.reply(priority, Body::Pong { of: id }),
             Body::ListClients => {
-                match Box::pin(router.list(self.shared.config.max_list_clients)).await {
+                match Box::pin(self.node.list_clients(self.node.config().max_list_clients)).await {
                     Ok((clients, truncated)) => client.reply(
                         priority,
                         Body::ClientList {
@@ -88,10 +89,10 @@ impl MessageHandler {
                 }
             }
             Body::StatsRequest => {
-                let stats = self.shared.stats.snapshot(
-                    self.shared.node_id,
-                    &self.shared.config.name,
-                    self.shared.clients.len(),
+                let stats = self.node.stats().snapshot(
+                    self.node.id(),
+                    &self.node.config().name,
+                    self.node.registry().len(),
                 );
                 client.reply(priority, Body::Stats { of: id, stats });
             }
@@ -114,7 +115,7 @@ impl MessageHandler {
                 priority,
                 Some(id),
                 error_code::UNEXPECTED_FRAME,
-                format!("{} frames are only sent by servers", frame.body.kind()),
+                format!("{} frames are only sent by servers", frame.body.name()),
             ),
         }
         Next::Continue

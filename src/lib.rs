@@ -1,11 +1,27 @@
 //! quic-fabric: a real-time message fabric over QUIC.
 //!
-//! Layers, bottom up: [`protocol`] (frames and codec, no I/O), [`tls`]
-//! (certificates and rustls configs), [`server`] (endpoint, accept loop,
-//! shutdown) with its per-connection handler in `connection`, the
-//! [`client_manager`] registry of connected clients, the [`handler`] that
-//! gives each frame type its meaning, the [`router`] that delivers messages,
-//! and the [`client`] library used by the `fabric` CLI and the tests.
+//! The modules, bottom up (each uses only those above it in this list,
+//! plus the client library's own `client`):
+//!
+//! - [`protocol`]: frame types, the pure codec, reading frames from a
+//!   stream (`protocol::stream`), JSON views; no other module of the crate.
+//! - [`config`] (settings), [`tls`] (certificates, rustls and QUIC endpoint
+//!   keys), [`stats`] (counters), [`telemetry`] (logging).
+//! - [`auth`] (JWT verification) and [`limits`] (rate limits, admission).
+//! - [`outbound`] (a client's queues and writers) and [`registry`] (the
+//!   clients connected to this node, the seed's ClientManager).
+//! - [`bus`]: the cluster bus, in memory or through Redis; it sees the
+//!   node's clients only through `bus::LocalPresence`.
+//! - [`router`]: where a message goes, locally and across the cluster.
+//! - [`node`]: the node's state and operations (join and leave, the
+//!   cluster event loop, drain, the admin operations).
+//! - [`handler`] (what each frame type does) and `connection` (one client
+//!   connection: handshake, stream readers, orderly end).
+//! - [`metrics`] and [`admin`]: the HTTP listeners.
+//! - [`server`]: the QUIC endpoint, accept loop and shutdown (the seed's
+//!   QuicWebSocketServer).
+//! - [`client`] (the client library) and [`cli`] (the `fabric` CLI), which
+//!   use `protocol` and `tls` only.
 
 // Nothing that comes from the network or from Redis may panic the node:
 // no unwrap()/expect() outside tests (the load generator is exempted below).
@@ -18,13 +34,15 @@ pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod client;
-pub mod client_manager;
 pub mod config;
 mod connection;
 pub mod handler;
 pub mod limits;
 pub mod metrics;
+pub mod node;
+pub mod outbound;
 pub mod protocol;
+pub mod registry;
 pub mod router;
 pub mod server;
 pub mod stats;
@@ -32,4 +50,5 @@ pub mod telemetry;
 pub mod tls;
 
 pub use config::{NodeArgs, NodeConfig};
+pub use node::Node;
 pub use server::Server;

@@ -12,24 +12,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::{AddressValidation, NodeConfig};
+use crate::stats::RefusedReason;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use serde::Deserialize;
-
-use crate::config::NodeConfig;
-
-/// When the node asks new connections to prove their address with a QUIC
-/// Retry (one extra round trip; spoofed source addresses cannot answer it).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum AddressValidation {
-    /// Every connection.
-    Always,
-    /// Only while more than half of `max_pending_handshakes` are in use.
-    #[default]
-    UnderLoad,
-    /// Never.
-    Never,
-}
 
 /// The outcome of a rate-limit check on one inbound frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,28 +241,6 @@ impl ClientRateLimit {
     }
 }
 
-/// Why a new connection was not let in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// `max_pending_handshakes` connections are already mid-handshake.
-    TooManyPending,
-    /// The source address opened connections faster than its rate.
-    IpRate,
-    /// The source address already has `max_connections_per_ip` connections.
-    IpConnections,
-}
-
-impl Refusal {
-    /// A short label for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::TooManyPending => "pending_handshakes",
-            Refusal::IpRate => "ip_rate",
-            Refusal::IpConnections => "ip_connections",
-        }
-    }
-}
-
 /// What to do with a new connection attempt.
 #[derive(Debug)]
 pub enum Admit {
@@ -286,7 +249,7 @@ pub enum Admit {
     /// Ask the client to prove its address first (QUIC Retry).
     Retry,
     /// Refuse before TLS.
-    Refuse(Refusal),
+    Refuse(RefusedReason),
 }
 
 /// Admission control for new connections.
@@ -322,7 +285,7 @@ impl Admission {
     pub fn admit(&self, ip: IpAddr, validated: bool) -> Admit {
         let pending = self.pending.load(Ordering::Acquire);
         if pending >= self.max_pending {
-            return Admit::Refuse(Refusal::TooManyPending);
+            return Admit::Refuse(RefusedReason::PendingHandshakes);
         }
         if !validated {
             let retry = match self.validation {
@@ -338,12 +301,12 @@ impl Admission {
         // the count does not use up a rate token.
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         if self.max_per_ip > 0 && per_ip.get(&ip).is_some_and(|n| *n >= self.max_per_ip) {
-            return Admit::Refuse(Refusal::IpConnections);
+            return Admit::Refuse(RefusedReason::IpConnections);
         }
         if let Some(rate) = &self.ip_rate
             && rate.check_key(&ip).is_err()
         {
-            return Admit::Refuse(Refusal::IpRate);
+            return Admit::Refuse(RefusedReason::IpRate);
         }
         if self.max_per_ip > 0 {
             *per_ip.entry(ip).or_insert(0) += 1;
@@ -437,7 +400,7 @@ mod tests {
         };
         assert!(matches!(
             admission.admit(ip, false),
-            Admit::Refuse(Refusal::IpConnections)
+            Admit::Refuse(RefusedReason::IpConnections)
         ));
         // Another address is not affected.
         assert!(matches!(
@@ -476,7 +439,7 @@ mod tests {
         held.push(p);
         assert!(matches!(
             admission.admit(ip, true),
-            Admit::Refuse(Refusal::TooManyPending)
+            Admit::Refuse(RefusedReason::PendingHandshakes)
         ));
     }
 
@@ -500,7 +463,7 @@ mod tests {
         }
         assert!(matches!(
             admission.admit(ip, false),
-            Admit::Refuse(Refusal::IpRate)
+            Admit::Refuse(RefusedReason::IpRate)
         ));
     }
 

@@ -20,19 +20,17 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::bus::ClusterBus;
-use crate::protocol::FRAME_KINDS;
-use crate::server::Shared;
+use crate::node::Node;
+use crate::protocol::FRAME_NAMES;
 use crate::stats::{ERROR_CODE_SLOTS, RefusedReason, Stats, get};
 
 /// Content type of the OpenMetrics text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Renders every metric of the node in the OpenMetrics text format.
-pub fn render(shared: &Arc<Shared>) -> String {
+pub fn render(node: &Arc<Node>) -> String {
     let mut registry = Registry::with_prefix("fabric");
-    registry.register_collector(Box::new(NodeCollector {
-        shared: shared.clone(),
-    }));
+    registry.register_collector(Box::new(NodeCollector { node: node.clone() }));
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
@@ -40,20 +38,20 @@ pub fn render(shared: &Arc<Shared>) -> String {
 }
 
 /// The metrics listener's routes: `GET /metrics`.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/metrics", routing::get(metrics))
-        .with_state(shared)
+        .with_state(node)
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&shared))
+async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&node))
 }
 
 /// Reads the node's state at every scrape.
 #[derive(Debug)]
 struct NodeCollector {
-    shared: Arc<Shared>,
+    node: Arc<Node>,
 }
 
 type Enc<'a> = DescriptorEncoder<'a>;
@@ -103,9 +101,9 @@ fn histograms(
 
 impl Collector for NodeCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let shared = &self.shared;
-        let s: &Stats = &shared.stats;
-        let clients = shared.clients.all();
+        let node = &self.node;
+        let s: &Stats = node.stats();
+        let clients = node.registry().all();
         sample_quic(s, &clients);
 
         gauge(
@@ -120,21 +118,21 @@ impl Collector for NodeCollector {
             "handshakes_pending",
             "Connections that have not finished the application handshake.",
             None,
-            shared.admission.pending() as i64,
+            node.admission().pending() as i64,
         )?;
         gauge(
             &mut e,
             "draining",
             "1 while the node drains (no new clients).",
             None,
-            i64::from(shared.draining()),
+            i64::from(node.draining()),
         )?;
         gauge(
             &mut e,
             "ready",
             "1 when the node accepts clients (and, in cluster mode, reaches Redis).",
             None,
-            i64::from(shared.not_ready().is_none()),
+            i64::from(node.not_ready().is_none()),
         )?;
         gauge(
             &mut e,
@@ -165,9 +163,9 @@ impl Collector for NodeCollector {
             "messages_in",
             "Frames received from clients, by type.",
             "type",
-            FRAME_KINDS
+            FRAME_NAMES
                 .iter()
-                .zip(&s.messages_in_by_kind)
+                .zip(&s.messages_in_by_type)
                 .map(|(k, c)| (*k, get(c))),
         )?;
         labelled_counter(
@@ -175,9 +173,9 @@ impl Collector for NodeCollector {
             "messages_out",
             "Frames queued to clients, by type.",
             "type",
-            FRAME_KINDS
+            FRAME_NAMES
                 .iter()
-                .zip(&s.messages_out_by_kind)
+                .zip(&s.messages_out_by_type)
                 .map(|(k, c)| (*k, get(c))),
         )?;
         counter(
@@ -248,7 +246,7 @@ impl Collector for NodeCollector {
             "outbound_queue",
             "Bytes queued for all clients, not yet written to QUIC.",
             Some(&Unit::Bytes),
-            shared.queue_budget.used() as i64,
+            node.queue_budget().used() as i64,
         )?;
         histograms(
             &mut e,
@@ -260,7 +258,7 @@ impl Collector for NodeCollector {
                 ("cross_node", &s.delivery_cross_node),
             ],
         )?;
-        let bus = shared.router.bus();
+        let bus = node.bus();
         if bus.clustered() {
             gauge(
                 &mut e,
@@ -304,9 +302,11 @@ impl Collector for NodeCollector {
 }
 
 /// Samples round trips and adds new packet losses of connected clients.
-fn sample_quic(stats: &Stats, clients: &[Arc<crate::client_manager::ClientHandle>]) {
+fn sample_quic(stats: &Stats, clients: &[Arc<crate::registry::ClientHandle>]) {
     for client in clients {
-        stats.quic_rtt.observe(client.rtt().as_secs_f64());
+        if let Some(rtt) = client.rtt() {
+            stats.quic_rtt.observe(rtt.as_secs_f64());
+        }
         client.report_lost_packets();
     }
 }

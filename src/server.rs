@@ -1,7 +1,9 @@
 //! The node's QUIC server (the seed's QuicWebSocketServer): binds the
 //! endpoint, runs the accept loop with admission control, and shuts down
-//! gracefully: stop accepting, Goodbye to every client, drain queues for up
-//! to a grace period, close the endpoint.
+//! gracefully: stop accepting, Goodbye to every client, let their queues
+//! drain for up to a grace period, close the endpoint. The node itself
+//! (state, clients, cluster) is a [`Node`]; this module wires it to QUIC
+//! and to the metrics and admin HTTP listeners.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,27 +15,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use tokio::sync::mpsc;
-
-use crate::auth::Authenticator;
-use crate::bus::memory::{MemoryBus, MemoryCluster};
-use crate::bus::redis_bus::{RedisBus, RedisBusConfig};
-use crate::bus::{Bus, BusMessage, ClusterBus};
-use crate::client_manager::{ClientManager, QueueBudget};
 use crate::config::NodeConfig;
-use crate::limits::{Admission, Admit, RateLimits, Refusal};
+use crate::limits::Admit;
+use crate::node::{BusChoice, Node, NodeError};
 use crate::protocol::{NodeId, close_code};
-use crate::router::Router;
 use crate::stats::RefusedReason;
-use crate::stats::Stats;
 use crate::tls::{self, TlsError};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The configuration is invalid.
+    /// The node could not be set up (configuration, cluster bus, keys).
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Node(#[from] NodeError),
     /// Certificates could not be loaded or generated.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -45,74 +39,15 @@ pub enum ServerError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The cluster bus could not be set up (for example an invalid Redis URL).
-    #[error("cluster bus: {0}")]
-    Bus(String),
     /// A transport setting is out of range.
     #[error("invalid transport setting: {0}")]
     Transport(String),
-    /// Authentication keys could not be loaded.
-    #[error("authentication: {0}")]
-    Auth(#[from] crate::auth::AuthSetupError),
-}
-
-/// State shared by every task of a node.
-pub struct Shared {
-    /// The configuration the node runs with.
-    pub config: NodeConfig,
-    /// This node's id.
-    pub node_id: NodeId,
-    /// Connected clients.
-    pub clients: Arc<ClientManager>,
-    /// Message delivery, local and across the cluster.
-    pub router: Arc<Router>,
-    /// Counters.
-    pub stats: Arc<Stats>,
-    /// Verifies Handshake tokens when JWT auth is on.
-    pub auth: Option<Authenticator>,
-    /// Admission control for new connections.
-    pub admission: Admission,
-    /// Per-client message rate limits, remembered across reconnects.
-    pub rate_limits: RateLimits,
-    /// Bytes queued for all clients together.
-    pub queue_budget: Arc<QueueBudget>,
-    /// Cancelled when the node starts draining (SIGTERM, shutdown or the
-    /// admin API's `POST /drain`).
-    pub drain: CancellationToken,
-}
-
-impl Shared {
-    /// Whether the node is draining (no new clients; clients told to leave).
-    pub fn draining(&self) -> bool {
-        self.drain.is_cancelled()
-    }
-
-    /// Starts draining: the node stops taking clients, asks every client
-    /// to reconnect elsewhere, waits up to `shutdown_grace` for them to
-    /// leave, then stops (`Server::run` returns).
-    pub fn start_drain(&self) {
-        self.drain.cancel();
-    }
-
-    /// Why the node is not ready for new clients, if it is not: draining,
-    /// or (in cluster mode) the cluster bus unreachable.
-    pub fn not_ready(&self) -> Option<String> {
-        if self.draining() {
-            return Some("draining".into());
-        }
-        let bus = self.router.bus();
-        if bus.clustered() && !bus.available() {
-            return Some("cluster bus (Redis) unreachable".into());
-        }
-        None
-    }
 }
 
 /// A bound, not yet running node.
 pub struct Server {
     endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
-    inbox: mpsc::Receiver<BusMessage>,
+    node: Arc<Node>,
     metrics: Option<std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
 }
@@ -123,14 +58,6 @@ fn bind_tcp(addr: Option<SocketAddr>) -> Result<Option<std::net::TcpListener>, S
     let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
     listener.set_nonblocking(true).map_err(bind_error)?;
     Ok(Some(listener))
-}
-
-/// Which cluster bus a node joins.
-pub enum BusChoice {
-    /// From the config: Redis when `redis_url` is set, else a lone in-memory node.
-    FromConfig,
-    /// A shared in-process cluster (several nodes in one process).
-    Memory(Arc<MemoryCluster>),
 }
 
 /// UDP socket buffer size asked for; the kernel caps it at its `rmem_max`/`wmem_max`.
@@ -145,70 +72,14 @@ impl Server {
 
     /// Like [`Server::bind`], choosing the cluster bus explicitly.
     pub fn bind_with(config: NodeConfig, bus: BusChoice) -> Result<Self, ServerError> {
-        config.validate()?;
+        config.validate().map_err(NodeError::from)?;
         let endpoint = endpoint(&config)?;
         let metrics = bind_tcp(config.metrics_listen)?;
         let admin = bind_tcp(config.admin_listen)?;
-
-        let node_id = config.node_id.unwrap_or_else(NodeId::new_random);
-        let stats = Arc::new(Stats::default());
-        let clients = Arc::new(ClientManager::new(config.max_clients));
-        let (inbox_tx, inbox) = mpsc::channel(config.bus_queue_len);
-        let bus = match (bus, &config.redis_url) {
-            (BusChoice::Memory(cluster), _) => {
-                Bus::Memory(MemoryBus::join(cluster, node_id, inbox_tx))
-            }
-            (BusChoice::FromConfig, None) => Bus::Memory(MemoryBus::single(node_id, inbox_tx)),
-            (BusChoice::FromConfig, Some(url)) => Bus::Redis(
-                RedisBus::new(
-                    RedisBusConfig {
-                        url: url.clone(),
-                        ca_pem: match &config.redis_ca {
-                            Some(path) => Some(std::fs::read(path).map_err(|e| {
-                                ServerError::Bus(format!("cannot read {}: {e}", path.display()))
-                            })?),
-                            None => None,
-                        },
-                        prefix: config.redis_prefix.clone(),
-                        node_id,
-                        node_name: config.name.clone(),
-                        connect_timeout: config.redis_connect_timeout,
-                        response_timeout: config.redis_response_timeout,
-                        node_ttl: config.node_ttl,
-                        heartbeat_interval: config.heartbeat_interval,
-                        queue_len: config.bus_queue_len,
-                    },
-                    clients.clone(),
-                    inbox_tx,
-                    stats.clone(),
-                )
-                .map_err(|e| ServerError::Bus(e.to_string()))?,
-            ),
-        };
-        let router = Router::new(
-            node_id,
-            clients.clone(),
-            bus,
-            config.delivery_timeout,
-            config.bus_queue_len,
-            stats.clone(),
-        );
-        let shared = Arc::new(Shared {
-            node_id,
-            router: Arc::new(router),
-            clients,
-            stats,
-            drain: CancellationToken::new(),
-            auth: Authenticator::from_config(&config)?,
-            admission: Admission::new(&config),
-            rate_limits: RateLimits::new(&config),
-            queue_budget: QueueBudget::new(config.max_total_queued_bytes),
-            config,
-        });
+        let node = Node::new(config, bus)?;
         Ok(Server {
             endpoint,
-            shared,
-            inbox,
+            node,
             metrics,
             admin,
         })
@@ -218,7 +89,7 @@ impl Server {
     pub fn local_addr(&self) -> SocketAddr {
         self.endpoint
             .local_addr()
-            .unwrap_or(self.shared.config.listen)
+            .unwrap_or(self.node.config().listen)
     }
 
     /// Where the metrics endpoint listens, when enabled.
@@ -233,58 +104,52 @@ impl Server {
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        self.shared.node_id
+        self.node.id()
     }
 
-    /// The node's shared state (registry, counters).
-    pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
+    /// The node this server serves (registry, counters, cluster).
+    pub fn node(&self) -> Arc<Node> {
+        self.node.clone()
     }
 
     /// Serves clients until `shutdown` completes or a drain is requested
-    /// ([`Shared::start_drain`]), then drains: new connections are refused,
+    /// ([`Node::start_drain`]), then drains: new connections are refused,
     /// every client gets a Goodbye with a reconnect cue and `shutdown_grace`
     /// to leave; then the node leaves the cluster and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             endpoint,
-            shared,
-            inbox,
+            node,
             metrics,
             admin,
         } = self;
+        let config = node.config();
         let http_cancel = CancellationToken::new();
         let http: Vec<_> = [
-            (metrics, "metrics", crate::metrics::router(shared.clone())),
-            (admin, "admin API", crate::admin::router(shared.clone())),
+            (metrics, "metrics", crate::metrics::router(node.clone())),
+            (admin, "admin API", crate::admin::router(node.clone())),
         ]
         .into_iter()
         .filter_map(|(listener, what, app)| serve_http(listener?, what, app, http_cancel.clone()))
         .collect();
-        let cancel = CancellationToken::new();
-        let bus_cancel = CancellationToken::new();
-        shared.router.start(inbox, bus_cancel.clone());
-        tokio::spawn(crate::client_manager::reclaim(
-            shared.clients.clone(),
-            shared.queue_budget.clone(),
-            shared.config.slow_consumer_stall,
-            bus_cancel.clone(),
-        ));
+        let connections_cancel = CancellationToken::new();
+        let node_stop = CancellationToken::new();
+        node.start(node_stop.clone());
         let tracker = TaskTracker::new();
         let mut forget = tokio::time::interval(Duration::from_secs(60));
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-              node_id = %shared.node_id, name = %shared.config.name, "node listening");
+              node_id = %node.id(), name = %config.name, "node listening");
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = shared.drain.cancelled() => break,
+                _ = node.drain_started() => break,
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let remote = incoming.remote_address();
-                    match shared.admission.admit(remote.ip(), incoming.remote_address_validated()) {
+                    match node.admission().admit(remote.ip(), incoming.remote_address_validated()) {
                         Admit::Accept(permit) => {
-                            tracker.spawn(crate::connection::serve(incoming, permit, shared.clone(), cancel.clone()));
+                            tracker.spawn(crate::connection::serve(incoming, permit, node.clone(), connections_cancel.clone()));
                         }
                         Admit::Retry => {
                             debug!(%remote, "asking for address validation (Retry)");
@@ -295,32 +160,28 @@ impl Server {
                             }
                         }
                         Admit::Refuse(why) => {
-                            shared.stats.refused(match why {
-                                Refusal::TooManyPending => RefusedReason::PendingHandshakes,
-                                Refusal::IpRate => RefusedReason::IpRate,
-                                Refusal::IpConnections => RefusedReason::IpConnections,
-                            });
+                            node.stats().refused(why);
                             debug!(%remote, reason = why.as_str(), "connection refused before TLS");
                             incoming.refuse();
                         }
                     }
                 }
                 _ = forget.tick() => {
-                    shared.admission.forget_idle();
-                    shared.rate_limits.forget_idle();
+                    node.admission().forget_idle();
+                    node.rate_limits().forget_idle();
                 }
             }
         }
-        shared.drain.cancel();
+        node.start_drain();
         info!(
-            clients = shared.clients.len(),
-            grace = ?shared.config.shutdown_grace,
+            clients = node.registry().len(),
+            grace = ?config.shutdown_grace,
             "draining: refusing new connections, asking clients to reconnect elsewhere"
         );
-        cancel.cancel();
+        connections_cancel.cancel();
         tracker.close();
-        let drain_started = tokio::time::Instant::now();
-        let deadline = tokio::time::sleep(shared.config.shutdown_grace + Duration::from_secs(2));
+        let drain_began = tokio::time::Instant::now();
+        let deadline = tokio::time::sleep(config.shutdown_grace + Duration::from_secs(2));
         tokio::pin!(deadline);
         // Once every client left, go on refusing for `drain_linger`: a load
         // balancer still sends some reconnect attempts here, and a refusal
@@ -328,7 +189,7 @@ impl Server {
         // connect timeout.
         let linger = async {
             tracker.wait().await;
-            tokio::time::sleep_until(drain_started + shared.config.drain_linger).await;
+            tokio::time::sleep_until(drain_began + config.drain_linger).await;
         };
         tokio::pin!(linger);
         loop {
@@ -342,7 +203,7 @@ impl Server {
                 // instead of waiting for a timeout.
                 incoming = endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        shared.stats.refused(RefusedReason::Draining);
+                        node.stats().refused(RefusedReason::Draining);
                         incoming.refuse();
                     }
                     None => break,
@@ -352,8 +213,8 @@ impl Server {
         endpoint.set_server_config(None);
         // Connections are gone (their presence removals are queued); now
         // leave the cluster so nothing more is routed here.
-        shared.router.leave().await;
-        bus_cancel.cancel();
+        node.leave_cluster().await;
+        node_stop.cancel();
         http_cancel.cancel();
         for task in http {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
@@ -392,14 +253,6 @@ fn serve_http(
             tracing::error!(%err, what, "HTTP listener failed");
         }
     }))
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("node_id", &self.node_id)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The node's QUIC endpoint: certificates (given or dev), TLS, transport

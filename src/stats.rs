@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-use crate::protocol::{FRAME_KINDS, NodeId, NodeStats};
+use crate::protocol::{FRAME_NAMES, NodeId, NodeStats};
 
 /// Error codes counted one by one; higher codes share the last slot.
 pub const ERROR_CODE_SLOTS: usize = 32;
@@ -80,9 +80,9 @@ pub struct Stats {
     /// Clients disconnected for sustained rate-limit abuse.
     pub rate_limit_disconnects: AtomicU64,
     /// Frames received, by type (wire tag).
-    pub messages_in_by_kind: [AtomicU64; FRAME_KINDS.len()],
+    pub messages_in_by_type: [AtomicU64; FRAME_NAMES.len()],
     /// Frames queued to clients, by type (wire tag).
-    pub messages_out_by_kind: [AtomicU64; FRAME_KINDS.len()],
+    pub messages_out_by_type: [AtomicU64; FRAME_NAMES.len()],
     /// Error frames sent, by code.
     pub errors_by_code: [AtomicU64; ERROR_CODE_SLOTS],
     /// Connections refused or ended before becoming clients, by reason.
@@ -123,8 +123,8 @@ impl Default for Stats {
             node_busy: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             rate_limit_disconnects: AtomicU64::new(0),
-            messages_in_by_kind: counters(),
-            messages_out_by_kind: counters(),
+            messages_in_by_type: counters(),
+            messages_out_by_type: counters(),
             errors_by_code: counters(),
             refused_by_reason: counters(),
             pubsub_in: AtomicU64::new(0),
@@ -156,7 +156,7 @@ impl Stats {
     /// Counts one inbound frame of type `tag` and `bytes` on the wire.
     pub(crate) fn frame_in(&self, tag: usize, bytes: usize) {
         add(&self.bytes_in, bytes as u64);
-        if let Some(c) = self.messages_in_by_kind.get(tag) {
+        if let Some(c) = self.messages_in_by_type.get(tag) {
             add(c, 1);
         }
     }
@@ -164,7 +164,7 @@ impl Stats {
     /// Counts one frame of type `tag` queued to a client.
     pub(crate) fn frame_out(&self, tag: usize, bytes: usize) {
         add(&self.bytes_out, bytes as u64);
-        if let Some(c) = self.messages_out_by_kind.get(tag) {
+        if let Some(c) = self.messages_out_by_type.get(tag) {
             add(c, 1);
         }
     }
@@ -184,12 +184,12 @@ impl Stats {
 
     /// Frames received from clients (all types).
     pub fn messages_in(&self) -> u64 {
-        sum(&self.messages_in_by_kind)
+        sum(&self.messages_in_by_type)
     }
 
     /// Frames queued to clients (all types).
     pub fn messages_out(&self) -> u64 {
-        sum(&self.messages_out_by_kind)
+        sum(&self.messages_out_by_type)
     }
 
     /// Error frames sent (all codes).

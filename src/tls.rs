@@ -153,7 +153,7 @@ pub fn load_dev_certs(dir: &Path, names: &[String]) -> Result<DevServerCert, Tls
 /// Issues a client certificate for mutual TLS from the dev CA in `dir`
 /// (created if missing), under the directory's lock: common name `name`,
 /// written as `client-NAME.pem` / `client-NAME.key`. Returns the two paths.
-pub fn issue_dev_client_cert(dir: &Path, name: &str) -> Result<ClientIdentity, TlsError> {
+pub fn issue_dev_client_cert(dir: &Path, name: &str) -> Result<ClientCert, TlsError> {
     let invalid = name.is_empty()
         || name.len() > 64
         || !name
@@ -176,7 +176,7 @@ pub fn issue_dev_client_cert(dir: &Path, name: &str) -> Result<ClientIdentity, T
     params.distinguished_name.push(DnType::CommonName, name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key, &issuer)?;
-    let identity = ClientIdentity {
+    let identity = ClientCert {
         cert: dir.join(format!("client-{name}.pem")),
         key: dir.join(format!("client-{name}.key")),
     };
@@ -434,7 +434,7 @@ pub enum ServerTrust {
 /// A client certificate and its key (PEM files), for nodes that require
 /// mutual TLS.
 #[derive(Debug, Clone)]
-pub struct ClientIdentity {
+pub struct ClientCert {
     /// Certificate chain.
     pub cert: PathBuf,
     /// Private key.
@@ -453,7 +453,7 @@ fn root_store(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
 /// `identity` when given.
 pub fn client_crypto(
     trust: &ServerTrust,
-    identity: Option<&ClientIdentity>,
+    identity: Option<&ClientCert>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;

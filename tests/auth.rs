@@ -15,7 +15,7 @@ use quic_fabric::client::{Client, ClientError, Event};
 use quic_fabric::protocol::{
     self, Body, Frame, Handshake, Payload, Priority, close_code, error_code,
 };
-use quic_fabric::tls::{self, ClientIdentity};
+use quic_fabric::tls::{self, ClientCert};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
 
@@ -190,8 +190,7 @@ async fn hs256_token_names_the_user_everywhere_and_bad_tokens_are_refused() {
         Some(close_code::AUTH_FAILED as u64)
     );
     assert_eq!(
-        node.shared
-            .stats
+        node.stats()
             .refused_count(quic_fabric::stats::RefusedReason::AuthFailed),
         10
     );
@@ -370,7 +369,7 @@ async fn mutual_tls_requires_a_certificate_from_the_configured_ca() {
     let certs = common::TestCerts::new();
     let ca = certs.dir.path().join("ca.pem");
     let node = TestNode::start_on(
-        quic_fabric::server::BusChoice::FromConfig,
+        quic_fabric::node::BusChoice::FromConfig,
         Some(&certs),
         |c| c.auth_client_ca = Some(ca.clone()),
     )
@@ -391,7 +390,7 @@ async fn mutual_tls_requires_a_certificate_from_the_configured_ca() {
     let other = tempfile::tempdir().unwrap();
     let stranger = tls::issue_dev_client_cert(other.path(), "mallory").unwrap();
     let mut config = node.client_config("stranger");
-    config.identity = Some(ClientIdentity {
+    config.identity = Some(ClientCert {
         cert: stranger.cert,
         key: stranger.key,
     });

@@ -109,7 +109,7 @@ async fn listen_prints_connected_then_one_json_object_per_frame() {
     let connected: serde_json::Value = serde_json::from_str(&first).unwrap();
     assert_eq!(connected["type"], "connected");
     let listener_id: ClientId = connected["client_id"].as_str().unwrap().parse().unwrap();
-    assert_eq!(connected["node_id"], node.shared.node_id.to_string());
+    assert_eq!(connected["node_id"], node.id().to_string());
 
     let alice = node.connect("alice").await;
     alice
@@ -162,7 +162,7 @@ async fn list_and_stats_print_json() {
     let out = output(cmd).await;
     assert!(out.status.success());
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(stats["node_id"], node.shared.node_id.to_string());
+    assert_eq!(stats["node_id"], node.id().to_string());
     assert!(stats["clients_connected"].as_u64().unwrap() >= 2);
 }
 
@@ -317,8 +317,7 @@ async fn fabric_node_health_probes_without_becoming_a_client_and_gen_certs_is_id
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        node.shared
-            .stats
+        node.stats()
             .connections_total
             .load(std::sync::atomic::Ordering::Relaxed),
         0

@@ -6,8 +6,8 @@ mod common;
 use common::{TestCerts, TestNode, assert_none_before_echo, next_matching};
 use quic_fabric::bus::memory::MemoryCluster;
 use quic_fabric::client::Client;
+use quic_fabric::node::BusChoice;
 use quic_fabric::protocol::{Body, ClientId, Payload, Priority, error_code};
-use quic_fabric::server::BusChoice;
 
 async fn three_nodes() -> (TestCerts, Vec<TestNode>) {
     let certs = TestCerts::new();
@@ -45,7 +45,7 @@ async fn broadcast_crosses_nodes_and_reaches_every_other_client_once() {
                 payload: Payload::Text("to all".into())
             }
         );
-        assert_eq!(got.sender.unwrap().node_id, nodes[0].shared.node_id);
+        assert_eq!(got.sender.unwrap().node_id, nodes[0].id());
         assert_none_before_echo(c, |f| f.id == id).await;
     }
     assert_none_before_echo(&mut clients[0], |f| f.id == id).await;
@@ -113,7 +113,7 @@ async fn list_shows_every_client_of_the_cluster_with_its_node() {
     let expected: Vec<(String, _)> = ["a", "b", "c"]
         .iter()
         .zip(&nodes)
-        .map(|(n, node)| (n.to_string(), node.shared.node_id))
+        .map(|(n, node)| (n.to_string(), node.id()))
         .collect();
     assert_eq!(seen, expected);
 }

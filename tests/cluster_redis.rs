@@ -16,8 +16,8 @@ use common::redis::{
 use common::{TestCerts, TestNode, WAIT, eventually, next_matching};
 use quic_fabric::bus::ClusterBus;
 use quic_fabric::client::{Client, ClientConfig, ClientError, Event};
+use quic_fabric::node::BusChoice;
 use quic_fabric::protocol::{Body, ClientId, Payload, Priority, error_code};
-use quic_fabric::server::BusChoice;
 use testcontainers_modules::redis::Redis;
 use testcontainers_modules::testcontainers::ImageExt;
 use testcontainers_modules::testcontainers::core::IntoContainerPort;
@@ -41,11 +41,11 @@ async fn broadcast_direct_and_list_work_across_nodes() {
     let (clients, _) = b.list().await.unwrap();
     for info in &clients {
         let expected_node = if info.name.starts_with('a') {
-            n1.shared.node_id
+            n1.id()
         } else if info.name == "b" {
-            n2.shared.node_id
+            n2.id()
         } else {
-            n3.shared.node_id
+            n3.id()
         };
         assert_eq!(info.node_id, expected_node, "{info:?}");
     }
@@ -87,7 +87,7 @@ async fn broadcast_direct_and_list_work_across_nodes() {
                 payload: Payload::Text(i.to_string())
             }
         );
-        assert_eq!(got.sender.as_ref().unwrap().node_id, n1.shared.node_id);
+        assert_eq!(got.sender.as_ref().unwrap().node_id, n1.id());
     }
 
     // Unknown target.
@@ -198,8 +198,8 @@ async fn a_gracefully_stopped_node_leaves_presence_at_once() {
         clients.iter().map(|c| c.client_id).collect::<Vec<_>>(),
         vec![a.client_id()]
     );
-    let live = n1.shared.router.bus().live_nodes().await.unwrap();
-    assert_eq!(live, vec![n1.shared.node_id]);
+    let live = n1.bus().live_nodes().await.unwrap();
+    assert_eq!(live, vec![n1.id()]);
     drop(n1);
     redis.remove().await;
 }
@@ -265,7 +265,7 @@ async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
     wait_listed(&a, &[a.client_id(), a2.client_id(), b.client_id()]).await;
 
     redis.container.stop_with_timeout(Some(0)).await.unwrap();
-    let bus = n1.shared.router.bus();
+    let bus = n1.bus();
     eventually(WAIT, "node notices the outage", || async {
         !bus.available()
     })
@@ -595,8 +595,8 @@ async fn admin_api_and_metrics_see_and_steer_the_whole_cluster() {
         .collect();
     counts.sort();
     let mut want = vec![
-        (n1.shared.node_id.to_string(), 1, true),
-        (n2.shared.node_id.to_string(), 2, false),
+        (n1.id().to_string(), 1, true),
+        (n2.id().to_string(), 2, false),
     ];
     want.sort();
     assert_eq!(counts, want);
@@ -626,7 +626,7 @@ async fn admin_api_and_metrics_see_and_steer_the_whole_cluster() {
     let path = format!("/clients/{}?reason=bye", other2.client_id());
     let kicked = common::http(admin, "DELETE", &path, Some(TOKEN), None).await;
     assert_eq!(kicked.status, 202, "{}", kicked.body);
-    assert_eq!(kicked.json()["node_id"], n2.shared.node_id.to_string());
+    assert_eq!(kicked.json()["node_id"], n2.id().to_string());
     let closed = tokio::time::timeout(WAIT, async {
         loop {
             match other2.next_event().await {

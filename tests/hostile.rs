@@ -182,7 +182,7 @@ async fn a_ping_flood_gets_one_answer_per_ping_and_the_connection_stays() {
     // Still open: after waiting as told, a ping gets its Pong.
     let probes_limited = pong_after_retry(&mut send, &mut recv).await;
     assert!(raw.conn.close_reason().is_none());
-    let stats = &node.shared.stats;
+    let stats = &node.stats();
     assert_eq!(
         stat(&stats.rate_limited),
         limited as u64 + probes_limited,
@@ -238,7 +238,7 @@ async fn sustained_flooding_closes_the_connection_with_rate_limited() {
         }
         other => panic!("expected an application close, got {other:?}"),
     }
-    assert_eq!(stat(&node.shared.stats.rate_limit_disconnects), 1);
+    assert_eq!(stat(&node.stats().rate_limit_disconnects), 1);
     still_serving(&node).await;
 }
 
@@ -402,7 +402,7 @@ async fn stream_churn_is_rate_limited_and_every_stream_is_answered() {
     .expect("a Pong once the client waits as told");
     reader.abort();
     assert!(raw.conn.close_reason().is_none());
-    assert_eq!(stat(&node.shared.stats.rate_limit_disconnects), 0);
+    assert_eq!(stat(&node.stats().rate_limit_disconnects), 0);
     still_serving(&node).await;
 }
 
@@ -434,7 +434,7 @@ async fn stream_churn_past_the_strikes_closes_the_connection() {
         Some(close_code::RATE_LIMITED as u64)
     );
     // At least once: see the ignored test below for "exactly once".
-    assert!(stat(&node.shared.stats.rate_limit_disconnects) >= 1);
+    assert!(stat(&node.stats().rate_limit_disconnects) >= 1);
     still_serving(&node).await;
 }
 
@@ -466,7 +466,7 @@ async fn a_rate_limit_disconnect_is_counted_once_per_client() {
         );
     }
     assert_eq!(
-        stat(&node.shared.stats.rate_limit_disconnects),
+        stat(&node.stats().rate_limit_disconnects),
         CHURNERS,
         "one disconnect per client"
     );
@@ -564,7 +564,7 @@ fn handshake_of_len(payload_len: usize) -> Frame {
 #[tokio::test]
 async fn an_oversized_handshake_is_refused_with_bad_handshake() {
     let node = TestNode::start().await;
-    let max = node.shared.config.max_handshake_bytes;
+    let max = node.config().max_handshake_bytes;
     assert_eq!(max, 16 * 1024, "the default");
 
     // Exactly at the limit: accepted (without auth the token is ignored).
@@ -716,7 +716,7 @@ async fn connections_per_ip_are_capped_and_released() {
         Err(other) => panic!("expected a connect error, got {other}"),
         Ok(_) => panic!("a library client got in beyond the per-IP limit"),
     }
-    assert_eq!(node.shared.stats.refused_before_tls(), 2);
+    assert_eq!(node.stats().refused_before_tls(), 2);
     // Those already in are served.
     let p = ping();
     a_send.write_all(&encode(&p)).await.unwrap();
@@ -770,7 +770,7 @@ async fn connection_rate_per_ip_refuses_beyond_the_burst() {
     }
     let refused = refused.expect("a connection beyond the per-IP rate is refused");
     assert!(is_refused(&refused), "{refused:?}");
-    assert!(node.shared.stats.refused_before_tls() >= 1);
+    assert!(node.stats().refused_before_tls() >= 1);
     // The accepted ones are full clients.
     for (i, raw) in accepted.iter().enumerate() {
         let (mut send, mut recv, ack) = raw.handshake(&format!("quick{i}")).await;
@@ -800,13 +800,13 @@ async fn pending_handshakes_are_capped_before_tls() {
     // Two connections finish TLS and never say Handshake.
     let silent1 = RawClient::connect(&node).await;
     let silent2 = RawClient::connect(&node).await;
-    assert_eq!(node.shared.admission.pending(), 2);
+    assert_eq!(node.admission().pending(), 2);
     let third = RawClient::try_connect(&node).await;
     match &third {
         Err(err) => assert!(is_refused(err), "{err:?}"),
         Ok(_) => panic!("a third pending handshake was admitted"),
     }
-    assert_eq!(node.shared.stats.refused_before_tls(), 1);
+    assert_eq!(node.stats().refused_before_tls(), 1);
 
     // The silent ones leave: their slots are freed and a client gets in.
     silent1.conn.close(0u32.into(), b"bye");
@@ -814,10 +814,10 @@ async fn pending_handshakes_are_capped_before_tls() {
     let c = connect_when_admitted(&node, "latecomer").await;
     c.ping().await.unwrap();
     // Both silent ones noticed gone, and a finished handshake holds no slot.
-    let shared = node.shared.clone();
+    let shared = node.node.clone();
     common::eventually(WAIT, "no pending handshakes", || {
         let shared = shared.clone();
-        async move { shared.admission.pending() == 0 }
+        async move { shared.admission().pending() == 0 }
     })
     .await;
     // A handshaken client holds no pending slot: two more may be pending.
@@ -855,13 +855,13 @@ async fn address_validation_always_is_transparent_to_clients() {
         Body::Pong { of: p.id }
     );
     // Retried or not, every finished handshake releases its slot.
-    let shared = node.shared.clone();
+    let shared = node.node.clone();
     common::eventually(WAIT, "no pending handshakes", || {
         let shared = shared.clone();
-        async move { shared.admission.pending() == 0 }
+        async move { shared.admission().pending() == 0 }
     })
     .await;
-    assert_eq!(node.shared.stats.refused_before_tls(), 0);
+    assert_eq!(node.stats().refused_before_tls(), 0);
 }
 
 // ------------------------------------------------------- node-wide budget
@@ -952,7 +952,7 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
         acks * direct_len + direct_len + 512 > BUDGET,
         "refused early: {acks} acks of {direct_len} bytes"
     );
-    let stats = &node.shared.stats;
+    let stats = &node.stats();
     assert!(stat(&stats.node_busy) >= 1);
     assert_eq!(
         stat(&stats.slow_consumer_disconnects),
@@ -1007,7 +1007,7 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
     for sink in &sinks {
         sink.0.conn.close(0u32.into(), b"bye");
     }
-    let budget = node.shared.queue_budget.clone();
+    let budget = node.queue_budget().clone();
     common::eventually(WAIT, "queue budget back to zero", || {
         let budget = budget.clone();
         async move { budget.used() == 0 }
@@ -1098,7 +1098,7 @@ async fn a_reader_that_stops_is_dropped_as_slow_even_when_the_node_budget_is_no_
         sink.closed_code().await,
         Some(close_code::SLOW_CONSUMER as u64)
     );
-    assert_eq!(stat(&node.shared.stats.slow_consumer_disconnects), 1);
+    assert_eq!(stat(&node.stats().slow_consumer_disconnects), 1);
     still_serving(&node).await;
 }
 
@@ -1136,7 +1136,7 @@ async fn readers_that_stop_together_are_dropped_once_they_exhaust_the_node_budge
         sink2.closed_code().await,
         Some(close_code::SLOW_CONSUMER as u64)
     );
-    let budget = node.shared.queue_budget.clone();
+    let budget = node.queue_budget().clone();
     common::eventually(WAIT, "queue budget given back", || {
         let budget = budget.clone();
         async move { budget.used() == 0 }

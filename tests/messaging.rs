@@ -14,12 +14,12 @@ async fn handshake_assigns_ids_and_reports_the_node() {
     let a = node.connect("alice").await;
     let b = node.connect("bob").await;
     assert_ne!(a.client_id(), b.client_id());
-    assert_eq!(a.node_id(), node.shared.node_id);
+    assert_eq!(a.node_id(), node.id());
     assert_eq!(a.handshake().version, 1);
     assert_eq!(a.handshake().server_name, "test-node");
     assert_eq!(
         a.handshake().max_frame_bytes as usize,
-        node.shared.config.max_message_bytes
+        node.config().max_message_bytes
     );
 }
 
@@ -216,7 +216,7 @@ async fn list_shows_every_connected_client_and_drops_leavers() {
     let mut names: Vec<_> = clients.iter().map(|c| c.name.as_str()).collect();
     names.sort();
     assert_eq!(names, ["alice", "bob"]);
-    assert!(clients.iter().all(|c| c.node_id == node.shared.node_id));
+    assert!(clients.iter().all(|c| c.node_id == node.id()));
 
     let b_id = b.client_id();
     b.close("bye").await;
@@ -251,7 +251,7 @@ async fn ping_gets_pong_and_stats_count_traffic() {
     let rtt = a.ping().await.unwrap();
     assert!(rtt < WAIT);
     let stats = a.stats().await.unwrap();
-    assert_eq!(stats.node_id, node.shared.node_id);
+    assert_eq!(stats.node_id, node.id());
     assert_eq!(stats.clients_connected, 1);
     // Handshake, Ping and the StatsRequest itself.
     assert!(stats.messages_in >= 3, "{stats:?}");

@@ -150,7 +150,7 @@ async fn admin_api_lists_broadcasts_and_disconnects() {
     // Health and readiness need no token; everything else does.
     let health = http(admin, "GET", "/health", None, None).await;
     assert_eq!(health.status, 200);
-    assert_eq!(health.json()["node_id"], node.shared.node_id.to_string());
+    assert_eq!(health.json()["node_id"], node.id().to_string());
     assert_eq!(http(admin, "GET", "/ready", None, None).await.status, 200);
     let denied = http(admin, "GET", "/stats", None, None).await;
     assert_eq!(denied.status, 401);
@@ -325,8 +325,7 @@ async fn drain_turns_ready_off_asks_clients_to_leave_and_stops_the_node() {
     // A new client is refused while draining.
     assert!(Client::connect(&node.client_config("late")).await.is_err());
     assert!(
-        node.shared
-            .stats
+        node.stats()
             .refused_count(quic_fabric::stats::RefusedReason::Draining)
             > 0,
         "refusals counted as draining"
@@ -359,7 +358,7 @@ fn an_admin_api_beyond_loopback_needs_a_token() {
 #[tokio::test]
 async fn a_drained_node_keeps_refusing_for_the_linger_instead_of_vanishing() {
     let mut node = TestNode::start_with(|c| c.drain_linger = Duration::from_secs(3)).await;
-    node.shared.start_drain();
+    node.start_drain();
     // No clients: without the linger the node would be gone at once and an
     // attempt would just time out; with it, the attempt is refused at once.
     let attempt = common::RawClient::try_connect(&node).await;

@@ -366,7 +366,7 @@ fn protocol_md_hex_examples_match_the_encoder() {
         );
     }
     // Every frame type has an example.
-    let mut kinds: Vec<&str> = examples.iter().map(|(_, f)| f.body.kind()).collect();
+    let mut kinds: Vec<&str> = examples.iter().map(|(_, f)| f.body.name()).collect();
     kinds.sort();
     kinds.dedup();
     assert_eq!(kinds.len(), protocol::codec::BODY_VARIANTS as usize);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{TestCerts, TestNode, WAIT};
 use quic_fabric::client::{Client, ClientConfig, Event, ReconnectPolicy};
-use quic_fabric::server::BusChoice;
+use quic_fabric::node::BusChoice;
 
 fn policy() -> ReconnectPolicy {
     ReconnectPolicy {
@@ -44,7 +44,7 @@ async fn a_client_reconnects_to_whatever_answers_at_the_same_address() {
     config.request_timeout = Duration::from_secs(3);
     let mut client = Client::connect(&config).await.unwrap();
     let old_id = client.client_id();
-    assert_eq!(client.node_id(), first.shared.node_id);
+    assert_eq!(client.node_id(), first.id());
 
     first.stop().await;
     // A Goodbye with the reconnect cue: the client leaves by itself at once
@@ -77,7 +77,7 @@ async fn a_client_reconnects_to_whatever_answers_at_the_same_address() {
     match next_event(&mut client).await {
         Event::Reconnected { client_id, node_id } => {
             assert_ne!(client_id, old_id, "a new connection gets a new id");
-            assert_eq!(node_id, second.shared.node_id);
+            assert_eq!(node_id, second.id());
             assert_eq!(client.client_id(), client_id);
             assert_eq!(client.handshake().server_name, "second");
         }

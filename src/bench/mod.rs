@@ -240,7 +240,7 @@ impl Lab {
         tweak(&mut config);
         let server = Server::bind(config)?;
         let addr = server.local_addr();
-        let bus = server.shared();
+        let node = server.node();
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(server.run(async move { token.cancelled().await }));
@@ -248,7 +248,7 @@ impl Lab {
         if redis.is_some() {
             use crate::bus::ClusterBus;
             let deadline = Instant::now() + Duration::from_secs(20);
-            while !bus.router.bus().available() {
+            while !node.bus().available() {
                 anyhow::ensure!(Instant::now() < deadline, "node did not reach Redis");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

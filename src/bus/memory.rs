@@ -8,11 +8,13 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc;
 
-use super::{BusError, BusMessage, ClusterBus, PublishDone, Target, sort_and_cut};
+use super::{
+    BusError, BusMessage, ClusterBus, ClusterEventSender, PublishDone, Target, sort_and_cut,
+};
 use crate::protocol::{ClientId, ClientInfo, NodeId};
 
 struct Member {
-    inbox: mpsc::Sender<BusMessage>,
+    inbox: ClusterEventSender,
     clients: HashMap<ClientId, ClientInfo>,
 }
 
@@ -46,11 +48,7 @@ pub struct MemoryBus {
 
 impl MemoryBus {
     /// Joins `cluster` as `node_id`; messages for this node go to `inbox`.
-    pub fn join(
-        cluster: Arc<MemoryCluster>,
-        node_id: NodeId,
-        inbox: mpsc::Sender<BusMessage>,
-    ) -> Self {
+    pub fn join(cluster: Arc<MemoryCluster>, node_id: NodeId, inbox: ClusterEventSender) -> Self {
         cluster.write().insert(
             node_id,
             Member {
@@ -66,7 +64,7 @@ impl MemoryBus {
     }
 
     /// A lone node: no other node can ever join.
-    pub fn single(node_id: NodeId, inbox: mpsc::Sender<BusMessage>) -> Self {
+    pub fn single(node_id: NodeId, inbox: ClusterEventSender) -> Self {
         MemoryBus {
             clustered: false,
             ..Self::join(MemoryCluster::new(), node_id, inbox)
@@ -86,6 +84,8 @@ impl MemoryBus {
 }
 
 impl ClusterBus for MemoryBus {
+    fn start(&self) {}
+
     fn available(&self) -> bool {
         true
     }

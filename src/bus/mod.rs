@@ -4,9 +4,12 @@
 //!
 //! Two engines implement [`ClusterBus`]: [`memory`] (the default; one node,
 //! or several nodes inside one process) and [`redis_bus`] (nodes sharing a
-//! Redis). The router talks to a [`Bus`], which dispatches to either, so it
-//! never knows which one it has. Messages from other nodes arrive on the
-//! inbox channel handed to the engine at construction.
+//! Redis). The node talks to a [`Bus`], which dispatches to either, so it
+//! never knows which one it has. What other nodes send this one arrives as
+//! [`ClusterEvents`], a channel handed to the engine at construction
+//! ([`ClusterEventSender`]) and read by the node's cluster event loop
+//! (`Node::start`). An engine learns about the node's own clients only
+//! through [`LocalPresence`].
 
 pub mod memory;
 pub mod redis_bus;
@@ -15,6 +18,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use crate::protocol::{ClientId, ClientInfo, MessageId, NodeId, Priority};
 
@@ -120,6 +124,20 @@ pub enum Target {
     Node(NodeId),
 }
 
+/// What other nodes send this one, in the order they arrive; read by the
+/// node's cluster event loop.
+pub type ClusterEvents = mpsc::Receiver<BusMessage>;
+
+/// The engine's end of [`ClusterEvents`].
+pub type ClusterEventSender = mpsc::Sender<BusMessage>;
+
+/// What an engine may know of the node's own clients: enough to register
+/// them all again after Redis lost them.
+pub trait LocalPresence: Send + Sync {
+    /// Every client connected to this node.
+    fn local_clients(&self) -> Vec<ClientInfo>;
+}
+
 /// Told how a publish went: `Ok(n)` with the number of nodes that received
 /// it, or the error. For [`Target::AllNodes`], `Ok` means every live node
 /// received it (a shortfall is [`BusError::Partial`]); for
@@ -129,6 +147,10 @@ pub type PublishDone = Box<dyn FnOnce(Result<usize, BusError>) + Send>;
 
 /// One engine of the cluster bus.
 pub trait ClusterBus: Send + Sync {
+    /// Starts the engine's background work (connections, heartbeat);
+    /// nothing before it touches the network.
+    fn start(&self);
+
     /// Whether the cluster can be reached right now. When false, cross-node
     /// operations fail fast instead of waiting for timeouts.
     fn available(&self) -> bool;
@@ -187,6 +209,10 @@ macro_rules! dispatch {
 }
 
 impl ClusterBus for Bus {
+    fn start(&self) {
+        dispatch!(self, b => b.start())
+    }
+
     fn available(&self) -> bool {
         dispatch!(self, b => b.available())
     }

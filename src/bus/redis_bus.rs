@@ -29,8 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{BusError, BusMessage, ClusterBus, PublishDone, Target, sort_and_cut};
-use crate::client_manager::ClientManager;
+use super::{
+    BusError, BusMessage, ClusterBus, ClusterEventSender, LocalPresence, PublishDone, Target,
+    sort_and_cut,
+};
 use crate::protocol::codec::{decode_value, encode_value};
 use crate::protocol::{ClientId, ClientInfo, NodeId, now_ms};
 use crate::stats::Stats;
@@ -212,8 +214,8 @@ struct Inner {
     conn: ConnectionManager,
     ops: mpsc::Sender<Op>,
     ops_rx: Mutex<Option<mpsc::Receiver<Op>>>,
-    inbox: mpsc::Sender<BusMessage>,
-    presence: Arc<ClientManager>,
+    events: ClusterEventSender,
+    presence: Arc<dyn LocalPresence>,
     commands_ok: AtomicBool,
     subscribed: AtomicBool,
     needs_resync: AtomicBool,
@@ -316,8 +318,8 @@ impl RedisBus {
     /// is down); [`RedisBus::start`] begins connecting.
     pub fn new(
         config: RedisBusConfig,
-        presence: Arc<ClientManager>,
-        inbox: mpsc::Sender<BusMessage>,
+        presence: Arc<dyn LocalPresence>,
+        events: ClusterEventSender,
         stats: Arc<Stats>,
     ) -> Result<Self, BusError> {
         let client = match &config.ca_pem {
@@ -347,7 +349,7 @@ impl RedisBus {
                 conn,
                 ops,
                 ops_rx: Mutex::new(Some(ops_rx)),
-                inbox,
+                events,
                 presence,
                 commands_ok: AtomicBool::new(false),
                 subscribed: AtomicBool::new(false),
@@ -359,33 +361,6 @@ impl RedisBus {
                 stats,
             }),
         })
-    }
-
-    /// Starts the writer, subscriber and heartbeat tasks.
-    pub fn start(&self) {
-        let Some(ops_rx) = self
-            .inner
-            .ops_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
-            return;
-        };
-        info!(url = %redacted(&self.inner.config.url), prefix = %self.inner.config.prefix, "joining cluster through Redis");
-        tokio::spawn(writer(self.inner.clone(), ops_rx));
-        tokio::spawn(subscriber(self.inner.clone()));
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(inner.config.heartbeat_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => { let _ = inner.ops.try_send(Op::Heartbeat); }
-                    _ = inner.cancel.cancelled() => return,
-                }
-            }
-        });
     }
 
     /// The key and channel names in use.
@@ -423,6 +398,33 @@ fn redacted(url: &str) -> String {
 }
 
 impl ClusterBus for RedisBus {
+    /// Starts the writer, subscriber and heartbeat tasks.
+    fn start(&self) {
+        let Some(ops_rx) = self
+            .inner
+            .ops_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        info!(url = %redacted(&self.inner.config.url), prefix = %self.inner.config.prefix, "joining cluster through Redis");
+        tokio::spawn(writer(self.inner.clone(), ops_rx));
+        tokio::spawn(subscriber(self.inner.clone()));
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(inner.config.heartbeat_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { let _ = inner.ops.try_send(Op::Heartbeat); }
+                    _ = inner.cancel.cancelled() => return,
+                }
+            }
+        });
+    }
+
     fn available(&self) -> bool {
         self.inner.commands_ok.load(Ordering::Acquire)
             && self.inner.subscribed.load(Ordering::Acquire)
@@ -937,12 +939,7 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
 async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
     let keys = &inner.keys;
     let me = inner.config.node_id;
-    let clients: Vec<ClientInfo> = inner
-        .presence
-        .all()
-        .iter()
-        .map(|c| c.info.clone())
-        .collect();
+    let clients: Vec<ClientInfo> = inner.presence.local_clients();
     let here: HashSet<String> = clients.iter().map(|c| c.client_id.to_string()).collect();
     let me_str = me.to_string();
     let stale = remove_index_entries(inner, conn, |client, node| {
@@ -1164,7 +1161,7 @@ async fn receive(inner: &Inner, pubsub: redis::aio::PubSub) -> String {
                 // the sender's Ack a lie. If the wait lasts, Redis closes
                 // this subscriber over its output buffer limit, and that
                 // gap is reported to senders (BusError::Partial).
-                if inner.inbox.send(message).await.is_err() {
+                if inner.events.send(message).await.is_err() {
                     return "node stopped".into();
                 }
             }

@@ -36,7 +36,7 @@ pub struct ClientConfig {
     /// Bearer token (JWT) sent in the handshake, for nodes that require one.
     pub token: Option<String>,
     /// Client certificate presented to nodes that require mutual TLS.
-    pub identity: Option<tls::ClientIdentity>,
+    pub identity: Option<tls::ClientCert>,
     /// Time allowed for QUIC and application handshakes together.
     pub connect_timeout: Duration,
     /// Time allowed for a request's reply (Ack, Pong, ...).
@@ -522,7 +522,7 @@ impl Client {
             Body::Ack { .. } => Ok(id),
             other => Err(ClientError::Protocol(format!(
                 "expected Ack, got {}",
-                other.kind()
+                other.name()
             ))),
         }
     }
@@ -572,7 +572,7 @@ impl Client {
             } => Ok((clients, truncated)),
             other => Err(ClientError::Protocol(format!(
                 "expected ClientList, got {}",
-                other.kind()
+                other.name()
             ))),
         }
     }
@@ -590,7 +590,7 @@ impl Client {
             Body::Pong { .. } => Ok(start.elapsed()),
             other => Err(ClientError::Protocol(format!(
                 "expected Pong, got {}",
-                other.kind()
+                other.name()
             ))),
         }
     }
@@ -607,7 +607,7 @@ impl Client {
             Body::Stats { stats, .. } => Ok(stats),
             other => Err(ClientError::Protocol(format!(
                 "expected Stats, got {}",
-                other.kind()
+                other.name()
             ))),
         }
     }
@@ -735,7 +735,7 @@ async fn connect_once(
             Some(Body::Error { code, message, .. }) => Err(ClientError::Refused { code, message }),
             Some(other) => Err(ClientError::Protocol(format!(
                 "expected HandshakeAck, got {}",
-                other.kind()
+                other.name()
             ))),
             None => Err(ClientError::Protocol(
                 "stream ended before HandshakeAck".into(),

@@ -16,7 +16,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::{Frame, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES, MessageId, Priority, Sender};
 
 /// Number of frame types this build knows (wire tags `0..BODY_VARIANTS`).
-pub const BODY_VARIANTS: u32 = super::FRAME_KINDS.len() as u32;
+pub const BODY_VARIANTS: u32 = super::FRAME_NAMES.len() as u32;
 
 type WireConfig = Configuration<LittleEndian, Fixint, Limit<HARD_MAX_FRAME_BYTES>>;
 
@@ -183,7 +183,7 @@ fn classify(payload: &[u8], err: DecodeError) -> CodecError {
         Ok(tag) => tag,
         Err(e) => return malformed("body", &e),
     };
-    match super::FRAME_KINDS.get(tag as usize) {
+    match super::FRAME_NAMES.get(tag as usize) {
         Some(kind) => malformed(&format!("body ({kind})"), &err),
         None => CodecError::UnknownFrameType {
             tag,

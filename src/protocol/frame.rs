@@ -304,7 +304,7 @@ pub enum Body {
 }
 
 /// Names of the frame types, indexed by wire tag ([`Body::tag`]).
-pub const FRAME_KINDS: [&str; 15] = [
+pub const FRAME_NAMES: [&str; 15] = [
     "handshake",
     "handshake_ack",
     "text",
@@ -323,7 +323,7 @@ pub const FRAME_KINDS: [&str; 15] = [
 ];
 
 /// Wire tags of the frame types the node queues itself (see [`Body::tag`]).
-pub mod kind {
+pub mod tag {
     /// Text echo.
     pub const TEXT: usize = 2;
     /// Binary echo.
@@ -338,11 +338,11 @@ pub mod kind {
 
 impl Body {
     /// Short lowercase name of the frame type, for logs and JSON output.
-    pub fn kind(&self) -> &'static str {
-        FRAME_KINDS[self.tag()]
+    pub fn name(&self) -> &'static str {
+        FRAME_NAMES[self.tag()]
     }
 
-    /// The body's wire tag (0 to 14), also its index in [`FRAME_KINDS`].
+    /// The body's wire tag (0 to 14), also its index in [`FRAME_NAMES`].
     pub fn tag(&self) -> usize {
         match self {
             Body::Handshake(_) => 0,

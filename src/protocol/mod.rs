@@ -5,6 +5,8 @@
 
 pub mod codec;
 pub mod frame;
+pub mod json;
+pub mod stream;
 
 pub use codec::{CodecError, decode, decode_frame, decode_length, encode};
 pub use frame::*;
@@ -32,6 +34,10 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Default for the longest client name accepted in a handshake, in bytes
 /// (`max_name_bytes`).
 pub const MAX_NAME_BYTES: usize = 64;
+
+/// Longest user id (token subject or certificate name) a node accepts and
+/// puts in sender stamps and client lists.
+pub const MAX_USER_BYTES: usize = 256;
 
 /// Picks the protocol version for a Handshake offering
 /// `min_version..=max_version`: the highest both sides speak. Versions are

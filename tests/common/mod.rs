@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quic_fabric::client::{Client, ClientConfig, Event};
+use quic_fabric::node::{BusChoice, Node};
 use quic_fabric::protocol::{self, Body, Frame, Handshake, Priority};
-use quic_fabric::server::{BusChoice, Shared};
 use quic_fabric::{NodeConfig, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -41,10 +41,19 @@ pub struct TestNode {
     /// The admin API, when the config enabled it.
     pub admin_addr: Option<SocketAddr>,
     pub ca: PathBuf,
-    pub shared: Arc<Shared>,
+    /// The node's state; `TestNode` derefs to it (`n1.id()`, `n1.bus()`).
+    pub node: Arc<Node>,
     pub shutdown: CancellationToken,
     pub task: Option<tokio::task::JoinHandle<()>>,
     _certs: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestNode {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        &self.node
+    }
 }
 
 impl TestNode {
@@ -73,7 +82,7 @@ impl TestNode {
         let server = Server::bind_with(config, bus).expect("node binds");
         let addr = server.local_addr();
         let (metrics_addr, admin_addr) = (server.metrics_addr(), server.admin_addr());
-        let shared = server.shared();
+        let node = server.node();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(server.run(async move { token.cancelled().await }));
@@ -82,7 +91,7 @@ impl TestNode {
             metrics_addr,
             admin_addr,
             ca: dir.join("ca.pem"),
-            shared,
+            node,
             shutdown,
             task: Some(task),
             _certs: own,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use quic_fabric::bus::ClusterBus;
 use quic_fabric::client::Client;
+use quic_fabric::node::BusChoice;
 use quic_fabric::protocol::ClientId;
-use quic_fabric::server::BusChoice;
 use testcontainers_modules::redis::Redis;
 use testcontainers_modules::testcontainers::core::IntoContainerPort;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
@@ -114,9 +114,9 @@ pub async fn redis_node_with(
 
 /// Waits until every node reaches Redis and sees all the others alive.
 pub async fn wait_ready(nodes: &[&TestNode]) {
-    let ids: Vec<_> = nodes.iter().map(|n| n.shared.node_id).collect();
+    let ids: Vec<_> = nodes.iter().map(|n| n.id()).collect();
     for node in nodes {
-        let bus = node.shared.router.bus();
+        let bus = node.bus();
         eventually(WAIT, "node joins the cluster", || async {
             bus.available() && matches!(bus.live_nodes().await, Ok(live) if ids.iter().all(|i| live.contains(i)))
         })

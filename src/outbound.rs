@@ -1,0 +1,485 @@
+//! One client's outbound side: a bounded queue per priority, each drained
+//! by its own writer task onto its own QUIC stream, and the node-wide
+//! budget all queues share.
+//!
+//! Enqueueing never blocks. A client whose queue is full, or who has more
+//! than `max_queued_bytes` waiting, is a slow consumer and is disconnected
+//! with `close_code::SLOW_CONSUMER`, so one slow reader can neither stall
+//! its senders nor grow the node's memory. Frames queued before the client
+//! is ready (its HandshakeAck written) wait until [`Outbound::start`] hands
+//! over the connection, so the client always reads the HandshakeAck first;
+//! until then an `Outbound` needs no connection at all (the registry's unit
+//! tests use it so).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::protocol::{self, ClientId, Priority, close_code};
+use crate::stats::{self, Stats};
+
+/// Why a frame could not be queued for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EnqueueError {
+    /// The client's queue was full; it is being disconnected.
+    #[error("recipient is not reading fast enough and is being disconnected")]
+    SlowConsumer,
+    /// The client is already gone.
+    #[error("recipient has disconnected")]
+    Closed,
+    /// The node's memory budget for queued messages (all clients together)
+    /// is exhausted; the message was not queued.
+    #[error("the node's queues are full (max_total_queued_bytes)")]
+    NodeBusy,
+}
+
+/// Milliseconds on a process-wide monotonic clock (for progress stamps).
+pub(crate) fn mono_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The node-wide budget for bytes queued to clients.
+#[derive(Debug)]
+pub struct QueueBudget {
+    used: AtomicUsize,
+    max: usize,
+    /// Woken when the budget refused a message, so the registry's
+    /// `reclaim` looks for clients that stopped reading.
+    exhausted: tokio::sync::Notify,
+}
+
+impl QueueBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(QueueBudget {
+            used: AtomicUsize::new(0),
+            max,
+            exhausted: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Bytes queued for all clients right now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Completes after the budget refused a message.
+    pub async fn exhausted(&self) {
+        self.exhausted.notified().await
+    }
+
+    fn take(&self, len: usize) -> bool {
+        let before = self.used.fetch_add(len, Ordering::AcqRel);
+        if before + len > self.max {
+            self.used.fetch_sub(len, Ordering::AcqRel);
+            self.exhausted.notify_one();
+            return false;
+        }
+        true
+    }
+
+    fn force(&self, len: usize) {
+        self.used.fetch_add(len, Ordering::AcqRel);
+    }
+
+    fn give(&self, len: usize) {
+        self.used.fetch_sub(len, Ordering::AcqRel);
+    }
+}
+
+/// How the node itself closed a client's connection (close code and
+/// reason), kept so the connection's log line states what the client
+/// received (quinn only reports "closed locally").
+#[derive(Debug, Default)]
+struct NodeClose {
+    end: Mutex<Option<(u32, String)>>,
+}
+
+impl NodeClose {
+    /// Records the close (the first one wins) and closes `conn` when the
+    /// client has one yet.
+    fn close(&self, conn: Option<&quinn::Connection>, code: u32, reason: String) {
+        let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        if end.is_none() {
+            if let Some(conn) = conn {
+                conn.close(code.into(), reason.as_bytes());
+            }
+            *end = Some((code, reason));
+        }
+    }
+
+    fn get(&self) -> Option<(u32, String)> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The queue limits of one client.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Frames per priority (`outbound_queue_len`).
+    pub frames: usize,
+    /// Bytes over all priorities (`max_queued_bytes`).
+    pub bytes: usize,
+}
+
+/// One priority's queue and writer, created on first use: most clients
+/// never use all three priorities, and an idle client then costs no
+/// channel and no task for them (see BENCHMARKS.md, `connections`).
+#[derive(Debug, Default)]
+struct Lane {
+    tx: OnceLock<mpsc::Sender<Bytes>>,
+    /// A receiver waiting for the client to be ready before its writer
+    /// starts, so nothing is written before the HandshakeAck.
+    pending: Mutex<Option<mpsc::Receiver<Bytes>>>,
+}
+
+/// What the writers write to, set once the client is ready.
+#[derive(Debug)]
+struct Link {
+    conn: quinn::Connection,
+    /// The connection's span, which the writer tasks run in.
+    span: tracing::Span,
+}
+
+/// Most frames a writer puts into one write call.
+const WRITE_BATCH: usize = 64;
+
+/// One client's outbound queues and writers.
+#[derive(Debug)]
+pub struct Outbound {
+    /// Whose queues these are (for the logs).
+    client: ClientId,
+    lanes: [Lane; 3],
+    limits: QueueLimits,
+    queued_bytes: Arc<AtomicUsize>,
+    budget: Arc<QueueBudget>,
+    slow: AtomicBool,
+    /// Since when (`mono_ms`) the queue has held bytes without a write
+    /// completing: set when it turns non-empty and after every write.
+    progress_ms: Arc<AtomicU64>,
+    closed: Arc<NodeClose>,
+    stats: Arc<Stats>,
+    writers: TaskTracker,
+    link: OnceLock<Link>,
+    /// The high-priority stream the HandshakeAck went out on, reused by
+    /// the high lane's writer.
+    high_stream: Mutex<Option<quinn::SendStream>>,
+}
+
+impl Outbound {
+    /// Empty queues for `client` within `limits`, drawing on the
+    /// node-wide `budget`.
+    pub fn new(
+        client: ClientId,
+        limits: QueueLimits,
+        budget: Arc<QueueBudget>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Outbound {
+            client,
+            lanes: Default::default(),
+            limits,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            budget,
+            slow: AtomicBool::new(false),
+            progress_ms: Arc::new(AtomicU64::new(mono_ms())),
+            closed: Arc::new(NodeClose::default()),
+            stats,
+            writers: TaskTracker::new(),
+            link: OnceLock::new(),
+            high_stream: Mutex::new(None),
+        }
+    }
+
+    /// Starts delivery on `conn` once the HandshakeAck is on `high` (the
+    /// high-priority stream, reused by the high lane). Writer tasks run in
+    /// `span`. Frames queued before stay queued until now.
+    pub fn start(
+        &self,
+        conn: quinn::Connection,
+        high: Option<quinn::SendStream>,
+        span: tracing::Span,
+    ) {
+        *self.high_stream.lock().unwrap_or_else(|e| e.into_inner()) = high;
+        if let Some((code, reason)) = self.closed.get() {
+            // Dropped as slow before it was even ready.
+            conn.close(code.into(), reason.as_bytes());
+        }
+        if self.link.set(Link { conn, span }).is_err() {
+            return;
+        }
+        for priority in Priority::ALL {
+            let rx = self.lanes[priority.index()]
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(rx) = rx {
+                self.spawn_writer(priority, rx);
+            }
+        }
+    }
+
+    /// The client's connection, once it is ready.
+    pub fn connection(&self) -> Option<&quinn::Connection> {
+        self.link.get().map(|link| &link.conn)
+    }
+
+    fn spawn_writer(&self, priority: Priority, rx: mpsc::Receiver<Bytes>) {
+        let Some(link) = self.link.get() else { return };
+        let stream = if priority == Priority::High {
+            self.high_stream
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+        } else {
+            None
+        };
+        let writer = write_stream(
+            Writer {
+                conn: link.conn.clone(),
+                priority,
+                queued_bytes: self.queued_bytes.clone(),
+                budget: self.budget.clone(),
+                progress_ms: self.progress_ms.clone(),
+                closed: self.closed.clone(),
+            },
+            stream,
+            rx,
+        );
+        self.writers.spawn(writer.instrument(link.span.clone()));
+    }
+
+    /// The writer tasks; they end once the queues are closed (the last
+    /// handle dropped) and drained.
+    pub fn writers(&self) -> TaskTracker {
+        self.writers.clone()
+    }
+
+    fn sender(&self, priority: Priority) -> &mpsc::Sender<Bytes> {
+        let lane = &self.lanes[priority.index()];
+        lane.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(self.limits.frames);
+            // Checked under the lane lock, which `start` also takes after
+            // setting the link: the receiver is spawned here or found there.
+            let mut pending = lane.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if self.link.get().is_some() {
+                drop(pending);
+                self.spawn_writer(priority, rx);
+            } else {
+                *pending = Some(rx);
+            }
+            tx
+        })
+    }
+
+    /// Queues an encoded frame without waiting. A full queue disconnects
+    /// the client as a slow consumer; an exhausted node-wide budget refuses
+    /// the frame with [`EnqueueError::NodeBusy`], except for `reply`:
+    /// replies to the client's own requests are small and bounded by its
+    /// own budget, so a request always gets its answer. `tag` is the
+    /// frame's wire tag ([`protocol::Body::tag`]), for the statistics.
+    pub fn enqueue(
+        &self,
+        priority: Priority,
+        tag: usize,
+        frame: Bytes,
+        reply: bool,
+    ) -> Result<(), EnqueueError> {
+        if self.slow.load(Ordering::Relaxed) {
+            return Err(EnqueueError::SlowConsumer);
+        }
+        let len = frame.len();
+        // The client's own budget first: a client that stopped reading is
+        // a slow consumer even when the node-wide budget is no larger.
+        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        // An empty queue always takes one frame, whatever its size.
+        if before > 0 && before + len > self.limits.bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.disconnect_slow("outbound byte budget exhausted");
+            return Err(EnqueueError::SlowConsumer);
+        }
+        if reply {
+            self.budget.force(len);
+        } else if !self.budget.take(len) {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            stats::add(&self.stats.node_busy, 1);
+            return Err(EnqueueError::NodeBusy);
+        }
+        if before == 0 {
+            // Stall time counts from when the queue stopped being empty.
+            self.progress_ms.store(mono_ms(), Ordering::Release);
+        }
+        match self.sender(priority).try_send(frame) {
+            Ok(()) => {
+                self.stats.frame_out(tag, len);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                release(&self.queued_bytes, &self.budget, len);
+                self.disconnect_slow("outbound queue full");
+                Err(EnqueueError::SlowConsumer)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                release(&self.queued_bytes, &self.budget, len);
+                Err(EnqueueError::Closed)
+            }
+        }
+    }
+
+    /// Closes the connection with `close_code::SLOW_CONSUMER` (once).
+    pub fn disconnect_slow(&self, why: &str) {
+        if !self.slow.swap(true, Ordering::AcqRel) {
+            stats::add(&self.stats.slow_consumer_disconnects, 1);
+            tracing::warn!(client_id = %self.client, why, "disconnecting slow consumer");
+            self.closed.close(
+                self.connection(),
+                close_code::SLOW_CONSUMER,
+                format!("slow consumer: {why}"),
+            );
+        }
+    }
+
+    /// How the node closed this client's connection itself (slow consumer,
+    /// a client that stopped a node stream), if it did.
+    pub fn closed_by_node(&self) -> Option<(u32, String)> {
+        self.closed.get()
+    }
+
+    /// Whether the client was disconnected as a slow consumer.
+    pub fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
+    }
+
+    /// Bytes queued for this client, not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
+    }
+
+    /// Whether the queue holds bytes that no write has taken for `stall`:
+    /// the client stopped reading.
+    pub fn stalled(&self, now_ms: u64, stall: Duration) -> bool {
+        self.queued_bytes() > 0
+            && now_ms.saturating_sub(self.progress_ms.load(Ordering::Acquire))
+                >= stall.as_millis() as u64
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        // Lanes whose writer never started (the client never became ready).
+        for lane in &self.lanes {
+            let pending = lane
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(rx) = pending {
+                discard(rx, &self.queued_bytes, &self.budget);
+            }
+        }
+    }
+}
+
+/// What a writer task needs of its client.
+struct Writer {
+    conn: quinn::Connection,
+    priority: Priority,
+    queued_bytes: Arc<AtomicUsize>,
+    budget: Arc<QueueBudget>,
+    progress_ms: Arc<AtomicU64>,
+    closed: Arc<NodeClose>,
+}
+
+/// Drains one priority's queue onto its own stream, opened on first use.
+async fn write_stream(
+    w: Writer,
+    mut stream: Option<quinn::SendStream>,
+    mut rx: mpsc::Receiver<Bytes>,
+) {
+    let Writer {
+        conn,
+        priority,
+        queued_bytes,
+        budget,
+        ..
+    } = &w;
+    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
+    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        let len: usize = batch.iter().map(Bytes::len).sum();
+        let send = match &mut stream {
+            Some(s) => s,
+            None => match conn.open_uni().await {
+                Ok(s) => {
+                    let _ = s.set_priority(protocol::stream_priority(*priority));
+                    stream.insert(s)
+                }
+                Err(err) => {
+                    tracing::debug!(%err, %priority, "cannot open stream");
+                    release(queued_bytes, budget, len);
+                    return discard(rx, queued_bytes, budget);
+                }
+            },
+        };
+        let result = write_all(send, &mut batch, &w.progress_ms).await;
+        batch.clear();
+        release(queued_bytes, budget, len);
+        match result {
+            Ok(()) => {}
+            Err(quinn::WriteError::Stopped(code)) => {
+                // The client may not stop the node's streams (PROTOCOL.md
+                // section 2): everything later on this priority would be
+                // lost while it looks connected.
+                tracing::debug!(%code, %priority, "client stopped a node stream");
+                w.closed.close(
+                    Some(conn),
+                    close_code::PROTOCOL_VIOLATION,
+                    format!("the client stopped the node's {priority} stream (code {code})"),
+                );
+                return discard(rx, queued_bytes, budget);
+            }
+            Err(err) => {
+                tracing::debug!(%err, %priority, "stream write failed");
+                return discard(rx, queued_bytes, budget);
+            }
+        }
+    }
+    if let Some(mut send) = stream {
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
+}
+
+/// Writes the whole batch, stamping progress whenever some of it went out
+/// (a client that reads slowly but steadily is never taken for stalled).
+async fn write_all(
+    send: &mut quinn::SendStream,
+    mut bufs: &mut [Bytes],
+    progress_ms: &AtomicU64,
+) -> Result<(), quinn::WriteError> {
+    while !bufs.is_empty() {
+        let written = send.write_chunks(bufs).await?;
+        progress_ms.store(mono_ms(), Ordering::Release);
+        bufs = &mut bufs[written.chunks..];
+    }
+    Ok(())
+}
+
+fn release(queued_bytes: &AtomicUsize, budget: &QueueBudget, len: usize) {
+    queued_bytes.fetch_sub(len, Ordering::AcqRel);
+    budget.give(len);
+}
+
+/// Gives back the budget of frames that will never be written.
+fn discard(mut rx: mpsc::Receiver<Bytes>, queued_bytes: &AtomicUsize, budget: &QueueBudget) {
+    rx.close();
+    while let Ok(frame) = rx.try_recv() {
+        release(queued_bytes, budget, frame.len());
+    }
+}

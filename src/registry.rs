@@ -1,0 +1,467 @@
+//! The registry of clients connected to this node (the seed's
+//! ClientManager): each client's [`ClientHandle`] (who it is, its outbound
+//! queues, the replies the node sends it) and the map of them. It needs no
+//! QUIC connection to be exercised: a handle's queues wait for one until
+//! the client is ready (see `outbound`), which its unit tests rely on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::bus::LocalPresence;
+use crate::outbound::{EnqueueError, Outbound, QueueBudget};
+use crate::protocol::{
+    self, Body, ClientId, ClientInfo, ErrorCode, Frame, MessageId, Priority, Sender, error_code,
+    tag,
+};
+use crate::stats::{self, Stats};
+
+/// The node's handle on one connected client.
+#[derive(Debug)]
+pub struct ClientHandle {
+    /// What the client list shows about it.
+    pub info: ClientInfo,
+    /// The sender stamp put on everything it sends.
+    pub stamp: Sender,
+    outbound: Outbound,
+    stats: Arc<Stats>,
+    kick: tokio::sync::Notify,
+    kick_reason: Mutex<Option<String>>,
+    lost_reported: AtomicU64,
+}
+
+impl ClientHandle {
+    /// A handle whose frames go to `outbound`.
+    pub fn new(
+        info: ClientInfo,
+        stamp: Sender,
+        outbound: Outbound,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
+        Arc::new(ClientHandle {
+            info,
+            stamp,
+            outbound,
+            stats,
+            kick: tokio::sync::Notify::new(),
+            kick_reason: Mutex::new(None),
+            lost_reported: AtomicU64::new(0),
+        })
+    }
+
+    /// The client's id.
+    pub fn id(&self) -> ClientId {
+        self.info.client_id
+    }
+
+    /// The client's queues and writers.
+    pub fn outbound(&self) -> &Outbound {
+        &self.outbound
+    }
+
+    /// Queues an encoded frame (a delivery) without waiting; see
+    /// [`Outbound::enqueue`]. `tag` is the frame's wire tag.
+    pub fn enqueue(
+        &self,
+        priority: Priority,
+        tag: usize,
+        frame: Bytes,
+    ) -> Result<(), EnqueueError> {
+        self.outbound.enqueue(priority, tag, frame, false)
+    }
+
+    /// Queues a node-originated reply (fresh id, current time), never
+    /// refused for the node-wide budget. A failure means the client itself
+    /// is slow or gone, which is handled there.
+    pub fn reply(&self, priority: Priority, body: Body) {
+        let tag = body.tag();
+        match protocol::encode(&Frame::new(priority, body)) {
+            Ok(bytes) => {
+                let _ = self.outbound.enqueue(priority, tag, bytes, true);
+            }
+            Err(err) => tracing::error!(%err, "cannot encode reply"),
+        }
+    }
+
+    /// Acknowledges message `of`.
+    pub fn ack(&self, priority: Priority, of: MessageId) {
+        self.reply(priority, Body::Ack { of });
+    }
+
+    /// Sends an Error frame about `of` (when known).
+    pub fn error(
+        &self,
+        priority: Priority,
+        of: Option<MessageId>,
+        code: ErrorCode,
+        message: impl ToString,
+    ) {
+        self.stats.error(code.0);
+        let message = message.to_string();
+        tracing::debug!(client_id = %self.id(), code = code.0, %message, "error to client");
+        self.reply(
+            priority,
+            Body::Error {
+                of,
+                code,
+                message,
+                retry_after_ms: None,
+            },
+        );
+    }
+
+    /// Tells the client that frame `of` was dropped by its rate limit and
+    /// when to try again.
+    pub fn rate_limited(&self, priority: Priority, of: Option<MessageId>, wait: Duration) {
+        stats::add(&self.stats.rate_limited, 1);
+        self.stats.error(error_code::RATE_LIMITED.0);
+        let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+        self.reply(
+            priority,
+            Body::Error {
+                of,
+                code: error_code::RATE_LIMITED,
+                message: format!("rate limit exceeded; retry after {retry_after_ms} ms"),
+                retry_after_ms: Some(retry_after_ms),
+            },
+        );
+    }
+
+    /// Queues a Goodbye (never refused for the node-wide budget).
+    pub fn goodbye(&self, reason: &str, reconnect: bool) {
+        self.reply(
+            Priority::High,
+            Body::Goodbye {
+                reason: reason.to_owned(),
+                reconnect,
+            },
+        );
+    }
+
+    /// Asks the connection to say Goodbye (`reconnect: false`) with
+    /// `reason` and close with `close_code::KICKED`.
+    pub fn kick(&self, reason: &str) {
+        *self.kick_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
+        self.kick.notify_one();
+    }
+
+    /// Completes when [`ClientHandle::kick`] was called.
+    pub async fn kicked(&self) {
+        self.kick.notified().await
+    }
+
+    /// The reason given to [`ClientHandle::kick`].
+    pub fn kick_reason(&self) -> String {
+        self.kick_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+
+    /// The connection's current QUIC round-trip estimate (once it is ready).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.outbound.connection().map(quinn::Connection::rtt)
+    }
+
+    /// Adds the packets lost since the last call to the node's counter.
+    pub fn report_lost_packets(&self) {
+        let Some(conn) = self.outbound.connection() else {
+            return;
+        };
+        let lost = conn.stats().path.lost_packets;
+        let before = self.lost_reported.swap(lost, Ordering::AcqRel);
+        stats::add(&self.stats.quic_lost_packets, lost.saturating_sub(before));
+    }
+}
+
+/// The node is at `max_clients`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("server full: {max} clients connected")]
+pub struct Full {
+    /// The limit.
+    pub max: usize,
+}
+
+/// What a local broadcast reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BroadcastCount {
+    /// Clients that got it queued.
+    pub delivered: usize,
+    /// Clients that missed it because the node-wide queue budget was exhausted.
+    pub node_busy: usize,
+}
+
+/// All clients connected to this node.
+#[derive(Debug)]
+pub struct Registry {
+    clients: RwLock<HashMap<ClientId, Arc<ClientHandle>>>,
+    max_clients: usize,
+}
+
+impl Registry {
+    /// An empty registry admitting at most `max_clients`.
+    pub fn new(max_clients: usize) -> Self {
+        Registry {
+            clients: RwLock::new(HashMap::new()),
+            max_clients,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ClientId, Arc<ClientHandle>>> {
+        // A poisoned lock only means a panic elsewhere; the map itself is intact.
+        self.clients.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ClientId, Arc<ClientHandle>>> {
+        self.clients.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a client, unless the node is full.
+    pub fn register(&self, client: Arc<ClientHandle>) -> Result<(), Full> {
+        let mut clients = self.write();
+        if clients.len() >= self.max_clients {
+            return Err(Full {
+                max: self.max_clients,
+            });
+        }
+        clients.insert(client.id(), client);
+        Ok(())
+    }
+
+    /// Removes a client; returns whether it was there.
+    pub fn unregister(&self, id: ClientId) -> bool {
+        self.write().remove(&id).is_some()
+    }
+
+    /// The handle of a connected client.
+    pub fn get(&self, id: ClientId) -> Option<Arc<ClientHandle>> {
+        self.read().get(&id).cloned()
+    }
+
+    /// Number of connected clients.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `limit` clients, sorted by connection time, and whether more exist.
+    pub fn list(&self, limit: usize) -> (Vec<ClientInfo>, bool) {
+        let all = self.read().values().map(|c| c.info.clone()).collect();
+        crate::bus::sort_and_cut(all, limit)
+    }
+
+    /// Queues `frame` for every client except `exclude`. Never blocks:
+    /// slow consumers are disconnected instead.
+    pub fn broadcast(
+        &self,
+        exclude: Option<ClientId>,
+        priority: Priority,
+        frame: &Bytes,
+    ) -> BroadcastCount {
+        let clients = self.read();
+        let mut count = BroadcastCount::default();
+        for client in clients.values().filter(|c| Some(c.id()) != exclude) {
+            match client.enqueue(priority, tag::BROADCAST, frame.clone()) {
+                Ok(()) => count.delivered += 1,
+                Err(EnqueueError::NodeBusy) => count.node_busy += 1,
+                Err(_) => {}
+            }
+        }
+        count
+    }
+
+    /// Every connected client's handle.
+    pub fn all(&self) -> Vec<Arc<ClientHandle>> {
+        self.read().values().cloned().collect()
+    }
+}
+
+impl LocalPresence for Registry {
+    fn local_clients(&self) -> Vec<ClientInfo> {
+        self.read().values().map(|c| c.info.clone()).collect()
+    }
+}
+
+/// Disconnects clients that stopped reading whenever the node-wide queue
+/// budget refuses a message: without this, clients each within their own
+/// `max_queued_bytes` could together hold the whole budget and make every
+/// other client's messages SERVER_BUSY for as long as they stay connected.
+/// `stall` is `slow_consumer_stall`. Looks at most every 100 ms; runs
+/// until `cancel`.
+pub async fn reclaim(
+    registry: Arc<Registry>,
+    budget: Arc<QueueBudget>,
+    stall: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = budget.exhausted() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let now = crate::outbound::mono_ms();
+        for client in registry.all() {
+            if client.outbound().stalled(now, stall) {
+                client
+                    .outbound()
+                    .disconnect_slow("not reading while the node's queue memory is exhausted");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::QueueLimits;
+    use crate::protocol::{NodeId, Payload};
+
+    struct Fixture {
+        registry: Registry,
+        budget: Arc<QueueBudget>,
+        stats: Arc<Stats>,
+    }
+
+    impl Fixture {
+        fn new(max_clients: usize, budget: usize) -> Self {
+            Fixture {
+                registry: Registry::new(max_clients),
+                budget: QueueBudget::new(budget),
+                stats: Arc::new(Stats::default()),
+            }
+        }
+
+        /// A client that is connected but not ready: its frames stay queued.
+        fn client(&self, name: &str, limits: QueueLimits) -> Arc<ClientHandle> {
+            let client_id = ClientId::new_random();
+            let node_id = NodeId::new_random();
+            let info = ClientInfo {
+                client_id,
+                node_id,
+                name: name.into(),
+                user: None,
+                connected_at_ms: 0,
+            };
+            let stamp = Sender {
+                client_id,
+                node_id,
+                name: name.into(),
+                user: None,
+            };
+            let outbound =
+                Outbound::new(client_id, limits, self.budget.clone(), self.stats.clone());
+            ClientHandle::new(info, stamp, outbound, self.stats.clone())
+        }
+    }
+
+    fn frame(len: usize) -> Bytes {
+        protocol::encode(&Frame::new(
+            Priority::Normal,
+            Body::Broadcast {
+                payload: Payload::Binary(vec![0; len]),
+            },
+        ))
+        .unwrap()
+    }
+
+    const ROOMY: QueueLimits = QueueLimits {
+        frames: 16,
+        bytes: 1 << 20,
+    };
+
+    #[test]
+    fn registration_is_bounded_and_broadcast_skips_the_sender() {
+        let f = Fixture::new(2, 1 << 20);
+        let (a, b) = (f.client("a", ROOMY), f.client("b", ROOMY));
+        f.registry.register(a.clone()).unwrap();
+        f.registry.register(b.clone()).unwrap();
+        assert_eq!(
+            f.registry.register(f.client("c", ROOMY)),
+            Err(Full { max: 2 })
+        );
+        let bytes = frame(10);
+        let count = f.registry.broadcast(Some(a.id()), Priority::Normal, &bytes);
+        assert_eq!(count.delivered, 1);
+        assert_eq!(b.outbound().queued_bytes(), bytes.len());
+        assert_eq!(a.outbound().queued_bytes(), 0);
+        assert!(f.registry.unregister(a.id()));
+        assert!(!f.registry.unregister(a.id()));
+        assert_eq!(f.registry.local_clients().len(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_makes_a_slow_consumer_and_frees_its_budget_when_gone() {
+        let f = Fixture::new(10, 1 << 20);
+        let slow = f.client(
+            "slow",
+            QueueLimits {
+                frames: 2,
+                bytes: 1 << 20,
+            },
+        );
+        f.registry.register(slow.clone()).unwrap();
+        let bytes = frame(10);
+        assert_eq!(
+            slow.enqueue(Priority::Normal, tag::BROADCAST, bytes.clone()),
+            Ok(())
+        );
+        assert_eq!(
+            slow.enqueue(Priority::Normal, tag::BROADCAST, bytes.clone()),
+            Ok(())
+        );
+        assert_eq!(
+            slow.enqueue(Priority::Normal, tag::BROADCAST, bytes.clone()),
+            Err(EnqueueError::SlowConsumer)
+        );
+        assert!(slow.outbound().is_slow());
+        let (code, _) = slow.outbound().closed_by_node().unwrap();
+        assert_eq!(code, protocol::close_code::SLOW_CONSUMER);
+        assert_eq!(stats::get(&f.stats.slow_consumer_disconnects), 1);
+        assert_eq!(f.budget.used(), 2 * bytes.len());
+        f.registry.unregister(slow.id());
+        drop(slow);
+        assert_eq!(f.budget.used(), 0, "queued frames give their budget back");
+    }
+
+    #[test]
+    fn the_node_budget_refuses_deliveries_but_never_replies() {
+        let f = Fixture::new(10, 100);
+        let a = f.client("a", ROOMY);
+        let bytes = frame(80);
+        assert_eq!(
+            a.enqueue(Priority::Normal, tag::BROADCAST, bytes),
+            Err(EnqueueError::NodeBusy)
+        );
+        assert_eq!(stats::get(&f.stats.node_busy), 1);
+        a.ack(Priority::High, MessageId::new_random());
+        assert!(f.budget.used() > 0, "the reply was queued anyway");
+    }
+
+    #[test]
+    fn a_queue_that_does_not_move_is_stalled() {
+        let f = Fixture::new(10, 1 << 20);
+        let a = f.client("a", ROOMY);
+        let now = crate::outbound::mono_ms();
+        assert!(
+            !a.outbound().stalled(now + 10_000, Duration::from_secs(1)),
+            "empty"
+        );
+        a.enqueue(Priority::Normal, tag::BROADCAST, frame(10))
+            .unwrap();
+        let now = crate::outbound::mono_ms();
+        assert!(!a.outbound().stalled(now, Duration::from_secs(1)));
+        assert!(a.outbound().stalled(now + 1_000, Duration::from_secs(1)));
+    }
+}
