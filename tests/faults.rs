@@ -735,7 +735,7 @@ async fn a_flooder_that_reconnects_at_once_gets_no_fresh_allowance_and_costs_oth
         let (mut send, mut recv, _) = raw.handshake("flooder").await;
         let count = tokio::spawn(async move {
             let mut pongs = 0usize;
-            while let Some(frame) = read_any(&mut recv).await {
+            while let Some(frame) = common::next_frame(&mut recv).await {
                 if matches!(frame.body, Body::Pong { .. }) {
                     pongs += 1;
                 }
@@ -762,13 +762,4 @@ async fn a_flooder_that_reconnects_at_once_gets_no_fresh_allowance_and_costs_oth
     );
     let report = traffic.finish().await;
     report.assert_honest("reconnecting flooder");
-}
-
-/// Reads one frame from a node stream, `None` at its end or on any error.
-async fn read_any(recv: &mut quinn::RecvStream) -> Option<Frame> {
-    let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix).await.ok()?;
-    let mut payload = vec![0u8; u32::from_be_bytes(prefix) as usize];
-    recv.read_exact(&mut payload).await.ok()?;
-    protocol::decode_frame(&payload).ok()
 }

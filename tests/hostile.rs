@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{
-    RawClient, TestNode, WAIT, connect_when_admitted, is_refused, next_matching, read_frame,
+    RawClient, TestNode, WAIT, connect_when_admitted, is_refused, next_frame, next_matching,
+    read_frame,
 };
 use quic_fabric::client::{Client, ClientError};
 use quic_fabric::config::AddressValidation;
@@ -89,16 +90,6 @@ fn expect_error(frame: &Frame, code: protocol::ErrorCode) -> (Option<MessageId>,
         }
         other => panic!("expected Error {code:?}, got {other:?}"),
     }
-}
-
-/// Reads one frame with no deadline; `None` once the stream or connection
-/// ends (for reader tasks that outlive any single wait).
-async fn next_frame(recv: &mut quinn::RecvStream) -> Option<Frame> {
-    let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix).await.ok()?;
-    let mut payload = vec![0u8; u32::from_be_bytes(prefix) as usize];
-    recv.read_exact(&mut payload).await.ok()?;
-    Some(protocol::decode_frame(&payload).expect("node sends valid frames"))
 }
 
 /// Pings on `send` until a Pong comes back on `recv`, honouring each

@@ -1,64 +1,45 @@
-//! Arbitrary bytes as the contents of one QUIC stream, read the way the node
-//! reads it (`connection::read_frame`, `read_handshake`, `admit`):
+//! Arbitrary bytes as the contents of one QUIC stream, read by the node's
+//! own frame reader (`protocol::stream::read_frame`, which the node runs on
+//! every client stream) and checked the way the node checks a connection's
+//! first frame (`protocol::negotiate_version` and `valid_name`, with the
+//! default config: 16 KiB handshake cap, 64-byte names). Token and
+//! client-certificate authentication are not modelled. Every decoded frame
+//! is also stamped with a sender and re-encoded, as the node does when it
+//! echoes or fans a message out.
 //!
-//! ```text
-//! loop {
-//!     4-byte prefix (stop at end of input)
-//!     decode_length(prefix, max)
-//!       Ok(len)                           -> take len bytes (stop if truncated), decode_frame
-//!       FrameTooLarge, len <= HARD_MAX    -> read the 16-byte id, skip len bytes (stop if truncated)
-//!       anything else                     -> stop (the node closes the connection)
-//! }
-//! ```
-//!
-//! Every Handshake frame goes through the node's version negotiation and name
-//! checks (the node's own `protocol::negotiate_version` and `valid_name`,
-//! with the default config: 16 KiB handshake cap, 64-byte names). Token and
-//! client-certificate authentication are not modelled.
-//! Every decoded frame is also stamped with a sender and re-encoded, as the
-//! node does when it echoes or fans a message out.
-//!
-//! The stream is read three times: as a connection's first stream (the first
-//! frame must be an acceptable Handshake, else the node refuses and stops
-//! reading) and as a later stream, both with the default 1 MiB maximum; and
-//! as a later stream with a tiny maximum, so that the "oversized but within
-//! the hard limit: skip it and stay in sync" path is reachable with inputs of
-//! fuzzer size (libFuzzer's default -max_len is 4096).
+//! The stream is read three times: as a connection's first stream (the
+//! first frame must be an acceptable Handshake, refused from its length
+//! prefix when oversized, else the node stops reading) and as a later
+//! stream, both with the default 1 MiB maximum; and as a later stream with
+//! a tiny maximum, so that the "oversized but within the hard limit: skip it
+//! and stay in sync" path is reachable with inputs of fuzzer size
+//! (libFuzzer's default -max_len is 4096).
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use quic_fabric::protocol::stream::{Inbound, Oversized, ReadError, read_frame};
 use quic_fabric::protocol::{
-    self, Body, ClientId, CodecError, DEFAULT_MAX_FRAME_BYTES, Frame, HARD_MAX_FRAME_BYTES,
-    Handshake, LENGTH_PREFIX_BYTES, MAX_NAME_BYTES, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION,
-    NodeId, Sender, codec::peek_message_id,
+    self, Body, ClientId, DEFAULT_MAX_FRAME_BYTES, Frame, HARD_MAX_FRAME_BYTES, Handshake,
+    MAX_NAME_BYTES, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, NodeId, Sender,
 };
 
 /// Default `max_handshake_bytes`: the node reads the first frame with
 /// `max_handshake_bytes.min(max_message_bytes)` as its maximum.
 const MAX_HANDSHAKE_BYTES: usize = 16 * 1024;
 
-/// The node's own checks (`connection::admit` calls these).
-fn negotiate(hello: &Handshake) -> Result<u16, String> {
-    quic_fabric::protocol::negotiate_version(hello)
-}
-
-/// The name check with the default `max_name_bytes` (= `MAX_NAME_BYTES`).
-fn name_ok(name: &str) -> bool {
-    quic_fabric::protocol::valid_name(name, MAX_NAME_BYTES).is_ok()
-}
-
-fn check_handshake(hello: &Handshake) {
-    match negotiate(hello) {
-        Ok(version) => {
-            assert!((MIN_PROTOCOL_VERSION..=MAX_PROTOCOL_VERSION).contains(&version));
-            assert!((hello.min_version..=hello.max_version).contains(&version));
-        }
-        Err(message) => assert!(!message.is_empty()),
+/// The node's own handshake checks; true when the node would admit it.
+fn acceptable(hello: &Handshake) -> bool {
+    let version = protocol::negotiate_version(hello);
+    if let Ok(version) = version {
+        assert!((MIN_PROTOCOL_VERSION..=MAX_PROTOCOL_VERSION).contains(&version));
+        assert!((hello.min_version..=hello.max_version).contains(&version));
     }
-    if name_ok(&hello.name) {
+    let name = protocol::valid_name(&hello.name, MAX_NAME_BYTES);
+    if name.is_ok() {
         assert!(!hello.name.is_empty() && hello.name.len() <= MAX_NAME_BYTES);
     }
+    version.is_ok() && name.is_ok()
 }
 
 /// What the node does with an accepted frame that matters to the codec:
@@ -78,92 +59,59 @@ fn stamp_and_reencode(mut frame: Frame, name: &str) {
     assert_eq!(back, frame);
 }
 
-/// Reads one stream. `handshake_first`: this is the connection's first
-/// stream, whose first frame must be a valid Handshake (else the node refuses
-/// the connection); otherwise a later stream, read in steady state.
-fn read_stream(mut rest: &[u8], max: usize, handshake_first: bool) {
-    // The Handshake's name becomes the sender stamp for the frames after it.
-    let mut name: Option<String> = None;
-    let mut first = handshake_first;
+/// Reads one stream as the node does. `first`: the connection's first
+/// stream, whose first frame must be an acceptable Handshake.
+async fn read_stream(mut rest: &[u8], max: usize, mut first: bool) {
+    let mut name = String::new();
     loop {
-        let Some((prefix, after)) = rest.split_first_chunk::<LENGTH_PREFIX_BYTES>() else {
-            return; // clean end (or a partial prefix: truncated)
-        };
-        let max = if first {
-            max.min(MAX_HANDSHAKE_BYTES)
+        let (limit, oversized) = if first {
+            (max.min(MAX_HANDSHAKE_BYTES), Oversized::Refuse)
         } else {
-            max
+            (max, Oversized::Skip)
         };
-        // `decode` (prefix included) must agree with the step-by-step path.
-        let whole = protocol::decode(rest, max);
-        match protocol::decode_length(*prefix, max) {
-            Ok(len) => {
-                assert!(len <= max.min(HARD_MAX_FRAME_BYTES));
-                let Some(payload) = after.get(..len) else {
-                    assert_eq!(whole, Ok(None), "truncated frame is incomplete");
-                    return; // stream ended inside a frame
-                };
-                rest = &after[len..];
-                match protocol::decode_frame(payload) {
-                    Ok(frame) => {
-                        assert_eq!(
-                            whole.as_ref().ok().and_then(|w| w.as_ref()),
-                            Some(&(frame.clone(), LENGTH_PREFIX_BYTES + len))
-                        );
-                        if let Body::Handshake(hello) = &frame.body {
-                            check_handshake(hello);
-                            if first {
-                                if negotiate(hello).is_err() || !name_ok(&hello.name) {
-                                    return; // refused: the node closes the connection
-                                }
-                                name = Some(hello.name.clone());
-                            }
-                        } else if first {
-                            return; // HANDSHAKE_REQUIRED, connection closed
-                        }
-                        let stamp = name.as_deref().unwrap_or_default();
-                        stamp_and_reencode(frame, stamp);
+        match read_frame(&mut rest, limit, oversized).await {
+            Ok(Inbound::Frame(frame, size)) => {
+                assert!(size > protocol::LENGTH_PREFIX_BYTES && size - 4 <= limit);
+                if let Body::Handshake(hello) = &frame.body {
+                    if !acceptable(hello) && first {
+                        return; // refused: the node closes the connection
                     }
-                    Err(err) => {
-                        assert_eq!(whole, Err(err.clone()));
-                        if let Some(id) = err.message_id() {
-                            assert_eq!(Some(id), peek_message_id(payload));
-                        }
-                        let _ = err.to_string();
-                        if first {
-                            return; // undecodable handshake: connection closed
-                        }
+                    if first {
+                        name = hello.name.clone();
                     }
+                } else if first {
+                    return; // HANDSHAKE_REQUIRED: connection closed
                 }
+                stamp_and_reencode(frame, &name);
             }
-            Err(CodecError::FrameTooLarge { len, max: m }) if len <= HARD_MAX_FRAME_BYTES => {
-                assert!(len > m);
-                assert!(matches!(whole, Err(CodecError::FrameTooLarge { .. })));
-                let head = len.min(16);
-                let Some(id) = after.get(..head) else {
-                    return;
-                };
-                let _ = peek_message_id(id);
-                let Some(skipped) = after.get(len..) else {
-                    return; // truncated while skipping
-                };
-                rest = skipped;
+            Ok(Inbound::Bad(err, _)) => {
+                let _ = err.to_string();
                 if first {
-                    return; // oversized handshake: connection closed
+                    return; // refused: the node closes the connection
                 }
             }
-            Err(CodecError::FrameTooLarge { len, .. }) => {
+            Ok(Inbound::Finished) => return,
+            Err(ReadError::Untrustworthy(len)) => {
                 assert!(len > HARD_MAX_FRAME_BYTES);
-                return; // untrustworthy: PROTOCOL_VIOLATION, closed
+                return; // PROTOCOL_VIOLATION: connection closed
             }
-            Err(other) => panic!("decode_length returned {other:?}"),
+            Err(ReadError::Truncated | ReadError::Io(_)) => return,
         }
         first = false;
     }
 }
 
+thread_local! {
+    static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+}
+
 fuzz_target!(|data: &[u8]| {
-    read_stream(data, DEFAULT_MAX_FRAME_BYTES, true);
-    read_stream(data, DEFAULT_MAX_FRAME_BYTES, false);
-    read_stream(data, 64, false);
+    RUNTIME.with(|runtime| runtime.block_on(async {
+        read_stream(data, DEFAULT_MAX_FRAME_BYTES, true).await;
+        read_stream(data, DEFAULT_MAX_FRAME_BYTES, false).await;
+        read_stream(data, 64, false).await;
+    }));
 });

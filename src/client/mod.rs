@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::{
-    self, Body, ClientId, ClientInfo, CodecError, ErrorCode, Frame, HARD_MAX_FRAME_BYTES,
-    Handshake, HandshakeAck, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, MessageId, NodeId,
-    NodeStats, Payload, Priority, close_code,
+    self, Body, ClientId, ClientInfo, ErrorCode, Frame, HARD_MAX_FRAME_BYTES, Handshake,
+    HandshakeAck, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, MessageId, NodeId, NodeStats,
+    Payload, Priority, close_code,
 };
 use crate::tls::{self, ServerTrust, TlsError};
 
@@ -785,30 +785,17 @@ fn host_part(server: &str) -> String {
         .to_owned()
 }
 
-/// Reads one frame sent by a node. The node is trusted up to the hard limit
-/// (its frames carry a sender stamp on top of the client's payload).
+/// Reads one frame sent by a node (`None` at the stream's end). The node is
+/// trusted up to the hard limit (its frames carry a sender stamp on top of
+/// the client's payload); anything it cannot decode is a protocol error.
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, ClientError> {
-    let mut prefix = [0u8; protocol::LENGTH_PREFIX_BYTES];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(ClientError::Protocol(e.to_string())),
+    use protocol::stream::{Inbound, Oversized};
+    match protocol::stream::read_frame(recv, HARD_MAX_FRAME_BYTES, Oversized::Skip).await {
+        Ok(Inbound::Frame(frame, _)) => Ok(Some(frame)),
+        Ok(Inbound::Finished) => Ok(None),
+        Ok(Inbound::Bad(err, _)) => Err(ClientError::Protocol(err.to_string())),
+        Err(err) => Err(ClientError::Protocol(err.to_string())),
     }
-    let len = protocol::decode_length(prefix, HARD_MAX_FRAME_BYTES)
-        .map_err(|e: CodecError| ClientError::Protocol(e.to_string()))?;
-    // Grown as bytes arrive, not reserved from the prefix's claim.
-    let mut payload = Vec::with_capacity(len.min(64 * 1024));
-    while payload.len() < len {
-        let chunk = recv
-            .read_chunk(len - payload.len(), true)
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .ok_or_else(|| ClientError::Protocol("stream ended inside a frame".into()))?;
-        payload.extend_from_slice(&chunk.bytes);
-    }
-    protocol::decode_frame(&payload)
-        .map(Some)
-        .map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
 /// Runs connections one after another: reads the current one until it

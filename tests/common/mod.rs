@@ -228,20 +228,27 @@ impl RawClient {
     }
 }
 
-/// Reads one frame from a node stream; `None` at a clean end.
+/// Reads one frame from a node stream; `None` at a clean end or when the
+/// stream or connection fails. Fails the test after [`WAIT`].
 pub async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Frame> {
-    let mut prefix = [0u8; 4];
-    tokio::time::timeout(WAIT, recv.read_exact(&mut prefix))
+    tokio::time::timeout(WAIT, next_frame(recv))
         .await
         .expect("frame in time")
-        .ok()?;
-    let len = u32::from_be_bytes(prefix) as usize;
-    let mut payload = vec![0u8; len];
-    tokio::time::timeout(WAIT, recv.read_exact(&mut payload))
+}
+
+/// Reads one frame from a node stream with no deadline (for reader tasks
+/// that outlive any single wait); `None` once the stream or connection
+/// ends. The node only sends valid frames.
+pub async fn next_frame(recv: &mut quinn::RecvStream) -> Option<Frame> {
+    use quic_fabric::protocol::stream::{Inbound, Oversized};
+    match protocol::stream::read_frame(recv, protocol::HARD_MAX_FRAME_BYTES, Oversized::Skip)
         .await
-        .expect("frame in time")
-        .ok()?;
-    Some(protocol::decode_frame(&payload).expect("node sends valid frames"))
+        .ok()?
+    {
+        Inbound::Frame(frame, _) => Some(frame),
+        Inbound::Finished => None,
+        Inbound::Bad(err, _) => panic!("the node sent an invalid frame: {err}"),
+    }
 }
 
 /// Polls `check` until it returns true, failing after `within`. For
