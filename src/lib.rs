@@ -24,13 +24,11 @@
 //!   use `protocol` and `tls` only.
 
 // Nothing that comes from the network or from Redis may panic the node:
-// no unwrap()/expect() outside tests (the load generator is exempted below).
+// no unwrap()/expect() outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
 pub mod auth;
-#[allow(clippy::unwrap_used, clippy::expect_used)] // a load generator; its expects are invariants
-pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod client;

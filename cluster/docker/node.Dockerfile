@@ -16,9 +16,13 @@ FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
 
 # Dependencies first, so an edit to src/ does not re-download every crate:
-# the fetch layer only depends on Cargo.toml and Cargo.lock.
+# the fetch layer only depends on the manifests and Cargo.lock. The root is a
+# workspace, so cargo must find every member's manifest (bench/, the
+# benchmark harness); an empty bench/src/main.rs stands in for its source,
+# which fabric-node does not need, so an edit to bench/ rebuilds nothing here.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src && touch src/lib.rs \
+COPY bench/Cargo.toml bench/
+RUN mkdir -p src bench/src && touch src/lib.rs bench/src/main.rs \
  && cargo fetch --locked \
  && rm -rf src
 

@@ -1,4 +1,11 @@
 //! `fabric-bench`: benchmarks beside their floors (see BENCHMARKS.md).
+//!
+//! A tool, not part of the library: it uses quic-fabric's public API only,
+//! so its dependencies (anyhow, hdrhistogram, tempfile) stay out of every
+//! library user's build.
+
+mod raw;
+mod scenarios;
 
 use clap::Parser;
 
@@ -14,8 +21,8 @@ async fn main() -> anyhow::Result<()> {
         let certs = args
             .next()
             .ok_or_else(|| anyhow::anyhow!("raw-server ADDR CERTS"))?;
-        return quic_fabric::bench::raw_server_main(addr, certs.as_ref()).await;
+        return scenarios::raw_server_main(addr, certs.as_ref()).await;
     }
     quic_fabric::telemetry::init(quic_fabric::telemetry::LogFormat::Text, "error");
-    quic_fabric::bench::run(quic_fabric::bench::BenchArgs::parse()).await
+    scenarios::run(scenarios::BenchArgs::parse()).await
 }

@@ -1,8 +1,6 @@
-//! `fabric-bench`: latency, fan-out and connection-scale benchmarks, each
+//! The scenarios: latency, fan-out and connection-scale benchmarks, each
 //! run beside its floor (raw quinn, raw Redis) in the same process, on the
 //! same machine, with the same sizes, and reported as fabric / floor ratios.
-
-pub mod raw;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,10 +12,12 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, ClientConfig, Event};
-use crate::config::NodeConfig;
-use crate::protocol::{self, Body, ClientId, Frame, Payload, Priority};
-use crate::server::Server;
+use quic_fabric::client::{Client, ClientConfig, Event};
+use quic_fabric::config::NodeConfig;
+use quic_fabric::protocol::{self, Body, ClientId, Frame, Payload, Priority};
+use quic_fabric::server::Server;
+
+use crate::raw;
 
 /// Benchmarks for quic-fabric, each beside its floor.
 #[derive(Debug, Parser)]
@@ -205,7 +205,7 @@ struct Lab {
 impl Lab {
     fn new() -> anyhow::Result<Lab> {
         let certs = tempfile::tempdir()?;
-        crate::tls::ensure_dev_certs(certs.path(), &NodeConfig::default().cert_names)?;
+        quic_fabric::tls::ensure_dev_certs(certs.path(), &NodeConfig::default().cert_names)?;
         Ok(Lab {
             certs,
             stops: Vec::new(),
@@ -246,7 +246,7 @@ impl Lab {
         tokio::spawn(server.run(async move { token.cancelled().await }));
         self.stops.push(stop);
         if redis.is_some() {
-            use crate::bus::ClusterBus;
+            use quic_fabric::bus::ClusterBus;
             let deadline = Instant::now() + Duration::from_secs(20);
             while !node.bus().available() {
                 anyhow::ensure!(Instant::now() < deadline, "node did not reach Redis");
@@ -1038,7 +1038,7 @@ async fn start_child(lab: &Lab, raw_server: bool, max: usize) -> anyhow::Result<
     let mut probe = lab.client_config(addr, "probe");
     probe.connect_timeout = Duration::from_millis(300);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while crate::client::probe(&probe).await.is_err() {
+    while quic_fabric::client::probe(&probe).await.is_err() {
         anyhow::ensure!(Instant::now() < deadline, "child server did not start");
     }
     Ok(Child { child, addr })
@@ -1056,8 +1056,8 @@ async fn open_idle(
         .collect::<Result<_, _>>()?;
     let start = Instant::now();
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::with_capacity(n);
-    let crypto = std::sync::Arc::new(crate::tls::client_crypto(
-        &crate::tls::ServerTrust::CaFile(lab.ca()),
+    let crypto = std::sync::Arc::new(quic_fabric::tls::client_crypto(
+        &quic_fabric::tls::ServerTrust::CaFile(lab.ca()),
         None,
     )?);
     for chunk in (0..n).collect::<Vec<_>>().chunks(128) {
@@ -1163,7 +1163,7 @@ pub async fn raw_server_main(addr: std::net::SocketAddr, certs: &Path) -> anyhow
         certs_dir: certs.to_owned(),
         ..NodeConfig::default()
     };
-    let endpoint = crate::server::endpoint(&config)?;
+    let endpoint = quic_fabric::server::endpoint(&config)?;
     let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     while let Some(incoming) = endpoint.accept().await {
         // Concurrent handshakes, as the node does them.

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::config::NodeConfig;
-use crate::protocol::{HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
-use crate::tls;
+use quic_fabric::config::NodeConfig;
+use quic_fabric::protocol::{HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
+use quic_fabric::tls;
 
 /// What a raw server does with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ impl RawServer {
             ..NodeConfig::default()
         };
         // The node's endpoint (TLS, transport, socket), so only fabric logic differs.
-        let endpoint = crate::server::endpoint(&config)?;
+        let endpoint = quic_fabric::server::endpoint(&config)?;
         let peers: Peers = Arc::new(std::sync::RwLock::new(Vec::new()));
         let accept = endpoint.clone();
         tokio::spawn(async move {
