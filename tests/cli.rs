@@ -3,9 +3,8 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::Duration;
 
-use common::{TestNode, WAIT, next_matching};
+use common::{NodeProcess, TestNode, WAIT, next_matching};
 use quic_fabric::protocol::{Body, ClientId, Payload, Priority};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
@@ -27,6 +26,13 @@ async fn output(mut cmd: Command) -> std::process::Output {
         .await
         .expect("command finishes")
         .unwrap()
+}
+
+/// A `fabric-node` process logging JSON lines (kept for
+/// [`NodeProcess::terminate`]) that drains for at most a second on SIGTERM.
+async fn json_logging_node(certs: &std::path::Path, args: &[&str]) -> NodeProcess {
+    let args = [args, &["--shutdown-grace", "1s", "--log-format", "json"]].concat();
+    NodeProcess::start_logging(certs, &args).await
 }
 
 #[tokio::test]
@@ -214,48 +220,13 @@ async fn chat_broadcasts_typed_lines_and_quits() {
 #[tokio::test]
 async fn fabric_node_generates_certs_serves_and_stops_on_sigterm() {
     let certs = tempfile::tempdir().unwrap();
-    let port = {
-        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{port}");
-    let node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-        .args(["--listen", &addr, "--certs"])
-        .arg(certs.path())
-        .args(["--name", "proc-node", "--shutdown-grace", "1s"])
-        .args(["--log-format", "json"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let config = quic_fabric::client::ClientConfig::new(addr.clone(), certs.path().join("ca.pem"));
-    let client = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(c) = quic_fabric::client::Client::connect(&config).await {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("node comes up");
+    let node = json_logging_node(certs.path(), &["--name", "proc-node"]).await;
+    let client = node.connect("client").await;
     assert_eq!(client.handshake().server_name, "proc-node");
     for file in ["ca.pem", "server.pem", "server.key", "ca.key"] {
         assert!(certs.path().join(file).exists(), "{file} generated");
     }
-    let pid = node.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = tokio::time::timeout(WAIT, node.wait_with_output())
-        .await
-        .expect("node exits after SIGTERM")
-        .unwrap();
+    let out = node.terminate().await;
     assert!(out.status.success(), "graceful exit: {:?}", out.status);
     drop(client);
 
@@ -400,33 +371,15 @@ async fn token_mints_what_an_authenticating_node_accepts() {
 #[tokio::test]
 async fn a_slow_consumer_disconnect_is_logged_with_the_close_code_sent() {
     let certs = common::TestCerts::new();
-    let addr = format!("127.0.0.1:{}", common::free_udp_port());
-    let node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-        .args(["--listen", &addr, "--certs"])
-        .arg(certs.dir.path())
-        .args(["--max-message-bytes", "4096", "--max-queued-bytes", "65536"])
-        .args(["--shutdown-grace", "1s", "--log-format", "json"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let ca = certs.dir.path().join("ca.pem");
-    let config = quic_fabric::client::ClientConfig::new(addr.clone(), ca.clone()).name("sender");
-    let sender = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(c) = quic_fabric::client::Client::connect(&config).await {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("node comes up");
+    let node = json_logging_node(
+        certs.dir.path(),
+        &["--max-message-bytes", "4096", "--max-queued-bytes", "65536"],
+    )
+    .await;
+    let sender = node.connect("sender").await;
     // A client that stops reading, with tiny QUIC windows.
-    let sink = common::RawClient::try_connect_to(addr.parse().unwrap(), &ca, |t| {
+    let ca = certs.dir.path().join("ca.pem");
+    let sink = common::RawClient::try_connect_to(node.addr.parse().unwrap(), &ca, |t| {
         t.stream_receive_window(quinn::VarInt::from_u32(4096));
         t.receive_window(quinn::VarInt::from_u32(8192));
     })
@@ -447,16 +400,7 @@ async fn a_slow_consumer_disconnect_is_logged_with_the_close_code_sent() {
     }
     assert_eq!(sink.closed_code().await, Some(5));
 
-    let pid = node.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = tokio::time::timeout(WAIT, node.wait_with_output())
-        .await
-        .expect("node exits after SIGTERM")
-        .unwrap();
+    let out = node.terminate().await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let closed: Vec<serde_json::Value> = stderr
         .lines()

@@ -420,6 +420,8 @@ pub struct NodeProcess {
     pub addr: String,
     pub certs: PathBuf,
     args: Vec<String>,
+    /// Whether the node's log (stderr) is kept for [`NodeProcess::terminate`].
+    keep_log: bool,
 }
 
 /// A free UDP port on loopback (free when asked; good enough for tests).
@@ -435,37 +437,67 @@ impl NodeProcess {
     /// Starts `fabric-node --listen 127.0.0.1:PORT --certs DIR ARGS...` and
     /// waits until it answers a client.
     pub async fn start(certs: &std::path::Path, args: &[&str]) -> NodeProcess {
+        Self::launch(certs, args, false).await
+    }
+
+    /// Like [`NodeProcess::start`], keeping the node's log (stderr) for
+    /// [`NodeProcess::terminate`] to return.
+    pub async fn start_logging(certs: &std::path::Path, args: &[&str]) -> NodeProcess {
+        Self::launch(certs, args, true).await
+    }
+
+    async fn launch(certs: &std::path::Path, args: &[&str], keep_log: bool) -> NodeProcess {
         let addr = format!("127.0.0.1:{}", free_udp_port());
         let mut node = NodeProcess {
-            child: Self::spawn(&addr, certs, args),
+            child: Self::spawn(&addr, certs, args, keep_log),
             addr,
             certs: certs.to_owned(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            keep_log,
         };
         node.wait_up().await;
         node
     }
 
-    fn spawn(addr: &str, certs: &std::path::Path, args: &[&str]) -> tokio::process::Child {
+    fn spawn(
+        addr: &str,
+        certs: &std::path::Path,
+        args: &[&str],
+        keep_log: bool,
+    ) -> tokio::process::Child {
+        use std::process::Stdio;
         tokio::process::Command::new(env!("CARGO_BIN_EXE_fabric-node"))
             .args(["--listen", addr, "--certs"])
             .arg(certs)
             .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            // The node's own default log level, whatever the test run's.
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if keep_log {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .expect("fabric-node starts")
     }
 
-    /// Waits until a client can connect (the process may still be binding).
+    /// Waits until the node completes QUIC handshakes (the process may still
+    /// be binding), starting it again if it exits (for example because the
+    /// port was not free yet). Uses a health probe, which never becomes a
+    /// client, so the node's log and its client list stay the test's.
     pub async fn wait_up(&mut self) {
-        let config = self.client_config("probe");
+        let mut probe_config = self.client_config("probe");
+        probe_config.connect_timeout = Duration::from_millis(500);
         tokio::time::timeout(WAIT, async {
             loop {
-                if let Ok(c) = Client::connect(&config).await {
-                    c.close("probe done").await;
+                if self.child.try_wait().unwrap().is_some() {
+                    let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+                    self.child = Self::spawn(&self.addr, &self.certs, &args, self.keep_log);
+                }
+                if quic_fabric::client::probe(&probe_config).await.is_ok() {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -493,11 +525,27 @@ impl NodeProcess {
         self.child.wait().await.expect("node process reaped");
     }
 
+    /// SIGTERM (a graceful drain), then waits for the process to exit;
+    /// returns its status and, when started with
+    /// [`NodeProcess::start_logging`], its log.
+    pub async fn terminate(self) -> std::process::Output {
+        let pid = self.child.id().expect("node process running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "SIGTERM sent");
+        tokio::time::timeout(WAIT, self.child.wait_with_output())
+            .await
+            .expect("node exits after SIGTERM")
+            .unwrap()
+    }
+
     /// Starts the same node again on the same address (after `kill`), with
     /// the same arguments, and waits until it answers.
     pub async fn restart(&mut self) {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.child = Self::spawn(&self.addr, &self.certs, &args);
+        self.child = Self::spawn(&self.addr, &self.certs, &args, self.keep_log);
         self.wait_up().await;
     }
 }
