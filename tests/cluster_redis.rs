@@ -1,5 +1,9 @@
-//! Nodes sharing a real Redis (testcontainers): presence, cross-node
-//! delivery, node death, Redis outages and recovery.
+//! Nodes sharing a real Redis (testcontainers): the cross-node scenarios
+//! shared with `tests/cluster_memory.rs` (`tests/common/scenarios.rs`:
+//! broadcast, direct in order, unknown target, list, a node leaving), then
+//! what only Redis has: node death by TTL, Redis outages and recovery,
+//! `rediss://`, the command cost per message, the admin API over the
+//! cluster, a node restarted with its id.
 //!
 //! The image comes from `FABRIC_REDIS_IMAGE` (default `redis:7`); on a
 //! machine without a registry, `cluster/images.sh redis` builds it from
@@ -7,15 +11,18 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::cluster::Cluster;
 use common::redis::{
-    NODE_TTL, TestRedis, free_tcp_port, redis_image, redis_node, wait_listed, wait_ready,
+    NODE_TTL, RedisNodes, TestRedis, free_tcp_port, redis_image, redis_node, redis_node_process,
+    wait_listed, wait_ready,
 };
-use common::{TestCerts, TestNode, WAIT, eventually, next_matching};
+use common::{
+    TestCerts, TestNode, WAIT, deliver, eventually, expect_refused, expect_unknown, next_matching,
+};
 use quic_fabric::bus::ClusterBus;
-use quic_fabric::client::{Client, ClientConfig, ClientError, Event};
+use quic_fabric::client::{ClientError, Event};
 use quic_fabric::node::BusChoice;
 use quic_fabric::protocol::{Body, ClientId, Payload, Priority, error_code};
 use testcontainers_modules::redis::Redis;
@@ -23,142 +30,26 @@ use testcontainers_modules::testcontainers::ImageExt;
 use testcontainers_modules::testcontainers::core::IntoContainerPort;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 
-#[tokio::test]
-async fn broadcast_direct_and_list_work_across_nodes() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
-    let n2 = redis_node(&redis, &certs, "n2").await;
-    let n3 = redis_node(&redis, &certs, "n3").await;
-    wait_ready(&[&n1, &n2, &n3]).await;
-
-    let a = n1.connect("a").await;
-    let mut b = n2.connect("b").await;
-    let mut c = n3.connect("c").await;
-    let mut a2 = n1.connect("a2").await;
-    let all = [a.client_id(), b.client_id(), c.client_id(), a2.client_id()];
-    wait_listed(&a, &all).await;
-    let (clients, _) = b.list().await.unwrap();
-    for info in &clients {
-        let expected_node = if info.name.starts_with('a') {
-            n1.id()
-        } else if info.name == "b" {
-            n2.id()
-        } else {
-            n3.id()
-        };
-        assert_eq!(info.node_id, expected_node, "{info:?}");
-    }
-
-    // Broadcast: once to every other client, on every node.
-    let id = a
-        .broadcast(Payload::Text("cluster-wide".into()), Priority::Normal)
-        .await
-        .unwrap();
-    for receiver in [&mut b, &mut c, &mut a2] {
-        let got = next_matching(receiver, |f| f.id == id).await;
-        assert_eq!(
-            got.body,
-            Body::Broadcast {
-                payload: Payload::Text("cluster-wide".into())
-            }
-        );
-        common::assert_none_before_echo(receiver, |f| f.id == id).await;
-    }
-
-    // Direct across nodes, acknowledged after delivery, in order.
-    let mut pending = Vec::new();
-    for i in 0..50u32 {
-        let body = Body::Direct {
-            to: c.client_id(),
-            payload: Payload::Text(i.to_string()),
-        };
-        pending.push(a.submit(Priority::Normal, body).await.unwrap());
-    }
-    for p in pending {
-        assert!(matches!(p.wait().await.unwrap().body, Body::Ack { .. }));
-    }
-    for i in 0..50u32 {
-        let got = next_matching(&mut c, |f| matches!(f.body, Body::Direct { .. })).await;
-        assert_eq!(
-            got.body,
-            Body::Direct {
-                to: c.client_id(),
-                payload: Payload::Text(i.to_string())
-            }
-        );
-        assert_eq!(got.sender.as_ref().unwrap().node_id, n1.id());
-    }
-
-    // Unknown target.
-    common::expect_server_error(
-        a.direct(
-            ClientId::new_random(),
-            Payload::Text("?".into()),
-            Priority::Normal,
-        )
-        .await,
-        error_code::UNKNOWN_CLIENT,
-    );
-    drop((a, b, c, a2));
-    drop((n1, n2, n3));
-    redis.remove().await;
-}
+cluster_scenarios!(RedisNodes);
 
 #[tokio::test]
 async fn a_killed_node_leaves_presence_within_its_ttl_and_gets_nothing_routed() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
+    let cluster = RedisNodes::start(1).await;
+    let n1 = &cluster.nodes[0];
     // The victim is a real process, so it can die by SIGKILL.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-        .args(["--listen", &addr, "--certs"])
-        .arg(certs.dir.path())
-        .args([
-            "--redis",
-            &redis.url,
-            "--node-ttl",
-            "2s",
-            "--heartbeat-interval",
-            "300ms",
-            "--name",
-            "victim",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let config = ClientConfig::new(addr.clone(), certs.dir.path().join("ca.pem")).name("doomed");
-    let doomed = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(c) = Client::connect(&config).await {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("victim node comes up");
+    let mut victim = redis_node_process(
+        &cluster.redis,
+        &cluster.certs,
+        NODE_TTL,
+        &["--name", "victim"],
+    )
+    .await;
+    let mut doomed = victim.connect("doomed").await;
     let a = n1.connect("a").await;
     wait_listed(&a, &[a.client_id(), doomed.client_id()]).await;
-    a.direct(
-        doomed.client_id(),
-        Payload::Text("alive?".into()),
-        Priority::Normal,
-    )
-    .await
-    .unwrap();
+    deliver(&a, &mut doomed, "alive?").await;
 
-    victim.start_kill().unwrap();
-    victim.wait().await.unwrap();
+    victim.kill().await;
     let killed_at = tokio::time::Instant::now();
     // Gone from presence by TTL alone (nobody cleaned up).
     wait_listed(&a, &[a.client_id()]).await;
@@ -168,50 +59,14 @@ async fn a_killed_node_leaves_presence_within_its_ttl_and_gets_nothing_routed() 
         "presence outlived the TTL by far: {gone_after:?}"
     );
     // Nothing is routed to the dead node: the sender learns the client is gone.
-    common::expect_server_error(
-        a.direct(
-            doomed.client_id(),
-            Payload::Text("dead?".into()),
-            Priority::Normal,
-        )
-        .await,
-        error_code::UNKNOWN_CLIENT,
-    );
-    drop(n1);
-    redis.remove().await;
-}
-
-#[tokio::test]
-async fn a_gracefully_stopped_node_leaves_presence_at_once() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
-    let mut n2 = redis_node(&redis, &certs, "n2").await;
-    wait_ready(&[&n1, &n2]).await;
-    let a = n1.connect("a").await;
-    let b = n2.connect("b").await;
-    wait_listed(&a, &[a.client_id(), b.client_id()]).await;
-    n2.stop().await;
-    // No waiting: the node removed its presence before it stopped.
-    let (clients, _) = a.list().await.unwrap();
-    assert_eq!(
-        clients.iter().map(|c| c.client_id).collect::<Vec<_>>(),
-        vec![a.client_id()]
-    );
-    let live = n1.bus().live_nodes().await.unwrap();
-    assert_eq!(live, vec![n1.id()]);
-    drop(n1);
-    redis.remove().await;
+    expect_unknown(&a, doomed.client_id()).await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
 async fn a_client_that_reconnects_elsewhere_is_routed_to_its_new_node() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
-    let n2 = redis_node(&redis, &certs, "n2").await;
-    let n3 = redis_node(&redis, &certs, "n3").await;
-    wait_ready(&[&n1, &n2, &n3]).await;
+    let cluster = RedisNodes::start(3).await;
+    let (n1, n2, n3) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
     let sender = n1.connect("sender").await;
     let roamer = n2.connect("roamer").await;
     let old_id = roamer.client_id();
@@ -225,40 +80,17 @@ async fn a_client_that_reconnects_elsewhere_is_routed_to_its_new_node() {
 
     let mut moved = n3.connect("roamer").await;
     wait_listed(&sender, &[sender.client_id(), moved.client_id()]).await;
-    let id = sender
-        .direct(
-            moved.client_id(),
-            Payload::Text("found you".into()),
-            Priority::Normal,
-        )
-        .await
-        .unwrap();
-    let got = next_matching(&mut moved, |f| f.id == id).await;
-    assert_eq!(
-        got.body,
-        Body::Direct {
-            to: moved.client_id(),
-            payload: Payload::Text("found you".into())
-        }
-    );
+    deliver(&sender, &mut moved, "found you").await;
     // The old id is gone even though it is still cached on n1.
-    common::expect_server_error(
-        sender
-            .direct(old_id, Payload::Text("stale".into()), Priority::Normal)
-            .await,
-        error_code::UNKNOWN_CLIENT,
-    );
-    drop((n1, n2, n3));
-    redis.remove().await;
+    expect_unknown(&sender, old_id).await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
 async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
-    let n2 = redis_node(&redis, &certs, "n2").await;
-    wait_ready(&[&n1, &n2]).await;
+    let cluster = RedisNodes::start(2).await;
+    let (redis, certs) = (&cluster.redis, &cluster.certs);
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let a = n1.connect("a").await;
     let mut a2 = n1.connect("a2").await;
     let mut b = n2.connect("b").await;
@@ -272,25 +104,9 @@ async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
     .await;
 
     // Local delivery goes on.
-    let id = a
-        .direct(
-            a2.client_id(),
-            Payload::Text("local".into()),
-            Priority::Normal,
-        )
-        .await
-        .unwrap();
-    next_matching(&mut a2, |f| f.id == id).await;
+    deliver(&a, &mut a2, "local").await;
     // Cross-node sends fail visibly.
-    common::expect_server_error(
-        a.direct(
-            b.client_id(),
-            Payload::Text("remote".into()),
-            Priority::Normal,
-        )
-        .await,
-        error_code::CLUSTER_UNAVAILABLE,
-    );
+    expect_refused(&a, b.client_id(), error_code::CLUSTER_UNAVAILABLE).await;
     // A broadcast reaches local clients and tells the sender it went no further.
     let pending = a
         .submit(
@@ -316,36 +132,21 @@ async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
     );
 
     // A node started during the outage starts anyway and serves locally.
-    let n3 = redis_node(&redis, &certs, "n3").await;
+    let n3 = redis_node(redis, certs, "n3").await;
     let c = n3.connect("c").await;
     c.ping().await.unwrap();
 
     // Longer than the command connection's own retry budget.
     tokio::time::sleep(Duration::from_secs(4)).await;
     redis.container.start().await.unwrap();
-    wait_ready(&[&n1, &n2, &n3]).await;
+    wait_ready(&[n1, n2, &n3]).await;
     // Presence is rebuilt (the restarted Redis may have lost it) and delivery resumes.
     wait_listed(
         &a,
         &[a.client_id(), a2.client_id(), b.client_id(), c.client_id()],
     )
     .await;
-    let id = a
-        .direct(
-            b.client_id(),
-            Payload::Text("back".into()),
-            Priority::Normal,
-        )
-        .await
-        .unwrap();
-    let got = next_matching(&mut b, |f| f.id == id).await;
-    assert_eq!(
-        got.body,
-        Body::Direct {
-            to: b.client_id(),
-            payload: Payload::Text("back".into())
-        }
-    );
+    deliver(&a, &mut b, "back").await;
     let id = c
         .broadcast(Payload::Text("from the late node".into()), Priority::Normal)
         .await
@@ -359,29 +160,20 @@ async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
         }
         Ok(other) => panic!("unexpected {other:?}"),
     }
-    drop((n1, n2, n3));
-    redis.remove().await;
+    drop(n3);
+    cluster.finish().await;
 }
 
 #[tokio::test]
 async fn a_client_is_routable_cluster_wide_as_soon_as_it_has_its_id() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
-    let n2 = redis_node(&redis, &certs, "n2").await;
-    wait_ready(&[&n1, &n2]).await;
-    let a = n1.connect("a").await;
+    let cluster = RedisNodes::start(2).await;
+    let a = cluster.nodes[0].connect("a").await;
     for i in 0..5 {
-        let mut b = n2.connect(&format!("b{i}")).await;
+        let mut b = cluster.nodes[1].connect(&format!("b{i}")).await;
         // No waiting for presence: the HandshakeAck came after registration.
-        let id = a
-            .direct(b.client_id(), Payload::Text("hi".into()), Priority::Normal)
-            .await
-            .unwrap();
-        next_matching(&mut b, |f| f.id == id).await;
+        deliver(&a, &mut b, "hi").await;
     }
-    drop((n1, n2));
-    redis.remove().await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
@@ -438,29 +230,13 @@ async fn rediss_with_a_password_and_a_private_ca() {
     wait_ready(&[&n1, &n2]).await;
     let a = n1.connect("a").await;
     let mut b = n2.connect("b").await;
-    let id = a
-        .direct(
-            b.client_id(),
-            Payload::Text("over TLS".into()),
-            Priority::Normal,
-        )
-        .await
-        .unwrap();
-    next_matching(&mut b, |f| f.id == id).await;
+    deliver(&a, &mut b, "over TLS").await;
 
     // A wrong password never joins: cross-node traffic fails visibly.
     let intruder = start("n3", "wrong").await;
     let c = intruder.connect("c").await;
     c.ping().await.unwrap();
-    common::expect_server_error(
-        c.direct(
-            b.client_id(),
-            Payload::Text("let me in".into()),
-            Priority::Normal,
-        )
-        .await,
-        error_code::CLUSTER_UNAVAILABLE,
-    );
+    expect_refused(&c, b.client_id(), error_code::CLUSTER_UNAVAILABLE).await;
     drop((n1, n2, intruder));
     container.rm().await.unwrap();
 }
@@ -482,35 +258,22 @@ async fn publishes(url: &str) -> u64 {
 
 #[tokio::test]
 async fn redis_cost_per_message_is_as_documented() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
-    let n2 = redis_node(&redis, &certs, "n2").await;
-    let n3 = redis_node(&redis, &certs, "n3").await;
-    wait_ready(&[&n1, &n2, &n3]).await;
+    let cluster = RedisNodes::start(3).await;
+    let (redis, n1, n2, n3) = (
+        &cluster.redis,
+        &cluster.nodes[0],
+        &cluster.nodes[1],
+        &cluster.nodes[2],
+    );
     let a = n1.connect("a").await;
     let mut a2 = n1.connect("a2").await;
     let mut b = n2.connect("b").await;
     let _c = n3.connect("c").await;
     // Warm the lookup cache.
-    a.direct(
-        b.client_id(),
-        Payload::Text("warm".into()),
-        Priority::Normal,
-    )
-    .await
-    .unwrap();
+    deliver(&a, &mut b, "warm").await;
 
     let before = publishes(&redis.url).await;
-    let id = a
-        .direct(
-            a2.client_id(),
-            Payload::Text("same node".into()),
-            Priority::Normal,
-        )
-        .await
-        .unwrap();
-    next_matching(&mut a2, |f| f.id == id).await;
+    deliver(&a, &mut a2, "same node").await;
     assert_eq!(
         publishes(&redis.url).await - before,
         0,
@@ -530,42 +293,27 @@ async fn redis_cost_per_message_is_as_documented() {
     );
 
     let before = publishes(&redis.url).await;
-    let id = a
-        .direct(
-            b.client_id(),
-            Payload::Text("cross".into()),
-            Priority::Normal,
-        )
-        .await
-        .unwrap();
-    next_matching(&mut b, |f| f.id == id).await;
+    deliver(&a, &mut b, "cross").await;
     assert_eq!(
         publishes(&redis.url).await - before,
         2,
         "message and receipt"
     );
-    drop((n1, n2, n3));
-    redis.remove().await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
 async fn admin_api_and_metrics_see_and_steer_the_whole_cluster() {
     const TOKEN: &str = "cluster-admin-token-0123";
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let url = redis.url.clone();
-    let n1 = TestNode::start_on(BusChoice::FromConfig, Some(&certs), move |c| {
-        c.name = "n1".into();
-        c.redis_url = Some(url);
-        c.node_ttl = NODE_TTL;
-        c.heartbeat_interval = Duration::from_millis(300);
-        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.admin_token = Some(TOKEN.into());
-        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let cluster = RedisNodes::start_with(2, |i, c| {
+        if i == 0 {
+            c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+            c.admin_token = Some(TOKEN.into());
+            c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        }
     })
     .await;
-    let n2 = redis_node(&redis, &certs, "n2").await;
-    wait_ready(&[&n1, &n2]).await;
+    let (redis, n1, n2) = (&cluster.redis, &cluster.nodes[0], &cluster.nodes[1]);
     let admin = n1.admin_addr.unwrap();
     let on1 = n1.connect("on1").await;
     let mut on2 = n2.connect("on2").await;
@@ -672,8 +420,7 @@ async fn admin_api_and_metrics_see_and_steer_the_whole_cluster() {
     .await;
     on1.ping().await.unwrap();
     drop((on1, on2));
-    drop((n1, n2));
-    redis.remove().await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
@@ -681,20 +428,8 @@ async fn a_node_restarted_with_its_id_within_its_ttl_leaves_no_stale_routing_ent
     let redis = TestRedis::start().await;
     let certs = TestCerts::new();
     let node_id = ClientId::new_random().to_string();
-    let mut node = common::NodeProcess::start(
-        certs.dir.path(),
-        &[
-            "--redis",
-            &redis.url,
-            "--node-id",
-            &node_id,
-            "--node-ttl",
-            "10s",
-            "--heartbeat-interval",
-            "300ms",
-        ],
-    )
-    .await;
+    let ttl = Duration::from_secs(10);
+    let mut node = redis_node_process(&redis, &certs, ttl, &["--node-id", &node_id]).await;
     let mut clients = Vec::new();
     for i in 0..3 {
         clients.push(node.connect(&format!("c{i}")).await);

@@ -3,7 +3,9 @@
 //! client that can send arbitrary bytes.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod redis;
+pub mod scenarios;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +14,9 @@ use std::time::Duration;
 
 use quic_fabric::client::{Client, ClientConfig, Event};
 use quic_fabric::node::{BusChoice, Node};
-use quic_fabric::protocol::{self, Body, Frame, Handshake, Priority};
+use quic_fabric::protocol::{
+    self, Body, ClientId, Frame, Handshake, Payload, Priority, error_code,
+};
 use quic_fabric::{NodeConfig, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -150,6 +154,93 @@ pub async fn next_matching(client: &mut Client, mut pred: impl FnMut(&Frame) -> 
     })
     .await
     .expect("expected frame arrives in time")
+}
+
+/// Sends `text` as a Direct (Normal priority) from `sender` to `receiver`,
+/// which must be acknowledged and arrive as sent, stamped with its sender;
+/// returns the frame received.
+pub async fn deliver(sender: &Client, receiver: &mut Client, text: &str) -> Frame {
+    deliver_payload(
+        sender,
+        receiver,
+        Payload::Text(text.into()),
+        Priority::Normal,
+    )
+    .await
+}
+
+/// [`deliver`] for any payload and priority.
+pub async fn deliver_payload(
+    sender: &Client,
+    receiver: &mut Client,
+    payload: Payload,
+    priority: Priority,
+) -> Frame {
+    let to = receiver.client_id();
+    let id = sender
+        .direct(to, payload.clone(), priority)
+        .await
+        .unwrap_or_else(|e| panic!("direct to {to} acknowledged: {e}"));
+    let got = next_matching(receiver, |f| f.id == id).await;
+    assert_eq!(got.body, Body::Direct { to, payload });
+    let stamped = got.sender.as_ref().expect("the node stamps the sender");
+    assert_eq!(stamped.client_id, sender.client_id());
+    got
+}
+
+/// Sends a Direct from `sender` to `to` and asserts the node refuses it
+/// with `code`; returns the error message.
+pub async fn expect_refused(
+    sender: &Client,
+    to: ClientId,
+    code: quic_fabric::protocol::ErrorCode,
+) -> String {
+    let sent = sender
+        .direct(to, Payload::Text("anyone there?".into()), Priority::Normal)
+        .await;
+    expect_server_error(sent, code)
+}
+
+/// Asserts a Direct from `sender` to `to` is answered UNKNOWN_CLIENT,
+/// naming the client it could not find.
+pub async fn expect_unknown(sender: &Client, to: ClientId) {
+    let message = expect_refused(sender, to, error_code::UNKNOWN_CLIENT).await;
+    assert!(message.contains(&to.to_string()), "{message}");
+}
+
+/// Sends Directs numbered `0..count` from `sender` to `receiver` without
+/// waiting in between; every one must be acknowledged and they must arrive
+/// in the order sent. Returns the frames received, in order.
+pub async fn directs_arrive_in_order(
+    sender: &Client,
+    receiver: &mut Client,
+    count: u32,
+) -> Vec<Frame> {
+    let to = receiver.client_id();
+    let mut pending = Vec::new();
+    for i in 0..count {
+        let body = Body::Direct {
+            to,
+            payload: Payload::Text(i.to_string()),
+        };
+        pending.push(sender.submit(Priority::Normal, body).await.unwrap());
+    }
+    for p in pending {
+        assert!(matches!(p.wait().await.unwrap().body, Body::Ack { .. }));
+    }
+    let mut received = Vec::new();
+    for i in 0..count {
+        let got = next_matching(receiver, |f| matches!(f.body, Body::Direct { .. })).await;
+        assert_eq!(
+            got.body,
+            Body::Direct {
+                to,
+                payload: Payload::Text(i.to_string())
+            }
+        );
+        received.push(got);
+    }
+    received
 }
 
 /// Asserts no frame matching `pred` arrives before `probe` (a frame the

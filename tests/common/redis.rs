@@ -15,7 +15,8 @@ use testcontainers_modules::testcontainers::core::IntoContainerPort;
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
 
-use super::{TestCerts, TestNode, WAIT, eventually};
+use super::cluster::{Cluster, exactly};
+use super::{NodeProcess, TestCerts, TestNode, WAIT, eventually};
 
 /// The node TTL the cluster tests run with (short, so deaths show quickly).
 pub const NODE_TTL: Duration = Duration::from_secs(2);
@@ -128,15 +129,78 @@ pub async fn wait_ready(nodes: &[&TestNode]) {
 pub async fn wait_listed(observer: &Client, expected: &[ClientId]) {
     eventually(WAIT, "cluster list converges", || async {
         match observer.list().await {
-            Ok((clients, _)) => {
-                let mut ids: Vec<_> = clients.iter().map(|c| c.client_id).collect();
-                let mut want = expected.to_vec();
-                ids.sort();
-                want.sort();
-                ids == want
-            }
+            Ok((clients, _)) => exactly(&clients, expected),
             Err(_) => false,
         }
     })
     .await;
+}
+
+/// A `fabric-node` process (so it can be SIGKILLed) clustered through
+/// `redis` with `ttl` and [`redis_node`]'s heartbeat; `args` are appended.
+pub async fn redis_node_process(
+    redis: &TestRedis,
+    certs: &TestCerts,
+    ttl: Duration,
+    args: &[&str],
+) -> NodeProcess {
+    let ttl = format!("{}ms", ttl.as_millis());
+    let cluster = ["--redis", &redis.url, "--node-ttl", &ttl];
+    let args = [&cluster[..], &["--heartbeat-interval", "300ms"], args].concat();
+    NodeProcess::start(certs.dir.path(), &args).await
+}
+
+/// Nodes in this process clustered through a Redis container of their own.
+pub struct RedisNodes {
+    pub nodes: Vec<TestNode>,
+    pub certs: TestCerts,
+    pub redis: TestRedis,
+}
+
+impl RedisNodes {
+    /// Like [`Cluster::start`], with `tweak(i, config)` applied to node `i`
+    /// (from 0) after [`redis_node`]'s settings.
+    pub async fn start_with(
+        n: usize,
+        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
+    ) -> RedisNodes {
+        let redis = TestRedis::start().await;
+        let certs = TestCerts::new();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let name = format!("n{}", i + 1);
+            nodes.push(redis_node_with(&redis, &certs, &name, |c| tweak(i, c)).await);
+        }
+        wait_ready(&nodes.iter().collect::<Vec<_>>()).await;
+        RedisNodes {
+            nodes,
+            certs,
+            redis,
+        }
+    }
+}
+
+impl Cluster for RedisNodes {
+    async fn start(n: usize) -> RedisNodes {
+        Self::start_with(n, |_, _| {}).await
+    }
+
+    fn nodes(&self) -> &[TestNode] {
+        &self.nodes
+    }
+
+    fn nodes_mut(&mut self) -> &mut [TestNode] {
+        &mut self.nodes
+    }
+
+    /// Presence in Redis is read back by polling.
+    async fn wait_listed(&self, observer: &Client, expected: &[ClientId]) {
+        wait_listed(observer, expected).await
+    }
+
+    /// The nodes go first, then the container.
+    async fn finish(self) {
+        drop(self.nodes);
+        self.redis.remove().await;
+    }
 }
