@@ -23,8 +23,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::redis::{NODE_TTL, TestRedis, redis_node, redis_node_with, wait_ready};
-use common::{NodeProcess, RawClient, TcpProxy, TestCerts, TestNode, WAIT};
+use common::redis::{
+    NODE_TTL, TestRedis, redis_node, redis_node_process, redis_node_with, wait_ready,
+};
+use common::{RawClient, TcpProxy, TestCerts, TestNode, WAIT};
 use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy};
 use quic_fabric::protocol::{
     self, Body, ClientId, ErrorCode, Frame, MessageId, Payload, Priority, error_code,
@@ -662,21 +664,7 @@ async fn a_node_killed_with_sigkill_costs_the_others_nothing_acked() {
     let certs = TestCerts::new();
     let n1 = redis_node(&redis, &certs, "n1").await;
     let n2 = redis_node(&redis, &certs, "n2").await;
-    let ttl = format!("{}ms", NODE_TTL.as_millis());
-    let mut victim = NodeProcess::start(
-        certs.dir.path(),
-        &[
-            "--redis",
-            &redis.url,
-            "--name",
-            "victim",
-            "--node-ttl",
-            &ttl,
-            "--heartbeat-interval",
-            "300ms",
-        ],
-    )
-    .await;
+    let mut victim = redis_node_process(&redis, &certs, NODE_TTL, &["--name", "victim"]).await;
     wait_ready(&[&n1, &n2]).await;
     let mut configs = two_peers_each(&[&n1, &n2]);
     configs.push(peer_config(victim.client_config("doomed-a"), false));
