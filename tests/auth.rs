@@ -7,14 +7,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{RawClient, TestNode, WAIT, next_matching, read_frame};
+use common::{RawClient, TestNode, WAIT, deliver, read_frame};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use quic_fabric::auth::{Claims, mint, mint_hs256, unix_now};
 use quic_fabric::client::{Client, ClientError, Event};
-use quic_fabric::protocol::{
-    self, Body, Frame, Handshake, Payload, Priority, close_code, error_code,
-};
+use quic_fabric::protocol::{self, Body, Frame, Handshake, Priority, close_code, error_code};
 use quic_fabric::tls::{self, ClientCert};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
@@ -78,15 +76,7 @@ async fn hs256_token_names_the_user_everywhere_and_bad_tokens_are_refused() {
     assert!(users.contains(&Some("alice".into())), "{users:?}");
     assert!(users.contains(&Some("bob".into())), "{users:?}");
     // ...and on every message it sends.
-    alice
-        .direct(
-            bob.client_id(),
-            Payload::Text("hi".into()),
-            Priority::Normal,
-        )
-        .await
-        .unwrap();
-    let got = next_matching(&mut bob, |f| matches!(f.body, Body::Direct { .. })).await;
+    let got = deliver(&alice, &mut bob, "hi").await;
     assert_eq!(got.sender.unwrap().user.as_deref(), Some("alice"));
 
     // Every way a token can be wrong is refused with AUTH_FAILED.

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{
-    RawClient, TestNode, WAIT, connect_when_admitted, is_refused, next_frame, next_matching,
-    read_frame,
+    RawClient, TestNode, WAIT, connect_when_admitted, deliver, is_refused, next_frame,
+    next_matching, read_frame,
 };
 use quic_fabric::client::{Client, ClientError};
 use quic_fabric::config::AddressValidation;
@@ -830,12 +830,7 @@ async fn address_validation_always_is_transparent_to_clients() {
     let a = node.connect("retried-a").await;
     let mut b = node.connect("retried-b").await;
     a.ping().await.unwrap();
-    let id = a
-        .direct(b.client_id(), Payload::Text("hi".into()), Priority::Normal)
-        .await
-        .unwrap();
-    let got = next_matching(&mut b, |f| f.id == id).await;
-    assert!(matches!(got.body, Body::Direct { .. }), "{got:?}");
+    deliver(&a, &mut b, "hi").await;
     let raw = RawClient::connect(&node).await;
     let (mut send, mut recv, ack) = raw.handshake("retried-raw").await;
     assert!(matches!(ack.body, Body::HandshakeAck(_)), "{ack:?}");
@@ -1133,16 +1128,9 @@ async fn readers_that_stop_together_are_dropped_once_they_exhaust_the_node_budge
         async move { budget.used() == 0 }
     })
     .await;
+    // Messages flow again.
     let mut watcher = node.connect("watcher").await;
-    let id = sender
-        .direct(
-            watcher.client_id(),
-            Payload::Text("flowing".into()),
-            Priority::Normal,
-        )
-        .await
-        .expect("messages flow again");
-    next_matching(&mut watcher, |f| f.id == id).await;
+    deliver(&sender, &mut watcher, "flowing").await;
 }
 
 #[tokio::test]

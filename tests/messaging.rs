@@ -2,11 +2,12 @@
 
 mod common;
 
-use common::{RawClient, TestNode, WAIT, assert_none_before_echo, next_matching, read_frame};
-use quic_fabric::client::{ClientError, Event};
-use quic_fabric::protocol::{
-    self, Body, ClientId, Frame, HandshakeAck, Payload, Priority, error_code,
+use common::{
+    RawClient, TestNode, WAIT, assert_none_before_echo, deliver_payload, directs_arrive_in_order,
+    expect_unknown, next_matching, read_frame,
 };
+use quic_fabric::client::{ClientError, Event};
+use quic_fabric::protocol::{self, Body, ClientId, Frame, HandshakeAck, Payload, Priority};
 
 #[tokio::test]
 async fn handshake_assigns_ids_and_reports_the_node() {
@@ -59,25 +60,9 @@ async fn direct_message_reaches_only_its_target() {
     let mut b = node.connect("bob").await;
     let mut c = node.connect("carol").await;
 
-    let id = a
-        .direct(
-            b.client_id(),
-            Payload::Binary(vec![1, 2, 3]),
-            Priority::High,
-        )
-        .await
-        .unwrap();
-    let got = next_matching(&mut b, |f| f.id == id).await;
+    let got = deliver_payload(&a, &mut b, Payload::Binary(vec![1, 2, 3]), Priority::High).await;
     assert_eq!(got.priority, Priority::High);
-    assert_eq!(
-        got.body,
-        Body::Direct {
-            to: b.client_id(),
-            payload: Payload::Binary(vec![1, 2, 3])
-        }
-    );
-    assert_eq!(got.sender.unwrap().client_id, a.client_id());
-    assert_none_before_echo(&mut c, |f| f.id == id).await;
+    assert_none_before_echo(&mut c, |f| f.id == got.id).await;
 }
 
 #[tokio::test]
@@ -118,18 +103,7 @@ async fn empty_payloads_are_messages_like_any_other() {
     let a = node.connect("alice").await;
     let mut b = node.connect("bob").await;
     for payload in [Payload::Text(String::new()), Payload::Binary(Vec::new())] {
-        let id = a
-            .direct(b.client_id(), payload.clone(), Priority::Normal)
-            .await
-            .unwrap();
-        let got = next_matching(&mut b, |f| f.id == id).await;
-        assert_eq!(
-            got.body,
-            Body::Direct {
-                to: b.client_id(),
-                payload: payload.clone()
-            }
-        );
+        deliver_payload(&a, &mut b, payload.clone(), Priority::Normal).await;
         let id = a.broadcast(payload.clone(), Priority::Low).await.unwrap();
         let got = next_matching(&mut b, |f| f.id == id).await;
         assert_eq!(got.body, Body::Broadcast { payload });
@@ -146,17 +120,7 @@ async fn empty_payloads_are_messages_like_any_other() {
 async fn direct_to_unknown_client_is_an_error_for_the_sender() {
     let node = TestNode::start().await;
     let a = node.connect("alice").await;
-    let nobody = ClientId::new_random();
-    match a
-        .direct(nobody, Payload::Text("hi".into()), Priority::Normal)
-        .await
-    {
-        Err(ClientError::Server { code, message }) => {
-            assert_eq!(code, error_code::UNKNOWN_CLIENT);
-            assert!(message.contains(&nobody.to_string()), "{message}");
-        }
-        other => panic!("expected UNKNOWN_CLIENT, got {other:?}"),
-    }
+    expect_unknown(&a, ClientId::new_random()).await;
 }
 
 #[tokio::test]
@@ -164,27 +128,7 @@ async fn messages_between_two_clients_keep_their_order() {
     let node = TestNode::start().await;
     let a = node.connect("alice").await;
     let mut b = node.connect("bob").await;
-    let mut pending = Vec::new();
-    for i in 0..200u32 {
-        let body = Body::Direct {
-            to: b.client_id(),
-            payload: Payload::Text(i.to_string()),
-        };
-        pending.push(a.submit(Priority::Normal, body).await.unwrap());
-    }
-    for p in pending {
-        p.wait().await.unwrap();
-    }
-    for i in 0..200u32 {
-        let got = next_matching(&mut b, |f| matches!(f.body, Body::Direct { .. })).await;
-        assert_eq!(
-            got.body,
-            Body::Direct {
-                to: b.client_id(),
-                payload: Payload::Text(i.to_string())
-            }
-        );
-    }
+    directs_arrive_in_order(&a, &mut b, 200).await;
 }
 
 #[tokio::test]

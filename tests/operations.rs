@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestNode, WAIT, expect_server_error, http, next_matching};
+use common::{TestNode, WAIT, deliver, expect_unknown, http, next_matching};
 use quic_fabric::client::{Client, Event};
 use quic_fabric::protocol::{Body, ClientId, Payload, Priority, close_code, error_code};
 
@@ -60,26 +60,9 @@ async fn metrics_are_scraped_and_move_with_traffic() {
 
     let alice = node.connect("alice").await;
     let mut bob = node.connect("bob").await;
-    alice
-        .direct(
-            bob.client_id(),
-            Payload::Text("hi".into()),
-            Priority::Normal,
-        )
-        .await
-        .unwrap();
-    next_matching(&mut bob, |f| matches!(f.body, Body::Direct { .. })).await;
+    deliver(&alice, &mut bob, "hi").await;
     alice.ping().await.unwrap();
-    expect_server_error(
-        alice
-            .direct(
-                ClientId::new_random(),
-                Payload::Text("?".into()),
-                Priority::Normal,
-            )
-            .await,
-        error_code::UNKNOWN_CLIENT,
-    );
+    expect_unknown(&alice, ClientId::new_random()).await;
     // Two more requests exceed the burst of 5 frames.
     let mut limited = false;
     for _ in 0..4 {
