@@ -7,12 +7,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{RawClient, TestNode, WAIT, deliver, read_frame};
+use common::{RawClient, TestNode, WAIT, deliver, encode, hello, ping, read_frame};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use quic_fabric::auth::{Claims, mint, mint_hs256, unix_now};
 use quic_fabric::client::{Client, ClientError, Event};
-use quic_fabric::protocol::{self, Body, Frame, Handshake, Priority, close_code, error_code};
+use quic_fabric::protocol::{Body, close_code, error_code};
 use quic_fabric::tls::{self, ClientCert};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
@@ -153,18 +153,8 @@ async fn hs256_token_names_the_user_everywhere_and_bad_tokens_are_refused() {
     // Nothing else is processed on a refused connection: the refusal is the
     // only frame and the close code is AUTH_FAILED.
     let raw = RawClient::connect(&node).await;
-    let hello = Frame::new(
-        Priority::High,
-        Body::Handshake(Handshake {
-            min_version: 1,
-            max_version: 1,
-            name: "raw".into(),
-            token: None,
-        }),
-    );
-    let mut send = raw.send_raw(&protocol::encode(&hello).unwrap()).await;
-    let ping = Frame::new(Priority::High, Body::Ping);
-    let _ = send.write_all(&protocol::encode(&ping).unwrap()).await;
+    let mut send = raw.send_raw(&encode(&hello("raw", None))).await;
+    let _ = send.write_all(&encode(&ping())).await;
     let mut recv = tokio::time::timeout(WAIT, raw.conn.accept_uni())
         .await
         .unwrap()

@@ -14,14 +14,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{
-    RawClient, TestNode, WAIT, connect_when_admitted, deliver, is_refused, next_frame,
-    next_matching, read_frame,
+    RawClient, TestNode, WAIT, assert_pong, connect_when_admitted, deliver, encode, expect_error,
+    hello, is_refused, next_frame, next_matching, ping, read_frame,
 };
 use quic_fabric::client::{Client, ClientError};
 use quic_fabric::config::AddressValidation;
 use quic_fabric::protocol::{
-    self, Body, ClientId, Frame, Handshake, HandshakeAck, MessageId, Payload, Priority, Sender,
-    close_code, error_code,
+    self, Body, ClientId, Frame, HandshakeAck, MessageId, Payload, Priority, Sender, close_code,
+    error_code,
 };
 use tokio::sync::mpsc;
 
@@ -31,26 +31,6 @@ use tokio::sync::mpsc;
 async fn still_serving(node: &TestNode) {
     let c = node.connect_from([127, 0, 0, 2], "bystander").await;
     c.ping().await.expect("node still answers pings");
-}
-
-fn encode(frame: &Frame) -> Vec<u8> {
-    protocol::encode(frame).unwrap().to_vec()
-}
-
-fn ping() -> Frame {
-    Frame::new(Priority::High, Body::Ping)
-}
-
-fn hello(name: &str, token: Option<String>) -> Frame {
-    Frame::new(
-        Priority::High,
-        Body::Handshake(Handshake {
-            min_version: 1,
-            max_version: 1,
-            name: name.into(),
-            token,
-        }),
-    )
 }
 
 fn stat(counter: &std::sync::atomic::AtomicU64) -> u64 {
@@ -74,21 +54,6 @@ fn rate_limited(frame: &Frame) -> Option<Option<MessageId>> {
             Some(*of)
         }
         _ => None,
-    }
-}
-
-fn expect_error(frame: &Frame, code: protocol::ErrorCode) -> (Option<MessageId>, String) {
-    match &frame.body {
-        Body::Error {
-            of,
-            code: got,
-            message,
-            ..
-        } => {
-            assert_eq!(*got, code, "{frame:?}");
-            (*of, message.clone())
-        }
-        other => panic!("expected Error {code:?}, got {other:?}"),
     }
 }
 
@@ -264,12 +229,7 @@ async fn streams_beyond_the_concurrency_limit_wait_for_credit() {
         .await
         .expect("credit returns after a stream ends")
         .unwrap();
-    let p = ping();
-    fourth.write_all(&encode(&p)).await.unwrap();
-    assert_eq!(
-        read_frame(&mut recv).await.unwrap().body,
-        Body::Pong { of: p.id }
-    );
+    assert_pong(&mut fourth, &mut recv).await;
     still_serving(&node).await;
 }
 
@@ -479,12 +439,7 @@ async fn a_truncated_frame_holds_only_its_own_stream() {
     let mut stalled = raw.send_raw(&teaser).await;
 
     // The handshake stream still works.
-    let p = ping();
-    hs.write_all(&encode(&p)).await.unwrap();
-    assert_eq!(
-        read_frame(&mut recv).await.unwrap().body,
-        Body::Pong { of: p.id }
-    );
+    assert_pong(&mut hs, &mut recv).await;
     // So does a third stream, of another priority: its Pong comes on the
     // node's Low stream.
     let low = Frame::new(Priority::Low, Body::Ping);
@@ -505,12 +460,7 @@ async fn a_truncated_frame_holds_only_its_own_stream() {
 
     // Ending the stream inside the frame drops that frame only.
     stalled.finish().unwrap();
-    let p = ping();
-    hs.write_all(&encode(&p)).await.unwrap();
-    assert_eq!(
-        read_frame(&mut recv).await.unwrap().body,
-        Body::Pong { of: p.id }
-    );
+    assert_pong(&mut hs, &mut recv).await;
     assert!(raw.conn.close_reason().is_none());
 }
 
@@ -673,12 +623,7 @@ async fn frames_pipelined_before_the_handshake_ack_are_answered_after_it() {
     );
     // Both streams stay usable.
     for send in [&mut first, &mut second] {
-        let p = ping();
-        send.write_all(&encode(&p)).await.unwrap();
-        assert_eq!(
-            read_frame(&mut recv).await.unwrap().body,
-            Body::Pong { of: p.id }
-        );
+        assert_pong(send, &mut recv).await;
     }
     assert!(raw.conn.close_reason().is_none());
 }
@@ -709,12 +654,7 @@ async fn connections_per_ip_are_capped_and_released() {
     }
     assert_eq!(node.stats().refused_before_tls(), 2);
     // Those already in are served.
-    let p = ping();
-    a_send.write_all(&encode(&p)).await.unwrap();
-    assert_eq!(
-        read_frame(&mut a_recv).await.unwrap().body,
-        Body::Pong { of: p.id }
-    );
+    assert_pong(&mut a_send, &mut a_recv).await;
 
     // Once the node has noticed b leaving, its place is free again.
     b.conn.close(0u32.into(), b"bye");
@@ -766,12 +706,7 @@ async fn connection_rate_per_ip_refuses_beyond_the_burst() {
     for (i, raw) in accepted.iter().enumerate() {
         let (mut send, mut recv, ack) = raw.handshake(&format!("quick{i}")).await;
         assert!(matches!(ack.body, Body::HandshakeAck(_)), "{ack:?}");
-        let p = ping();
-        send.write_all(&encode(&p)).await.unwrap();
-        assert_eq!(
-            read_frame(&mut recv).await.unwrap().body,
-            Body::Pong { of: p.id }
-        );
+        assert_pong(&mut send, &mut recv).await;
     }
     // As the bucket refills, the address is let in again.
     let c = connect_when_admitted(&node, "patient").await;
@@ -834,12 +769,7 @@ async fn address_validation_always_is_transparent_to_clients() {
     let raw = RawClient::connect(&node).await;
     let (mut send, mut recv, ack) = raw.handshake("retried-raw").await;
     assert!(matches!(ack.body, Body::HandshakeAck(_)), "{ack:?}");
-    let p = ping();
-    send.write_all(&encode(&p)).await.unwrap();
-    assert_eq!(
-        read_frame(&mut recv).await.unwrap().body,
-        Body::Pong { of: p.id }
-    );
+    assert_pong(&mut send, &mut recv).await;
     // Retried or not, every finished handshake releases its slot.
     let shared = node.node.clone();
     common::eventually(WAIT, "no pending handshakes", || {
@@ -948,12 +878,7 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
     assert!(sinks.iter().all(|s| s.0.conn.close_reason().is_none()));
 
     // Replies are never refused: Ping still gets its Pong.
-    let p = ping();
-    send.write_all(&encode(&p)).await.unwrap();
-    assert_eq!(
-        read_frame(&mut recv).await.unwrap().body,
-        Body::Pong { of: p.id }
-    );
+    assert_pong(&mut send, &mut recv).await;
     // A Broadcast (larger than the refused Direct, so it cannot fit either)
     // reaches nobody, and the sender learns how many missed it.
     let b = Frame::new(

@@ -5,24 +5,20 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawClient, TestNode, WAIT, next_matching, read_frame};
+use common::{
+    RawClient, TestNode, WAIT, assert_pong, encode, expect_error, hello, next_matching, ping,
+    read_frame,
+};
 use quic_fabric::client::{Client, ClientError, Event};
 use quic_fabric::protocol::{
-    self, Body, ClientId, Frame, Handshake, MessageId, NodeId, Payload, Priority, Sender,
-    close_code, error_code,
+    Body, ClientId, Frame, Handshake, MessageId, NodeId, Payload, Priority, Sender, close_code,
+    error_code,
 };
 
 /// A library client proves the node still serves others.
 async fn still_serving(node: &TestNode) {
     let c = node.connect("bystander").await;
     c.ping().await.expect("node still answers pings");
-}
-
-fn expect_error(frame: &Frame, code: protocol::ErrorCode) {
-    match &frame.body {
-        Body::Error { code: got, .. } => assert_eq!(*got, code, "{frame:?}"),
-        other => panic!("expected Error {code:?}, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -38,7 +34,7 @@ async fn version_mismatch_gets_error_and_close_code() {
             token: None,
         }),
     );
-    let _s = raw.send_raw(&protocol::encode(&hello).unwrap()).await;
+    let _s = raw.send_raw(&encode(&hello)).await;
     let mut recv = raw.conn.accept_uni().await.unwrap();
     let reply = read_frame(&mut recv).await.unwrap();
     expect_error(&reply, error_code::UNSUPPORTED_VERSION);
@@ -60,8 +56,8 @@ async fn version_mismatch_gets_error_and_close_code() {
 async fn frames_before_the_handshake_are_a_protocol_violation() {
     let node = TestNode::start().await;
     let raw = RawClient::connect(&node).await;
-    let ping = Frame::new(Priority::High, Body::Ping);
-    let _s = raw.send_raw(&protocol::encode(&ping).unwrap()).await;
+    let ping = ping();
+    let _s = raw.send_raw(&encode(&ping)).await;
     let mut recv = raw.conn.accept_uni().await.unwrap();
     expect_error(
         &read_frame(&mut recv).await.unwrap(),
@@ -80,30 +76,13 @@ async fn a_second_handshake_is_refused_but_the_connection_stays() {
     let raw = RawClient::connect(&node).await;
     let (mut send, mut recv, ack) = raw.handshake("twice").await;
     assert!(matches!(ack.body, Body::HandshakeAck(_)));
-    let again = Frame::new(
-        Priority::High,
-        Body::Handshake(Handshake {
-            min_version: 1,
-            max_version: 1,
-            name: "again".into(),
-            token: None,
-        }),
-    );
-    send.write_all(&protocol::encode(&again).unwrap())
-        .await
-        .unwrap();
+    let again = hello("again", None);
+    send.write_all(&encode(&again)).await.unwrap();
     expect_error(
         &read_frame(&mut recv).await.unwrap(),
         error_code::ALREADY_HANDSHAKEN,
     );
-    let ping = Frame::new(Priority::High, Body::Ping);
-    send.write_all(&protocol::encode(&ping).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        read_frame(&mut recv).await.unwrap().body,
-        Body::Pong { of: ping.id }
-    );
+    assert_pong(&mut send, &mut recv).await;
 }
 
 #[tokio::test]
@@ -195,14 +174,7 @@ async fn oversized_frame_is_rejected_and_the_stream_stays_usable() {
         "the error names the rejected message"
     );
     // Same stream, next frame: still in sync.
-    let ping = Frame::new(Priority::High, Body::Ping);
-    send.write_all(&protocol::encode(&ping).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        read_frame(&mut recv).await.unwrap().body,
-        Body::Pong { of: ping.id }
-    );
+    assert_pong(&mut send, &mut recv).await;
     still_serving(&node).await;
 
     // The library refuses to send what the node would reject.
@@ -246,8 +218,8 @@ async fn garbage_and_unknown_types_get_errors_and_the_connection_survives() {
     );
 
     // A well-formed header with frame type 99.
-    let ping = Frame::new(Priority::High, Body::Ping);
-    let mut unknown = protocol::encode(&ping).unwrap().to_vec();
+    let ping = ping();
+    let mut unknown = encode(&ping);
     let at = unknown.len() - 4;
     unknown[at..].copy_from_slice(&99u32.to_le_bytes());
     send.write_all(&unknown).await.unwrap();
@@ -257,9 +229,7 @@ async fn garbage_and_unknown_types_get_errors_and_the_connection_survives() {
 
     // Server-only frame types from a client.
     let bogus = Frame::new(Priority::High, Body::Ack { of: ping.id });
-    send.write_all(&protocol::encode(&bogus).unwrap())
-        .await
-        .unwrap();
+    send.write_all(&encode(&bogus)).await.unwrap();
     let stats = Frame::new(
         Priority::High,
         Body::Stats {
@@ -267,18 +237,14 @@ async fn garbage_and_unknown_types_get_errors_and_the_connection_survives() {
             stats: Default::default(),
         },
     );
-    send.write_all(&protocol::encode(&stats).unwrap())
-        .await
-        .unwrap();
+    send.write_all(&encode(&stats)).await.unwrap();
     expect_error(
         &read_frame(&mut recv).await.unwrap(),
         error_code::UNEXPECTED_FRAME,
     );
 
     // Still usable.
-    send.write_all(&protocol::encode(&ping).unwrap())
-        .await
-        .unwrap();
+    send.write_all(&encode(&ping)).await.unwrap();
     assert_eq!(
         read_frame(&mut recv).await.unwrap().body,
         Body::Pong { of: ping.id }
@@ -308,9 +274,7 @@ async fn a_forged_sender_is_replaced_by_the_real_one() {
         name: "admin".into(),
         user: Some("root".into()),
     });
-    send.write_all(&protocol::encode(&frame).unwrap())
-        .await
-        .unwrap();
+    send.write_all(&encode(&frame)).await.unwrap();
     assert_eq!(
         read_frame(&mut recv).await.unwrap().body,
         Body::Ack { of: frame.id }

@@ -4,10 +4,10 @@ mod common;
 
 use common::{
     RawClient, TestNode, WAIT, assert_none_before_echo, deliver_payload, directs_arrive_in_order,
-    expect_unknown, next_matching, read_frame,
+    encode, expect_unknown, next_matching, read_frame,
 };
 use quic_fabric::client::{ClientError, Event};
-use quic_fabric::protocol::{self, Body, ClientId, Frame, HandshakeAck, Payload, Priority};
+use quic_fabric::protocol::{Body, ClientId, Frame, HandshakeAck, Payload, Priority};
 
 #[tokio::test]
 async fn handshake_assigns_ids_and_reports_the_node() {
@@ -84,9 +84,7 @@ async fn a_direct_to_oneself_is_delivered_then_acknowledged() {
             payload: Payload::Text("note to self".into()),
         },
     );
-    send.write_all(&protocol::encode(&direct).unwrap())
-        .await
-        .unwrap();
+    send.write_all(&encode(&direct)).await.unwrap();
     let delivered = read_frame(&mut recv).await.unwrap();
     assert_eq!(delivered.id, direct.id);
     assert_eq!(delivered.body, direct.body);

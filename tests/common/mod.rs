@@ -15,7 +15,7 @@ use std::time::Duration;
 use quic_fabric::client::{Client, ClientConfig, Event};
 use quic_fabric::node::{BusChoice, Node};
 use quic_fabric::protocol::{
-    self, Body, ClientId, Frame, Handshake, Payload, Priority, error_code,
+    self, Body, ClientId, Frame, Handshake, MessageId, Payload, Priority, error_code,
 };
 use quic_fabric::{NodeConfig, Server};
 use tokio_util::sync::CancellationToken;
@@ -289,16 +289,7 @@ impl RawClient {
 
     /// Sends a valid v1 Handshake and returns its stream; the HandshakeAck is read by `handshake`.
     pub async fn handshake(&self, name: &str) -> (quinn::SendStream, quinn::RecvStream, Frame) {
-        let hello = Frame::new(
-            Priority::High,
-            Body::Handshake(Handshake {
-                min_version: 1,
-                max_version: 1,
-                name: name.into(),
-                token: None,
-            }),
-        );
-        let send = self.send_raw(&protocol::encode(&hello).unwrap()).await;
+        let send = self.send_raw(&encode(&hello(name, None))).await;
         let mut recv = tokio::time::timeout(WAIT, self.conn.accept_uni())
             .await
             .unwrap()
@@ -316,6 +307,59 @@ impl RawClient {
             quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
             _ => None,
         }
+    }
+}
+
+/// `frame` as bytes on a stream.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    protocol::encode(frame).unwrap().to_vec()
+}
+
+pub fn ping() -> Frame {
+    Frame::new(Priority::High, Body::Ping)
+}
+
+/// Pings on `send` and asserts the next frame on `recv` is its Pong: the
+/// stream and the connection still work.
+pub async fn assert_pong(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) {
+    let p = ping();
+    send.write_all(&encode(&p)).await.unwrap();
+    assert_eq!(
+        read_frame(recv).await.unwrap().body,
+        Body::Pong { of: p.id }
+    );
+}
+
+/// A v1 Handshake.
+pub fn hello(name: &str, token: Option<String>) -> Frame {
+    Frame::new(
+        Priority::High,
+        Body::Handshake(Handshake {
+            min_version: 1,
+            max_version: 1,
+            name: name.into(),
+            token,
+        }),
+    )
+}
+
+/// Asserts `frame` is an Error with `code`; returns the id it answers and
+/// its message.
+pub fn expect_error(
+    frame: &Frame,
+    code: quic_fabric::protocol::ErrorCode,
+) -> (Option<MessageId>, String) {
+    match &frame.body {
+        Body::Error {
+            of,
+            code: got,
+            message,
+            ..
+        } => {
+            assert_eq!(*got, code, "{frame:?}");
+            (*of, message.clone())
+        }
+        other => panic!("expected Error {code:?}, got {other:?}"),
     }
 }
 
