@@ -782,36 +782,33 @@ async fn address_validation_always_is_transparent_to_clients() {
 
 // ------------------------------------------------------- node-wide budget
 
+/// The node queue budget of [`budget_node`], which is also each client's.
+const BUDGET: usize = 16 * 1024;
+
+/// A node whose per-client queue budget is the node's ([`BUDGET`]), for
+/// messages of up to 2 KiB; a reader stalled for `stall` is dropped as slow.
+async fn budget_node(stall: Duration) -> TestNode {
+    TestNode::start_with(|c| {
+        c.max_message_bytes = 2048;
+        c.max_queued_bytes = BUDGET;
+        c.max_total_queued_bytes = BUDGET;
+        c.slow_consumer_stall = stall;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flow() {
-    const BUDGET: usize = 16 * 1024;
     // Per-client budget = node budget, and two recipients that never read
     // share it: the node budget runs out while neither is over its own.
     // Stalled clients would be disconnected after slow_consumer_stall
     // (see slow_consumer_tests); here they must stay for the whole test.
-    let node = TestNode::start_with(|c| {
-        c.max_message_bytes = 2048;
-        c.max_queued_bytes = BUDGET;
-        c.max_total_queued_bytes = BUDGET;
-        c.slow_consumer_stall = Duration::from_secs(3600);
-    })
-    .await;
-    // Recipients that never read, with tiny QUIC windows: what the node
-    // queues for them stays queued.
-    let mut sinks = Vec::new();
-    for name in ["sink1", "sink2"] {
-        let sink = RawClient::connect_with(&node, |t| {
-            t.stream_receive_window(quinn::VarInt::from_u32(4096));
-            t.receive_window(quinn::VarInt::from_u32(8192));
-        })
-        .await;
-        let (send, recv, ack) = sink.handshake(name).await;
-        let Body::HandshakeAck(HandshakeAck { client_id, .. }) = ack.body else {
-            panic!("no ack: {ack:?}")
-        };
-        sinks.push((sink, send, recv, client_id));
-    }
-    let sink_ids = [sinks[0].3, sinks[1].3];
+    let node = budget_node(Duration::from_secs(3600)).await;
+    let sinks = [
+        stalled_reader(&node, "sink1").await,
+        stalled_reader(&node, "sink2").await,
+    ];
+    let sink_ids = [sinks[0].2, sinks[1].2];
     let mut watcher = node.connect("watcher").await;
     let raw = RawClient::connect(&node).await;
     let (mut send, mut recv, ack) = raw.handshake("sender").await;
@@ -935,19 +932,23 @@ async fn an_exhausted_node_queue_budget_refuses_with_server_busy_but_replies_flo
     assert_eq!(got.sender.unwrap().client_id, sender_id);
 }
 
+/// The handshake streams of a [`stalled_reader`], held open and unread.
+type Held = (quinn::SendStream, quinn::RecvStream);
+
 /// A recipient that never reads, with tiny QUIC windows: what the node
-/// queues for it stays queued. Returns it with its client id.
-async fn stalled_reader(node: &TestNode, name: &str) -> (RawClient, quinn::SendStream, ClientId) {
+/// queues for it stays queued. Returns it with its streams (to hold) and
+/// its client id.
+async fn stalled_reader(node: &TestNode, name: &str) -> (RawClient, Held, ClientId) {
     let sink = RawClient::connect_with(node, |t| {
         t.stream_receive_window(quinn::VarInt::from_u32(4096));
         t.receive_window(quinn::VarInt::from_u32(8192));
     })
     .await;
-    let (send, _recv, ack) = sink.handshake(name).await;
+    let (send, recv, ack) = sink.handshake(name).await;
     let Body::HandshakeAck(HandshakeAck { client_id, .. }) = ack.body else {
         panic!("no ack: {ack:?}")
     };
-    (sink, send, client_id)
+    (sink, (send, recv), client_id)
 }
 
 /// Sends Directs of `len` bytes to `targets` in turn from `sender` (acks
@@ -983,14 +984,7 @@ async fn push_until(
 
 #[tokio::test]
 async fn a_reader_that_stops_is_dropped_as_slow_even_when_the_node_budget_is_no_larger() {
-    const BUDGET: usize = 16 * 1024;
-    let node = TestNode::start_with(|c| {
-        c.max_message_bytes = 2048;
-        c.max_queued_bytes = BUDGET;
-        c.max_total_queued_bytes = BUDGET;
-        c.slow_consumer_stall = Duration::from_secs(3600);
-    })
-    .await;
+    let node = budget_node(Duration::from_secs(3600)).await;
     let (sink, _keep, sink_id) = stalled_reader(&node, "sink").await;
     let sender = node.connect("sender").await;
     // The recipient's own budget trips first: it is disconnected as slow
@@ -1015,14 +1009,7 @@ async fn a_reader_that_stops_is_dropped_as_slow_even_when_the_node_budget_is_no_
 
 #[tokio::test]
 async fn readers_that_stop_together_are_dropped_once_they_exhaust_the_node_budget() {
-    const BUDGET: usize = 16 * 1024;
-    let node = TestNode::start_with(|c| {
-        c.max_message_bytes = 2048;
-        c.max_queued_bytes = BUDGET;
-        c.max_total_queued_bytes = BUDGET;
-        c.slow_consumer_stall = Duration::from_millis(300);
-    })
-    .await;
+    let node = budget_node(Duration::from_millis(300)).await;
     // Two readers that stop, each within its own budget, together holding
     // the node's.
     let (sink1, _k1, id1) = stalled_reader(&node, "sink1").await;
