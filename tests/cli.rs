@@ -28,6 +28,16 @@ async fn output(mut cmd: Command) -> std::process::Output {
         .unwrap()
 }
 
+/// Asserts the command exited 0, showing its stderr if not.
+fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A `fabric-node` process logging JSON lines (kept for
 /// [`NodeProcess::terminate`]) that drains for at most a second on SIGTERM.
 async fn json_logging_node(certs: &std::path::Path, args: &[&str]) -> NodeProcess {
@@ -49,11 +59,7 @@ async fn send_exits_zero_once_acknowledged_and_the_target_receives() {
         "hello bob",
     ]);
     let out = output(cmd).await;
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["type"], "ack");
     let got = next_matching(&mut bob, |f| matches!(f.body, Body::Direct { .. })).await;
@@ -150,7 +156,7 @@ async fn list_and_stats_print_json() {
     let mut cmd = fabric(&node);
     cmd.arg("list");
     let out = output(cmd).await;
-    assert!(out.status.success());
+    assert_success(&out);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = list["clients"]
         .as_array()
@@ -166,7 +172,7 @@ async fn list_and_stats_print_json() {
     let mut cmd = fabric(&node);
     cmd.arg("stats");
     let out = output(cmd).await;
-    assert!(out.status.success());
+    assert_success(&out);
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["node_id"], node.id().to_string());
     assert!(stats["clients_connected"].as_u64().unwrap() >= 2);
@@ -282,11 +288,7 @@ async fn fabric_node_health_probes_without_becoming_a_client_and_gen_certs_is_id
         cmd
     };
     let out = output(health(node.addr.to_string(), node.ca.clone())).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(
         node.stats()
             .connections_total
@@ -330,11 +332,7 @@ async fn token_mints_what_an_authenticating_node_accepts() {
     mint.args(["token", "--sub", "zed", "--ttl", "10m"])
         .env("FABRIC_AUTH_JWT_SECRET", SECRET);
     let out = output(mint).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_eq!(token.matches('.').count(), 2, "a JWT: {token}");
 
@@ -342,11 +340,7 @@ async fn token_mints_what_an_authenticating_node_accepts() {
     list.args(["--name", "z", "list"])
         .env("FABRIC_TOKEN", &token);
     let out = output(list).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed["clients"][0]["user"], "zed");
 
@@ -446,11 +440,7 @@ async fn gen_certs_run_together_leave_one_consistent_set() {
         output(cmd)
     });
     for out in futures_util::future::join_all(runs).await {
-        assert!(
-            out.status.success(),
-            "stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
     }
     let paths = tls::DevCertPaths::in_dir(dir.path());
     let chain = tls::load_certs(&paths.server_cert).unwrap();
