@@ -23,10 +23,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::redis::{
-    NODE_TTL, TestRedis, redis_node, redis_node_process, redis_node_with, wait_ready,
-};
-use common::{RawClient, TcpProxy, TestCerts, TestNode, WAIT};
+use common::cluster::Cluster;
+use common::redis::{NODE_TTL, RedisNodes, TestRedis, redis_node_process};
+use common::{RawClient, TcpProxy, TestNode, WAIT};
 use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy};
 use quic_fabric::protocol::{
     self, Body, ClientId, ErrorCode, Frame, MessageId, Payload, Priority, error_code,
@@ -453,17 +452,7 @@ async fn pubsub_clients(redis: &TestRedis) -> Vec<u64> {
     ids
 }
 
-async fn three_redis_nodes(redis: &TestRedis, certs: &TestCerts) -> Vec<TestNode> {
-    let mut nodes = Vec::new();
-    for i in 1..=3 {
-        nodes.push(redis_node(redis, certs, &format!("n{i}")).await);
-        let refs: Vec<&TestNode> = nodes.iter().collect();
-        wait_ready(&refs).await;
-    }
-    nodes
-}
-
-fn two_peers_each(nodes: &[&TestNode]) -> Vec<ClientConfig> {
+fn two_peers_each(nodes: &[TestNode]) -> Vec<ClientConfig> {
     nodes
         .iter()
         .flat_map(|n| {
@@ -477,17 +466,16 @@ fn two_peers_each(nodes: &[&TestNode]) -> Vec<ClientConfig> {
 
 #[tokio::test]
 async fn a_dropped_redis_subscription_never_leaves_an_ack_that_overclaims() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let nodes = three_redis_nodes(&redis, &certs).await;
-    let traffic = Traffic::start(two_peers_each(&nodes.iter().collect::<Vec<_>>())).await;
+    let cluster = RedisNodes::start(3).await;
+    let redis = &cluster.redis;
+    let traffic = Traffic::start(two_peers_each(&cluster.nodes)).await;
     traffic.acked_more(50, WAIT).await;
     let mut conn = redis.conn().await;
     // One node's subscription at a time (the newest: after the first kill,
     // the same node's again), as Redis does to a subscriber over its
     // output buffer limit; then everyone's at once.
     for _ in 0..3 {
-        let newest = *pubsub_clients(&redis).await.last().expect("subscribers");
+        let newest = *pubsub_clients(redis).await.last().expect("subscribers");
         let killed: i64 = redis::cmd("CLIENT")
             .arg("KILL")
             .arg("ID")
@@ -512,8 +500,7 @@ async fn a_dropped_redis_subscription_never_leaves_an_ack_that_overclaims() {
         report.refused(error_code::CLUSTER_UNAVAILABLE) > 0,
         "the subscription gaps were never hit: {report:?}"
     );
-    drop(nodes);
-    redis.remove().await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
@@ -521,15 +508,14 @@ async fn a_redis_restart_without_persistence_leaves_no_overclaiming_ack_and_no_f
     // No snapshot and no AOF: a restart loses presence, as in production
     // without persistence.
     let redis = TestRedis::start_with_args(&["--save", "", "--appendonly", "no"]).await;
-    let certs = TestCerts::new();
-    let nodes = three_redis_nodes(&redis, &certs).await;
-    let traffic = Traffic::start(two_peers_each(&nodes.iter().collect::<Vec<_>>())).await;
+    let cluster = RedisNodes::start_on(redis, 3, |_, _| {}).await;
+    let traffic = Traffic::start(two_peers_each(&cluster.nodes)).await;
     traffic.acked_more(50, WAIT).await;
-    redis.container.stop_with_timeout(Some(0)).await.unwrap();
+    let container = &cluster.redis.container;
+    container.stop_with_timeout(Some(0)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    redis.container.start().await.unwrap();
-    let refs: Vec<&TestNode> = nodes.iter().collect();
-    wait_ready(&refs).await;
+    container.start().await.unwrap();
+    cluster.wait_ready().await;
     // Well past the re-registration: routing must be exact again.
     traffic.acked_more(200, WAIT).await;
     let report = traffic.finish().await;
@@ -538,21 +524,24 @@ async fn a_redis_restart_without_persistence_leaves_no_overclaiming_ack_and_no_f
         report.refused(error_code::CLUSTER_UNAVAILABLE) > 0,
         "the outage was never hit: {report:?}"
     );
-    drop(nodes);
-    redis.remove().await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
 async fn a_client_that_joins_right_after_a_redis_restart_is_never_called_unknown() {
     let redis = TestRedis::start_with_args(&["--save", "", "--appendonly", "no"]).await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
-    // Many quick connections from one address.
-    let n2 = redis_node_with(&redis, &certs, "n2", |c| c.connection_rate_per_ip = 0).await;
-    wait_ready(&[&n1, &n2]).await;
+    let cluster = RedisNodes::start_on(redis, 2, |i, c| {
+        if i == 1 {
+            // Many quick connections from one address.
+            c.connection_rate_per_ip = 0;
+        }
+    })
+    .await;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let sender = n1.connect("sender").await;
-    redis.container.stop_with_timeout(Some(0)).await.unwrap();
-    redis.container.start().await.unwrap();
+    let container = &cluster.redis.container;
+    container.stop_with_timeout(Some(0)).await.unwrap();
+    container.start().await.unwrap();
     // Clients join n2 while presence is being rebuilt, and are addressed
     // from n1 as soon as they have their id.
     let started = Instant::now();
@@ -580,28 +569,24 @@ async fn a_client_that_joins_right_after_a_redis_restart_is_never_called_unknown
         }
     }
     println!("after the restart: {unavailable} CLUSTER_UNAVAILABLE, then {acked} acked");
-    drop((n1, n2));
-    redis.remove().await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
 async fn a_client_that_joins_a_node_cut_off_from_redis_is_never_called_unknown() {
     let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
     // n2 reaches Redis through a link the test can cut.
     let target: std::net::SocketAddr = redis.url.trim_start_matches("redis://").parse().unwrap();
     let link = TcpProxy::start(target).await;
-    let n1 = redis_node_with(&redis, &certs, "n1", |c| {
-        c.node_ttl = Duration::from_secs(4)
-    })
-    .await;
-    let n2 = redis_node_with(&redis, &certs, "n2", |c| {
-        c.redis_url = Some(format!("redis://{}", link.addr));
+    let cluster = RedisNodes::start_on(redis, 2, |i, c| {
         c.node_ttl = Duration::from_secs(4);
-        c.connection_rate_per_ip = 0;
+        if i == 1 {
+            c.redis_url = Some(format!("redis://{}", link.addr));
+            c.connection_rate_per_ip = 0;
+        }
     })
     .await;
-    wait_ready(&[&n1, &n2]).await;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let sender = n1.connect("sender").await;
     link.cut();
     // Clients that join n2 during the cut are addressed from n1 at once:
@@ -634,7 +619,7 @@ async fn a_client_that_joins_a_node_cut_off_from_redis_is_never_called_unknown()
     println!("during the cut: {outcomes:?}");
     // Once the link is back, n2 registers them and they are reachable.
     link.restore();
-    wait_ready(&[&n1, &n2]).await;
+    cluster.wait_ready().await;
     let last = joined.last_mut().unwrap();
     let deadline = Instant::now() + WAIT;
     let id = loop {
@@ -654,19 +639,15 @@ async fn a_client_that_joins_a_node_cut_off_from_redis_is_never_called_unknown()
         }
     };
     common::next_matching(last, |f| f.id == id).await;
-    drop((n1, n2));
-    redis.remove().await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
 async fn a_node_killed_with_sigkill_costs_the_others_nothing_acked() {
-    let redis = TestRedis::start().await;
-    let certs = TestCerts::new();
-    let n1 = redis_node(&redis, &certs, "n1").await;
-    let n2 = redis_node(&redis, &certs, "n2").await;
-    let mut victim = redis_node_process(&redis, &certs, NODE_TTL, &["--name", "victim"]).await;
-    wait_ready(&[&n1, &n2]).await;
-    let mut configs = two_peers_each(&[&n1, &n2]);
+    let cluster = RedisNodes::start(2).await;
+    let (redis, certs) = (&cluster.redis, &cluster.certs);
+    let mut victim = redis_node_process(redis, certs, NODE_TTL, &["--name", "victim"]).await;
+    let mut configs = two_peers_each(&cluster.nodes);
     configs.push(peer_config(victim.client_config("doomed-a"), false));
     configs.push(peer_config(victim.client_config("doomed-b"), false));
     let doomed = [configs.len() - 2, configs.len() - 1];
@@ -685,8 +666,7 @@ async fn a_node_killed_with_sigkill_costs_the_others_nothing_acked() {
     traffic.acked_more(100, WAIT).await;
     let report = traffic.finish().await;
     report.assert_honest("node killed");
-    drop((n1, n2));
-    redis.remove().await;
+    cluster.finish().await;
 }
 
 #[tokio::test]

@@ -164,19 +164,33 @@ impl RedisNodes {
         n: usize,
         tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
     ) -> RedisNodes {
-        let redis = TestRedis::start().await;
+        Self::start_on(TestRedis::start().await, n, tweak).await
+    }
+
+    /// Like [`RedisNodes::start_with`], on a Redis the test started.
+    pub async fn start_on(
+        redis: TestRedis,
+        n: usize,
+        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
+    ) -> RedisNodes {
         let certs = TestCerts::new();
         let mut nodes = Vec::new();
         for i in 0..n {
             let name = format!("n{}", i + 1);
             nodes.push(redis_node_with(&redis, &certs, &name, |c| tweak(i, c)).await);
         }
-        wait_ready(&nodes.iter().collect::<Vec<_>>()).await;
-        RedisNodes {
+        let cluster = RedisNodes {
             nodes,
             certs,
             redis,
-        }
+        };
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    /// [`wait_ready`] for every node.
+    pub async fn wait_ready(&self) {
+        wait_ready(&self.nodes.iter().collect::<Vec<_>>()).await;
     }
 }
 
