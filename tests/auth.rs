@@ -165,10 +165,7 @@ async fn hs256_token_names_the_user_everywhere_and_bad_tokens_are_refused() {
         "{reply:?}"
     );
     assert_eq!(read_frame(&mut recv).await, None, "no Pong after a refusal");
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::AUTH_FAILED as u64)
-    );
+    raw.expect_closed_with(close_code::AUTH_FAILED).await;
     assert_eq!(
         node.stats()
             .refused_count(quic_fabric::stats::RefusedReason::AuthFailed),

@@ -184,10 +184,7 @@ async fn sustained_flooding_closes_the_connection_with_rate_limited() {
         .await
         .expect("the node ends a sustained flood");
     assert!(sent > 5 + 20, "closed only after burst and strikes: {sent}");
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::RATE_LIMITED as u64)
-    );
+    raw.expect_closed_with(close_code::RATE_LIMITED).await;
     assert_eq!(stat(&node.stats().rate_limit_disconnects), 1);
     still_serving(&node).await;
 }
@@ -377,10 +374,7 @@ async fn churn_until_closed(raw: &RawClient) -> u64 {
     let opened = tokio::time::timeout(Duration::from_secs(30), churn)
         .await
         .expect("the node ends sustained stream churn");
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::RATE_LIMITED as u64)
-    );
+    raw.expect_closed_with(close_code::RATE_LIMITED).await;
     opened
 }
 
@@ -460,10 +454,7 @@ async fn a_partial_handshake_times_out() {
     let raw = RawClient::connect(&node).await;
     let bytes = encode(&hello("slowpoke", None));
     let _s = raw.send_raw(&bytes[..bytes.len() / 2]).await;
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::HANDSHAKE_TIMEOUT as u64)
-    );
+    raw.expect_closed_with(close_code::HANDSHAKE_TIMEOUT).await;
     still_serving(&node).await;
 }
 
@@ -511,10 +502,7 @@ async fn an_oversized_handshake_is_refused_with_bad_handshake() {
         let (reply, raw) = try_handshake(&node, &frame).await;
         let (of, _) = expect_error(&reply, error_code::FRAME_TOO_LARGE);
         assert_eq!(of, Some(frame.id));
-        assert_eq!(
-            raw.closed_code().await,
-            Some(close_code::BAD_HANDSHAKE as u64)
-        );
+        raw.expect_closed_with(close_code::BAD_HANDSHAKE).await;
     }
     still_serving(&node).await;
 }
@@ -537,10 +525,7 @@ async fn an_oversized_handshake_prefix_is_refused_without_waiting_for_the_body()
         let reply = read_frame(&mut recv).await.unwrap();
         let (of, _) = expect_error(&reply, error_code::FRAME_TOO_LARGE);
         assert_eq!(of, Some(id));
-        assert_eq!(
-            raw.closed_code().await,
-            Some(close_code::BAD_HANDSHAKE as u64)
-        );
+        raw.expect_closed_with(close_code::BAD_HANDSHAKE).await;
     }
     still_serving(&node).await;
 }
@@ -989,10 +974,7 @@ async fn a_reader_that_stops_is_dropped_as_slow_even_when_the_node_budget_is_no_
         None,
         "other clients were refused because of one that stopped reading: {outcomes:?}"
     );
-    assert_eq!(
-        sink.closed_code().await,
-        Some(close_code::SLOW_CONSUMER as u64)
-    );
+    sink.expect_closed_with(close_code::SLOW_CONSUMER).await;
     assert_eq!(stat(&node.stats().slow_consumer_disconnects), 1);
     still_serving(&node).await;
 }
@@ -1016,14 +998,8 @@ async fn readers_that_stop_together_are_dropped_once_they_exhaust_the_node_budge
     );
     // Both were disconnected as slow consumers once stalled, and the
     // node's queue memory came back.
-    assert_eq!(
-        sink1.closed_code().await,
-        Some(close_code::SLOW_CONSUMER as u64)
-    );
-    assert_eq!(
-        sink2.closed_code().await,
-        Some(close_code::SLOW_CONSUMER as u64)
-    );
+    sink1.expect_closed_with(close_code::SLOW_CONSUMER).await;
+    sink2.expect_closed_with(close_code::SLOW_CONSUMER).await;
     let budget = node.queue_budget().clone();
     common::eventually(WAIT, "queue budget given back", || {
         let budget = budget.clone();
@@ -1045,9 +1021,6 @@ async fn a_client_that_stops_a_node_stream_is_closed_as_a_protocol_violation() {
     recv.stop(quinn::VarInt::from_u32(99)).unwrap();
     let p = ping();
     send.write_all(&encode(&p)).await.unwrap();
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::PROTOCOL_VIOLATION as u64)
-    );
+    raw.expect_closed_with(close_code::PROTOCOL_VIOLATION).await;
     still_serving(&node).await;
 }

@@ -45,10 +45,8 @@ async fn version_mismatch_gets_error_and_close_code() {
             "reason names the supported versions: {message}"
         );
     }
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::UNSUPPORTED_VERSION as u64)
-    );
+    raw.expect_closed_with(close_code::UNSUPPORTED_VERSION)
+        .await;
     still_serving(&node).await;
 }
 
@@ -63,10 +61,7 @@ async fn frames_before_the_handshake_are_a_protocol_violation() {
         &read_frame(&mut recv).await.unwrap(),
         error_code::HANDSHAKE_REQUIRED,
     );
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::PROTOCOL_VIOLATION as u64)
-    );
+    raw.expect_closed_with(close_code::PROTOCOL_VIOLATION).await;
     still_serving(&node).await;
 }
 
@@ -195,10 +190,7 @@ async fn a_4_gib_length_prefix_closes_the_connection() {
         &read_frame(&mut recv).await.unwrap(),
         error_code::FRAME_TOO_LARGE,
     );
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::PROTOCOL_VIOLATION as u64)
-    );
+    raw.expect_closed_with(close_code::PROTOCOL_VIOLATION).await;
     still_serving(&node).await;
 }
 
@@ -308,10 +300,7 @@ async fn a_client_that_never_reads_is_disconnected_as_slow_while_others_keep_rec
             .await
             .unwrap();
     }
-    assert_eq!(
-        slow.closed_code().await,
-        Some(close_code::SLOW_CONSUMER as u64)
-    );
+    slow.expect_closed_with(close_code::SLOW_CONSUMER).await;
     let mut received = 0;
     while received < total {
         let f = next_matching(&mut fast, |f| {
@@ -334,10 +323,7 @@ async fn a_client_that_never_reads_is_disconnected_as_slow_while_others_keep_rec
 async fn a_connection_without_handshake_times_out() {
     let node = TestNode::start_with(|c| c.handshake_timeout = Duration::from_millis(300)).await;
     let raw = RawClient::connect(&node).await;
-    assert_eq!(
-        raw.closed_code().await,
-        Some(close_code::HANDSHAKE_TIMEOUT as u64)
-    );
+    raw.expect_closed_with(close_code::HANDSHAKE_TIMEOUT).await;
     still_serving(&node).await;
 }
 

@@ -308,6 +308,12 @@ impl RawClient {
             _ => None,
         }
     }
+
+    /// Waits for the connection to close and asserts the node closed it
+    /// with `code` (a `close_code`).
+    pub async fn expect_closed_with(&self, code: u32) {
+        assert_eq!(self.closed_code().await, Some(u64::from(code)));
+    }
 }
 
 /// `frame` as bytes on a stream.
