@@ -428,6 +428,12 @@ pub(crate) fn broadcast_shortfall(local: usize, err: &BusError) -> String {
             reached.saturating_sub(1),
             live.saturating_sub(1)
         ),
+        BusError::Missed(node) => format!(
+            "delivered to {local} clients on this node, but node {node} missed it (its link to Redis dropped), so its clients did not get it"
+        ),
+        BusError::Unconfirmed { unconfirmed, .. } => format!(
+            "delivered to {local} clients on this node, but {unconfirmed} other live node(s) did not confirm receipt in time; their clients may not have got it"
+        ),
         other => format!("delivered to {local} clients on this node only: {other}"),
     }
 }
