@@ -208,8 +208,8 @@ impl Membership {
 /// What crosses Redis, encoded like bus messages (CLUSTER.md): a bus
 /// message, or the Redis engine's own bookkeeping of broadcasts (see
 /// `confirm`).
-#[derive(Debug, Serialize, Deserialize)]
-enum Wire {
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Wire {
     /// Tag 0: a message for the node(s) subscribed to the channel.
     Message(BusMessage),
     /// Tag 1: a broadcast, numbered within its origin's epoch.
