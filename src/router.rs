@@ -7,7 +7,7 @@
 //! A direct message to a client of another node is acknowledged only when
 //! that node's delivery receipt comes back, so an Ack means the same thing
 //! everywhere: queued for the recipient. A cross-node direct, by name:
-//! [`MessageRouter::direct`] → `Bus::publish` (answer: [`answer_direct`]) →
+//! [`MessageRouter::direct`] → `Bus::publish` (answer: `answer_direct`) →
 //! on the target node, `Node::handle_cluster_event` →
 //! [`MessageRouter::deliver_direct`] → receipt → on this node,
 //! `Node::handle_cluster_event` → [`MessageRouter::settle_receipt`].

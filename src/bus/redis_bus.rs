@@ -15,7 +15,7 @@
 //! fewer subscribers than there are live nodes, a direct whose target node
 //! is alive but not subscribed, and a lookup that misses while presence is
 //! being rebuilt are errors (CLUSTER_UNAVAILABLE for the sender), not
-//! successes or "unknown client". [`Membership`] is what the node knows to
+//! successes or "unknown client". `Membership` is what the node knows to
 //! tell these apart.
 
 use std::collections::{HashMap, HashSet};
