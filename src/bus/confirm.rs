@@ -45,6 +45,9 @@ pub(super) type Answer = (PublishDone, Result<usize, BusError>);
 pub(super) struct Outgoing {
     epoch: u64,
     next: u64,
+    /// Most broadcasts waiting at once; beyond it they fail at once
+    /// ([`BusError::Backlog`]) instead of growing memory.
+    max_awaiting: usize,
     awaiting: BTreeMap<u64, Awaiting>,
     /// Per node, up to which sequence number it confirmed everything.
     confirmed: HashMap<NodeId, u64>,
@@ -54,11 +57,13 @@ pub(super) struct Outgoing {
 }
 
 impl Outgoing {
-    /// A fresh sequence for this process.
-    pub(super) fn new(epoch: u64) -> Self {
+    /// A fresh sequence for this process, with at most `max_awaiting`
+    /// broadcasts waiting for confirmations at once.
+    pub(super) fn new(epoch: u64, max_awaiting: usize) -> Self {
         Outgoing {
             epoch,
             next: 1,
+            max_awaiting,
             awaiting: BTreeMap::new(),
             confirmed: HashMap::new(),
             missed: HashMap::new(),
@@ -93,6 +98,9 @@ impl Outgoing {
         nodes.retain(|n| self.confirmed.get(n).is_none_or(|upto| *upto < seq));
         if nodes.is_empty() {
             return Some((done, Ok(reached)));
+        }
+        if self.awaiting.len() >= self.max_awaiting {
+            return Some((done, Err(BusError::Backlog)));
         }
         self.awaiting.insert(
             seq,
@@ -340,7 +348,7 @@ mod tests {
         let (a, b) = (NodeId::new_random(), NodeId::new_random());
         let log = Log::default();
         let now = Instant::now();
-        let mut out = Outgoing::new(7);
+        let mut out = Outgoing::new(7, 100);
         let (s1, s2) = (out.number(), out.number());
         assert!(out.expect(s1, done(&log, s1), vec![a, b], now).is_none());
         assert!(out.expect(s2, done(&log, s2), vec![a, b], now).is_none());
@@ -363,7 +371,7 @@ mod tests {
         let (a, b) = (NodeId::new_random(), NodeId::new_random());
         let log = Log::default();
         let now = Instant::now();
-        let mut out = Outgoing::new(7);
+        let mut out = Outgoing::new(7, 100);
         let s1 = out.number();
         assert!(out.expect(s1, done(&log, s1), vec![a, b], now).is_none());
         answer(out.missed(b, s1, s1));
@@ -381,7 +389,7 @@ mod tests {
         let log = Log::default();
         let now = Instant::now();
         let timeout = Duration::from_secs(5);
-        let mut out = Outgoing::new(7);
+        let mut out = Outgoing::new(7, 100);
         let s1 = out.number();
         assert!(out.expect(s1, done(&log, s1), vec![a], now).is_none());
         let s2 = out.number();
@@ -409,7 +417,7 @@ mod tests {
     fn a_node_that_left_is_no_longer_awaited() {
         let (a, b) = (NodeId::new_random(), NodeId::new_random());
         let log = Log::default();
-        let mut out = Outgoing::new(7);
+        let mut out = Outgoing::new(7, 100);
         let s1 = out.number();
         assert!(out.expect(s1, done(&log, s1), vec![a, b], Instant::now()).is_none());
         answer(out.confirm(a, s1));

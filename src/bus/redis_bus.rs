@@ -477,6 +477,7 @@ impl RedisBus {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(unavailable)?;
         let (ops, ops_rx) = mpsc::channel(config.queue_len);
+        let outgoing = Outgoing::new(rand_u64(), config.queue_len);
         Ok(RedisBus {
             inner: Arc::new(Inner {
                 keys: Keys::new(&config.prefix),
@@ -493,7 +494,7 @@ impl RedisBus {
                 last_write_ok: AtomicU64::new(0),
                 since: Instant::now(),
                 members: Mutex::new(Membership::default()),
-                outgoing: Mutex::new(Outgoing::new(rand_u64())),
+                outgoing: Mutex::new(outgoing),
                 incoming: Mutex::new(Incoming::default()),
                 confirms_queued: AtomicBool::new(false),
                 cancel: CancellationToken::new(),
