@@ -1385,4 +1385,61 @@ metrics_listen = "127.0.0.1:9390"
                 .contains("at least 3")
         );
     }
+
+    /// Checks that `doc` has one table row per setting of `settings`,
+    /// starting with its key, flag (and every alias), environment variable
+    /// (and old name) and default, so that the docs cannot drift from the
+    /// code.
+    fn check_settings_table(doc: &str, file: &str, settings: &[&Setting]) {
+        let command = Cli::command();
+        let defaults = NodeConfig::default();
+        for s in settings {
+            let start = format!("| `{}` |", s.key());
+            let rows: Vec<_> = doc.lines().filter(|l| l.starts_with(&start)).collect();
+            assert_eq!(rows.len(), 1, "{file}: one row for `{}`", s.key());
+            let cells: Vec<_> = rows[0].split('|').map(str::trim).collect();
+            let first = |cell: &str| cell.split('`').nth(1).unwrap_or_default().to_owned();
+            assert_eq!(first(cells[2]), s.flag(), "{file}: flag of {}", s.key());
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == s.name)
+                .unwrap();
+            for alias in arg.get_all_aliases().unwrap_or_default() {
+                assert!(
+                    cells[2].contains(&format!("`--{alias}`")),
+                    "{file}: alias --{alias} of {}",
+                    s.key()
+                );
+            }
+            assert_eq!(first(cells[3]), s.env, "{file}: variable of {}", s.key());
+            if let Some(old) = s.legacy_env {
+                assert!(cells[3].contains(&format!("`{old}`")), "{file}: {old}");
+            }
+            assert_eq!(
+                cells[4].replace('`', ""),
+                defaults.show(s.name).unwrap(),
+                "{file}: default of {}",
+                s.key()
+            );
+        }
+    }
+
+    fn read_doc(file: &str) -> String {
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap()
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_setting_as_the_code_has_it() {
+        let settings: Vec<_> = SETTINGS.iter().collect();
+        check_settings_table(&read_doc("README.md"), "README.md", &settings);
+    }
+
+    #[test]
+    fn the_cluster_table_lists_every_cluster_setting_as_the_code_has_it() {
+        let settings: Vec<_> = SETTINGS
+            .iter()
+            .filter(|s| s.section == Some("cluster") || s.name == "node_id")
+            .collect();
+        check_settings_table(&read_doc("CLUSTER.md"), "CLUSTER.md", &settings);
+    }
 }
