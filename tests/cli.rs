@@ -220,7 +220,7 @@ async fn fabric_node_generates_certs_serves_and_stops_on_sigterm() {
     };
     let addr = format!("127.0.0.1:{port}");
     let node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-        .args(["--listen", &addr, "--certs"])
+        .args(["--listen", &addr, "--certs-dir"])
         .arg(certs.path())
         .args(["--name", "proc-node", "--shutdown-grace", "1s"])
         .args(["--log-format", "json"])
@@ -402,7 +402,7 @@ async fn a_slow_consumer_disconnect_is_logged_with_the_close_code_sent() {
     let certs = common::TestCerts::new();
     let addr = format!("127.0.0.1:{}", common::free_udp_port());
     let node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-        .args(["--listen", &addr, "--certs"])
+        .args(["--listen", &addr, "--certs-dir"])
         .arg(certs.dir.path())
         .args(["--max-message-bytes", "4096", "--max-queued-bytes", "65536"])
         .args(["--shutdown-grace", "1s", "--log-format", "json"])

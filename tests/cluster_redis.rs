@@ -118,10 +118,10 @@ async fn a_killed_node_leaves_presence_within_its_ttl_and_gets_nothing_routed() 
         .port();
     let addr = format!("127.0.0.1:{port}");
     let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-        .args(["--listen", &addr, "--certs"])
+        .args(["--listen", &addr, "--certs-dir"])
         .arg(certs.dir.path())
         .args([
-            "--redis",
+            "--redis-url",
             &redis.url,
             "--node-ttl",
             "2s",
@@ -686,7 +686,7 @@ async fn a_node_restarted_with_its_id_within_its_ttl_leaves_no_stale_routing_ent
     let mut node = common::NodeProcess::start(
         certs.dir.path(),
         &[
-            "--redis",
+            "--redis-url",
             &redis.url,
             "--node-id",
             &node_id,

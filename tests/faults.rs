@@ -767,7 +767,7 @@ async fn a_node_killed_with_sigkill_costs_the_others_nothing_acked() {
     let mut victim = NodeProcess::start(
         certs.dir.path(),
         &[
-            "--redis",
+            "--redis-url",
             &redis.url,
             "--name",
             "victim",

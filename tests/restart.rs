@@ -34,7 +34,7 @@ async fn start_node(addr: &str, certs: &TestCerts) -> Child {
     tokio::time::timeout(WAIT, async {
         loop {
             let mut node = Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-                .args(["--listen", addr, "--certs"])
+                .args(["--listen", addr, "--certs-dir"])
                 .arg(certs.dir.path())
                 // The names TestCerts made the certificate for: no renewal.
                 .args(["--cert-names", "localhost,127.0.0.1"])

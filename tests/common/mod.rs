@@ -432,7 +432,7 @@ pub fn free_udp_port() -> u16 {
 }
 
 impl NodeProcess {
-    /// Starts `fabric-node --listen 127.0.0.1:PORT --certs DIR ARGS...` and
+    /// Starts `fabric-node --listen 127.0.0.1:PORT --certs-dir DIR ARGS...` and
     /// waits until it answers a client.
     pub async fn start(certs: &std::path::Path, args: &[&str]) -> NodeProcess {
         let addr = format!("127.0.0.1:{}", free_udp_port());
@@ -448,7 +448,7 @@ impl NodeProcess {
 
     fn spawn(addr: &str, certs: &std::path::Path, args: &[&str]) -> tokio::process::Child {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-            .args(["--listen", addr, "--certs"])
+            .args(["--listen", addr, "--certs-dir"])
             .arg(certs)
             .args(args)
             .stdin(std::process::Stdio::null())
