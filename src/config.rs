@@ -2,13 +2,24 @@
 //! that works out of the box, filled from an optional TOML file, then
 //! environment variables (`FABRIC_*`), then command-line flags ([`NodeArgs`]),
 //! each overriding the one before.
+//!
+//! Every setting is declared once, in the `settings!` invocation below: its
+//! documentation, name, type, default and any flag extras, inside the
+//! section of the file it belongs to. From that one declaration come the
+//! [`NodeConfig`] field and its default, the key in the file
+//! (`[section]` then `name = …`), the flag (`--name`, in kebab case, whose
+//! help is the documentation and the default), the environment variable
+//! (`FABRIC_NAME`) and the entry in [`SETTINGS`].
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Args;
+use clap::builder::ValueParser;
+use clap::{Args, FromArgMatches};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, HARD_MAX_FRAME_BYTES, MAX_NAME_BYTES, NodeId};
 
@@ -48,219 +59,633 @@ pub enum ConfigError {
         /// The parse error.
         source: Box<toml::de::Error>,
     },
+    /// The config file has a setting outside the section it belongs to
+    /// (typically a file written before settings had sections).
+    #[error("invalid config file {path}: `{key}` belongs {}", place(.section))]
+    Misplaced {
+        /// The file.
+        path: PathBuf,
+        /// The key as the file writes it (`section.name` inside a section).
+        key: String,
+        /// The section it belongs to; `None` for the top level.
+        section: Option<&'static str>,
+    },
+    /// A setting's environment variable under its old name has a value
+    /// its flag would refuse.
+    #[error("invalid {var} (the old name of {env}): {message}")]
+    LegacyEnv {
+        /// The old variable.
+        var: &'static str,
+        /// Its current name.
+        env: &'static str,
+        /// What clap said about the value.
+        message: String,
+    },
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
 
-/// Everything a node needs to run.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NodeConfig {
-    /// UDP address to listen on.
-    pub listen: SocketAddr,
-    /// Human-readable node name, reported in HandshakeAck and stats.
-    pub name: String,
-    /// Node id; a fresh random one when unset, so restarts look like new nodes.
-    pub node_id: Option<NodeId>,
-    /// Where dev certificates are generated and looked up.
-    pub certs_dir: PathBuf,
-    /// Certificate chain (PEM). With `key`, replaces the generated dev certificate.
-    pub cert: Option<PathBuf>,
-    /// Private key (PEM) for `cert`.
-    pub key: Option<PathBuf>,
-    /// Names (DNS or IP) the generated dev certificate is valid for.
-    pub cert_names: Vec<String>,
-    /// Clients this node accepts at once; the next one is refused with SERVER_FULL.
-    pub max_clients: usize,
-    /// Connections allowed to be mid-handshake at once, beyond `max_clients`;
-    /// further connection attempts are refused before TLS.
-    pub max_pending_handshakes: usize,
-    /// Largest frame payload accepted, in bytes (at most 16 MiB).
-    pub max_message_bytes: usize,
-    /// Time a new connection has to complete the application handshake.
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-    /// A connection with no packets for this long is closed.
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// How often the node sends QUIC keep-alives on quiet connections (0 = never).
-    #[serde(with = "humantime_serde")]
-    pub keep_alive_interval: Duration,
-    /// Unidirectional streams a client may have open at once (at least 3: one per priority).
-    pub max_streams_per_connection: u32,
-    /// QUIC flow-control window per stream, in bytes.
-    pub stream_receive_window: u32,
-    /// QUIC flow-control window per connection, in bytes.
-    pub connection_receive_window: u32,
-    /// Unacknowledged bytes the node may have in flight per connection.
-    pub send_window: u64,
-    /// Messages queued per client and priority before it counts as a slow consumer.
-    pub outbound_queue_len: usize,
-    /// Bytes queued per client (all priorities) before it counts as a slow consumer.
-    pub max_queued_bytes: usize,
-    /// While the node-wide queue budget is exhausted, a client whose queue
-    /// has held bytes without any being written for this long counts as a
-    /// slow consumer and is disconnected, so clients that stopped reading
-    /// cannot block everyone else whatever the budgets are.
-    #[serde(with = "humantime_serde")]
-    pub slow_consumer_stall: Duration,
-    /// Most entries returned in one ClientList.
-    pub max_list_clients: usize,
-    /// On drain or shutdown, how long clients get to leave by themselves.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-    /// How long a draining node keeps refusing new connections (instead of
-    /// vanishing) after it started draining, so that reconnects a load
-    /// balancer still sends here are turned away at once.
-    #[serde(with = "humantime_serde")]
-    pub drain_linger: Duration,
-    /// Redis URL (`redis://`, `rediss://`, with optional `user:password@`);
-    /// unset runs a single node with the in-memory bus.
-    pub redis_url: Option<String>,
-    /// CA certificate (PEM) that a `rediss://` server must chain to, instead
-    /// of the public web roots.
-    pub redis_ca: Option<PathBuf>,
-    /// Prefix of every Redis key and channel this cluster uses.
-    pub redis_prefix: String,
-    /// Time to establish a Redis connection.
-    #[serde(with = "humantime_serde")]
-    pub redis_connect_timeout: Duration,
-    /// Time to wait for a Redis reply.
-    #[serde(with = "humantime_serde")]
-    pub redis_response_timeout: Duration,
-    /// A node that stops refreshing its heartbeat for this long is dead: its
-    /// clients leave presence and nothing is routed to it.
-    #[serde(with = "humantime_serde")]
-    pub node_ttl: Duration,
-    /// How often a node refreshes its heartbeat (well below `node_ttl`).
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
-    /// How long a cross-node direct message waits for the target node's
-    /// delivery receipt before the sender gets CLUSTER_UNAVAILABLE.
-    #[serde(with = "humantime_serde")]
-    pub delivery_timeout: Duration,
-    /// Cluster operations queued for Redis before new ones fail fast.
-    pub bus_queue_len: usize,
-    /// Longest client name accepted in a handshake, in bytes (at most 1024).
-    pub max_name_bytes: usize,
-    /// Largest Handshake frame accepted from a not yet authenticated peer
-    /// (capped by `max_message_bytes`).
-    pub max_handshake_bytes: usize,
-    /// Bytes queued for all clients together; beyond it new messages are
-    /// refused with SERVER_BUSY instead of growing memory.
-    pub max_total_queued_bytes: usize,
-    /// Messages per second each client may send (0 = unlimited).
-    pub rate_limit_messages: u32,
-    /// Size of each client's token bucket: the frames it may send at once.
-    /// The bucket starts full and refills at `rate_limit_messages` per
-    /// second; the burst is the bucket's size, not added to the rate.
-    pub rate_limit_burst: u32,
-    /// Rate-limited frames tolerated within `rate_limit_strike_window`
-    /// before the client is disconnected (close code 10).
-    pub rate_limit_strikes: u32,
-    /// Window for `rate_limit_strikes`.
-    #[serde(with = "humantime_serde")]
-    pub rate_limit_strike_window: Duration,
-    /// Whether an anonymous client's rate-limit state follows its IP
-    /// address across reconnects (an authenticated client's follows its
-    /// user). Turn off behind a proxy that hides client addresses, where
-    /// every anonymous client would inherit every other's debt.
-    pub rate_limit_anonymous_by_ip: bool,
-    /// Connections at once from one IP address (0 = unlimited).
-    pub max_connections_per_ip: usize,
-    /// New connections per second from one IP address (0 = unlimited).
-    pub connection_rate_per_ip: u32,
-    /// Size of each IP address's token bucket for new connections: the
-    /// connections it may open at once (refilled at
-    /// `connection_rate_per_ip` per second; not added to the rate).
-    pub connection_burst_per_ip: u32,
-    /// When new connections must prove their address with a QUIC Retry.
-    pub address_validation: AddressValidation,
-    /// HS256 shared secret (at least 32 bytes); turns JWT auth on. The key
-    /// is the UTF-8 bytes of this string as they are (not base64-decoded),
-    /// which is what other JWT libraries do with a string secret.
-    pub auth_jwt_secret: Option<String>,
-    /// Public key PEM (RSA → RS256, P-256 → ES256, Ed25519 → EdDSA); turns JWT auth on.
-    pub auth_jwt_public_key: Option<PathBuf>,
-    /// JWKS file (keys chosen by `kid`); turns JWT auth on.
-    pub auth_jwks: Option<PathBuf>,
-    /// Accepted token audiences (`aud`); empty = not checked.
-    pub auth_audience: Vec<String>,
-    /// Accepted token issuers (`iss`); empty = not checked.
-    pub auth_issuer: Vec<String>,
-    /// Clock skew tolerated on `exp` and `nbf`.
-    #[serde(with = "humantime_serde")]
-    pub auth_leeway: Duration,
-    /// CA (PEM) client certificates must chain to; turns mutual TLS on.
-    pub auth_client_ca: Option<PathBuf>,
-    /// TCP address of the Prometheus endpoint (`GET /metrics`); off when unset.
-    pub metrics_listen: Option<SocketAddr>,
-    /// TCP address of the admin HTTP API; off when unset.
-    pub admin_listen: Option<SocketAddr>,
-    /// Bearer token the admin API requires (mandatory when `admin_listen`
-    /// is not a loopback address).
-    pub admin_token: Option<String>,
+/// Where a setting belongs, for [`ConfigError::Misplaced`].
+fn place(section: &Option<&str>) -> String {
+    match section {
+        Some(section) => {
+            format!("in the [{section}] section (write it after a `[{section}]` line)")
+        }
+        None => "at the top level of the file, before any [section]".into(),
+    }
 }
 
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
-            name: "quic-fabric".into(),
-            node_id: None,
-            certs_dir: PathBuf::from("certs"),
-            cert: None,
-            key: None,
-            cert_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-            max_clients: 10_000,
-            max_pending_handshakes: 1_000,
-            max_message_bytes: DEFAULT_MAX_FRAME_BYTES,
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30),
-            keep_alive_interval: Duration::from_secs(10),
-            max_streams_per_connection: 3,
-            stream_receive_window: 1024 * 1024,
-            connection_receive_window: 4 * 1024 * 1024,
-            send_window: 4 * 1024 * 1024,
-            outbound_queue_len: 1024,
-            max_queued_bytes: 16 * 1024 * 1024,
-            slow_consumer_stall: Duration::from_secs(2),
-            max_list_clients: 10_000,
-            shutdown_grace: Duration::from_secs(5),
-            drain_linger: Duration::from_secs(2),
-            redis_url: None,
-            redis_ca: None,
-            redis_prefix: "fabric".into(),
-            redis_connect_timeout: Duration::from_secs(1),
-            redis_response_timeout: Duration::from_secs(1),
-            node_ttl: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(2),
-            delivery_timeout: Duration::from_secs(5),
-            bus_queue_len: 65_536,
-            max_name_bytes: MAX_NAME_BYTES,
-            max_handshake_bytes: 16 * 1024,
-            max_total_queued_bytes: 1024 * 1024 * 1024,
-            rate_limit_messages: 1_000,
-            rate_limit_burst: 2_000,
-            rate_limit_strikes: 1_000,
-            rate_limit_strike_window: Duration::from_secs(10),
-            rate_limit_anonymous_by_ip: true,
-            max_connections_per_ip: 256,
-            connection_rate_per_ip: 20,
-            connection_burst_per_ip: 100,
-            address_validation: AddressValidation::UnderLoad,
-            auth_jwt_secret: None,
-            auth_jwt_public_key: None,
-            auth_jwks: None,
-            auth_audience: Vec::new(),
-            auth_issuer: Vec::new(),
-            auth_leeway: Duration::from_secs(30),
-            auth_client_ca: None,
-            metrics_listen: None,
-            admin_listen: None,
-            admin_token: None,
+/// One node setting, as the file, the environment and the flags name it.
+/// [`SETTINGS`] lists them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    /// The [`NodeConfig`] field, which is also the key in the file (inside
+    /// `section`) and, in kebab case, the flag.
+    pub name: &'static str,
+    /// The table of the file the key lives in; `None` for the top level.
+    pub section: Option<&'static str>,
+    /// The environment variable: `FABRIC_` and the name in upper case.
+    pub env: &'static str,
+    /// The variable's name before settings were named after their field,
+    /// still read when neither `env` nor the flag is set.
+    pub legacy_env: Option<&'static str>,
+    /// The documentation (one line per line of the doc comment), which is
+    /// also the flag's help.
+    pub doc: &'static str,
+}
+
+impl Setting {
+    /// The flag, e.g. `--max-clients`.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.name.replace('_', "-"))
+    }
+
+    /// The key in the file, e.g. `limits.max_clients` (or `listen` at the
+    /// top level).
+    pub fn key(&self) -> String {
+        match self.section {
+            Some(section) => format!("{section}.{}", self.name),
+            None => self.name.to_owned(),
         }
+    }
+}
+
+/// What a setting's type brings to its one declaration: how the file
+/// writes it, how its flag and environment variable parse it, and how its
+/// default is shown in `--help`.
+trait SettingValue: Sized {
+    /// What the file holds (a humantime string for a `Duration`).
+    type File: DeserializeOwned;
+    /// The value a file entry stands for.
+    fn from_file(file: Self::File) -> Self;
+    /// The parser of the flag and environment variable (of the value
+    /// inside the `Option` for an optional setting, of one item for a
+    /// list).
+    fn value_parser() -> ValueParser;
+    /// The value as its flag would take it.
+    fn show(&self) -> String;
+}
+
+/// Types that the file holds as they are, that clap parses by itself and
+/// that show themselves with `Display`.
+macro_rules! plain_setting_value {
+    ($($ty:ty),* $(,)?) => {$(
+        impl SettingValue for $ty {
+            type File = Self;
+            fn from_file(file: Self) -> Self {
+                file
+            }
+            fn value_parser() -> ValueParser {
+                clap::value_parser!($ty).into()
+            }
+            fn show(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+
+plain_setting_value!(usize, u32, u64, bool, String, SocketAddr);
+
+impl SettingValue for PathBuf {
+    type File = Self;
+    fn from_file(file: Self) -> Self {
+        file
+    }
+    fn value_parser() -> ValueParser {
+        clap::value_parser!(PathBuf)
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl SettingValue for Duration {
+    type File = humantime_serde::Serde<Duration>;
+    fn from_file(file: Self::File) -> Self {
+        file.into_inner()
+    }
+    fn value_parser() -> ValueParser {
+        ValueParser::new(humantime::parse_duration)
+    }
+    fn show(&self) -> String {
+        humantime::format_duration(*self).to_string()
+    }
+}
+
+/// A list: comma-separated in a flag (with `value_delimiter = ','`), an
+/// array in the file.
+impl SettingValue for Vec<String> {
+    type File = Self;
+    fn from_file(file: Self) -> Self {
+        file
+    }
+    fn value_parser() -> ValueParser {
+        clap::value_parser!(String)
+    }
+    fn show(&self) -> String {
+        if self.is_empty() {
+            "none".into()
+        } else {
+            self.join(",")
+        }
+    }
+}
+
+/// The textual uuid, in the file as in a flag.
+impl SettingValue for NodeId {
+    type File = uuid::Uuid;
+    fn from_file(file: uuid::Uuid) -> Self {
+        NodeId(file)
+    }
+    fn value_parser() -> ValueParser {
+        clap::value_parser!(NodeId).into()
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for AddressValidation {
+    type File = Self;
+    fn from_file(file: Self) -> Self {
+        file
+    }
+    fn value_parser() -> ValueParser {
+        clap::value_parser!(AddressValidation).into()
+    }
+    fn show(&self) -> String {
+        clap::ValueEnum::to_possible_value(self)
+            .map(|value| value.get_name().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// An optional setting: unset by default, set by any layer that names it.
+impl<T: SettingValue> SettingValue for Option<T> {
+    type File = T::File;
+    fn from_file(file: T::File) -> Self {
+        Some(T::from_file(file))
+    }
+    fn value_parser() -> ValueParser {
+        T::value_parser()
+    }
+    fn show(&self) -> String {
+        self.as_ref().map_or_else(|| "unset".into(), T::show)
+    }
+}
+
+/// A flag's help: its setting's documentation on one line, without the
+/// final period, then the default the way clap shows one.
+fn help_text(doc: &str, default: &str) -> String {
+    let text = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = text.strip_suffix('.').unwrap_or(&text);
+    format!("{text} [default: {default}]")
+}
+
+const ENV_PREFIX: &str = "FABRIC_";
+
+/// `FABRIC_` and `name` in upper case, at compile time (for [`env_name!`]).
+const fn env_bytes<const N: usize>(name: &str) -> [u8; N] {
+    let (prefix, name) = (ENV_PREFIX.as_bytes(), name.as_bytes());
+    let mut out = [0; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = if i < prefix.len() {
+            prefix[i]
+        } else {
+            name[i - prefix.len()].to_ascii_uppercase()
+        };
+        i += 1;
+    }
+    out
+}
+
+/// A setting's environment variable, `FABRIC_` and its name in upper case,
+/// as the `&'static str` clap and [`SETTINGS`] want.
+macro_rules! env_name {
+    ($name:ident) => {{
+        const NAME: &str = stringify!($name);
+        const BYTES: [u8; ENV_PREFIX.len() + NAME.len()] = env_bytes(NAME);
+        const ENV: &str = match std::str::from_utf8(&BYTES) {
+            Ok(env) => env,
+            Err(_) => panic!("setting names are ASCII"),
+        };
+        ENV
+    }};
+}
+
+/// Declares every setting once and generates from that: [`NodeConfig`] and
+/// its `Default`, [`NodeArgs`] (one flag and environment variable per
+/// setting) and its overlay, the file's structs (one per section) and
+/// their overlay, and [`SETTINGS`].
+///
+/// Per setting: its doc comment (the field's documentation and the flag's
+/// help), then optionally `#[arg(...)]` (clap extras: aliases,
+/// `value_delimiter`, `hide_env_values`, `requires`) and
+/// `#[legacy_env = "OLD_NAME"]`, then `name: Type = default`. The first
+/// block holds the top-level keys of the file, each `[section] { ... }`
+/// after it the keys of that table.
+macro_rules! settings {
+    (
+        top {
+            $(
+                $(#[doc = $tdoc:literal])*
+                $(#[arg($($targ:tt)*)])?
+                $(#[legacy_env = $tlegacy:literal])?
+                $tname:ident : $tty:ty = $tdefault:expr
+            ),* $(,)?
+        }
+        $(
+            [$section:ident] {
+                $(
+                    $(#[doc = $doc:literal])*
+                    $(#[arg($($arg:tt)*)])?
+                    $(#[legacy_env = $legacy:literal])?
+                    $name:ident : $ty:ty = $default:expr
+                ),* $(,)?
+            }
+        )*
+    ) => {
+        settings!(@flat
+            $({
+                section: None,
+                heading: None::<&'static str>,
+                docs: [$($tdoc)*],
+                arg: [$($($targ)*)?],
+                legacy: [$($tlegacy)?],
+                name: $tname,
+                ty: $tty,
+                default: $tdefault
+            })*
+            $($({
+                section: Some(stringify!($section)),
+                heading: Some(concat!("[", stringify!($section), "] section")),
+                docs: [$($doc)*],
+                arg: [$($($arg)*)?],
+                legacy: [$($legacy)?],
+                name: $name,
+                ty: $ty,
+                default: $default
+            })*)*
+        );
+
+        /// The TOML file: the top-level keys, then one table per section.
+        /// Every key may be left out; an unknown one is an error.
+        #[derive(Default, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        struct ConfigFile {
+            $($tname: Option<<$tty as SettingValue>::File>,)*
+            $($section: sections::$section::Table,)*
+        }
+
+        /// One module per section of the file, holding its table.
+        mod sections {
+            $(
+                pub(super) mod $section {
+                    use super::super::*;
+
+                    #[derive(Default, Deserialize)]
+                    #[serde(default, deny_unknown_fields)]
+                    pub(in super::super) struct Table {
+                        $(pub(in super::super) $name: Option<<$ty as SettingValue>::File>,)*
+                    }
+                }
+            )*
+        }
+
+        impl ConfigFile {
+            /// Writes every setting the file names over `config`.
+            fn apply(self, config: &mut NodeConfig) {
+                $(if let Some(value) = self.$tname {
+                    config.$tname = SettingValue::from_file(value);
+                })*
+                $($(if let Some(value) = self.$section.$name {
+                    config.$name = SettingValue::from_file(value);
+                })*)*
+            }
+        }
+
+        /// The sections (tables) of the file.
+        const SECTIONS: &[&str] = &[$(stringify!($section)),*];
+    };
+
+    (@flat $({
+        section: $sec:expr,
+        heading: $heading:expr,
+        docs: [$($doc:literal)*],
+        arg: [$($arg:tt)*],
+        legacy: [$($legacy:literal)?],
+        name: $name:ident,
+        ty: $ty:ty,
+        default: $default:expr
+    })*) => {
+        /// Everything a node needs to run. Each field is a setting of the
+        /// file, the environment and the flags (see [`SETTINGS`]).
+        #[derive(Debug, Clone)]
+        pub struct NodeConfig {
+            $(
+                $(#[doc = $doc])*
+                pub $name: $ty,
+            )*
+        }
+
+        impl Default for NodeConfig {
+            fn default() -> Self {
+                NodeConfig {
+                    $($name: $default,)*
+                }
+            }
+        }
+
+        /// Every setting, grouped by section in the order of the file.
+        pub const SETTINGS: &[Setting] = &[$(
+            Setting {
+                name: stringify!($name),
+                section: $sec,
+                env: env_name!($name),
+                // The old name if there is one, else `None`.
+                legacy_env: [$(Some($legacy),)? None][0],
+                doc: concat!($($doc, "\n"),*),
+            },
+        )*];
+
+        /// Node flags; every one also reads its `FABRIC_*` environment
+        /// variable (see [`SETTINGS`]). Unset flags leave the file's (or the
+        /// default) value alone.
+        #[derive(Debug, Clone, Default, Args)]
+        pub struct NodeArgs {
+            /// TOML config file; flags and environment override it.
+            #[arg(long, env = "FABRIC_CONFIG")]
+            pub config: Option<PathBuf>,
+            $(
+                #[doc = concat!(
+                    "[`NodeConfig::", stringify!($name), "`] when its flag or ",
+                    "environment variable is set (an optional setting is then `Some(Some(_))`)."
+                )]
+                // To clap, an optional setting is an `Option<Option<T>>`, which
+                // would take the flag without a value: `num_args = 1` insists
+                // on one, as for every other setting.
+                #[arg(
+                    long,
+                    env = env_name!($name),
+                    num_args = 1,
+                    value_parser = <$ty as SettingValue>::value_parser(),
+                    help = help_text(
+                        concat!($($doc, "\n"),*),
+                        &<$ty as SettingValue>::show(&($default)),
+                    ),
+                    help_heading = $heading,
+                    $($arg)*
+                )]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl NodeArgs {
+            /// Writes every setting whose flag or environment variable is set
+            /// over `config`.
+            fn overlay(self, config: &mut NodeConfig) {
+                $(if let Some(value) = self.$name {
+                    config.$name = value;
+                })*
+            }
+
+            /// Fills the settings that neither their flag nor their
+            /// environment variable set from their environment variable's
+            /// old name, if that is set.
+            fn with_legacy_env(mut self) -> Result<Self, ConfigError> {
+                $($(
+                    if self.$name.is_none()
+                        && let Some(value) = std::env::var_os($legacy)
+                    {
+                        self.$name = parse_legacy_env($legacy, stringify!($name), value)?.$name;
+                    }
+                )?)*
+                Ok(self)
+            }
+        }
+
+        #[cfg(test)]
+        impl NodeConfig {
+            /// The value of setting `name` as its flag would take it.
+            fn show(&self, name: &str) -> Option<String> {
+                match name {
+                    $(stringify!($name) => Some(SettingValue::show(&self.$name)),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+settings! {
+    top {
+        /// UDP address to listen on.
+        listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 4433)),
+        /// Human-readable node name, reported in HandshakeAck and stats.
+        name: String = "quic-fabric".into(),
+        /// Node id (a uuid); a fresh random one at each start when unset, so
+        /// restarts look like new nodes.
+        node_id: Option<NodeId> = None,
+    }
+
+    // Where the node's certificate comes from.
+    [tls] {
+        /// Directory where dev certificates are generated and looked up.
+        #[arg(alias = "certs")]
+        #[legacy_env = "FABRIC_CERTS"]
+        certs_dir: PathBuf = PathBuf::from("certs"),
+        /// Certificate chain (PEM); with `key`, replaces the generated dev
+        /// certificate.
+        #[arg(requires = "key")]
+        cert: Option<PathBuf> = None,
+        /// Private key (PEM) for `cert`.
+        #[arg(requires = "cert")]
+        key: Option<PathBuf> = None,
+        /// Names (DNS or IP) the generated dev certificate is valid for,
+        /// comma-separated.
+        #[arg(value_delimiter = ',')]
+        cert_names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+    }
+
+    // QUIC transport parameters: what quinn's TransportConfig is built from.
+    [transport] {
+        /// A connection with no packets for this long is closed.
+        idle_timeout: Duration = Duration::from_secs(30),
+        /// How often the node sends QUIC keep-alives on quiet connections
+        /// (0s = never).
+        #[legacy_env = "FABRIC_KEEP_ALIVE"]
+        keep_alive_interval: Duration = Duration::from_secs(10),
+        /// Unidirectional streams a client may have open at once (at least 3:
+        /// one per priority).
+        #[legacy_env = "FABRIC_MAX_STREAMS"]
+        max_streams_per_connection: u32 = 3,
+        /// QUIC flow-control window per stream, in bytes.
+        stream_receive_window: u32 = 1024 * 1024,
+        /// QUIC flow-control window per connection, in bytes.
+        connection_receive_window: u32 = 4 * 1024 * 1024,
+        /// Unacknowledged bytes the node may have in flight per connection.
+        send_window: u64 = 4 * 1024 * 1024,
+    }
+
+    // What one client, one IP address or all clients together may cost the
+    // node: admission, sizes, queues and rates.
+    [limits] {
+        /// Clients this node accepts at once; the next one is refused with
+        /// SERVER_FULL.
+        max_clients: usize = 10_000,
+        /// Connections allowed to be mid-handshake at once, beyond
+        /// `max_clients`; further connection attempts are refused before TLS.
+        max_pending_handshakes: usize = 1_000,
+        /// When new connections must prove their address with a QUIC Retry.
+        address_validation: AddressValidation = AddressValidation::UnderLoad,
+        /// Time a new connection has to complete the application handshake.
+        handshake_timeout: Duration = Duration::from_secs(10),
+        /// Connections at once from one IP address (0 = unlimited).
+        max_connections_per_ip: usize = 256,
+        /// New connections per second from one IP address (0 = unlimited).
+        connection_rate_per_ip: u32 = 20,
+        /// Size of each IP address's token bucket for new connections: the
+        /// connections it may open at once (refilled at
+        /// `connection_rate_per_ip` per second; not added to the rate).
+        connection_burst_per_ip: u32 = 100,
+        /// Largest frame payload accepted, in bytes (at most 16 MiB).
+        max_message_bytes: usize = DEFAULT_MAX_FRAME_BYTES,
+        /// Longest client name accepted in a handshake, in bytes (at most 1024).
+        max_name_bytes: usize = MAX_NAME_BYTES,
+        /// Largest Handshake frame accepted from a not yet authenticated peer
+        /// (capped by `max_message_bytes`).
+        max_handshake_bytes: usize = 16 * 1024,
+        /// Most entries returned in one ClientList.
+        max_list_clients: usize = 10_000,
+        /// Messages queued per client and priority before it counts as a slow
+        /// consumer.
+        outbound_queue_len: usize = 1024,
+        /// Bytes queued per client (all priorities) before it counts as a slow
+        /// consumer.
+        max_queued_bytes: usize = 16 * 1024 * 1024,
+        /// Bytes queued for all clients together; beyond it new messages are
+        /// refused with SERVER_BUSY instead of growing memory.
+        max_total_queued_bytes: usize = 1024 * 1024 * 1024,
+        /// While the node-wide queue budget is exhausted, a client whose queue
+        /// has held bytes without any being written for this long counts as a
+        /// slow consumer and is disconnected, so clients that stopped reading
+        /// cannot block everyone else whatever the budgets are.
+        slow_consumer_stall: Duration = Duration::from_secs(2),
+        /// Messages per second each client may send (0 = unlimited).
+        #[arg(alias = "rate-limit")]
+        #[legacy_env = "FABRIC_RATE_LIMIT"]
+        rate_limit_messages: u32 = 1_000,
+        /// Size of each client's token bucket: the frames it may send at once.
+        /// The bucket starts full and refills at `rate_limit_messages` per
+        /// second; the burst is the bucket's size, not added to the rate.
+        rate_limit_burst: u32 = 2_000,
+        /// Rate-limited frames tolerated within `rate_limit_strike_window`
+        /// before the client is disconnected (close code 10).
+        rate_limit_strikes: u32 = 1_000,
+        /// Window for `rate_limit_strikes`.
+        rate_limit_strike_window: Duration = Duration::from_secs(10),
+        /// Whether an anonymous client's rate-limit state follows its IP
+        /// address across reconnects (an authenticated client's follows its
+        /// user). Turn off behind a proxy that hides client addresses, where
+        /// every anonymous client would inherit every other's debt.
+        rate_limit_anonymous_by_ip: bool = true,
+    }
+
+    // The cluster bus: Redis, and what any bus engine needs.
+    [cluster] {
+        /// Redis URL (`redis://`, `rediss://`, with optional `user:password@`);
+        /// unset runs a single node with the in-memory bus.
+        #[arg(alias = "redis")]
+        redis_url: Option<String> = None,
+        /// CA certificate (PEM) that a `rediss://` server must chain to, instead
+        /// of the public web roots.
+        redis_ca: Option<PathBuf> = None,
+        /// Prefix of every Redis key and channel this cluster uses.
+        redis_prefix: String = "fabric".into(),
+        /// Time to establish a Redis connection.
+        redis_connect_timeout: Duration = Duration::from_secs(1),
+        /// Time to wait for a Redis reply.
+        redis_response_timeout: Duration = Duration::from_secs(1),
+        /// A node that stops refreshing its heartbeat for this long is dead: its
+        /// clients leave presence and nothing is routed to it.
+        node_ttl: Duration = Duration::from_secs(10),
+        /// How often a node refreshes its heartbeat (at most half of `node_ttl`).
+        heartbeat_interval: Duration = Duration::from_secs(2),
+        /// How long a cross-node direct message waits for the target node's
+        /// delivery receipt before the sender gets CLUSTER_UNAVAILABLE.
+        delivery_timeout: Duration = Duration::from_secs(5),
+        /// Cluster operations queued for Redis before new ones fail fast.
+        bus_queue_len: usize = 65_536,
+    }
+
+    // Who may connect: JWT in the Handshake, client certificates.
+    [auth] {
+        /// HS256 shared secret (at least 32 bytes); turns JWT auth on. The key
+        /// is the UTF-8 bytes of this string as they are (not base64-decoded),
+        /// which is what other JWT libraries do with a string secret.
+        #[arg(hide_env_values = true)]
+        auth_jwt_secret: Option<String> = None,
+        /// Public key PEM (RSA → RS256, P-256 → ES256, Ed25519 → EdDSA); turns
+        /// JWT auth on.
+        auth_jwt_public_key: Option<PathBuf> = None,
+        /// JWKS file (keys chosen by `kid`); turns JWT auth on.
+        auth_jwks: Option<PathBuf> = None,
+        /// Accepted token audiences (`aud`), comma-separated; none = not checked.
+        #[arg(value_delimiter = ',')]
+        auth_audience: Vec<String> = Vec::new(),
+        /// Accepted token issuers (`iss`), comma-separated; none = not checked.
+        #[arg(value_delimiter = ',')]
+        auth_issuer: Vec<String> = Vec::new(),
+        /// Clock skew tolerated on `exp` and `nbf`.
+        auth_leeway: Duration = Duration::from_secs(30),
+        /// CA (PEM) client certificates must chain to; turns mutual TLS on.
+        auth_client_ca: Option<PathBuf> = None,
+    }
+
+    // Running the node: its HTTP endpoints, and how it stops.
+    [operations] {
+        /// TCP address of the Prometheus endpoint (`GET /metrics`); off when
+        /// unset.
+        #[arg(alias = "metrics")]
+        #[legacy_env = "FABRIC_METRICS"]
+        metrics_listen: Option<SocketAddr> = None,
+        /// TCP address of the admin HTTP API; off when unset.
+        #[arg(alias = "admin")]
+        #[legacy_env = "FABRIC_ADMIN"]
+        admin_listen: Option<SocketAddr> = None,
+        /// Bearer token the admin API requires (at least 16 characters;
+        /// mandatory when `admin_listen` is not a loopback address).
+        #[arg(hide_env_values = true)]
+        admin_token: Option<String> = None,
+        /// On drain or shutdown, how long clients get to leave by themselves.
+        shutdown_grace: Duration = Duration::from_secs(5),
+        /// How long a draining node keeps refusing new connections (instead of
+        /// vanishing) after it started draining, so that reconnects a load
+        /// balancer still sends here are turned away at once.
+        drain_linger: Duration = Duration::from_secs(2),
     }
 }
 
@@ -271,10 +696,22 @@ impl NodeConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let parse_error = |source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
-        })
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
+        if let Some((key, section)) = misplaced_key(&table) {
+            return Err(ConfigError::Misplaced {
+                path: path.to_owned(),
+                key,
+                section,
+            });
+        }
+        let file: ConfigFile = toml::from_str(&text).map_err(parse_error)?;
+        let mut config = NodeConfig::default();
+        file.apply(&mut config);
+        Ok(config)
     }
 
     /// Checks ranges and combinations.
@@ -407,264 +844,78 @@ impl NodeConfig {
     }
 }
 
-/// Node flags; every one also reads a `FABRIC_*` environment variable.
-/// Unset flags leave the file's (or the default) value alone.
-#[derive(Debug, Clone, Default, Args)]
-pub struct NodeArgs {
-    /// TOML config file; flags and environment override it.
-    #[arg(long, env = "FABRIC_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// UDP address to listen on [default: 0.0.0.0:4433].
-    #[arg(long, env = "FABRIC_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Node name shown to clients [default: quic-fabric].
-    #[arg(long, env = "FABRIC_NAME")]
-    pub name: Option<String>,
-    /// Node id (uuid) [default: random at each start].
-    #[arg(long, env = "FABRIC_NODE_ID")]
-    pub node_id: Option<NodeId>,
-    /// Directory for generated dev certificates [default: certs].
-    #[arg(long = "certs", env = "FABRIC_CERTS")]
-    pub certs_dir: Option<PathBuf>,
-    /// Certificate chain PEM file (instead of the generated dev certificate).
-    #[arg(long, env = "FABRIC_CERT", requires = "key")]
-    pub cert: Option<PathBuf>,
-    /// Private key PEM file for --cert.
-    #[arg(long, env = "FABRIC_KEY", requires = "cert")]
-    pub key: Option<PathBuf>,
-    /// Comma-separated names for the dev certificate [default: localhost,127.0.0.1,::1].
-    #[arg(long, env = "FABRIC_CERT_NAMES", value_delimiter = ',')]
-    pub cert_names: Option<Vec<String>>,
-    /// Maximum connected clients [default: 10000].
-    #[arg(long, env = "FABRIC_MAX_CLIENTS")]
-    pub max_clients: Option<usize>,
-    /// Maximum connections mid-handshake [default: 1000].
-    #[arg(long, env = "FABRIC_MAX_PENDING_HANDSHAKES")]
-    pub max_pending_handshakes: Option<usize>,
-    /// Maximum frame payload in bytes [default: 1048576].
-    #[arg(long, env = "FABRIC_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<usize>,
-    /// Time allowed for the application handshake, e.g. 10s [default: 10s].
-    #[arg(long, env = "FABRIC_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub handshake_timeout: Option<Duration>,
-    /// Close connections silent for this long, e.g. 30s [default: 30s].
-    #[arg(long, env = "FABRIC_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub idle_timeout: Option<Duration>,
-    /// QUIC keep-alive interval, 0s to disable [default: 10s].
-    #[arg(long, env = "FABRIC_KEEP_ALIVE", value_parser = humantime::parse_duration)]
-    pub keep_alive_interval: Option<Duration>,
-    /// Concurrent unidirectional streams per client, at least 3 [default: 3].
-    #[arg(long, env = "FABRIC_MAX_STREAMS")]
-    pub max_streams_per_connection: Option<u32>,
-    /// Per-stream receive window in bytes [default: 1048576].
-    #[arg(long, env = "FABRIC_STREAM_RECEIVE_WINDOW")]
-    pub stream_receive_window: Option<u32>,
-    /// Per-connection receive window in bytes [default: 4194304].
-    #[arg(long, env = "FABRIC_CONNECTION_RECEIVE_WINDOW")]
-    pub connection_receive_window: Option<u32>,
-    /// Per-connection send window in bytes [default: 4194304].
-    #[arg(long, env = "FABRIC_SEND_WINDOW")]
-    pub send_window: Option<u64>,
-    /// Queued messages per client and priority before disconnecting it as slow [default: 1024].
-    #[arg(long, env = "FABRIC_OUTBOUND_QUEUE_LEN")]
-    pub outbound_queue_len: Option<usize>,
-    /// Queued bytes per client before disconnecting it as slow [default: 16777216].
-    #[arg(long, env = "FABRIC_MAX_QUEUED_BYTES")]
-    pub max_queued_bytes: Option<usize>,
-    /// Stall after which, while the node's queue memory is exhausted, a
-    /// client that stopped reading is disconnected as slow [default: 2s].
-    #[arg(long, env = "FABRIC_SLOW_CONSUMER_STALL", value_parser = humantime::parse_duration)]
-    pub slow_consumer_stall: Option<Duration>,
-    /// Most entries in one client list [default: 10000].
-    #[arg(long, env = "FABRIC_MAX_LIST_CLIENTS")]
-    pub max_list_clients: Option<usize>,
-    /// Time clients get to leave a draining node [default: 5s].
-    #[arg(long, env = "FABRIC_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Option<Duration>,
-    /// Time a draining node keeps refusing new connections [default: 2s].
-    #[arg(long, env = "FABRIC_DRAIN_LINGER", value_parser = humantime::parse_duration)]
-    pub drain_linger: Option<Duration>,
-    /// Redis URL for clustering, e.g. redis://127.0.0.1:6379 [default: none, single node].
-    #[arg(long = "redis", env = "FABRIC_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// CA certificate (PEM) for a rediss:// server [default: public web roots].
-    #[arg(long, env = "FABRIC_REDIS_CA")]
-    pub redis_ca: Option<PathBuf>,
-    /// Prefix of Redis keys and channels [default: fabric].
-    #[arg(long, env = "FABRIC_REDIS_PREFIX")]
-    pub redis_prefix: Option<String>,
-    /// Redis connection timeout [default: 1s].
-    #[arg(long, env = "FABRIC_REDIS_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub redis_connect_timeout: Option<Duration>,
-    /// Redis response timeout [default: 1s].
-    #[arg(long, env = "FABRIC_REDIS_RESPONSE_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub redis_response_timeout: Option<Duration>,
-    /// Heartbeat TTL: a silent node is dead after this [default: 10s].
-    #[arg(long, env = "FABRIC_NODE_TTL", value_parser = humantime::parse_duration)]
-    pub node_ttl: Option<Duration>,
-    /// Heartbeat refresh interval [default: 2s].
-    #[arg(long, env = "FABRIC_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
-    pub heartbeat_interval: Option<Duration>,
-    /// Wait for a cross-node delivery receipt [default: 5s].
-    #[arg(long, env = "FABRIC_DELIVERY_TIMEOUT", value_parser = humantime::parse_duration)]
-    pub delivery_timeout: Option<Duration>,
-    /// Cluster operations queued for Redis [default: 65536].
-    #[arg(long, env = "FABRIC_BUS_QUEUE_LEN")]
-    pub bus_queue_len: Option<usize>,
-    /// Longest client name in bytes [default: 64].
-    #[arg(long, env = "FABRIC_MAX_NAME_BYTES")]
-    pub max_name_bytes: Option<usize>,
-    /// Largest Handshake frame in bytes [default: 16384].
-    #[arg(long, env = "FABRIC_MAX_HANDSHAKE_BYTES")]
-    pub max_handshake_bytes: Option<usize>,
-    /// Bytes queued for all clients together [default: 1073741824].
-    #[arg(long, env = "FABRIC_MAX_TOTAL_QUEUED_BYTES")]
-    pub max_total_queued_bytes: Option<usize>,
-    /// Messages per second per client, 0 = unlimited [default: 1000].
-    #[arg(long, alias = "rate-limit", env = "FABRIC_RATE_LIMIT")]
-    pub rate_limit_messages: Option<u32>,
-    /// Frames a client may send at once: its token bucket's size, refilled at --rate-limit per second [default: 2000].
-    #[arg(long, env = "FABRIC_RATE_LIMIT_BURST")]
-    pub rate_limit_burst: Option<u32>,
-    /// Rate-limited frames within the strike window before disconnecting [default: 1000].
-    #[arg(long, env = "FABRIC_RATE_LIMIT_STRIKES")]
-    pub rate_limit_strikes: Option<u32>,
-    /// Strike window [default: 10s].
-    #[arg(long, env = "FABRIC_RATE_LIMIT_STRIKE_WINDOW", value_parser = humantime::parse_duration)]
-    pub rate_limit_strike_window: Option<Duration>,
-    /// Remember anonymous clients' rate-limit state by IP across reconnects
-    /// (false behind a proxy that hides client addresses) [default: true].
-    #[arg(long, env = "FABRIC_RATE_LIMIT_ANONYMOUS_BY_IP")]
-    pub rate_limit_anonymous_by_ip: Option<bool>,
-    /// Connections at once per IP address, 0 = unlimited [default: 256].
-    #[arg(long, env = "FABRIC_MAX_CONNECTIONS_PER_IP")]
-    pub max_connections_per_ip: Option<usize>,
-    /// New connections per second per IP address, 0 = unlimited [default: 20].
-    #[arg(long, env = "FABRIC_CONNECTION_RATE_PER_IP")]
-    pub connection_rate_per_ip: Option<u32>,
-    /// New connections an IP address may open at once: its token bucket's size, refilled at --connection-rate-per-ip per second [default: 100].
-    #[arg(long, env = "FABRIC_CONNECTION_BURST_PER_IP")]
-    pub connection_burst_per_ip: Option<u32>,
-    /// QUIC Retry (address validation) for new connections [default: under-load].
-    #[arg(long, env = "FABRIC_ADDRESS_VALIDATION", value_enum)]
-    pub address_validation: Option<AddressValidation>,
-    /// Require a JWT signed with this HS256 secret (at least 32 bytes; its UTF-8 bytes are the key, not base64-decoded).
-    #[arg(long, env = "FABRIC_AUTH_JWT_SECRET", hide_env_values = true)]
-    pub auth_jwt_secret: Option<String>,
-    /// Require a JWT signed by this public key (PEM: RSA, P-256 or Ed25519).
-    #[arg(long, env = "FABRIC_AUTH_JWT_PUBLIC_KEY")]
-    pub auth_jwt_public_key: Option<PathBuf>,
-    /// Require a JWT signed by a key of this JWKS file (chosen by kid).
-    #[arg(long, env = "FABRIC_AUTH_JWKS")]
-    pub auth_jwks: Option<PathBuf>,
-    /// Accepted token audience (repeat or comma-separate for several).
-    #[arg(long, env = "FABRIC_AUTH_AUDIENCE", value_delimiter = ',')]
-    pub auth_audience: Option<Vec<String>>,
-    /// Accepted token issuer (repeat or comma-separate for several).
-    #[arg(long, env = "FABRIC_AUTH_ISSUER", value_delimiter = ',')]
-    pub auth_issuer: Option<Vec<String>>,
-    /// Clock skew tolerated on exp/nbf [default: 30s].
-    #[arg(long, env = "FABRIC_AUTH_LEEWAY", value_parser = humantime::parse_duration)]
-    pub auth_leeway: Option<Duration>,
-    /// Require client certificates signed by this CA (mutual TLS).
-    #[arg(long, env = "FABRIC_AUTH_CLIENT_CA")]
-    pub auth_client_ca: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9090 [default: off].
-    #[arg(long = "metrics", env = "FABRIC_METRICS")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Serve the admin HTTP API on ADDR, e.g. 127.0.0.1:9091 [default: off].
-    #[arg(long = "admin", env = "FABRIC_ADMIN")]
-    pub admin_listen: Option<SocketAddr>,
-    /// Bearer token for the admin API (required unless it listens on loopback).
-    #[arg(long, env = "FABRIC_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+/// The first setting the file writes outside its section (typically a key
+/// of a file written before settings had sections): the key as written and
+/// the section it belongs to (`None`: the top level). Keys that are no
+/// setting at all are left to serde, whose error lists the valid ones.
+fn misplaced_key(table: &toml::Table) -> Option<(String, Option<&'static str>)> {
+    let home = |key: &str| SETTINGS.iter().find(|s| s.name == key).map(|s| s.section);
+    for (key, value) in table {
+        if SECTIONS.contains(&key.as_str()) {
+            let toml::Value::Table(section) = value else {
+                continue;
+            };
+            for inner in section.keys() {
+                if let Some(home) = home(inner)
+                    && home != Some(key.as_str())
+                {
+                    return Some((format!("{key}.{inner}"), home));
+                }
+            }
+        } else if let Some(home @ Some(_)) = home(key) {
+            return Some((key.clone(), home));
+        }
+    }
+    None
+}
+
+/// Parses the value of `var`, the old name of setting `name`'s environment
+/// variable, exactly as the setting's flag would parse it.
+fn parse_legacy_env(
+    var: &'static str,
+    name: &'static str,
+    value: OsString,
+) -> Result<NodeArgs, ConfigError> {
+    let setting = SETTINGS.iter().find(|s| s.name == name);
+    let env = setting.map_or("", |s| s.env);
+    let flag = setting.map_or_else(String::new, Setting::flag);
+    // Without the environment: only the one flag counts.
+    let command = NodeArgs::augment_args(clap::Command::new("fabric-node"))
+        .mut_args(|arg| arg.env(None::<&'static str>));
+    command
+        .try_get_matches_from([OsString::from("fabric-node"), flag.into(), value])
+        .and_then(|matches| NodeArgs::from_arg_matches(&matches))
+        .map_err(|err| ConfigError::LegacyEnv {
+            var,
+            env,
+            message: err
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ")
+                .to_owned(),
+        })
 }
 
 impl NodeArgs {
-    /// Builds the config: defaults, then `--config` file, then these flags
-    /// (which clap has already merged with the environment). Validated.
+    /// Builds the config: defaults, then the `--config` file, then the
+    /// environment and the flags (which clap has already merged, flags
+    /// winning; a variable under its old name counts only when neither the
+    /// new one nor the flag is set). Validated.
     pub fn into_config(self) -> Result<NodeConfig, ConfigError> {
+        let config = self.layered()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The layers of [`into_config`](Self::into_config), not yet validated.
+    fn layered(self) -> Result<NodeConfig, ConfigError> {
         let mut config = match &self.config {
             Some(path) => NodeConfig::from_file(path)?,
             None => NodeConfig::default(),
         };
-        macro_rules! overlay {
-            ($($field:ident),* $(,)?) => {
-                $(if let Some(value) = self.$field { config.$field = value; })*
-            };
-        }
-        overlay!(
-            listen,
-            name,
-            certs_dir,
-            cert_names,
-            max_clients,
-            max_pending_handshakes,
-            max_message_bytes,
-            handshake_timeout,
-            idle_timeout,
-            keep_alive_interval,
-            max_streams_per_connection,
-            stream_receive_window,
-            connection_receive_window,
-            send_window,
-            outbound_queue_len,
-            max_queued_bytes,
-            slow_consumer_stall,
-            max_list_clients,
-            shutdown_grace,
-            drain_linger,
-            redis_prefix,
-            redis_connect_timeout,
-            redis_response_timeout,
-            node_ttl,
-            heartbeat_interval,
-            delivery_timeout,
-            bus_queue_len,
-            max_name_bytes,
-            max_handshake_bytes,
-            max_total_queued_bytes,
-            rate_limit_messages,
-            rate_limit_burst,
-            rate_limit_strikes,
-            rate_limit_strike_window,
-            rate_limit_anonymous_by_ip,
-            max_connections_per_ip,
-            connection_rate_per_ip,
-            connection_burst_per_ip,
-            address_validation,
-            auth_audience,
-            auth_issuer,
-            auth_leeway,
-        );
-        macro_rules! overlay_optional {
-            ($($field:ident),* $(,)?) => {
-                $(if self.$field.is_some() { config.$field = self.$field; })*
-            };
-        }
-        overlay_optional!(
-            auth_jwt_secret,
-            auth_jwt_public_key,
-            auth_jwks,
-            auth_client_ca,
-            metrics_listen,
-            admin_listen,
-            admin_token
-        );
-        if self.redis_url.is_some() {
-            config.redis_url = self.redis_url;
-        }
-        if self.redis_ca.is_some() {
-            config.redis_ca = self.redis_ca;
-        }
-        if self.node_id.is_some() {
-            config.node_id = self.node_id;
-        }
-        if self.cert.is_some() {
-            config.cert = self.cert;
-            config.key = self.key;
-        }
-        config.validate()?;
+        self.with_legacy_env()?.overlay(&mut config);
         Ok(config)
     }
 }
@@ -672,12 +923,141 @@ impl NodeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory, Parser};
 
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
         node: NodeArgs,
+    }
+
+    fn setting(name: &str) -> &'static Setting {
+        SETTINGS
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no setting {name}"))
+    }
+
+    /// A valid value other than the default for every setting, written as
+    /// [`NodeConfig::show`] writes it.
+    fn sample(name: &str) -> &'static str {
+        match name {
+            "listen" => "127.0.0.1:4999",
+            "name" => "sample-node",
+            "node_id" => "6f1c4c2e-0d5b-4a57-9a4e-3c7c1b2a9d10",
+            "certs_dir" => "/tmp/sample-certs",
+            "cert" => "/tmp/sample.pem",
+            "key" => "/tmp/sample.key",
+            "cert_names" => "a.example,10.0.0.1",
+            "idle_timeout" => "45s",
+            "keep_alive_interval" => "3s",
+            "max_streams_per_connection" => "5",
+            "stream_receive_window" => "65536",
+            "connection_receive_window" => "131072",
+            "send_window" => "262144",
+            "max_clients" => "7",
+            "max_pending_handshakes" => "11",
+            "address_validation" => "always",
+            "handshake_timeout" => "4s",
+            "max_connections_per_ip" => "13",
+            "connection_rate_per_ip" => "17",
+            "connection_burst_per_ip" => "19",
+            "max_message_bytes" => "4096",
+            "max_name_bytes" => "32",
+            "max_handshake_bytes" => "2048",
+            "max_list_clients" => "23",
+            "outbound_queue_len" => "29",
+            "max_queued_bytes" => "65536",
+            "max_total_queued_bytes" => "1048576",
+            "slow_consumer_stall" => "750ms",
+            "rate_limit_messages" => "31",
+            "rate_limit_burst" => "37",
+            "rate_limit_strikes" => "41",
+            "rate_limit_strike_window" => "1m",
+            "rate_limit_anonymous_by_ip" => "false",
+            "redis_url" => "redis://127.0.0.1:6390",
+            "redis_ca" => "/tmp/redis-ca.pem",
+            "redis_prefix" => "sample",
+            "redis_connect_timeout" => "2s",
+            "redis_response_timeout" => "3s",
+            "node_ttl" => "20s",
+            "heartbeat_interval" => "4s",
+            "delivery_timeout" => "6s",
+            "bus_queue_len" => "43",
+            "auth_jwt_secret" => "0123456789abcdef0123456789abcdef",
+            "auth_jwt_public_key" => "/tmp/jwt.pem",
+            "auth_jwks" => "/tmp/jwks.json",
+            "auth_audience" => "aud-1,aud-2",
+            "auth_issuer" => "iss-1",
+            "auth_leeway" => "5s",
+            "auth_client_ca" => "/tmp/client-ca.pem",
+            "metrics_listen" => "127.0.0.1:9390",
+            "admin_listen" => "127.0.0.1:9391",
+            "admin_token" => "sample-admin-token-0123",
+            "shutdown_grace" => "9s",
+            "drain_linger" => "8s",
+            other => panic!("no sample value for setting {other}: add one"),
+        }
+    }
+
+    /// Every setting set to its sample, as `(name, value)`.
+    fn all_samples() -> Vec<(&'static str, &'static str)> {
+        SETTINGS.iter().map(|s| (s.name, sample(s.name))).collect()
+    }
+
+    fn assert_values(config: &NodeConfig, expected: &[(&str, &str)]) {
+        for (name, value) in expected {
+            assert_eq!(config.show(name).as_deref(), Some(*value), "setting {name}");
+        }
+    }
+
+    /// Runs [`child_layers`] in a fresh process of this test binary, whose
+    /// `FABRIC_*` environment is `vars` only, with `args` as flags, and
+    /// expects the settings of `expected`. (The environment is the whole
+    /// process's: setting it here would race the other tests.)
+    fn in_child(vars: &[(&str, &str)], args: &[&str], expected: &[(&str, &str)]) {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "config::tests::child_layers", "--ignored"])
+            .args(["--nocapture", "--test-threads", "1"]);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with(ENV_PREFIX) {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(vars.iter().copied())
+            .env("CONFIG_TEST_ARGS", args.join("\n"))
+            .env(
+                "CONFIG_TEST_EXPECTED",
+                expected
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    #[ignore = "run by in_child, in a process with its own environment"]
+    fn child_layers() {
+        let Ok(args) = std::env::var("CONFIG_TEST_ARGS") else {
+            return;
+        };
+        let args = args.lines().filter(|a| !a.is_empty());
+        let cli = Cli::try_parse_from(std::iter::once("x").chain(args)).unwrap();
+        let config = cli.node.layered().unwrap();
+        let expected = std::env::var("CONFIG_TEST_EXPECTED").unwrap();
+        let expected: Vec<_> = expected
+            .lines()
+            .map(|line| line.split_once('=').unwrap())
+            .collect();
+        assert_values(&config, &expected);
     }
 
     #[test]
@@ -686,12 +1066,164 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_is_named_after_its_field_with_a_sample_other_than_its_default() {
+        let defaults = NodeConfig::default();
+        for s in SETTINGS {
+            let upper = s.name.to_uppercase();
+            assert_eq!(s.env, format!("FABRIC_{upper}"));
+            assert!(s.section.is_none() || SECTIONS.contains(&s.section.unwrap()));
+            assert!(!s.doc.trim().is_empty(), "{} is undocumented", s.name);
+            assert_ne!(defaults.show(s.name).unwrap(), sample(s.name), "{}", s.name);
+        }
+        let mut names: Vec<_> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len());
+    }
+
+    #[test]
+    fn help_lists_every_flag_with_its_env_and_default() {
+        let command = Cli::command();
+        let flags = command
+            .get_arguments()
+            .filter(|arg| arg.get_id() != "config")
+            .count();
+        assert_eq!(flags, SETTINGS.len(), "a flag that is no setting");
+        let help = Cli::command().render_long_help().to_string();
+        let defaults = NodeConfig::default();
+        for s in SETTINGS {
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == s.name)
+                .unwrap();
+            assert_eq!(arg.get_long(), Some(&s.flag()[2..]));
+            assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(s.env)));
+            let default = format!("[default: {}]", defaults.show(s.name).unwrap());
+            let entry = help
+                .split(&format!("{} <", s.flag()))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{} not in --help", s.flag()));
+            let entry = entry.split("\n  -").next().unwrap();
+            assert!(entry.contains(&default), "{}: {entry}", s.name);
+            assert!(entry.contains(&format!("[env: {}", s.env)), "{entry}");
+        }
+    }
+
+    #[test]
+    fn every_flag_sets_its_setting() {
+        for s in SETTINGS {
+            let mut args = vec!["x".to_owned(), s.flag(), sample(s.name).to_owned()];
+            // --cert and --key go together.
+            for (this, other) in [("cert", "key"), ("key", "cert")] {
+                if s.name == this {
+                    args.extend([setting(other).flag(), sample(other).to_owned()]);
+                }
+            }
+            let config = Cli::try_parse_from(&args).unwrap().node.layered().unwrap();
+            assert_values(&config, &[(s.name, sample(s.name))]);
+        }
+    }
+
+    #[test]
+    fn every_environment_variable_sets_its_setting() {
+        let samples = all_samples();
+        let vars: Vec<_> = samples
+            .iter()
+            .map(|(name, value)| (setting(name).env, *value))
+            .collect();
+        in_child(&vars, &[], &samples);
+    }
+
+    #[test]
+    fn every_setting_has_its_key_in_its_section_of_the_file() {
+        let lists = ["cert_names", "auth_audience", "auth_issuer"];
+        let value = |s: &Setting| {
+            let sample = sample(s.name);
+            if lists.contains(&s.name) {
+                toml::Value::Array(sample.split(',').map(toml::Value::from).collect())
+            } else if let Ok(number) = sample.parse::<i64>() {
+                toml::Value::from(number)
+            } else if let Ok(on) = sample.parse::<bool>() {
+                toml::Value::from(on)
+            } else {
+                toml::Value::from(sample)
+            }
+        };
+        let mut file = toml::Table::new();
+        for s in SETTINGS {
+            let table = match s.section {
+                Some(section) => file
+                    .entry(section)
+                    .or_insert_with(|| toml::Table::new().into())
+                    .as_table_mut()
+                    .unwrap(),
+                None => &mut file,
+            };
+            table.insert(s.name.into(), value(s));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
+        assert_values(&NodeConfig::from_file(&path).unwrap(), &all_samples());
+    }
+
+    #[test]
+    fn a_sectioned_file_sets_settings_in_several_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            r#"
+name = "from-file"
+node_id = "6f1c4c2e-0d5b-4a57-9a4e-3c7c1b2a9d10"
+
+[tls]
+cert_names = ["a.example", "10.0.0.1"]
+
+[transport]
+idle_timeout = "45s"
+
+[limits]
+max_clients = 7
+address_validation = "always"
+
+[cluster]
+redis_url = "redis://127.0.0.1:6390"
+
+[auth]
+auth_audience = ["aud-1", "aud-2"]
+
+[operations]
+metrics_listen = "127.0.0.1:9390"
+"#,
+        )
+        .unwrap();
+        let config = NodeConfig::from_file(&path).unwrap();
+        assert_values(
+            &config,
+            &[
+                ("name", "from-file"),
+                ("node_id", sample("node_id")),
+                ("cert_names", sample("cert_names")),
+                ("idle_timeout", "45s"),
+                ("max_clients", "7"),
+                ("address_validation", "always"),
+                ("redis_url", sample("redis_url")),
+                ("auth_audience", sample("auth_audience")),
+                ("metrics_listen", sample("metrics_listen")),
+            ],
+        );
+        assert_eq!(config.listen, NodeConfig::default().listen);
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn flags_override_file_and_file_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");
         std::fs::write(
             &path,
-            "name = \"from-file\"\nmax_clients = 7\nidle_timeout = \"45s\"\n",
+            "name = \"from-file\"\n[limits]\nmax_clients = 7\n[transport]\nidle_timeout = \"45s\"\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -709,12 +1241,127 @@ mod tests {
     }
 
     #[test]
+    fn environment_overrides_file_and_flags_override_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "name = \"from-file\"\n[limits]\nmax_clients = 7\n[transport]\nidle_timeout = \"45s\"\n",
+        )
+        .unwrap();
+        in_child(
+            &[
+                ("FABRIC_CONFIG", path.to_str().unwrap()),
+                ("FABRIC_MAX_CLIENTS", "8"),
+                ("FABRIC_IDLE_TIMEOUT", "50s"),
+            ],
+            &["--max-clients", "9"],
+            &[
+                ("name", "from-file"),
+                ("idle_timeout", "50s"),
+                ("max_clients", "9"),
+                ("listen", "0.0.0.0:4433"),
+            ],
+        );
+    }
+
+    #[test]
+    fn old_flags_are_aliases() {
+        let cli = Cli::parse_from([
+            "x",
+            "--certs",
+            "/tmp/old-certs",
+            "--redis",
+            "redis://127.0.0.1:6390",
+            "--metrics",
+            "127.0.0.1:9390",
+            "--admin",
+            "127.0.0.1:9391",
+            "--rate-limit",
+            "31",
+        ]);
+        assert_values(
+            &cli.node.layered().unwrap(),
+            &[
+                ("certs_dir", "/tmp/old-certs"),
+                ("redis_url", "redis://127.0.0.1:6390"),
+                ("metrics_listen", "127.0.0.1:9390"),
+                ("admin_listen", "127.0.0.1:9391"),
+                ("rate_limit_messages", "31"),
+            ],
+        );
+    }
+
+    #[test]
+    fn old_environment_variables_still_count_unless_the_new_name_or_flag_is_set() {
+        let legacy: Vec<_> = SETTINGS
+            .iter()
+            .filter_map(|s| Some((s.legacy_env?, s.name)))
+            .collect();
+        assert_eq!(legacy.len(), 6, "{legacy:?}");
+        let mut vars: Vec<_> = legacy
+            .iter()
+            .map(|(var, name)| (*var, sample(name)))
+            .collect();
+        let mut expected: Vec<_> = legacy
+            .iter()
+            .map(|(_, name)| (*name, sample(name)))
+            .collect();
+        // The new name wins over the old one, and a flag over both.
+        vars.push(("FABRIC_MAX_STREAMS_PER_CONNECTION", "6"));
+        expected.retain(|(name, _)| {
+            !["max_streams_per_connection", "keep_alive_interval"].contains(name)
+        });
+        expected.extend([
+            ("max_streams_per_connection", "6"),
+            ("keep_alive_interval", "2s"),
+        ]);
+        in_child(&vars, &["--keep-alive-interval", "2s"], &expected);
+    }
+
+    #[test]
+    fn a_bad_value_under_an_old_environment_name_is_an_error_naming_it() {
+        let err = parse_legacy_env("FABRIC_KEEP_ALIVE", "keep_alive_interval", "soon".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("FABRIC_KEEP_ALIVE "), "{err}");
+        assert!(err.contains("FABRIC_KEEP_ALIVE_INTERVAL"), "{err}");
+        assert!(err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn a_setting_outside_its_section_is_an_error_naming_the_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        for (text, key, place) in [
+            // A file from before sections.
+            ("max_clients = 7\n", "`max_clients`", "[limits]"),
+            (
+                "[tls]\nredis_url = \"redis://r\"\n",
+                "`tls.redis_url`",
+                "[cluster]",
+            ),
+            (
+                "[limits]\nlisten = \"127.0.0.1:1\"\n",
+                "`limits.listen`",
+                "top level",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = NodeConfig::from_file(&path).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(place), "{err}");
+        }
+    }
+
+    #[test]
     fn unknown_file_keys_and_bad_values_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");
-        std::fs::write(&path, "max_clientz = 7\n").unwrap();
-        let err = NodeConfig::from_file(&path).unwrap_err();
-        assert!(err.to_string().contains("max_clientz"), "{err}");
+        for text in ["max_clientz = 7\n", "[limits]\nmax_clientz = 7\n"] {
+            std::fs::write(&path, text).unwrap();
+            let err = NodeConfig::from_file(&path).unwrap_err();
+            assert!(err.to_string().contains("max_clientz"), "{err}");
+        }
 
         let config = NodeConfig {
             max_list_clients: 100_000,
@@ -737,5 +1384,62 @@ mod tests {
                 .to_string()
                 .contains("at least 3")
         );
+    }
+
+    /// Checks that `doc` has one table row per setting of `settings`,
+    /// starting with its key, flag (and every alias), environment variable
+    /// (and old name) and default, so that the docs cannot drift from the
+    /// code.
+    fn check_settings_table(doc: &str, file: &str, settings: &[&Setting]) {
+        let command = Cli::command();
+        let defaults = NodeConfig::default();
+        for s in settings {
+            let start = format!("| `{}` |", s.key());
+            let rows: Vec<_> = doc.lines().filter(|l| l.starts_with(&start)).collect();
+            assert_eq!(rows.len(), 1, "{file}: one row for `{}`", s.key());
+            let cells: Vec<_> = rows[0].split('|').map(str::trim).collect();
+            let first = |cell: &str| cell.split('`').nth(1).unwrap_or_default().to_owned();
+            assert_eq!(first(cells[2]), s.flag(), "{file}: flag of {}", s.key());
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == s.name)
+                .unwrap();
+            for alias in arg.get_all_aliases().unwrap_or_default() {
+                assert!(
+                    cells[2].contains(&format!("`--{alias}`")),
+                    "{file}: alias --{alias} of {}",
+                    s.key()
+                );
+            }
+            assert_eq!(first(cells[3]), s.env, "{file}: variable of {}", s.key());
+            if let Some(old) = s.legacy_env {
+                assert!(cells[3].contains(&format!("`{old}`")), "{file}: {old}");
+            }
+            assert_eq!(
+                cells[4].replace('`', ""),
+                defaults.show(s.name).unwrap(),
+                "{file}: default of {}",
+                s.key()
+            );
+        }
+    }
+
+    fn read_doc(file: &str) -> String {
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap()
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_setting_as_the_code_has_it() {
+        let settings: Vec<_> = SETTINGS.iter().collect();
+        check_settings_table(&read_doc("README.md"), "README.md", &settings);
+    }
+
+    #[test]
+    fn the_cluster_table_lists_every_cluster_setting_as_the_code_has_it() {
+        let settings: Vec<_> = SETTINGS
+            .iter()
+            .filter(|s| s.section == Some("cluster") || s.name == "node_id")
+            .collect();
+        check_settings_table(&read_doc("CLUSTER.md"), "CLUSTER.md", &settings);
     }
 }

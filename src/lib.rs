@@ -8,10 +8,10 @@
 //! - [`config`] (settings), [`tls`] (certificates, rustls and QUIC endpoint
 //!   keys), [`stats`] (counters), [`telemetry`] (logging).
 //! - [`auth`] (JWT verification) and [`limits`] (rate limits, admission).
-//! - [`outbound`] (a client's queues and writers) and [`registry`] (the
-//!   clients connected to this node, the seed's ClientManager).
 //! - [`bus`]: the cluster bus, in memory or through Redis; it sees the
 //!   node's clients only through `bus::LocalPresence`.
+//! - [`outbound`] (a client's queues and writers) and [`registry`] (the
+//!   clients connected to this node, the seed's ClientManager).
 //! - [`router`]: where a message goes, locally and across the cluster.
 //! - [`node`]: the node's state and operations (join and leave, the
 //!   cluster event loop, drain, the admin operations).
@@ -21,7 +21,7 @@
 //! - [`server`]: the QUIC endpoint, accept loop and shutdown (the seed's
 //!   QuicWebSocketServer).
 //! - [`client`] (the client library) and [`cli`] (the `fabric` CLI), which
-//!   use `protocol` and `tls` only.
+//!   use `protocol` and `tls` (and `auth`, to mint dev tokens) only.
 
 // Nothing that comes from the network or from Redis may panic the node:
 // no unwrap()/expect() outside tests.

@@ -1,6 +1,6 @@
 //! Prometheus metrics (`--metrics ADDR`, `GET /metrics`), in the OpenMetrics
 //! text format, with `prometheus-client`. The hot path only bumps atomics
-//! and histograms in [`Stats`](crate::stats::Stats); this module reads them
+//! and histograms in [`Stats`]; this module reads them
 //! at scrape time, together with gauges computed on the spot (clients,
 //! queue memory, Redis state, QUIC round trips and losses).
 

@@ -115,6 +115,7 @@ impl Node {
                     node_ttl: config.node_ttl,
                     heartbeat_interval: config.heartbeat_interval,
                     queue_len: config.bus_queue_len,
+                    confirm_timeout: config.delivery_timeout,
                 };
                 Bus::Redis(
                     RedisBus::new(redis, registry.clone(), events_tx, stats.clone())

@@ -7,7 +7,7 @@
 //! A direct message to a client of another node is acknowledged only when
 //! that node's delivery receipt comes back, so an Ack means the same thing
 //! everywhere: queued for the recipient. A cross-node direct, by name:
-//! [`MessageRouter::direct`] → `Bus::publish` (answer: [`answer_direct`]) →
+//! [`MessageRouter::direct`] → `Bus::publish` (answer: `answer_direct`) →
 //! on the target node, `Node::handle_cluster_event` →
 //! [`MessageRouter::deliver_direct`] → receipt → on this node,
 //! `Node::handle_cluster_event` → [`MessageRouter::settle_receipt`].
@@ -427,6 +427,12 @@ pub(crate) fn broadcast_shortfall(local: usize, err: &BusError) -> String {
              the others were not listening (subscription lost or re-registering), so their clients did not get it",
             reached.saturating_sub(1),
             live.saturating_sub(1)
+        ),
+        BusError::Missed(node) => format!(
+            "delivered to {local} clients on this node, but node {node} missed it (its link to Redis dropped), so its clients did not get it"
+        ),
+        BusError::Unconfirmed { unconfirmed, .. } => format!(
+            "delivered to {local} clients on this node, but {unconfirmed} other live node(s) did not confirm receipt in time; their clients may not have got it"
         ),
         other => format!("delivered to {local} clients on this node only: {other}"),
     }

@@ -231,9 +231,11 @@ fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
     ledger.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Peer settings: quick to notice a lost node, reconnecting when asked.
+/// Peer settings: reconnecting when asked, and waiting for answers longer
+/// than the nodes' delivery timeout (3 s in these tests), so that every
+/// request the node settles is answered rather than timed out.
 fn peer_config(mut config: ClientConfig, reconnect: bool) -> ClientConfig {
-    config.request_timeout = Duration::from_secs(3);
+    config.request_timeout = Duration::from_secs(6);
     config.connect_timeout = Duration::from_secs(2);
     if reconnect {
         config.reconnect = Some(ReconnectPolicy {
@@ -500,6 +502,98 @@ async fn a_dropped_redis_subscription_never_leaves_an_ack_that_overclaims() {
         report.refused(error_code::CLUSTER_UNAVAILABLE) > 0,
         "the subscription gaps were never hit: {report:?}"
     );
+    cluster.finish().await;
+}
+
+async fn set_pubsub_buffer_limit(redis: &TestRedis, limit: &str) {
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg(limit)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_subscriber_closed_over_its_output_buffer_limit_leaves_no_overclaiming_ack() {
+    // Long TTLs: the stalled node must stay alive (and its clients
+    // routable) while it does not run.
+    let long = Duration::from_secs(10);
+    let cluster = RedisNodes::start_with(2, |_, c| c.node_ttl = long).await;
+    let (redis, n1) = (&cluster.redis, &cluster.nodes[0]);
+    let stalled = redis_node_process(
+        redis,
+        &cluster.certs,
+        long,
+        &[
+            "--name",
+            "stalled",
+            "--redis-response-timeout",
+            "500ms",
+            "--delivery-timeout",
+            "3s",
+        ],
+    )
+    .await;
+    // The stalled node subscribed last.
+    let its_subscription = *pubsub_clients(redis).await.last().unwrap();
+    let mut configs = two_peers_each(&cluster.nodes);
+    configs.push(peer_config(stalled.client_config("far-a"), false));
+    configs.push(peer_config(stalled.client_config("far-b"), false));
+    let traffic = Traffic::start(configs).await;
+    traffic.acked_more(100, WAIT).await;
+
+    // The node stops running (as under a long pause or CPU starvation)
+    // while the others go on broadcasting to it; past its (here 2 MB)
+    // output buffer limit Redis closes its subscription with the buffered
+    // broadcasts, which it had counted as received when they were
+    // published.
+    set_pubsub_buffer_limit(redis, "pubsub 2097152 0 0").await;
+    let pid = stalled.child.id().unwrap().to_string();
+    let signal = |sig: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-STOP");
+    // Large broadcasts fill the socket buffers towards the stalled node fast.
+    let blaster = n1.connect("blaster").await;
+    let blast = async {
+        loop {
+            let _ = blaster
+                .submit(
+                    Priority::Low,
+                    Body::Broadcast {
+                        payload: Payload::Binary(vec![0; 64 * 1024]),
+                    },
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let closed = async {
+        while pubsub_clients(redis).await.contains(&its_subscription) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = blast => unreachable!(),
+        waited = tokio::time::timeout(WAIT, closed) => waited.expect("Redis closes the stalled subscriber"),
+    }
+    set_pubsub_buffer_limit(redis, "pubsub 33554432 8388608 60").await;
+    signal("-CONT");
+    traffic.acked_more(100, WAIT).await;
+    let report = traffic.finish().await;
+    report.assert_honest("subscriber over its output buffer limit");
+    assert!(
+        report.refused(error_code::CLUSTER_UNAVAILABLE) > 0,
+        "no broadcast was refused although a node lost some: {report:?}"
+    );
+    drop((stalled, blaster));
     cluster.finish().await;
 }
 

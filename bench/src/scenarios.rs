@@ -1022,7 +1022,7 @@ async fn start_child(lab: &Lab, raw_server: bool, max: usize) -> anyhow::Result<
             &[
                 "--listen".into(),
                 addr.to_string(),
-                "--certs".into(),
+                "--certs-dir".into(),
                 certs,
                 "--max-clients".into(),
                 max.to_string(),

@@ -11,6 +11,7 @@
 //! (`Node::start`). An engine learns about the node's own clients only
 //! through [`LocalPresence`].
 
+mod confirm;
 pub mod memory;
 pub mod redis_bus;
 
@@ -46,6 +47,18 @@ pub enum BusError {
     /// dropped, or it is re-registering after Redis lost its data).
     #[error("node {0} is alive but not listening on the cluster bus; retry")]
     NotListening(NodeId),
+    /// A live node reported that it never received this broadcast (its
+    /// subscription dropped with the message still on its way).
+    #[error("node {0} missed it (its Redis subscription dropped)")]
+    Missed(NodeId),
+    /// Live nodes did not confirm receipt in time.
+    #[error("{unconfirmed} live node(s) did not confirm receipt in time")]
+    Unconfirmed {
+        /// Live nodes that did not confirm.
+        unconfirmed: usize,
+        /// Nodes it was published to, this one included.
+        reached: usize,
+    },
     /// Cluster presence is incomplete right now (Redis lost its data and
     /// nodes are re-registering their clients, or a node is behind on its
     /// heartbeat), so a client that was not found may still be connected.

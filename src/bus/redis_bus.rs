@@ -15,7 +15,7 @@
 //! fewer subscribers than there are live nodes, a direct whose target node
 //! is alive but not subscribed, and a lookup that misses while presence is
 //! being rebuilt are errors (CLUSTER_UNAVAILABLE for the sender), not
-//! successes or "unknown client". [`Membership`] is what the node knows to
+//! successes or "unknown client". `Membership` is what the node knows to
 //! tell these apart.
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use serde::{Deserialize, Serialize};
+
+use super::confirm::{Answer, Arrival, Incoming, Outgoing};
 use super::{
     BusError, BusMessage, ClusterBus, ClusterEventSender, LocalPresence, PublishDone, Target,
     sort_and_cut,
@@ -63,6 +66,9 @@ pub struct RedisBusConfig {
     pub heartbeat_interval: Duration,
     /// Operation queue length.
     pub queue_len: usize,
+    /// How long a broadcast waits for every live node's confirmation
+    /// before the sender is told it may not have reached them.
+    pub confirm_timeout: Duration,
 }
 
 /// Key and channel names (see CLUSTER.md).
@@ -172,7 +178,8 @@ impl Membership {
         dead: &[NodeId],
         now: Instant,
         ttl: Duration,
-    ) {
+    ) -> Vec<NodeId> {
+        let before: Vec<NodeId> = self.seen.keys().copied().collect();
         self.live = live.iter().copied().filter(|n| *n != me).collect();
         for node in &self.live {
             self.seen.insert(*node, now);
@@ -191,18 +198,65 @@ impl Membership {
             self.settling_until = None;
             info!("every node re-registered its clients; presence is complete again");
         }
+        before
+            .into_iter()
+            .filter(|n| !self.seen.contains_key(n))
+            .collect()
     }
 }
 
+/// What crosses Redis, encoded like bus messages (CLUSTER.md): a bus
+/// message, or the Redis engine's own bookkeeping of broadcasts (see
+/// `confirm`).
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Wire {
+    /// Tag 0: a message for the node(s) subscribed to the channel.
+    Message(BusMessage),
+    /// Tag 1: a broadcast, numbered within its origin's epoch.
+    Broadcast {
+        /// The origin's epoch (random per process).
+        epoch: u64,
+        /// Its number: 1, 2, … within the epoch.
+        seq: u64,
+        /// The broadcast itself.
+        message: BusMessage,
+    },
+    /// Tag 2: node `from` got every broadcast of `epoch` up to `upto`.
+    Confirm {
+        /// The confirming node.
+        from: NodeId,
+        /// The origin's epoch.
+        epoch: u64,
+        /// Up to which number.
+        upto: u64,
+    },
+    /// Tag 3: node `from` never got broadcasts `first..=last` of `epoch`.
+    Missed {
+        /// The node that missed them.
+        from: NodeId,
+        /// The origin's epoch.
+        epoch: u64,
+        /// The first missed number.
+        first: u64,
+        /// The last missed number.
+        last: u64,
+    },
+}
+
+/// What the writer task does, in order (the bus's write queue).
 enum Op {
     Publish {
         target: Target,
+        /// A broadcast's number, when it must be confirmed.
+        seq: Option<u64>,
         channel: String,
         payload: Vec<u8>,
         done: Option<PublishDone>,
     },
     Join(ClientInfo, Option<oneshot::Sender<()>>),
     Leave(ClientId),
+    /// Send the confirmations this node owes (see `confirm`).
+    Confirms,
     Heartbeat,
     Shutdown(oneshot::Sender<()>),
 }
@@ -223,6 +277,12 @@ struct Inner {
     last_write_ok: AtomicU64,
     since: Instant,
     members: Mutex<Membership>,
+    /// This node's broadcasts awaiting confirmation.
+    outgoing: Mutex<Outgoing>,
+    /// Other nodes' broadcasts received, and the confirmations owed.
+    incoming: Mutex<Incoming>,
+    /// An `Op::Confirms` is queued.
+    confirms_queued: AtomicBool,
     cancel: CancellationToken,
     stats: Arc<Stats>,
 }
@@ -237,9 +297,85 @@ fn unavailable(err: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(err.to_string())
 }
 
+/// A random epoch for this process's broadcasts.
+fn rand_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+/// Gives publishes their answers (outside any lock).
+fn answer(answers: Vec<Answer>) {
+    for (done, result) in answers {
+        done(result);
+    }
+}
+
 impl Inner {
     fn members(&self) -> std::sync::MutexGuard<'_, Membership> {
         self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn outgoing(&self) -> std::sync::MutexGuard<'_, Outgoing> {
+        self.outgoing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn incoming(&self) -> std::sync::MutexGuard<'_, Incoming> {
+        self.incoming.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Broadcast `seq` reached every live node's subscription (`nodes`
+    /// other than this one): wait for their confirmations.
+    fn expect_confirmations(&self, seq: Option<u64>, done: PublishDone, reached: usize, nodes: Vec<NodeId>) {
+        let Some(seq) = seq else {
+            return done(Ok(reached));
+        };
+        let now = Instant::now();
+        let answered = self.outgoing().expect(seq, done, nodes, now);
+        if let Some((done, result)) = answered {
+            done(result);
+        }
+    }
+
+    /// Queues the confirmations this node owes, once.
+    fn owe_confirmations(&self) {
+        if !self.confirms_queued.swap(true, Ordering::AcqRel)
+            && self.ops.try_send(Op::Confirms).is_err()
+        {
+            // Full: the next arrival asks again.
+            self.confirms_queued.store(false, Ordering::Release);
+        }
+    }
+
+    /// The publishes for the confirmations owed now.
+    fn confirmations(&self) -> Vec<Op> {
+        self.confirms_queued.store(false, Ordering::Release);
+        let me = self.config.node_id;
+        let due = self.incoming().take_due();
+        due.into_iter()
+            .filter_map(|(origin, epoch, upto)| {
+                let wire = Wire::Confirm {
+                    from: me,
+                    epoch,
+                    upto,
+                };
+                let payload = encode_value(&wire).ok()?;
+                Some(Op::Publish {
+                    target: Target::Node(origin),
+                    seq: None,
+                    channel: self.keys.node_channel(origin),
+                    payload,
+                    done: None,
+                })
+            })
+            .collect()
+    }
+
+    /// Nodes no longer seen: nothing more is awaited from them.
+    fn forget_nodes(&self, gone: &[NodeId]) {
+        for node in gone {
+            self.incoming().forget(*node);
+            let answers = self.outgoing().forget(*node);
+            answer(answers);
+        }
     }
 
     /// How far behind its heartbeat a node may be before the others stop
@@ -341,6 +477,7 @@ impl RedisBus {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(unavailable)?;
         let (ops, ops_rx) = mpsc::channel(config.queue_len);
+        let outgoing = Outgoing::new(rand_u64(), config.queue_len);
         Ok(RedisBus {
             inner: Arc::new(Inner {
                 keys: Keys::new(&config.prefix),
@@ -357,6 +494,9 @@ impl RedisBus {
                 last_write_ok: AtomicU64::new(0),
                 since: Instant::now(),
                 members: Mutex::new(Membership::default()),
+                outgoing: Mutex::new(outgoing),
+                incoming: Mutex::new(Incoming::default()),
+                confirms_queued: AtomicBool::new(false),
                 cancel: CancellationToken::new(),
                 stats,
             }),
@@ -412,6 +552,18 @@ impl ClusterBus for RedisBus {
         info!(url = %redacted(&self.inner.config.url), prefix = %self.inner.config.prefix, "joining cluster through Redis");
         tokio::spawn(writer(self.inner.clone(), ops_rx));
         tokio::spawn(subscriber(self.inner.clone()));
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let period = (inner.config.confirm_timeout / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => expire_confirmations(&inner).await,
+                    _ = inner.cancel.cancelled() => return,
+                }
+            }
+        });
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(inner.config.heartbeat_interval);
@@ -555,13 +707,33 @@ impl ClusterBus for RedisBus {
     }
 
     fn publish(&self, target: Target, message: BusMessage, done: Option<PublishDone>) {
-        let channel = match target {
-            Target::AllNodes => self.inner.keys.broadcast_channel(),
-            Target::Node(node) => self.inner.keys.node_channel(node),
+        let (channel, seq, wire) = match target {
+            Target::AllNodes => {
+                // Numbered when queued: the write queue keeps this order.
+                let (epoch, seq) = {
+                    let mut outgoing = self.inner.outgoing();
+                    (outgoing.epoch(), outgoing.number())
+                };
+                (
+                    self.inner.keys.broadcast_channel(),
+                    Some(seq),
+                    Wire::Broadcast {
+                        epoch,
+                        seq,
+                        message,
+                    },
+                )
+            }
+            Target::Node(node) => (
+                self.inner.keys.node_channel(node),
+                None,
+                Wire::Message(message),
+            ),
         };
-        match encode_value(&message) {
+        match encode_value(&wire) {
             Ok(payload) => self.enqueue(Op::Publish {
                 target,
+                seq,
                 channel,
                 payload,
                 done,
@@ -633,11 +805,14 @@ async fn writer(inner: Arc<Inner>, mut ops: mpsc::Receiver<Op>) {
                     heartbeat(&inner, &mut conn).await;
                 }
                 Op::Shutdown(done) => {
+                    // Confirmations owed go out before this node leaves.
+                    writes.extend(inner.confirmations());
                     flush(&inner, &mut conn, std::mem::take(&mut writes)).await;
                     remove_self(&inner, &mut conn).await;
                     let _ = done.send(());
                     return;
                 }
+                Op::Confirms => writes.extend(inner.confirmations()),
                 write => writes.push(write),
             }
         }
@@ -648,8 +823,13 @@ async fn writer(inner: Arc<Inner>, mut ops: mpsc::Receiver<Op>) {
 /// A publish whose receiver count needs a second look before its outcome
 /// can be told (see [`verify`]).
 enum Doubt {
-    /// A broadcast that reached `reached` subscribers, fewer than expected.
-    Short { reached: usize, done: PublishDone },
+    /// A broadcast (number `seq`) that reached `reached` subscribers, fewer
+    /// than expected.
+    Short {
+        reached: usize,
+        seq: Option<u64>,
+        done: PublishDone,
+    },
     /// A direct publish nobody received: is its node dead or just not listening?
     Unheard { node: NodeId, done: PublishDone },
 }
@@ -668,12 +848,13 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
         match op {
             Op::Publish {
                 target,
+                seq,
                 channel,
                 payload,
                 done,
             } => {
                 pipe.cmd("PUBLISH").arg(channel).arg(payload);
-                dones.push((target, done));
+                dones.push((target, seq, done));
             }
             Op::Join(info, registered) => match encode_value(&info) {
                 Ok(value) => {
@@ -700,7 +881,9 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                     .ignore();
                 pipe.cmd("HDEL").arg(keys.client_nodes()).arg(&id).ignore();
             }
-            Op::Heartbeat | Op::Shutdown(_) => unreachable!("handled by the writer"),
+            Op::Heartbeat | Op::Shutdown(_) | Op::Confirms => {
+                unreachable!("handled by the writer")
+            }
         }
     }
     let publishes = dones.len() as u64;
@@ -716,7 +899,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
             set_commands_ok(inner, false, &err.to_string());
             inner.needs_resync.store(true, Ordering::Release);
             let err = unavailable(&err);
-            for (_, done) in dones {
+            for (_, _, done) in dones {
                 if let Some(done) = done {
                     done(Err(err.clone()));
                 }
@@ -731,21 +914,26 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
     }
     // Every live node subscribes to the broadcast channel, this one
     // included: fewer receivers than that means someone was not listening.
-    let expected = 1 + inner
+    let others = inner
         .members()
-        .recent(Instant::now(), inner.config.node_ttl)
-        .len();
+        .recent(Instant::now(), inner.config.node_ttl);
+    let expected = 1 + others.len();
     let mut doubts = Vec::new();
-    for ((target, done), count) in dones
+    for ((target, seq, done), count) in dones
         .into_iter()
         .zip(counts.into_iter().chain(std::iter::repeat(0)))
     {
         let Some(done) = done else { continue };
         let reached = usize::try_from(count).unwrap_or(0);
         match target {
-            Target::AllNodes if reached < expected => doubts.push(Doubt::Short { reached, done }),
+            Target::AllNodes if reached < expected => doubts.push(Doubt::Short {
+                reached,
+                seq,
+                done,
+            }),
+            Target::AllNodes => inner.expect_confirmations(seq, done, reached, others.clone()),
             Target::Node(node) if reached == 0 => doubts.push(Doubt::Unheard { node, done }),
-            _ => done(Ok(reached)),
+            Target::Node(_) => done(Ok(reached)),
         }
     }
     if !doubts.is_empty() {
@@ -827,11 +1015,14 @@ async fn verify(inner: Arc<Inner>, doubts: Vec<Doubt>) {
         .recent(now, inner.config.node_ttl)
         .into_iter()
         .collect();
-    let live = 1 + alive.intersection(&recent).count();
+    let alive_others: Vec<NodeId> = alive.intersection(&recent).copied().collect();
+    let live = 1 + alive_others.len();
     for doubt in doubts {
         match doubt {
-            Doubt::Short { reached, done } if reached >= live => done(Ok(reached)),
-            Doubt::Short { reached, done } => done(Err(BusError::Partial { reached, live })),
+            Doubt::Short { reached, seq, done } if reached >= live => {
+                inner.expect_confirmations(seq, done, reached, alive_others.clone())
+            }
+            Doubt::Short { reached, done, .. } => done(Err(BusError::Partial { reached, live })),
             Doubt::Unheard { node, done } if alive.contains(&node) => {
                 done(Err(BusError::NotListening(node)))
             }
@@ -916,9 +1107,11 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
     }
     match query_live_nodes(keys, conn).await {
         Ok((live, dead)) => {
-            inner
-                .members()
-                .observe(me, &live, &dead, Instant::now(), inner.config.node_ttl);
+            let gone =
+                inner
+                    .members()
+                    .observe(me, &live, &dead, Instant::now(), inner.config.node_ttl);
+            inner.forget_nodes(&gone);
             for node in dead {
                 if let Err(err) = sweep(inner, conn, node).await {
                     debug!(%err, %node, "sweep of dead node failed; will retry");
@@ -1134,6 +1327,124 @@ fn log_failure(failures: &mut u64, why: &str) {
     }
 }
 
+/// Handles one message from Redis: bus messages go to the node (a broadcast
+/// is confirmed once handed over, and a gap before it reported), the
+/// engine's own confirmations settle this node's broadcasts. Errs when the
+/// node stopped.
+async fn take_in(inner: &Inner, me: NodeId, wire: Wire) -> Result<(), String> {
+    let (message, numbered) = match wire {
+        Wire::Message(message) => (message, None),
+        Wire::Broadcast {
+            epoch,
+            seq,
+            message,
+        } => {
+            let origin = match &message {
+                BusMessage::Broadcast { origin, .. } => *origin,
+                _ => return Ok(()),
+            };
+            if origin == me {
+                return Ok(()); // this node's own, delivered locally already
+            }
+            match inner.incoming().arrived(origin, epoch, seq) {
+                Arrival::Stale => return Ok(()),
+                Arrival::Gap(first, last) => {
+                    warn!(%origin, first, last, "cluster broadcasts missed (subscription gap); telling their origin");
+                    let missed = Wire::Missed {
+                        from: me,
+                        epoch,
+                        first,
+                        last,
+                    };
+                    if let Ok(payload) = encode_value(&missed) {
+                        let _ = inner.ops.try_send(Op::Publish {
+                            target: Target::Node(origin),
+                            seq: None,
+                            channel: inner.keys.node_channel(origin),
+                            payload,
+                            done: None,
+                        });
+                    }
+                }
+                Arrival::InOrder => {}
+            }
+            (message, Some((origin, seq)))
+        }
+        Wire::Confirm { from, epoch, upto } => {
+            let answers = {
+                let mut outgoing = inner.outgoing();
+                if outgoing.epoch() != epoch {
+                    return Ok(());
+                }
+                outgoing.confirm(from, upto)
+            };
+            answer(answers);
+            return Ok(());
+        }
+        Wire::Missed {
+            from,
+            epoch,
+            first,
+            last,
+        } => {
+            let answers = {
+                let mut outgoing = inner.outgoing();
+                if outgoing.epoch() != epoch {
+                    return Ok(());
+                }
+                outgoing.missed(from, first, last)
+            };
+            answer(answers);
+            return Ok(());
+        }
+    };
+    // Waits rather than drops when the node's inbox is full: dropping would
+    // make the sender's answer a lie. If the wait lasts, Redis closes this
+    // subscriber over its output buffer limit, which is a gap the origin
+    // learns about.
+    if inner.events.send(message).await.is_err() {
+        return Err("node stopped".into());
+    }
+    if let Some((origin, seq)) = numbered {
+        inner.incoming().handed(origin, seq);
+        inner.owe_confirmations();
+    }
+    Ok(())
+}
+
+/// Settles this node's broadcasts that waited for confirmations longer
+/// than `confirm_timeout`: nodes that are gone since are no longer awaited;
+/// a live node that stayed silent fails the broadcast.
+async fn expire_confirmations(inner: &Inner) {
+    let now = Instant::now();
+    let timeout = inner.config.confirm_timeout;
+    let nodes = inner.outgoing().overdue(now, timeout);
+    if nodes.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for node in &nodes {
+        pipe.cmd("EXISTS").arg(inner.keys.node(*node));
+    }
+    let mut conn = inner.conn.clone();
+    let alive: Vec<NodeId> = match pipe.query_async::<Vec<i64>>(&mut conn).await {
+        Ok(exists) => {
+            let members = inner.members();
+            let settling = members.settling(now);
+            nodes
+                .iter()
+                .zip(exists)
+                .filter(|(n, e)| *e > 0 || (settling && members.seen.contains_key(n)))
+                .map(|(n, _)| *n)
+                .collect()
+        }
+        // Cannot tell: take them for alive (the broadcast then fails).
+        Err(_) => nodes,
+    };
+    let answers = inner.outgoing().expire(now, timeout, &alive);
+    answer(answers);
+}
+
 /// Dispatches subscribed messages until the connection ends; a periodic PING
 /// detects a silently dead connection.
 async fn receive(inner: &Inner, pubsub: redis::aio::PubSub) -> String {
@@ -1146,23 +1457,15 @@ async fn receive(inner: &Inner, pubsub: redis::aio::PubSub) -> String {
             msg = stream.next() => {
                 let Some(msg) = msg else { return "connection closed".into() };
                 crate::stats::add(&inner.stats.pubsub_in, 1);
-                let message = match decode_value::<BusMessage>(msg.get_payload_bytes()) {
-                    Ok(m) => m,
+                let wire = match decode_value::<Wire>(msg.get_payload_bytes()) {
+                    Ok(wire) => wire,
                     Err(err) => {
                         warn!(%err, channel = msg.get_channel_name(), "undecodable cluster message dropped");
                         continue;
                     }
                 };
-                if matches!(&message, BusMessage::Broadcast { origin, .. } if *origin == me) {
-                    continue;
-                }
-                // Waits rather than drops when the inbox is full: Redis
-                // counted this node as a receiver, so dropping would make
-                // the sender's Ack a lie. If the wait lasts, Redis closes
-                // this subscriber over its output buffer limit, and that
-                // gap is reported to senders (BusError::Partial).
-                if inner.events.send(message).await.is_err() {
-                    return "node stopped".into();
+                if let Err(stopped) = take_in(inner, me, wire).await {
+                    return stopped;
                 }
             }
             _ = ping.tick() => {

@@ -575,7 +575,7 @@ pub fn free_udp_port() -> u16 {
 }
 
 impl NodeProcess {
-    /// Starts `fabric-node --listen 127.0.0.1:PORT --certs DIR ARGS...` and
+    /// Starts `fabric-node --listen 127.0.0.1:PORT --certs-dir DIR ARGS...` and
     /// waits until it answers a client.
     pub async fn start(certs: &std::path::Path, args: &[&str]) -> NodeProcess {
         Self::launch(certs, args, false).await
@@ -608,7 +608,7 @@ impl NodeProcess {
     ) -> tokio::process::Child {
         use std::process::Stdio;
         tokio::process::Command::new(env!("CARGO_BIN_EXE_fabric-node"))
-            .args(["--listen", addr, "--certs"])
+            .args(["--listen", addr, "--certs-dir"])
             .arg(certs)
             .args(args)
             // The node's own default log level, whatever the test run's.

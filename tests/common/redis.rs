@@ -145,7 +145,7 @@ pub async fn redis_node_process(
     args: &[&str],
 ) -> NodeProcess {
     let ttl = format!("{}ms", ttl.as_millis());
-    let cluster = ["--redis", &redis.url, "--node-ttl", &ttl];
+    let cluster = ["--redis-url", &redis.url, "--node-ttl", &ttl];
     let args = [&cluster[..], &["--heartbeat-interval", "300ms"], args].concat();
     NodeProcess::start(certs.dir.path(), &args).await
 }
