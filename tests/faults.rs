@@ -540,7 +540,7 @@ async fn a_subscriber_closed_over_its_output_buffer_limit_leaves_no_overclaiming
     let stalled = NodeProcess::start(
         certs.dir.path(),
         &[
-            "--redis",
+            "--redis-url",
             &redis.url,
             "--name",
             "stalled",
