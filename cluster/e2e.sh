@@ -57,7 +57,7 @@ trap teardown EXIT
 
 # Step 1: images, certificates, cluster up and healthy.
 cluster/images.sh redis node lb || fail "step 1/8 could not build the images"
-cargo run --quiet --release --locked --bin fabric-node -- gen-certs --certs certs \
+cargo run --quiet --release --locked --bin fabric-node -- gen-certs --certs-dir certs \
     --cert-names localhost,127.0.0.1,lb >/dev/null || fail "step 1/8 could not generate certificates"
 "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
 "${COMPOSE[@]}" up -d >"$LOG_DIR/up.log" 2>&1 || { cat "$LOG_DIR/up.log" >&2; fail "step 1/8 compose up failed"; }

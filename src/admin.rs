@@ -1,4 +1,4 @@
-//! The admin HTTP API (`--admin ADDR`), with axum: health and readiness,
+//! The admin HTTP API (`--admin-listen ADDR`), with axum: health and readiness,
 //! node statistics, cluster-wide client and node lists, server-originated
 //! broadcasts, disconnecting a client anywhere in the cluster, and draining
 //! the node. JSON in and out; documented in README.md ("Admin API").

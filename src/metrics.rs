@@ -1,4 +1,4 @@
-//! Prometheus metrics (`--metrics ADDR`, `GET /metrics`), in the OpenMetrics
+//! Prometheus metrics (`--metrics-listen ADDR`, `GET /metrics`), in the OpenMetrics
 //! text format, with `prometheus-client`. The hot path only bumps atomics
 //! and histograms in [`Stats`]; this module reads them
 //! at scrape time, together with gauges computed on the spot (clients,

@@ -26,9 +26,10 @@ struct Cli {
 enum Task {
     /// Generate (or reuse) the dev CA and a server certificate, then exit.
     GenCerts {
-        /// Directory for ca.pem, ca.key, server.pem, server.key.
-        #[arg(long, default_value = "certs")]
-        certs: PathBuf,
+        /// Directory for ca.pem, ca.key, server.pem, server.key (the
+        /// node's `certs_dir`).
+        #[arg(long = "certs-dir", alias = "certs", default_value = "certs")]
+        certs_dir: PathBuf,
         /// Comma-separated names (DNS or IP) the server certificate covers.
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1,::1")]
         cert_names: Vec<String>,
@@ -61,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(cli.log_format, "info");
     match cli.task {
         Some(Task::GenCerts {
-            certs,
+            certs_dir: certs,
             cert_names,
             client,
         }) => {

@@ -419,7 +419,10 @@ mod tests {
         let log = Log::default();
         let mut out = Outgoing::new(7, 100);
         let s1 = out.number();
-        assert!(out.expect(s1, done(&log, s1), vec![a, b], Instant::now()).is_none());
+        assert!(
+            out.expect(s1, done(&log, s1), vec![a, b], Instant::now())
+                .is_none()
+        );
         answer(out.confirm(a, s1));
         answer(out.forget(b));
         assert_eq!(*log.lock().unwrap(), vec![(s1, Ok(3))]);

@@ -324,7 +324,13 @@ impl Inner {
 
     /// Broadcast `seq` reached every live node's subscription (`nodes`
     /// other than this one): wait for their confirmations.
-    fn expect_confirmations(&self, seq: Option<u64>, done: PublishDone, reached: usize, nodes: Vec<NodeId>) {
+    fn expect_confirmations(
+        &self,
+        seq: Option<u64>,
+        done: PublishDone,
+        reached: usize,
+        nodes: Vec<NodeId>,
+    ) {
         let Some(seq) = seq else {
             return done(Ok(reached));
         };
@@ -926,11 +932,9 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
         let Some(done) = done else { continue };
         let reached = usize::try_from(count).unwrap_or(0);
         match target {
-            Target::AllNodes if reached < expected => doubts.push(Doubt::Short {
-                reached,
-                seq,
-                done,
-            }),
+            Target::AllNodes if reached < expected => {
+                doubts.push(Doubt::Short { reached, seq, done })
+            }
             Target::AllNodes => inner.expect_confirmations(seq, done, reached, others.clone()),
             Target::Node(node) if reached == 0 => doubts.push(Doubt::Unheard { node, done }),
             Target::Node(_) => done(Ok(reached)),
