@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use quic_fabric::config::NodeConfig;
-use quic_fabric::protocol::{HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
+use quic_fabric::protocol::{self, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
 use quic_fabric::tls;
 
 /// What a raw server does with a frame.
@@ -121,20 +121,14 @@ async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
     writer.abort();
 }
 
-/// Reads one length-prefixed frame (prefix included in the result).
+/// Reads one length-prefixed frame (prefix included in the result),
+/// undecoded: the floor relays bytes.
 pub async fn read(recv: &mut quinn::RecvStream) -> Option<Bytes> {
-    let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
-    recv.read_exact(&mut prefix).await.ok()?;
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > HARD_MAX_FRAME_BYTES {
-        return None;
-    }
-    let mut buf = vec![0u8; LENGTH_PREFIX_BYTES + len];
-    buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&prefix);
-    recv.read_exact(&mut buf[LENGTH_PREFIX_BYTES..])
+    protocol::stream::read_frame_bytes(recv, HARD_MAX_FRAME_BYTES)
         .await
-        .ok()?;
-    Some(Bytes::from(buf))
+        .ok()
+        .flatten()
+        .map(Bytes::from)
 }
 
 /// A raw client: one outgoing stream, one incoming stream.

@@ -112,6 +112,30 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// Reads one frame without decoding it: its bytes, length prefix
+/// included, or `None` at the stream's end. For relays that pass frames on
+/// untouched (the benchmark's raw floor); `max` bounds the length prefix.
+pub async fn read_frame_bytes<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, ReadError> {
+    let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+    if !read_exact_or_end(stream, &mut prefix).await? {
+        return Ok(None);
+    }
+    let len = match super::decode_length(prefix, max) {
+        Ok(len) => len,
+        Err(_) => return Err(ReadError::Untrustworthy(u32::from_be_bytes(prefix) as usize)),
+    };
+    let mut frame = Vec::with_capacity(LENGTH_PREFIX_BYTES + len.min(PREALLOCATE_BYTES));
+    frame.extend_from_slice(&prefix);
+    stream.take(len as u64).read_to_end(&mut frame).await?;
+    if frame.len() < LENGTH_PREFIX_BYTES + len {
+        return Err(ReadError::Truncated);
+    }
+    Ok(Some(frame))
+}
+
 /// Fills `buf`; `false` when the stream ended before its first byte,
 /// [`ReadError::Truncated`] when it ended inside.
 async fn read_exact_or_end<R: AsyncRead + Unpin>(
@@ -195,6 +219,28 @@ mod tests {
         assert!(matches!(
             refused,
             Inbound::Bad(CodecError::FrameTooLarge { .. }, Some(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_relay_reads_frames_as_bytes() {
+        let small = encode(&ping()).unwrap();
+        let stream = [small.as_ref(), small.as_ref()].concat();
+        let mut rest = stream.as_slice();
+        for _ in 0..2 {
+            let bytes = read_frame_bytes(&mut rest, 64).await.unwrap().unwrap();
+            assert_eq!(bytes, small.as_ref());
+        }
+        assert!(read_frame_bytes(&mut rest, 64).await.unwrap().is_none());
+        let mut cut = &small[..10];
+        assert!(matches!(
+            read_frame_bytes(&mut cut, 64).await,
+            Err(ReadError::Truncated)
+        ));
+        let mut big = small.as_ref();
+        assert!(matches!(
+            read_frame_bytes(&mut big, 8).await,
+            Err(ReadError::Untrustworthy(_))
         ));
     }
 
