@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::client::{Client, ClientConfig, Event, ReconnectPolicy};
+use crate::client::{Client, ClientConfig, Event, ReconnectPolicy, Socket};
 use crate::protocol::json::{client_json, frame_json};
 use crate::protocol::{Body, ClientId, Frame, Payload, Priority};
 use crate::tls::{ClientCert, ServerTrust};
@@ -132,6 +132,9 @@ impl Cli {
         let mut config =
             ClientConfig::new(self.server.clone(), self.ca.clone()).name(self.name.clone());
         config.server_name = self.server_name.clone();
+        // A short-lived process: its own socket, so closing waits until
+        // the close has been sent.
+        config.socket = Socket::Private;
         if self.insecure {
             config.trust = ServerTrust::InsecureAcceptAny;
         }

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy};
+use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy, Socket};
 use quic_fabric::protocol::{
     Body, ClientId, Frame, MessageId, NodeId, Payload, Priority, error_code,
 };
@@ -49,6 +49,10 @@ fn config(name: &str) -> ClientConfig {
             max_attempts: None,
         });
     config.connect_timeout = Duration::from_secs(2);
+    // Each client stands for a separate device: its own source port, so
+    // the load balancer's address+port hash spreads them (clients sharing
+    // the process's socket pool would share a few ports).
+    config.socket = Socket::Private;
     // Notice a dead node quickly: two missed keep-alives.
     config.keep_alive_interval = Duration::from_secs(1);
     config.idle_timeout = Duration::from_secs(4);

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use common::cluster::Cluster;
 use common::redis::{NODE_TTL, RedisNodes, TestRedis, redis_node_process};
 use common::{RawClient, TcpProxy, TestNode, WAIT};
-use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy};
+use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy, Socket};
 use quic_fabric::protocol::{
     self, Body, ClientId, ErrorCode, Frame, MessageId, Payload, Priority, error_code,
 };
@@ -780,8 +780,8 @@ async fn a_flooder_that_reconnects_at_once_gets_no_fresh_allowance_and_costs_oth
     let mut configs = Vec::new();
     for (i, ip) in [[127, 0, 0, 2], [127, 0, 0, 3]].into_iter().enumerate() {
         let mut config = peer_config(node.client_config(&format!("peer{i}")), false);
-        config.endpoint =
-            Some(quinn::Endpoint::client(std::net::SocketAddr::from((ip, 0))).unwrap());
+        config.socket =
+            Socket::Given(quinn::Endpoint::client(std::net::SocketAddr::from((ip, 0))).unwrap());
         configs.push(config);
     }
     let traffic = Traffic::start(configs).await;

@@ -22,6 +22,10 @@ use crate::protocol::{
 };
 use crate::tls::{self, ServerTrust, TlsError};
 
+mod socket;
+
+pub use socket::{Socket, shared_pool_size};
+
 /// How to reach and talk to a node.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -50,15 +54,16 @@ pub struct ClientConfig {
     pub event_buffer: usize,
     /// Reconnect automatically after losing the node (off by default).
     pub reconnect: Option<ReconnectPolicy>,
-    /// Dial from this endpoint (one UDP socket shared by many clients, as
-    /// load generators need) instead of a fresh endpoint per connection.
-    pub endpoint: Option<quinn::Endpoint>,
+    /// Which UDP socket to dial from: by default one of a few endpoints
+    /// shared by every client of the process ([`Socket::Shared`]).
+    pub socket: Socket,
 }
 
 /// How a client reconnects after losing its connection.
 ///
-/// A reconnect dials the same `server` address again from a new UDP port,
-/// so behind a load balancer it may land on another node. What survives:
+/// A reconnect dials the same `server` address again from another UDP
+/// port (see [`Socket`]), so behind a load balancer it may land on
+/// another node. What survives:
 /// the `Client` value, its configuration (name, token) and its event
 /// stream. What does not: the client id (the node assigns a new one,
 /// announced by [`Event::Reconnected`]), requests that were waiting for a
@@ -110,7 +115,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(10),
             event_buffer: 4096,
             reconnect: None,
-            endpoint: None,
+            socket: Socket::Shared,
         }
     }
 
@@ -245,7 +250,9 @@ type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Frame>>>>;
 
 struct Inner {
     conn: quinn::Connection,
-    endpoint: quinn::Endpoint,
+    /// The connection's own endpoint, when it has one ([`Socket::Private`]):
+    /// closing waits for it to send the close.
+    own_endpoint: Option<quinn::Endpoint>,
     streams: [tokio::sync::Mutex<Option<quinn::SendStream>>; 3],
     pending: Pending,
     ack: HandshakeAck,
@@ -257,6 +264,8 @@ struct Inner {
 struct State {
     config: ClientConfig,
     crypto: Arc<quinn::crypto::rustls::QuicClientConfig>,
+    /// This client's slot in the shared endpoint pool.
+    home: usize,
     current: std::sync::RwLock<Arc<Inner>>,
     closing: std::sync::atomic::AtomicBool,
     /// Bumped whenever `current` is replaced or reconnecting is given up.
@@ -395,14 +404,17 @@ impl Client {
     /// reconnect policy, later losses of the connection are repaired in the
     /// background; the first connection must succeed.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
-        // TLS is set up once (the CA file read once) and reused by reconnects.
-        let crypto = Arc::new(tls::client_crypto(&config.trust, config.identity.as_ref())?);
-        let (inner, first) = connect_once(config, &crypto).await?;
+        // TLS is set up once per trust settings (shared with other clients)
+        // and reused by reconnects.
+        let crypto = socket::client_crypto(&config.trust, config.identity.as_ref())?;
+        let home = socket::home_slot();
+        let (inner, first) = connect_once(config, &crypto, home, 0).await?;
         let (events_tx, events) = mpsc::channel(config.event_buffer.max(1));
         let conn = inner.conn.clone();
         let state = Arc::new(State {
             config: config.clone(),
             crypto,
+            home,
             current: std::sync::RwLock::new(inner.clone()),
             closing: std::sync::atomic::AtomicBool::new(false),
             generation: tokio::sync::watch::Sender::new(0),
@@ -640,7 +652,9 @@ impl Client {
         inner
             .conn
             .close(close_code::NORMAL.into(), reason.as_bytes());
-        let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
+        if let Some(endpoint) = &inner.own_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
     }
 }
 
@@ -650,20 +664,32 @@ impl Client {
 pub async fn probe(config: &ClientConfig) -> Result<Duration, ClientError> {
     let crypto = Arc::new(tls::client_crypto(&config.trust, config.identity.as_ref())?);
     let start = Instant::now();
-    let (endpoint, conn) = tokio::time::timeout(config.connect_timeout, dial(config, &crypto))
-        .await
-        .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
+    // Its own socket, so the close can be waited for.
+    let private = ClientConfig {
+        socket: Socket::Private,
+        ..config.clone()
+    };
+    let (endpoint, conn) =
+        tokio::time::timeout(config.connect_timeout, dial(&private, &crypto, 0, 0))
+            .await
+            .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
     let elapsed = start.elapsed();
     conn.close(close_code::NORMAL.into(), b"health probe");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    if let Some(endpoint) = endpoint {
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
     Ok(elapsed)
 }
 
-/// Opens a QUIC connection (TLS verified) from a fresh local port.
+/// Opens a QUIC connection (TLS verified) from the socket `config` and
+/// the attempt number choose (see [`Socket`]); returns the connection and
+/// its own endpoint if it has one.
 async fn dial(
     config: &ClientConfig,
     crypto: &Arc<quinn::crypto::rustls::QuicClientConfig>,
-) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
+    home: usize,
+    attempt: usize,
+) -> Result<(Option<quinn::Endpoint>, quinn::Connection), ClientError> {
     let addr = resolve(&config.server).await?;
     let server_name = config
         .server_name
@@ -677,37 +703,43 @@ async fn dial(
         .keep_alive_interval(Some(config.keep_alive_interval))
         .max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
     client_config.transport_config(Arc::new(transport));
-    let bind: SocketAddr = if addr.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
     let connect_err = |reason: String| ClientError::Connect {
         server: config.server.clone(),
         reason,
     };
-    let endpoint = match &config.endpoint {
-        Some(shared) => shared.clone(),
-        None => quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?,
+    let pick = || {
+        socket::endpoint_for(&config.socket, addr, home, attempt)
+            .map_err(|e| connect_err(e.to_string()))
     };
-    let conn = endpoint
-        .connect_with(client_config, addr, &server_name)
+    let (mut endpoint, mut own) = pick()?;
+    let connecting = match endpoint.connect_with(client_config.clone(), addr, &server_name) {
+        Err(quinn::ConnectError::EndpointStopping) if !own => {
+            // A shared endpoint whose driver is gone: replace it once.
+            socket::evict(&endpoint);
+            (endpoint, own) = pick()?;
+            endpoint.connect_with(client_config, addr, &server_name)
+        }
+        other => other,
+    };
+    let conn = connecting
         .map_err(|e| connect_err(e.to_string()))?
         .await
         .map_err(|e| match e {
             quinn::ConnectionError::ApplicationClosed(_) => closed_error(&e),
             other => connect_err(other.to_string()),
         })?;
-    Ok((endpoint, conn))
+    Ok((own.then_some(endpoint), conn))
 }
 
 /// One connection attempt: QUIC + TLS, then the application handshake.
 async fn connect_once(
     config: &ClientConfig,
     crypto: &Arc<quinn::crypto::rustls::QuicClientConfig>,
+    home: usize,
+    attempt: usize,
 ) -> Result<(Arc<Inner>, quinn::RecvStream), ClientError> {
     let handshake = async {
-        let (endpoint, conn) = dial(config, crypto).await?;
+        let (endpoint, conn) = dial(config, crypto, home, attempt).await?;
         let mut high = conn.open_uni().await?;
         let _ = high.set_priority(protocol::stream_priority(Priority::High));
         let hello = Frame::new(
@@ -749,7 +781,7 @@ async fn connect_once(
 
     let inner = Arc::new(Inner {
         conn,
-        endpoint,
+        own_endpoint: endpoint,
         streams: [
             tokio::sync::Mutex::new(None),
             tokio::sync::Mutex::new(None),
@@ -871,9 +903,10 @@ async fn supervise(
             if s.closing.load(std::sync::atomic::Ordering::Acquire) {
                 return;
             }
-            let (config, crypto) = (s.config.clone(), s.crypto.clone());
+            let (config, crypto, home) = (s.config.clone(), s.crypto.clone(), s.home);
             drop(s);
-            match connect_once(&config, &crypto).await {
+            // Attempt 0 was the lost connection's socket: start from the next.
+            match connect_once(&config, &crypto, home, attempts as usize + 1).await {
                 Ok(ok) => break ok,
                 Err(err) => {
                     attempts += 1;

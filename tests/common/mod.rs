@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quic_fabric::client::{Client, ClientConfig, Event};
+use quic_fabric::client::{Client, ClientConfig, Event, Socket};
 use quic_fabric::node::{BusChoice, Node};
 use quic_fabric::protocol::{
     self, Body, ClientId, Frame, Handshake, MessageId, Payload, Priority, error_code,
@@ -121,7 +121,7 @@ impl TestNode {
     /// are per address.
     pub async fn connect_from(&self, ip: [u8; 4], name: &str) -> Client {
         let mut config = self.client_config(name);
-        config.endpoint = Some(
+        config.socket = Socket::Given(
             quinn::Endpoint::client(SocketAddr::from((ip, 0))).expect("client endpoint binds"),
         );
         Client::connect(&config)
