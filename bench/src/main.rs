@@ -4,6 +4,7 @@
 //! so its dependencies (anyhow, hdrhistogram, tempfile) stay out of every
 //! library user's build.
 
+mod procs;
 mod raw;
 mod scenarios;
 
@@ -11,17 +12,15 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args();
-    // Internal: the raw quinn server child used as the `connections` floor.
-    if std::env::args().nth(1).as_deref() == Some("raw-server") {
-        let addr = args
-            .nth(2)
-            .ok_or_else(|| anyhow::anyhow!("raw-server ADDR CERTS"))?
-            .parse()?;
-        let certs = args
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("raw-server ADDR CERTS"))?;
-        return scenarios::raw_server_main(addr, certs.as_ref()).await;
+    // Internal: a raw quinn floor server in a child process
+    // (`raw-server MODE ADDR CERTS`), started by the scenarios.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("raw-server") {
+        let [mode, addr, certs] = args
+            .get(2..5)
+            .and_then(|a| <&[String; 3]>::try_from(a).ok())
+            .ok_or_else(|| anyhow::anyhow!("raw-server MODE ADDR CERTS"))?;
+        return raw::serve_until_killed(mode.parse()?, addr.parse()?, certs.as_ref()).await;
     }
     quic_fabric::telemetry::init(quic_fabric::telemetry::LogFormat::Text, "error");
     scenarios::run(scenarios::BenchArgs::parse()).await

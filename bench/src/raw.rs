@@ -23,6 +23,30 @@ pub enum Mode {
     Forward,
 }
 
+impl std::str::FromStr for Mode {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Mode> {
+        match s {
+            "echo" => Ok(Mode::Echo),
+            "forward" => Ok(Mode::Forward),
+            other => anyhow::bail!("raw-server mode {other:?}: echo or forward"),
+        }
+    }
+}
+
+/// Runs a raw server in this process until it is killed (the child the
+/// bench starts: `fabric-bench raw-server MODE ADDR CERTS`).
+pub async fn serve_until_killed(
+    mode: Mode,
+    addr: SocketAddr,
+    certs: &std::path::Path,
+) -> anyhow::Result<()> {
+    let _server = RawServer::start(addr, certs, mode)?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
 /// A raw quinn server on loopback.
 pub struct RawServer {
     endpoint: quinn::Endpoint,
@@ -31,11 +55,15 @@ pub struct RawServer {
 type Peers = Arc<std::sync::RwLock<Vec<(usize, mpsc::Sender<Bytes>)>>>;
 
 impl RawServer {
-    /// Starts a raw server with the node's default transport and the dev
-    /// certificates in `certs`.
-    pub fn start(certs: &std::path::Path, mode: Mode) -> anyhow::Result<RawServer> {
+    /// Starts a raw server on `addr` with the node's default transport and
+    /// the dev certificates in `certs`.
+    pub fn start(
+        addr: SocketAddr,
+        certs: &std::path::Path,
+        mode: Mode,
+    ) -> anyhow::Result<RawServer> {
         let config = NodeConfig {
-            listen: "127.0.0.1:0".parse()?,
+            listen: addr,
             certs_dir: certs.to_owned(),
             ..NodeConfig::default()
         };
@@ -57,11 +85,6 @@ impl RawServer {
             }
         });
         Ok(RawServer { endpoint })
-    }
-
-    /// Where it listens.
-    pub fn addr(&self) -> SocketAddr {
-        self.endpoint.local_addr().expect("bound")
     }
 }
 
