@@ -46,6 +46,7 @@ pub mod server;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;
+pub mod udp;
 
 pub use config::{NodeArgs, NodeConfig};
 pub use node::Node;

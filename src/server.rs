@@ -60,9 +60,6 @@ fn bind_tcp(addr: Option<SocketAddr>) -> Result<Option<std::net::TcpListener>, S
     Ok(Some(listener))
 }
 
-/// UDP socket buffer size asked for; the kernel caps it at its `rmem_max`/`wmem_max`.
-const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
-
 impl Server {
     /// Loads or generates certificates and binds the UDP socket. Joins the
     /// Redis cluster when `redis_url` is set, else runs alone.
@@ -276,7 +273,7 @@ pub fn endpoint(config: &NodeConfig) -> Result<quinn::Endpoint, ServerError> {
         addr: config.listen,
         source,
     };
-    let socket = bind_socket(config.listen).map_err(bind_error)?;
+    let socket = crate::udp::bind(config.listen).map_err(bind_error)?;
     quinn::Endpoint::new(
         endpoint_config,
         Some(server_config),
@@ -302,20 +299,6 @@ fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError>
         .receive_window(VarInt::from_u32(config.connection_receive_window))
         .send_window(config.send_window);
     Ok(transport)
-}
-
-/// A UDP socket with enlarged buffers: quinn does not size them, and the
-/// kernel default drops packets under bursts.
-fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        let _ = socket.set_only_v6(false);
-    }
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
 }
 
 /// Completes on SIGINT or SIGTERM.

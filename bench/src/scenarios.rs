@@ -42,6 +42,16 @@ pub struct BenchArgs {
     /// Idle connections for `connections`.
     #[arg(long)]
     pub connections: Option<usize>,
+    /// Fan-out: deliveries/s of the first step (default: 50 per receiver).
+    #[arg(long)]
+    pub fanout_start: Option<f64>,
+    /// Fan-out: how long each step lasts.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub fanout_step: Option<Duration>,
+    /// Fan-out: stop after this many steps (e.g. 1 to hold one rate while
+    /// profiling).
+    #[arg(long)]
+    pub fanout_steps: Option<usize>,
     /// `connections` only: open the idle clients against this already
     /// running node (e.g. one under a heap profiler), hold them `--hold`,
     /// and measure nothing else.
@@ -79,6 +89,8 @@ struct Sizes {
     rate_window: Duration,
     fanout_clients: usize,
     fanout_step: Duration,
+    fanout_start: Option<f64>,
+    fanout_steps: usize,
     latency_broadcasts: usize,
     connections: usize,
 }
@@ -91,6 +103,8 @@ impl Sizes {
                 rate_window: Duration::from_millis(500),
                 fanout_clients: 20,
                 fanout_step: Duration::from_millis(400),
+                fanout_start: None,
+                fanout_steps: usize::MAX,
                 latency_broadcasts: 10,
                 connections: 200,
             }
@@ -100,6 +114,8 @@ impl Sizes {
                 rate_window: Duration::from_secs(3),
                 fanout_clients: 1_000,
                 fanout_step: Duration::from_secs(2),
+                fanout_start: None,
+                fanout_steps: usize::MAX,
                 latency_broadcasts: 100,
                 connections: 10_000,
             }
@@ -112,6 +128,13 @@ impl Sizes {
         }
         if let Some(n) = args.connections {
             s.connections = n;
+        }
+        if let Some(d) = args.fanout_step {
+            s.fanout_step = d;
+        }
+        s.fanout_start = args.fanout_start;
+        if let Some(n) = args.fanout_steps {
+            s.fanout_steps = n;
         }
         s
     }
@@ -878,7 +901,7 @@ async fn fanout_steps<S, F>(
     lab: &Lab,
     receivers: Vec<tokio::sync::mpsc::Receiver<Event>>,
     raw: Vec<raw::RawClient>,
-    step: Duration,
+    sizes: &Sizes,
     mut send: S,
 ) -> anyhow::Result<Vec<Step>>
 where
@@ -930,7 +953,8 @@ where
         all
     };
     let mut steps = Vec::new();
-    let mut rate = 50.0f64;
+    let step = sizes.fanout_step;
+    let mut rate = sizes.fanout_start.map_or(50.0, |d| d / n.max(1) as f64);
     loop {
         collect();
         let before = count.load(std::sync::atomic::Ordering::Relaxed);
@@ -981,7 +1005,7 @@ where
             if ok { "ok" } else { "over" }
         );
         steps.push(s);
-        if !ok || past_rate_cap(rate) {
+        if !ok || past_rate_cap(rate) || steps.len() >= sizes.fanout_steps {
             break;
         }
         rate *= 1.5;
@@ -1032,7 +1056,7 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         let mut lab = Lab::new()?;
         let addr = lab.node(None, &["--outbound-queue-len", "4096"]).await?;
         println!("  fabric, 1 node:");
-        fabric_fanout(&lab, &[addr], n, sizes.fanout_step).await?
+        fabric_fanout(&lab, &[addr], sizes).await?
     };
     // Floor: raw quinn fan-out.
     let floor = {
@@ -1040,9 +1064,7 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         let addr = lab.raw_server("forward").await?;
         let mut publisher = raw::RawClient::connect(addr, &lab.ca()).await?;
         // The raw clients share sockets like the library's pool does.
-        let endpoints: Vec<quinn::Endpoint> = (0..quic_fabric::client::shared_pool_size())
-            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
-            .collect::<Result<_, _>>()?;
+        let endpoints = raw_endpoints()?;
         let mut raws = Vec::new();
         for i in 0..n {
             raws.push(
@@ -1053,7 +1075,7 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         println!("  floor, raw quinn:");
         let publisher = tokio::sync::Mutex::new(&mut publisher);
-        fanout_steps(&lab, Vec::new(), raws, sizes.fanout_step, |p| {
+        fanout_steps(&lab, Vec::new(), raws, sizes, |p| {
             let publisher = &publisher;
             async move {
                 let frame = protocol::encode(&Frame::new(
@@ -1079,7 +1101,7 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
             );
         }
         println!("  fabric, 3 nodes + Redis:");
-        fabric_fanout(&lab, &addrs, n, sizes.fanout_step).await?
+        fabric_fanout(&lab, &addrs, sizes).await?
     };
     let (one, raw_best, three) = (best(&one_node), best(&floor), best(&three_nodes));
     println!(
@@ -1108,12 +1130,11 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
 async fn fabric_fanout(
     lab: &Lab,
     addrs: &[std::net::SocketAddr],
-    n: usize,
-    step: Duration,
+    sizes: &Sizes,
 ) -> anyhow::Result<Vec<Step>> {
-    let (receivers, _clients) = connect_many(lab, addrs, n).await?;
+    let (receivers, _clients) = connect_many(lab, addrs, sizes.fanout_clients).await?;
     let publisher = lab.client(addrs[0], "publisher").await?;
-    fanout_steps(lab, receivers, Vec::new(), step, |p| {
+    fanout_steps(lab, receivers, Vec::new(), sizes, |p| {
         let publisher = &publisher;
         async move {
             let broadcast = Body::Broadcast {
@@ -1124,6 +1145,22 @@ async fn fabric_fanout(
         }
     })
     .await
+}
+
+/// Client endpoints for the raw floors: as many as the library's shared
+/// pool, with the same enlarged socket buffers.
+fn raw_endpoints() -> anyhow::Result<Vec<quinn::Endpoint>> {
+    (0..quic_fabric::client::shared_pool_size())
+        .map(|_| {
+            let socket = quic_fabric::udp::bind("127.0.0.1:0".parse()?)?;
+            Ok(quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                std::sync::Arc::new(quinn::TokioRuntime),
+            )?)
+        })
+        .collect()
 }
 
 /// Handshakes in flight while opening many connections.
@@ -1185,9 +1222,7 @@ async fn fanout_latency(sizes: &Sizes) -> anyhow::Result<Value> {
         let (last, all, cpu) = if floor {
             let addr = lab.raw_server("forward").await?;
             let mut publisher = raw::RawClient::connect(addr, &lab.ca()).await?;
-            let endpoints: Vec<quinn::Endpoint> = (0..quic_fabric::client::shared_pool_size())
-                .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
-                .collect::<Result<_, _>>()?;
+            let endpoints = raw_endpoints()?;
             let mut raws = Vec::new();
             for i in 0..n {
                 raws.push(
@@ -1358,9 +1393,7 @@ async fn open_idle(
     let held: Vec<Box<dyn std::any::Any + Send>> = if raw_quic {
         // The floor: bare quinn connections from a pool of sockets like the
         // library's, with one shared TLS configuration (as the library).
-        let endpoints: Vec<quinn::Endpoint> = (0..quic_fabric::client::shared_pool_size())
-            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
-            .collect::<Result<_, _>>()?;
+        let endpoints = raw_endpoints()?;
         let crypto = std::sync::Arc::new(quic_fabric::tls::client_crypto(
             &quic_fabric::tls::ServerTrust::CaFile(lab.ca()),
             None,

@@ -130,7 +130,14 @@ fn shared(slot: usize, v6: bool) -> std::io::Result<quinn::Endpoint> {
     match &slots[slot] {
         Some(endpoint) => Ok(endpoint.clone()),
         None => {
-            let endpoint = quinn::Endpoint::client(unspecified(v6))?;
+            // Enlarged buffers: a pool socket carries many connections.
+            let socket = crate::udp::bind(unspecified(v6))?;
+            let endpoint = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )?;
             slots[slot] = Some(endpoint.clone());
             Ok(endpoint)
         }
