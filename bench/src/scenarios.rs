@@ -3,7 +3,7 @@
 //! same machine, with the same sizes, and reported as fabric / floor ratios.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// With `--against`: how long to hold the connections open.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub hold: Duration,
+    /// With `--against`: bare quinn connections instead of `Client`s (the
+    /// `connections` floor).
+    #[arg(long)]
+    pub raw_clients: bool,
 }
 
 /// A benchmark scenario.
@@ -330,7 +334,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sizes = Sizes::new(&args);
     epoch();
     if let Some(addr) = args.against {
-        return hold_idle(addr, &args.ca, sizes.connections, args.hold).await;
+        return hold_idle(addr, &args, sizes.connections).await;
     }
     let mut results = BTreeMap::new();
     let scenarios: Vec<Scenario> = match args.scenario {
@@ -1423,84 +1427,116 @@ async fn open_idle(
     Ok((n as f64 / cpu.wall.as_secs_f64(), cpu, held))
 }
 
+/// The line a `--against` child prints once its clients are connected:
+/// `CLIENTS {json}`.
+const CLIENTS_LINE: &str = "CLIENTS ";
+
 async fn connections(sizes: &Sizes) -> anyhow::Result<Value> {
+    use tokio::io::AsyncBufReadExt;
     let n = sizes.connections;
     println!(
-        "connections: {n} idle clients against one node, {IN_FLIGHT} handshakes in flight (library defaults)"
+        "connections: {n} idle clients against one server, {IN_FLIGHT} handshakes in flight, clients in a child process of their own (library defaults)"
     );
     let mut results = BTreeMap::new();
-    for raw_server in [false, true] {
+    for raw in [false, true] {
         let mut lab = Lab::new()?;
-        let (addr, pid) = if raw_server {
-            let addr = lab.raw_server("echo").await?;
-            (addr, lab.servers[0].pid)
+        let addr = if raw {
+            lab.raw_server("echo").await?
         } else {
-            let addr = lab.node(None, &[]).await?;
-            (addr, lab.servers[0].pid)
+            lab.node(None, &[]).await?
         };
+        let pid = lab.servers[0].pid;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (node_before, own_before) = (procs::rss_kib(pid)?, own_rss_kib()?);
-        let (rate, cpu, held) = open_idle(&lab, addr, n, raw_server).await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (node_after, own_after) = (procs::rss_kib(pid)?, own_rss_kib()?);
-        let per = |before: u64, after: u64| after.saturating_sub(before) as f64 / n as f64;
-        let (node_kib, client_kib) = (per(node_before, node_after), per(own_before, own_after));
-        let label = if raw_server {
-            "floor: raw quinn"
-        } else {
-            "fabric"
+        let node_before = procs::rss_kib(pid)?;
+        // The clients run in a fresh process, so their memory is theirs
+        // alone (in this process, memory freed by an earlier run would be
+        // reused and hide their cost).
+        let mut args = vec![
+            "connections".to_owned(),
+            "--against".to_owned(),
+            addr.to_string(),
+            "--ca".to_owned(),
+            lab.ca().display().to_string(),
+            "--connections".to_owned(),
+            n.to_string(),
+            "--hold".to_owned(),
+            "10min".to_owned(),
+        ];
+        if raw {
+            args.push("--raw-clients".to_owned());
+        }
+        let meter = lab.meter()?;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("child stdout"))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let report: Value = loop {
+            let line = tokio::time::timeout(Duration::from_secs(600), lines.next_line())
+                .await??
+                .ok_or_else(|| anyhow::anyhow!("client process ended without a report"))?;
+            if let Some(json) = line.strip_prefix(CLIENTS_LINE) {
+                break serde_json::from_str(json)?;
+            }
         };
+        let server_cpu = meter.stop()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let node_after = procs::rss_kib(pid)?;
+        child.kill().await?;
+        let node_kib = node_after.saturating_sub(node_before) as f64 / n as f64;
+        let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+        let (rate, client_kib, client_us) = (f("rate"), f("kib_per_conn"), f("cpu_us_per_conn"));
+        let server_us = server_cpu.server_us_per(n as u64);
+        let label = if raw { "floor: raw quinn" } else { "fabric" };
         println!(
             "  {label:<18} {rate:>8.0} handshakes/s; server {node_kib:.1} KiB per connection (RSS {node_before} -> {node_after} KiB), client side {client_kib:.1} KiB per connection"
         );
-        println!("{}", cpu_row(label, &cpu, n as u64, "handshake"));
-        results.insert(
-            if raw_server {
-                "floor_raw_quinn"
-            } else {
-                "fabric"
-            },
-            json!({"handshakes_per_s": rate, "server_kib_per_conn": node_kib,
-                   "client_kib_per_conn": client_kib, "cpu": cpu_json(&cpu, n as u64)}),
+        println!(
+            "  {label:<18} CPU per handshake: server {server_us:.0} µs, client {client_us:.0} µs"
         );
-        drop(held);
+        results.insert(
+            if raw { "floor_raw_quinn" } else { "fabric" },
+            json!({"handshakes_per_s": rate, "server_kib_per_conn": node_kib,
+                   "client_kib_per_conn": client_kib, "server_us_per_conn": server_us,
+                   "client_us_per_conn": client_us}),
+        );
     }
     let get = |k: &str, f: &str| results[k][f].as_f64().unwrap_or(f64::NAN);
+    let r = |f: &str| ratio(get("fabric", f), get("floor_raw_quinn", f));
     println!(
-        "  fabric / floor: handshakes/s {:.2}x, server memory per connection {:.2}x (target <= 24 KiB), client memory per connection {:.2}x (target <= 40 KB)",
-        ratio(
-            get("fabric", "handshakes_per_s"),
-            get("floor_raw_quinn", "handshakes_per_s")
-        ),
-        ratio(
-            get("fabric", "server_kib_per_conn"),
-            get("floor_raw_quinn", "server_kib_per_conn")
-        ),
-        ratio(
-            get("fabric", "client_kib_per_conn"),
-            get("floor_raw_quinn", "client_kib_per_conn")
-        ),
+        "  fabric / floor: handshakes/s {:.2}x (target >= 3000/s), server memory per connection {:.2}x (target <= 24 KiB), client memory per connection {:.2}x (target <= 40 KB)",
+        r("handshakes_per_s"),
+        r("server_kib_per_conn"),
+        r("client_kib_per_conn"),
     );
     Ok(json!({"connections": n, "in_flight": IN_FLIGHT, "results": results}))
 }
 
-/// Opens `n` idle clients against a running node and holds them.
-async fn hold_idle(
-    addr: std::net::SocketAddr,
-    ca: &Path,
-    n: usize,
-    hold: Duration,
-) -> anyhow::Result<()> {
+/// Opens `n` idle clients (or bare quinn connections) against a running
+/// node, prints what they cost on [`CLIENTS_LINE`], and holds them.
+async fn hold_idle(addr: std::net::SocketAddr, args: &BenchArgs, n: usize) -> anyhow::Result<()> {
     let lab = Lab {
         certs: tempfile::tempdir()?,
         servers: Vec::new(),
     };
-    std::fs::copy(ca, lab.ca())?;
-    let (rate, _, held) = open_idle(&lab, addr, n, false).await?;
+    std::fs::copy(&args.ca, lab.ca())?;
+    let before = own_rss_kib()?;
+    let (rate, cpu, held) = open_idle(&lab, addr, n, args.raw_clients).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = own_rss_kib()?;
+    let report = json!({"rate": rate, "kib_per_conn": after.saturating_sub(before) as f64 / n as f64,
+                        "cpu_us_per_conn": cpu.client_us_per(n as u64)});
+    println!("{CLIENTS_LINE}{report}");
     println!(
-        "{n} idle clients connected to {addr} at {rate:.0} handshakes/s; holding for {hold:?}"
+        "{n} idle clients connected to {addr} at {rate:.0} handshakes/s; holding for {:?}",
+        args.hold
     );
-    tokio::time::sleep(hold).await;
+    tokio::time::sleep(args.hold).await;
     drop(held);
     Ok(())
 }
