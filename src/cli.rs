@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::client::{Client, ClientConfig, Event, ReconnectPolicy, Socket};
+use crate::client::{Client, ClientConfig, Congestion, Event, ReconnectPolicy, Socket};
 use crate::protocol::json::{client_json, frame_json};
 use crate::protocol::{Body, ClientId, Frame, Payload, Priority};
 use crate::tls::{ClientCert, ServerTrust};
@@ -52,6 +52,9 @@ pub struct Cli {
     /// Private key (PEM) for --cert.
     #[arg(long, global = true, env = "FABRIC_CLIENT_KEY", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// Congestion controller for what this client sends.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    pub congestion_controller: Congestion,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -135,6 +138,7 @@ impl Cli {
         // A short-lived process: its own socket, so closing waits until
         // the close has been sent.
         config.socket = Socket::Private;
+        config.congestion = self.congestion_controller;
         if self.insecure {
             config.trust = ServerTrust::InsecureAcceptAny;
         }

@@ -37,6 +37,33 @@ pub enum AddressValidation {
     Never,
 }
 
+/// The QUIC congestion controller of a connection (node or client side:
+/// each side controls what it sends).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Congestion {
+    /// CUBIC (RFC 9438): loss-based, quinn's default.
+    #[default]
+    Cubic,
+    /// NewReno (RFC 9002): loss-based, the most conservative.
+    NewReno,
+    /// BBR (version 1; experimental in quinn): model-based, so random loss
+    /// does not shrink its window the way it shrinks a loss-based one.
+    Bbr,
+}
+
+impl Congestion {
+    /// The quinn factory for this controller.
+    pub fn factory(self) -> std::sync::Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+        match self {
+            Congestion::Cubic => std::sync::Arc::new(CubicConfig::default()),
+            Congestion::NewReno => std::sync::Arc::new(NewRenoConfig::default()),
+            Congestion::Bbr => std::sync::Arc::new(BbrConfig::default()),
+        }
+    }
+}
+
 /// Shortest HS256 secret accepted: 256 bits, as RFC 7518 §3.2 requires.
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -234,6 +261,21 @@ impl SettingValue for AddressValidation {
     }
     fn value_parser() -> ValueParser {
         clap::value_parser!(AddressValidation).into()
+    }
+    fn show(&self) -> String {
+        clap::ValueEnum::to_possible_value(self)
+            .map(|value| value.get_name().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl SettingValue for Congestion {
+    type File = Self;
+    fn from_file(file: Self) -> Self {
+        file
+    }
+    fn value_parser() -> ValueParser {
+        clap::value_parser!(Congestion).into()
     }
     fn show(&self) -> String {
         clap::ValueEnum::to_possible_value(self)
@@ -548,6 +590,9 @@ settings! {
         connection_receive_window: u32 = 4 * 1024 * 1024,
         /// Unacknowledged bytes the node may have in flight per connection.
         send_window: u64 = 4 * 1024 * 1024,
+        /// Congestion controller for what the node sends: `cubic`,
+        /// `new-reno` or `bbr` (see README, "Lossy networks").
+        congestion_controller: Congestion = Congestion::Cubic,
     }
 
     // What one client, one IP address or all clients together may cost the
@@ -955,6 +1000,7 @@ mod tests {
             "stream_receive_window" => "65536",
             "connection_receive_window" => "131072",
             "send_window" => "262144",
+            "congestion_controller" => "bbr",
             "max_clients" => "7",
             "max_pending_handshakes" => "11",
             "address_validation" => "always",

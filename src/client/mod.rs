@@ -22,6 +22,8 @@ use crate::protocol::{
 };
 use crate::tls::{self, ServerTrust, TlsError};
 
+pub use crate::config::Congestion;
+
 mod socket;
 
 pub use socket::{Socket, shared_pool_size};
@@ -57,6 +59,8 @@ pub struct ClientConfig {
     /// Which UDP socket to dial from: by default one of a few endpoints
     /// shared by every client of the process ([`Socket::Shared`]).
     pub socket: Socket,
+    /// Congestion controller for what the client sends.
+    pub congestion: Congestion,
 }
 
 /// How a client reconnects after losing its connection.
@@ -116,6 +120,7 @@ impl ClientConfig {
             event_buffer: 4096,
             reconnect: None,
             socket: Socket::Shared,
+            congestion: Congestion::default(),
         }
     }
 
@@ -701,7 +706,8 @@ async fn dial(
         .max_concurrent_bidi_streams(0u32.into())
         .max_concurrent_uni_streams(3u32.into())
         .keep_alive_interval(Some(config.keep_alive_interval))
-        .max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
+        .max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok())
+        .congestion_controller_factory(config.congestion.factory());
     client_config.transport_config(Arc::new(transport));
     let connect_err = |reason: String| ClientError::Connect {
         server: config.server.clone(),
