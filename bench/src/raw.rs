@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use quic_fabric::config::NodeConfig;
+use quic_fabric::config::{Congestion, NodeConfig};
 use quic_fabric::protocol::{self, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
 use quic_fabric::tls;
 
@@ -41,8 +41,9 @@ pub async fn serve_until_killed(
     mode: Mode,
     addr: SocketAddr,
     certs: &std::path::Path,
+    congestion: Congestion,
 ) -> anyhow::Result<()> {
-    let _server = RawServer::start(addr, certs, mode)?;
+    let _server = RawServer::start(addr, certs, mode, congestion)?;
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -61,10 +62,12 @@ impl RawServer {
         addr: SocketAddr,
         certs: &std::path::Path,
         mode: Mode,
+        congestion: Congestion,
     ) -> anyhow::Result<RawServer> {
         let config = NodeConfig {
             listen: addr,
             certs_dir: certs.to_owned(),
+            congestion_controller: congestion,
             ..NodeConfig::default()
         };
         // The node's endpoint (TLS, transport, socket), so only fabric logic differs.
@@ -169,11 +172,30 @@ impl RawClient {
         Self::connect_on(endpoint, addr, ca).await
     }
 
+    /// Connects from a fresh endpoint with `congestion` control.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        ca: &std::path::Path,
+        congestion: Congestion,
+    ) -> anyhow::Result<RawClient> {
+        let endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into())?;
+        Self::connect_inner(endpoint, addr, ca, congestion).await
+    }
+
     /// Like `connect`, from a (possibly shared) endpoint.
     pub async fn connect_on(
         endpoint: quinn::Endpoint,
         addr: SocketAddr,
         ca: &std::path::Path,
+    ) -> anyhow::Result<RawClient> {
+        Self::connect_inner(endpoint, addr, ca, Congestion::default()).await
+    }
+
+    async fn connect_inner(
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        ca: &std::path::Path,
+        congestion: Congestion,
     ) -> anyhow::Result<RawClient> {
         let crypto = tls::client_crypto(&tls::ServerTrust::CaFile(ca.to_owned()), None)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -181,7 +203,8 @@ impl RawClient {
         transport
             .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(3u32.into())
-            .keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+            .keep_alive_interval(Some(std::time::Duration::from_secs(5)))
+            .congestion_controller_factory(congestion.factory());
         config.transport_config(Arc::new(transport));
         let conn = endpoint.connect_with(config, addr, "localhost")?.await?;
         let mut send = conn.open_uni().await?;
@@ -203,17 +226,66 @@ impl RawClient {
 
     /// Reads the next frame sent by the server (skipping empty announcements).
     pub async fn recv(&mut self) -> anyhow::Result<Bytes> {
-        if self.recv.is_none() {
-            self.recv = Some(self.conn.accept_uni().await?);
-        }
-        let recv = self.recv.as_mut().expect("set above");
-        loop {
-            let frame = read(recv)
-                .await
-                .ok_or_else(|| anyhow::anyhow!("raw stream ended"))?;
-            if frame.len() > LENGTH_PREFIX_BYTES {
-                return Ok(frame);
-            }
+        next_frame(&self.conn, &mut self.recv).await
+    }
+
+    /// Splits into a sending and a receiving half, for concurrent use.
+    pub fn split(self) -> (RawSend, RawRecv) {
+        (
+            RawSend {
+                _endpoint: self._endpoint,
+                send: self.send,
+            },
+            RawRecv {
+                conn: self.conn,
+                recv: self.recv,
+            },
+        )
+    }
+}
+
+/// The sending half of a [`RawClient`].
+pub struct RawSend {
+    _endpoint: quinn::Endpoint,
+    send: quinn::SendStream,
+}
+
+impl RawSend {
+    /// Writes one frame.
+    pub async fn send(&mut self, frame: &[u8]) -> anyhow::Result<()> {
+        self.send.write_all(frame).await?;
+        Ok(())
+    }
+}
+
+/// The receiving half of a [`RawClient`].
+pub struct RawRecv {
+    conn: quinn::Connection,
+    recv: Option<quinn::RecvStream>,
+}
+
+impl RawRecv {
+    /// Reads the next frame sent by the server (skipping empty announcements).
+    pub async fn recv(&mut self) -> anyhow::Result<Bytes> {
+        next_frame(&self.conn, &mut self.recv).await
+    }
+}
+
+/// The next non-empty frame on the server's stream, accepted on first use.
+async fn next_frame(
+    conn: &quinn::Connection,
+    recv: &mut Option<quinn::RecvStream>,
+) -> anyhow::Result<Bytes> {
+    let recv = match recv {
+        Some(r) => r,
+        None => recv.insert(conn.accept_uni().await?),
+    };
+    loop {
+        let frame = read(recv)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("raw stream ended"))?;
+        if frame.len() > LENGTH_PREFIX_BYTES {
+            return Ok(frame);
         }
     }
 }

@@ -67,6 +67,18 @@ pub struct BenchArgs {
     /// `connections` floor).
     #[arg(long)]
     pub raw_clients: bool,
+    /// `lossy` only: the node to measure (run through bench/lossy.sh).
+    #[arg(long)]
+    pub server: Option<std::net::SocketAddr>,
+    /// `lossy` only: a raw quinn echo server (`raw-server echo`) for the floor.
+    #[arg(long)]
+    pub raw_server: Option<std::net::SocketAddr>,
+    /// `lossy` only: congestion controller of the clients.
+    #[arg(long, value_enum, default_value_t)]
+    pub congestion: quic_fabric::config::Congestion,
+    /// `lossy` only: how long each measurement lasts.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
 }
 
 /// A benchmark scenario.
@@ -84,6 +96,10 @@ pub enum Scenario {
     FanoutLatency,
     /// N idle clients: node and client memory per connection, handshakes/s.
     Connections,
+    /// Small high-priority messages with and without a bulk flow on the
+    /// same connection, against `--server` across an impaired link (run
+    /// by bench/lossy.sh; not part of `all`).
+    Lossy,
     /// Everything.
     All,
 }
@@ -395,6 +411,7 @@ async fn run_scenarios(
             }
             Scenario::FanoutLatency => fanout_latency(sizes).await?,
             Scenario::Connections => connections(sizes).await?,
+            Scenario::Lossy => lossy(args).await?,
             Scenario::All => unreachable!("expanded above"),
         };
         println!("  ({:.1}s)\n", started.elapsed().as_secs_f64());
@@ -1539,4 +1556,230 @@ async fn hold_idle(addr: std::net::SocketAddr, args: &BenchArgs, n: usize) -> an
     tokio::time::sleep(args.hold).await;
     drop(held);
     Ok(())
+}
+
+/// Payload of a bulk message in `lossy`.
+const BULK_BYTES: usize = 64 * 1024;
+/// Bulk messages sent but not yet received back: enough to fill a 50 ms
+/// path at ~170 Mbit/s, bounded so the node's queue for the client stays
+/// far below its limit.
+const BULK_WINDOW: u64 = 16;
+/// Small messages per second in `lossy`.
+const SMALL_RATE: u32 = 20;
+
+/// What one `lossy` measurement found.
+struct Lossy {
+    small: Latency,
+    bulk_mbit_s: f64,
+}
+
+async fn lossy(args: &BenchArgs) -> anyhow::Result<Value> {
+    let server = args
+        .server
+        .ok_or_else(|| anyhow::anyhow!("lossy needs --server (run bench/lossy.sh)"))?;
+    let cc = args.congestion;
+    println!(
+        "lossy: {SMALL_RATE}/s 100-byte high-priority directs to oneself, alone and beside 64 KiB low-priority bulk directs on the same connection ({cc:?})"
+    );
+    let alone = fabric_lossy(server, args, false).await?;
+    println!("{}", alone.small.row("fabric small, alone"));
+    let with_bulk = fabric_lossy(server, args, true).await?;
+    println!("{}", with_bulk.small.row("fabric small, with bulk"));
+    println!("  fabric bulk goodput: {:.1} Mbit/s", with_bulk.bulk_mbit_s);
+    let mut floor = json!(null);
+    if let Some(raw) = args.raw_server {
+        let (small, bulk) = raw_lossy(raw, args).await?;
+        println!("{}", small.row("floor: raw quinn echo, small"));
+        println!("  floor: raw quinn echo, bulk alone: {bulk:.1} Mbit/s");
+        floor = json!({"small": small.json(), "bulk_mbit_s": bulk});
+    }
+    Ok(json!({"congestion": format!("{cc:?}"),
+              "small_alone": alone.small.json(),
+              "small_with_bulk": with_bulk.small.json(),
+              "bulk_mbit_s": with_bulk.bulk_mbit_s,
+              "floor_raw_quinn": floor}))
+}
+
+/// Sends small directs to itself for `--duration`, with a bulk flow if
+/// `bulk`; every message crosses the link twice (up to the node, back).
+async fn fabric_lossy(
+    server: std::net::SocketAddr,
+    args: &BenchArgs,
+    bulk: bool,
+) -> anyhow::Result<Lossy> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut config = ClientConfig::new(server.to_string(), args.ca.clone()).name("lossy");
+    config.server_name = Some("localhost".into());
+    config.congestion = args.congestion;
+    config.request_timeout = Duration::from_secs(60);
+    config.socket = quic_fabric::client::Socket::Private;
+    let mut client = Client::connect(&config).await?;
+    let me = client.client_id();
+    let mut events = client.take_events();
+    let bulk_in = Arc::new(AtomicU64::new(0));
+    let bulk_count = bulk_in.clone();
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on = measuring.clone();
+    let receiver = tokio::spawn(async move {
+        let mut small = Latency::new();
+        let mut bytes = 0u64;
+        while let Some(Event::Frame(f)) = events.recv().await {
+            let Some(p) = payload_of(&f) else { continue };
+            if f.priority == Priority::Low {
+                bulk_count.fetch_add(1, Ordering::Relaxed);
+                if on.load(Ordering::Relaxed) {
+                    bytes += p.len() as u64;
+                }
+            } else if on.load(Ordering::Relaxed)
+                && let Some(d) = age(p)
+            {
+                small.record(d);
+            }
+        }
+        (small, bytes)
+    });
+    let client = Arc::new(client);
+    let stop = CancelFlag::default();
+    let bulk_task = bulk.then(|| {
+        let (client, stop, bulk_in) = (client.clone(), stop.clone(), bulk_in.clone());
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            let mut acks = std::collections::VecDeque::new();
+            while !stop.is_set() {
+                if sent - bulk_in.load(Ordering::Relaxed) >= BULK_WINDOW {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                let body = Body::Direct {
+                    to: me,
+                    payload: Payload::Binary(vec![0x5A; BULK_BYTES]),
+                };
+                acks.push_back(client.submit(Priority::Low, body).await?);
+                sent += 1;
+                while acks.len() > BULK_WINDOW as usize {
+                    if let Some(a) = acks.pop_front() {
+                        a.wait().await?;
+                    }
+                }
+            }
+            anyhow::Ok(())
+        })
+    });
+    // Warm up (the bulk flow reaches its rate), then measure.
+    tokio::time::sleep(Duration::from_secs(if bulk { 3 } else { 1 })).await;
+    measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let interval = Duration::from_secs(1) / SMALL_RATE;
+    let mut next = tokio::time::Instant::now();
+    let mut acks = Vec::new();
+    while start.elapsed() < args.duration {
+        let body = Body::Direct {
+            to: me,
+            payload: Payload::Binary(stamp(100)),
+        };
+        acks.push(client.submit(Priority::High, body).await?);
+        next += interval;
+        tokio::time::sleep_until(next).await;
+    }
+    // The last small messages land within a few round trips.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    stop.set();
+    if let Some(t) = bulk_task {
+        t.await??;
+    }
+    for a in acks {
+        a.wait().await?;
+    }
+    drop(client);
+    let (small, bytes) = tokio::time::timeout(Duration::from_secs(30), receiver).await??;
+    Ok(Lossy {
+        small,
+        bulk_mbit_s: bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6,
+    })
+}
+
+/// A flag one task sets and others poll.
+#[derive(Clone, Default)]
+struct CancelFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CancelFlag {
+    fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The raw quinn floor across the same link: small frames echoed one at a
+/// time (round trip, as the fabric's direct to oneself), then bulk frames
+/// echoed with the same window, alone.
+async fn raw_lossy(raw: std::net::SocketAddr, args: &BenchArgs) -> anyhow::Result<(Latency, f64)> {
+    let mut small = Latency::new();
+    {
+        let mut c = raw::RawClient::connect_with(raw, &args.ca, args.congestion).await?;
+        let interval = Duration::from_secs(1) / SMALL_RATE;
+        let frame = |p| {
+            protocol::encode(&Frame::new(
+                Priority::High,
+                Body::Binary { data: p },
+            ))
+        };
+        // The echo server answers on its stream once it heard ours.
+        c.send(&frame(stamp(100))?).await?;
+        c.recv().await?;
+        let start = Instant::now();
+        let mut next = tokio::time::Instant::now();
+        while start.elapsed() < args.duration {
+            c.send(&frame(stamp(100))?).await?;
+            let got = c.recv().await?;
+            let f = protocol::decode_frame(&got[protocol::LENGTH_PREFIX_BYTES..])?;
+            if let Body::Binary { data } = &f.body
+                && let Some(d) = age(data)
+            {
+                small.record(d);
+            }
+            next += interval;
+            tokio::time::sleep_until(next).await;
+        }
+    }
+    let c = raw::RawClient::connect_with(raw, &args.ca, args.congestion).await?;
+    let bulk = protocol::encode(&Frame::new(
+        Priority::Low,
+        Body::Binary {
+            data: vec![0x5A; BULK_BYTES],
+        },
+    ))?;
+    let (mut send, mut recv) = c.split();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = received.clone();
+    let reader = tokio::spawn(async move {
+        while recv.recv().await.is_ok() {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let mut sent = 0u64;
+    let warm = Instant::now() + Duration::from_secs(3);
+    let mut start = None;
+    let mut at_start = 0;
+    let end = warm + args.duration;
+    while Instant::now() < end {
+        if start.is_none() && Instant::now() >= warm {
+            start = Some(Instant::now());
+            at_start = received.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        if sent - received.load(std::sync::atomic::Ordering::Relaxed) >= BULK_WINDOW {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        send.send(&bulk).await?;
+        sent += 1;
+    }
+    let got = received.load(std::sync::atomic::Ordering::Relaxed) - at_start;
+    reader.abort();
+    let secs = start.map_or(1.0, |s| s.elapsed().as_secs_f64());
+    Ok((small, got as f64 * BULK_BYTES as f64 * 8.0 / secs / 1e6))
 }
