@@ -185,3 +185,22 @@ pub async fn raw_server(certs: &Path, mode: &str) -> anyhow::Result<Proc> {
     )
     .await
 }
+
+/// UDP datagrams the kernel dropped so far because a socket's receive
+/// buffer was full (`RcvbufErrors` in `/proc/net/snmp`, this network
+/// namespace): a lost datagram is a QUIC retransmission and a latency spike.
+pub fn udp_receive_drops() -> u64 {
+    let Ok(snmp) = std::fs::read_to_string("/proc/net/snmp") else {
+        return 0;
+    };
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}

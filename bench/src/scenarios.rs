@@ -907,13 +907,16 @@ struct Step {
     /// Server and client CPU per delivery, µs.
     server_us: f64,
     client_us: f64,
+    /// UDP datagrams dropped by full socket buffers (any socket).
+    drops: u64,
 }
 
 impl Step {
     fn json(&self) -> Value {
         json!({"offered": self.offered, "delivered_per_s": self.delivered_per_s,
                "p50_us": self.p50_us, "p99_us": self.p99_us, "ok": self.ok,
-               "server_us_per_delivery": self.server_us, "client_us_per_delivery": self.client_us})
+               "server_us_per_delivery": self.server_us, "client_us_per_delivery": self.client_us,
+               "udp_drops": self.drops})
     }
 }
 
@@ -980,6 +983,7 @@ where
         collect();
         let before = count.load(std::sync::atomic::Ordering::Relaxed);
         let meter = lab.meter()?;
+        let drops_before = procs::udp_receive_drops();
         let start = Instant::now();
         let interval = Duration::from_secs_f64(1.0 / rate);
         let mut next = Instant::now();
@@ -1014,15 +1018,17 @@ where
             ok,
             server_us: cpu.server_us_per(delivered),
             client_us: cpu.client_us_per(delivered),
+            drops: procs::udp_receive_drops() - drops_before,
         };
         println!(
-            "    offered {:>9.0} deliveries/s: delivered {:>9.0}/s, p50 {:>6} µs, p99 {:>7} µs, CPU per delivery: server {:>5.2} µs, clients {:>5.2} µs {}",
+            "    offered {:>9.0} deliveries/s: delivered {:>9.0}/s, p50 {:>6} µs, p99 {:>7} µs, CPU per delivery: server {:>5.2} µs, clients {:>5.2} µs, UDP drops {} {}",
             s.offered,
             s.delivered_per_s,
             s.p50_us,
             s.p99_us,
             s.server_us,
             s.client_us,
+            s.drops,
             if ok { "ok" } else { "over" }
         );
         steps.push(s);
