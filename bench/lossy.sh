@@ -13,8 +13,9 @@
 #
 # Environment: IMPAIR (path of impair.sh, default ../shared/tools/impair/
 # impair.sh from the repository root), CCS, LOSSES (fractions), DELAY_MS
-# (each way, default 25), DURATION (per measurement, default 20s), OUT
-# (JSON results, default target/lossy).
+# (each way, default 25), DURATION (per measurement, default 20s),
+# BULK_WINDOW (64 KiB messages in flight, default 16), OUT (JSON results,
+# default target/lossy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,7 +69,7 @@ for cc in $CCS; do
         echo "== $cc, ${DELAY_MS} ms each way, loss $loss per direction"
         "$IMPAIR" exec cli ./target/release/fabric-bench lossy --server "$SRV:4433" \
             --raw-server "$SRV:4434" --ca "$certs/ca.pem" --congestion "$cc" \
-            --duration "$DURATION" --json "$OUT/$cc-$loss.json"
+            --duration "$DURATION" --bulk-window "${BULK_WINDOW:-16}" --json "$OUT/$cc-$loss.json"
     done
     stop_servers
 done

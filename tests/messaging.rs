@@ -344,3 +344,34 @@ async fn many_clients_of_one_process_share_a_few_udp_sockets() {
         next_matching(receiver, |f| f.id == id).await;
     }
 }
+
+#[tokio::test]
+async fn every_congestion_controller_carries_messages_both_ways() {
+    use quic_fabric::client::{Client, Congestion};
+    for (node_cc, client_cc) in [
+        (Congestion::Cubic, Congestion::Bbr),
+        (Congestion::Bbr, Congestion::NewReno),
+        (Congestion::NewReno, Congestion::Cubic),
+    ] {
+        let node = TestNode::start_with(|c| c.congestion_controller = node_cc).await;
+        let mut config = node.client_config("sender");
+        config.congestion = client_cc;
+        let sender = Client::connect(&config).await.unwrap();
+        let mut receiver = node.connect("receiver").await;
+        // Large enough to take many packets in each direction.
+        let bulk = vec![7u8; 256 * 1024];
+        let id = sender
+            .direct(
+                receiver.client_id(),
+                Payload::Binary(bulk.clone()),
+                Priority::Low,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{node_cc:?}/{client_cc:?}: {e}"));
+        let got = next_matching(&mut receiver, |f| f.id == id).await;
+        assert!(
+            matches!(&got.body, Body::Direct { payload: Payload::Binary(b), .. } if *b == bulk),
+            "{node_cc:?} node, {client_cc:?} client: the payload arrives whole"
+        );
+    }
+}

@@ -190,6 +190,17 @@ pub async fn raw_server(certs: &Path, mode: &str) -> anyhow::Result<Proc> {
 /// buffer was full (`RcvbufErrors` in `/proc/net/snmp`, this network
 /// namespace): a lost datagram is a QUIC retransmission and a latency spike.
 pub fn udp_receive_drops() -> u64 {
+    udp_counter("RcvbufErrors")
+}
+
+/// UDP datagrams received so far by every socket of this network
+/// namespace (`InDatagrams`): per delivery, the packets a delivery costs
+/// (data to the client plus the client's acknowledgments back).
+pub fn udp_datagrams_in() -> u64 {
+    udp_counter("InDatagrams")
+}
+
+fn udp_counter(name: &str) -> u64 {
     let Ok(snmp) = std::fs::read_to_string("/proc/net/snmp") else {
         return 0;
     };
@@ -200,7 +211,7 @@ pub fn udp_receive_drops() -> u64 {
     names
         .split_whitespace()
         .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
+        .find(|(n, _)| *n == name)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
 }

@@ -76,6 +76,9 @@ pub struct BenchArgs {
     /// `lossy` only: congestion controller of the clients.
     #[arg(long, value_enum, default_value_t)]
     pub congestion: quic_fabric::config::Congestion,
+    /// `lossy` only: bulk messages sent but not yet received back.
+    #[arg(long, default_value_t = BULK_WINDOW)]
+    pub bulk_window: u64,
     /// `lossy` only: how long each measurement lasts.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -909,6 +912,8 @@ struct Step {
     client_us: f64,
     /// UDP datagrams dropped by full socket buffers (any socket).
     drops: u64,
+    /// UDP datagrams received (by anyone) per delivery.
+    datagrams: f64,
 }
 
 impl Step {
@@ -916,7 +921,7 @@ impl Step {
         json!({"offered": self.offered, "delivered_per_s": self.delivered_per_s,
                "p50_us": self.p50_us, "p99_us": self.p99_us, "ok": self.ok,
                "server_us_per_delivery": self.server_us, "client_us_per_delivery": self.client_us,
-               "udp_drops": self.drops})
+               "udp_drops": self.drops, "datagrams_per_delivery": self.datagrams})
     }
 }
 
@@ -984,6 +989,7 @@ where
         let before = count.load(std::sync::atomic::Ordering::Relaxed);
         let meter = lab.meter()?;
         let drops_before = procs::udp_receive_drops();
+        let datagrams_before = procs::udp_datagrams_in();
         let start = Instant::now();
         let interval = Duration::from_secs_f64(1.0 / rate);
         let mut next = Instant::now();
@@ -1019,15 +1025,18 @@ where
             server_us: cpu.server_us_per(delivered),
             client_us: cpu.client_us_per(delivered),
             drops: procs::udp_receive_drops() - drops_before,
+            datagrams: (procs::udp_datagrams_in() - datagrams_before) as f64
+                / delivered.max(1) as f64,
         };
         println!(
-            "    offered {:>9.0} deliveries/s: delivered {:>9.0}/s, p50 {:>6} µs, p99 {:>7} µs, CPU per delivery: server {:>5.2} µs, clients {:>5.2} µs, UDP drops {} {}",
+            "    offered {:>9.0} deliveries/s: delivered {:>9.0}/s, p50 {:>6} µs, p99 {:>7} µs, CPU per delivery: server {:>5.2} µs, clients {:>5.2} µs, {:.2} datagrams per delivery, UDP drops {} {}",
             s.offered,
             s.delivered_per_s,
             s.p50_us,
             s.p99_us,
             s.server_us,
             s.client_us,
+            s.datagrams,
             s.drops,
             if ok { "ok" } else { "over" }
         );
@@ -1566,9 +1575,9 @@ async fn hold_idle(addr: std::net::SocketAddr, args: &BenchArgs, n: usize) -> an
 
 /// Payload of a bulk message in `lossy`.
 const BULK_BYTES: usize = 64 * 1024;
-/// Bulk messages sent but not yet received back: enough to fill a 50 ms
-/// path at ~170 Mbit/s, bounded so the node's queue for the client stays
-/// far below its limit.
+/// Bulk messages sent but not yet received back, by default: enough to
+/// fill a 50 ms path at ~170 Mbit/s, bounded so the node's queue for the
+/// client stays far below its limit (16 MiB).
 const BULK_WINDOW: u64 = 16;
 /// Small messages per second in `lossy`.
 const SMALL_RATE: u32 = 20;
@@ -1647,13 +1656,14 @@ async fn fabric_lossy(
     });
     let client = Arc::new(client);
     let stop = CancelFlag::default();
+    let window = args.bulk_window;
     let bulk_task = bulk.then(|| {
         let (client, stop, bulk_in) = (client.clone(), stop.clone(), bulk_in.clone());
         tokio::spawn(async move {
             let mut sent = 0u64;
             let mut acks = std::collections::VecDeque::new();
             while !stop.is_set() {
-                if sent - bulk_in.load(Ordering::Relaxed) >= BULK_WINDOW {
+                if sent - bulk_in.load(Ordering::Relaxed) >= window {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
@@ -1663,7 +1673,7 @@ async fn fabric_lossy(
                 };
                 acks.push_back(client.submit(Priority::Low, body).await?);
                 sent += 1;
-                while acks.len() > BULK_WINDOW as usize {
+                while acks.len() > window as usize {
                     if let Some(a) = acks.pop_front() {
                         a.wait().await?;
                     }
@@ -1728,12 +1738,7 @@ async fn raw_lossy(raw: std::net::SocketAddr, args: &BenchArgs) -> anyhow::Resul
     {
         let mut c = raw::RawClient::connect_with(raw, &args.ca, args.congestion).await?;
         let interval = Duration::from_secs(1) / SMALL_RATE;
-        let frame = |p| {
-            protocol::encode(&Frame::new(
-                Priority::High,
-                Body::Binary { data: p },
-            ))
-        };
+        let frame = |p| protocol::encode(&Frame::new(Priority::High, Body::Binary { data: p }));
         // The echo server answers on its stream once it heard ours.
         c.send(&frame(stamp(100))?).await?;
         c.recv().await?;
@@ -1777,7 +1782,7 @@ async fn raw_lossy(raw: std::net::SocketAddr, args: &BenchArgs) -> anyhow::Resul
             start = Some(Instant::now());
             at_start = received.load(std::sync::atomic::Ordering::Relaxed);
         }
-        if sent - received.load(std::sync::atomic::Ordering::Relaxed) >= BULK_WINDOW {
+        if sent - received.load(std::sync::atomic::Ordering::Relaxed) >= args.bulk_window {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
