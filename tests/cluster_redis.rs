@@ -463,3 +463,68 @@ async fn a_node_restarted_with_its_id_within_its_ttl_leaves_no_stale_routing_ent
     drop(node);
     redis.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasts_from_many_tasks_at_once_are_all_delivered_and_acked() {
+    // Broadcasts are numbered per node for the confirmations; the numbers
+    // must reach Redis in order even when many tasks broadcast at once, or
+    // a receiver takes the later one for a gap, drops the earlier one as
+    // stale and the origin's Ack turns into an error.
+    let cluster = RedisNodes::start(2).await;
+    let mut receiver = cluster.nodes[1].connect("receiver").await;
+    let mut senders = Vec::new();
+    for i in 0..8 {
+        senders.push(cluster.nodes[0].connect(&format!("s{i}")).await);
+    }
+    let mut ids: Vec<ClientId> = senders.iter().map(|s| s.client_id()).collect();
+    ids.push(receiver.client_id());
+    wait_listed(&receiver, &ids).await;
+    const EACH: usize = 150;
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|s| {
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                for n in 0..EACH {
+                    let body = Body::Broadcast {
+                        payload: Payload::Text(format!("{n}")),
+                    };
+                    pending.push(s.submit(Priority::Normal, body).await.unwrap());
+                }
+                let mut failed = Vec::new();
+                for p in pending {
+                    if let Err(e) = p.wait().await {
+                        failed.push(e.to_string());
+                    }
+                }
+                (s, failed)
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    let mut keep = Vec::new();
+    for t in tasks {
+        let (s, f) = t.await.unwrap();
+        failed.extend(f);
+        keep.push(s);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} broadcasts failed, e.g. {:?}",
+        failed.len(),
+        8 * EACH,
+        failed.first()
+    );
+    let mut got = 0;
+    while got < 8 * EACH {
+        match tokio::time::timeout(WAIT, receiver.next_event()).await {
+            Ok(Some(Event::Frame(f))) if matches!(f.body, Body::Broadcast { .. }) => got += 1,
+            Ok(Some(_)) => {}
+            other => panic!(
+                "the receiver got {got} of {} broadcasts: {other:?}",
+                8 * EACH
+            ),
+        }
+    }
+    cluster.finish().await;
+}

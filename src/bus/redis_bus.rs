@@ -515,20 +515,24 @@ impl RedisBus {
     }
 
     fn enqueue(&self, op: Op) {
-        match self.inner.ops.try_send(op) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op)) => {
-                match op {
-                    Op::Publish {
-                        done: Some(done), ..
-                    } => done(Err(BusError::Backlog)),
-                    Op::Join(..) | Op::Leave(_) => {
-                        // Presence will be rewritten in full once the queue drains.
-                        self.inner.needs_resync.store(true, Ordering::Release);
-                    }
-                    _ => {}
-                }
+        if let Err(mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op)) =
+            self.inner.ops.try_send(op)
+        {
+            self.refused(op);
+        }
+    }
+
+    /// What becomes of an operation the full (or closed) queue refused.
+    fn refused(&self, op: Op) {
+        match op {
+            Op::Publish {
+                done: Some(done), ..
+            } => done(Err(BusError::Backlog)),
+            Op::Join(..) | Op::Leave(_) => {
+                // Presence will be rewritten in full once the queue drains.
+                self.inner.needs_resync.store(true, Ordering::Release);
             }
+            _ => {}
         }
     }
 }
@@ -713,42 +717,67 @@ impl ClusterBus for RedisBus {
     }
 
     fn publish(&self, target: Target, message: BusMessage, done: Option<PublishDone>) {
-        let (channel, seq, wire) = match target {
+        let refused = match target {
             Target::AllNodes => {
-                // Numbered when queued: the write queue keeps this order.
-                let (epoch, seq) = {
-                    let mut outgoing = self.inner.outgoing();
-                    (outgoing.epoch(), outgoing.number())
+                // Numbered and queued under one lock: the write queue, and
+                // so Redis, must see broadcasts in number order. Numbered
+                // first and queued after, two tasks broadcasting at once
+                // could queue 408 before 407; a receiver would take 407 as
+                // missed and then drop it as stale, while its confirmation
+                // "up to 408" covered it.
+                let mut outgoing = self.inner.outgoing();
+                let (epoch, seq) = (outgoing.epoch(), outgoing.number());
+                let wire = Wire::Broadcast {
+                    epoch,
+                    seq,
+                    message,
                 };
-                (
-                    self.inner.keys.broadcast_channel(),
-                    Some(seq),
-                    Wire::Broadcast {
-                        epoch,
-                        seq,
-                        message,
-                    },
-                )
-            }
-            Target::Node(node) => (
-                self.inner.keys.node_channel(node),
-                None,
-                Wire::Message(message),
-            ),
-        };
-        match encode_value(&wire) {
-            Ok(payload) => self.enqueue(Op::Publish {
-                target,
-                seq,
-                channel,
-                payload,
-                done,
-            }),
-            Err(err) => {
-                if let Some(done) = done {
-                    done(Err(BusError::Unavailable(err.to_string())));
+                match encode_value(&wire) {
+                    Ok(payload) => self
+                        .inner
+                        .ops
+                        .try_send(Op::Publish {
+                            target,
+                            seq: Some(seq),
+                            channel: self.inner.keys.broadcast_channel(),
+                            payload,
+                            done,
+                        })
+                        .err()
+                        .map(|e| match e {
+                            mpsc::error::TrySendError::Full(op)
+                            | mpsc::error::TrySendError::Closed(op) => op,
+                        }),
+                    Err(err) => {
+                        drop(outgoing);
+                        if let Some(done) = done {
+                            done(Err(BusError::Unavailable(err.to_string())));
+                        }
+                        return;
+                    }
                 }
             }
+            Target::Node(node) => match encode_value(&Wire::Message(message)) {
+                Ok(payload) => {
+                    return self.enqueue(Op::Publish {
+                        target,
+                        seq: None,
+                        channel: self.inner.keys.node_channel(node),
+                        payload,
+                        done,
+                    });
+                }
+                Err(err) => {
+                    if let Some(done) = done {
+                        done(Err(BusError::Unavailable(err.to_string())));
+                    }
+                    return;
+                }
+            },
+        };
+        // Outside the lock: a refused broadcast's callback runs here.
+        if let Some(op) = refused {
+            self.refused(op);
         }
     }
 
