@@ -213,3 +213,35 @@ async fn a_client_closed_for_flooding_backs_off_before_reconnecting() {
     );
     drop(pending);
 }
+
+#[tokio::test]
+async fn a_reconnect_dials_from_another_source_port() {
+    // A load balancer that hashes the source address and port must be
+    // able to place a reconnecting client anew, even though clients share
+    // the library's socket pool.
+    let certs = TestCerts::new();
+    let mut first = node_at(&certs, "127.0.0.1:0".parse().unwrap(), "first").await;
+    let addr = first.addr;
+    let mut config =
+        ClientConfig::new(addr.to_string(), certs.dir.path().join("ca.pem")).reconnect(policy());
+    config.connect_timeout = Duration::from_secs(1);
+    let mut client = Client::connect(&config).await.unwrap();
+    let before = client.local_addr().unwrap().port();
+    first.stop().await;
+    loop {
+        if let Event::Disconnected { .. } = next_event(&mut client).await {
+            break;
+        }
+    }
+    let _second = node_at(&certs, addr, "second").await;
+    loop {
+        match next_event(&mut client).await {
+            Event::Reconnected { .. } => break,
+            Event::Frame(_) => {}
+            other => panic!("expected Reconnected, got {other:?}"),
+        }
+    }
+    let after = client.local_addr().unwrap().port();
+    assert_ne!(before, after, "the reconnect dials from another port");
+    client.ping().await.unwrap();
+}

@@ -255,9 +255,12 @@ type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Frame>>>>;
 
 struct Inner {
     conn: quinn::Connection,
-    /// The connection's own endpoint, when it has one ([`Socket::Private`]):
-    /// closing waits for it to send the close.
-    own_endpoint: Option<quinn::Endpoint>,
+    /// The endpoint the connection runs on.
+    endpoint: quinn::Endpoint,
+    /// Whether the endpoint is the connection's own ([`Socket::Private`],
+    /// or a reconnect beyond the shared pool): closing then waits for it to
+    /// send the close.
+    own_endpoint: bool,
     streams: [tokio::sync::Mutex<Option<quinn::SendStream>>; 3],
     pending: Pending,
     ack: HandshakeAck,
@@ -460,6 +463,12 @@ impl Client {
         self.inner().ack.clone()
     }
 
+    /// The local address of the UDP socket the current connection runs on
+    /// (shared with other clients unless [`Socket::Private`]).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner().endpoint.local_addr()
+    }
+
     /// Current QUIC round-trip estimate.
     pub fn quic_rtt(&self) -> Duration {
         self.inner().conn.rtt()
@@ -657,8 +666,8 @@ impl Client {
         inner
             .conn
             .close(close_code::NORMAL.into(), reason.as_bytes());
-        if let Some(endpoint) = &inner.own_endpoint {
-            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        if inner.own_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
         }
     }
 }
@@ -674,27 +683,25 @@ pub async fn probe(config: &ClientConfig) -> Result<Duration, ClientError> {
         socket: Socket::Private,
         ..config.clone()
     };
-    let (endpoint, conn) =
+    let (endpoint, _, conn) =
         tokio::time::timeout(config.connect_timeout, dial(&private, &crypto, 0, 0))
             .await
             .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
     let elapsed = start.elapsed();
     conn.close(close_code::NORMAL.into(), b"health probe");
-    if let Some(endpoint) = endpoint {
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     Ok(elapsed)
 }
 
 /// Opens a QUIC connection (TLS verified) from the socket `config` and
-/// the attempt number choose (see [`Socket`]); returns the connection and
-/// its own endpoint if it has one.
+/// the attempt number choose (see [`Socket`]); returns the endpoint,
+/// whether it is the connection's own, and the connection.
 async fn dial(
     config: &ClientConfig,
     crypto: &Arc<quinn::crypto::rustls::QuicClientConfig>,
     home: usize,
     attempt: usize,
-) -> Result<(Option<quinn::Endpoint>, quinn::Connection), ClientError> {
+) -> Result<(quinn::Endpoint, bool, quinn::Connection), ClientError> {
     let addr = resolve(&config.server).await?;
     let server_name = config
         .server_name
@@ -734,7 +741,7 @@ async fn dial(
             quinn::ConnectionError::ApplicationClosed(_) => closed_error(&e),
             other => connect_err(other.to_string()),
         })?;
-    Ok((own.then_some(endpoint), conn))
+    Ok((endpoint, own, conn))
 }
 
 /// One connection attempt: QUIC + TLS, then the application handshake.
@@ -745,7 +752,7 @@ async fn connect_once(
     attempt: usize,
 ) -> Result<(Arc<Inner>, quinn::RecvStream), ClientError> {
     let handshake = async {
-        let (endpoint, conn) = dial(config, crypto, home, attempt).await?;
+        let (endpoint, own_endpoint, conn) = dial(config, crypto, home, attempt).await?;
         let mut high = conn.open_uni().await?;
         let _ = high.set_priority(protocol::stream_priority(Priority::High));
         let hello = Frame::new(
@@ -769,7 +776,7 @@ async fn connect_once(
                 None => ClientError::Protocol(format!("reading handshake reply: {e}")),
             })?;
         match reply.map(|f| f.body) {
-            Some(Body::HandshakeAck(ack)) => Ok((endpoint, conn, high, first, ack)),
+            Some(Body::HandshakeAck(ack)) => Ok((endpoint, own_endpoint, conn, high, first, ack)),
             Some(Body::Error { code, message, .. }) => Err(ClientError::Refused { code, message }),
             Some(other) => Err(ClientError::Protocol(format!(
                 "expected HandshakeAck, got {}",
@@ -780,14 +787,15 @@ async fn connect_once(
             )),
         }
     };
-    let (endpoint, conn, high, first, ack) =
+    let (endpoint, own_endpoint, conn, high, first, ack) =
         tokio::time::timeout(config.connect_timeout, handshake)
             .await
             .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
 
     let inner = Arc::new(Inner {
         conn,
-        own_endpoint: endpoint,
+        endpoint,
+        own_endpoint,
         streams: [
             tokio::sync::Mutex::new(None),
             tokio::sync::Mutex::new(None),
