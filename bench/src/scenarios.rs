@@ -67,6 +67,11 @@ pub struct BenchArgs {
     /// `connections` floor).
     #[arg(long)]
     pub raw_clients: bool,
+    /// `connections`: each `Client` on a socket of its own
+    /// (`Socket::Private`) instead of the library's shared pool, to see
+    /// what the pool saves.
+    #[arg(long)]
+    pub private_sockets: bool,
     /// `lossy` only: the node to measure (run through bench/lossy.sh).
     #[arg(long)]
     pub server: Option<std::net::SocketAddr>,
@@ -413,7 +418,7 @@ async fn run_scenarios(
                 fanout(sizes, &url).await?
             }
             Scenario::FanoutLatency => fanout_latency(sizes).await?,
-            Scenario::Connections => connections(sizes).await?,
+            Scenario::Connections => connections(sizes, args.private_sockets).await?,
             Scenario::Lossy => lossy(args).await?,
             Scenario::All => unreachable!("expanded above"),
         };
@@ -1424,6 +1429,7 @@ async fn open_idle(
     addr: std::net::SocketAddr,
     n: usize,
     raw_quic: bool,
+    private_sockets: bool,
 ) -> anyhow::Result<(f64, CpuUse, Vec<Box<dyn std::any::Any + Send>>)> {
     let meter = lab.meter()?;
     let held: Vec<Box<dyn std::any::Any + Send>> = if raw_quic {
@@ -1448,7 +1454,13 @@ async fn open_idle(
         held.push(Box::new(endpoints));
         held
     } else {
-        let configs = (0..n).map(|i| lab.client_config(addr, &format!("idle{i}")));
+        let configs = (0..n).map(|i| {
+            let mut c = lab.client_config(addr, &format!("idle{i}"));
+            if private_sockets {
+                c.socket = quic_fabric::client::Socket::Private;
+            }
+            c
+        });
         open_many(configs, |config| async move {
             let c = Client::connect(&config).await?;
             Ok::<Box<dyn std::any::Any + Send>, anyhow::Error>(Box::new(c))
@@ -1463,7 +1475,7 @@ async fn open_idle(
 /// `CLIENTS {json}`.
 const CLIENTS_LINE: &str = "CLIENTS ";
 
-async fn connections(sizes: &Sizes) -> anyhow::Result<Value> {
+async fn connections(sizes: &Sizes, private_sockets: bool) -> anyhow::Result<Value> {
     use tokio::io::AsyncBufReadExt;
     let n = sizes.connections;
     println!(
@@ -1496,6 +1508,8 @@ async fn connections(sizes: &Sizes) -> anyhow::Result<Value> {
         ];
         if raw {
             args.push("--raw-clients".to_owned());
+        } else if private_sockets {
+            args.push("--private-sockets".to_owned());
         }
         let meter = lab.meter()?;
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
@@ -1524,7 +1538,13 @@ async fn connections(sizes: &Sizes) -> anyhow::Result<Value> {
         let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
         let (rate, client_kib, client_us) = (f("rate"), f("kib_per_conn"), f("cpu_us_per_conn"));
         let server_us = server_cpu.server_us_per(n as u64);
-        let label = if raw { "floor: raw quinn" } else { "fabric" };
+        let label = if raw {
+            "floor: raw quinn"
+        } else if private_sockets {
+            "fabric, private sockets"
+        } else {
+            "fabric"
+        };
         println!(
             "  {label:<18} {rate:>8.0} handshakes/s; server {node_kib:.1} KiB per connection (RSS {node_before} -> {node_after} KiB), client side {client_kib:.1} KiB per connection"
         );
@@ -1558,7 +1578,8 @@ async fn hold_idle(addr: std::net::SocketAddr, args: &BenchArgs, n: usize) -> an
     };
     std::fs::copy(&args.ca, lab.ca())?;
     let before = own_rss_kib()?;
-    let (rate, cpu, held) = open_idle(&lab, addr, n, args.raw_clients).await?;
+    let (rate, cpu, held) =
+        open_idle(&lab, addr, n, args.raw_clients, args.private_sockets).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = own_rss_kib()?;
     let report = json!({"rate": rate, "kib_per_conn": after.saturating_sub(before) as f64 / n as f64,
