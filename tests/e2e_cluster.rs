@@ -165,7 +165,7 @@ impl Peer {
             .await
             .expect("event in time")
         {
-            Some(Event::Frame(f)) => f,
+            Some(Event::Frame(f)) => *f,
             other => panic!("client on {} was disturbed: {other:?}", self.node),
         }
     }

@@ -345,18 +345,18 @@ async fn read(
         let now = Instant::now();
         let ended = {
             let mut l = lock(&ledger);
-            match event {
-                Some(Event::Frame(Frame {
-                    id,
-                    body: Body::Broadcast { .. } | Body::Direct { .. },
-                    ..
-                })) => *l.received[me].entry(id).or_default() += 1,
+            match &event {
+                Some(Event::Frame(f))
+                    if matches!(f.body, Body::Broadcast { .. } | Body::Direct { .. }) =>
+                {
+                    *l.received[me].entry(f.id).or_default() += 1
+                }
                 Some(Event::Frame(_)) => {}
                 Some(Event::Disconnected { .. }) => l.end_session(me, now),
                 Some(Event::Reconnected { client_id, .. }) => {
                     l.end_session(me, now);
                     l.sessions[me].push(Session {
-                        id: client_id,
+                        id: *client_id,
                         start: now,
                         end: None,
                     });

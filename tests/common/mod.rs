@@ -146,7 +146,7 @@ pub async fn next_matching(client: &mut Client, mut pred: impl FnMut(&Frame) -> 
     tokio::time::timeout(WAIT, async {
         loop {
             match client.next_event().await {
-                Some(Event::Frame(f)) if pred(&f) => return f,
+                Some(Event::Frame(f)) if pred(&f) => return *f,
                 Some(Event::Frame(_)) => continue,
                 other => panic!("expected a frame, got {other:?}"),
             }
