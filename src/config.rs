@@ -199,6 +199,29 @@ macro_rules! plain_setting_value {
 
 plain_setting_value!(usize, u32, u64, bool, String, SocketAddr);
 
+/// Settings whose values are a `clap::ValueEnum` (the file spells them
+/// the same way, kebab-case).
+macro_rules! enum_setting_value {
+    ($($ty:ty),+) => {$(
+        impl SettingValue for $ty {
+            type File = Self;
+            fn from_file(file: Self) -> Self {
+                file
+            }
+            fn value_parser() -> ValueParser {
+                clap::value_parser!($ty).into()
+            }
+            fn show(&self) -> String {
+                clap::ValueEnum::to_possible_value(self)
+                    .map(|value| value.get_name().to_owned())
+                    .unwrap_or_default()
+            }
+        }
+    )+};
+}
+
+enum_setting_value!(AddressValidation, Congestion);
+
 impl SettingValue for PathBuf {
     type File = Self;
     fn from_file(file: Self) -> Self {
@@ -255,36 +278,6 @@ impl SettingValue for NodeId {
     }
     fn show(&self) -> String {
         self.to_string()
-    }
-}
-
-impl SettingValue for AddressValidation {
-    type File = Self;
-    fn from_file(file: Self) -> Self {
-        file
-    }
-    fn value_parser() -> ValueParser {
-        clap::value_parser!(AddressValidation).into()
-    }
-    fn show(&self) -> String {
-        clap::ValueEnum::to_possible_value(self)
-            .map(|value| value.get_name().to_owned())
-            .unwrap_or_default()
-    }
-}
-
-impl SettingValue for Congestion {
-    type File = Self;
-    fn from_file(file: Self) -> Self {
-        file
-    }
-    fn value_parser() -> ValueParser {
-        clap::value_parser!(Congestion).into()
-    }
-    fn show(&self) -> String {
-        clap::ValueEnum::to_possible_value(self)
-            .map(|value| value.get_name().to_owned())
-            .unwrap_or_default()
     }
 }
 

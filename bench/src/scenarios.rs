@@ -1103,32 +1103,9 @@ async fn fanout(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
     let floor = {
         let mut lab = Lab::new()?;
         let addr = lab.raw_server("forward").await?;
-        let mut publisher = raw::RawClient::connect(addr, &lab.ca()).await?;
-        // The raw clients share sockets like the library's pool does.
-        let endpoints = raw_endpoints()?;
-        let mut raws = Vec::new();
-        for i in 0..n {
-            raws.push(
-                raw::RawClient::connect_on(endpoints[i % endpoints.len()].clone(), addr, &lab.ca())
-                    .await?,
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (publisher, raws) = raw_fanout_clients(&lab, addr, n).await?;
         println!("  floor, raw quinn:");
-        let publisher = tokio::sync::Mutex::new(&mut publisher);
-        fanout_steps(&lab, Vec::new(), raws, sizes, |p| {
-            let publisher = &publisher;
-            async move {
-                let frame = protocol::encode(&Frame::new(
-                    Priority::Normal,
-                    Body::Broadcast {
-                        payload: Payload::Binary(p),
-                    },
-                ))?;
-                publisher.lock().await.send(&frame).await
-            }
-        })
-        .await?
+        fanout_steps(&lab, Vec::new(), raws, sizes, |p| publisher.broadcast(p)).await?
     };
     // Fabric, three nodes through Redis.
     let three_nodes = {
@@ -1176,16 +1153,55 @@ async fn fabric_fanout(
     let (receivers, _clients) = connect_many(lab, addrs, sizes.fanout_clients).await?;
     let publisher = lab.client(addrs[0], "publisher").await?;
     fanout_steps(lab, receivers, Vec::new(), sizes, |p| {
-        let publisher = &publisher;
-        async move {
-            let broadcast = Body::Broadcast {
-                payload: Payload::Binary(p),
-            };
-            publisher.submit(Priority::Normal, broadcast).await?;
-            Ok(())
-        }
+        broadcast(&publisher, p)
     })
     .await
+}
+
+/// A fabric client broadcasting `payload` without waiting for the Ack.
+async fn broadcast(publisher: &Client, payload: Vec<u8>) -> anyhow::Result<()> {
+    let body = Body::Broadcast {
+        payload: Payload::Binary(payload),
+    };
+    publisher.submit(Priority::Normal, body).await?;
+    Ok(())
+}
+
+/// The publisher of the raw fan-out floor.
+struct RawPublisher(tokio::sync::Mutex<raw::RawClient>);
+
+impl RawPublisher {
+    /// Sends `payload` as a Broadcast frame, which the floor forwards to
+    /// every other client.
+    async fn broadcast(&self, payload: Vec<u8>) -> anyhow::Result<()> {
+        let frame = protocol::encode(&Frame::new(
+            Priority::Normal,
+            Body::Broadcast {
+                payload: Payload::Binary(payload),
+            },
+        ))?;
+        self.0.lock().await.send(&frame).await
+    }
+}
+
+/// A publisher and `n` receivers of the raw forwarding floor at `addr`,
+/// the receivers on sockets shared like the library's pool.
+async fn raw_fanout_clients(
+    lab: &Lab,
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> anyhow::Result<(RawPublisher, Vec<raw::RawClient>)> {
+    let publisher = raw::RawClient::connect(addr, &lab.ca()).await?;
+    let endpoints = raw_endpoints()?;
+    let mut raws = Vec::new();
+    for i in 0..n {
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        raws.push(raw::RawClient::connect_on(endpoint, addr, &lab.ca()).await?);
+    }
+    // The floor forwards only to clients it has heard from: let the
+    // receivers' announcements land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok((RawPublisher(tokio::sync::Mutex::new(publisher)), raws))
 }
 
 /// Client endpoints for the raw floors: as many as the library's shared
@@ -1262,51 +1278,14 @@ async fn fanout_latency(sizes: &Sizes) -> anyhow::Result<Value> {
         let mut lab = Lab::new()?;
         let (last, all, cpu) = if floor {
             let addr = lab.raw_server("forward").await?;
-            let mut publisher = raw::RawClient::connect(addr, &lab.ca()).await?;
-            let endpoints = raw_endpoints()?;
-            let mut raws = Vec::new();
-            for i in 0..n {
-                raws.push(
-                    raw::RawClient::connect_on(
-                        endpoints[i % endpoints.len()].clone(),
-                        addr,
-                        &lab.ca(),
-                    )
-                    .await?,
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let publisher = tokio::sync::Mutex::new(&mut publisher);
-            last_arrivals(&lab, Vec::new(), raws, count, |p| {
-                let publisher = &publisher;
-                async move {
-                    let frame = protocol::encode(&Frame::new(
-                        Priority::Normal,
-                        Body::Broadcast {
-                            payload: Payload::Binary(p),
-                        },
-                    ))?;
-                    publisher.lock().await.send(&frame).await
-                }
-            })
-            .await?
+            let (publisher, raws) = raw_fanout_clients(&lab, addr, n).await?;
+            last_arrivals(&lab, Vec::new(), raws, count, |p| publisher.broadcast(p)).await?
         } else {
             let addr = lab.node(None, &[]).await?;
             let (receivers, _clients) = connect_many(&lab, &[addr], n).await?;
             let publisher = lab.client(addr, "publisher").await?;
             last_arrivals(&lab, receivers, Vec::new(), count, |p| {
-                let publisher = &publisher;
-                async move {
-                    publisher
-                        .submit(
-                            Priority::Normal,
-                            Body::Broadcast {
-                                payload: Payload::Binary(p),
-                            },
-                        )
-                        .await?;
-                    Ok(())
-                }
+                broadcast(&publisher, p)
             })
             .await?
         };
@@ -1676,14 +1655,14 @@ async fn fabric_lossy(
         (small, bytes)
     });
     let client = Arc::new(client);
-    let stop = CancelFlag::default();
+    let stop = tokio_util::sync::CancellationToken::new();
     let window = args.bulk_window;
     let bulk_task = bulk.then(|| {
         let (client, stop, bulk_in) = (client.clone(), stop.clone(), bulk_in.clone());
         tokio::spawn(async move {
             let mut sent = 0u64;
             let mut acks = std::collections::VecDeque::new();
-            while !stop.is_set() {
+            while !stop.is_cancelled() {
                 if sent - bulk_in.load(Ordering::Relaxed) >= window {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
@@ -1723,7 +1702,7 @@ async fn fabric_lossy(
     tokio::time::sleep(Duration::from_secs(2)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed();
-    stop.set();
+    stop.cancel();
     if let Some(t) = bulk_task {
         t.await??;
     }
@@ -1736,19 +1715,6 @@ async fn fabric_lossy(
         small,
         bulk_mbit_s: bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6,
     })
-}
-
-/// A flag one task sets and others poll.
-#[derive(Clone, Default)]
-struct CancelFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl CancelFlag {
-    fn set(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    fn is_set(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
 }
 
 /// The raw quinn floor across the same link: small frames echoed one at a

@@ -717,66 +717,56 @@ impl ClusterBus for RedisBus {
     }
 
     fn publish(&self, target: Target, message: BusMessage, done: Option<PublishDone>) {
-        let refused = match target {
+        // A broadcast is numbered and queued under one lock, held until
+        // it is queued: the write queue, and so Redis, must see broadcasts
+        // in number order. Numbered first and queued after, two tasks
+        // broadcasting at once could queue 408 before 407; a receiver would
+        // take 407 as missed and then drop it as stale, while its
+        // confirmation "up to 408" covered it.
+        let mut in_order = None;
+        let (channel, seq, wire) = match target {
             Target::AllNodes => {
-                // Numbered and queued under one lock: the write queue, and
-                // so Redis, must see broadcasts in number order. Numbered
-                // first and queued after, two tasks broadcasting at once
-                // could queue 408 before 407; a receiver would take 407 as
-                // missed and then drop it as stale, while its confirmation
-                // "up to 408" covered it.
                 let mut outgoing = self.inner.outgoing();
                 let (epoch, seq) = (outgoing.epoch(), outgoing.number());
-                let wire = Wire::Broadcast {
-                    epoch,
-                    seq,
-                    message,
-                };
-                match encode_value(&wire) {
-                    Ok(payload) => self
-                        .inner
-                        .ops
-                        .try_send(Op::Publish {
-                            target,
-                            seq: Some(seq),
-                            channel: self.inner.keys.broadcast_channel(),
-                            payload,
-                            done,
-                        })
-                        .err()
-                        .map(|e| match e {
-                            mpsc::error::TrySendError::Full(op)
-                            | mpsc::error::TrySendError::Closed(op) => op,
-                        }),
-                    Err(err) => {
-                        drop(outgoing);
-                        if let Some(done) = done {
-                            done(Err(BusError::Unavailable(err.to_string())));
-                        }
-                        return;
-                    }
-                }
+                in_order = Some(outgoing);
+                (
+                    self.inner.keys.broadcast_channel(),
+                    Some(seq),
+                    Wire::Broadcast {
+                        epoch,
+                        seq,
+                        message,
+                    },
+                )
             }
-            Target::Node(node) => match encode_value(&Wire::Message(message)) {
-                Ok(payload) => {
-                    return self.enqueue(Op::Publish {
-                        target,
-                        seq: None,
-                        channel: self.inner.keys.node_channel(node),
-                        payload,
-                        done,
-                    });
-                }
-                Err(err) => {
-                    if let Some(done) = done {
-                        done(Err(BusError::Unavailable(err.to_string())));
-                    }
-                    return;
-                }
-            },
+            Target::Node(node) => (
+                self.inner.keys.node_channel(node),
+                None,
+                Wire::Message(message),
+            ),
         };
-        // Outside the lock: a refused broadcast's callback runs here.
-        if let Some(op) = refused {
+        let payload = match encode_value(&wire) {
+            Ok(payload) => payload,
+            Err(err) => {
+                drop(in_order);
+                if let Some(done) = done {
+                    done(Err(BusError::Unavailable(err.to_string())));
+                }
+                return;
+            }
+        };
+        let queued = self.inner.ops.try_send(Op::Publish {
+            target,
+            seq,
+            channel,
+            payload,
+            done,
+        });
+        // Released before a refused publish's callback runs.
+        drop(in_order);
+        if let Err(mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op)) =
+            queued
+        {
             self.refused(op);
         }
     }
