@@ -36,12 +36,16 @@ pub enum Socket {
 /// How many shared endpoints a runtime's pool holds: two per core, between
 /// 4 and 16. Several, not one, so one socket's receive queue is not the
 /// bottleneck of a process holding thousands of clients, and so reconnects
-/// have other source ports to try.
+/// have other source ports to try. Computed once: `available_parallelism`
+/// reads cgroup files on every call, and every connect needs the size.
 pub fn shared_pool_size() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get() * 2)
-        .unwrap_or(4)
-        .clamp(4, 16)
+    static SIZE: OnceLock<usize> = OnceLock::new();
+    *SIZE.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() * 2)
+            .unwrap_or(4)
+            .clamp(4, 16)
+    })
 }
 
 /// A runtime's shared endpoints, by address family.
@@ -162,13 +166,31 @@ pub(super) fn evict(endpoint: &quinn::Endpoint) {
     }
 }
 
-type CryptoKey = (Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>);
+/// What identifies a file's version without reading it: path, size,
+/// modification time and inode (a renewed file written by rename gets a
+/// new inode even within one clock tick).
+type FileStamp = (std::path::PathBuf, u64, Option<std::time::SystemTime>, u64);
+
+type CryptoKey = (Option<FileStamp>, Option<(FileStamp, FileStamp)>);
+
+fn stamp(path: &std::path::Path) -> Result<FileStamp, TlsError> {
+    let meta = std::fs::metadata(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Ok((path.to_owned(), meta.len(), meta.modified().ok(), inode))
+}
 
 /// The TLS client configuration for `trust` and `identity`, shared by
-/// every client whose settings (and the files' contents) are the same:
-/// the CA file is parsed once, and the configuration's session cache lets
-/// reconnects and further clients resume TLS sessions. A changed file is
-/// read anew.
+/// every client whose settings (and files) are the same: the CA file is
+/// parsed once, and the configuration's session cache lets reconnects and
+/// further clients resume TLS sessions. A changed file (size, time or
+/// inode) is read anew; unchanged files cost one `stat` per connect, not a
+/// read.
 pub(super) fn client_crypto(
     trust: &ServerTrust,
     identity: Option<&ClientCert>,
@@ -179,19 +201,13 @@ pub(super) fn client_crypto(
     /// Distinct configurations kept; more are rare (a process talks to few
     /// clusters) and simply start the cache over.
     const MAX_CACHED: usize = 16;
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| TlsError::Io {
-            path: path.to_owned(),
-            source,
-        })
-    };
     let key: CryptoKey = (
         match trust {
-            ServerTrust::CaFile(path) => Some(read(path)?),
+            ServerTrust::CaFile(path) => Some(stamp(path)?),
             ServerTrust::InsecureAcceptAny => None,
         },
         match identity {
-            Some(id) => Some((read(&id.cert)?, read(&id.key)?)),
+            Some(id) => Some((stamp(&id.cert)?, stamp(&id.key)?)),
             None => None,
         },
     );
@@ -283,7 +299,7 @@ mod tests {
         let trust = ServerTrust::CaFile(dir.path().join("ca.pem"));
         let a = client_crypto(&trust, None).unwrap();
         let b = client_crypto(&trust, None).unwrap();
-        assert!(Arc::ptr_eq(&a, &b), "same CA file contents: one config");
+        assert!(Arc::ptr_eq(&a, &b), "same CA file: one config");
         // A renewed CA (new contents at the same path) is read anew.
         std::fs::remove_dir_all(dir.path()).unwrap();
         crate::tls::ensure_dev_certs(dir.path(), &names).unwrap();
