@@ -298,6 +298,7 @@ fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError>
         .stream_receive_window(VarInt::from_u32(config.stream_receive_window))
         .receive_window(VarInt::from_u32(config.connection_receive_window))
         .send_window(config.send_window)
+        .mtu_discovery_config(Some(crate::udp::mtu_discovery()))
         .congestion_controller_factory(config.congestion_controller.factory());
     Ok(transport)
 }

@@ -4,10 +4,11 @@ mod common;
 
 use common::{
     RawClient, TestNode, WAIT, assert_none_before_echo, deliver_payload, directs_arrive_in_order,
-    encode, expect_unknown, next_matching, read_frame,
+    encode, eventually, expect_unknown, next_matching, read_frame,
 };
 use quic_fabric::client::{ClientError, Event};
 use quic_fabric::protocol::{Body, ClientId, Frame, HandshakeAck, Payload, Priority};
+use std::time::Duration;
 
 #[tokio::test]
 async fn handshake_assigns_ids_and_reports_the_node() {
@@ -352,4 +353,31 @@ async fn every_congestion_controller_carries_messages_both_ways() {
             "{node_cc:?} node, {client_cc:?} client: the payload arrives whole"
         );
     }
+}
+
+#[tokio::test]
+async fn a_connection_finds_the_largest_mtu_with_few_probes_each_way() {
+    // Each path-MTU probe is a full-size packet plus an acknowledgment;
+    // quinn's default search sends four each way on every new connection,
+    // more than the rest of the handshake (BENCHMARKS.md, `connections`).
+    let node = TestNode::start().await;
+    let client = node.connect("prober").await;
+    eventually(Duration::from_secs(5), "the path MTU reaches 1452", || {
+        let mtu = client.quic_stats().path.current_mtu;
+        async move { mtu == 1452 }
+    })
+    .await;
+    let stats = client.quic_stats();
+    assert!(
+        stats.path.sent_plpmtud_probes <= 2,
+        "the client sent {} MTU probes",
+        stats.path.sent_plpmtud_probes
+    );
+    // The node's probes are the PING frames the client received (no
+    // keep-alive is due this early).
+    assert!(
+        stats.frame_rx.ping <= 2,
+        "the node sent {} MTU probes",
+        stats.frame_rx.ping
+    );
 }

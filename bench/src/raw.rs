@@ -204,6 +204,7 @@ impl RawClient {
             .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(3u32.into())
             .keep_alive_interval(Some(std::time::Duration::from_secs(5)))
+            .mtu_discovery_config(Some(quic_fabric::udp::mtu_discovery()))
             .congestion_controller_factory(congestion.factory());
         config.transport_config(Arc::new(transport));
         let conn = endpoint.connect_with(config, addr, "localhost")?.await?;

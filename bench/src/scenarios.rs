@@ -1425,6 +1425,7 @@ async fn open_idle(
                 let mut cfg = quinn::ClientConfig::new(crypto);
                 let mut t = quinn::TransportConfig::default();
                 t.keep_alive_interval(Some(Duration::from_secs(5)));
+                t.mtu_discovery_config(Some(quic_fabric::udp::mtu_discovery()));
                 cfg.transport_config(std::sync::Arc::new(t));
                 let conn = endpoint.connect_with(cfg, addr, "localhost")?.await?;
                 Ok::<Box<dyn std::any::Any + Send>, anyhow::Error>(Box::new(conn))

@@ -475,6 +475,12 @@ impl Client {
         self.inner().conn.rtt()
     }
 
+    /// The current connection's QUIC statistics (packets, frames, path
+    /// MTU, congestion window), for diagnostics.
+    pub fn quic_stats(&self) -> quinn::ConnectionStats {
+        self.inner().conn.stats()
+    }
+
     /// The connection to send on. While a reconnect is under way (the
     /// current connection is closed and a reconnect policy is set), waits
     /// for the new connection, up to `request_timeout`: a request made in
@@ -715,6 +721,7 @@ async fn dial(
         .max_concurrent_uni_streams(3u32.into())
         .keep_alive_interval(Some(config.keep_alive_interval))
         .max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok())
+        .mtu_discovery_config(Some(crate::udp::mtu_discovery()))
         .congestion_controller_factory(config.congestion.factory());
     client_config.transport_config(Arc::new(transport));
     let connect_err = |reason: String| ClientError::Connect {
