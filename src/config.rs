@@ -590,6 +590,13 @@ settings! {
         /// Congestion controller for what the node sends: `cubic`,
         /// `new-reno` or `bbr` (see README, "Lossy networks").
         congestion_controller: Congestion = Congestion::Bbr,
+        /// While the node runs late (its CPU saturated), a broadcast to a
+        /// client waits until this long after that client's previous write,
+        /// so several go out together in fewer packets. Replies, direct
+        /// messages and high-priority frames never wait, and nothing waits
+        /// on a node that keeps up (0s = never hold back; README, "Batching
+        /// under load").
+        coalesce_window: Duration = Duration::from_millis(20),
     }
 
     // What one client, one IP address or all clients together may cost the
@@ -998,6 +1005,7 @@ mod tests {
             "connection_receive_window" => "131072",
             "send_window" => "262144",
             "congestion_controller" => "cubic",
+            "coalesce_window" => "5ms",
             "max_clients" => "7",
             "max_pending_handshakes" => "11",
             "address_validation" => "always",

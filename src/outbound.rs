@@ -126,6 +126,8 @@ pub struct QueueLimits {
     pub frames: usize,
     /// Bytes over all priorities (`max_queued_bytes`).
     pub bytes: usize,
+    /// Least time between two writes on one stream (`coalesce_window`).
+    pub coalesce: Duration,
 }
 
 /// One priority's queue and writer, created on first use: most clients
@@ -137,6 +139,18 @@ struct Lane {
     /// A receiver waiting for the client to be ready before its writer
     /// starts, so nothing is written before the HandshakeAck.
     pending: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    /// Wakes a writer that holds its next write back (see [`Coalescer`])
+    /// when anything but a broadcast is queued: replies and direct
+    /// messages are never held back, since a sender's next request may wait
+    /// for them (a producer that waits for its consumer would otherwise be
+    /// slowed to a window of messages per `coalesce_window`).
+    flush: OnceLock<Arc<tokio::sync::Notify>>,
+}
+
+impl Lane {
+    fn flush(&self) -> &Arc<tokio::sync::Notify> {
+        self.flush.get_or_init(Default::default)
+    }
 }
 
 /// What the writers write to, set once the client is ready.
@@ -249,6 +263,8 @@ impl Outbound {
                 budget: self.budget.clone(),
                 progress_ms: self.progress_ms.clone(),
                 closed: self.closed.clone(),
+                coalesce: self.limits.coalesce,
+                flush: self.lanes[priority.index()].flush().clone(),
             },
             stream,
             rx,
@@ -325,6 +341,9 @@ impl Outbound {
         }
         match self.sender(priority).try_send(frame) {
             Ok(()) => {
+                if tag != protocol::tag::BROADCAST && !self.limits.coalesce.is_zero() {
+                    self.lanes[priority.index()].flush().notify_one();
+                }
                 self.stats.frame_out(tag, len);
                 Ok(())
             }
@@ -402,6 +421,8 @@ struct Writer {
     budget: Arc<QueueBudget>,
     progress_ms: Arc<AtomicU64>,
     closed: Arc<NodeClose>,
+    coalesce: Duration,
+    flush: Arc<tokio::sync::Notify>,
 }
 
 /// Drains one priority's queue onto its own stream, opened on first use.
@@ -418,7 +439,28 @@ async fn write_stream(
         ..
     } = &w;
     let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
+    let mut hold = Coalescer::new(if *priority == Priority::High {
+        Duration::ZERO
+    } else {
+        w.coalesce
+    });
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        // How long the queue held bytes before this writer ran.
+        let lag_ms = mono_ms().saturating_sub(w.progress_ms.load(Ordering::Acquire));
+        if let Some(due) = hold.due()
+            && tokio::time::Instant::now() < due
+        {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = w.flush.notified() => {}
+            }
+            while batch.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(frame) => batch.push(frame),
+                    Err(_) => break,
+                }
+            }
+        }
         let len: usize = batch.iter().map(Bytes::len).sum();
         let send = match &mut stream {
             Some(s) => s,
@@ -435,6 +477,7 @@ async fn write_stream(
             },
         };
         let result = write_all(send, &mut batch, &w.progress_ms).await;
+        hold.wrote(batch.len(), lag_ms);
         batch.clear();
         release(queued_bytes, budget, len);
         match result {
@@ -463,6 +506,47 @@ async fn write_stream(
     }
 }
 
+/// A writer ran this late after its queue turned non-empty (in `mono_ms`
+/// ticks, so at least 1 ms): the node is behind.
+const LATE_MS: u64 = 2;
+
+/// Holds a writer's next write back by up to `coalesce_window` while the
+/// node is behind, so what arrives meanwhile goes out in one write and
+/// fewer packets. It starts holding when a writer ran late (the node's
+/// CPU is saturated: every packet is costing latency already) and stops
+/// as soon as a window gathered no more than one frame, so a busy client
+/// of an idle node is never held back and neither is the first message
+/// after a quiet spell.
+#[derive(Debug)]
+struct Coalescer {
+    window: Duration,
+    /// While holding: when the last write ended.
+    holding_since: Option<tokio::time::Instant>,
+}
+
+impl Coalescer {
+    fn new(window: Duration) -> Self {
+        Coalescer {
+            window,
+            holding_since: None,
+        }
+    }
+
+    /// When the next write may go out, if it is held back.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.holding_since.map(|at| at + self.window)
+    }
+
+    /// A write of `frames` frames ended; the writer had run `lag_ms` after
+    /// its queue turned non-empty.
+    fn wrote(&mut self, frames: usize, lag_ms: u64) {
+        let late = lag_ms >= LATE_MS;
+        let gathering = self.holding_since.is_some() && frames > 1;
+        self.holding_since =
+            (!self.window.is_zero() && (late || gathering)).then(tokio::time::Instant::now);
+    }
+}
+
 /// Writes the whole batch, stamping progress whenever some of it went out
 /// (a client that reads slowly but steadily is never taken for stalled).
 async fn write_all(
@@ -488,5 +572,157 @@ fn discard(mut rx: mpsc::Receiver<Bytes>, queued_bytes: &AtomicUsize, budget: &Q
     rx.close();
     while let Ok(frame) = rx.try_recv() {
         release(queued_bytes, budget, frame.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(20);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_holds_back_only_after_running_late() {
+        let mut hold = Coalescer::new(WINDOW);
+        // Prompt writers (the node keeps up) never hold, whatever they
+        // find queued.
+        hold.wrote(1, 0);
+        assert_eq!(hold.due(), None);
+        hold.wrote(5, LATE_MS - 1);
+        assert_eq!(hold.due(), None);
+        // A late writer holds its next write back for one window.
+        hold.wrote(1, LATE_MS);
+        let wrote_at = tokio::time::Instant::now();
+        assert_eq!(hold.due(), Some(wrote_at + WINDOW));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holding_lasts_while_windows_gather_frames() {
+        let mut hold = Coalescer::new(WINDOW);
+        hold.wrote(1, LATE_MS + 3);
+        tokio::time::advance(WINDOW).await;
+        // The window gathered several frames: still holding, even though
+        // this writer was not late.
+        hold.wrote(4, 0);
+        assert_eq!(hold.due(), Some(tokio::time::Instant::now() + WINDOW));
+        tokio::time::advance(WINDOW).await;
+        // A window that gathered one frame: the client is not busy; the
+        // next write goes out at once.
+        hold.wrote(1, 0);
+        assert_eq!(hold.due(), None);
+    }
+
+    /// A node-side connection and the client's end of it, over loopback.
+    async fn connection_pair(dir: &std::path::Path) -> (quinn::Connection, quinn::Connection) {
+        let config = crate::config::NodeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            certs_dir: dir.to_owned(),
+            ..Default::default()
+        };
+        let server = crate::server::endpoint(&config).unwrap();
+        let addr = server.local_addr().unwrap();
+        let crypto =
+            crate::tls::client_crypto(&crate::tls::ServerTrust::CaFile(dir.join("ca.pem")), None)
+                .unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dial = client
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(crypto)),
+                addr,
+                "localhost",
+            )
+            .unwrap();
+        let accept = async { server.accept().await.unwrap().await.unwrap() };
+        let (node_side, client_side) = tokio::join!(accept, dial);
+        (node_side, client_side.unwrap())
+    }
+
+    /// Reads `n` one-byte frames from `stream`, with when each arrived.
+    async fn read_frames(
+        stream: &mut quinn::RecvStream,
+        n: usize,
+    ) -> Vec<(u8, std::time::Instant)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), stream.read_chunk(64, true))
+                .await
+                .expect("frames within 10 s")
+                .unwrap()
+                .expect("stream open");
+            let at = std::time::Instant::now();
+            got.extend(chunk.bytes.iter().map(|&b| (b, at)));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn broadcasts_are_held_back_after_a_late_write_and_a_direct_releases_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node_side, client_side) = connection_pair(dir.path()).await;
+        let window = Duration::from_millis(400);
+        let out = Outbound::new(
+            ClientId::new_random(),
+            QueueLimits {
+                frames: 16,
+                bytes: 1 << 20,
+                coalesce: window,
+            },
+            QueueBudget::new(1 << 20),
+            Arc::new(Stats::default()),
+        );
+        let broadcast = |b: u8| {
+            out.enqueue(
+                Priority::Normal,
+                protocol::tag::BROADCAST,
+                Bytes::from(vec![b]),
+                false,
+            )
+        };
+        // Queued before the client is ready, so its writer starts late.
+        broadcast(1).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        out.start(node_side, None, tracing::Span::none());
+        let mut stream = client_side.accept_uni().await.unwrap();
+        let first = read_frames(&mut stream, 1).await[0].1;
+        // The next broadcasts wait out the window after the late write.
+        broadcast(2).unwrap();
+        broadcast(3).unwrap();
+        let got = read_frames(&mut stream, 2).await;
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [2, 3]);
+        assert!(
+            got[0].1 - first >= window - Duration::from_millis(50),
+            "the next broadcast came {:?} after the late one",
+            got[0].1 - first
+        );
+        // That window gathered two frames, so the writer holds on; a direct
+        // queued meanwhile goes out at once and takes the held broadcast
+        // with it.
+        broadcast(4).unwrap();
+        let queued = std::time::Instant::now();
+        out.enqueue(
+            Priority::Normal,
+            protocol::tag::DIRECT,
+            Bytes::from(vec![5]),
+            false,
+        )
+        .unwrap();
+        let got = read_frames(&mut stream, 2).await;
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            [4, 5],
+            "in order"
+        );
+        assert!(
+            got[1].1 - queued < window / 2,
+            "the direct came {:?} after it was queued",
+            got[1].1 - queued
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_window_never_holds() {
+        let mut hold = Coalescer::new(Duration::ZERO);
+        hold.wrote(64, 1_000);
+        assert_eq!(hold.due(), None);
     }
 }

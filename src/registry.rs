@@ -379,6 +379,7 @@ mod tests {
     const ROOMY: QueueLimits = QueueLimits {
         frames: 16,
         bytes: 1 << 20,
+        coalesce: Duration::ZERO,
     };
 
     #[test]
@@ -409,6 +410,7 @@ mod tests {
             QueueLimits {
                 frames: 2,
                 bytes: 1 << 20,
+                coalesce: Duration::ZERO,
             },
         );
         f.registry.register(slow.clone()).unwrap();

@@ -161,6 +161,7 @@ pub(super) async fn admit(
         QueueLimits {
             frames: config.outbound_queue_len,
             bytes: config.max_queued_bytes,
+            coalesce: config.coalesce_window,
         },
         node.queue_budget().clone(),
         node.stats().clone(),
