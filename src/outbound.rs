@@ -516,34 +516,40 @@ const LATE_MS: u64 = 2;
 /// CPU is saturated: every packet is costing latency already) and stops
 /// as soon as a window gathered no more than one frame, so a busy client
 /// of an idle node is never held back and neither is the first message
-/// after a quiet spell.
+/// after a quiet spell. A write that took a full batch ([`WRITE_BATCH`])
+/// may have left frames behind: the next one goes out at once, so holding
+/// never caps what a client receives.
 #[derive(Debug)]
 struct Coalescer {
     window: Duration,
-    /// While holding: when the last write ended.
-    holding_since: Option<tokio::time::Instant>,
+    holding: bool,
+    /// When the last write ended, if the queue may be empty now.
+    drained_at: Option<tokio::time::Instant>,
 }
 
 impl Coalescer {
     fn new(window: Duration) -> Self {
         Coalescer {
             window,
-            holding_since: None,
+            holding: false,
+            drained_at: None,
         }
     }
 
     /// When the next write may go out, if it is held back.
     fn due(&self) -> Option<tokio::time::Instant> {
-        self.holding_since.map(|at| at + self.window)
+        match self.drained_at {
+            Some(at) if self.holding => Some(at + self.window),
+            _ => None,
+        }
     }
 
     /// A write of `frames` frames ended; the writer had run `lag_ms` after
     /// its queue turned non-empty.
     fn wrote(&mut self, frames: usize, lag_ms: u64) {
         let late = lag_ms >= LATE_MS;
-        let gathering = self.holding_since.is_some() && frames > 1;
-        self.holding_since =
-            (!self.window.is_zero() && (late || gathering)).then(tokio::time::Instant::now);
+        self.holding = !self.window.is_zero() && (late || (self.holding && frames > 1));
+        self.drained_at = (frames < WRITE_BATCH).then(tokio::time::Instant::now);
     }
 }
 
@@ -663,7 +669,7 @@ mod tests {
         let out = Outbound::new(
             ClientId::new_random(),
             QueueLimits {
-                frames: 16,
+                frames: 256,
                 bytes: 1 << 20,
                 coalesce: window,
             },
@@ -717,6 +723,36 @@ mod tests {
             "the direct came {:?} after it was queued",
             got[1].1 - queued
         );
+        // Still holding (that window gathered two). More broadcasts than
+        // one write takes all go out after one window, not one window per
+        // batch of WRITE_BATCH.
+        let queued = std::time::Instant::now();
+        for b in 0..200u8 {
+            broadcast(b).unwrap();
+        }
+        let got = read_frames(&mut stream, 200).await;
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            (0..200).collect::<Vec<u8>>()
+        );
+        assert!(
+            got[199].1 - queued < window + window / 2,
+            "200 held broadcasts took {:?}",
+            got[199].1 - queued
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_is_followed_at_once() {
+        let mut hold = Coalescer::new(WINDOW);
+        hold.wrote(1, LATE_MS);
+        assert!(hold.due().is_some());
+        // More may be queued than one write takes: no waiting for it.
+        hold.wrote(WRITE_BATCH, 0);
+        assert_eq!(hold.due(), None);
+        // Still holding: once the rest is written, the next write waits.
+        hold.wrote(3, 0);
+        assert_eq!(hold.due(), Some(tokio::time::Instant::now() + WINDOW));
     }
 
     #[tokio::test(start_paused = true)]
