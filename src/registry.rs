@@ -307,7 +307,7 @@ pub async fn reclaim(
             _ = budget.exhausted() => {}
             _ = cancel.cancelled() => return,
         }
-        let now = crate::outbound::mono_ms();
+        let now = crate::outbound::mono_us();
         for client in registry.all() {
             if client.outbound().stalled(now, stall) {
                 client
@@ -455,15 +455,15 @@ mod tests {
     fn a_queue_that_does_not_move_is_stalled() {
         let f = Fixture::new(10, 1 << 20);
         let a = f.client("a", ROOMY);
-        let now = crate::outbound::mono_ms();
+        let now = crate::outbound::mono_us();
         assert!(
-            !a.outbound().stalled(now + 10_000, Duration::from_secs(1)),
+            !a.outbound().stalled(now + 10_000_000, Duration::from_secs(1)),
             "empty"
         );
         a.enqueue(Priority::Normal, tag::BROADCAST, frame(10))
             .unwrap();
-        let now = crate::outbound::mono_ms();
+        let now = crate::outbound::mono_us();
         assert!(!a.outbound().stalled(now, Duration::from_secs(1)));
-        assert!(a.outbound().stalled(now + 1_000, Duration::from_secs(1)));
+        assert!(a.outbound().stalled(now + 1_000_000, Duration::from_secs(1)));
     }
 }
