@@ -457,13 +457,17 @@ mod tests {
         let a = f.client("a", ROOMY);
         let now = crate::outbound::mono_us();
         assert!(
-            !a.outbound().stalled(now + 10_000_000, Duration::from_secs(1)),
+            !a.outbound()
+                .stalled(now + 10_000_000, Duration::from_secs(1)),
             "empty"
         );
         a.enqueue(Priority::Normal, tag::BROADCAST, frame(10))
             .unwrap();
         let now = crate::outbound::mono_us();
         assert!(!a.outbound().stalled(now, Duration::from_secs(1)));
-        assert!(a.outbound().stalled(now + 1_000_000, Duration::from_secs(1)));
+        assert!(
+            a.outbound()
+                .stalled(now + 1_000_000, Duration::from_secs(1))
+        );
     }
 }

@@ -19,7 +19,8 @@ use common::redis::{
     wait_listed, wait_ready,
 };
 use common::{
-    TestCerts, TestNode, WAIT, deliver, eventually, expect_refused, expect_unknown, next_matching,
+    TestCerts, TestNode, WAIT, deliver, directs_arrive_in_order, eventually, expect_refused,
+    expect_unknown, next_matching,
 };
 use quic_fabric::bus::ClusterBus;
 use quic_fabric::client::{ClientError, Event};
@@ -300,6 +301,17 @@ async fn redis_cost_per_message_is_as_documented() {
         publishes(&redis.url).await - before,
         2,
         "message and receipt"
+    );
+
+    // A burst: directs (and their receipts) queued together for one node
+    // share PUBLISHes, and still arrive in order, each acknowledged.
+    const BURST: u32 = 500;
+    let before = publishes(&redis.url).await;
+    directs_arrive_in_order(&a, &mut b, BURST).await;
+    let burst = publishes(&redis.url).await - before;
+    assert!(
+        burst < u64::from(2 * BURST) / 2,
+        "{BURST} cross-node directs took {burst} PUBLISHes"
     );
     cluster.finish().await;
 }

@@ -241,6 +241,90 @@ pub enum Wire {
         /// The last missed number.
         last: u64,
     },
+    /// Tag 4: several messages for the node subscribed to the channel, in
+    /// the order they were published (consecutive directs and receipts for
+    /// one node travel in one PUBLISH; see `merge_messages`).
+    Messages(Vec<BusMessage>),
+}
+
+/// The wire tag of [`Wire::Message`] and [`Wire::Messages`] (bincode
+/// legacy: a u32, little-endian).
+const WIRE_MESSAGE: [u8; 4] = 0u32.to_le_bytes();
+const WIRE_MESSAGES: [u8; 4] = 4u32.to_le_bytes();
+
+/// Whether `payload` is an encoded [`Wire::Message`].
+fn is_message(payload: &[u8]) -> bool {
+    payload.starts_with(&WIRE_MESSAGE)
+}
+
+/// A publish's target, number and callbacks, one entry per PUBLISH in a
+/// pipeline (a merged PUBLISH has several callbacks).
+type Published = (Target, Option<u64>, Vec<PublishDone>);
+
+/// Consecutive encoded messages for one node's channel, to be published
+/// together.
+struct MessageRun {
+    node: NodeId,
+    channel: String,
+    payloads: Vec<Vec<u8>>,
+    bytes: usize,
+    dones: Vec<PublishDone>,
+}
+
+impl MessageRun {
+    fn new(node: NodeId, channel: String, payload: Vec<u8>, done: Option<PublishDone>) -> Self {
+        MessageRun {
+            node,
+            channel,
+            bytes: payload.len(),
+            payloads: vec![payload],
+            dones: done.into_iter().collect(),
+        }
+    }
+
+    /// Whether `payload` for `node` on `channel` may join this run.
+    fn takes(&self, node: NodeId, channel: &str, payload: &[u8]) -> bool {
+        self.node == node
+            && self.channel == channel
+            && is_message(payload)
+            && self.bytes + payload.len() <= MAX_MERGED_BYTES
+    }
+
+    fn push(&mut self, payload: Vec<u8>, done: Option<PublishDone>) {
+        self.bytes += payload.len();
+        self.payloads.push(payload);
+        self.dones.extend(done);
+    }
+
+    /// Adds the run's PUBLISH to `pipe`.
+    fn publish(self, pipe: &mut redis::Pipeline, published: &mut Vec<Published>) {
+        let mut payloads = self.payloads;
+        let payload = if payloads.len() == 1 {
+            payloads.swap_remove(0)
+        } else {
+            merge_messages(&payloads)
+        };
+        pipe.cmd("PUBLISH").arg(self.channel).arg(payload);
+        published.push((Target::Node(self.node), None, self.dones));
+    }
+}
+
+/// Largest PUBLISH that merging messages makes: large messages travel
+/// alone, and no single Redis message grows without bound.
+const MAX_MERGED_BYTES: usize = 256 * 1024;
+
+/// Turns encoded [`Wire::Message`]s into one encoded [`Wire::Messages`]
+/// without decoding them: a `Vec` is a u64 length and its elements, so the
+/// result is the tag, the count and each message's bytes after its tag.
+fn merge_messages(payloads: &[Vec<u8>]) -> Vec<u8> {
+    let len: usize = payloads.iter().map(|p| p.len() - WIRE_MESSAGE.len()).sum();
+    let mut merged = Vec::with_capacity(WIRE_MESSAGES.len() + 8 + len);
+    merged.extend_from_slice(&WIRE_MESSAGES);
+    merged.extend_from_slice(&(payloads.len() as u64).to_le_bytes());
+    for payload in payloads {
+        merged.extend_from_slice(&payload[WIRE_MESSAGE.len()..]);
+    }
+    merged
 }
 
 /// What the writer task does, in order (the bus's write queue).
@@ -869,7 +953,37 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
     let mut pipe = redis::pipe();
     let mut dones = Vec::new();
     let mut registrations: Vec<oneshot::Sender<()>> = Vec::new();
+    // Consecutive messages (directs, receipts, kicks) for one node, not
+    // yet added to the pipeline: they go out as one PUBLISH.
+    let mut run: Option<MessageRun> = None;
     for op in ops {
+        if let Op::Publish {
+            target: Target::Node(node),
+            seq: None,
+            channel,
+            payload,
+            done,
+        } = op
+        {
+            match &mut run {
+                Some(open) if open.takes(node, &channel, &payload) => open.push(payload, done),
+                _ => {
+                    if let Some(ended) = run.take() {
+                        ended.publish(&mut pipe, &mut dones);
+                    }
+                    let started = MessageRun::new(node, channel, payload, done);
+                    if is_message(&started.payloads[0]) {
+                        run = Some(started);
+                    } else {
+                        started.publish(&mut pipe, &mut dones);
+                    }
+                }
+            }
+            continue;
+        }
+        if let Some(ended) = run.take() {
+            ended.publish(&mut pipe, &mut dones);
+        }
         match op {
             Op::Publish {
                 target,
@@ -879,7 +993,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 done,
             } => {
                 pipe.cmd("PUBLISH").arg(channel).arg(payload);
-                dones.push((target, seq, done));
+                dones.push((target, seq, done.into_iter().collect()));
             }
             Op::Join(info, registered) => match encode_value(&info) {
                 Ok(value) => {
@@ -911,6 +1025,9 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
             }
         }
     }
+    if let Some(ended) = run.take() {
+        ended.publish(&mut pipe, &mut dones);
+    }
     let publishes = dones.len() as u64;
     let started = std::time::Instant::now();
     let result = pipe.query_async::<Vec<i64>>(conn).await;
@@ -924,10 +1041,8 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
             set_commands_ok(inner, false, &err.to_string());
             inner.needs_resync.store(true, Ordering::Release);
             let err = unavailable(&err);
-            for (_, _, done) in dones {
-                if let Some(done) = done {
-                    done(Err(err.clone()));
-                }
+            for done in dones.into_iter().flat_map(|(_, _, done)| done) {
+                done(Err(err.clone()));
             }
             return;
         }
@@ -948,15 +1063,16 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
         .into_iter()
         .zip(counts.into_iter().chain(std::iter::repeat(0)))
     {
-        let Some(done) = done else { continue };
         let reached = usize::try_from(count).unwrap_or(0);
-        match target {
-            Target::AllNodes if reached < expected => {
-                doubts.push(Doubt::Short { reached, seq, done })
+        for done in done {
+            match target {
+                Target::AllNodes if reached < expected => {
+                    doubts.push(Doubt::Short { reached, seq, done })
+                }
+                Target::AllNodes => inner.expect_confirmations(seq, done, reached, others.clone()),
+                Target::Node(node) if reached == 0 => doubts.push(Doubt::Unheard { node, done }),
+                Target::Node(_) => done(Ok(reached)),
             }
-            Target::AllNodes => inner.expect_confirmations(seq, done, reached, others.clone()),
-            Target::Node(node) if reached == 0 => doubts.push(Doubt::Unheard { node, done }),
-            Target::Node(_) => done(Ok(reached)),
         }
     }
     if !doubts.is_empty() {
@@ -1357,6 +1473,12 @@ fn log_failure(failures: &mut u64, why: &str) {
 async fn take_in(inner: &Inner, me: NodeId, wire: Wire) -> Result<(), String> {
     let (message, numbered) = match wire {
         Wire::Message(message) => (message, None),
+        Wire::Messages(messages) => {
+            for message in messages {
+                hand_over(inner, message, None).await?;
+            }
+            return Ok(());
+        }
         Wire::Broadcast {
             epoch,
             seq,
@@ -1421,6 +1543,16 @@ async fn take_in(inner: &Inner, me: NodeId, wire: Wire) -> Result<(), String> {
             return Ok(());
         }
     };
+    hand_over(inner, message, numbered).await
+}
+
+/// Hands a message from another node to this node; `numbered` is the
+/// origin and number of a broadcast, confirmed once handed over.
+async fn hand_over(
+    inner: &Inner,
+    message: BusMessage,
+    numbered: Option<(NodeId, u64)>,
+) -> Result<(), String> {
     // Waits rather than drops when the node's inbox is full: dropping would
     // make the sender's answer a lie. If the wait lasts, Redis closes this
     // subscriber over its output buffer limit, which is a gap the origin
@@ -1507,6 +1639,44 @@ async fn receive(inner: &Inner, pubsub: redis::aio::PubSub) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::DeliveryOutcome;
+    use crate::protocol::MessageId;
+
+    #[test]
+    fn merged_messages_decode_as_the_messages_in_order() {
+        let receipt = |outcome| BusMessage::Receipt {
+            message_id: MessageId::new_random(),
+            sender: ClientId::new_random(),
+            to: ClientId::new_random(),
+            outcome,
+        };
+        let messages = vec![
+            receipt(DeliveryOutcome::Delivered),
+            BusMessage::Kick {
+                client: ClientId::new_random(),
+                reason: "gone".into(),
+            },
+            receipt(DeliveryOutcome::UnknownClient),
+        ];
+        let payloads: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|m| encode_value(&Wire::Message(m.clone())).unwrap())
+            .collect();
+        assert!(payloads.iter().all(|p| is_message(p)));
+        let merged = merge_messages(&payloads);
+        assert_eq!(
+            decode_value::<Wire>(&merged).unwrap(),
+            Wire::Messages(messages.clone())
+        );
+        assert_eq!(merged, encode_value(&Wire::Messages(messages)).unwrap());
+        // Other wires are never merged.
+        let confirm = Wire::Confirm {
+            from: NodeId::new_random(),
+            epoch: 1,
+            upto: 2,
+        };
+        assert!(!is_message(&encode_value(&confirm).unwrap()));
+    }
 
     const TTL: Duration = Duration::from_secs(10);
 
