@@ -71,6 +71,10 @@ impl Congestion {
 /// Shortest HS256 secret accepted: 256 bits, as RFC 7518 §3.2 requires.
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// Longest `coalesce_window` accepted: beyond it a held broadcast would be
+/// late by more than any real-time client tolerates.
+pub const MAX_COALESCE_WINDOW: Duration = Duration::from_secs(1);
+
 /// Why a configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -594,8 +598,8 @@ settings! {
         /// client waits until this long after that client's previous write,
         /// so several go out together in fewer packets. Replies, direct
         /// messages and high-priority frames never wait, and nothing waits
-        /// on a node that keeps up (0s = never hold back; README, "Batching
-        /// under load").
+        /// on a node that keeps up (0s = never hold back, at most 1s;
+        /// README, "Batching under load").
         coalesce_window: Duration = Duration::from_millis(20),
     }
 
@@ -792,6 +796,12 @@ impl NodeConfig {
         }
         if self.slow_consumer_stall.is_zero() {
             return invalid("slow_consumer_stall must be above zero".into());
+        }
+        if self.coalesce_window > MAX_COALESCE_WINDOW {
+            return invalid(format!(
+                "coalesce_window must be at most {MAX_COALESCE_WINDOW:?} (it delays broadcasts under load), got {:?}",
+                self.coalesce_window
+            ));
         }
         if self.idle_timeout.is_zero() {
             return invalid("idle_timeout must be above zero".into());
@@ -1423,6 +1433,13 @@ metrics_listen = "127.0.0.1:9390"
             err.contains("1..=44499"),
             "a list must fit one frame: {err}"
         );
+
+        let config = NodeConfig {
+            coalesce_window: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("coalesce_window must be at most 1s"), "{err}");
 
         let config = NodeConfig {
             max_streams_per_connection: 2,
