@@ -1,8 +1,10 @@
 //! The raw-quinn floor: the same TLS, transport settings and length-prefixed
 //! framing as a node, with no fabric logic at all. A raw server either
-//! echoes each frame back to its sender (the `rtt` floor) or forwards it to
+//! echoes each frame back to its sender (the `rtt` floor), forwards it to
 //! every other connection through a bounded queue and writer task per
-//! connection (the `direct-local` and `fanout` floors).
+//! connection (the `direct-local` and `fanout` floors), or relays it
+//! through a Redis channel to the other relay servers' connections (the
+//! `direct-cross` floor of the same shape as the fabric's path).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,13 +17,19 @@ use quic_fabric::protocol::{self, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
 use quic_fabric::tls;
 
 /// What a raw server does with a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// Send it back to its sender.
     Echo,
     /// Send it to every other connection.
     Forward,
+    /// `relay:URL`: PUBLISH it on [`RELAY_CHANNEL`] of the Redis at URL;
+    /// what other relay servers publish there goes to every connection.
+    Relay(String),
 }
+
+/// The Redis channel relay servers share.
+const RELAY_CHANNEL: &str = "bench:relay";
 
 impl std::str::FromStr for Mode {
     type Err = anyhow::Error;
@@ -30,7 +38,10 @@ impl std::str::FromStr for Mode {
         match s {
             "echo" => Ok(Mode::Echo),
             "forward" => Ok(Mode::Forward),
-            other => anyhow::bail!("raw-server mode {other:?}: echo or forward"),
+            other => match other.strip_prefix("relay:") {
+                Some(url) => Ok(Mode::Relay(url.to_owned())),
+                None => anyhow::bail!("raw-server mode {other:?}: echo, forward or relay:URL"),
+            },
         }
     }
 }
@@ -73,6 +84,10 @@ impl RawServer {
         // The node's endpoint (TLS, transport, socket), so only fabric logic differs.
         let endpoint = quic_fabric::server::endpoint(&config)?;
         let peers: Peers = Arc::new(std::sync::RwLock::new(Vec::new()));
+        let relay = match &mode {
+            Mode::Relay(url) => Some(Relay::start(url, peers.clone())?),
+            _ => None,
+        };
         let accept = endpoint.clone();
         tokio::spawn(async move {
             let mut next_id = 0usize;
@@ -80,14 +95,81 @@ impl RawServer {
                 next_id += 1;
                 let id = next_id;
                 let peers = peers.clone();
+                let mode = mode.clone();
+                let relay = relay.clone();
                 tokio::spawn(async move {
                     if let Ok(conn) = incoming.await {
-                        serve(conn, id, mode, peers).await;
+                        serve(conn, id, mode, peers, relay).await;
                     }
                 });
             }
         });
         Ok(RawServer { endpoint })
+    }
+}
+
+/// A relay server's link to Redis: the least a cross-node path needs.
+struct Relay {
+    /// Random per server, so a server skips its own publishes.
+    id: [u8; 8],
+    client: redis::Client,
+    publisher: tokio::sync::OnceCell<redis::aio::MultiplexedConnection>,
+}
+
+impl Relay {
+    /// Connects lazily and subscribes at once; what other servers publish
+    /// goes to every connection of `peers`.
+    fn start(url: &str, peers: Peers) -> anyhow::Result<Arc<Relay>> {
+        let relay = Arc::new(Relay {
+            id: quic_fabric::protocol::NodeId::new_random().0.as_bytes()[..8]
+                .try_into()
+                .expect("8 of 16 bytes"),
+            client: redis::Client::open(url)?,
+            publisher: tokio::sync::OnceCell::new(),
+        });
+        let listener = relay.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let Ok(mut pubsub) = listener.client.get_async_pubsub().await else {
+                return;
+            };
+            if pubsub.subscribe(RELAY_CHANNEL).await.is_err() {
+                return;
+            }
+            let mut stream = pubsub.into_on_message();
+            while let Some(msg) = stream.next().await {
+                let payload = msg.get_payload_bytes();
+                let Some((from, frame)) = payload.split_at_checked(8) else {
+                    continue;
+                };
+                if from == listener.id {
+                    continue;
+                }
+                let frame = Bytes::copy_from_slice(frame);
+                for (_, t) in peers.read().unwrap_or_else(|e| e.into_inner()).iter() {
+                    let _ = t.try_send(frame.clone());
+                }
+            }
+        });
+        Ok(relay)
+    }
+
+    /// Publishes `frame`, waiting for Redis to take it (one at a time per
+    /// stream keeps the order).
+    async fn publish(&self, frame: &[u8]) -> anyhow::Result<()> {
+        let publisher = self
+            .publisher
+            .get_or_try_init(|| self.client.get_multiplexed_async_connection())
+            .await?;
+        let mut payload = Vec::with_capacity(8 + frame.len());
+        payload.extend_from_slice(&self.id);
+        payload.extend_from_slice(frame);
+        redis::cmd("PUBLISH")
+            .arg(RELAY_CHANNEL)
+            .arg(payload)
+            .query_async::<i64>(&mut publisher.clone())
+            .await?;
+        Ok(())
     }
 }
 
@@ -97,7 +179,13 @@ impl Drop for RawServer {
     }
 }
 
-async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
+async fn serve(
+    conn: quinn::Connection,
+    id: usize,
+    mode: Mode,
+    peers: Peers,
+    relay: Option<Arc<Relay>>,
+) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
     peers
         .write()
@@ -119,9 +207,11 @@ async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
     while let Ok(mut recv) = conn.accept_uni().await {
         let peers = peers.clone();
         let tx = tx.clone();
+        let mode = mode.clone();
+        let relay = relay.clone();
         tokio::spawn(async move {
             while let Some(frame) = read(&mut recv).await {
-                match mode {
+                match &mode {
                     Mode::Echo => {
                         let _ = tx.send(frame).await;
                     }
@@ -134,6 +224,14 @@ async fn serve(conn: quinn::Connection, id: usize, mode: Mode, peers: Peers) {
                             if *peer != id {
                                 let _ = t.try_send(frame.clone());
                             }
+                        }
+                    }
+                    Mode::Relay(_) if frame.len() <= LENGTH_PREFIX_BYTES => {}
+                    Mode::Relay(_) => {
+                        if let Some(relay) = &relay
+                            && relay.publish(&frame).await.is_err()
+                        {
+                            return;
                         }
                     }
                 }

@@ -760,6 +760,50 @@ async fn raw_one_way(lab: &mut Lab, samples: usize, window: Duration) -> anyhow:
     })
 }
 
+/// The floor of the same shape as a cross-node direct: client A on raw
+/// server 1, which PUBLISHes each frame on Redis; raw server 2, subscribed,
+/// writes it to client B. One-way latency paced at 1,000/s (no rate: each
+/// relay publishes one frame at a time).
+async fn raw_relay_one_way(lab: &mut Lab, url: &str, samples: usize) -> anyhow::Result<Latency> {
+    let mode = format!("relay:{url}");
+    let s1 = lab.raw_server(&mode).await?;
+    let s2 = lab.raw_server(&mode).await?;
+    let mut a = raw::RawClient::connect(s1, &lab.ca()).await?;
+    let mut b = raw::RawClient::connect(s2, &lab.ca()).await?;
+    // Both relays subscribe as they start and b's announcement must have
+    // landed before a's first frames.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let receiver = tokio::spawn(async move {
+        let mut hist = Latency::new();
+        for n in 0..samples + 100 {
+            let Ok(Ok(got)) = tokio::time::timeout(Duration::from_secs(2), b.recv()).await else {
+                break;
+            };
+            if n >= 100
+                && let Ok(frame) = protocol::decode_frame(&got[protocol::LENGTH_PREFIX_BYTES..])
+                && let Some(d) = payload_of(&frame).and_then(age)
+            {
+                hist.record(d);
+            }
+        }
+        hist
+    });
+    let mut next = tokio::time::Instant::now();
+    for _ in 0..samples + 100 {
+        let frame = protocol::encode(&Frame::new(
+            Priority::Normal,
+            Body::Direct {
+                to: ClientId::new_random(),
+                payload: Payload::Binary(stamp(100)),
+            },
+        ))?;
+        a.send(&frame).await?;
+        next += PACE;
+        tokio::time::sleep_until(next).await;
+    }
+    Ok(receiver.await?)
+}
+
 async fn direct_local(sizes: &Sizes) -> anyhow::Result<Value> {
     println!(
         "direct-local: client A -> client B on one node (latency paced at 1,000/s, then saturated)"
@@ -880,9 +924,11 @@ async fn direct_cross(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
     let mut lab = Lab::new()?;
     let (rtt_floor, _) = raw_rtt(&mut lab, sizes.samples).await?;
     let (hop, hop_rate) = redis_hop(url, sizes.samples, sizes.rate_window).await?;
+    let relay = raw_relay_one_way(&mut lab, url, sizes.samples).await?;
     println!("{}", fabric.latency.row("fabric one-way via Redis"));
     println!("{}", rtt_floor.row("floor: raw quinn RTT"));
     println!("{}", hop.row("floor: raw Redis hop"));
+    println!("{}", relay.row("floor: raw quinn relay via Redis"));
     let floor_p50 = (rtt_floor.q(0.5) + hop.q(0.5)) as f64;
     let floor_p99 = (rtt_floor.q(0.99) + hop.q(0.99)) as f64;
     let r50 = ratio(fabric.latency.q(0.5) as f64, floor_p50);
@@ -899,9 +945,15 @@ async fn direct_cross(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
         "  fabric / (quinn RTT + Redis hop): p50 {r50:.2}x (target <= 1.2x), p99 {r:.2}x (target <= 1.5x), rate {:.2}x",
         ratio(fabric.rate, hop_rate)
     );
+    let (relay50, relay99) = (
+        ratio(fabric.latency.q(0.5) as f64, relay.q(0.5) as f64),
+        ratio(fabric.latency.q(0.99) as f64, relay.q(0.99) as f64),
+    );
+    println!("  fabric / raw quinn relay via Redis: p50 {relay50:.2}x, p99 {relay99:.2}x");
     Ok(
         json!({"fabric": one_way_json(&fabric), "floor_raw_quinn_rtt": rtt_floor.json(), "floor_raw_redis_hop": hop.json(),
-              "p50_ratio": r50, "p99_ratio": r, "floor_redis_rate": hop_rate}),
+              "floor_raw_relay": relay.json(), "p50_ratio": r50, "p99_ratio": r,
+              "relay_p50_ratio": relay50, "relay_p99_ratio": relay99, "floor_redis_rate": hop_rate}),
     )
 }
 
