@@ -597,9 +597,10 @@ settings! {
         /// While the node runs late (its CPU saturated), a broadcast to a
         /// client waits until this long after that client's previous write,
         /// so several go out together in fewer packets. Replies, direct
-        /// messages and high-priority frames never wait, and nothing waits
-        /// on a node that keeps up (0s = never hold back, at most 1s;
-        /// README, "Batching under load").
+        /// messages, high-priority frames and backlogs never wait, and
+        /// nothing waits on a node that keeps up (0s = never hold back; at
+        /// most 1s and half of slow_consumer_stall; README, "Batching under
+        /// load").
         coalesce_window: Duration = Duration::from_millis(20),
     }
 
@@ -801,6 +802,13 @@ impl NodeConfig {
             return invalid(format!(
                 "coalesce_window must be at most {MAX_COALESCE_WINDOW:?} (it delays broadcasts under load), got {:?}",
                 self.coalesce_window
+            ));
+        }
+        if self.coalesce_window * 2 > self.slow_consumer_stall {
+            // A held write must never look like a client that stopped reading.
+            return invalid(format!(
+                "coalesce_window ({:?}) must be at most half of slow_consumer_stall ({:?})",
+                self.coalesce_window, self.slow_consumer_stall
             ));
         }
         if self.idle_timeout.is_zero() {
@@ -1440,6 +1448,13 @@ metrics_listen = "127.0.0.1:9390"
         };
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("coalesce_window must be at most 1s"), "{err}");
+        let config = NodeConfig {
+            coalesce_window: Duration::from_millis(500),
+            slow_consumer_stall: Duration::from_millis(750),
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("at most half of slow_consumer_stall"), "{err}");
 
         let config = NodeConfig {
             max_streams_per_connection: 2,

@@ -164,6 +164,33 @@ struct Link {
 /// Most frames a writer puts into one write call.
 const WRITE_BATCH: usize = 64;
 
+/// When a client's queues last turned non-empty or a write ended
+/// (`mono_us`), shared by the `Outbound` and its writers.
+#[derive(Debug)]
+struct Progress {
+    /// Since when the queues (all lanes) have held bytes without a write
+    /// completing: set when they turn non-empty and after every write
+    /// (the stall detector).
+    any: AtomicU64,
+    /// Per lane: when its queue last turned non-empty (how late its
+    /// writer runs; see [`Coalescer`]).
+    lanes: [AtomicU64; 3],
+}
+
+impl Progress {
+    fn new() -> Arc<Self> {
+        let now = mono_us();
+        Arc::new(Progress {
+            any: AtomicU64::new(now),
+            lanes: [
+                AtomicU64::new(now),
+                AtomicU64::new(now),
+                AtomicU64::new(now),
+            ],
+        })
+    }
+}
+
 /// One client's outbound queues and writers.
 #[derive(Debug)]
 pub struct Outbound {
@@ -174,9 +201,7 @@ pub struct Outbound {
     queued_bytes: Arc<AtomicUsize>,
     budget: Arc<QueueBudget>,
     slow: AtomicBool,
-    /// Since when (`mono_us`) the queue has held bytes without a write
-    /// completing: set when it turns non-empty and after every write.
-    progress_us: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     closed: Arc<NodeClose>,
     stats: Arc<Stats>,
     writers: TaskTracker,
@@ -202,7 +227,7 @@ impl Outbound {
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             budget,
             slow: AtomicBool::new(false),
-            progress_us: Arc::new(AtomicU64::new(mono_us())),
+            progress: Progress::new(),
             closed: Arc::new(NodeClose::default()),
             stats,
             writers: TaskTracker::new(),
@@ -261,7 +286,7 @@ impl Outbound {
                 priority,
                 queued_bytes: self.queued_bytes.clone(),
                 budget: self.budget.clone(),
-                progress_us: self.progress_us.clone(),
+                progress: self.progress.clone(),
                 closed: self.closed.clone(),
                 coalesce: self.limits.coalesce,
                 flush: self.lanes[priority.index()].flush().clone(),
@@ -337,11 +362,23 @@ impl Outbound {
         }
         if before == 0 {
             // Stall time counts from when the queue stopped being empty.
-            self.progress_us.store(mono_us(), Ordering::Release);
+            self.progress.any.store(mono_us(), Ordering::Release);
         }
-        match self.sender(priority).try_send(frame) {
+        let sender = self.sender(priority);
+        let waiting = sender.max_capacity() - sender.capacity();
+        match sender.try_send(frame) {
             Ok(()) => {
-                if tag != protocol::tag::BROADCAST && !self.limits.coalesce.is_zero() {
+                if waiting == 0 {
+                    self.progress.lanes[priority.index()].store(mono_us(), Ordering::Release);
+                }
+                // What must not wait for a held write (see `Coalescer`):
+                // anything but a broadcast, and a backlog that would fill
+                // the queue or the byte budget before the window ends.
+                if !self.limits.coalesce.is_zero()
+                    && (tag != protocol::tag::BROADCAST
+                        || waiting + 1 >= WRITE_BATCH
+                        || 2 * (before + len) >= self.limits.bytes)
+                {
                     self.lanes[priority.index()].flush().notify_one();
                 }
                 self.stats.frame_out(tag, len);
@@ -392,7 +429,7 @@ impl Outbound {
     /// the client stopped reading.
     pub fn stalled(&self, now_us: u64, stall: Duration) -> bool {
         self.queued_bytes() > 0
-            && now_us.saturating_sub(self.progress_us.load(Ordering::Acquire))
+            && now_us.saturating_sub(self.progress.any.load(Ordering::Acquire))
                 >= stall.as_micros() as u64
     }
 }
@@ -419,7 +456,7 @@ struct Writer {
     priority: Priority,
     queued_bytes: Arc<AtomicUsize>,
     budget: Arc<QueueBudget>,
-    progress_us: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     closed: Arc<NodeClose>,
     coalesce: Duration,
     flush: Arc<tokio::sync::Notify>,
@@ -446,7 +483,8 @@ async fn write_stream(
     });
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         // How long the queue held bytes before this writer ran.
-        let lag_us = mono_us().saturating_sub(w.progress_us.load(Ordering::Acquire));
+        let lag_us =
+            mono_us().saturating_sub(w.progress.lanes[priority.index()].load(Ordering::Acquire));
         if let Some(due) = hold.due()
             && tokio::time::Instant::now() < due
         {
@@ -476,8 +514,8 @@ async fn write_stream(
                 }
             },
         };
-        let result = write_all(send, &mut batch, &w.progress_us).await;
-        hold.wrote(batch.len(), lag_us);
+        let result = write_all(send, &mut batch, &w.progress.any).await;
+        hold.wrote(batch.len(), lag_us, !rx.is_empty());
         batch.clear();
         release(queued_bytes, budget, len);
         match result {
@@ -513,20 +551,29 @@ async fn write_stream(
 /// deliveries/s against 253,500 at 1 ms).
 const LATE_US: u64 = 1_000;
 
+/// Lateness is remembered for this many windows: holding goes on while
+/// windows keep gathering frames and a writer of this lane ran late at
+/// least once in that span, so a busy client of a node that has caught up
+/// stops being held within 10 windows (200 ms by default).
+const LATE_MEMORY_WINDOWS: u32 = 50;
+
 /// Holds a writer's next write back by up to `coalesce_window` while the
 /// node is behind, so what arrives meanwhile goes out in one write and
-/// fewer packets. It starts holding when a writer ran late (the node's
-/// CPU is saturated: every packet is costing latency already) and stops
-/// as soon as a window gathered no more than one frame, so a busy client
-/// of an idle node is never held back and neither is the first message
-/// after a quiet spell. A write that took a full batch ([`WRITE_BATCH`])
-/// may have left frames behind: the next one goes out at once, so holding
+/// fewer packets. It starts holding when this lane's writer ran late (the
+/// node's CPU is saturated: every packet is costing latency already) and
+/// goes on while each window gathers more than one frame, as long as
+/// lateness was seen within the last [`LATE_MEMORY_WINDOWS`] windows. So a
+/// busy client of an idle node is not held back, nor is the first message
+/// after a quiet spell. A write that left frames queued (a full batch, or
+/// frames that came during a slow write) is followed at once, so holding
 /// never caps what a client receives.
 #[derive(Debug)]
 struct Coalescer {
     window: Duration,
     holding: bool,
-    /// When the last write ended, if the queue may be empty now.
+    /// When a writer of this lane last ran late.
+    late_at: Option<tokio::time::Instant>,
+    /// When the last write ended, if it left the queue empty.
     drained_at: Option<tokio::time::Instant>,
 }
 
@@ -535,6 +582,7 @@ impl Coalescer {
         Coalescer {
             window,
             holding: false,
+            late_at: None,
             drained_at: None,
         }
     }
@@ -548,11 +596,19 @@ impl Coalescer {
     }
 
     /// A write of `frames` frames ended; the writer had run `lag_us` after
-    /// its queue turned non-empty.
-    fn wrote(&mut self, frames: usize, lag_us: u64) {
+    /// its queue turned non-empty; `more` frames are queued already.
+    fn wrote(&mut self, frames: usize, lag_us: u64, more: bool) {
+        let now = tokio::time::Instant::now();
         let late = lag_us >= LATE_US;
-        self.holding = !self.window.is_zero() && (late || (self.holding && frames > 1));
-        self.drained_at = (frames < WRITE_BATCH).then(tokio::time::Instant::now);
+        if late {
+            self.late_at = Some(now);
+        }
+        let recently_late = self
+            .late_at
+            .is_some_and(|at| now.duration_since(at) <= self.window * LATE_MEMORY_WINDOWS);
+        self.holding =
+            !self.window.is_zero() && (late || (self.holding && frames > 1 && recently_late));
+        self.drained_at = (!more && frames < WRITE_BATCH).then_some(now);
     }
 }
 
@@ -561,11 +617,11 @@ impl Coalescer {
 async fn write_all(
     send: &mut quinn::SendStream,
     mut bufs: &mut [Bytes],
-    progress_us: &AtomicU64,
+    progress: &AtomicU64,
 ) -> Result<(), quinn::WriteError> {
     while !bufs.is_empty() {
         let written = send.write_chunks(bufs).await?;
-        progress_us.store(mono_us(), Ordering::Release);
+        progress.store(mono_us(), Ordering::Release);
         bufs = &mut bufs[written.chunks..];
     }
     Ok(())
@@ -595,12 +651,12 @@ mod tests {
         let mut hold = Coalescer::new(WINDOW);
         // Prompt writers (the node keeps up) never hold, whatever they
         // find queued.
-        hold.wrote(1, 0);
+        hold.wrote(1, 0, false);
         assert_eq!(hold.due(), None);
-        hold.wrote(5, LATE_US - 1);
+        hold.wrote(5, LATE_US - 1, false);
         assert_eq!(hold.due(), None);
         // A late writer holds its next write back for one window.
-        hold.wrote(1, LATE_US);
+        hold.wrote(1, LATE_US, false);
         let wrote_at = tokio::time::Instant::now();
         assert_eq!(hold.due(), Some(wrote_at + WINDOW));
     }
@@ -608,16 +664,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn holding_lasts_while_windows_gather_frames() {
         let mut hold = Coalescer::new(WINDOW);
-        hold.wrote(1, LATE_US + 3);
+        hold.wrote(1, LATE_US + 3, false);
         tokio::time::advance(WINDOW).await;
         // The window gathered several frames: still holding, even though
         // this writer was not late.
-        hold.wrote(4, 0);
+        hold.wrote(4, 0, false);
         assert_eq!(hold.due(), Some(tokio::time::Instant::now() + WINDOW));
         tokio::time::advance(WINDOW).await;
         // A window that gathered one frame: the client is not busy; the
         // next write goes out at once.
-        hold.wrote(1, 0);
+        hold.wrote(1, 0, false);
         assert_eq!(hold.due(), None);
     }
 
@@ -726,9 +782,10 @@ mod tests {
             "the direct came {:?} after it was queued",
             got[1].1 - queued
         );
-        // Still holding (that window gathered two). More broadcasts than
-        // one write takes all go out after one window, not one window per
-        // batch of WRITE_BATCH.
+        // Still holding (that window gathered two). A backlog of a whole
+        // write batch is not held: more broadcasts than one write takes go
+        // out at once, not one window per batch of WRITE_BATCH (nor after
+        // the window: the queue must not fill up while the writer waits).
         let queued = std::time::Instant::now();
         for b in 0..200u8 {
             broadcast(b).unwrap();
@@ -739,8 +796,8 @@ mod tests {
             (0..200).collect::<Vec<u8>>()
         );
         assert!(
-            got[199].1 - queued < window + window / 2,
-            "200 held broadcasts took {:?}",
+            got[199].1 - queued < window / 2,
+            "200 broadcasts queued during a hold took {:?}",
             got[199].1 - queued
         );
     }
@@ -748,20 +805,48 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_is_followed_at_once() {
         let mut hold = Coalescer::new(WINDOW);
-        hold.wrote(1, LATE_US);
+        hold.wrote(1, LATE_US, false);
         assert!(hold.due().is_some());
         // More may be queued than one write takes: no waiting for it.
-        hold.wrote(WRITE_BATCH, 0);
+        hold.wrote(WRITE_BATCH, 0, false);
         assert_eq!(hold.due(), None);
         // Still holding: once the rest is written, the next write waits.
-        hold.wrote(3, 0);
+        hold.wrote(3, 0, false);
+        assert_eq!(hold.due(), Some(tokio::time::Instant::now() + WINDOW));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holding_ends_once_lateness_is_old_even_while_frames_keep_coming() {
+        let mut hold = Coalescer::new(WINDOW);
+        hold.wrote(1, LATE_US, false);
+        for _ in 0..LATE_MEMORY_WINDOWS {
+            tokio::time::advance(WINDOW).await;
+            hold.wrote(3, 0, false);
+            assert!(hold.due().is_some(), "late within the memory: holding");
+        }
+        // A node that caught up: its busy client is no longer held.
+        tokio::time::advance(WINDOW).await;
+        hold.wrote(3, 0, false);
+        assert_eq!(hold.due(), None);
+        hold.wrote(3, 0, false);
+        assert_eq!(hold.due(), None, "and it does not start again by itself");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_left_queued_by_a_write_go_out_at_once() {
+        let mut hold = Coalescer::new(WINDOW);
+        hold.wrote(1, LATE_US, false);
+        // More frames came during a slow write: no window for them.
+        hold.wrote(2, 0, true);
+        assert_eq!(hold.due(), None);
+        hold.wrote(2, 0, false);
         assert_eq!(hold.due(), Some(tokio::time::Instant::now() + WINDOW));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_zero_window_never_holds() {
         let mut hold = Coalescer::new(Duration::ZERO);
-        hold.wrote(64, 1_000);
+        hold.wrote(64, 1_000, false);
         assert_eq!(hold.due(), None);
     }
 }
