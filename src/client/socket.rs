@@ -185,19 +185,49 @@ fn stamp(path: &std::path::Path) -> Result<FileStamp, TlsError> {
     Ok((path.to_owned(), meta.len(), meta.modified().ok(), inode))
 }
 
+/// The files' contents, for the cache's periodic check.
+fn contents(trust: &ServerTrust, identity: Option<&ClientCert>) -> Result<Vec<Vec<u8>>, TlsError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| TlsError::Io {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut all = Vec::new();
+    if let ServerTrust::CaFile(path) = trust {
+        all.push(read(path)?);
+    }
+    if let Some(id) = identity {
+        all.push(read(&id.cert)?);
+        all.push(read(&id.key)?);
+    }
+    Ok(all)
+}
+
+/// A cached configuration and the file contents it was made from.
+struct Cached {
+    config: Arc<quinn::crypto::rustls::QuicClientConfig>,
+    contents: Vec<Vec<u8>>,
+    checked: std::time::Instant,
+}
+
+/// How often a cached configuration's files are read again even though
+/// their stat is unchanged: a file rewritten with the same size within one
+/// coarse mtime tick (older kernels, some file systems), on a reused inode,
+/// keeps its stat.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The TLS client configuration for `trust` and `identity`, shared by
 /// every client whose settings (and files) are the same: the CA file is
 /// parsed once, and the configuration's session cache lets reconnects and
-/// further clients resume TLS sessions. A changed file (size, time or
-/// inode) is read anew; unchanged files cost one `stat` per connect, not a
-/// read.
+/// further clients resume TLS sessions. A changed file is read anew: at
+/// once when its size, time or inode changed, otherwise within a second
+/// (unchanged files cost one `stat` per connect and one read per second).
 pub(super) fn client_crypto(
     trust: &ServerTrust,
     identity: Option<&ClientCert>,
 ) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsError> {
-    static CACHE: OnceLock<
-        Mutex<HashMap<CryptoKey, Arc<quinn::crypto::rustls::QuicClientConfig>>>,
-    > = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<CryptoKey, Cached>>> = OnceLock::new();
     /// Distinct configurations kept; more are rare (a process talks to few
     /// clusters) and simply start the cache over.
     const MAX_CACHED: usize = 16;
@@ -212,15 +242,34 @@ pub(super) fn client_crypto(
         },
     );
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(found) = lock(cache).get(&key) {
-        return Ok(found.clone());
+    let now = std::time::Instant::now();
+    let stale = match lock(cache).get(&key) {
+        Some(found) if now.duration_since(found.checked) < RECHECK => {
+            return Ok(found.config.clone());
+        }
+        Some(found) => Some(found.contents.clone()),
+        None => None,
+    };
+    let read = contents(trust, identity)?;
+    if stale.as_ref() == Some(&read)
+        && let Some(found) = lock(cache).get_mut(&key)
+    {
+        found.checked = now;
+        return Ok(found.config.clone());
     }
     let made = Arc::new(tls::client_crypto(trust, identity)?);
     let mut cache = lock(cache);
     if cache.len() >= MAX_CACHED {
         cache.clear();
     }
-    cache.insert(key, made.clone());
+    cache.insert(
+        key,
+        Cached {
+            config: made.clone(),
+            contents: read,
+            checked: now,
+        },
+    );
     Ok(made)
 }
 
@@ -305,5 +354,32 @@ mod tests {
         crate::tls::ensure_dev_certs(dir.path(), &names).unwrap();
         let c = client_crypto(&trust, None).unwrap();
         assert!(!Arc::ptr_eq(&a, &c), "a changed CA file gets a new config");
+    }
+
+    #[test]
+    fn a_file_rewritten_with_the_same_stat_is_read_again_within_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_owned()];
+        crate::tls::ensure_dev_certs(dir.path(), &names).unwrap();
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let path = dir.path().join("trust.pem");
+        let with_note = |note: &[u8]| [note, &ca[..]].concat();
+        std::fs::write(&path, with_note(b"x\n")).unwrap();
+        let trust = ServerTrust::CaFile(path.clone());
+        let a = client_crypto(&trust, None).unwrap();
+        // Same size, same inode, and the old mtime put back: what a coarse
+        // clock or a quick rewrite looks like.
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut &file, &with_note(b"y\n")).unwrap();
+        file.set_modified(mtime).unwrap();
+        drop(file);
+        let b = client_crypto(&trust, None).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "within a second: stat only");
+        std::thread::sleep(RECHECK + std::time::Duration::from_millis(100));
+        let c = client_crypto(&trust, None).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c), "then the contents are compared");
+        let d = client_crypto(&trust, None).unwrap();
+        assert!(Arc::ptr_eq(&c, &d));
     }
 }
