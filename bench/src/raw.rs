@@ -130,11 +130,12 @@ impl Relay {
         let listener = relay.clone();
         tokio::spawn(async move {
             use futures_util::StreamExt;
-            let Ok(mut pubsub) = listener.client.get_async_pubsub().await else {
-                return;
+            let mut pubsub = match listener.client.get_async_pubsub().await {
+                Ok(pubsub) => pubsub,
+                Err(err) => return eprintln!("relay: cannot connect to Redis: {err}"),
             };
-            if pubsub.subscribe(RELAY_CHANNEL).await.is_err() {
-                return;
+            if let Err(err) = pubsub.subscribe(RELAY_CHANNEL).await {
+                return eprintln!("relay: cannot subscribe: {err}");
             }
             let mut stream = pubsub.into_on_message();
             while let Some(msg) = stream.next().await {

@@ -801,7 +801,13 @@ async fn raw_relay_one_way(lab: &mut Lab, url: &str, samples: usize) -> anyhow::
         next += PACE;
         tokio::time::sleep_until(next).await;
     }
-    Ok(receiver.await?)
+    let hist = receiver.await?;
+    anyhow::ensure!(
+        hist.hist.len() * 2 >= samples as u64,
+        "the Redis relay floor delivered {} of {samples} frames (relay servers could not reach {url}?)",
+        hist.hist.len()
+    );
+    Ok(hist)
 }
 
 async fn direct_local(sizes: &Sizes) -> anyhow::Result<Value> {
