@@ -182,10 +182,10 @@ trait SettingValue: Sized {
     fn show(&self) -> String;
 }
 
-/// Types that the file holds as they are, that clap parses by itself and
-/// that show themselves with `Display`.
-macro_rules! plain_setting_value {
-    ($($ty:ty),* $(,)?) => {$(
+/// Types that the file holds as they are and that clap parses by itself;
+/// `$show` turns a value back into its flag spelling.
+macro_rules! parsed_setting_value {
+    ($show:path => $($ty:ty),+ $(,)?) => {$(
         impl SettingValue for $ty {
             type File = Self;
             fn from_file(file: Self) -> Self {
@@ -195,36 +195,28 @@ macro_rules! plain_setting_value {
                 clap::value_parser!($ty).into()
             }
             fn show(&self) -> String {
-                self.to_string()
-            }
-        }
-    )*};
-}
-
-plain_setting_value!(usize, u32, u64, bool, String, SocketAddr);
-
-/// Settings whose values are a `clap::ValueEnum` (the file spells them
-/// the same way, kebab-case).
-macro_rules! enum_setting_value {
-    ($($ty:ty),+) => {$(
-        impl SettingValue for $ty {
-            type File = Self;
-            fn from_file(file: Self) -> Self {
-                file
-            }
-            fn value_parser() -> ValueParser {
-                clap::value_parser!($ty).into()
-            }
-            fn show(&self) -> String {
-                clap::ValueEnum::to_possible_value(self)
-                    .map(|value| value.get_name().to_owned())
-                    .unwrap_or_default()
+                $show(self)
             }
         }
     )+};
 }
 
-enum_setting_value!(AddressValidation, Congestion);
+/// A value spelled as `Display` shows it.
+fn show_display(value: &impl std::fmt::Display) -> String {
+    value.to_string()
+}
+
+/// A `clap::ValueEnum` spelled as its flag takes it (the file spells it the
+/// same way, kebab-case).
+fn show_enum(value: &impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|value| value.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+parsed_setting_value!(show_display => usize, u32, u64, bool, String, SocketAddr);
+parsed_setting_value!(show_enum => AddressValidation, Congestion);
 
 impl SettingValue for PathBuf {
     type File = Self;

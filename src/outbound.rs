@@ -360,21 +360,25 @@ impl Outbound {
             stats::add(&self.stats.node_busy, 1);
             return Err(EnqueueError::NodeBusy);
         }
-        if before == 0 {
-            // Stall time counts from when the queue stopped being empty.
-            self.progress.any.store(mono_us(), Ordering::Release);
-        }
         let sender = self.sender(priority);
         let waiting = sender.max_capacity() - sender.capacity();
+        let coalescing = !self.limits.coalesce.is_zero();
+        // One clock read serves both stamps (this is every delivery's path).
+        let now = (before == 0 || (coalescing && waiting == 0)).then(mono_us);
+        if let (0, Some(now)) = (before, now) {
+            // Stall time counts from when the queue stopped being empty.
+            self.progress.any.store(now, Ordering::Release);
+        }
         match sender.try_send(frame) {
             Ok(()) => {
-                if waiting == 0 {
-                    self.progress.lanes[priority.index()].store(mono_us(), Ordering::Release);
+                if let (0, true, Some(now)) = (waiting, coalescing, now) {
+                    // Only the coalescer reads a lane's lateness.
+                    self.progress.lanes[priority.index()].store(now, Ordering::Release);
                 }
                 // What must not wait for a held write (see `Coalescer`):
                 // anything but a broadcast, and a backlog that would fill
                 // the queue or the byte budget before the window ends.
-                if !self.limits.coalesce.is_zero()
+                if coalescing
                     && (tag != protocol::tag::BROADCAST
                         || waiting + 1 >= WRITE_BATCH
                         || 2 * (before + len) >= self.limits.bytes)
