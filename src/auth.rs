@@ -78,7 +78,14 @@ pub struct Claims {
     /// Issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// Channel patterns (`*` = any run of characters) the user may
+    /// subscribe and publish to in namespaces whose rule is `granted`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
 }
+
+/// Most patterns a token's `channels` claim may hold.
+pub const MAX_CHANNEL_GRANTS: usize = 256;
 
 /// An authenticated client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +94,8 @@ pub struct Identity {
     pub user: String,
     /// When the token expires (Unix seconds).
     pub expires_at: u64,
+    /// The token's `channels` claim: patterns of the channels granted.
+    pub channels: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -187,7 +196,12 @@ impl Authenticator {
             .and_then(numeric_date)
             .ok_or_else(|| AuthError::Invalid("missing claim exp".into()))?;
         crate::protocol::valid_name(&user, MAX_USER_BYTES).map_err(AuthError::BadSubject)?;
-        Ok(Identity { user, expires_at })
+        let channels = channel_grants(data.claims.get("channels"))?;
+        Ok(Identity {
+            user,
+            expires_at,
+            channels,
+        })
     }
 
     fn only_key(&self) -> Option<&Key> {
@@ -200,6 +214,36 @@ impl Authenticator {
 
 /// A NumericDate (RFC 7519: seconds, possibly fractional) as whole
 /// seconds, rounded the way jsonwebtoken's own `exp` check rounds it.
+/// Reads the `channels` claim: absent, or an array of at most
+/// [`MAX_CHANNEL_GRANTS`] strings of at most 255 bytes each.
+fn channel_grants(claim: Option<&serde_json::Value>) -> Result<Vec<String>, AuthError> {
+    let Some(claim) = claim else {
+        return Ok(Vec::new());
+    };
+    let bad = |why: String| AuthError::Invalid(format!("claim channels {why}"));
+    let list = claim
+        .as_array()
+        .ok_or_else(|| bad("must be an array of strings".into()))?;
+    if list.len() > MAX_CHANNEL_GRANTS {
+        return Err(bad(format!(
+            "has {} patterns; at most {MAX_CHANNEL_GRANTS} are accepted",
+            list.len()
+        )));
+    }
+    list.iter()
+        .map(|value| match value.as_str() {
+            Some(p) if !p.is_empty() && p.len() <= crate::protocol::MAX_CHANNEL_BYTES => {
+                Ok(p.to_owned())
+            }
+            Some(p) => Err(bad(format!(
+                "has a pattern of {} bytes (1 to 255 expected)",
+                p.len()
+            ))),
+            None => Err(bad("must be an array of strings".into())),
+        })
+        .collect()
+}
+
 fn numeric_date(value: &serde_json::Value) -> Option<u64> {
     value.as_u64().or_else(|| {
         value
@@ -319,6 +363,7 @@ pub fn mint_hs256(
     ttl: Duration,
     audience: Option<&str>,
     issuer: Option<&str>,
+    channels: &[String],
 ) -> Result<String, AuthSetupError> {
     if secret.len() < MIN_SECRET_BYTES {
         return Err(AuthSetupError::Key(format!(
@@ -333,6 +378,7 @@ pub fn mint_hs256(
         iat: Some(now),
         aud: audience.map(str::to_owned),
         iss: issuer.map(str::to_owned),
+        channels: channels.to_vec(),
     };
     let key = EncodingKey::from_secret(secret.as_bytes()).map_err(key_error)?;
     mint(&Header::new(Algorithm::HS256), &claims, &key)
@@ -414,6 +460,30 @@ mod tests {
     }
 
     #[test]
+    fn the_channels_claim_is_a_bounded_list_of_patterns() {
+        let auth = authenticator(&[]);
+        let exp = later();
+        let ok = auth
+            .verify(Some(&token(
+                json!({ "sub": "a", "exp": exp, "channels": ["chat:*", "news"] }),
+            )))
+            .unwrap();
+        assert_eq!(ok.channels, vec!["chat:*".to_owned(), "news".to_owned()]);
+        for (bad, why) in [
+            (json!("chat:*"), "must be an array of strings"),
+            (json!([1]), "must be an array of strings"),
+            (json!([""]), "1 to 255 expected"),
+            (json!(vec!["x"; 257]), "at most 256"),
+        ] {
+            let err = auth
+                .verify(Some(&token(json!({ "sub": "a", "exp": exp, "channels": bad }))))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
     fn an_audience_array_is_accepted_when_one_entry_matches() {
         let auth = authenticator(&["fabric"]);
         let exp = later();
@@ -426,7 +496,8 @@ mod tests {
             ok,
             Identity {
                 user: "alice".into(),
-                expires_at: exp
+                expires_at: exp,
+                channels: Vec::new(),
             }
         );
         // A single string still works, and an array without a match is refused.

@@ -127,6 +127,10 @@ pub enum Command {
         /// Issuer (`iss` claim).
         #[arg(long)]
         iss: Option<String>,
+        /// Channel patterns granted (`channels` claim; `*` = any run of
+        /// characters), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
     },
 }
 
@@ -171,9 +175,17 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         ttl,
         aud,
         iss,
+        channels,
     } = &cli.command
     {
-        let token = crate::auth::mint_hs256(secret, sub, *ttl, aud.as_deref(), iss.as_deref())?;
+        let token = crate::auth::mint_hs256(
+            secret,
+            sub,
+            *ttl,
+            aud.as_deref(),
+            iss.as_deref(),
+            channels,
+        )?;
         println!("{token}");
         return Ok(());
     }
@@ -298,6 +310,13 @@ async fn listen(client: &mut Client, count: Option<u64>) -> anyhow::Result<()> {
                         json!({"type": "reconnected", "client_id": client_id.to_string(), "node_id": node_id.to_string()})
                     );
                 }
+                Some(Event::Resubscribed { channels, failed }) => {
+                    let failed: Vec<Value> = failed
+                        .iter()
+                        .map(|(channel, reason)| json!({"channel": channel, "reason": reason}))
+                        .collect();
+                    println!("{}", json!({"type": "resubscribed", "channels": channels, "failed": failed}));
+                }
                 Some(Event::Closed { code, reason }) => {
                     println!("{}", json!({"type": "closed", "code": code, "reason": reason}));
                     anyhow::bail!("connection closed: {reason}");
@@ -335,6 +354,14 @@ async fn chat(client: &mut Client) -> anyhow::Result<()> {
                 Some(Event::Disconnected { reason, .. }) => println!("* connection lost ({reason}); reconnecting"),
                 Some(Event::Reconnected { client_id, node_id }) => {
                     println!("* reconnected as {client_id} on node {node_id}")
+                }
+                Some(Event::Resubscribed { channels, failed }) => {
+                    if !channels.is_empty() {
+                        println!("* rejoined {}", channels.join(", "));
+                    }
+                    for (channel, reason) in failed {
+                        println!("! could not rejoin {channel}: {reason}");
+                    }
                 }
                 Some(Event::Closed { reason, .. }) => anyhow::bail!("disconnected: {reason}"),
                 None => anyhow::bail!("disconnected"),

@@ -68,6 +68,137 @@ impl Congestion {
     }
 }
 
+/// Who may subscribe to the channels of a namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubscribePolicy {
+    /// Every connected client.
+    #[default]
+    Anyone,
+    /// Clients with a user id (a verified token or client certificate).
+    Authenticated,
+    /// Clients whose token's `channels` claim has a pattern matching the
+    /// channel.
+    Granted,
+}
+
+/// Who may publish to the channels of a namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PublishPolicy {
+    /// Every connected client, subscribed or not.
+    #[default]
+    Anyone,
+    /// Clients subscribed to the channel.
+    Subscribers,
+    /// Clients whose token's `channels` claim has a pattern matching the
+    /// channel.
+    Granted,
+    /// No client: only the server (the admin API) publishes.
+    Nobody,
+}
+
+/// A channel namespace: the rules for the channels named `NAME:...`.
+/// In the file, one `[[channels.namespaces]]` table each; as a flag,
+/// `NAME[,subscribe=POLICY][,publish=POLICY][,presence=on|off][,join_leave=on|off]`,
+/// several separated by `;`. Rules left out are the default namespace's
+/// defaults (anyone, anyone, on, on).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    /// The namespace (the part of a channel name before the first `:`).
+    pub name: String,
+    /// Who may subscribe.
+    #[serde(default)]
+    pub subscribe: SubscribePolicy,
+    /// Who may publish.
+    #[serde(default)]
+    pub publish: PublishPolicy,
+    /// Whether members are recorded and may be listed (channel presence).
+    #[serde(default = "yes")]
+    pub presence: bool,
+    /// Whether subscribers that ask for them get Join and Leave events.
+    #[serde(default = "yes")]
+    pub join_leave: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Namespace {
+    /// A namespace with the default rules.
+    pub fn open(name: &str) -> Self {
+        Namespace {
+            name: name.to_owned(),
+            subscribe: SubscribePolicy::Anyone,
+            publish: PublishPolicy::Anyone,
+            presence: true,
+            join_leave: true,
+        }
+    }
+}
+
+impl std::str::FromStr for Namespace {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut parts = spec.split(',').map(str::trim);
+        let name = parts.next().unwrap_or_default();
+        let mut namespace = Namespace::open(name);
+        let on_off = |key: &str, value: &str| match value {
+            "on" | "true" => Ok(true),
+            "off" | "false" => Ok(false),
+            other => Err(format!("{key}={other}: expected on or off")),
+        };
+        for part in parts {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected KEY=VALUE"))?;
+            let enum_value = |possible: &[&str]| {
+                if possible.contains(&value) {
+                    Ok(())
+                } else {
+                    Err(format!("{key}={value}: expected one of {}", possible.join(", ")))
+                }
+            };
+            match key {
+                "subscribe" => {
+                    enum_value(&["anyone", "authenticated", "granted"])?;
+                    namespace.subscribe = clap::ValueEnum::from_str(value, false)?;
+                }
+                "publish" => {
+                    enum_value(&["anyone", "subscribers", "granted", "nobody"])?;
+                    namespace.publish = clap::ValueEnum::from_str(value, false)?;
+                }
+                "presence" => namespace.presence = on_off(key, value)?,
+                "join_leave" => namespace.join_leave = on_off(key, value)?,
+                other => {
+                    return Err(format!(
+                        "unknown namespace rule {other:?} (expected subscribe, publish, presence, join_leave)"
+                    ));
+                }
+            }
+        }
+        Ok(namespace)
+    }
+}
+
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = |b: bool| if b { "on" } else { "off" };
+        write!(
+            f,
+            "{},subscribe={},publish={},presence={},join_leave={}",
+            self.name,
+            show_enum(&self.subscribe),
+            show_enum(&self.publish),
+            on(self.presence),
+            on(self.join_leave)
+        )
+    }
+}
+
 /// Shortest HS256 secret accepted: 256 bits, as RFC 7518 §3.2 requires.
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -216,7 +347,28 @@ fn show_enum(value: &impl clap::ValueEnum) -> String {
 }
 
 parsed_setting_value!(show_display => usize, u32, u64, bool, String, SocketAddr);
-parsed_setting_value!(show_enum => AddressValidation, Congestion);
+parsed_setting_value!(show_enum => AddressValidation, Congestion, SubscribePolicy, PublishPolicy);
+
+/// Namespaces: `;`-separated specs in a flag, an array of tables in the file.
+impl SettingValue for Vec<Namespace> {
+    type File = Self;
+    fn from_file(file: Self) -> Self {
+        file
+    }
+    fn value_parser() -> ValueParser {
+        ValueParser::new(|spec: &str| spec.parse::<Namespace>())
+    }
+    fn show(&self) -> String {
+        if self.is_empty() {
+            "none".into()
+        } else {
+            self.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(";")
+        }
+    }
+}
 
 impl SettingValue for PathBuf {
     type File = Self;
@@ -658,6 +810,35 @@ settings! {
         /// user). Turn off behind a proxy that hides client addresses, where
         /// every anonymous client would inherit every other's debt.
         rate_limit_anonymous_by_ip: bool = true,
+        /// Channels one client may be subscribed to at once; one more is
+        /// refused with TOO_MANY_SUBSCRIPTIONS.
+        max_subscriptions: usize = 128,
+        /// Most members returned in one Presence answer (`truncated` tells
+        /// when there were more).
+        max_presence_members: usize = 1_000,
+    }
+
+    // Channels: the rules of the default namespace (channel names without
+    // `:`) and the other namespaces.
+    [channels] {
+        /// Who may subscribe to channels of the default namespace: `anyone`,
+        /// `authenticated` or `granted` (by the token's `channels` claim).
+        channel_subscribe: SubscribePolicy = SubscribePolicy::Anyone,
+        /// Who may publish to channels of the default namespace: `anyone`,
+        /// `subscribers`, `granted` or `nobody` (only the admin API).
+        channel_publish: PublishPolicy = PublishPolicy::Anyone,
+        /// Whether channels of the default namespace keep presence (their
+        /// members can be listed, and SubscribeAck counts them).
+        channel_presence: bool = true,
+        /// Whether subscribers of the default namespace's channels that ask
+        /// for them get Join and Leave events.
+        channel_join_leave: bool = true,
+        /// Other namespaces, each `NAME[,subscribe=…][,publish=…][,presence=on|off][,join_leave=on|off]`,
+        /// `;`-separated (in the file: `[[channels.namespaces]]` tables); a
+        /// channel `NAME:…` of an undeclared namespace is refused with
+        /// UNKNOWN_NAMESPACE.
+        #[arg(value_delimiter = ';')]
+        namespaces: Vec<Namespace> = Vec::new(),
     }
 
     // The cluster bus: Redis, and what any bus engine needs.
@@ -736,6 +917,63 @@ settings! {
 }
 
 impl NodeConfig {
+    /// The rules of the default namespace (channel names without `:`).
+    pub fn default_namespace(&self) -> Namespace {
+        Namespace {
+            name: String::new(),
+            subscribe: self.channel_subscribe,
+            publish: self.channel_publish,
+            presence: self.channel_presence,
+            join_leave: self.channel_join_leave,
+        }
+    }
+
+    fn validate_channels(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.max_subscriptions == 0 {
+            return invalid("max_subscriptions must be at least 1".into());
+        }
+        // A Presence answer must fit in one frame, like a client list.
+        let entry_bytes =
+            16 + 16 + 8 + self.max_name_bytes + 1 + 8 + crate::protocol::MAX_USER_BYTES + 8;
+        let most = (HARD_MAX_FRAME_BYTES - 1024) / entry_bytes;
+        if self.max_presence_members == 0 || self.max_presence_members > most {
+            return invalid(format!(
+                "max_presence_members must be 1..={most} with max_name_bytes {} (a presence answer must fit in one 16 MiB frame), got {}",
+                self.max_name_bytes, self.max_presence_members
+            ));
+        }
+        let jwt = self.auth_jwt_secret.is_some()
+            || self.auth_jwt_public_key.is_some()
+            || self.auth_jwks.is_some();
+        let mut seen = std::collections::HashSet::new();
+        let default = self.default_namespace();
+        for namespace in std::iter::once(&default).chain(&self.namespaces) {
+            let label = if namespace.name.is_empty() {
+                "the default namespace".to_owned()
+            } else {
+                format!("namespace {:?}", namespace.name)
+            };
+            if !namespace.name.is_empty() {
+                let probe = format!("{}:x", namespace.name);
+                if let Err(why) = crate::protocol::valid_channel(&probe) {
+                    return invalid(format!("{label}: {why}"));
+                }
+                if !seen.insert(namespace.name.as_str()) {
+                    return invalid(format!("{label} is declared twice"));
+                }
+            }
+            let granted = namespace.subscribe == SubscribePolicy::Granted
+                || namespace.publish == PublishPolicy::Granted;
+            if granted && !jwt {
+                return invalid(format!(
+                    "{label}: `granted` needs JWT authentication (auth_jwt_secret, auth_jwt_public_key or auth_jwks), whose tokens carry the `channels` claim"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads a TOML file over the defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -824,6 +1062,7 @@ impl NodeConfig {
         if self.node_ttl < Duration::from_millis(100) {
             return invalid("node_ttl must be at least 100ms".into());
         }
+        self.validate_channels()?;
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return invalid("redis_prefix must be non-empty without spaces".into());
         }

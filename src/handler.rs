@@ -39,6 +39,22 @@ impl MessageHandler {
         let priority = frame.priority;
         let id = frame.id;
         let router = self.node.router();
+        if frame.body.tag() >= protocol::FIRST_V2_TAG
+            && client.access.version < protocol::CHANNELS_VERSION
+        {
+            client.error(
+                priority,
+                Some(id),
+                error_code::UNKNOWN_FRAME_TYPE,
+                format!(
+                    "{} frames need protocol version {}; this connection speaks version {}",
+                    frame.body.name(),
+                    protocol::CHANNELS_VERSION,
+                    client.access.version
+                ),
+            );
+            return Next::Continue;
+        }
         match &frame.body {
             Body::Text { .. } | Body::Binary { .. } => {
                 if let Some(bytes) = encode(client, &frame) {
@@ -111,7 +127,61 @@ impl MessageHandler {
                 tracing::debug!(reason, "client said goodbye");
                 return Next::Close;
             }
-            Body::HandshakeAck(_) | Body::ClientList { .. } | Body::Stats { .. } => client.error(
+            Body::Subscribe { channel, events } => {
+                let (channel, events) = (channel.clone(), *events);
+                Box::pin(self.node.subscribe(client, id, priority, channel, events)).await;
+            }
+            Body::Unsubscribe { channel } => {
+                if let Err(why) = protocol::valid_channel(channel) {
+                    client.error(
+                        priority,
+                        Some(id),
+                        error_code::INVALID_FIELD,
+                        format!("channel {why}"),
+                    );
+                } else {
+                    self.node.drop_subscription(client.id(), channel, true);
+                    client.ack(priority, id);
+                }
+            }
+            Body::Publish { channel, .. } => {
+                let channels = self.node.channels();
+                let allowed = channels
+                    .namespace(channel)
+                    .and_then(|ns| channels.may_publish(ns, client, channel));
+                match allowed {
+                    Err((code, message)) => client.error(priority, Some(id), code, message),
+                    Ok(()) => {
+                        if let Some(bytes) = encode(client, &frame) {
+                            router.publish(client, id, priority, channel, bytes);
+                        }
+                    }
+                }
+            }
+            Body::PresenceRequest { channel } => {
+                let channel = channel.clone();
+                Box::pin(self.node.presence(client, id, priority, channel)).await;
+            }
+            Body::UserDirect { user, .. } => {
+                if let Err(why) = protocol::valid_name(user, protocol::MAX_USER_BYTES) {
+                    client.error(
+                        priority,
+                        Some(id),
+                        error_code::INVALID_FIELD,
+                        format!("user {why}"),
+                    );
+                } else if let Some(bytes) = encode(client, &frame) {
+                    Box::pin(router.user_direct(client, id, user, priority, bytes)).await;
+                }
+            }
+            Body::HandshakeAck(_)
+            | Body::ClientList { .. }
+            | Body::Stats { .. }
+            | Body::SubscribeAck { .. }
+            | Body::Join { .. }
+            | Body::Leave { .. }
+            | Body::Presence { .. }
+            | Body::Unsubscribed { .. } => client.error(
                 priority,
                 Some(id),
                 error_code::UNEXPECTED_FRAME,

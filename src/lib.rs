@@ -10,8 +10,9 @@
 //! - [`auth`] (JWT verification) and [`limits`] (rate limits, admission).
 //! - [`bus`]: the cluster bus, in memory or through Redis; it sees the
 //!   node's clients only through `bus::LocalPresence`.
-//! - [`outbound`] (a client's queues and writers) and [`registry`] (the
-//!   clients connected to this node, the seed's ClientManager).
+//! - [`outbound`] (a client's queues and writers), [`registry`] (the
+//!   clients connected to this node, the seed's ClientManager) and
+//!   [`channels`] (their channel subscriptions and the namespace rules).
 //! - [`router`]: where a message goes, locally and across the cluster.
 //! - [`node`]: the node's state and operations (join and leave, the
 //!   cluster event loop, drain, the admin operations).
@@ -30,6 +31,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bus;
+pub mod channels;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -376,10 +376,10 @@ impl Outbound {
                     self.progress.lanes[priority.index()].store(now, Ordering::Release);
                 }
                 // What must not wait for a held write (see `Coalescer`):
-                // anything but a broadcast, and a backlog that would fill
+                // anything but a broadcast or channel publication, and a backlog that would fill
                 // the queue or the byte budget before the window ends.
                 if coalescing
-                    && (tag != protocol::tag::BROADCAST
+                    && (!matches!(tag, protocol::tag::BROADCAST | protocol::tag::PUBLISH)
                         || waiting + 1 >= WRITE_BATCH
                         || 2 * (before + len) >= self.limits.bytes)
                 {

@@ -11,13 +11,41 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::bus::LocalPresence;
 use crate::outbound::{EnqueueError, Outbound, QueueBudget};
 use crate::protocol::{
     self, Body, ClientId, ClientInfo, ErrorCode, Frame, MessageId, Priority, Sender, error_code,
     tag,
 };
 use crate::stats::{self, Stats};
+
+/// What a client may do beyond protocol version 1: the version it
+/// negotiated and the channels its token grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// The protocol version of the connection.
+    pub version: u16,
+    /// The token's `channels` claim (patterns), empty without a token.
+    pub grants: Box<[String]>,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            version: protocol::MAX_PROTOCOL_VERSION,
+            grants: Box::default(),
+        }
+    }
+}
+
+impl Access {
+    /// Whether the token grants `channel` (a pattern of its `channels`
+    /// claim matches it).
+    pub fn grants(&self, channel: &str) -> bool {
+        self.grants
+            .iter()
+            .any(|pattern| protocol::channel::pattern_matches(pattern, channel))
+    }
+}
 
 /// The node's handle on one connected client.
 #[derive(Debug)]
@@ -26,6 +54,8 @@ pub struct ClientHandle {
     pub info: ClientInfo,
     /// The sender stamp put on everything it sends.
     pub stamp: Sender,
+    /// Its protocol version and channel grants.
+    pub access: Access,
     outbound: Outbound,
     stats: Arc<Stats>,
     kick: tokio::sync::Notify,
@@ -38,12 +68,14 @@ impl ClientHandle {
     pub fn new(
         info: ClientInfo,
         stamp: Sender,
+        access: Access,
         outbound: Outbound,
         stats: Arc<Stats>,
     ) -> Arc<Self> {
         Arc::new(ClientHandle {
             info,
             stamp,
+            access,
             outbound,
             stats,
             kick: tokio::sync::Notify::new(),
@@ -199,6 +231,8 @@ pub struct BroadcastCount {
 #[derive(Debug)]
 pub struct Registry {
     clients: RwLock<HashMap<ClientId, Arc<ClientHandle>>>,
+    /// The connections of each user (clients with a user id).
+    users: RwLock<HashMap<String, Vec<Arc<ClientHandle>>>>,
     max_clients: usize,
 }
 
@@ -207,6 +241,7 @@ impl Registry {
     pub fn new(max_clients: usize) -> Self {
         Registry {
             clients: RwLock::new(HashMap::new()),
+            users: RwLock::new(HashMap::new()),
             max_clients,
         }
     }
@@ -228,13 +263,42 @@ impl Registry {
                 max: self.max_clients,
             });
         }
+        if let Some(user) = &client.info.user {
+            self.users
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(user.clone())
+                .or_default()
+                .push(client.clone());
+        }
         clients.insert(client.id(), client);
         Ok(())
     }
 
-    /// Removes a client; returns whether it was there.
-    pub fn unregister(&self, id: ClientId) -> bool {
-        self.write().remove(&id).is_some()
+    /// Removes a client; returns its handle if it was there.
+    pub fn unregister(&self, id: ClientId) -> Option<Arc<ClientHandle>> {
+        let mut clients = self.write();
+        let removed = clients.remove(&id)?;
+        if let Some(user) = &removed.info.user {
+            let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(list) = users.get_mut(user) {
+                list.retain(|c| c.id() != id);
+                if list.is_empty() {
+                    users.remove(user);
+                }
+            }
+        }
+        Some(removed)
+    }
+
+    /// The connections of `user` on this node.
+    pub fn of_user(&self, user: &str) -> Vec<Arc<ClientHandle>> {
+        self.users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The handle of a connected client.
@@ -284,8 +348,9 @@ impl Registry {
     }
 }
 
-impl LocalPresence for Registry {
-    fn local_clients(&self) -> Vec<ClientInfo> {
+impl Registry {
+    /// Every client connected to this node.
+    pub fn local_clients(&self) -> Vec<ClientInfo> {
         self.read().values().map(|c| c.info.clone()).collect()
     }
 }
@@ -362,7 +427,7 @@ mod tests {
             };
             let outbound =
                 Outbound::new(client_id, limits, self.budget.clone(), self.stats.clone());
-            ClientHandle::new(info, stamp, outbound, self.stats.clone())
+            ClientHandle::new(info, stamp, Access::default(), outbound, self.stats.clone())
         }
     }
 
@@ -397,8 +462,8 @@ mod tests {
         assert_eq!(count.delivered, 1);
         assert_eq!(b.outbound().queued_bytes(), bytes.len());
         assert_eq!(a.outbound().queued_bytes(), 0);
-        assert!(f.registry.unregister(a.id()));
-        assert!(!f.registry.unregister(a.id()));
+        assert!(f.registry.unregister(a.id()).is_some());
+        assert!(f.registry.unregister(a.id()).is_none());
         assert_eq!(f.registry.local_clients().len(), 1);
     }
 

@@ -20,8 +20,11 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use crate::bus::{Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, PublishDone, Target};
+use crate::channels::Channels;
 use crate::outbound::EnqueueError;
-use crate::protocol::{ClientId, MessageId, NodeId, Priority, error_code, tag};
+use crate::protocol::{
+    self, Body, ClientId, Frame, MessageId, NodeId, Priority, error_code, tag,
+};
 use crate::registry::{ClientHandle, Registry};
 use crate::stats::Stats;
 
@@ -36,12 +39,26 @@ struct PendingDelivery {
     deadline: Instant,
 }
 
+/// A message to a user, with no connection of the user on this node,
+/// waiting for the receipts of the nodes that have one.
+struct PendingUser {
+    user: String,
+    /// Nodes that have not answered yet.
+    remaining: usize,
+    /// Connections that missed it because their node's queues were full.
+    busy: u32,
+    priority: Priority,
+    deadline: Instant,
+}
+
 /// Delivers messages to local clients and, through the bus, to other nodes.
 pub struct MessageRouter {
     node_id: NodeId,
     registry: Arc<Registry>,
+    channels: Arc<Channels>,
     bus: Arc<Bus>,
     pending: Mutex<HashMap<(ClientId, MessageId), PendingDelivery>>,
+    pending_users: Mutex<HashMap<(ClientId, MessageId), PendingUser>>,
     located: Mutex<HashMap<ClientId, NodeId>>,
     delivery_timeout: Duration,
     max_pending: usize,
@@ -59,6 +76,7 @@ impl MessageRouter {
     pub fn new(
         node_id: NodeId,
         registry: Arc<Registry>,
+        channels: Arc<Channels>,
         bus: Arc<Bus>,
         delivery_timeout: Duration,
         max_pending: usize,
@@ -67,8 +85,10 @@ impl MessageRouter {
         MessageRouter {
             node_id,
             registry,
+            channels,
             bus,
             pending: Mutex::new(HashMap::new()),
+            pending_users: Mutex::new(HashMap::new()),
             located: Mutex::new(HashMap::new()),
             delivery_timeout,
             max_pending,
@@ -309,6 +329,7 @@ impl MessageRouter {
 
     /// Fails deliveries whose receipt did not come in time.
     pub fn expire_deliveries(&self) {
+        self.expire_user_deliveries();
         let now = Instant::now();
         let expired: Vec<_> = {
             let mut pending = lock(&self.pending);
@@ -337,6 +358,357 @@ impl MessageRouter {
             }
         }
     }
+}
+
+impl MessageRouter {
+    /// Publishes a client's frame to `channel`: the local subscribers get
+    /// it at once, the other nodes' through the bus; the sender is
+    /// answered once Redis accepted it for them (PROTOCOL.md section 7).
+    pub fn publish(
+        &self,
+        from: &Arc<ClientHandle>,
+        id: MessageId,
+        priority: Priority,
+        channel: &str,
+        frame: Bytes,
+    ) {
+        let started = Instant::now();
+        let count = self.channels.deliver(channel, priority, &frame, false, None);
+        self.stats
+            .delivery_local
+            .observe(started.elapsed().as_secs_f64());
+        let local = count.delivered;
+        if count.node_busy > 0 {
+            return from.error(
+                priority,
+                Some(id),
+                error_code::SERVER_BUSY,
+                format!(
+                    "delivered to {local} subscribers on this node; {} missed it because the node's queues are full (not sent to other nodes)",
+                    count.node_busy
+                ),
+            );
+        }
+        if !self.bus.clustered() {
+            return from.ack(priority, id);
+        }
+        if !self.bus.available() {
+            return from.error(
+                priority,
+                Some(id),
+                error_code::CLUSTER_UNAVAILABLE,
+                format!(
+                    "delivered to {local} subscribers on this node only: the cluster bus is unavailable"
+                ),
+            );
+        }
+        let message = BusMessage::Publication {
+            origin: self.node_id,
+            channel: channel.to_owned(),
+            priority,
+            event: false,
+            frame,
+        };
+        let sender = from.clone();
+        self.bus.publish(
+            Target::Channel,
+            message,
+            Some(Box::new(move |published| match published {
+                Ok(_) => sender.ack(priority, id),
+                Err(err) => sender.error(
+                    priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    format!(
+                        "delivered to {local} subscribers on this node only: {err}"
+                    ),
+                ),
+            })),
+        );
+    }
+
+    /// Publishes a node-originated frame (a server publication, or a Join
+    /// or Leave event when `event`) to `channel` everywhere, except to
+    /// client `exclude`. Returns the local subscribers that got it.
+    pub fn publish_from_node(
+        &self,
+        channel: &str,
+        priority: Priority,
+        frame: Bytes,
+        event: bool,
+        exclude: Option<ClientId>,
+        done: Option<PublishDone>,
+    ) -> usize {
+        let local = self
+            .channels
+            .deliver(channel, priority, &frame, event, exclude)
+            .delivered;
+        if self.bus.clustered() {
+            let message = BusMessage::Publication {
+                origin: self.node_id,
+                channel: channel.to_owned(),
+                priority,
+                event,
+                frame,
+            };
+            self.bus.publish(Target::Channel, message, done);
+        } else if let Some(done) = done {
+            done(Ok(1));
+        }
+        local
+    }
+
+    /// Sends a Join or Leave event (`body`) of `channel` to the
+    /// subscribers that asked for events, everywhere, except `member`.
+    pub fn channel_event(&self, channel: &str, body: Body, member: ClientId) {
+        match protocol::encode(&Frame::new(Priority::Normal, body)) {
+            Ok(frame) => {
+                self.publish_from_node(channel, Priority::Normal, frame, true, Some(member), None);
+            }
+            Err(err) => warn!(%err, "cannot encode a channel event"),
+        }
+    }
+
+    /// Queues a publication (or event) another node sent for this node's
+    /// subscribers of `channel`.
+    pub fn deliver_publication(&self, channel: &str, priority: Priority, event: bool, frame: &Bytes) {
+        let count = self.channels.deliver(channel, priority, frame, event, None);
+        if count.node_busy > 0 {
+            warn!(
+                channel,
+                missed = count.node_busy,
+                "channel publication not delivered to some subscribers: node queues full"
+            );
+        }
+    }
+
+    /// Queues a UserDirect frame for every local connection of `user`
+    /// (a version-1 connection gets it as a Direct addressed to itself).
+    /// Returns how many got it and how many missed it for lack of queue
+    /// memory.
+    fn deliver_to_user(&self, user: &str, priority: Priority, frame: &Bytes) -> (u32, u32) {
+        let (mut delivered, mut busy) = (0, 0);
+        for target in self.registry.of_user(user) {
+            let bytes = if target.access.version >= protocol::CHANNELS_VERSION {
+                Some(frame.clone())
+            } else {
+                as_direct(frame, target.id())
+            };
+            let Some(bytes) = bytes else { continue };
+            let tag = if target.access.version >= protocol::CHANNELS_VERSION {
+                tag::USER_DIRECT
+            } else {
+                tag::DIRECT
+            };
+            match target.enqueue(priority, tag, bytes) {
+                Ok(()) => delivered += 1,
+                Err(EnqueueError::NodeBusy) => busy += 1,
+                Err(_) => {}
+            }
+        }
+        (delivered, busy)
+    }
+
+    /// Delivers a UserDirect from `from` to every connection of `user` in
+    /// the cluster, and answers the sender: Ack once it is queued for at
+    /// least one connection, UNKNOWN_USER when the user has none.
+    pub async fn user_direct(
+        self: &Arc<Self>,
+        from: &Arc<ClientHandle>,
+        id: MessageId,
+        user: &str,
+        priority: Priority,
+        frame: Bytes,
+    ) {
+        let (local, mut busy) = self.deliver_to_user(user, priority, &frame);
+        let nodes = if !self.bus.clustered() {
+            Ok(Vec::new())
+        } else if !self.bus.available() {
+            Err(BusError::Unavailable("the cluster bus is unavailable".into()))
+        } else {
+            self.bus.locate_user(user).await.map(|nodes| {
+                nodes
+                    .into_iter()
+                    .filter(|n| *n != self.node_id)
+                    .collect::<Vec<_>>()
+            })
+        };
+        let nodes = match nodes {
+            Ok(nodes) => nodes,
+            Err(_) if local > 0 => return from.ack(priority, id),
+            Err(err) => {
+                return from.error(
+                    priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    format!("cannot reach user {user}'s other nodes: {err}"),
+                );
+            }
+        };
+        if nodes.is_empty() {
+            return match (local, busy) {
+                (0, 0) => from.error(
+                    priority,
+                    Some(id),
+                    error_code::UNKNOWN_USER,
+                    format!("user {user} has no connection"),
+                ),
+                (0, _) => from.error(
+                    priority,
+                    Some(id),
+                    error_code::SERVER_BUSY,
+                    format!("user {user}'s connections are on a node with no queue memory left; retry later"),
+                ),
+                _ => from.ack(priority, id),
+            };
+        }
+        if local == 0 {
+            let mut pending = lock(&self.pending_users);
+            if pending.len() >= self.max_pending {
+                drop(pending);
+                return from.error(
+                    priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    "too many cross-node messages awaiting delivery; retry later",
+                );
+            }
+            pending.insert(
+                (from.id(), id),
+                PendingUser {
+                    user: user.to_owned(),
+                    remaining: nodes.len(),
+                    busy: std::mem::take(&mut busy),
+                    priority,
+                    deadline: Instant::now() + self.delivery_timeout,
+                },
+            );
+        } else {
+            from.ack(priority, id);
+        }
+        for node in nodes {
+            let message = BusMessage::UserDirect {
+                origin: self.node_id,
+                message_id: id,
+                sender: from.id(),
+                user: user.to_owned(),
+                priority,
+                frame: frame.clone(),
+            };
+            let done: Option<PublishDone> = (local == 0).then(|| {
+                let router = self.clone();
+                let sender = from.id();
+                Box::new(move |published: Result<usize, BusError>| {
+                    if !matches!(published, Ok(n) if n > 0) {
+                        // That node cannot answer: count it as having none.
+                        router.settle_user_receipt(id, sender, 0, 0);
+                    }
+                }) as PublishDone
+            });
+            self.bus.publish(Target::Node(node), message, done);
+        }
+    }
+
+    /// Queues a UserDirect another node routed here for the local
+    /// connections of `user`, and sends that node the receipt.
+    pub fn deliver_user(
+        &self,
+        origin: NodeId,
+        message_id: MessageId,
+        sender: ClientId,
+        user: &str,
+        priority: Priority,
+        frame: &Bytes,
+    ) {
+        let (delivered, busy) = self.deliver_to_user(user, priority, frame);
+        let receipt = BusMessage::UserReceipt {
+            message_id,
+            sender,
+            delivered,
+            busy,
+        };
+        self.bus.publish(Target::Node(origin), receipt, None);
+    }
+
+    /// Counts one node's receipt for a message to a user; answers the
+    /// sender once it is queued somewhere or every node said it was not.
+    pub fn settle_user_receipt(&self, message_id: MessageId, sender: ClientId, delivered: u32, busy: u32) {
+        let key = (sender, message_id);
+        let settled = {
+            let mut pending = lock(&self.pending_users);
+            let Some(entry) = pending.get_mut(&key) else {
+                return;
+            };
+            entry.remaining = entry.remaining.saturating_sub(1);
+            entry.busy += busy;
+            if delivered > 0 || entry.remaining == 0 {
+                pending.remove(&key).map(|p| (p, delivered > 0))
+            } else {
+                None
+            }
+        };
+        let Some((pending, delivered)) = settled else {
+            return;
+        };
+        let Some(from) = self.registry.get(sender) else {
+            return;
+        };
+        let user = &pending.user;
+        match (delivered, pending.busy) {
+            (true, _) => from.ack(pending.priority, message_id),
+            (false, 0) => from.error(
+                pending.priority,
+                Some(message_id),
+                error_code::UNKNOWN_USER,
+                format!("user {user} has no connection"),
+            ),
+            (false, _) => from.error(
+                pending.priority,
+                Some(message_id),
+                error_code::SERVER_BUSY,
+                format!("user {user}'s connections are on nodes with no queue memory left; retry later"),
+            ),
+        }
+    }
+
+    fn expire_user_deliveries(&self) {
+        let now = Instant::now();
+        let expired: Vec<_> = {
+            let mut pending = lock(&self.pending_users);
+            let keys: Vec<_> = pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| pending.remove(&k).map(|p| (k, p)))
+                .collect()
+        };
+        for ((sender, id), p) in expired {
+            if let Some(from) = self.registry.get(sender) {
+                from.error(
+                    p.priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    format!(
+                        "no delivery receipt for user {} within {:?}; the message may not have been delivered",
+                        p.user, self.delivery_timeout
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// A UserDirect frame re-encoded as a Direct to `to`, for a version-1
+/// connection (which does not know UserDirect).
+fn as_direct(frame: &Bytes, to: ClientId) -> Option<Bytes> {
+    let mut decoded = protocol::decode_frame(frame.get(protocol::LENGTH_PREFIX_BYTES..)?).ok()?;
+    let Body::UserDirect { payload, .. } = decoded.body else {
+        return None;
+    };
+    decoded.body = Body::Direct { to, payload };
+    protocol::encode(&decoded).ok()
 }
 
 /// The sender's answer to a broadcast, once the bus knows how many nodes

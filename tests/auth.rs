@@ -26,6 +26,7 @@ fn claims(sub: &str, ttl: i64) -> Claims {
         iat: Some(now),
         aud: None,
         iss: None,
+        channels: Vec::new(),
     }
 }
 
@@ -62,6 +63,7 @@ async fn hs256_token_names_the_user_everywhere_and_bad_tokens_are_refused() {
             Duration::from_secs(600),
             Some("fabric"),
             Some("issuer-a"),
+            &[],
         )
         .unwrap()
     };
@@ -88,6 +90,7 @@ async fn hs256_token_names_the_user_everywhere_and_bad_tokens_are_refused() {
         Duration::from_secs(600),
         Some("fabric"),
         Some("issuer-a"),
+        &[],
     )
     .unwrap();
     let msg = expect_auth_refusal(connect_with_token(&node, Some(other_secret)).await);
@@ -325,7 +328,7 @@ async fn a_connection_does_not_outlive_its_token() {
         c.auth_leeway = Duration::ZERO;
     })
     .await;
-    let token = mint_hs256(SECRET, "brief", Duration::from_secs(2), None, None).unwrap();
+    let token = mint_hs256(SECRET, "brief", Duration::from_secs(2), None, None, &[]).unwrap();
     let mut client = connect_with_token(&node, Some(token)).await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -390,5 +393,5 @@ fn weak_secrets_and_conflicting_key_sources_are_config_errors() {
     };
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("choose one"), "{err}");
-    assert!(mint_hs256("short", "x", Duration::from_secs(1), None, None).is_err());
+    assert!(mint_hs256("short", "x", Duration::from_secs(1), None, None, &[]).is_err());
 }

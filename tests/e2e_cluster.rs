@@ -492,6 +492,8 @@ fn spawn_reader(
                     t.client_id = client_id;
                     t.log.push((now, Seen::Reconnected { client_id, node_id }));
                 }
+                // It subscribes to no channel.
+                Some(Event::Resubscribed { .. }) => {}
                 Some(Event::Closed { code, reason }) => {
                     t.unexpected.push(format!("Closed {code:?} {reason}"));
                     break;

@@ -3,19 +3,26 @@
 //! same [`MemoryCluster`] see each other's clients and exchange messages
 //! through bounded channels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc;
 
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, PublishDone, Target, sort_and_cut,
+    BusError, BusMessage, ClusterBus, ClusterEventSender, Landed, PublishDone, Target,
+    sort_and_cut,
 };
 use crate::protocol::{ClientId, ClientInfo, NodeId};
 
 struct Member {
     inbox: ClusterEventSender,
     clients: HashMap<ClientId, ClientInfo>,
+    /// Channels whose publications this node wants.
+    wanted: HashSet<String>,
+    /// Subscribers per channel.
+    subscribers: HashMap<String, usize>,
+    /// Channel presence: members per channel.
+    members: HashMap<String, HashMap<ClientId, ClientInfo>>,
 }
 
 /// The shared state of in-process nodes.
@@ -54,6 +61,9 @@ impl MemoryBus {
             Member {
                 inbox,
                 clients: HashMap::new(),
+                wanted: HashSet::new(),
+                subscribers: HashMap::new(),
+                members: HashMap::new(),
             },
         );
         MemoryBus {
@@ -68,6 +78,12 @@ impl MemoryBus {
         MemoryBus {
             clustered: false,
             ..Self::join(MemoryCluster::new(), node_id, inbox)
+        }
+    }
+
+    fn with_me(&self, change: impl FnOnce(&mut Member)) {
+        if let Some(me) = self.cluster.write().get_mut(&self.node_id) {
+            change(me);
         }
     }
 
@@ -100,10 +116,10 @@ impl ClusterBus for MemoryBus {
         }
     }
 
-    fn client_left(&self, id: ClientId) {
-        if let Some(me) = self.cluster.write().get_mut(&self.node_id) {
-            me.clients.remove(&id);
-        }
+    fn client_left(&self, info: &ClientInfo) {
+        self.with_me(|me| {
+            me.clients.remove(&info.client_id);
+        });
     }
 
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {
@@ -151,6 +167,17 @@ impl ClusterBus for MemoryBus {
                 Some(member) if self.deliver(member, node, message) => Ok(1),
                 Some(_) => Err(BusError::NotListening(node)),
             },
+            Target::Channel => {
+                let channel = match &message {
+                    BusMessage::Publication { channel, .. } => channel.as_str(),
+                    _ => "",
+                };
+                Ok(members
+                    .iter()
+                    .filter(|(node, m)| **node != self.node_id && m.wanted.contains(channel))
+                    .filter(|(node, member)| self.deliver(member, **node, message.clone()))
+                    .count())
+            }
         };
         drop(members);
         if let Some(done) = done {
@@ -160,5 +187,97 @@ impl ClusterBus for MemoryBus {
 
     async fn leave(&self) {
         self.cluster.write().remove(&self.node_id);
+    }
+
+    fn want_channel(&self, channel: &str, wanted: bool) {
+        self.with_me(|me| {
+            if wanted {
+                me.wanted.insert(channel.to_owned());
+            } else {
+                me.wanted.remove(channel);
+            }
+        });
+    }
+
+    async fn channel_sync(&self, _channel: &str) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    fn channel_member_joined(&self, channel: &str, info: &ClientInfo) -> Landed {
+        self.with_me(|me| {
+            me.members
+                .entry(channel.to_owned())
+                .or_default()
+                .insert(info.client_id, info.clone());
+        });
+        None
+    }
+
+    fn channel_member_left(&self, channel: &str, id: ClientId) {
+        self.with_me(|me| {
+            if let Some(members) = me.members.get_mut(channel) {
+                members.remove(&id);
+                if members.is_empty() {
+                    me.members.remove(channel);
+                }
+            }
+        });
+    }
+
+    fn channel_subscribers(&self, channel: &str, count: usize) {
+        self.with_me(|me| {
+            if count == 0 {
+                me.subscribers.remove(channel);
+            } else {
+                me.subscribers.insert(channel.to_owned(), count);
+            }
+        });
+    }
+
+    async fn channel_members(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(Vec<ClientInfo>, bool), BusError> {
+        let all = self
+            .cluster
+            .read()
+            .values()
+            .filter_map(|m| m.members.get(channel))
+            .flat_map(|members| members.values().cloned())
+            .collect();
+        Ok(sort_and_cut(all, limit))
+    }
+
+    async fn channel_member_count(&self, channel: &str) -> Result<u64, BusError> {
+        Ok(self
+            .cluster
+            .read()
+            .values()
+            .filter_map(|m| m.members.get(channel))
+            .map(|members| members.len() as u64)
+            .sum())
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BusError> {
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for member in self.cluster.read().values() {
+            for (channel, count) in &member.subscribers {
+                *counts.entry(channel.clone()).or_default() += *count as u64;
+            }
+        }
+        let mut channels: Vec<_> = counts.into_iter().collect();
+        channels.sort();
+        Ok(channels)
+    }
+
+    async fn locate_user(&self, user: &str) -> Result<Vec<NodeId>, BusError> {
+        Ok(self
+            .cluster
+            .read()
+            .iter()
+            .filter(|(_, m)| m.clients.values().any(|c| c.user.as_deref() == Some(user)))
+            .map(|(node, _)| *node)
+            .collect())
     }
 }

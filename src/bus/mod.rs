@@ -113,6 +113,58 @@ pub enum BusMessage {
         /// Why (sent to the client in its Goodbye).
         reason: String,
     },
+    /// Tag 4: A channel publication, or a Join or Leave event (`event`),
+    /// for the local subscribers of `channel` on every node but `origin`.
+    Publication {
+        /// The node that published it (it delivered locally already).
+        origin: NodeId,
+        /// The channel.
+        channel: String,
+        /// Delivery priority.
+        priority: Priority,
+        /// Whether it is a Join or Leave event (only for subscribers that
+        /// asked for events).
+        event: bool,
+        /// The frame, length prefix included, ready to queue.
+        frame: Bytes,
+    },
+    /// Tag 5: A message for every connection of `user` on the receiving node.
+    UserDirect {
+        /// The sender's node, which waits for the receipt.
+        origin: NodeId,
+        /// The message's id.
+        message_id: MessageId,
+        /// The sending client.
+        sender: ClientId,
+        /// The recipient user.
+        user: String,
+        /// Delivery priority.
+        priority: Priority,
+        /// The stamped UserDirect frame, length prefix included.
+        frame: Bytes,
+    },
+    /// Tag 6: How many of the user's connections on the sending node a
+    /// UserDirect was queued for; sent back to its origin.
+    UserReceipt {
+        /// The message's id.
+        message_id: MessageId,
+        /// The sending client.
+        sender: ClientId,
+        /// Connections it was queued for.
+        delivered: u32,
+        /// Connections that missed it because that node's queues are full.
+        busy: u32,
+    },
+    /// Tag 7: An operator asked to unsubscribe a client of the receiving
+    /// node from a channel.
+    Unsubscribe {
+        /// The client.
+        client: ClientId,
+        /// The channel.
+        channel: String,
+        /// Why (sent to the client in an Unsubscribed frame).
+        reason: String,
+    },
 }
 
 /// What became of a cross-node direct message.
@@ -135,6 +187,9 @@ pub enum Target {
     AllNodes,
     /// One node.
     Node(NodeId),
+    /// The nodes subscribed to the channel of the [`BusMessage::Publication`]
+    /// published.
+    Channel,
 }
 
 /// What other nodes send this one, in the order they arrive; read by the
@@ -149,7 +204,25 @@ pub type ClusterEventSender = mpsc::Sender<BusMessage>;
 pub trait LocalPresence: Send + Sync {
     /// Every client connected to this node.
     fn local_clients(&self) -> Vec<ClientInfo>;
+
+    /// Every channel with subscribers on this node.
+    fn local_channels(&self) -> Vec<LocalChannel>;
 }
+
+/// A channel as this node has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalChannel {
+    /// The channel.
+    pub name: String,
+    /// Its subscribers on this node.
+    pub subscribers: usize,
+    /// Its members on this node, when its namespace keeps presence.
+    pub members: Option<Vec<ClientInfo>>,
+}
+
+/// Completes when a presence write reached the shared store (`None`: it
+/// was not queued, or there is no store to wait for).
+pub type Landed = Option<tokio::sync::oneshot::Receiver<()>>;
 
 /// Told how a publish went: `Ok(n)` with the number of nodes that received
 /// it, or the error. For [`Target::AllNodes`], `Ok` means every live node
@@ -177,7 +250,7 @@ pub trait ClusterBus: Send + Sync {
     fn client_joined(&self, info: &ClientInfo) -> impl Future<Output = ()> + Send;
 
     /// Records that a client left this node.
-    fn client_left(&self, id: ClientId);
+    fn client_left(&self, info: &ClientInfo);
 
     /// The node client `id` is connected to, if any live node has it.
     /// `Ok(None)` is a definite "not connected"; while presence is
@@ -202,6 +275,46 @@ pub trait ClusterBus: Send + Sync {
     /// Removes this node from the cluster (presence and liveness) and stops
     /// background work.
     fn leave(&self) -> impl Future<Output = ()> + Send;
+
+    /// Sets whether this node wants `channel`'s publications (it has local
+    /// subscribers); [`ClusterBus::channel_sync`] makes it so.
+    fn want_channel(&self, channel: &str, wanted: bool);
+
+    /// Brings this node's subscription to `channel` in line with what is
+    /// wanted. `Ok` for a wanted channel means publications from any node
+    /// reach this one from now on.
+    fn channel_sync(&self, channel: &str) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Records that `info` is a member of `channel` (channel presence), in
+    /// order with this node's other writes.
+    fn channel_member_joined(&self, channel: &str, info: &ClientInfo) -> Landed;
+
+    /// Records that client `id` is no longer a member of `channel`.
+    fn channel_member_left(&self, channel: &str, id: ClientId);
+
+    /// Records this node's number of subscribers of `channel` (0: none).
+    fn channel_subscribers(&self, channel: &str, count: usize);
+
+    /// Members of `channel` across the cluster, oldest first, at most
+    /// `limit`, and whether there were more.
+    fn channel_members(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<ClientInfo>, bool), BusError>> + Send;
+
+    /// Number of members of `channel` across the cluster.
+    fn channel_member_count(
+        &self,
+        channel: &str,
+    ) -> impl Future<Output = Result<u64, BusError>> + Send;
+
+    /// Channels with subscribers anywhere in the cluster, and how many.
+    fn channels(&self) -> impl Future<Output = Result<Vec<(String, u64)>, BusError>> + Send;
+
+    /// The live nodes where `user` has at least one connection.
+    fn locate_user(&self, user: &str)
+    -> impl Future<Output = Result<Vec<NodeId>, BusError>> + Send;
 }
 
 /// The bus a node runs with.
@@ -238,8 +351,8 @@ impl ClusterBus for Bus {
         dispatch!(self, b => b.client_joined(info).await)
     }
 
-    fn client_left(&self, id: ClientId) {
-        dispatch!(self, b => b.client_left(id))
+    fn client_left(&self, info: &ClientInfo) {
+        dispatch!(self, b => b.client_left(info))
     }
 
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {
@@ -260,6 +373,46 @@ impl ClusterBus for Bus {
 
     async fn leave(&self) {
         dispatch!(self, b => b.leave().await)
+    }
+
+    fn want_channel(&self, channel: &str, wanted: bool) {
+        dispatch!(self, b => b.want_channel(channel, wanted))
+    }
+
+    async fn channel_sync(&self, channel: &str) -> Result<(), BusError> {
+        dispatch!(self, b => b.channel_sync(channel).await)
+    }
+
+    fn channel_member_joined(&self, channel: &str, info: &ClientInfo) -> Landed {
+        dispatch!(self, b => b.channel_member_joined(channel, info))
+    }
+
+    fn channel_member_left(&self, channel: &str, id: ClientId) {
+        dispatch!(self, b => b.channel_member_left(channel, id))
+    }
+
+    fn channel_subscribers(&self, channel: &str, count: usize) {
+        dispatch!(self, b => b.channel_subscribers(channel, count))
+    }
+
+    async fn channel_members(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(Vec<ClientInfo>, bool), BusError> {
+        dispatch!(self, b => b.channel_members(channel, limit).await)
+    }
+
+    async fn channel_member_count(&self, channel: &str) -> Result<u64, BusError> {
+        dispatch!(self, b => b.channel_member_count(channel).await)
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BusError> {
+        dispatch!(self, b => b.channels().await)
+    }
+
+    async fn locate_user(&self, user: &str) -> Result<Vec<NodeId>, BusError> {
+        dispatch!(self, b => b.locate_user(user).await)
     }
 }
 

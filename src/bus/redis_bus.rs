@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use super::confirm::{Answer, Arrival, Incoming, Outgoing};
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, LocalPresence, PublishDone, Target,
-    sort_and_cut,
+    BusError, BusMessage, ClusterBus, ClusterEventSender, Landed, LocalPresence, PublishDone,
+    Target, sort_and_cut,
 };
 use crate::protocol::codec::{decode_value, encode_value};
 use crate::protocol::{ClientId, ClientInfo, NodeId, now_ms};
@@ -107,6 +107,24 @@ impl Keys {
     /// A node's own channel (direct messages and receipts).
     pub fn node_channel(&self, node: NodeId) -> String {
         format!("{}:ch:node:{node}", self.prefix)
+    }
+    /// Pub/sub channel of a fabric channel: only nodes with subscribers of
+    /// it subscribe.
+    pub fn channel(&self, channel: &str) -> String {
+        format!("{}:ch:chan:{channel}", self.prefix)
+    }
+    /// HASH client id → ClientInfo of a channel's members on a node, with
+    /// TTL (channel presence).
+    pub fn channel_members(&self, channel: &str, node: NodeId) -> String {
+        format!("{}:chan:{channel}:node:{node}", self.prefix)
+    }
+    /// HASH channel → number of subscribers on a node, with TTL.
+    pub fn node_channels(&self, node: NodeId) -> String {
+        format!("{}:node:{node}:channels", self.prefix)
+    }
+    /// HASH client id → node id of a user's connections.
+    pub fn user(&self, user: &str) -> String {
+        format!("{}:user:{user}", self.prefix)
     }
     /// STRING random marker created once per Redis dataset: when it
     /// changes, Redis lost its data (a restart without persistence).
@@ -338,7 +356,10 @@ enum Op {
         done: Option<PublishDone>,
     },
     Join(ClientInfo, Option<oneshot::Sender<()>>),
-    Leave(ClientId),
+    Leave(ClientId, Option<String>),
+    ChannelJoin(String, ClientInfo, Option<oneshot::Sender<()>>),
+    ChannelLeave(String, ClientId),
+    ChannelCount(String, usize),
     /// Send the confirmations this node owes (see `confirm`).
     Confirms,
     Heartbeat,
@@ -367,6 +388,14 @@ struct Inner {
     incoming: Mutex<Incoming>,
     /// An `Op::Confirms` is queued.
     confirms_queued: AtomicBool,
+    /// Fabric channels this node wants (it has local subscribers).
+    wanted: Mutex<HashSet<String>>,
+    /// Fabric channels the current subscription connection subscribes to.
+    have: Mutex<HashSet<String>>,
+    /// The current subscription connection's command half.
+    sink: Mutex<Option<redis::aio::PubSubSink>>,
+    /// Taken by whatever changes the channel subscriptions, one at a time.
+    channel_turn: tokio::sync::Mutex<()>,
     cancel: CancellationToken,
     stats: Arc<Stats>,
 }
@@ -587,6 +616,10 @@ impl RedisBus {
                 outgoing: Mutex::new(outgoing),
                 incoming: Mutex::new(Incoming::default()),
                 confirms_queued: AtomicBool::new(false),
+                wanted: Mutex::new(HashSet::new()),
+                have: Mutex::new(HashSet::new()),
+                sink: Mutex::new(None),
+                channel_turn: tokio::sync::Mutex::new(()),
                 cancel: CancellationToken::new(),
                 stats,
             }),
@@ -612,7 +645,11 @@ impl RedisBus {
             Op::Publish {
                 done: Some(done), ..
             } => done(Err(BusError::Backlog)),
-            Op::Join(..) | Op::Leave(_) => {
+            Op::Join(..)
+            | Op::Leave(..)
+            | Op::ChannelJoin(..)
+            | Op::ChannelLeave(..)
+            | Op::ChannelCount(..) => {
                 // Presence will be rewritten in full once the queue drains.
                 self.inner.needs_resync.store(true, Ordering::Release);
             }
@@ -721,8 +758,8 @@ impl ClusterBus for RedisBus {
         }
     }
 
-    fn client_left(&self, id: ClientId) {
-        self.enqueue(Op::Leave(id));
+    fn client_left(&self, info: &ClientInfo) {
+        self.enqueue(Op::Leave(info.client_id, info.user.clone()));
     }
 
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {
@@ -828,6 +865,16 @@ impl ClusterBus for RedisBus {
                 None,
                 Wire::Message(message),
             ),
+            Target::Channel => {
+                let channel = match &message {
+                    BusMessage::Publication { channel, .. } => self.inner.keys.channel(channel),
+                    other => {
+                        warn!(?other, "only publications go to channels; dropped");
+                        return;
+                    }
+                };
+                (channel, None, Wire::Message(message))
+            }
         };
         let payload = match encode_value(&wire) {
             Ok(payload) => payload,
@@ -867,6 +914,167 @@ impl ClusterBus for RedisBus {
         }
         self.inner.cancel.cancel();
     }
+
+    fn want_channel(&self, channel: &str, wanted: bool) {
+        let mut set = lock(&self.inner.wanted);
+        if wanted {
+            set.insert(channel.to_owned());
+        } else {
+            set.remove(channel);
+        }
+    }
+
+    async fn channel_sync(&self, channel: &str) -> Result<(), BusError> {
+        let inner = &self.inner;
+        let _turn = inner.channel_turn.lock().await;
+        let want = lock(&inner.wanted).contains(channel);
+        if want == lock(&inner.have).contains(channel) {
+            return Ok(());
+        }
+        let Some(mut sink) = lock(&inner.sink).clone() else {
+            // Not subscribed to Redis at all: the reconnect subscribes to
+            // every wanted channel.
+            return if want {
+                Err(BusError::Unavailable(
+                    "not subscribed to Redis (reconnecting)".into(),
+                ))
+            } else {
+                Ok(())
+            };
+        };
+        let name = inner.keys.channel(channel);
+        let change = async {
+            if want {
+                sink.subscribe(&name).await
+            } else {
+                sink.unsubscribe(&name).await
+            }
+        };
+        match tokio::time::timeout(inner.config.response_timeout * 2, change).await {
+            Ok(Ok(())) => {
+                let mut have = lock(&inner.have);
+                if want {
+                    have.insert(channel.to_owned());
+                } else {
+                    have.remove(channel);
+                }
+                Ok(())
+            }
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(BusError::Unavailable(
+                "Redis did not confirm the channel subscription in time".into(),
+            )),
+        }
+    }
+
+    fn channel_member_joined(&self, channel: &str, info: &ClientInfo) -> Landed {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Op::ChannelJoin(channel.to_owned(), info.clone(), Some(tx)));
+        Some(rx)
+    }
+
+    fn channel_member_left(&self, channel: &str, id: ClientId) {
+        self.enqueue(Op::ChannelLeave(channel.to_owned(), id));
+    }
+
+    fn channel_subscribers(&self, channel: &str, count: usize) {
+        self.enqueue(Op::ChannelCount(channel.to_owned(), count));
+    }
+
+    async fn channel_members(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<(Vec<ClientInfo>, bool), BusError> {
+        let nodes = self.live_nodes().await?;
+        let mut pipe = redis::pipe();
+        for node in &nodes {
+            pipe.cmd("HVALS")
+                .arg(self.inner.keys.channel_members(channel, *node));
+        }
+        let mut conn = self.inner.conn.clone();
+        let values: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let members = values
+            .iter()
+            .flatten()
+            .filter_map(|bytes| decode_value::<ClientInfo>(bytes).ok())
+            .collect();
+        Ok(sort_and_cut(members, limit))
+    }
+
+    async fn channel_member_count(&self, channel: &str) -> Result<u64, BusError> {
+        let nodes = self.live_nodes().await?;
+        let mut pipe = redis::pipe();
+        for node in &nodes {
+            pipe.cmd("HLEN")
+                .arg(self.inner.keys.channel_members(channel, *node));
+        }
+        let mut conn = self.inner.conn.clone();
+        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(counts.iter().sum())
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, BusError> {
+        let nodes = self.live_nodes().await?;
+        let mut pipe = redis::pipe();
+        for node in &nodes {
+            pipe.cmd("HGETALL").arg(self.inner.keys.node_channels(*node));
+        }
+        let mut conn = self.inner.conn.clone();
+        let per_node: Vec<HashMap<String, u64>> =
+            pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for (channel, count) in per_node.into_iter().flatten() {
+            *counts.entry(channel).or_default() += count;
+        }
+        let mut channels: Vec<_> = counts.into_iter().collect();
+        channels.sort();
+        Ok(channels)
+    }
+
+    async fn locate_user(&self, user: &str) -> Result<Vec<NodeId>, BusError> {
+        let inner = &self.inner;
+        let mut conn = inner.conn.clone();
+        let key = inner.keys.user(user);
+        let entries: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut nodes: Vec<NodeId> = entries.values().filter_map(|n| n.parse().ok()).collect();
+        nodes.sort();
+        nodes.dedup();
+        let (live, _) = query_live_nodes(&inner.keys, &mut conn)
+            .await
+            .map_err(unavailable)?;
+        let (alive, dead): (Vec<NodeId>, Vec<NodeId>) =
+            nodes.into_iter().partition(|n| live.contains(n));
+        let settling = inner.members().settling(Instant::now());
+        if !dead.is_empty() && !settling {
+            // Entries of nodes that died: nobody else removes them.
+            let dead: HashSet<String> = dead.iter().map(ToString::to_string).collect();
+            let stale: Vec<&String> = entries
+                .iter()
+                .filter(|(_, node)| dead.contains(*node))
+                .map(|(client, _)| client)
+                .collect();
+            let _ = redis::cmd("HDEL")
+                .arg(&key)
+                .arg(stale)
+                .query_async::<()>(&mut conn)
+                .await;
+        }
+        if alive.is_empty() && settling {
+            return Err(BusError::Rebuilding(
+                "Redis lost its data and nodes are re-registering their clients".into(),
+            ));
+        }
+        Ok(alive)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads the node set and tells live nodes (liveness key present) from dead ones.
@@ -1008,17 +1216,61 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                         .arg(&id)
                         .arg(&node)
                         .ignore();
+                    if let Some(user) = &info.user {
+                        pipe.cmd("HSET")
+                            .arg(keys.user(user))
+                            .arg(&id)
+                            .arg(&node)
+                            .ignore();
+                    }
                     registrations.extend(registered);
                 }
                 Err(err) => warn!(%err, "cannot encode presence"),
             },
-            Op::Leave(id) => {
+            Op::Leave(id, user) => {
                 let id = id.to_string();
                 pipe.cmd("HDEL")
                     .arg(keys.node_clients(inner.config.node_id))
                     .arg(&id)
                     .ignore();
                 pipe.cmd("HDEL").arg(keys.client_nodes()).arg(&id).ignore();
+                if let Some(user) = user {
+                    pipe.cmd("HDEL").arg(keys.user(&user)).arg(&id).ignore();
+                }
+            }
+            Op::ChannelJoin(channel, info, registered) => match encode_value(&info) {
+                Ok(value) => {
+                    let key = keys.channel_members(&channel, inner.config.node_id);
+                    pipe.cmd("HSET")
+                        .arg(&key)
+                        .arg(info.client_id.to_string())
+                        .arg(value)
+                        .ignore();
+                    pipe.cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(inner.config.node_ttl.as_millis() as u64)
+                        .ignore();
+                    registrations.extend(registered);
+                }
+                Err(err) => warn!(%err, "cannot encode channel presence"),
+            },
+            Op::ChannelLeave(channel, id) => {
+                pipe.cmd("HDEL")
+                    .arg(keys.channel_members(&channel, inner.config.node_id))
+                    .arg(id.to_string())
+                    .ignore();
+            }
+            Op::ChannelCount(channel, count) => {
+                let key = keys.node_channels(inner.config.node_id);
+                if count == 0 {
+                    pipe.cmd("HDEL").arg(&key).arg(&channel).ignore();
+                } else {
+                    pipe.cmd("HSET").arg(&key).arg(&channel).arg(count).ignore();
+                    pipe.cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(inner.config.node_ttl.as_millis() as u64)
+                        .ignore();
+                }
             }
             Op::Heartbeat | Op::Shutdown(_) | Op::Confirms => {
                 unreachable!("handled by the writer")
@@ -1071,7 +1323,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 }
                 Target::AllNodes => inner.expect_confirmations(seq, done, reached, others.clone()),
                 Target::Node(node) if reached == 0 => doubts.push(Doubt::Unheard { node, done }),
-                Target::Node(_) => done(Ok(reached)),
+                Target::Node(_) | Target::Channel => done(Ok(reached)),
             }
         }
     }
@@ -1212,8 +1464,33 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
         .arg(keys.node_clients(me))
         .arg(ttl_ms)
         .ignore()
+        .cmd("PEXPIRE")
+        .arg(keys.node_channels(me))
+        .arg(ttl_ms)
+        .ignore()
         .query_async(conn)
         .await;
+    // Channel presence expires with the node too, unless refreshed.
+    let presence: Vec<String> = inner
+        .presence
+        .local_channels()
+        .into_iter()
+        .filter(|c| c.members.is_some())
+        .map(|c| c.name)
+        .collect();
+    let result = match (result, presence.is_empty()) {
+        (Ok(replies), false) => {
+            let mut pipe = redis::pipe();
+            for channel in &presence {
+                pipe.cmd("PEXPIRE")
+                    .arg(keys.channel_members(channel, me))
+                    .arg(ttl_ms)
+                    .ignore();
+            }
+            pipe.query_async::<()>(conn).await.map(|()| replies)
+        }
+        (result, _) => result,
+    };
     inner
         .stats
         .redis_command
@@ -1296,9 +1573,47 @@ async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResu
         pipe.add_command(infos).ignore();
         pipe.add_command(index).ignore();
     }
+    for info in &clients {
+        if let Some(user) = &info.user {
+            pipe.cmd("HSET")
+                .arg(keys.user(user))
+                .arg(info.client_id.to_string())
+                .arg(&me_str)
+                .ignore();
+        }
+    }
     let ttl_ms = inner.config.node_ttl.as_millis() as u64;
     pipe.cmd("PEXPIRE")
         .arg(keys.node_clients(me))
+        .arg(ttl_ms)
+        .ignore();
+    // Channels: subscriber counts and presence, replaced as a whole.
+    pipe.cmd("DEL").arg(keys.node_channels(me)).ignore();
+    for channel in inner.presence.local_channels() {
+        pipe.cmd("HSET")
+            .arg(keys.node_channels(me))
+            .arg(&channel.name)
+            .arg(channel.subscribers)
+            .ignore();
+        let Some(members) = channel.members else {
+            continue;
+        };
+        let key = keys.channel_members(&channel.name, me);
+        pipe.cmd("DEL").arg(&key).ignore();
+        for chunk in members.chunks(1000) {
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&key);
+            for info in chunk {
+                if let Ok(value) = encode_value(info) {
+                    hset.arg(info.client_id.to_string()).arg(value);
+                }
+            }
+            pipe.add_command(hset).ignore();
+        }
+        pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+    }
+    pipe.cmd("PEXPIRE")
+        .arg(keys.node_channels(me))
         .arg(ttl_ms)
         .ignore();
     pipe.cmd("SET")
@@ -1392,6 +1707,22 @@ async fn remove_self(inner: &Inner, conn: &mut ConnectionManager) {
     let mut pipe = redis::pipe();
     pipe.cmd("DEL").arg(keys.node(me)).ignore();
     pipe.cmd("DEL").arg(keys.node_clients(me)).ignore();
+    pipe.cmd("DEL").arg(keys.node_channels(me)).ignore();
+    for channel in inner.presence.local_channels() {
+        if channel.members.is_some() {
+            pipe.cmd("DEL")
+                .arg(keys.channel_members(&channel.name, me))
+                .ignore();
+        }
+    }
+    for info in inner.presence.local_clients() {
+        if let Some(user) = &info.user {
+            pipe.cmd("HDEL")
+                .arg(keys.user(user))
+                .arg(info.client_id.to_string())
+                .ignore();
+        }
+    }
     pipe.cmd("SREM")
         .arg(keys.nodes())
         .arg(me.to_string())
@@ -1416,26 +1747,44 @@ async fn subscriber(inner: Arc<Inner>) {
     let mut failures: u64 = 0;
     loop {
         let connect = async {
-            let mut pubsub = inner.client.get_async_pubsub().await?;
-            for channel in &channels {
-                pubsub.subscribe(channel).await?;
+            let pubsub = inner.client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            sink.subscribe(&channels[..]).await?;
+            // Every fabric channel this node wants, under the turn, so no
+            // `channel_sync` runs on the old state meanwhile.
+            let turn = inner.channel_turn.lock().await;
+            let wanted: Vec<String> = lock(&inner.wanted).iter().cloned().collect();
+            for chunk in wanted.chunks(1000) {
+                let names: Vec<String> = chunk.iter().map(|c| inner.keys.channel(c)).collect();
+                sink.subscribe(names).await?;
             }
-            Ok::<_, redis::RedisError>(pubsub)
+            *lock(&inner.have) = wanted.into_iter().collect();
+            *lock(&inner.sink) = Some(sink.clone());
+            drop(turn);
+            Ok::<_, redis::RedisError>((sink, stream))
         };
         let attempt = tokio::select! {
             r = tokio::time::timeout(inner.config.connect_timeout + inner.config.response_timeout, connect) => r,
             _ = inner.cancel.cancelled() => return,
         };
         match attempt {
-            Ok(Ok(pubsub)) => {
+            Ok(Ok((sink, stream))) => {
                 failures = 0;
                 backoff = Duration::from_millis(100);
                 inner.subscribed.store(true, Ordering::Release);
-                info!("subscribed to cluster channels");
+                info!(
+                    channels = lock(&inner.have).len(),
+                    "subscribed to cluster channels"
+                );
                 // Re-register at once rather than at the next tick.
                 let _ = inner.ops.try_send(Op::Heartbeat);
-                let end = receive(&inner, pubsub).await;
+                let end = receive(&inner, sink, stream).await;
                 inner.subscribed.store(false, Ordering::Release);
+                {
+                    let _turn = inner.channel_turn.lock().await;
+                    *lock(&inner.sink) = None;
+                    lock(&inner.have).clear();
+                }
                 if inner.cancel.is_cancelled() {
                     return;
                 }
@@ -1602,8 +1951,11 @@ async fn expire_confirmations(inner: &Inner) {
 
 /// Dispatches subscribed messages until the connection ends; a periodic PING
 /// detects a silently dead connection.
-async fn receive(inner: &Inner, pubsub: redis::aio::PubSub) -> String {
-    let (mut sink, mut stream) = pubsub.split();
+async fn receive(
+    inner: &Inner,
+    mut sink: redis::aio::PubSubSink,
+    mut stream: redis::aio::PubSubStream,
+) -> String {
     let me = inner.config.node_id;
     let mut ping = tokio::time::interval(inner.config.heartbeat_interval);
     ping.tick().await;

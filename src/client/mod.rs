@@ -61,6 +61,10 @@ pub struct ClientConfig {
     pub socket: Socket,
     /// Congestion controller for what the client sends.
     pub congestion: Congestion,
+    /// Highest protocol version offered in the handshake (the library
+    /// speaks up to [`MAX_PROTOCOL_VERSION`]; lower it to act as an older
+    /// client).
+    pub max_version: u16,
 }
 
 /// How a client reconnects after losing its connection.
@@ -121,6 +125,7 @@ impl ClientConfig {
             reconnect: None,
             socket: Socket::Shared,
             congestion: Congestion::default(),
+            max_version: MAX_PROTOCOL_VERSION,
         }
     }
 
@@ -236,6 +241,14 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// After a reconnect, the client subscribed again to the channels it
+    /// had: those now subscribed, and those refused with why.
+    Resubscribed {
+        /// Channels subscribed again.
+        channels: Vec<String>,
+        /// Channels the node refused, with the reason.
+        failed: Vec<(String, String)>,
+    },
     /// The client reconnected and handshook again.
     Reconnected {
         /// The new client id.
@@ -253,6 +266,9 @@ pub enum Event {
 }
 
 type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Frame>>>>;
+
+/// The channels a client is subscribed to, and whether it asked for events.
+type Subscriptions = Arc<Mutex<std::collections::BTreeMap<String, bool>>>;
 
 struct Inner {
     conn: quinn::Connection,
@@ -282,6 +298,8 @@ struct State {
     /// Reconnecting was given up (or there is no reconnect policy and the
     /// connection ended).
     gave_up: std::sync::atomic::AtomicBool,
+    /// Channels to subscribe to again after a reconnect.
+    subscriptions: Subscriptions,
 }
 
 impl State {
@@ -428,6 +446,7 @@ impl Client {
             closing: std::sync::atomic::AtomicBool::new(false),
             generation: tokio::sync::watch::Sender::new(0),
             gave_up: std::sync::atomic::AtomicBool::new(false),
+            subscriptions: Subscriptions::default(),
         });
         // The supervisor owns the only event sender: when it ends, the
         // stream ends.
@@ -526,21 +545,7 @@ impl Client {
         priority: Priority,
         body: Body,
     ) -> Result<PendingReply, ClientError> {
-        let frame = Frame::new(priority, body);
-        let inner = self.live_inner().await;
-        let (tx, rx) = oneshot::channel();
-        lock(&inner.pending).insert(frame.id, tx);
-        let heard_at_send = inner.conn.stats().udp_rx.datagrams;
-        if let Err(err) = inner.write(&frame).await {
-            lock(&inner.pending).remove(&frame.id);
-            return Err(err);
-        }
-        Ok(PendingReply {
-            id: frame.id,
-            rx,
-            inner,
-            heard_at_send,
-        })
+        submit_on(self.live_inner().await, priority, body).await
     }
 
     /// Sends a frame that expects no reply (for example an Ack of a delivery).
@@ -589,6 +594,93 @@ impl Client {
         priority: Priority,
     ) -> Result<MessageId, ClientError> {
         self.acked(priority, Body::Direct { to, payload }).await
+    }
+
+    /// Subscribes to `channel` (receiving its Join and Leave events when
+    /// `events`); returns the channel's member count when its namespace
+    /// reveals it. The client subscribes again by itself after every
+    /// reconnect ([`Event::Resubscribed`]).
+    pub async fn subscribe(&self, channel: &str, events: bool) -> Result<Option<u64>, ClientError> {
+        let body = Body::Subscribe {
+            channel: channel.to_owned(),
+            events,
+        };
+        match self.submit(Priority::Normal, body).await?.wait().await?.body {
+            Body::SubscribeAck { subscribers, .. } => {
+                lock(&self.state.subscriptions).insert(channel.to_owned(), events);
+                Ok(subscribers)
+            }
+            other => Err(ClientError::Protocol(format!(
+                "expected SubscribeAck, got {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Leaves `channel`.
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), ClientError> {
+        lock(&self.state.subscriptions).remove(channel);
+        self.acked(
+            Priority::Normal,
+            Body::Unsubscribe {
+                channel: channel.to_owned(),
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The channels this client is subscribed to (as far as it knows).
+    pub fn subscriptions(&self) -> Vec<String> {
+        lock(&self.state.subscriptions).keys().cloned().collect()
+    }
+
+    /// Publishes `payload` to `channel`; returns once the node acknowledged.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        payload: Payload,
+        priority: Priority,
+    ) -> Result<MessageId, ClientError> {
+        let body = Body::Publish {
+            channel: channel.to_owned(),
+            payload,
+        };
+        self.acked(priority, body).await
+    }
+
+    /// The members of `channel` across the cluster, and whether the list
+    /// was cut short.
+    pub async fn presence(&self, channel: &str) -> Result<(Vec<ClientInfo>, bool), ClientError> {
+        let body = Body::PresenceRequest {
+            channel: channel.to_owned(),
+        };
+        match self.submit(Priority::Normal, body).await?.wait().await?.body {
+            Body::Presence {
+                members, truncated, ..
+            } => Ok((members, truncated)),
+            other => Err(ClientError::Protocol(format!(
+                "expected Presence, got {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Delivers `payload` to every connection of `user`, on every node;
+    /// returns once the node acknowledged (queued for at least one). A
+    /// user without connections is `ClientError::Server` with
+    /// `error_code::UNKNOWN_USER`.
+    pub async fn send_to_user(
+        &self,
+        user: &str,
+        payload: Payload,
+        priority: Priority,
+    ) -> Result<MessageId, ClientError> {
+        let body = Body::UserDirect {
+            user: user.to_owned(),
+            payload,
+        };
+        self.acked(priority, body).await
     }
 
     /// The clients the node knows, and whether the list was cut short.
@@ -679,6 +771,62 @@ impl Client {
     }
 }
 
+/// Sends a request on `inner` without waiting for its reply.
+async fn submit_on(
+    inner: Arc<Inner>,
+    priority: Priority,
+    body: Body,
+) -> Result<PendingReply, ClientError> {
+    let frame = Frame::new(priority, body);
+    let (tx, rx) = oneshot::channel();
+    lock(&inner.pending).insert(frame.id, tx);
+    let heard_at_send = inner.conn.stats().udp_rx.datagrams;
+    if let Err(err) = inner.write(&frame).await {
+        lock(&inner.pending).remove(&frame.id);
+        return Err(err);
+    }
+    Ok(PendingReply {
+        id: frame.id,
+        rx,
+        inner,
+        heard_at_send,
+    })
+}
+
+/// Subscribes a new connection to the channels the client had, and
+/// reports how it went.
+async fn resubscribe(inner: Arc<Inner>, subscriptions: Subscriptions, events: mpsc::Sender<Event>) {
+    let wanted: Vec<(String, bool)> = lock(&subscriptions)
+        .iter()
+        .map(|(c, e)| (c.clone(), *e))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let (mut channels, mut failed) = (Vec::new(), Vec::new());
+    for (channel, wants_events) in wanted {
+        let body = Body::Subscribe {
+            channel: channel.clone(),
+            events: wants_events,
+        };
+        let outcome = match submit_on(inner.clone(), Priority::Normal, body).await {
+            Ok(pending) => pending.wait().await.map(drop),
+            Err(err) => Err(err),
+        };
+        match outcome {
+            Ok(()) => channels.push(channel),
+            Err(err) => {
+                if matches!(err, ClientError::Server { .. }) {
+                    // Refused for good (permissions changed): forget it.
+                    lock(&subscriptions).remove(&channel);
+                }
+                failed.push((channel, err.to_string()));
+            }
+        }
+    }
+    let _ = events.send(Event::Resubscribed { channels, failed }).await;
+}
+
 /// Checks that a node accepts QUIC connections with a certificate the
 /// config trusts, without becoming a client (no handshake, no presence):
 /// what a container health check needs. Returns the handshake time.
@@ -767,7 +915,7 @@ async fn connect_once(
             Priority::High,
             Body::Handshake(Handshake {
                 min_version: MIN_PROTOCOL_VERSION,
-                max_version: MAX_PROTOCOL_VERSION,
+                max_version: config.max_version,
                 name: config.name.clone(),
                 token: config.token.clone(),
             }),
@@ -868,6 +1016,10 @@ async fn supervise(
     let follow_goodbye = state
         .upgrade()
         .is_some_and(|s| s.config.reconnect.is_some());
+    let subscriptions = state
+        .upgrade()
+        .map(|s| s.subscriptions.clone())
+        .unwrap_or_default();
     // The longest retry_after_ms of the current connection, and the wait
     // after the last close 10 (doubled by each close 10 in a row).
     let retry_hint = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -877,6 +1029,7 @@ async fn supervise(
             conn,
             first,
             pending,
+            subscriptions.clone(),
             events.clone(),
             weak_inner,
             follow_goodbye,
@@ -968,6 +1121,12 @@ async fn supervise(
                 node_id: next.ack.node_id,
             })
             .await;
+        // Concurrently with `receive`, which reads the replies.
+        tokio::spawn(resubscribe(
+            next.clone(),
+            subscriptions.clone(),
+            events.clone(),
+        ));
         conn = next.conn.clone();
         first = next_first;
         pending = next.pending.clone();
@@ -981,6 +1140,7 @@ async fn receive(
     conn: quinn::Connection,
     first: quinn::RecvStream,
     pending: Pending,
+    subscriptions: Subscriptions,
     events: mpsc::Sender<Event>,
     inner: std::sync::Weak<Inner>,
     follow_goodbye: bool,
@@ -989,6 +1149,7 @@ async fn receive(
     let left = Left::default();
     let reader = StreamReader {
         pending: pending.clone(),
+        subscriptions,
         events,
         inner,
         follow_goodbye: follow_goodbye.then(|| left.clone()),
@@ -1029,6 +1190,8 @@ async fn receive(
 #[derive(Clone)]
 struct StreamReader {
     pending: Pending,
+    /// The client's channels (an operator's Unsubscribed removes one).
+    subscriptions: Subscriptions,
     events: mpsc::Sender<Event>,
     inner: std::sync::Weak<Inner>,
     /// Set when Goodbyes asking to reconnect are followed.
@@ -1040,6 +1203,7 @@ struct StreamReader {
 async fn read_stream(mut recv: quinn::RecvStream, reader: StreamReader) {
     let StreamReader {
         pending,
+        subscriptions,
         events,
         inner,
         follow_goodbye,
@@ -1069,6 +1233,9 @@ async fn read_stream(mut recv: quinn::RecvStream, reader: StreamReader) {
                 let _ = waiter.send(frame);
                 continue;
             }
+        }
+        if let Body::Unsubscribed { channel, .. } = &frame.body {
+            lock(&subscriptions).remove(channel);
         }
         if matches!(frame.body, Body::Ping) {
             if let Some(inner) = inner.upgrade() {

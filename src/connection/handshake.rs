@@ -19,7 +19,7 @@ use crate::protocol::{
     self, Body, ClientId, ClientInfo, CodecError, ErrorCode, Frame, HandshakeAck, MessageId,
     Priority, Sender, close_code, error_code, now_ms,
 };
-use crate::registry::ClientHandle;
+use crate::registry::{Access, ClientHandle};
 use crate::stats::{self, RefusedReason};
 
 /// Close reason of connections closed by the peer before any handshake.
@@ -166,7 +166,11 @@ pub(super) async fn admit(
         node.queue_budget().clone(),
         node.stats().clone(),
     );
-    let handle = ClientHandle::new(info, stamp, outbound, node.stats().clone());
+    let access = Access {
+        version,
+        grants: identity.grants.clone().into_boxed_slice(),
+    };
+    let handle = ClientHandle::new(info, stamp, access, outbound, node.stats().clone());
     // Registered cluster-wide before the client learns its id, so any
     // node can route to the id as soon as the client can hand it out.
     if let Err(full) = node.join(&handle).await {
@@ -229,6 +233,8 @@ struct Verified {
     user: Option<String>,
     /// When the token expires (Unix seconds); a certificate alone does not.
     expires_at: Option<u64>,
+    /// The channels the token grants (its `channels` claim).
+    grants: Vec<String>,
 }
 
 /// Checks the client's certificate (mutual TLS) and token (JWT), as
@@ -258,6 +264,7 @@ fn authenticate(
         // for the device.
         identity.user = Some(verified.user);
         identity.expires_at = Some(verified.expires_at);
+        identity.grants = verified.channels;
     }
     Ok(identity)
 }

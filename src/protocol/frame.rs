@@ -301,10 +301,91 @@ pub enum Body {
         /// The counters.
         stats: NodeStats,
     },
+    /// 15. Client → node (version 2): subscribe to a channel; answered
+    /// with SubscribeAck or an Error.
+    Subscribe {
+        /// The channel (`[namespace:]name`, PROTOCOL.md section 7).
+        channel: String,
+        /// Whether to receive Join and Leave events of the channel.
+        events: bool,
+    },
+    /// 16. Node → client: the subscription `of` is in place cluster-wide.
+    SubscribeAck {
+        /// Id of the Subscribe.
+        of: MessageId,
+        /// The channel.
+        channel: String,
+        /// Members of the channel across the cluster, this client included,
+        /// when the namespace has presence on (else not revealed).
+        subscribers: Option<u64>,
+    },
+    /// 17. Client → node (version 2): leave a channel; answered with Ack
+    /// (also when the client was not subscribed).
+    Unsubscribe {
+        /// The channel.
+        channel: String,
+    },
+    /// 18. Client → node (version 2): publish to a channel's subscribers;
+    /// node → client: a publication of a channel this client subscribed to
+    /// (stamped with its sender, or none when the server published it).
+    Publish {
+        /// The channel.
+        channel: String,
+        /// The content.
+        payload: Payload,
+    },
+    /// 19. Node → client: `member` subscribed to `channel` (only to
+    /// subscribers that asked for events, in namespaces that send them).
+    Join {
+        /// The channel.
+        channel: String,
+        /// Who joined.
+        member: ClientInfo,
+    },
+    /// 20. Node → client: `member` left `channel`.
+    Leave {
+        /// The channel.
+        channel: String,
+        /// Who left.
+        member: ClientInfo,
+    },
+    /// 21. Client → node (version 2): asks for a channel's members.
+    PresenceRequest {
+        /// The channel.
+        channel: String,
+    },
+    /// 22. Node → client: the members of a channel across the cluster.
+    Presence {
+        /// Id of the PresenceRequest.
+        of: MessageId,
+        /// The channel.
+        channel: String,
+        /// The members, oldest connection first, at most the node's
+        /// `max_presence_members`.
+        members: Vec<ClientInfo>,
+        /// True when more members exist than were returned.
+        truncated: bool,
+    },
+    /// 23. Client → node (version 2): deliver to every connection of
+    /// `user`, on every node; node → client: such a delivery.
+    UserDirect {
+        /// The recipient user (a token subject or certificate name).
+        user: String,
+        /// The content.
+        payload: Payload,
+    },
+    /// 24. Node → client: the client no longer receives `channel` (an
+    /// operator unsubscribed it).
+    Unsubscribed {
+        /// The channel.
+        channel: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Names of the frame types, indexed by wire tag ([`Body::tag`]).
-pub const FRAME_NAMES: [&str; 15] = [
+pub const FRAME_NAMES: [&str; 25] = [
     "handshake",
     "handshake_ack",
     "text",
@@ -320,7 +401,21 @@ pub const FRAME_NAMES: [&str; 15] = [
     "goodbye",
     "stats_request",
     "stats",
+    "subscribe",
+    "subscribe_ack",
+    "unsubscribe",
+    "publish",
+    "join",
+    "leave",
+    "presence_request",
+    "presence",
+    "user_direct",
+    "unsubscribed",
 ];
+
+/// First wire tag of the frames protocol version 2 added; a version-1
+/// connection neither sends nor receives them.
+pub const FIRST_V2_TAG: usize = 15;
 
 /// Wire tags of the frame types the node queues itself (see [`Body::tag`]).
 pub mod tag {
@@ -334,6 +429,16 @@ pub mod tag {
     pub const DIRECT: usize = 5;
     /// Goodbye.
     pub const GOODBYE: usize = 12;
+    /// A channel publication.
+    pub const PUBLISH: usize = 18;
+    /// A Join event.
+    pub const JOIN: usize = 19;
+    /// A Leave event.
+    pub const LEAVE: usize = 20;
+    /// A delivery to a user.
+    pub const USER_DIRECT: usize = 23;
+    /// An operator's unsubscription.
+    pub const UNSUBSCRIBED: usize = 24;
 }
 
 impl Body {
@@ -342,7 +447,7 @@ impl Body {
         FRAME_NAMES[self.tag()]
     }
 
-    /// The body's wire tag (0 to 14), also its index in [`FRAME_NAMES`].
+    /// The body's wire tag (0 to 24), also its index in [`FRAME_NAMES`].
     pub fn tag(&self) -> usize {
         match self {
             Body::Handshake(_) => 0,
@@ -360,6 +465,16 @@ impl Body {
             Body::Goodbye { .. } => 12,
             Body::StatsRequest => 13,
             Body::Stats { .. } => 14,
+            Body::Subscribe { .. } => 15,
+            Body::SubscribeAck { .. } => 16,
+            Body::Unsubscribe { .. } => 17,
+            Body::Publish { .. } => 18,
+            Body::Join { .. } => 19,
+            Body::Leave { .. } => 20,
+            Body::PresenceRequest { .. } => 21,
+            Body::Presence { .. } => 22,
+            Body::UserDirect { .. } => 23,
+            Body::Unsubscribed { .. } => 24,
         }
     }
 
@@ -367,7 +482,10 @@ impl Body {
     pub fn reply_to(&self) -> Option<MessageId> {
         match self {
             Body::Pong { of } | Body::Ack { of } => Some(*of),
-            Body::ClientList { of, .. } | Body::Stats { of, .. } => Some(*of),
+            Body::ClientList { of, .. }
+            | Body::Stats { of, .. }
+            | Body::SubscribeAck { of, .. }
+            | Body::Presence { of, .. } => Some(*of),
             Body::Error { of, .. } => *of,
             _ => None,
         }

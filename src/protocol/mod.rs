@@ -3,11 +3,13 @@
 //! error and close codes). `PROTOCOL.md` is the normative description; the
 //! `protocol_examples` test keeps the two in step.
 
+pub mod channel;
 pub mod codec;
 pub mod frame;
 pub mod json;
 pub mod stream;
 
+pub use channel::{ChannelError, MAX_CHANNEL_BYTES, split_channel, valid_channel};
 pub use codec::{CodecError, decode, decode_frame, decode_length, encode};
 pub use frame::*;
 
@@ -18,7 +20,11 @@ pub const ALPN: &[u8] = b"quic-fabric/1";
 /// Lowest protocol version this build speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Highest protocol version this build speaks.
-pub const MAX_PROTOCOL_VERSION: u16 = 1;
+pub const MAX_PROTOCOL_VERSION: u16 = 2;
+
+/// The first version with channels, user addressing and presence
+/// (frame types 15 to 24).
+pub const CHANNELS_VERSION: u16 = 2;
 
 /// Size of the big-endian length prefix in front of every frame.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
@@ -218,6 +224,15 @@ pub mod error_code {
     /// The node's memory budget for queued messages is exhausted; the
     /// message was not (fully) delivered. Retry later.
     pub const SERVER_BUSY: ErrorCode = ErrorCode(16);
+    /// The client may not do this on this channel (subscribe, publish,
+    /// ask for presence), by its namespace's rules and the client's token.
+    pub const NOT_ALLOWED: ErrorCode = ErrorCode(17);
+    /// The client already has `max_subscriptions` subscriptions.
+    pub const TOO_MANY_SUBSCRIPTIONS: ErrorCode = ErrorCode(18);
+    /// The channel's namespace is not declared on this node.
+    pub const UNKNOWN_NAMESPACE: ErrorCode = ErrorCode(19);
+    /// The target user of a UserDirect has no connection anywhere.
+    pub const UNKNOWN_USER: ErrorCode = ErrorCode(20);
 }
 
 #[cfg(test)]
@@ -236,14 +251,16 @@ mod tests {
     #[test]
     fn versions_are_one_based_and_the_highest_common_one_is_chosen() {
         assert_eq!(negotiate_version(&offer(1, 1)), Ok(1));
-        assert_eq!(negotiate_version(&offer(1, 7)), Ok(1));
+        assert_eq!(negotiate_version(&offer(1, 2)), Ok(2));
+        assert_eq!(negotiate_version(&offer(2, 2)), Ok(2));
+        assert_eq!(negotiate_version(&offer(1, 7)), Ok(2));
         // An offer reaching down to 0 still has 1 in common.
         assert_eq!(negotiate_version(&offer(0, 1)), Ok(1));
-        assert_eq!(negotiate_version(&offer(0, u16::MAX)), Ok(1));
-        for (min, max) in [(0, 0), (2, 3)] {
+        assert_eq!(negotiate_version(&offer(0, u16::MAX)), Ok(2));
+        for (min, max) in [(0, 0), (3, 4)] {
             let err = negotiate_version(&offer(min, max)).unwrap_err();
             assert!(err.contains(&format!("{min}..={max}")), "{err}");
-            assert!(err.contains("1..=1"), "{err}");
+            assert!(err.contains("1..=2"), "{err}");
             assert!(!err.contains("empty"), "{err}");
         }
     }

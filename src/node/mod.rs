@@ -7,6 +7,8 @@
 //! the metrics endpoint work through it; `server` only wires it to an
 //! endpoint.
 
+mod channel_ops;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +18,11 @@ use tracing::debug;
 use crate::auth::{AuthSetupError, Authenticator};
 use crate::bus::memory::{MemoryBus, MemoryCluster};
 use crate::bus::redis_bus::{RedisBus, RedisBusConfig};
-use crate::bus::{Bus, BusError, BusMessage, ClusterBus, ClusterEvents, PublishDone, Target};
+use crate::bus::{
+    Bus, BusError, BusMessage, ClusterBus, ClusterEvents, LocalChannel, LocalPresence, PublishDone,
+    Target,
+};
+use crate::channels::Channels;
 use crate::config::{ConfigError, NodeConfig};
 use crate::limits::{Admission, RateLimits};
 use crate::outbound::QueueBudget;
@@ -37,6 +43,22 @@ pub enum NodeError {
     /// Authentication keys could not be loaded.
     #[error("authentication: {0}")]
     Auth(#[from] AuthSetupError),
+}
+
+/// What the cluster bus may know of this node's clients and channels.
+struct Here {
+    registry: Arc<Registry>,
+    channels: Arc<Channels>,
+}
+
+impl LocalPresence for Here {
+    fn local_clients(&self) -> Vec<ClientInfo> {
+        self.registry.local_clients()
+    }
+
+    fn local_channels(&self) -> Vec<LocalChannel> {
+        self.channels.local_channels()
+    }
 }
 
 /// Which cluster bus a node joins.
@@ -63,6 +85,7 @@ pub struct Node {
     config: NodeConfig,
     id: NodeId,
     registry: Arc<Registry>,
+    channels: Arc<Channels>,
     bus: Arc<Bus>,
     router: Arc<MessageRouter>,
     stats: Arc<Stats>,
@@ -93,6 +116,11 @@ impl Node {
         let id = config.node_id.unwrap_or_else(NodeId::new_random);
         let stats = Arc::new(Stats::default());
         let registry = Arc::new(Registry::new(config.max_clients));
+        let channels = Arc::new(Channels::new(&config));
+        let presence = Arc::new(Here {
+            registry: registry.clone(),
+            channels: channels.clone(),
+        });
         let (events_tx, events) = tokio::sync::mpsc::channel(config.bus_queue_len);
         let bus = match (bus, &config.redis_url) {
             (BusChoice::Memory(cluster), _) => Bus::Memory(MemoryBus::join(cluster, id, events_tx)),
@@ -118,7 +146,7 @@ impl Node {
                     confirm_timeout: config.delivery_timeout,
                 };
                 Bus::Redis(
-                    RedisBus::new(redis, registry.clone(), events_tx, stats.clone())
+                    RedisBus::new(redis, presence, events_tx, stats.clone())
                         .map_err(|e| NodeError::Bus(e.to_string()))?,
                 )
             }
@@ -127,6 +155,7 @@ impl Node {
         let router = Arc::new(MessageRouter::new(
             id,
             registry.clone(),
+            channels.clone(),
             bus.clone(),
             config.delivery_timeout,
             config.bus_queue_len,
@@ -135,6 +164,7 @@ impl Node {
         Ok(Arc::new(Node {
             id,
             registry,
+            channels,
             bus,
             router,
             stats,
@@ -166,6 +196,16 @@ impl Node {
     /// The cluster bus.
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    /// The cluster bus, shared.
+    pub(crate) fn bus_handle(&self) -> Arc<Bus> {
+        self.bus.clone()
+    }
+
+    /// The channels of this node's clients.
+    pub fn channels(&self) -> &Arc<Channels> {
+        &self.channels
     }
 
     /// Message delivery, local and across the cluster.
@@ -270,7 +310,63 @@ impl Node {
                 Some(handle) => handle.kick(&reason),
                 None => debug!(%client, "kick for a client that is not here"),
             },
+            BusMessage::Publication {
+                origin,
+                channel,
+                priority,
+                event,
+                frame,
+            } => {
+                if origin != self.id {
+                    self.router
+                        .deliver_publication(&channel, priority, event, &frame);
+                }
+            }
+            BusMessage::UserDirect {
+                origin,
+                message_id,
+                sender,
+                user,
+                priority,
+                frame,
+            } => self
+                .router
+                .deliver_user(origin, message_id, sender, &user, priority, &frame),
+            BusMessage::UserReceipt {
+                message_id,
+                sender,
+                delivered,
+                busy,
+            } => self
+                .router
+                .settle_user_receipt(message_id, sender, delivered, busy),
+            BusMessage::Unsubscribe {
+                client,
+                channel,
+                reason,
+            } => {
+                self.unsubscribe_by_operator(client, &channel, &reason);
+            }
         }
+    }
+
+    /// Unsubscribes a client of this node from `channel` at an operator's
+    /// request; it gets an Unsubscribed frame. Returns whether it was
+    /// subscribed.
+    pub fn unsubscribe_by_operator(&self, client: ClientId, channel: &str, reason: &str) -> bool {
+        if !self.drop_subscription(client, channel, true) {
+            return false;
+        }
+        if let Some(handle) = self.registry.get(client) {
+            handle.reply(
+                Priority::High,
+                protocol::Body::Unsubscribed {
+                    channel: channel.to_owned(),
+                    reason: reason.to_owned(),
+                },
+            );
+        }
+        true
     }
 
     /// Admits a client: into the registry (unless the node is full), then
@@ -283,8 +379,10 @@ impl Node {
 
     /// Removes a client from the registry and from cluster presence.
     pub fn leave(&self, id: ClientId) {
-        self.registry.unregister(id);
-        self.bus.client_left(id);
+        if let Some(handle) = self.registry.unregister(id) {
+            self.drop_subscriptions(id);
+            self.bus.client_left(&handle.info);
+        }
     }
 
     /// Leaves the cluster (removes this node's presence) and stops the

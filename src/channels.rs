@@ -1,0 +1,325 @@
+//! Channels on one node: who is subscribed to what here, and the namespace
+//! rules that decide who may subscribe and publish. The node's channel
+//! operations (`node::channel_ops`) keep the cluster bus in step with it:
+//! the node takes a channel's publications only while it has a subscriber
+//! of it (CLUSTER.md, "Channels").
+//!
+//! A publication is encoded once, by the node it enters the cluster at;
+//! every node then queues the same bytes to each of its subscribers
+//! ([`Channels::deliver`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+
+use crate::bus::LocalChannel;
+use crate::config::{Namespace, NodeConfig, PublishPolicy, SubscribePolicy};
+use crate::outbound::EnqueueError;
+use crate::protocol::{self, ClientId, ClientInfo, ErrorCode, Priority, error_code, tag};
+use crate::registry::{BroadcastCount, ClientHandle};
+
+/// Why a channel operation is refused: the code and message the client
+/// gets in its Error frame.
+pub type Refusal = (ErrorCode, String);
+
+struct Subscriber {
+    handle: Arc<ClientHandle>,
+    /// Wants Join and Leave events.
+    events: bool,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<Arc<str>, HashMap<ClientId, Subscriber>>,
+    by_client: HashMap<ClientId, HashSet<Arc<str>>>,
+}
+
+/// What [`Channels::add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// A new subscription; the channel has `count` local subscribers now.
+    New {
+        /// Local subscribers, this one included.
+        count: usize,
+    },
+    /// The client was subscribed already (its events choice is updated).
+    Again,
+}
+
+/// The channels of this node's clients, and the namespace rules.
+pub struct Channels {
+    default: Namespace,
+    namespaces: HashMap<String, Namespace>,
+    max_subscriptions: usize,
+    state: RwLock<State>,
+}
+
+impl Channels {
+    /// Channels with the namespaces and limits of `config`.
+    pub fn new(config: &NodeConfig) -> Self {
+        Channels {
+            default: config.default_namespace(),
+            namespaces: config
+                .namespaces
+                .iter()
+                .map(|n| (n.name.clone(), n.clone()))
+                .collect(),
+            max_subscriptions: config.max_subscriptions,
+            state: RwLock::new(State::default()),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks `channel` against the grammar and finds its namespace.
+    pub fn namespace(&self, channel: &str) -> Result<&Namespace, Refusal> {
+        if let Err(why) = protocol::valid_channel(channel) {
+            return Err((error_code::INVALID_FIELD, format!("channel {why}")));
+        }
+        match protocol::split_channel(channel) {
+            ("", _) => Ok(&self.default),
+            (namespace, _) => self.namespaces.get(namespace).ok_or_else(|| {
+                (
+                    error_code::UNKNOWN_NAMESPACE,
+                    format!("namespace {namespace:?} is not declared on this node"),
+                )
+            }),
+        }
+    }
+
+    /// Whether `client` may subscribe to `channel` of `namespace`.
+    pub fn may_subscribe(
+        namespace: &Namespace,
+        client: &ClientHandle,
+        channel: &str,
+    ) -> Result<(), Refusal> {
+        let allowed = match namespace.subscribe {
+            SubscribePolicy::Anyone => true,
+            SubscribePolicy::Authenticated => client.info.user.is_some(),
+            SubscribePolicy::Granted => client.access.grants(channel),
+        };
+        if allowed {
+            return Ok(());
+        }
+        Err((
+            error_code::NOT_ALLOWED,
+            match namespace.subscribe {
+                SubscribePolicy::Authenticated => {
+                    format!("subscribing to {channel} needs an authenticated user")
+                }
+                _ => format!("the token's channels claim does not grant {channel}"),
+            },
+        ))
+    }
+
+    /// Whether `client` may publish to `channel` of `namespace`.
+    pub fn may_publish(
+        &self,
+        namespace: &Namespace,
+        client: &ClientHandle,
+        channel: &str,
+    ) -> Result<(), Refusal> {
+        let refuse = |why: String| Err((error_code::NOT_ALLOWED, why));
+        match namespace.publish {
+            PublishPolicy::Anyone => Ok(()),
+            PublishPolicy::Subscribers if self.is_subscribed(client.id(), channel) => Ok(()),
+            PublishPolicy::Subscribers => {
+                refuse(format!("only subscribers of {channel} may publish to it"))
+            }
+            PublishPolicy::Granted if client.access.grants(channel) => Ok(()),
+            PublishPolicy::Granted => refuse(format!(
+                "the token's channels claim does not grant {channel}"
+            )),
+            PublishPolicy::Nobody => refuse(format!(
+                "clients may not publish to {channel}; only the server does"
+            )),
+        }
+    }
+
+    /// Whether client `id` is subscribed to `channel` here.
+    pub fn is_subscribed(&self, id: ClientId, channel: &str) -> bool {
+        self.read()
+            .by_client
+            .get(&id)
+            .is_some_and(|set| set.contains(channel))
+    }
+
+    /// Subscribes `client` to `channel`. `changed(first, count)` runs under
+    /// the lock with whether the channel is new here and its local
+    /// subscriber count, so bus writes stay in the order of the changes.
+    pub fn add(
+        &self,
+        client: &Arc<ClientHandle>,
+        channel: &str,
+        events: bool,
+        changed: impl FnOnce(bool, usize),
+    ) -> Result<Added, Refusal> {
+        let mut state = self.write();
+        let State {
+            channels,
+            by_client,
+        } = &mut *state;
+        let mine = by_client.entry(client.id()).or_default();
+        if mine.contains(channel) {
+            if let Some(sub) = channels
+                .get_mut(channel)
+                .and_then(|subs| subs.get_mut(&client.id()))
+            {
+                sub.events = events;
+            }
+            return Ok(Added::Again);
+        }
+        if mine.len() >= self.max_subscriptions {
+            let max = self.max_subscriptions;
+            if mine.is_empty() {
+                by_client.remove(&client.id());
+            }
+            return Err((
+                error_code::TOO_MANY_SUBSCRIPTIONS,
+                format!("already subscribed to {max} channels, the most a client may have"),
+            ));
+        }
+        let name: Arc<str> = match channels.get_key_value(channel) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(channel),
+        };
+        mine.insert(name.clone());
+        let subs = channels.entry(name).or_default();
+        let first = subs.is_empty();
+        subs.insert(
+            client.id(),
+            Subscriber {
+                handle: client.clone(),
+                events,
+            },
+        );
+        let count = subs.len();
+        changed(first, count);
+        Ok(Added::New { count })
+    }
+
+    /// Unsubscribes client `id` from `channel`. `changed(remaining)` runs
+    /// under the lock with the channel's local subscribers left. Returns
+    /// the client's info if it was subscribed.
+    pub fn remove(
+        &self,
+        id: ClientId,
+        channel: &str,
+        changed: impl FnOnce(usize),
+    ) -> Option<ClientInfo> {
+        let mut state = self.write();
+        let State {
+            channels,
+            by_client,
+        } = &mut *state;
+        let mine = by_client.get_mut(&id)?;
+        if !mine.remove(channel) {
+            return None;
+        }
+        if mine.is_empty() {
+            by_client.remove(&id);
+        }
+        let subs = channels.get_mut(channel)?;
+        let removed = subs.remove(&id)?;
+        let remaining = subs.len();
+        if remaining == 0 {
+            channels.remove(channel);
+        }
+        changed(remaining);
+        Some(removed.handle.info.clone())
+    }
+
+    /// Runs `f` under the lock if client `id` is subscribed to `channel`
+    /// (so what it writes cannot follow the unsubscription's writes).
+    pub fn while_subscribed<T>(&self, id: ClientId, channel: &str, f: impl FnOnce() -> T) -> Option<T> {
+        let state = self.read();
+        let subscribed = state
+            .by_client
+            .get(&id)
+            .is_some_and(|set| set.contains(channel));
+        subscribed.then(f)
+    }
+
+    /// The channels client `id` is subscribed to.
+    pub fn of_client(&self, id: ClientId) -> Vec<String> {
+        self.read()
+            .by_client
+            .get(&id)
+            .map(|set| set.iter().map(|c| c.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Queues `frame` for the local subscribers of `channel` (only those
+    /// that want events when `event`), except `exclude`. The same bytes go
+    /// to every subscriber.
+    pub fn deliver(
+        &self,
+        channel: &str,
+        priority: Priority,
+        frame: &Bytes,
+        event: bool,
+        exclude: Option<ClientId>,
+    ) -> BroadcastCount {
+        let state = self.read();
+        let mut count = BroadcastCount::default();
+        let Some(subs) = state.channels.get(channel) else {
+            return count;
+        };
+        let tag = if event { tag::JOIN } else { tag::PUBLISH };
+        for (id, sub) in subs {
+            if Some(*id) == exclude || (event && !sub.events) {
+                continue;
+            }
+            match sub.handle.enqueue(priority, tag, frame.clone()) {
+                Ok(()) => count.delivered += 1,
+                Err(EnqueueError::NodeBusy) => count.node_busy += 1,
+                Err(_) => {}
+            }
+        }
+        count
+    }
+
+    /// Number of channels with local subscribers, and of subscriptions.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.read();
+        (
+            state.channels.len(),
+            state.channels.values().map(HashMap::len).sum(),
+        )
+    }
+
+    /// The local members of `channel`.
+    pub fn local_members(&self, channel: &str) -> Vec<ClientInfo> {
+        self.read()
+            .channels
+            .get(channel)
+            .map(|subs| subs.values().map(|s| s.handle.info.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every channel with local subscribers, with its members where its
+    /// namespace keeps presence.
+    pub fn local_channels(&self) -> Vec<LocalChannel> {
+        let state = self.read();
+        state
+            .channels
+            .iter()
+            .map(|(name, subs)| {
+                let presence = self.namespace(name).is_ok_and(|ns| ns.presence);
+                LocalChannel {
+                    name: name.to_string(),
+                    subscribers: subs.len(),
+                    members: presence
+                        .then(|| subs.values().map(|s| s.handle.info.clone()).collect()),
+                }
+            })
+            .collect()
+    }
+}
