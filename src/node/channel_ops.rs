@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Node;
-use crate::bus::ClusterBus;
+use crate::bus::{BusError, BusMessage, ClusterBus, PublishDone, Target};
 use crate::channels::{Added, Channels, Refusal};
-use crate::protocol::{Body, ClientId, MessageId, Priority, error_code};
+use crate::protocol::{
+    self, Body, ClientId, Frame, MessageId, NodeId, Payload, Priority, error_code,
+};
 use crate::registry::ClientHandle;
 
 impl Node {
@@ -32,12 +34,14 @@ impl Node {
             return refuse(refusal);
         }
         let bus = self.bus();
-        let added = self.channels().add(client, &channel, events, |first, count| {
-            if first {
-                bus.want_channel(&channel, true);
-            }
-            bus.channel_subscribers(&channel, count);
-        });
+        let added = self
+            .channels()
+            .add(client, &channel, events, |first, count| {
+                if first {
+                    bus.want_channel(&channel, true);
+                }
+                bus.channel_subscribers(&channel, count);
+            });
         match added {
             Err(refusal) => return refuse(refusal),
             Ok(Added::Again) => {}
@@ -60,8 +64,8 @@ impl Node {
                         .flatten();
                     if let Some(landed) = landed {
                         let wait = self.config().redis_response_timeout * 2;
-                        let _ = tokio::time::timeout(wait.max(Duration::from_secs(1)), landed)
-                            .await;
+                        let _ =
+                            tokio::time::timeout(wait.max(Duration::from_secs(1)), landed).await;
                     }
                 }
             }
@@ -183,4 +187,131 @@ impl Node {
             ),
         }
     }
+}
+
+/// Where a client an operator unsubscribed was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsubscribed {
+    /// On this node, and subscribed: it is unsubscribed now.
+    Local,
+    /// On that node, which was asked to unsubscribe it.
+    Remote(NodeId),
+    /// Connected here but not subscribed to the channel.
+    NotSubscribed,
+    /// Not connected anywhere.
+    Unknown,
+}
+
+impl Node {
+    /// Publishes `payload` to `channel` as the server (no sender stamp),
+    /// whatever the namespace's publish rule: the admin API's publish.
+    /// Returns the frame's id and how many local subscribers got it; an
+    /// error when it could not be handed to the other nodes (local
+    /// subscribers still got it).
+    pub async fn server_publish(
+        &self,
+        channel: &str,
+        priority: Priority,
+        payload: Payload,
+    ) -> Result<(MessageId, usize), ServerPublishError> {
+        self.channels()
+            .namespace(channel)
+            .map_err(|(_, why)| ServerPublishError::Channel(why))?;
+        let frame = Frame::new(
+            priority,
+            Body::Publish {
+                channel: channel.to_owned(),
+                payload,
+            },
+        );
+        let id = frame.id;
+        let bytes =
+            protocol::encode(&frame).map_err(|e| ServerPublishError::Channel(e.to_string()))?;
+        if self.bus().clustered() && !self.bus().available() {
+            let local = self
+                .channels()
+                .deliver(channel, priority, &bytes, false, None)
+                .delivered;
+            return Err(ServerPublishError::Bus {
+                id,
+                local,
+                error: BusError::Unavailable("Redis is unreachable".into()),
+            });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let done: PublishDone = Box::new(move |published| {
+            let _ = tx.send(published);
+        });
+        let local =
+            self.router()
+                .publish_from_node(channel, priority, bytes, false, None, Some(done));
+        match rx.await {
+            Ok(Ok(_)) => Ok((id, local)),
+            Ok(Err(error)) => Err(ServerPublishError::Bus { id, local, error }),
+            Err(_) => Err(ServerPublishError::Bus {
+                id,
+                local,
+                error: BusError::Unavailable("bus stopped".into()),
+            }),
+        }
+    }
+
+    /// Unsubscribes client `id` from `channel` wherever it is connected
+    /// (the admin API); it gets an Unsubscribed frame with `reason`.
+    pub async fn unsubscribe_client(
+        &self,
+        id: ClientId,
+        channel: &str,
+        reason: &str,
+    ) -> Result<Unsubscribed, BusError> {
+        if self.registry().get(id).is_some() {
+            return Ok(if self.unsubscribe_by_operator(id, channel, reason) {
+                Unsubscribed::Local
+            } else {
+                Unsubscribed::NotSubscribed
+            });
+        }
+        if !self.bus().clustered() {
+            return Ok(Unsubscribed::Unknown);
+        }
+        match self.bus().locate(id).await? {
+            Some(node) if node != self.id() => {
+                let message = BusMessage::Unsubscribe {
+                    client: id,
+                    channel: channel.to_owned(),
+                    reason: reason.to_owned(),
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let done: PublishDone = Box::new(move |published| {
+                    let _ = tx.send(published);
+                });
+                self.bus().publish(Target::Node(node), message, Some(done));
+                match rx.await {
+                    Ok(Ok(0)) => Ok(Unsubscribed::Unknown),
+                    Ok(Ok(_)) => Ok(Unsubscribed::Remote(node)),
+                    Ok(Err(err)) => Err(err),
+                    Err(_) => Err(BusError::Unavailable("bus stopped".into())),
+                }
+            }
+            _ => Ok(Unsubscribed::Unknown),
+        }
+    }
+}
+
+/// Why a server publication failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerPublishError {
+    /// The channel name is invalid or its namespace undeclared.
+    #[error("{0}")]
+    Channel(String),
+    /// Local subscribers got it, but the other nodes may not have.
+    #[error("delivered to {local} local subscribers only: {error}")]
+    Bus {
+        /// The publication's id.
+        id: MessageId,
+        /// Local subscribers that got it.
+        local: usize,
+        /// What went wrong.
+        error: BusError,
+    },
 }

@@ -9,6 +9,8 @@
 
 mod channel_ops;
 
+pub use channel_ops::{ServerPublishError, Unsubscribed};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -17,7 +17,16 @@ use super::{TestCerts, TestNode};
 pub trait Cluster: Sized {
     /// Starts `n` nodes (`n1`, `n2`, …) with one CA and returns once every
     /// node sees all the others.
-    fn start(n: usize) -> impl Future<Output = Self>;
+    fn start(n: usize) -> impl Future<Output = Self> {
+        Self::start_with(n, |_, _| {})
+    }
+
+    /// Like [`Cluster::start`], with `tweak(i, config)` applied to node `i`
+    /// (from 0).
+    fn start_with(
+        n: usize,
+        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
+    ) -> impl Future<Output = Self>;
 
     fn nodes(&self) -> &[TestNode];
 
@@ -46,14 +55,18 @@ pub struct MemoryNodes {
 }
 
 impl Cluster for MemoryNodes {
-    async fn start(n: usize) -> MemoryNodes {
+    async fn start_with(
+        n: usize,
+        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
+    ) -> MemoryNodes {
         let certs = TestCerts::new();
         // Members join the shared map as they start: nothing to wait for.
         let bus = MemoryCluster::new();
         let mut nodes = Vec::new();
         for i in 1..=n {
             let node = TestNode::start_on(BusChoice::Memory(bus.clone()), Some(&certs), |c| {
-                c.name = format!("n{i}")
+                c.name = format!("n{i}");
+                tweak(i - 1, c);
             })
             .await;
             nodes.push(node);

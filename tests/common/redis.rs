@@ -158,15 +158,6 @@ pub struct RedisNodes {
 }
 
 impl RedisNodes {
-    /// Like [`Cluster::start`], with `tweak(i, config)` applied to node `i`
-    /// (from 0) after [`redis_node`]'s settings.
-    pub async fn start_with(
-        n: usize,
-        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
-    ) -> RedisNodes {
-        Self::start_on(TestRedis::start().await, n, tweak).await
-    }
-
     /// Like [`RedisNodes::start_with`], on a Redis the test started.
     pub async fn start_on(
         redis: TestRedis,
@@ -195,8 +186,12 @@ impl RedisNodes {
 }
 
 impl Cluster for RedisNodes {
-    async fn start(n: usize) -> RedisNodes {
-        Self::start_with(n, |_, _| {}).await
+    /// Applies `tweak` after [`redis_node`]'s settings.
+    async fn start_with(
+        n: usize,
+        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
+    ) -> RedisNodes {
+        Self::start_on(TestRedis::start().await, n, tweak).await
     }
 
     fn nodes(&self) -> &[TestNode] {

@@ -7,12 +7,12 @@
 
 use quic_fabric::bus::ClusterBus;
 use quic_fabric::client::Client;
-use quic_fabric::protocol::{Body, ClientId, Payload, Priority};
+use quic_fabric::protocol::{Body, ClientId, Frame, Payload, Priority, error_code};
 
 use super::cluster::Cluster;
 use super::{
-    assert_none_before_echo, deliver, deliver_payload, directs_arrive_in_order, expect_unknown,
-    next_matching,
+    assert_none_before_echo, deliver, deliver_payload, directs_arrive_in_order, eventually,
+    expect_server_error, expect_unknown, next_matching,
 };
 
 /// One `#[tokio::test]` per scenario, each on 3 fresh nodes of `$engine`
@@ -27,19 +27,61 @@ macro_rules! cluster_scenarios {
             direct_to_a_client_nowhere_in_the_cluster_is_unknown_client,
             list_shows_every_client_of_the_cluster_with_its_node,
             a_node_leaving_takes_its_clients_out_of_the_cluster,
+            channel_publications_reach_exactly_the_subscribers_once_in_order,
+            channel_presence_and_join_leave_events_cross_nodes,
+        );
+        $crate::cluster_scenarios!(
+            $engine, $crate::common::scenarios::with_jwt;
+            user_messages_reach_every_connection_of_the_user_on_every_node,
+            granted_namespaces_follow_the_token_on_every_node,
         );
     };
     ($engine:ty: $($scenario:ident),+ $(,)?) => {
+        $crate::cluster_scenarios!($engine, |_, _| {}; $($scenario),+);
+    };
+    ($engine:ty, $tweak:expr; $($scenario:ident),+ $(,)?) => {
         $(
             #[tokio::test]
             async fn $scenario() {
                 use $crate::common::cluster::Cluster as _;
-                let mut cluster = <$engine>::start(3).await;
+                let mut cluster = <$engine>::start_with(3, $tweak).await;
                 $crate::common::scenarios::$scenario(&mut cluster).await;
                 cluster.finish().await;
             }
         )+
     };
+}
+
+/// The HS256 secret of [`with_jwt`] nodes.
+pub const JWT_SECRET: &str = "0123456789abcdef0123456789abcdef-chan";
+
+/// Node settings for the scenarios that need users: JWT auth with
+/// [`JWT_SECRET`], and a namespace `vip` only the token's `channels`
+/// claim opens, where only the server publishes.
+pub fn with_jwt(_: usize, config: &mut quic_fabric::NodeConfig) {
+    config.auth_jwt_secret = Some(JWT_SECRET.into());
+    config.namespaces = vec![
+        "vip,subscribe=granted,publish=granted".parse().unwrap(),
+        "news,publish=nobody".parse().unwrap(),
+    ];
+}
+
+/// A client of `node` authenticated as `user`, granted `channels`.
+pub async fn connect_as(node: &super::TestNode, user: &str, channels: &[&str]) -> Client {
+    let mut config = node.client_config(user);
+    let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
+    config.token = Some(
+        quic_fabric::auth::mint_hs256(
+            JWT_SECRET,
+            user,
+            std::time::Duration::from_secs(600),
+            None,
+            None,
+            &channels,
+        )
+        .unwrap(),
+    );
+    Client::connect(&config).await.unwrap()
 }
 
 /// Two clients on every node; the first broadcasts.
@@ -147,4 +189,237 @@ pub async fn a_node_leaving_takes_its_clients_out_of_the_cluster(cluster: &mut i
     // The remaining nodes still talk.
     let mut c = nodes[2].connect("c").await;
     deliver(&a, &mut c, "still here").await;
+}
+
+fn publication_text(frame: &Frame, channel: &str) -> Option<String> {
+    match &frame.body {
+        Body::Publish {
+            channel: c,
+            payload: Payload::Text(text),
+        } if c == channel => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn is_publication(frame: &Frame) -> bool {
+    matches!(frame.body, Body::Publish { .. })
+}
+
+/// Subscribers on two nodes, non-subscribers on every node, a publisher
+/// on the third: every subscriber gets each publication once and in
+/// order, nobody else gets any; after the subscribers of a node leave,
+/// they get nothing more.
+pub async fn channel_publications_reach_exactly_the_subscribers_once_in_order(
+    cluster: &mut impl Cluster,
+) {
+    let nodes = cluster.nodes();
+    let mut subs = vec![
+        nodes[0].connect("s0").await,
+        nodes[1].connect("s1a").await,
+        nodes[1].connect("s1b").await,
+    ];
+    let mut others = vec![
+        nodes[0].connect("x0").await,
+        nodes[1].connect("x1").await,
+        nodes[2].connect("x2").await,
+    ];
+    let publisher = nodes[2].connect("p").await;
+    // The namespace keeps presence: each ack counts the members so far.
+    for (i, s) in subs.iter().enumerate() {
+        assert_eq!(
+            s.subscribe("room", false).await.unwrap(),
+            Some(i as u64 + 1)
+        );
+    }
+    // Another channel's subscriber, to be sure it gets nothing of "room".
+    others[2].subscribe("elsewhere", false).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(
+            publisher
+                .publish("room", Payload::Text(format!("m{i}")), Priority::Normal)
+                .await
+                .unwrap(),
+        );
+    }
+    for s in &mut subs {
+        for (i, id) in ids.iter().enumerate() {
+            let got = next_matching(s, is_publication).await;
+            assert_eq!(got.id, *id, "in the order published");
+            assert_eq!(publication_text(&got, "room"), Some(format!("m{i}")));
+            let from = got.sender.expect("stamped");
+            assert_eq!(from.client_id, publisher.client_id());
+            assert_eq!(from.node_id, nodes[2].id());
+        }
+        assert_none_before_echo(s, is_publication).await;
+    }
+    for o in &mut others {
+        assert_none_before_echo(o, is_publication).await;
+    }
+    // The second node's subscribers leave: the rest still get them.
+    subs[1].unsubscribe("room").await.unwrap();
+    subs[2].unsubscribe("room").await.unwrap();
+    let id = publisher
+        .publish("room", Payload::Text("after".into()), Priority::Normal)
+        .await
+        .unwrap();
+    assert_eq!(next_matching(&mut subs[0], is_publication).await.id, id);
+    for s in &mut subs[1..] {
+        assert_none_before_echo(s, is_publication).await;
+    }
+    // A publisher that is subscribed gets its own publication too.
+    let id = subs[0]
+        .publish("room", Payload::Text("mine".into()), Priority::High)
+        .await
+        .unwrap();
+    assert_eq!(next_matching(&mut subs[0], is_publication).await.id, id);
+}
+
+/// Members on every node show in every node's presence answer; Join and
+/// Leave events reach the subscribers that asked for them, on other
+/// nodes too, and only those.
+pub async fn channel_presence_and_join_leave_events_cross_nodes(cluster: &mut impl Cluster) {
+    let nodes = cluster.nodes();
+    let mut a = nodes[0].connect("a").await;
+    let b = nodes[1].connect("b").await;
+    let mut c = nodes[2].connect("c").await;
+    a.subscribe("lobby", true).await.unwrap();
+    b.subscribe("lobby", true).await.unwrap();
+    let joined = next_matching(&mut a, |f| matches!(f.body, Body::Join { .. })).await;
+    let Body::Join { channel, member } = joined.body else {
+        unreachable!()
+    };
+    assert_eq!(channel, "lobby");
+    assert_eq!(member.client_id, b.client_id());
+    assert_eq!(member.node_id, nodes[1].id());
+    assert_eq!(member.name, "b");
+    c.subscribe("lobby", false).await.unwrap();
+    let (members, truncated) = c.presence("lobby").await.unwrap();
+    assert!(!truncated);
+    let mut seen: Vec<_> = members
+        .iter()
+        .map(|m| (m.name.clone(), m.node_id))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".to_owned(), nodes[0].id()),
+            ("b".to_owned(), nodes[1].id()),
+            ("c".to_owned(), nodes[2].id())
+        ]
+    );
+    // b disconnects: a hears it leave, c (no events) hears nothing.
+    let b_id = b.client_id();
+    b.close("bye").await;
+    let left = next_matching(&mut a, |f| matches!(f.body, Body::Leave { .. })).await;
+    let Body::Leave { member, .. } = left.body else {
+        unreachable!()
+    };
+    assert_eq!(member.client_id, b_id);
+    let events = |f: &Frame| matches!(f.body, Body::Join { .. } | Body::Leave { .. });
+    assert_none_before_echo(&mut c, events).await;
+    // Gone from presence: the leave was written before the event went out.
+    let (members, _) = a.presence("lobby").await.unwrap();
+    assert!(members.iter().all(|m| m.client_id != b_id), "{members:?}");
+    assert_eq!(members.len(), 2);
+}
+
+/// `alice` connected to two nodes, `bob` on the third: a message to the
+/// user reaches both of her connections; to a user with none it is
+/// UNKNOWN_USER.
+pub async fn user_messages_reach_every_connection_of_the_user_on_every_node(
+    cluster: &mut impl Cluster,
+) {
+    let nodes = cluster.nodes();
+    let mut alice0 = connect_as(&nodes[0], "alice", &[]).await;
+    let mut alice2 = connect_as(&nodes[2], "alice", &[]).await;
+    let bob = connect_as(&nodes[1], "bob", &[]).await;
+    let id = bob
+        .send_to_user("alice", Payload::Text("hi alice".into()), Priority::Normal)
+        .await
+        .unwrap();
+    for alice in [&mut alice0, &mut alice2] {
+        let got = next_matching(alice, |f| f.id == id).await;
+        assert_eq!(
+            got.body,
+            Body::UserDirect {
+                user: "alice".into(),
+                payload: Payload::Text("hi alice".into())
+            }
+        );
+        let from = got.sender.unwrap();
+        assert_eq!(from.user.as_deref(), Some("bob"));
+        assert_eq!(from.client_id, bob.client_id());
+    }
+    let sent = bob
+        .send_to_user("carol", Payload::Text("anyone?".into()), Priority::Normal)
+        .await;
+    let message = expect_server_error(sent, error_code::UNKNOWN_USER);
+    assert!(message.contains("carol"), "{message}");
+    // Once one of her connections is gone, the other still gets them,
+    // and the user's id still finds her (no stale routing entry).
+    alice0.close("bye").await;
+    let id = bob
+        .send_to_user(
+            "alice",
+            Payload::Text("still there?".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_matching(&mut alice2, |f| f.id == id).await.id, id);
+    alice2.close("bye").await;
+    // With both gone, the user is unknown (presence is removed in order
+    // with the leave; on Redis the write may take a moment to land).
+    eventually(super::WAIT, "alice unknown once she left", || async {
+        matches!(
+            bob.send_to_user("alice", Payload::Text("?".into()), Priority::Normal)
+                .await,
+            Err(quic_fabric::client::ClientError::Server { code, .. }) if code == error_code::UNKNOWN_USER
+        )
+    })
+    .await;
+}
+
+/// A `granted` namespace: the token's `channels` claim decides, the same
+/// on every node; a `publish=nobody` namespace refuses every client.
+pub async fn granted_namespaces_follow_the_token_on_every_node(cluster: &mut impl Cluster) {
+    let nodes = cluster.nodes();
+    let mut vip = connect_as(&nodes[0], "vip-user", &["vip:lounge-*"]).await;
+    let guest = connect_as(&nodes[1], "guest", &[]).await;
+    let other = connect_as(&nodes[2], "other", &["vip:lounge-*"]).await;
+    vip.subscribe("vip:lounge-1", false).await.unwrap();
+    let refused = guest.subscribe("vip:lounge-1", false).await;
+    let message = expect_server_error(refused, error_code::NOT_ALLOWED);
+    assert!(message.contains("vip:lounge-1"), "{message}");
+    let refused = other.subscribe("vip:backstage", false).await;
+    expect_server_error(refused, error_code::NOT_ALLOWED);
+    let refused = guest
+        .publish(
+            "vip:lounge-1",
+            Payload::Text("let me in".into()),
+            Priority::Normal,
+        )
+        .await;
+    expect_server_error(refused, error_code::NOT_ALLOWED);
+    let id = other
+        .publish(
+            "vip:lounge-1",
+            Payload::Text("welcome".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_matching(&mut vip, is_publication).await.id, id);
+    let refused = vip
+        .publish("news:today", Payload::Text("x".into()), Priority::Normal)
+        .await;
+    let message = expect_server_error(refused, error_code::NOT_ALLOWED);
+    assert!(message.contains("only the server"), "{message}");
+    let refused = vip.subscribe("nowhere:x", false).await;
+    expect_server_error(refused, error_code::UNKNOWN_NAMESPACE);
+    // The refusals left every connection open.
+    guest.ping().await.unwrap();
+    vip.ping().await.unwrap();
 }
