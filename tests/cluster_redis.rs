@@ -1,9 +1,10 @@
 //! Nodes sharing a real Redis (testcontainers): the cross-node scenarios
 //! shared with `tests/cluster_memory.rs` (`tests/common/scenarios.rs`:
 //! broadcast, direct in order, unknown target, list, a node leaving), then
-//! what only Redis has: node death by TTL, Redis outages and recovery,
-//! `rediss://`, the command cost per message, the admin API over the
-//! cluster, a node restarted with its id.
+//! what only Redis has: node death by TTL (clients and channel members),
+//! Redis outages and recovery (channels resubscribed), `rediss://`, the
+//! command cost per message, selective channel subscriptions, the admin
+//! API over the cluster, a node restarted with its id.
 //!
 //! The image comes from `FABRIC_REDIS_IMAGE` (default `redis:7`); on a
 //! machine without a registry, `cluster/images.sh redis` builds it from
@@ -64,6 +65,117 @@ async fn a_killed_node_leaves_presence_within_its_ttl_and_gets_nothing_routed() 
     cluster.finish().await;
 }
 
+/// How many nodes subscribe to fabric channel `channel` in Redis.
+async fn channel_subscribers(url: &str, channel: &str) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("fabric:ch:chan:{channel}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    counts[0].1
+}
+
+fn is_publication(frame: &quic_fabric::protocol::Frame) -> bool {
+    matches!(frame.body, Body::Publish { .. })
+}
+
+#[tokio::test]
+async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_traffic() {
+    let cluster = RedisNodes::start(3).await;
+    let url = &cluster.redis.url;
+    let (n1, n2, n3) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
+    let mut s1 = n1.connect("s1").await;
+    let mut s2 = n2.connect("s2").await;
+    let publisher = n3.connect("p").await;
+    assert_eq!(channel_subscribers(url, "room").await, 0);
+    s1.subscribe("room", false).await.unwrap();
+    s2.subscribe("room", false).await.unwrap();
+    // One Redis subscription per node that has subscribers, none on n3.
+    assert_eq!(channel_subscribers(url, "room").await, 2);
+
+    let received = |node: &TestNode| quic_fabric::stats::get(&node.stats().pubsub_in);
+    let before = [received(n1), received(n2), received(n3)];
+    let published_before = publishes(url).await;
+    const COUNT: u64 = 50;
+    for i in 0..COUNT {
+        publisher
+            .publish("room", Payload::Text(i.to_string()), Priority::Normal)
+            .await
+            .unwrap();
+    }
+    for s in [&mut s1, &mut s2] {
+        for i in 0..COUNT {
+            let got = next_matching(s, is_publication).await;
+            assert_eq!(
+                got.body,
+                Body::Publish {
+                    channel: "room".into(),
+                    payload: Payload::Text(i.to_string())
+                }
+            );
+        }
+    }
+    assert_eq!(
+        publishes(url).await - published_before,
+        COUNT,
+        "one PUBLISH per publication, whatever the number of nodes"
+    );
+    let after = [received(n1), received(n2), received(n3)];
+    assert_eq!(after[0] - before[0], COUNT, "n1 gets each once");
+    assert_eq!(after[1] - before[1], COUNT, "n2 gets each once");
+    assert_eq!(after[2] - before[2], 0, "n3 has no subscriber: no traffic");
+
+    // The last local subscriber leaving unsubscribes its node.
+    s1.unsubscribe("room").await.unwrap();
+    eventually(WAIT, "n1 unsubscribed from Redis", || async {
+        channel_subscribers(url, "room").await == 1
+    })
+    .await;
+    s2.close("bye").await;
+    eventually(WAIT, "n2 unsubscribed from Redis", || async {
+        channel_subscribers(url, "room").await == 0
+    })
+    .await;
+    cluster.finish().await;
+}
+
+#[tokio::test]
+async fn a_killed_nodes_channel_members_leave_presence_within_its_ttl() {
+    let cluster = RedisNodes::start(1).await;
+    let n1 = &cluster.nodes[0];
+    let mut victim = redis_node_process(
+        &cluster.redis,
+        &cluster.certs,
+        NODE_TTL,
+        &["--name", "victim"],
+    )
+    .await;
+    let doomed = victim.connect("doomed").await;
+    let a = n1.connect("a").await;
+    a.subscribe("room", true).await.unwrap();
+    assert_eq!(doomed.subscribe("room", false).await.unwrap(), Some(2));
+    let (members, _) = a.presence("room").await.unwrap();
+    assert_eq!(members.len(), 2);
+
+    victim.kill().await;
+    let killed_at = tokio::time::Instant::now();
+    eventually(WAIT, "the dead node's member leaves presence", || async {
+        a.presence("room").await.unwrap().0.len() == 1
+    })
+    .await;
+    let gone_after = killed_at.elapsed();
+    assert!(
+        gone_after < NODE_TTL * 4,
+        "channel presence outlived the TTL by far: {gone_after:?}"
+    );
+    let (members, _) = a.presence("room").await.unwrap();
+    assert_eq!(members[0].client_id, a.client_id());
+    cluster.finish().await;
+}
+
 #[tokio::test]
 async fn a_client_that_reconnects_elsewhere_is_routed_to_its_new_node() {
     let cluster = RedisNodes::start(3).await;
@@ -96,6 +208,8 @@ async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
     let mut a2 = n1.connect("a2").await;
     let mut b = n2.connect("b").await;
     wait_listed(&a, &[a.client_id(), a2.client_id(), b.client_id()]).await;
+    a2.subscribe("room", false).await.unwrap();
+    b.subscribe("room", false).await.unwrap();
 
     redis.container.stop_with_timeout(Some(0)).await.unwrap();
     let bus = n1.bus();
@@ -131,6 +245,16 @@ async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
     assert!(
         matches!(a.list().await, Err(ClientError::Server { code, .. }) if code == error_code::CLUSTER_UNAVAILABLE)
     );
+    // A channel publication reaches the local subscribers and says so.
+    let sent = a
+        .publish("room", Payload::Text("partial".into()), Priority::Normal)
+        .await;
+    let message = common::expect_server_error(sent, error_code::CLUSTER_UNAVAILABLE);
+    assert!(message.contains("1 subscribers on this node"), "{message}");
+    next_matching(&mut a2, is_publication).await;
+    // A new subscription cannot be promised: refused, not half made.
+    let refused = a.subscribe("elsewhere", false).await;
+    common::expect_server_error(refused, error_code::CLUSTER_UNAVAILABLE);
 
     // A node started during the outage starts anyway and serves locally.
     let n3 = redis_node(redis, certs, "n3").await;
@@ -148,6 +272,23 @@ async fn redis_outage_degrades_visibly_and_recovers_by_itself() {
     )
     .await;
     deliver(&a, &mut b, "back").await;
+    // Every node subscribed to its channels again by itself: a publication
+    // from the node started during the outage reaches both subscribers,
+    // and channel presence is rebuilt.
+    let id = c
+        .publish(
+            "room",
+            Payload::Text("after the outage".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_matching(&mut a2, is_publication).await.id, id);
+    assert_eq!(next_matching(&mut b, is_publication).await.id, id);
+    let (members, _) = c.presence("room").await.unwrap();
+    let mut names: Vec<_> = members.iter().map(|m| m.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["a2", "b"]);
     let id = c
         .broadcast(Payload::Text("from the late node".into()), Priority::Normal)
         .await
