@@ -159,7 +159,10 @@ impl std::str::FromStr for Namespace {
                 if possible.contains(&value) {
                     Ok(())
                 } else {
-                    Err(format!("{key}={value}: expected one of {}", possible.join(", ")))
+                    Err(format!(
+                        "{key}={value}: expected one of {}",
+                        possible.join(", ")
+                    ))
                 }
             };
             match key {
@@ -1296,6 +1299,15 @@ mod tests {
             "admin_token" => "sample-admin-token-0123",
             "shutdown_grace" => "9s",
             "drain_linger" => "8s",
+            "max_subscriptions" => "47",
+            "max_presence_members" => "53",
+            "channel_subscribe" => "authenticated",
+            "channel_publish" => "subscribers",
+            "channel_presence" => "false",
+            "channel_join_leave" => "false",
+            "namespaces" => {
+                "vip,subscribe=granted,publish=nobody,presence=off,join_leave=on;news,subscribe=anyone,publish=subscribers,presence=on,join_leave=off"
+            }
             other => panic!("no sample value for setting {other}: add one"),
         }
     }
@@ -1441,6 +1453,19 @@ mod tests {
             let sample = sample(s.name);
             if lists.contains(&s.name) {
                 toml::Value::Array(sample.split(',').map(toml::Value::from).collect())
+            } else if s.name == "namespaces" {
+                // An array of tables: `[[channels.namespaces]]`.
+                let table = |spec: &str| {
+                    let ns: Namespace = spec.parse().unwrap();
+                    let mut t = toml::Table::new();
+                    t.insert("name".into(), ns.name.into());
+                    t.insert("subscribe".into(), show_enum(&ns.subscribe).into());
+                    t.insert("publish".into(), show_enum(&ns.publish).into());
+                    t.insert("presence".into(), ns.presence.into());
+                    t.insert("join_leave".into(), ns.join_leave.into());
+                    toml::Value::Table(t)
+                };
+                toml::Value::Array(sample.split(';').map(table).collect())
             } else if let Ok(number) = sample.parse::<i64>() {
                 toml::Value::from(number)
             } else if let Ok(on) = sample.parse::<bool>() {
