@@ -1,7 +1,11 @@
 //! The admin HTTP API (`--admin-listen ADDR`), with axum: health and readiness,
 //! node statistics, cluster-wide client and node lists, server-originated
-//! broadcasts, disconnecting a client anywhere in the cluster, and draining
-//! the node. JSON in and out; documented in README.md ("Admin API").
+//! broadcasts, disconnecting a client anywhere in the cluster, channels
+//! (list, presence, server publications, removing a subscriber), and
+//! draining the node. JSON in and out; documented in README.md ("Admin API").
+//!
+//! Channel names travel percent-encoded in one path segment (`chat:room/1`
+//! is `chat%3Aroom%2F1`); axum's `Path` hands the handlers the decoded name.
 //!
 //! Every endpoint but `/health` and `/ready` requires
 //! `Authorization: Bearer TOKEN` when `--admin-token` is set (it must be
@@ -9,6 +13,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -19,7 +24,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::bus::ClusterBus;
-use crate::node::{Kick, Node};
+use crate::config::Namespace;
+use crate::node::{Kick, Node, ServerPublishError, Unsubscribed};
 use crate::protocol::json::client_json;
 use crate::protocol::{ClientId, Payload, Priority};
 use crate::stats::get as counter;
@@ -38,6 +44,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/clients/{id}", delete(kick))
         .route("/nodes", get(nodes))
         .route("/broadcast", post(broadcast))
+        .route("/channels", get(channels))
+        .route("/channels/{channel}/presence", get(presence))
+        .route("/channels/{channel}/publish", post(publish))
+        .route(
+            "/channels/{channel}/subscribers/{client_id}",
+            delete(unsubscribe),
+        )
         .route("/drain", post(drain))
         .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
     Router::new()
@@ -187,45 +200,64 @@ struct BroadcastRequest {
     priority: Option<String>,
 }
 
-async fn broadcast(
-    State(node): State<Arc<Node>>,
-    body: Result<Json<BroadcastRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
-    };
+/// A request answered with an error: its status, and `{"error": message}`.
+#[derive(Debug)]
+struct HttpError(StatusCode, String);
+
+impl HttpError {
+    fn new(status: StatusCode, message: impl std::fmt::Display) -> Self {
+        HttpError(status, message.to_string())
+    }
+
+    fn bad(message: impl std::fmt::Display) -> Self {
+        HttpError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+/// Reads a `POST /broadcast` or channel publish body: the payload and its
+/// priority; 400 for a bad body, 413 above `max_message_bytes`.
+fn message(
+    node: &Node,
+    body: Result<Json<BroadcastRequest>, JsonRejection>,
+) -> Result<(Priority, Payload), HttpError> {
+    let Json(request) = body.map_err(|r| HttpError::bad(r.body_text()))?;
     let priority = match request.priority.as_deref().map(str::parse::<Priority>) {
         None => Priority::Normal,
-        Some(Ok(p)) => p,
-        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+        Some(p) => p.map_err(HttpError::bad)?,
     };
     let payload = match (request.text, request.binary_base64) {
         (Some(text), None) => Payload::Text(text),
         (None, Some(data)) => {
             use base64::Engine;
-            match base64::engine::general_purpose::STANDARD.decode(data) {
-                Ok(bytes) => Payload::Binary(bytes),
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("binary_base64: {e}")),
-            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .map_err(|e| HttpError::bad(format!("binary_base64: {e}")))?;
+            Payload::Binary(bytes)
         }
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "give exactly one of text and binary_base64",
-            );
-        }
+        _ => return Err(HttpError::bad("give exactly one of text and binary_base64")),
     };
-    if payload.len() > node.config().max_message_bytes {
-        return error(
+    let max = node.config().max_message_bytes;
+    if payload.len() > max {
+        return Err(HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "payload above max_message_bytes ({})",
-                node.config().max_message_bytes
-            ),
-        );
+            format!("payload above max_message_bytes ({max})"),
+        ));
     }
-    match node.server_broadcast(priority, payload).await {
+    Ok((priority, payload))
+}
+
+async fn broadcast(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<BroadcastRequest>, JsonRejection>,
+) -> Result<Response, HttpError> {
+    let (priority, payload) = message(&node, body)?;
+    Ok(match node.server_broadcast(priority, payload).await {
         Ok((id, local)) => Json(json!({
             "id": id.to_string(),
             "local_clients": local,
@@ -241,32 +273,39 @@ async fn broadcast(
             })),
         )
             .into_response(),
-    }
+    })
 }
 
 #[derive(Debug, Deserialize)]
-struct KickQuery {
+struct ReasonQuery {
     reason: Option<String>,
+}
+
+/// The operator's `reason`, or `default`; 400 when it is too long or has
+/// control characters (it goes to the client in a frame).
+fn reason(given: Option<String>, default: &str) -> Result<String, HttpError> {
+    let reason = given.unwrap_or_else(|| default.into());
+    if reason.len() > MAX_REASON_BYTES || reason.chars().any(char::is_control) {
+        return Err(HttpError::bad(format!(
+            "reason must be at most {MAX_REASON_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(reason)
+}
+
+fn client_id(id: &str) -> Result<ClientId, HttpError> {
+    id.parse()
+        .map_err(|_| HttpError::bad("not a client id (uuid)"))
 }
 
 async fn kick(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
-    Query(query): Query<KickQuery>,
-) -> Response {
-    let Ok(id) = id.parse::<ClientId>() else {
-        return error(StatusCode::BAD_REQUEST, "not a client id (uuid)");
-    };
-    let reason = query
-        .reason
-        .unwrap_or_else(|| "disconnected by an operator".into());
-    if reason.len() > MAX_REASON_BYTES || reason.chars().any(char::is_control) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("reason must be at most {MAX_REASON_BYTES} bytes without control characters"),
-        );
-    }
-    match node.kick(id, &reason).await {
+    Query(query): Query<ReasonQuery>,
+) -> Result<Response, HttpError> {
+    let id = client_id(&id)?;
+    let reason = reason(query.reason, "disconnected by an operator")?;
+    Ok(match node.kick(id, &reason).await {
         Ok(Kick::Local) => Json(json!({
             "client_id": id.to_string(),
             "node_id": node.id().to_string(),
@@ -287,7 +326,139 @@ async fn kick(
             format!("no client {id} is connected"),
         ),
         Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, err),
+    })
+}
+
+/// The channel named by the path (axum has percent-decoded it), checked
+/// against the channel grammar and the declared namespaces (400
+/// otherwise), with its namespace.
+fn channel_in<T>(
+    node: &Node,
+    path: Result<Path<T>, PathRejection>,
+    name: impl FnOnce(&T) -> &str,
+) -> Result<(T, &Namespace), HttpError> {
+    let Path(params) = path.map_err(|r| HttpError::bad(r.body_text()))?;
+    let namespace = node
+        .channels()
+        .namespace(name(&params))
+        .map_err(|(_, why)| HttpError::bad(why))?;
+    Ok((params, namespace))
+}
+
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|r| HttpError::bad(r.body_text()))
+}
+
+async fn channels(State(node): State<Arc<Node>>) -> Result<Response, HttpError> {
+    let channels = node
+        .bus()
+        .channels()
+        .await
+        .map_err(|err| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, err))?;
+    let channels: Vec<Value> = channels
+        .iter()
+        .map(|(channel, subscribers)| json!({ "channel": channel, "subscribers": subscribers }))
+        .collect();
+    Ok(Json(json!({ "channels": channels })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct PresenceQuery {
+    limit: Option<usize>,
+}
+
+async fn presence(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    limit: Result<Query<PresenceQuery>, QueryRejection>,
+) -> Result<Response, HttpError> {
+    let (channel, namespace) = channel_in(&node, path, String::as_str)?;
+    if !namespace.presence {
+        return Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!("presence is off for the namespace of {channel}"),
+        ));
     }
+    let limit = query(limit)?.limit.unwrap_or(MAX_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(HttpError::bad(format!("limit must be 1..={MAX_PAGE}")));
+    }
+    let (members, truncated) = node
+        .bus()
+        .channel_members(&channel, limit)
+        .await
+        .map_err(|err| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, err))?;
+    Ok(Json(json!({
+        "channel": channel,
+        "members": members.iter().map(client_json).collect::<Vec<_>>(),
+        "truncated": truncated,
+    }))
+    .into_response())
+}
+
+async fn publish(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<BroadcastRequest>, JsonRejection>,
+) -> Result<Response, HttpError> {
+    let (channel, _) = channel_in(&node, path, String::as_str)?;
+    let (priority, payload) = message(&node, body)?;
+    Ok(
+        match node.server_publish(&channel, priority, payload).await {
+            Ok((id, local)) => Json(json!({
+                "id": id.to_string(),
+                "local_subscribers": local,
+                "cluster": node.bus().clustered(),
+            }))
+            .into_response(),
+            Err(ServerPublishError::Channel(why)) => return Err(HttpError::bad(why)),
+            Err(err @ ServerPublishError::Bus { id, local, .. }) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "id": id.to_string(),
+                    "local_subscribers": local,
+                    "error": err.to_string(),
+                })),
+            )
+                .into_response(),
+        },
+    )
+}
+
+async fn unsubscribe(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    given: Result<Query<ReasonQuery>, QueryRejection>,
+) -> Result<Response, HttpError> {
+    let ((channel, id), _) = channel_in(&node, path, |(channel, _)| channel.as_str())?;
+    let id = client_id(&id)?;
+    let reason = reason(query(given)?.reason, "unsubscribed by an operator")?;
+    let (status, node_id, what) = match node.unsubscribe_client(id, &channel, &reason).await {
+        Ok(Unsubscribed::Local) => (StatusCode::OK, node.id(), "unsubscribed"),
+        Ok(Unsubscribed::Remote(at)) => (StatusCode::ACCEPTED, at, "requested"),
+        Ok(Unsubscribed::NotSubscribed) => {
+            return Err(HttpError::new(
+                StatusCode::NOT_FOUND,
+                format!("client {id} is not subscribed to {channel}"),
+            ));
+        }
+        Ok(Unsubscribed::Unknown) => {
+            return Err(HttpError::new(
+                StatusCode::NOT_FOUND,
+                format!("no client {id} is connected"),
+            ));
+        }
+        Err(err) => return Err(HttpError::new(StatusCode::SERVICE_UNAVAILABLE, err)),
+    };
+    let answer = json!({
+        "client_id": id.to_string(),
+        "channel": channel,
+        "node_id": node_id.to_string(),
+        "status": what,
+    });
+    Ok((status, Json(answer)).into_response())
 }
 
 async fn drain(State(node): State<Arc<Node>>) -> Response {

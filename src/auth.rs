@@ -476,7 +476,9 @@ mod tests {
             (json!(vec!["x"; 257]), "at most 256"),
         ] {
             let err = auth
-                .verify(Some(&token(json!({ "sub": "a", "exp": exp, "channels": bad }))))
+                .verify(Some(&token(
+                    json!({ "sub": "a", "exp": exp, "channels": bad }),
+                )))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(why), "{err}");

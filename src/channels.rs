@@ -238,7 +238,12 @@ impl Channels {
 
     /// Runs `f` under the lock if client `id` is subscribed to `channel`
     /// (so what it writes cannot follow the unsubscription's writes).
-    pub fn while_subscribed<T>(&self, id: ClientId, channel: &str, f: impl FnOnce() -> T) -> Option<T> {
+    pub fn while_subscribed<T>(
+        &self,
+        id: ClientId,
+        channel: &str,
+        f: impl FnOnce() -> T,
+    ) -> Option<T> {
         let state = self.read();
         let subscribed = state
             .by_client
@@ -272,7 +277,11 @@ impl Channels {
         let Some(subs) = state.channels.get(channel) else {
             return count;
         };
-        let tag = if event { tag::JOIN } else { tag::PUBLISH };
+        let tag = if event {
+            event_tag(frame)
+        } else {
+            tag::PUBLISH
+        };
         for (id, sub) in subs {
             if Some(*id) == exclude || (event && !sub.events) {
                 continue;
@@ -321,5 +330,54 @@ impl Channels {
                 }
             })
             .collect()
+    }
+}
+
+/// The wire tag (Join or Leave) of an event frame, for the counters. Events
+/// come from a node, without a sender stamp, so the body's tag sits right
+/// after the fixed header: id (16), priority (4), timestamp (8), and the
+/// `None` of the sender (1).
+fn event_tag(frame: &Bytes) -> usize {
+    const AT: usize = protocol::LENGTH_PREFIX_BYTES + 16 + 4 + 8 + 1;
+    frame
+        .get(AT..AT + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .map_or(tag::JOIN, |t| t as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Body, ClientId, ClientInfo, Frame, NodeId, Priority};
+
+    #[test]
+    fn an_events_tag_is_read_from_its_fixed_header() {
+        let member = ClientInfo {
+            client_id: ClientId::new_random(),
+            node_id: NodeId::new_random(),
+            name: "m".into(),
+            user: None,
+            connected_at_ms: 1,
+        };
+        for (body, expected) in [
+            (
+                Body::Join {
+                    channel: "c".into(),
+                    member: member.clone(),
+                },
+                tag::JOIN,
+            ),
+            (
+                Body::Leave {
+                    channel: "c".into(),
+                    member,
+                },
+                tag::LEAVE,
+            ),
+        ] {
+            let frame = protocol::encode(&Frame::new(Priority::Normal, body)).unwrap();
+            assert_eq!(event_tag(&frame), expected);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! text format, with `prometheus-client`. The hot path only bumps atomics
 //! and histograms in [`Stats`]; this module reads them
 //! at scrape time, together with gauges computed on the spot (clients,
-//! queue memory, Redis state, QUIC round trips and losses).
+//! channels, queue memory, Redis state, QUIC round trips and losses).
 
 use std::sync::Arc;
 
@@ -140,6 +140,21 @@ impl Collector for NodeCollector {
             "Time since the node started.",
             Some(&Unit::Seconds),
             s.uptime().as_secs() as i64,
+        )?;
+        let (channels, subscriptions) = node.channels().counts();
+        gauge(
+            &mut e,
+            "channels_subscribed",
+            "Channels with at least one subscriber on this node.",
+            None,
+            channels as i64,
+        )?;
+        gauge(
+            &mut e,
+            "channel_subscriptions",
+            "Channel subscriptions of this node's clients.",
+            None,
+            subscriptions as i64,
         )?;
         counter(
             &mut e,

@@ -22,9 +22,7 @@ use tracing::{debug, warn};
 use crate::bus::{Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, PublishDone, Target};
 use crate::channels::Channels;
 use crate::outbound::EnqueueError;
-use crate::protocol::{
-    self, Body, ClientId, Frame, MessageId, NodeId, Priority, error_code, tag,
-};
+use crate::protocol::{self, Body, ClientId, Frame, MessageId, NodeId, Priority, error_code, tag};
 use crate::registry::{ClientHandle, Registry};
 use crate::stats::Stats;
 
@@ -373,7 +371,9 @@ impl MessageRouter {
         frame: Bytes,
     ) {
         let started = Instant::now();
-        let count = self.channels.deliver(channel, priority, &frame, false, None);
+        let count = self
+            .channels
+            .deliver(channel, priority, &frame, false, None);
         self.stats
             .delivery_local
             .observe(started.elapsed().as_secs_f64());
@@ -419,9 +419,7 @@ impl MessageRouter {
                     priority,
                     Some(id),
                     error_code::CLUSTER_UNAVAILABLE,
-                    format!(
-                        "delivered to {local} subscribers on this node only: {err}"
-                    ),
+                    format!("delivered to {local} subscribers on this node only: {err}"),
                 ),
             })),
         );
@@ -471,7 +469,13 @@ impl MessageRouter {
 
     /// Queues a publication (or event) another node sent for this node's
     /// subscribers of `channel`.
-    pub fn deliver_publication(&self, channel: &str, priority: Priority, event: bool, frame: &Bytes) {
+    pub fn deliver_publication(
+        &self,
+        channel: &str,
+        priority: Priority,
+        event: bool,
+        frame: &Bytes,
+    ) {
         let count = self.channels.deliver(channel, priority, frame, event, None);
         if count.node_busy > 0 {
             warn!(
@@ -524,7 +528,9 @@ impl MessageRouter {
         let nodes = if !self.bus.clustered() {
             Ok(Vec::new())
         } else if !self.bus.available() {
-            Err(BusError::Unavailable("the cluster bus is unavailable".into()))
+            Err(BusError::Unavailable(
+                "the cluster bus is unavailable".into(),
+            ))
         } else {
             self.bus.locate_user(user).await.map(|nodes| {
                 nodes
@@ -632,7 +638,13 @@ impl MessageRouter {
 
     /// Counts one node's receipt for a message to a user; answers the
     /// sender once it is queued somewhere or every node said it was not.
-    pub fn settle_user_receipt(&self, message_id: MessageId, sender: ClientId, delivered: u32, busy: u32) {
+    pub fn settle_user_receipt(
+        &self,
+        message_id: MessageId,
+        sender: ClientId,
+        delivered: u32,
+        busy: u32,
+    ) {
         let key = (sender, message_id);
         let settled = {
             let mut pending = lock(&self.pending_users);
@@ -666,7 +678,9 @@ impl MessageRouter {
                 pending.priority,
                 Some(message_id),
                 error_code::SERVER_BUSY,
-                format!("user {user}'s connections are on nodes with no queue memory left; retry later"),
+                format!(
+                    "user {user}'s connections are on nodes with no queue memory left; retry later"
+                ),
             ),
         }
     }

@@ -354,3 +354,540 @@ async fn a_drained_node_keeps_refusing_for_the_linger_instead_of_vanishing() {
         .expect("the node stops after the linger")
         .unwrap();
 }
+
+/// `chat:` keeps presence, `quiet:` does not, and only the server
+/// publishes to `news:`.
+fn channel_namespaces(c: &mut quic_fabric::NodeConfig) {
+    use quic_fabric::config::{Namespace, PublishPolicy};
+    c.namespaces = vec![
+        Namespace::open("chat"),
+        Namespace {
+            presence: false,
+            ..Namespace::open("quiet")
+        },
+        Namespace {
+            publish: PublishPolicy::Nobody,
+            ..Namespace::open("news")
+        },
+    ];
+}
+
+async fn channel_admin_node() -> TestNode {
+    TestNode::start_with(|c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin_token = Some(TOKEN.into());
+        channel_namespaces(c);
+    })
+    .await
+}
+
+/// `chat:room/1` in a path segment.
+const ROOM: &str = "chat:room/1";
+const ROOM_PATH: &str = "chat%3Aroom%2F1";
+
+/// The subscriber count `GET /channels` gives for `channel`, if listed.
+async fn listed(admin: std::net::SocketAddr, channel: &str) -> Option<u64> {
+    let response = http(admin, "GET", "/channels", Some(TOKEN), None).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.json()["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["channel"] == channel)
+        .map(|c| c["subscribers"].as_u64().unwrap())
+}
+
+/// The client ids in a presence answer, sorted.
+fn member_ids(presence: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> = presence["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["client_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn sorted_ids(clients: &[&Client]) -> Vec<String> {
+    let mut ids: Vec<String> = clients.iter().map(|c| c.client_id().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+/// Asserts `response` is `status` with a JSON error mentioning `needle`.
+fn assert_error(response: &common::HttpResponse, status: u16, needle: &str) {
+    assert_eq!(response.status, status, "{}", response.body);
+    let message = response.json()["error"].as_str().unwrap().to_owned();
+    assert!(message.contains(needle), "{needle:?} not in {message:?}");
+}
+
+#[tokio::test]
+async fn admin_api_lists_channels_and_their_members() {
+    let node = channel_admin_node().await;
+    let admin = node.admin_addr.unwrap();
+    let alice = node.connect("alice").await;
+    let bob = node.connect("bob").await;
+    let carol = node.connect("carol").await;
+    assert_eq!(alice.subscribe(ROOM, false).await.unwrap(), Some(1));
+    assert_eq!(bob.subscribe(ROOM, false).await.unwrap(), Some(2));
+    carol.subscribe("lobby", false).await.unwrap();
+    carol.subscribe("quiet:corner", false).await.unwrap();
+
+    let list = http(admin, "GET", "/channels", Some(TOKEN), None).await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(
+        list.json(),
+        serde_json::json!({"channels": [
+            {"channel": ROOM, "subscribers": 2},
+            {"channel": "lobby", "subscribers": 1},
+            {"channel": "quiet:corner", "subscribers": 1},
+        ]})
+    );
+
+    // The percent-encoded segment is the channel's real name.
+    let presence = http(
+        admin,
+        "GET",
+        &format!("/channels/{ROOM_PATH}/presence"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(presence.status, 200, "{}", presence.body);
+    let presence = presence.json();
+    assert_eq!(presence["channel"], ROOM);
+    assert_eq!(presence["truncated"], false);
+    assert_eq!(member_ids(&presence), sorted_ids(&[&alice, &bob]));
+    let member = presence["members"][0].as_object().unwrap();
+    let mut fields: Vec<&str> = member.keys().map(String::as_str).collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        ["client_id", "connected_at_ms", "name", "node_id", "user"]
+    );
+    assert_eq!(member["node_id"], node.id().to_string());
+    let one = http(
+        admin,
+        "GET",
+        &format!("/channels/{ROOM_PATH}/presence?limit=1"),
+        Some(TOKEN),
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(one["members"].as_array().unwrap().len(), 1);
+    assert_eq!(one["truncated"], true);
+    let nobody = http(admin, "GET", "/channels/empty/presence", Some(TOKEN), None)
+        .await
+        .json();
+    assert_eq!(nobody["members"], serde_json::json!([]));
+
+    let path = |channel: &str| format!("/channels/{channel}/presence");
+    for (channel, status, why) in [
+        ("quiet%3Acorner", 409, "presence is off"),
+        ("nope%3Ax", 400, "not declared"),
+        ("two%20words", 400, "space"),
+        ("%FF", 400, "UTF-8"),
+    ] {
+        let response = http(admin, "GET", &path(channel), Some(TOKEN), None).await;
+        assert_error(&response, status, why);
+    }
+    for query in ["limit=0", "limit=1001", "limit=x"] {
+        let response = http(
+            admin,
+            "GET",
+            &format!("{}?{query}", path("lobby")),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_error(&response, 400, "limit");
+    }
+    // An unencoded `/` splits the name: no such endpoint.
+    assert_eq!(
+        http(admin, "GET", &path("chat:room/1"), Some(TOKEN), None)
+            .await
+            .status,
+        404
+    );
+    for path in ["/channels", "/channels/lobby/presence"] {
+        assert_eq!(http(admin, "GET", path, None, None).await.status, 401);
+    }
+
+    // Counts follow unsubscriptions; a channel nobody is left in goes.
+    bob.unsubscribe(ROOM).await.unwrap();
+    assert_eq!(listed(admin, ROOM).await, Some(1));
+    alice.unsubscribe(ROOM).await.unwrap();
+    assert_eq!(listed(admin, ROOM).await, None);
+    assert_eq!(listed(admin, "lobby").await, Some(1));
+}
+
+#[tokio::test]
+async fn admin_api_publishes_to_a_channel() {
+    let node = channel_admin_node().await;
+    let admin = node.admin_addr.unwrap();
+    let mut alice = node.connect("alice").await;
+    let mut bob = node.connect("bob").await;
+    alice.subscribe("news:alerts", false).await.unwrap();
+    bob.subscribe(ROOM, false).await.unwrap();
+    // Clients may not publish to `news:`; the server may.
+    common::expect_server_error(
+        alice
+            .publish("news:alerts", Payload::Text("me?".into()), Priority::Normal)
+            .await,
+        error_code::NOT_ALLOWED,
+    );
+
+    let sent = http(
+        admin,
+        "POST",
+        "/channels/news%3Aalerts/publish",
+        Some(TOKEN),
+        Some(r#"{"text":"storm warning","priority":"high"}"#),
+    )
+    .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let sent = sent.json();
+    assert_eq!(sent["local_subscribers"], 1);
+    assert_eq!(sent["cluster"], false);
+    let got = next_matching(&mut alice, |f| matches!(f.body, Body::Publish { .. })).await;
+    assert_eq!(got.id.to_string(), sent["id"].as_str().unwrap());
+    assert_eq!(got.sender, None);
+    assert_eq!(got.priority, Priority::High);
+    assert_eq!(
+        got.body,
+        Body::Publish {
+            channel: "news:alerts".into(),
+            payload: Payload::Text("storm warning".into()),
+        }
+    );
+
+    let binary = http(
+        admin,
+        "POST",
+        &format!("/channels/{ROOM_PATH}/publish"),
+        Some(TOKEN),
+        Some(r#"{"binary_base64":"AAEC/w=="}"#),
+    )
+    .await;
+    assert_eq!(binary.status, 200, "{}", binary.body);
+    let got = next_matching(&mut bob, |f| matches!(f.body, Body::Publish { .. })).await;
+    assert_eq!(got.sender, None);
+    assert_eq!(got.priority, Priority::Normal);
+    assert_eq!(
+        got.body,
+        Body::Publish {
+            channel: ROOM.into(),
+            payload: Payload::Binary(vec![0, 1, 2, 255]),
+        }
+    );
+    // Alice is not in that channel.
+    common::assert_none_before_echo(&mut alice, |f| matches!(f.body, Body::Publish { .. })).await;
+
+    let empty = http(
+        admin,
+        "POST",
+        "/channels/nobody-here/publish",
+        Some(TOKEN),
+        Some(r#"{"text":"hello?"}"#),
+    )
+    .await;
+    assert_eq!(empty.status, 200, "{}", empty.body);
+    assert_eq!(empty.json()["local_subscribers"], 0);
+
+    let publish = |channel: &str| format!("/channels/{channel}/publish");
+    let text = Some(r#"{"text":"a"}"#);
+    for (channel, body, why) in [
+        ("nope%3Ax", text, "not declared"),
+        ("a%2Ab", text, "`*`"),
+        (
+            "lobby",
+            Some(r#"{"text":"a","binary_base64":"YQ=="}"#),
+            "exactly one",
+        ),
+        ("lobby", Some(r#"{"txt":"a"}"#), "txt"),
+        (
+            "lobby",
+            Some(r#"{"text":"a","priority":"urgent"}"#),
+            "urgent",
+        ),
+        ("lobby", Some(r#"{"binary_base64":"!!"}"#), "binary_base64"),
+        ("lobby", Some("not json"), ""),
+    ] {
+        let response = http(admin, "POST", &publish(channel), Some(TOKEN), body).await;
+        assert_error(&response, 400, why);
+    }
+    let big = format!(
+        r#"{{"text":"{}"}}"#,
+        "x".repeat(node.config().max_message_bytes + 1)
+    );
+    let response = http(admin, "POST", &publish("lobby"), Some(TOKEN), Some(&big)).await;
+    assert_error(&response, 413, "max_message_bytes");
+    assert_eq!(
+        http(admin, "POST", &publish("lobby"), None, text)
+            .await
+            .status,
+        401
+    );
+}
+
+#[tokio::test]
+async fn admin_api_unsubscribes_a_client() {
+    let node = channel_admin_node().await;
+    let admin = node.admin_addr.unwrap();
+    let mut alice = node.connect("alice").await;
+    let mut bob = node.connect("bob").await;
+    alice.subscribe(ROOM, false).await.unwrap();
+    alice.subscribe("lobby", false).await.unwrap();
+    bob.subscribe(ROOM, true).await.unwrap();
+
+    let path = |channel: &str, id: &str| format!("/channels/{channel}/subscribers/{id}");
+    let alice_id = alice.client_id().to_string();
+    let removed = http(
+        admin,
+        "DELETE",
+        &format!("{}?reason=off%20topic", path(ROOM_PATH, &alice_id)),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    assert_eq!(
+        removed.json(),
+        serde_json::json!({
+            "client_id": alice_id,
+            "channel": ROOM,
+            "node_id": node.id().to_string(),
+            "status": "unsubscribed",
+        })
+    );
+    let told = next_matching(&mut alice, |f| matches!(f.body, Body::Unsubscribed { .. })).await;
+    assert_eq!(
+        told.body,
+        Body::Unsubscribed {
+            channel: ROOM.into(),
+            reason: "off topic".into(),
+        }
+    );
+    assert_eq!(alice.subscriptions(), ["lobby"]);
+    // Bob asked for events: he sees Alice leave.
+    let left = next_matching(&mut bob, |f| matches!(f.body, Body::Leave { .. })).await;
+    match left.body {
+        Body::Leave { channel, member } => {
+            assert_eq!(channel, ROOM);
+            assert_eq!(member.client_id, alice.client_id());
+        }
+        other => panic!("expected Leave, got {other:?}"),
+    }
+    assert_eq!(listed(admin, ROOM).await, Some(1));
+
+    // A publication now reaches Bob only. Alice's echo comes after
+    // anything queued for her before it (same priority, same stream).
+    let sent = http(
+        admin,
+        "POST",
+        &format!("/channels/{ROOM_PATH}/publish"),
+        Some(TOKEN),
+        Some(r#"{"text":"still here?"}"#),
+    )
+    .await;
+    assert_eq!(sent.json()["local_subscribers"], 1);
+    next_matching(&mut bob, |f| matches!(f.body, Body::Publish { .. })).await;
+    common::assert_none_before_echo(&mut alice, |f| matches!(f.body, Body::Publish { .. })).await;
+
+    let again = http(
+        admin,
+        "DELETE",
+        &path(ROOM_PATH, &alice_id),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_error(&again, 404, "not subscribed");
+    let stranger = ClientId::new_random().to_string();
+    let unknown = http(
+        admin,
+        "DELETE",
+        &path(ROOM_PATH, &stranger),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_error(&unknown, 404, "no client");
+    for (path, why) in [
+        (path(ROOM_PATH, "not-a-uuid"), "client id"),
+        (path("nope%3Ax", &alice_id), "not declared"),
+        (path("", &alice_id), ""),
+        (
+            format!("{}?reason=a%0Ab", path("lobby", &alice_id)),
+            "control",
+        ),
+        (
+            format!("{}?reason={}", path("lobby", &alice_id), "x".repeat(257)),
+            "at most 256",
+        ),
+    ] {
+        let response = http(admin, "DELETE", &path, Some(TOKEN), None).await;
+        if why.is_empty() {
+            assert!(response.status >= 400, "{path}: {}", response.status);
+        } else {
+            assert_error(&response, 400, why);
+        }
+    }
+    assert_eq!(
+        http(admin, "DELETE", &path("lobby", &alice_id), None, None)
+            .await
+            .status,
+        401
+    );
+    // Refused requests left the other subscription alone.
+    assert_eq!(listed(admin, "lobby").await, Some(1));
+}
+
+#[tokio::test]
+async fn admin_channel_endpoints_span_the_cluster() {
+    use quic_fabric::bus::memory::MemoryCluster;
+    use quic_fabric::node::BusChoice;
+    let certs = common::TestCerts::new();
+    let bus = MemoryCluster::new();
+    let n1 = TestNode::start_on(BusChoice::Memory(bus.clone()), Some(&certs), |c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin_token = Some(TOKEN.into());
+        channel_namespaces(c);
+    })
+    .await;
+    let n2 = TestNode::start_on(BusChoice::Memory(bus), Some(&certs), channel_namespaces).await;
+    let admin = n1.admin_addr.unwrap();
+    let mut alice = n1.connect("alice").await;
+    let mut bob = n2.connect("bob").await;
+    let mut carol = n2.connect("carol").await;
+    for client in [&alice, &bob, &carol] {
+        client.subscribe(ROOM, false).await.unwrap();
+    }
+
+    assert_eq!(listed(admin, ROOM).await, Some(3));
+    let presence = http(
+        admin,
+        "GET",
+        &format!("/channels/{ROOM_PATH}/presence"),
+        Some(TOKEN),
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(member_ids(&presence), sorted_ids(&[&alice, &bob, &carol]));
+
+    let sent = http(
+        admin,
+        "POST",
+        &format!("/channels/{ROOM_PATH}/publish"),
+        Some(TOKEN),
+        Some(r#"{"text":"everyone"}"#),
+    )
+    .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    assert_eq!(sent.json()["local_subscribers"], 1);
+    assert_eq!(sent.json()["cluster"], true);
+    for client in [&mut alice, &mut bob, &mut carol] {
+        let got = next_matching(client, |f| matches!(f.body, Body::Publish { .. })).await;
+        assert_eq!(got.sender, None);
+    }
+
+    // Bob is on the other node: that node is asked to unsubscribe him.
+    let removed = http(
+        admin,
+        "DELETE",
+        &format!("/channels/{ROOM_PATH}/subscribers/{}", bob.client_id()),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(removed.status, 202, "{}", removed.body);
+    assert_eq!(removed.json()["node_id"], n2.id().to_string());
+    assert_eq!(removed.json()["status"], "requested");
+    let told = next_matching(&mut bob, |f| matches!(f.body, Body::Unsubscribed { .. })).await;
+    assert_eq!(
+        told.body,
+        Body::Unsubscribed {
+            channel: ROOM.into(),
+            reason: "unsubscribed by an operator".into(),
+        }
+    );
+    assert_eq!(listed(admin, ROOM).await, Some(2));
+
+    // Carol, on Bob's node, gets the next publication; by the time she
+    // has, Bob's node has queued whatever it would give him before his echo.
+    http(
+        admin,
+        "POST",
+        &format!("/channels/{ROOM_PATH}/publish"),
+        Some(TOKEN),
+        Some(r#"{"text":"without bob"}"#),
+    )
+    .await;
+    next_matching(&mut carol, |f| matches!(f.body, Body::Publish { .. })).await;
+    common::assert_none_before_echo(&mut bob, |f| matches!(f.body, Body::Publish { .. })).await;
+}
+
+#[tokio::test]
+async fn channel_gauges_follow_subscriptions() {
+    let node = TestNode::start_with(|c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let before = scrape(&node).await;
+    for name in ["fabric_channels_subscribed", "fabric_channel_subscriptions"] {
+        assert!(
+            before.contains(&format!("\n{name} 0\n")),
+            "{name} in\n{before}"
+        );
+    }
+    let mut alice = node.connect("alice").await;
+    let mut bob = node.connect("bob").await;
+    alice.subscribe("a", false).await.unwrap();
+    alice.subscribe("b", false).await.unwrap();
+    bob.subscribe("a", false).await.unwrap();
+    alice
+        .publish("a", Payload::Text("hi".into()), Priority::Normal)
+        .await
+        .unwrap();
+    for client in [&mut alice, &mut bob] {
+        next_matching(client, |f| matches!(f.body, Body::Publish { .. })).await;
+    }
+
+    let after = scrape(&node).await;
+    assert_eq!(sample(&after, "fabric_channels_subscribed"), 2.0);
+    assert_eq!(sample(&after, "fabric_channel_subscriptions"), 3.0);
+    assert_eq!(
+        sample(&after, "fabric_messages_in_total{type=\"subscribe\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample(&after, "fabric_messages_out_total{type=\"subscribe_ack\"}"),
+        3.0
+    );
+    // One publication in, one copy out per subscriber (the publisher too).
+    assert_eq!(
+        sample(&after, "fabric_messages_in_total{type=\"publish\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "fabric_messages_out_total{type=\"publish\"}"),
+        2.0
+    );
+
+    bob.close("done").await;
+    common::eventually(WAIT, "bob's subscription gone from the gauge", || async {
+        sample(&scrape(&node).await, "fabric_channel_subscriptions") == 2.0
+    })
+    .await;
+    assert_eq!(
+        sample(&scrape(&node).await, "fabric_channels_subscribed"),
+        2.0
+    );
+    alice.unsubscribe("b").await.unwrap();
+    let last = scrape(&node).await;
+    assert_eq!(sample(&last, "fabric_channels_subscribed"), 1.0);
+    assert_eq!(sample(&last, "fabric_channel_subscriptions"), 1.0);
+}

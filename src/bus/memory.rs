@@ -9,8 +9,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc;
 
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, Landed, PublishDone, Target,
-    sort_and_cut,
+    BusError, BusMessage, ClusterBus, ClusterEventSender, Landed, PublishDone, Target, sort_and_cut,
 };
 use crate::protocol::{ClientId, ClientInfo, NodeId};
 

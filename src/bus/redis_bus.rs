@@ -1018,7 +1018,8 @@ impl ClusterBus for RedisBus {
         let nodes = self.live_nodes().await?;
         let mut pipe = redis::pipe();
         for node in &nodes {
-            pipe.cmd("HGETALL").arg(self.inner.keys.node_channels(*node));
+            pipe.cmd("HGETALL")
+                .arg(self.inner.keys.node_channels(*node));
         }
         let mut conn = self.inner.conn.clone();
         let per_node: Vec<HashMap<String, u64>> =

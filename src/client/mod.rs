@@ -605,7 +605,13 @@ impl Client {
             channel: channel.to_owned(),
             events,
         };
-        match self.submit(Priority::Normal, body).await?.wait().await?.body {
+        match self
+            .submit(Priority::Normal, body)
+            .await?
+            .wait()
+            .await?
+            .body
+        {
             Body::SubscribeAck { subscribers, .. } => {
                 lock(&self.state.subscriptions).insert(channel.to_owned(), events);
                 Ok(subscribers)
@@ -655,7 +661,13 @@ impl Client {
         let body = Body::PresenceRequest {
             channel: channel.to_owned(),
         };
-        match self.submit(Priority::Normal, body).await?.wait().await?.body {
+        match self
+            .submit(Priority::Normal, body)
+            .await?
+            .wait()
+            .await?
+            .body
+        {
             Body::Presence {
                 members, truncated, ..
             } => Ok((members, truncated)),
@@ -1025,17 +1037,15 @@ async fn supervise(
     let retry_hint = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut rate_backoff = Duration::ZERO;
     loop {
-        let (code, reason) = receive(
-            conn,
-            first,
+        let reader = StreamReader {
             pending,
-            subscriptions.clone(),
-            events.clone(),
-            weak_inner,
-            follow_goodbye,
-            retry_hint.clone(),
-        )
-        .await;
+            subscriptions: subscriptions.clone(),
+            events: events.clone(),
+            inner: weak_inner,
+            follow_goodbye: follow_goodbye.then(Left::default),
+            retry_hint: retry_hint.clone(),
+        };
+        let (code, reason) = receive(conn, first, reader).await;
         let policy = match state.upgrade() {
             Some(s) if !s.closing.load(std::sync::atomic::Ordering::Acquire) => {
                 s.config.reconnect.clone()
@@ -1139,22 +1149,10 @@ async fn supervise(
 async fn receive(
     conn: quinn::Connection,
     first: quinn::RecvStream,
-    pending: Pending,
-    subscriptions: Subscriptions,
-    events: mpsc::Sender<Event>,
-    inner: std::sync::Weak<Inner>,
-    follow_goodbye: bool,
-    retry_hint: Arc<std::sync::atomic::AtomicU32>,
+    reader: StreamReader,
 ) -> (Option<u32>, String) {
-    let left = Left::default();
-    let reader = StreamReader {
-        pending: pending.clone(),
-        subscriptions,
-        events,
-        inner,
-        follow_goodbye: follow_goodbye.then(|| left.clone()),
-        retry_hint,
-    };
+    let pending = reader.pending.clone();
+    let left = reader.follow_goodbye.clone();
     let mut readers = tokio::task::JoinSet::new();
     readers.spawn(read_stream(first, reader.clone()));
     let err = loop {
@@ -1174,7 +1172,7 @@ async fn receive(
     })
     .await;
     lock(&pending).clear();
-    if let Some(reason) = lock(&left).take() {
+    if let Some(reason) = left.and_then(|left| lock(&left).take()) {
         return (
             Some(protocol::close_code::NORMAL),
             format!("left at the node's request: {reason}"),

@@ -22,7 +22,9 @@ pub enum ChannelError {
     },
     /// A byte outside printable ASCII (0x21 to 0x7E), or `*` (reserved for
     /// the patterns of the token's `channels` claim).
-    #[error("byte {index} is {shown}; channel names are printable ASCII (0x21 to 0x7E) without `*`")]
+    #[error(
+        "byte {index} is {shown}; channel names are printable ASCII (0x21 to 0x7E) without `*`"
+    )]
     Character {
         /// Offset of the byte.
         index: usize,
@@ -152,7 +154,10 @@ mod tests {
             valid_channel("a\nb"),
             Err(ChannelError::Character { index: 1, .. })
         ));
-        assert_eq!(valid_channel(":x"), Err(ChannelError::EmptyPart("namespace")));
+        assert_eq!(
+            valid_channel(":x"),
+            Err(ChannelError::EmptyPart("namespace"))
+        );
         assert_eq!(valid_channel("ns:"), Err(ChannelError::EmptyPart("name")));
         assert_eq!(
             valid_channel("n/s:x"),

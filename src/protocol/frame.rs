@@ -302,7 +302,7 @@ pub enum Body {
         stats: NodeStats,
     },
     /// 15. Client → node (version 2): subscribe to a channel; answered
-    /// with SubscribeAck or an Error.
+    ///     with SubscribeAck or an Error.
     Subscribe {
         /// The channel (`[namespace:]name`, PROTOCOL.md section 7).
         channel: String,
@@ -320,14 +320,14 @@ pub enum Body {
         subscribers: Option<u64>,
     },
     /// 17. Client → node (version 2): leave a channel; answered with Ack
-    /// (also when the client was not subscribed).
+    ///     (also when the client was not subscribed).
     Unsubscribe {
         /// The channel.
         channel: String,
     },
     /// 18. Client → node (version 2): publish to a channel's subscribers;
-    /// node → client: a publication of a channel this client subscribed to
-    /// (stamped with its sender, or none when the server published it).
+    ///     node → client: a publication of a channel this client subscribed to
+    ///     (stamped with its sender, or none when the server published it).
     Publish {
         /// The channel.
         channel: String,
@@ -335,7 +335,7 @@ pub enum Body {
         payload: Payload,
     },
     /// 19. Node → client: `member` subscribed to `channel` (only to
-    /// subscribers that asked for events, in namespaces that send them).
+    ///     subscribers that asked for events, in namespaces that send them).
     Join {
         /// The channel.
         channel: String,
@@ -367,7 +367,7 @@ pub enum Body {
         truncated: bool,
     },
     /// 23. Client → node (version 2): deliver to every connection of
-    /// `user`, on every node; node → client: such a delivery.
+    ///     `user`, on every node; node → client: such a delivery.
     UserDirect {
         /// The recipient user (a token subject or certificate name).
         user: String,
@@ -375,7 +375,7 @@ pub enum Body {
         payload: Payload,
     },
     /// 24. Node → client: the client no longer receives `channel` (an
-    /// operator unsubscribed it).
+    ///     operator unsubscribed it).
     Unsubscribed {
         /// The channel.
         channel: String,
