@@ -170,7 +170,10 @@ async fn granted_namespaces_need_jwt_auth_in_the_config() {
         ..Default::default()
     };
     let err = config.validate().unwrap_err().to_string();
-    assert!(err.contains("namespace \"vip\": `granted` needs JWT"), "{err}");
+    assert!(
+        err.contains("namespace \"vip\": `granted` needs JWT"),
+        "{err}"
+    );
     config.auth_jwt_secret = Some(JWT_SECRET.into());
     config.validate().unwrap();
     config.namespaces.push("vip".parse().unwrap());
@@ -179,7 +182,10 @@ async fn granted_namespaces_need_jwt_auth_in_the_config() {
     let err = "vip,publish=sometimes"
         .parse::<quic_fabric::config::Namespace>()
         .unwrap_err();
-    assert!(err.contains("expected one of anyone, subscribers, granted, nobody"), "{err}");
+    assert!(
+        err.contains("expected one of anyone, subscribers, granted, nobody"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -231,8 +237,7 @@ async fn a_version_1_client_works_unchanged_beside_version_2_clients() {
     let mut config = node.client_config("old");
     config.max_version = 1;
     config.token = Some(
-        quic_fabric::auth::mint_hs256(JWT_SECRET, "old-timer", WAIT * 60, None, None, &[])
-            .unwrap(),
+        quic_fabric::auth::mint_hs256(JWT_SECRET, "old-timer", WAIT * 60, None, None, &[]).unwrap(),
     );
     let mut old = Client::connect(&config).await.unwrap();
     assert_eq!(old.handshake().version, 1);
@@ -256,7 +261,11 @@ async fn a_version_1_client_works_unchanged_beside_version_2_clients() {
     old.ping().await.unwrap();
     // A message to its user reaches it as a Direct addressed to it.
     let id = new
-        .send_to_user("old-timer", Payload::Text("via user".into()), Priority::Normal)
+        .send_to_user(
+            "old-timer",
+            Payload::Text("via user".into()),
+            Priority::Normal,
+        )
         .await
         .unwrap();
     let got = next_matching(&mut old, |f| f.id == id).await;
