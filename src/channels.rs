@@ -2,7 +2,7 @@
 //! rules that decide who may subscribe and publish. The node's channel
 //! operations (`node::channel_ops`) keep the cluster bus in step with it:
 //! the node takes a channel's publications only while it has a subscriber
-//! of it (CLUSTER.md, "Channels").
+//! of it (CLUSTER.md, "Fabric channels").
 //!
 //! A publication is encoded once, by the node it enters the cluster at;
 //! every node then queues the same bytes to each of its subscribers

@@ -570,6 +570,15 @@ impl MessageRouter {
         }
         if local == 0 {
             let mut pending = lock(&self.pending_users);
+            if pending.contains_key(&(from.id(), id)) {
+                drop(pending);
+                return from.error(
+                    priority,
+                    Some(id),
+                    error_code::INVALID_FIELD,
+                    "a message with this id is already awaiting delivery",
+                );
+            }
             if pending.len() >= self.max_pending {
                 drop(pending);
                 return from.error(

@@ -59,6 +59,15 @@ fn text() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Channel names: mostly well-formed ones (`[namespace:]name`), plus any
+/// text, since the codec does not check the grammar (the node does).
+fn channel() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => "([a-z0-9_.-]{1,8}:)?[!-)+-~]{1,16}",
+        1 => text(),
+    ]
+}
+
 fn bytes() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..96)
 }
@@ -181,6 +190,34 @@ fn body() -> impl Strategy<Value = Body> {
         (text(), any::<bool>()).prop_map(|(reason, reconnect)| Body::Goodbye { reason, reconnect }),
         Just(Body::StatsRequest),
         (message_id(), node_stats()).prop_map(|(of, stats)| Body::Stats { of, stats }),
+        (channel(), any::<bool>())
+            .prop_map(|(channel, events)| Body::Subscribe { channel, events }),
+        (message_id(), channel(), prop::option::of(any::<u64>())).prop_map(
+            |(of, channel, subscribers)| Body::SubscribeAck {
+                of,
+                channel,
+                subscribers,
+            }
+        ),
+        channel().prop_map(|channel| Body::Unsubscribe { channel }),
+        (channel(), payload()).prop_map(|(channel, payload)| Body::Publish { channel, payload }),
+        (channel(), client_info()).prop_map(|(channel, member)| Body::Join { channel, member }),
+        (channel(), client_info()).prop_map(|(channel, member)| Body::Leave { channel, member }),
+        channel().prop_map(|channel| Body::PresenceRequest { channel }),
+        (
+            message_id(),
+            channel(),
+            prop::collection::vec(client_info(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(of, channel, members, truncated)| Body::Presence {
+                of,
+                channel,
+                members,
+                truncated
+            }),
+        (text(), payload()).prop_map(|(user, payload)| Body::UserDirect { user, payload }),
+        (channel(), text()).prop_map(|(channel, reason)| Body::Unsubscribed { channel, reason }),
     ]
 }
 
@@ -234,6 +271,7 @@ fn strategies_cover_every_variant() {
     let (mut text_payload, mut binary_payload) = (false, false);
     let (mut with_sender, mut without_sender) = (false, false);
     let (mut error_with_retry, mut error_without_retry) = (false, false);
+    let (mut with_count, mut without_count) = (false, false);
     let mut non_ascii = false;
     for _ in 0..3000 {
         let frame = strategy.new_tree(&mut runner).unwrap().current();
@@ -242,13 +280,20 @@ fn strategies_cover_every_variant() {
         with_sender |= frame.sender.is_some();
         without_sender |= frame.sender.is_none();
         match &frame.body {
-            Body::Broadcast { payload } | Body::Direct { payload, .. } => match payload {
+            Body::Broadcast { payload }
+            | Body::Direct { payload, .. }
+            | Body::Publish { payload, .. }
+            | Body::UserDirect { payload, .. } => match payload {
                 Payload::Text(_) => text_payload = true,
                 Payload::Binary(_) => binary_payload = true,
             },
             Body::Error { retry_after_ms, .. } => {
                 error_with_retry |= retry_after_ms.is_some();
                 error_without_retry |= retry_after_ms.is_none();
+            }
+            Body::SubscribeAck { subscribers, .. } => {
+                with_count |= subscribers.is_some();
+                without_count |= subscribers.is_none();
             }
             Body::Text { text } => non_ascii |= !text.is_ascii(),
             _ => {}
@@ -259,6 +304,7 @@ fn strategies_cover_every_variant() {
     assert!(text_payload && binary_payload);
     assert!(with_sender && without_sender);
     assert!(error_with_retry && error_without_retry);
+    assert!(with_count && without_count);
     assert!(non_ascii);
 }
 

@@ -28,8 +28,8 @@ async fn version_mismatch_gets_error_and_close_code() {
     let hello = Frame::new(
         Priority::High,
         Body::Handshake(Handshake {
-            min_version: 2,
-            max_version: 3,
+            min_version: 3,
+            max_version: 4,
             name: "future".into(),
             token: None,
         }),
@@ -41,7 +41,7 @@ async fn version_mismatch_gets_error_and_close_code() {
     if let Body::Error { message, of, .. } = &reply.body {
         assert_eq!(*of, Some(hello.id));
         assert!(
-            message.contains("1..=1"),
+            message.contains("1..=2"),
             "reason names the supported versions: {message}"
         );
     }

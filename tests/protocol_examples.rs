@@ -15,6 +15,8 @@ const ALICE: ClientId = ClientId(Uuid::from_u128(0x11111111111111111111111111111
 const BOB: ClientId = ClientId(Uuid::from_u128(0x22222222222222222222222222222222));
 const NODE: NodeId = NodeId(Uuid::from_u128(0x33333333333333333333333333333333));
 const TS: u64 = 1_700_000_000_000;
+/// The channel of the version-2 examples: `lobby` in namespace `chat`.
+const CHANNEL: &str = "chat:lobby";
 
 fn frame(priority: Priority, sender: Option<Sender>, body: Body) -> Frame {
     Frame {
@@ -43,6 +45,17 @@ fn alice_user() -> Option<Sender> {
     })
 }
 
+/// Bob as a channel member: name `bo`, user `bob`, connected at [`TS`].
+fn bob_info() -> ClientInfo {
+    ClientInfo {
+        client_id: BOB,
+        node_id: NODE,
+        name: "bo".into(),
+        user: Some("bob".into()),
+        connected_at_ms: TS,
+    }
+}
+
 fn examples() -> Vec<(&'static str, Frame)> {
     vec![
         (
@@ -52,7 +65,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 None,
                 Body::Handshake(Handshake {
                     min_version: 1,
-                    max_version: 1,
+                    max_version: 2,
                     name: "al".into(),
                     token: None,
                 }),
@@ -64,7 +77,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 Priority::High,
                 None,
                 Body::HandshakeAck(HandshakeAck {
-                    version: 1,
+                    version: 2,
                     client_id: ALICE,
                     node_id: NODE,
                     server_name: "n1".into(),
@@ -166,13 +179,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
                             user: None,
                             connected_at_ms: TS,
                         },
-                        ClientInfo {
-                            client_id: BOB,
-                            node_id: NODE,
-                            name: "bo".into(),
-                            user: Some("bob".into()),
-                            connected_at_ms: TS,
-                        },
+                        bob_info(),
                     ],
                     truncated: false,
                 },
@@ -240,6 +247,150 @@ fn examples() -> Vec<(&'static str, Frame)> {
                         errors: 8,
                         slow_consumer_disconnects: 9,
                     },
+                },
+            ),
+        ),
+        (
+            "subscribe",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Subscribe {
+                    channel: CHANNEL.into(),
+                    events: true,
+                },
+            ),
+        ),
+        (
+            "subscribe_ack",
+            frame(
+                Priority::Normal,
+                None,
+                Body::SubscribeAck {
+                    of: REQ,
+                    channel: CHANNEL.into(),
+                    subscribers: Some(2),
+                },
+            ),
+        ),
+        (
+            "unsubscribe",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Unsubscribe {
+                    channel: CHANNEL.into(),
+                },
+            ),
+        ),
+        (
+            "publish",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Publish {
+                    channel: CHANNEL.into(),
+                    payload: Payload::Text("hi".into()),
+                },
+            ),
+        ),
+        (
+            "publish_delivered",
+            frame(
+                Priority::Normal,
+                alice(),
+                Body::Publish {
+                    channel: CHANNEL.into(),
+                    payload: Payload::Text("hi".into()),
+                },
+            ),
+        ),
+        (
+            "join",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Join {
+                    channel: CHANNEL.into(),
+                    member: bob_info(),
+                },
+            ),
+        ),
+        (
+            "leave",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Leave {
+                    channel: CHANNEL.into(),
+                    member: bob_info(),
+                },
+            ),
+        ),
+        (
+            "presence_request",
+            frame(
+                Priority::Normal,
+                None,
+                Body::PresenceRequest {
+                    channel: CHANNEL.into(),
+                },
+            ),
+        ),
+        (
+            "presence",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Presence {
+                    of: REQ,
+                    channel: CHANNEL.into(),
+                    members: vec![bob_info()],
+                    truncated: false,
+                },
+            ),
+        ),
+        (
+            "user_direct",
+            frame(
+                Priority::Normal,
+                None,
+                Body::UserDirect {
+                    user: "bob".into(),
+                    payload: Payload::Text("hi".into()),
+                },
+            ),
+        ),
+        (
+            "user_direct_delivered",
+            frame(
+                Priority::Normal,
+                alice_user(),
+                Body::UserDirect {
+                    user: "bob".into(),
+                    payload: Payload::Text("hi".into()),
+                },
+            ),
+        ),
+        (
+            "user_direct_as_direct",
+            frame(
+                Priority::Normal,
+                alice_user(),
+                Body::Direct {
+                    to: BOB,
+                    payload: Payload::Text("hi".into()),
+                },
+            ),
+        ),
+        (
+            "unsubscribed",
+            frame(
+                Priority::High,
+                None,
+                Body::Unsubscribed {
+                    channel: CHANNEL.into(),
+                    reason: "spam".into(),
                 },
             ),
         ),

@@ -83,7 +83,10 @@ impl Node {
                 subscribers,
             },
         );
-        if namespace.join_leave && matches!(added, Ok(Added::New { .. })) {
+        // Not if an Unsubscribe (on another stream) ended it meanwhile:
+        // its Leave went out already.
+        let still = self.channels().is_subscribed(client.id(), &channel);
+        if still && namespace.join_leave && matches!(added, Ok(Added::New { .. })) {
             self.router().channel_event(
                 &channel,
                 Body::Join {

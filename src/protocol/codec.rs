@@ -307,7 +307,7 @@ mod tests {
             Body::ListClients,
             Body::ClientList {
                 of: id,
-                clients: vec![info.clone(), info],
+                clients: vec![info.clone(), info.clone()],
                 truncated: true,
             },
             Body::Ack { of: id },
@@ -330,12 +330,56 @@ mod tests {
                     ..Default::default()
                 },
             },
+            Body::Subscribe {
+                channel: "chat:lobby".into(),
+                events: true,
+            },
+            Body::SubscribeAck {
+                of: id,
+                channel: "chat:lobby".into(),
+                subscribers: Some(3),
+            },
+            Body::Unsubscribe {
+                channel: "lobby".into(),
+            },
+            Body::Publish {
+                channel: "chat:lobby".into(),
+                payload: Payload::Binary(vec![7; 40]),
+            },
+            Body::Join {
+                channel: "chat:lobby".into(),
+                member: info.clone(),
+            },
+            Body::Leave {
+                channel: "chat:lobby".into(),
+                member: info.clone(),
+            },
+            Body::PresenceRequest {
+                channel: "chat:lobby".into(),
+            },
+            Body::Presence {
+                of: id,
+                channel: "chat:lobby".into(),
+                members: vec![info],
+                truncated: false,
+            },
+            Body::UserDirect {
+                user: "u-2".into(),
+                payload: Payload::Text("hé".into()),
+            },
+            Body::Unsubscribed {
+                channel: "chat:lobby".into(),
+                reason: "moderated".into(),
+            },
         ];
         assert_eq!(
             bodies.len() as u32,
             BODY_VARIANTS,
             "every frame type is sampled"
         );
+        for (tag, body) in bodies.iter().enumerate() {
+            assert_eq!(body.tag(), tag, "sampled in wire tag order");
+        }
         bodies
             .into_iter()
             .enumerate()
