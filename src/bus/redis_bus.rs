@@ -1065,10 +1065,11 @@ impl ClusterBus for RedisBus {
                 .query_async::<()>(&mut conn)
                 .await;
         }
-        if alive.is_empty() && settling {
-            return Err(BusError::Rebuilding(
-                "Redis lost its data and nodes are re-registering their clients".into(),
-            ));
+        if alive.is_empty() {
+            // "Nowhere" only while presence is complete, as for a client.
+            if let Some(why) = inner.presence_gap(&mut conn).await? {
+                return Err(BusError::Rebuilding(why));
+            }
         }
         Ok(alive)
     }
