@@ -304,6 +304,30 @@ impl Channels {
         )
     }
 
+    /// Local subscriptions per declared namespace (`default` for the
+    /// default namespace), every namespace listed.
+    pub fn subscriptions_by_namespace(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<&str, usize> = self
+            .namespaces
+            .keys()
+            .map(|n| (n.as_str(), 0))
+            .chain([("", 0)])
+            .collect();
+        let state = self.read();
+        for (name, subs) in &state.channels {
+            let (namespace, _) = protocol::split_channel(name);
+            if let Some(count) = counts.get_mut(namespace) {
+                *count += subs.len();
+            }
+        }
+        let mut counts: Vec<(String, usize)> = counts
+            .into_iter()
+            .map(|(n, c)| (if n.is_empty() { "default" } else { n }.to_owned(), c))
+            .collect();
+        counts.sort();
+        counts
+    }
+
     /// The local members of `channel`.
     pub fn local_members(&self, channel: &str) -> Vec<ClientInfo> {
         self.read()

@@ -83,6 +83,21 @@ fn labelled_counter<'v>(
     Ok(())
 }
 
+fn labelled_gauge<'v>(
+    e: &mut Enc<'_>,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: impl Iterator<Item = (&'v str, i64)>,
+) -> Res {
+    let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (value, level) in values {
+        let labels = [(label, value)];
+        ConstGauge::new(level).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 fn histograms(
     e: &mut Enc<'_>,
     name: &str,
@@ -155,6 +170,16 @@ impl Collector for NodeCollector {
             "Channel subscriptions of this node's clients.",
             None,
             subscriptions as i64,
+        )?;
+        let by_namespace = node.channels().subscriptions_by_namespace();
+        labelled_gauge(
+            &mut e,
+            "namespace_subscriptions",
+            "Channel subscriptions of this node's clients, by namespace (`default` for names without `:`).",
+            "namespace",
+            by_namespace
+                .iter()
+                .map(|(namespace, count)| (namespace.as_str(), *count as i64)),
         )?;
         counter(
             &mut e,

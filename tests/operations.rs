@@ -860,6 +860,13 @@ async fn channel_gauges_follow_subscriptions() {
     assert_eq!(sample(&after, "fabric_channels_subscribed"), 2.0);
     assert_eq!(sample(&after, "fabric_channel_subscriptions"), 3.0);
     assert_eq!(
+        sample(
+            &after,
+            "fabric_namespace_subscriptions{namespace=\"default\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
         sample(&after, "fabric_messages_in_total{type=\"subscribe\"}"),
         3.0
     );
