@@ -5,9 +5,11 @@ mod common;
 use std::process::Stdio;
 
 use common::{NodeProcess, TestNode, WAIT, next_matching};
+use quic_fabric::client::Client;
 use quic_fabric::protocol::{Body, ClientId, Payload, Priority};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{Child, ChildStdout, Command};
 
 fn fabric(node: &TestNode) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabric"));
@@ -36,6 +38,78 @@ fn assert_success(out: &std::process::Output) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The stdout of a running `fabric`, read line by line, each line within
+/// [`WAIT`].
+struct Stdout(tokio::io::Lines<BufReader<ChildStdout>>);
+
+impl Stdout {
+    fn of(child: &mut Child) -> Stdout {
+        Stdout(BufReader::new(child.stdout.take().expect("stdout piped")).lines())
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.0.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("a line before the end of the output")
+    }
+
+    async fn json(&mut self) -> Value {
+        let line = self.line().await;
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// The first line containing `text`, skipping the lines before it.
+    async fn find(&mut self, text: &str) -> String {
+        loop {
+            let line = self.line().await;
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+}
+
+async fn exits(child: &mut Child) -> std::process::ExitStatus {
+    tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("the command exits in time")
+        .unwrap()
+}
+
+/// Asserts the command exited 1 with one line on stderr containing every
+/// one of `needles`.
+fn assert_fails_with(out: &std::process::Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+    }
+}
+
+const JWT_SECRET: &str = "cli-test-secret-0123456789abcdef-0123";
+
+fn token(user: &str) -> String {
+    quic_fabric::auth::mint_hs256(
+        JWT_SECRET,
+        user,
+        std::time::Duration::from_secs(600),
+        None,
+        None,
+        &[],
+    )
+    .unwrap()
+}
+
+/// A library client of `user` on a node that verifies [`JWT_SECRET`] tokens.
+async fn connect_as(node: &TestNode, name: &str, user: &str) -> Client {
+    let mut config = node.client_config(name);
+    config.token = Some(token(user));
+    Client::connect(&config).await.unwrap()
 }
 
 /// A `fabric-node` process logging JSON lines (kept for
@@ -462,4 +536,373 @@ async fn gen_certs_run_together_leave_one_consistent_set() {
             .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
             .unwrap_or_else(|e| panic!("server.pem for {name:?} against ca.pem: {e}"));
     }
+}
+
+#[tokio::test]
+async fn sub_prints_connected_subscribed_then_publications_and_exits_after_count() {
+    let node = TestNode::start().await;
+    let mut cmd = fabric(&node);
+    cmd.args(["--name", "watcher", "sub", "news", "sport", "--events"])
+        .args(["--count", "2"])
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = Stdout::of(&mut child);
+    let connected = out.json().await;
+    assert_eq!(connected["type"], "connected", "{connected}");
+    assert_eq!(connected["node_id"], node.id().to_string());
+    let watcher = connected["client_id"].as_str().unwrap().to_owned();
+    for channel in ["news", "sport"] {
+        let subscribed = out.json().await;
+        assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+        assert_eq!(subscribed["channel"], channel);
+        assert_eq!(subscribed["subscribers"], 1, "{subscribed}");
+    }
+
+    // Members joining and leaving are shown (--events) and not counted.
+    let alice = node.connect("alice").await;
+    assert_eq!(alice.subscribe("news", false).await.unwrap(), Some(2));
+    let join = out.json().await;
+    assert_eq!(join["type"], "join", "{join}");
+    assert_eq!(join["channel"], "news");
+    assert_eq!(join["member"]["client_id"], alice.client_id().to_string());
+    assert_eq!(join["member"]["name"], "alice");
+    assert_eq!(join["member"]["node_id"], node.id().to_string());
+    assert_eq!(join["member"]["user"], Value::Null);
+
+    let id = alice
+        .publish("news", Payload::Text("first".into()), Priority::High)
+        .await
+        .unwrap();
+    let first = out.json().await;
+    assert_eq!(first["type"], "publication", "{first}");
+    assert_eq!(first["channel"], "news");
+    assert_eq!(first["text"], "first");
+    assert_eq!(first["id"], id.to_string());
+    assert_eq!(first["priority"], "high");
+    assert_eq!(first["from"]["client_id"], alice.client_id().to_string());
+    assert_eq!(first["from"]["name"], "alice");
+    assert_eq!(first["from"]["node_id"], node.id().to_string());
+    assert_ne!(first["from"]["client_id"], watcher.as_str());
+
+    alice.unsubscribe("news").await.unwrap();
+    let leave = out.json().await;
+    assert_eq!(leave["type"], "leave", "{leave}");
+    assert_eq!(leave["member"]["name"], "alice");
+
+    // The server's publication: no sender; a binary payload in base64.
+    let (id, _) = node
+        .server_publish("sport", Priority::Normal, Payload::Binary(vec![1, 2, 3]))
+        .await
+        .unwrap();
+    let second = out.json().await;
+    assert_eq!(second["type"], "publication", "{second}");
+    assert_eq!(second["channel"], "sport");
+    assert_eq!(second["data_base64"], "AQID");
+    assert_eq!(second["id"], id.to_string());
+    assert_eq!(second["from"], Value::Null);
+    assert!(exits(&mut child).await.success(), "--count 2 exits 0");
+}
+
+#[tokio::test]
+async fn sub_reconnects_and_subscribes_again_by_default() {
+    let node = TestNode::start().await;
+    let mut cmd = fabric(&node);
+    cmd.args(["sub", "news", "--count", "1"])
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = Stdout::of(&mut child);
+    let first: ClientId = out.json().await["client_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(out.json().await["type"], "subscribed");
+    node.kick(first, "go away for a moment").await.unwrap();
+    // The kick's Goodbye may come first, if it beats the close.
+    let mut disconnected = out.json().await;
+    if disconnected["type"] == "goodbye" {
+        assert_eq!(disconnected["reason"], "go away for a moment");
+        disconnected = out.json().await;
+    }
+    assert_eq!(disconnected["type"], "disconnected", "{disconnected}");
+    let reconnected = out.json().await;
+    assert_eq!(reconnected["type"], "reconnected", "{reconnected}");
+    assert_ne!(reconnected["client_id"], first.to_string());
+    let resubscribed = out.json().await;
+    assert_eq!(resubscribed["type"], "resubscribed", "{resubscribed}");
+    assert_eq!(resubscribed["channels"], serde_json::json!(["news"]));
+    assert_eq!(resubscribed["failed"], serde_json::json!([]));
+
+    let alice = node.connect("alice").await;
+    alice
+        .publish(
+            "news",
+            Payload::Text("still there?".into()),
+            Priority::Normal,
+        )
+        .await
+        .unwrap();
+    let got = out.json().await;
+    assert_eq!(got["type"], "publication", "{got}");
+    assert_eq!(got["text"], "still there?");
+    assert!(exits(&mut child).await.success());
+}
+
+#[tokio::test]
+async fn sub_refused_exits_one_with_the_nodes_reason() {
+    let node = TestNode::start_with(|c| {
+        c.namespaces = vec!["staff,subscribe=authenticated".parse().unwrap()];
+    })
+    .await;
+    let mut cmd = fabric(&node);
+    cmd.args(["sub", "news", "staff:room"]);
+    let out = output(cmd).await;
+    assert_fails_with(
+        &out,
+        &[
+            "cannot subscribe to staff:room",
+            "needs an authenticated user",
+        ],
+    );
+    // The channels before it were subscribed and shown.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[1]["type"], "subscribed");
+    assert_eq!(lines[1]["channel"], "news");
+}
+
+#[tokio::test]
+async fn pub_exits_zero_on_ack_and_one_with_the_nodes_reason() {
+    let node = TestNode::start_with(|c| {
+        c.namespaces = vec!["announce,publish=nobody".parse().unwrap()];
+    })
+    .await;
+    let mut bob = node.connect("bob").await;
+    bob.subscribe("news", false).await.unwrap();
+    let mut cmd = fabric(&node);
+    cmd.args([
+        "--name",
+        "cli",
+        "pub",
+        "news",
+        "extra!",
+        "--priority",
+        "high",
+    ]);
+    let out = output(cmd).await;
+    assert_success(&out);
+    let ack: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ack["type"], "ack");
+    let got = next_matching(&mut bob, |f| matches!(f.body, Body::Publish { .. })).await;
+    assert_eq!(ack["of"], got.id.to_string());
+    assert_eq!(
+        got.body,
+        Body::Publish {
+            channel: "news".into(),
+            payload: Payload::Text("extra!".into())
+        }
+    );
+    assert_eq!(got.priority, Priority::High);
+    assert_eq!(got.sender.unwrap().name, "cli");
+
+    let mut cmd = fabric(&node);
+    cmd.args(["pub", "nope:x", "lost"]);
+    let out = output(cmd).await;
+    assert_fails_with(&out, &["namespace \"nope\" is not declared"]);
+    assert!(out.stdout.is_empty());
+
+    let mut cmd = fabric(&node);
+    cmd.args(["pub", "announce:all", "not mine to say"]);
+    assert_fails_with(&output(cmd).await, &["error 17"]);
+}
+
+#[tokio::test]
+async fn presence_lists_the_members_with_their_fields() {
+    let node = TestNode::start_with(|c| {
+        c.auth_jwt_secret = Some(JWT_SECRET.into());
+        c.namespaces = vec!["quiet,presence=off".parse().unwrap()];
+    })
+    .await;
+    let alice = connect_as(&node, "alice-phone", "alice").await;
+    alice.subscribe("lobby", false).await.unwrap();
+    let bob = connect_as(&node, "bob-laptop", "bob").await;
+    bob.subscribe("lobby", false).await.unwrap();
+
+    let mut cmd = fabric(&node);
+    cmd.args(["presence", "lobby"])
+        .env("FABRIC_TOKEN", token("carol"));
+    let out = output(cmd).await;
+    assert_success(&out);
+    let presence: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(presence["channel"], "lobby");
+    assert_eq!(presence["truncated"], false);
+    let members = presence["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{presence}");
+    // Oldest connection first.
+    for (member, (client, name, user)) in members.iter().zip([
+        (&alice, "alice-phone", "alice"),
+        (&bob, "bob-laptop", "bob"),
+    ]) {
+        assert_eq!(member["client_id"], client.client_id().to_string());
+        assert_eq!(member["name"], name);
+        assert_eq!(member["user"], user);
+        assert_eq!(member["node_id"], node.id().to_string());
+        assert!(member["connected_at_ms"].as_u64().unwrap() > 0, "{member}");
+    }
+    assert!(members[0]["connected_at_ms"].as_u64() <= members[1]["connected_at_ms"].as_u64());
+
+    let mut cmd = fabric(&node);
+    cmd.args(["presence", "quiet:room"])
+        .env("FABRIC_TOKEN", token("carol"));
+    assert_fails_with(&output(cmd).await, &["presence is off"]);
+}
+
+#[tokio::test]
+async fn send_to_a_user_reaches_each_of_its_connections() {
+    let node = TestNode::start_with(|c| c.auth_jwt_secret = Some(JWT_SECRET.into())).await;
+    let mut phone = connect_as(&node, "zed-phone", "zed").await;
+    let mut laptop = connect_as(&node, "zed-laptop", "zed").await;
+    let mut cmd = fabric(&node);
+    cmd.args(["--name", "amy-cli", "send", "--user", "zed", "hi zed"])
+        .env("FABRIC_TOKEN", token("amy"));
+    let out = output(cmd).await;
+    assert_success(&out);
+    let ack: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ack["type"], "ack");
+    for zed in [&mut phone, &mut laptop] {
+        let got = next_matching(zed, |f| matches!(f.body, Body::UserDirect { .. })).await;
+        assert_eq!(ack["of"], got.id.to_string());
+        assert_eq!(
+            got.body,
+            Body::UserDirect {
+                user: "zed".into(),
+                payload: Payload::Text("hi zed".into())
+            }
+        );
+        let sender = got.sender.unwrap();
+        assert_eq!(
+            (sender.name.as_str(), sender.user.as_deref()),
+            ("amy-cli", Some("amy"))
+        );
+    }
+
+    let mut cmd = fabric(&node);
+    cmd.args(["send", "--user", "nobody", "anyone?"])
+        .env("FABRIC_TOKEN", token("amy"));
+    assert_fails_with(&output(cmd).await, &["user nobody has no connection"]);
+
+    // Exactly one of --to and --user: a usage error otherwise.
+    for args in [
+        &["send", "text"][..],
+        &[
+            "send",
+            "--user",
+            "zed",
+            "--to",
+            &phone.client_id().to_string(),
+            "x",
+        ],
+    ] {
+        let mut cmd = fabric(&node);
+        cmd.args(args);
+        let out = output(cmd).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[tokio::test]
+async fn chat_joins_rooms_talks_there_and_resolves_to_targets() {
+    let node = TestNode::start().await;
+    let mut bob = node.connect("bob").await;
+    bob.subscribe("lobby", true).await.unwrap();
+    let _twins = [node.connect("twin").await, node.connect("twin").await];
+    let mut cmd = fabric(&node);
+    cmd.args(["--name", "typist", "chat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = Stdout::of(&mut child);
+    let banner = out.line().await;
+    assert!(banner.contains("/join ROOM"), "{banner}");
+
+    stdin.write_all(b"/join lobby\n").await.unwrap();
+    out.find("* joined lobby (2 here); lines now go to lobby")
+        .await;
+    let join = next_matching(&mut bob, |f| matches!(f.body, Body::Join { .. })).await;
+    let Body::Join { channel, member } = join.body else {
+        unreachable!()
+    };
+    assert_eq!(
+        (channel.as_str(), member.name.as_str()),
+        ("lobby", "typist")
+    );
+
+    // Typed lines go to the current room; the room's lines show its name.
+    stdin.write_all(b"hello room\n").await.unwrap();
+    let got = next_matching(&mut bob, |f| matches!(f.body, Body::Publish { .. })).await;
+    assert_eq!(
+        got.body,
+        Body::Publish {
+            channel: "lobby".into(),
+            payload: Payload::Text("hello room".into())
+        }
+    );
+    assert_eq!(got.sender.unwrap().name, "typist");
+    bob.publish("lobby", Payload::Text("hi typist".into()), Priority::Normal)
+        .await
+        .unwrap();
+    out.find("[lobby] bob: hi typist").await;
+
+    stdin.write_all(b"/who\n").await.unwrap();
+    out.find("* 2 in lobby:").await;
+    let first = out.line().await;
+    let second = out.line().await;
+    assert!(
+        first.contains(&bob.client_id().to_string()) && first.contains(" bob "),
+        "{first}"
+    );
+    assert!(
+        second.contains(" typist ") && second.ends_with("(you)"),
+        "{second}"
+    );
+
+    // /to: a name, an ambiguous name, nobody.
+    stdin.write_all(b"/to bob psst\n").await.unwrap();
+    let got = next_matching(&mut bob, |f| matches!(f.body, Body::Direct { .. })).await;
+    assert_eq!(
+        got.body,
+        Body::Direct {
+            to: bob.client_id(),
+            payload: Payload::Text("psst".into())
+        }
+    );
+    stdin.write_all(b"/to twin hey\n").await.unwrap();
+    let ambiguous = out.find("clients are named twin").await;
+    assert!(
+        ambiguous.starts_with("! 2 clients") && ambiguous.contains("use /to ID TEXT"),
+        "{ambiguous}"
+    );
+    stdin.write_all(b"/to nobody hey\n").await.unwrap();
+    out.find("! nobody called nobody").await;
+
+    // Leaving the room: bob sees it, and lines are broadcast again.
+    stdin.write_all(b"/leave lobby\n").await.unwrap();
+    out.find("* left lobby").await;
+    assert_eq!(out.line().await, "* lines are now broadcast to everyone");
+    let leave = next_matching(&mut bob, |f| matches!(f.body, Body::Leave { .. })).await;
+    assert!(matches!(leave.body, Body::Leave { member, .. } if member.name == "typist"));
+    stdin.write_all(b"to everyone\n/quit\n").await.unwrap();
+    let got = next_matching(&mut bob, |f| matches!(f.body, Body::Broadcast { .. })).await;
+    assert_eq!(
+        got.body,
+        Body::Broadcast {
+            payload: Payload::Text("to everyone".into())
+        }
+    );
+    assert!(exits(&mut child).await.success());
 }

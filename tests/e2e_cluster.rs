@@ -1,7 +1,7 @@
 //! End-to-end check of the docker-compose cluster behind the UDP load
 //! balancer. Ignored by `cargo test`: `cluster/e2e.sh` starts the cluster
-//! (its step 1), runs this with `--ignored` (steps 2-7), and tears it down
-//! (step 8). Clients talk to the cluster only through the load balancer's
+//! (its step 1), runs this with `--ignored` (steps 2-8), and tears it down
+//! (step 9). Clients talk to the cluster only through the load balancer's
 //! published loopback port; the admin API and metrics, which are not
 //! published, are reached at the nodes' static IPs on the compose network
 //! (the host routes to the bridge network on Linux) or, where the host
@@ -16,7 +16,8 @@
 //! Steps: 2 clients spread over nodes; 3 broadcast exactly once, direct
 //! across nodes, list; 4 admin API and metrics; 5 rolling restart of
 //! node1..node3 (SIGTERM drain) under continuous traffic; 6 kill a node;
-//! 7 Redis restart.
+//! 7 Redis restart; 8 a channel with subscribers on two nodes (publication
+//! exactly once, presence, join and leave).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -179,6 +180,16 @@ impl Peer {
         }
     }
 
+    /// The next frame matching `pred`, skipping others.
+    async fn until(&mut self, pred: impl Fn(&Frame) -> bool) -> Frame {
+        loop {
+            let f = self.frame().await;
+            if pred(&f) {
+                return f;
+            }
+        }
+    }
+
     /// Refreshes `node`/`node_id` from the current connection.
     fn refresh(&mut self) {
         let hs = self.client.handshake();
@@ -188,23 +199,27 @@ impl Peer {
 }
 
 /// `id` arrives exactly once before `fence` (sent after it by the same
-/// sender at the same priority, so it cannot overtake a duplicate).
-async fn exactly_once(peer: &mut Peer, id: MessageId, fence: MessageId) {
-    let mut seen = 0;
+/// sender at the same priority, so it cannot overtake a duplicate);
+/// returns it.
+async fn exactly_once(peer: &mut Peer, id: MessageId, fence: MessageId) -> Frame {
+    let mut seen = Vec::new();
     loop {
         let f = peer.frame().await;
-        if f.id == id {
-            seen += 1;
-        }
         if f.id == fence {
             break;
         }
+        if f.id == id {
+            seen.push(f);
+        }
     }
     assert_eq!(
-        seen, 1,
-        "broadcast delivered {seen} times to a client on {}",
+        seen.len(),
+        1,
+        "message delivered {} times to a client on {}",
+        seen.len(),
         peer.node
     );
+    seen.remove(0)
 }
 
 async fn list(client: &Client) -> Vec<(ClientId, NodeId)> {
@@ -833,7 +848,7 @@ async fn rolling_restart(peers: &mut [Peer], admin: &Admin) {
     };
     let (settle_ms, away_ms) = (spread_ms(&mut settle_ms), spread_ms(&mut away_ms));
     println!(
-        "e2e step 5/8 PASS rolling restart (docker-compose stop/start, SIGTERM drain) under traffic: {}; restarts took {:.1}s; {} clients reconnected {:?} times (only when their node restarted; {returned} reconnects landed back on the restarted node), {} broadcasts + {} pings acked, {} deliveries, 0 server errors, {} tolerated reconnect-gap errors (ClientError::Closed; Goodbye->Disconnected {settle_ms} ms, Disconnected->Reconnected {away_ms} ms min/median/max); afterwards list and /nodes show all {} {spread:?}, broadcast reached {} exactly once, {}/{} directs delivered ({:.1}s)",
+        "e2e step 5/9 PASS rolling restart (docker-compose stop/start, SIGTERM drain) under traffic: {}; restarts took {:.1}s; {} clients reconnected {:?} times (only when their node restarted; {returned} reconnects landed back on the restarted node), {} broadcasts + {} pings acked, {} deliveries, 0 server errors, {} tolerated reconnect-gap errors (ClientError::Closed; Goodbye->Disconnected {settle_ms} ms, Disconnected->Reconnected {away_ms} ms min/median/max); afterwards list and /nodes show all {} {spread:?}, broadcast reached {} exactly once, {}/{} directs delivered ({:.1}s)",
         per_node.join(", "),
         restart_time.as_secs_f64(),
         peers.len(),
@@ -876,7 +891,7 @@ async fn compose_cluster_end_to_end() {
         "all clients landed on one node: {spread:?}"
     );
     println!(
-        "e2e step 2/8 PASS {} clients through the LB landed on {} nodes {spread:?} ({:.1}s)",
+        "e2e step 2/9 PASS {} clients through the LB landed on {} nodes {spread:?} ({:.1}s)",
         peers.len(),
         spread.len(),
         t.elapsed().as_secs_f64()
@@ -926,7 +941,7 @@ async fn compose_cluster_end_to_end() {
         "list shows exactly the connected clients"
     );
     println!(
-        "e2e step 3/8 PASS broadcast reached {} clients exactly once, direct {} -> {} delivered, list shows all {} with their nodes ({:.1}s)",
+        "e2e step 3/9 PASS broadcast reached {} clients exactly once, direct {} -> {} delivered, list shows all {} with their nodes ({:.1}s)",
         peers.len() - 1,
         sender_node,
         peers[far].node,
@@ -974,7 +989,7 @@ async fn compose_cluster_end_to_end() {
     );
     assert_eq!(gauges, expected, "fabric_clients_connected per node");
     println!(
-        "e2e step 4/8 PASS admin API and metrics on node1..node3 ({}): /health, /ready 200, /stats not draining with Redis up, /nodes 401 without the token and lists 3 live nodes {listed_nodes:?} = {} clients, fabric_clients_connected agrees ({:.1}s)",
+        "e2e step 4/9 PASS admin API and metrics on node1..node3 ({}): /health, /ready 200, /stats not draining with Redis up, /nodes 401 without the token and lists 3 live nodes {listed_nodes:?} = {} clients, fabric_clients_connected agrees ({:.1}s)",
         admin.route(),
         listed_nodes.values().sum::<u64>(),
         t.elapsed().as_secs_f64()
@@ -1030,7 +1045,7 @@ async fn compose_cluster_end_to_end() {
         v.expect(id).await;
     }
     println!(
-        "e2e step 6/8 PASS killed {victim_node}: presence gone after {:.1}s, {} clients reconnected to {:?} and receive directs, {} clients elsewhere undisturbed ({:.1}s)",
+        "e2e step 6/9 PASS killed {victim_node}: presence gone after {:.1}s, {} clients reconnected to {:?} and receive directs, {} clients elsewhere undisturbed ({:.1}s)",
         presence_gone.as_secs_f64(),
         victims.len(),
         victims.iter().map(|v| v.node.as_str()).collect::<Vec<_>>(),
@@ -1101,8 +1116,136 @@ async fn compose_cluster_end_to_end() {
         p.expect(probe).await;
     }
     println!(
-        "e2e step 7/8 PASS Redis stopped and restarted: cross-node send failed visibly during the outage, delivery resumed {:.1}s after restart, no client disconnected ({:.1}s)",
+        "e2e step 7/9 PASS Redis stopped and restarted: cross-node send failed visibly during the outage, delivery resumed {:.1}s after restart, no client disconnected ({:.1}s)",
         resumed.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+
+    // Step 8: a channel across nodes.
+    channel_step(&mut all).await;
+}
+
+// --------------------------------------------------------------- channels ---
+
+/// Step 8: a channel through the LB, on the nodes still up. Two
+/// subscribers on different nodes (asking for join and leave events), a
+/// publication from a third client (on a third node when there is one)
+/// that reaches each of them exactly once, presence listing both with
+/// their nodes, and the join and leave of one seen by the other.
+async fn channel_step(peers: &mut Vec<Peer>) {
+    const CHANNEL: &str = "e2e-room";
+    let t = Instant::now();
+    ensure_two_nodes(peers).await;
+    let a = 0;
+    let b = peers
+        .iter()
+        .position(|p| p.node_id != peers[a].node_id)
+        .expect("a client on another node");
+    let others: Vec<usize> = (0..peers.len()).filter(|&i| i != a && i != b).collect();
+    let elsewhere = others
+        .iter()
+        .copied()
+        .find(|&i| peers[i].node_id != peers[a].node_id && peers[i].node_id != peers[b].node_id);
+    let p = match elsewhere.or(others.first().copied()) {
+        Some(p) => p,
+        None => {
+            peers.push(Peer::connect("e2e-publisher").await);
+            peers.len() - 1
+        }
+    };
+
+    let members = peers[a]
+        .client
+        .subscribe(CHANNEL, true)
+        .await
+        .expect("first subscriber");
+    assert_eq!(members, Some(1), "a fresh channel has its first member");
+    let members = peers[b]
+        .client
+        .subscribe(CHANNEL, true)
+        .await
+        .expect("second subscriber");
+    assert_eq!(members, Some(2), "members across the cluster");
+    let b_id = peers[b].client.client_id();
+    let join = peers[a]
+        .until(|f| matches!(&f.body, Body::Join { member, .. } if member.client_id == b_id))
+        .await;
+    assert!(
+        matches!(&join.body, Body::Join { channel, member } if channel == CHANNEL && member.node_id == peers[b].node_id),
+        "{join:?}"
+    );
+
+    let text = Payload::Text("hello channel".into());
+    let m = peers[p]
+        .client
+        .publish(CHANNEL, text.clone(), Priority::Normal)
+        .await
+        .expect("publish through the LB");
+    let fence = peers[p]
+        .client
+        .publish(CHANNEL, Payload::Text("fence".into()), Priority::Normal)
+        .await
+        .expect("fence");
+    let publisher = (peers[p].client.client_id(), peers[p].node_id);
+    for i in [a, b] {
+        let got = exactly_once(&mut peers[i], m, fence).await;
+        assert_eq!(
+            got.body,
+            Body::Publish {
+                channel: CHANNEL.into(),
+                payload: text.clone()
+            }
+        );
+        assert_eq!(
+            got.sender.map(|s| (s.client_id, s.node_id)),
+            Some(publisher),
+            "publication stamped with its sender"
+        );
+    }
+
+    let (members, truncated) = peers[p].client.presence(CHANNEL).await.expect("presence");
+    assert!(!truncated);
+    let listed: HashMap<ClientId, NodeId> =
+        members.iter().map(|m| (m.client_id, m.node_id)).collect();
+    let expected: HashMap<ClientId, NodeId> = [a, b]
+        .iter()
+        .map(|&i| (peers[i].client.client_id(), peers[i].node_id))
+        .collect();
+    assert_eq!(
+        listed, expected,
+        "presence lists exactly the two subscribers with their nodes"
+    );
+
+    peers[b]
+        .client
+        .unsubscribe(CHANNEL)
+        .await
+        .expect("unsubscribe");
+    peers[a]
+        .until(|f| matches!(&f.body, Body::Leave { member, .. } if member.client_id == b_id))
+        .await;
+    peers[a]
+        .client
+        .unsubscribe(CHANNEL)
+        .await
+        .expect("unsubscribe");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let (members, _) = peers[p].client.presence(CHANNEL).await.expect("presence");
+        if members.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members left but presence still lists {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "e2e step 8/9 PASS channel through the LB: subscribers on {} and {} (the first saw the second join and leave, across nodes), a publication from a client on {} reached both exactly once, presence listed both with their node ids, then none after both left ({:.1}s)",
+        peers[a].node,
+        peers[b].node,
+        peers[p].node,
         t.elapsed().as_secs_f64()
     );
 }

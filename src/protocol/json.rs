@@ -68,7 +68,154 @@ pub fn frame_json(frame: &Frame) -> Value {
         Body::Ack { of } | Body::Pong { of } => {
             out.insert("of".into(), json!(of.to_string()));
         }
+        Body::Subscribe { channel, events } => {
+            out.insert("channel".into(), json!(channel));
+            out.insert("events".into(), json!(events));
+        }
+        Body::SubscribeAck {
+            of,
+            channel,
+            subscribers,
+        } => {
+            out.insert("of".into(), json!(of.to_string()));
+            out.insert("channel".into(), json!(channel));
+            out.insert("subscribers".into(), json!(subscribers));
+        }
+        Body::Unsubscribe { channel } | Body::PresenceRequest { channel } => {
+            out.insert("channel".into(), json!(channel));
+        }
+        Body::Publish { channel, payload } => {
+            out.insert("channel".into(), json!(channel));
+            payload_fields(payload, &mut out);
+            // A publication without a sender is the server's (admin API).
+            out.entry("from").or_insert(Value::Null);
+        }
+        Body::Join { channel, member } | Body::Leave { channel, member } => {
+            out.insert("channel".into(), json!(channel));
+            out.insert("member".into(), client_json(member));
+        }
+        Body::Presence {
+            of,
+            channel,
+            members,
+            truncated,
+        } => {
+            out.insert("of".into(), json!(of.to_string()));
+            out.insert("channel".into(), json!(channel));
+            out.insert(
+                "members".into(),
+                Value::Array(members.iter().map(client_json).collect()),
+            );
+            out.insert("truncated".into(), json!(truncated));
+        }
+        Body::UserDirect { user, payload } => {
+            out.insert("user".into(), json!(user));
+            payload_fields(payload, &mut out);
+        }
+        Body::Unsubscribed { channel, reason } => {
+            out.insert("channel".into(), json!(channel));
+            out.insert("reason".into(), json!(reason));
+        }
         _ => {}
     }
     Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ClientId, Frame, NodeId, Priority, Sender};
+
+    fn member(name: &str) -> ClientInfo {
+        ClientInfo {
+            client_id: ClientId::new_random(),
+            node_id: NodeId::new_random(),
+            name: name.into(),
+            user: Some("u".into()),
+            connected_at_ms: 7,
+        }
+    }
+
+    #[test]
+    fn a_publication_names_its_channel_and_sender_or_null_for_the_server() {
+        let body = Body::Publish {
+            channel: "news".into(),
+            payload: Payload::Text("hi".into()),
+        };
+        let mut frame = Frame::new(Priority::High, body);
+        let server = frame_json(&frame);
+        assert_eq!(server["type"], "publish");
+        assert_eq!(server["channel"], "news");
+        assert_eq!(server["text"], "hi");
+        assert_eq!(server["priority"], "high");
+        assert_eq!(server["from"], Value::Null);
+
+        let who = member("alice");
+        frame.sender = Some(Sender {
+            client_id: who.client_id,
+            node_id: who.node_id,
+            name: who.name.clone(),
+            user: None,
+        });
+        frame.body = Body::Publish {
+            channel: "news".into(),
+            payload: Payload::Binary(vec![0, 1, 2]),
+        };
+        let client = frame_json(&frame);
+        assert_eq!(client["from"]["name"], "alice");
+        assert_eq!(client["from"]["client_id"], who.client_id.to_string());
+        assert_eq!(client["data_base64"], "AAEC");
+        assert!(client.get("text").is_none());
+    }
+
+    #[test]
+    fn channel_events_and_presence_show_members_like_the_client_list() {
+        let who = member("bob");
+        let join = frame_json(&Frame::new(
+            Priority::Normal,
+            Body::Join {
+                channel: "room".into(),
+                member: who.clone(),
+            },
+        ));
+        assert_eq!(join["type"], "join");
+        assert_eq!(join["channel"], "room");
+        assert_eq!(join["member"], client_json(&who));
+        assert!(join.get("from").is_none(), "events have no sender");
+
+        let of = crate::protocol::MessageId::new_random();
+        let presence = frame_json(&Frame::new(
+            Priority::Normal,
+            Body::Presence {
+                of,
+                channel: "room".into(),
+                members: vec![who.clone()],
+                truncated: false,
+            },
+        ));
+        assert_eq!(presence["of"], of.to_string());
+        assert_eq!(presence["members"][0]["name"], "bob");
+        assert_eq!(presence["members"][0]["connected_at_ms"], 7);
+        assert_eq!(presence["truncated"], false);
+
+        let gone = frame_json(&Frame::new(
+            Priority::Normal,
+            Body::Unsubscribed {
+                channel: "room".into(),
+                reason: "spam".into(),
+            },
+        ));
+        assert_eq!(gone["type"], "unsubscribed");
+        assert_eq!(gone["reason"], "spam");
+
+        let ack = frame_json(&Frame::new(
+            Priority::Normal,
+            Body::SubscribeAck {
+                of,
+                channel: "room".into(),
+                subscribers: None,
+            },
+        ));
+        assert_eq!(ack["subscribers"], Value::Null);
+    }
 }
