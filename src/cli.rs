@@ -96,8 +96,8 @@ pub enum Command {
     /// {"type":"subscribed","channel":…,"subscribers":N} per channel
     /// (`subscribers` is null when the namespace keeps no presence), then
     /// one {"type":"publication","channel":…,"text":…,"id":…,"from":{…}} per
-    /// message (`data_base64` instead of `text` for binary payloads; `from`
-    /// is null for the server's publications), and with --events
+    /// message (`binary`, base64, instead of `text` for binary payloads;
+    /// `from` is null for the server's publications), and with --events
     /// {"type":"join"|"leave","channel":…,"member":{…}}. A refused
     /// subscription exits 1 with the node's reason.
     #[command(name = "sub")]
@@ -446,10 +446,16 @@ async fn listen(client: &mut Client, count: Option<u64>) -> anyhow::Result<()> {
     }
 }
 
-/// A publication as a `sub` line: [`frame_json`] typed `publication`.
+/// A publication as a `sub` line: [`frame_json`] typed `publication`, a
+/// binary payload under `binary` (base64; `listen` calls it `data_base64`).
 fn publication_json(frame: &Frame) -> Value {
     let mut line = frame_json(frame);
     line["type"] = json!("publication");
+    if let Some(object) = line.as_object_mut()
+        && let Some(data) = object.remove("data_base64")
+    {
+        object.insert("binary".into(), data);
+    }
     line
 }
 

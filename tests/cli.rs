@@ -597,7 +597,7 @@ async fn sub_prints_connected_subscribed_then_publications_and_exits_after_count
     let second = out.json().await;
     assert_eq!(second["type"], "publication", "{second}");
     assert_eq!(second["channel"], "sport");
-    assert_eq!(second["data_base64"], "AQID");
+    assert_eq!(second["binary"], "AQID");
     assert_eq!(second["id"], id.to_string());
     assert_eq!(second["from"], Value::Null);
     assert!(exits(&mut child).await.success(), "--count 2 exits 0");
