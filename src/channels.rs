@@ -337,6 +337,16 @@ impl Channels {
             .unwrap_or_default()
     }
 
+    /// The channels with local subscribers whose namespace keeps presence.
+    pub fn presence_channels(&self) -> Vec<String> {
+        self.read()
+            .channels
+            .keys()
+            .filter(|name| self.namespace(name).is_ok_and(|ns| ns.presence))
+            .map(|name| name.to_string())
+            .collect()
+    }
+
     /// Every channel with local subscribers, with its members where its
     /// namespace keeps presence.
     pub fn local_channels(&self) -> Vec<LocalChannel> {

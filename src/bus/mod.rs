@@ -207,6 +207,11 @@ pub trait LocalPresence: Send + Sync {
 
     /// Every channel with subscribers on this node.
     fn local_channels(&self) -> Vec<LocalChannel>;
+
+    /// The channels with subscribers on this node whose namespace keeps
+    /// presence (what the heartbeat refreshes; cheaper than
+    /// [`LocalPresence::local_channels`]).
+    fn presence_channels(&self) -> Vec<String>;
 }
 
 /// A channel as this node has it.

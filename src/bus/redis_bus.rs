@@ -1473,13 +1473,7 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
         .query_async(conn)
         .await;
     // Channel presence expires with the node too, unless refreshed.
-    let presence: Vec<String> = inner
-        .presence
-        .local_channels()
-        .into_iter()
-        .filter(|c| c.members.is_some())
-        .map(|c| c.name)
-        .collect();
+    let presence = inner.presence.presence_channels();
     let result = match (result, presence.is_empty()) {
         (Ok(replies), false) => {
             let mut pipe = redis::pipe();
@@ -1710,12 +1704,10 @@ async fn remove_self(inner: &Inner, conn: &mut ConnectionManager) {
     pipe.cmd("DEL").arg(keys.node(me)).ignore();
     pipe.cmd("DEL").arg(keys.node_clients(me)).ignore();
     pipe.cmd("DEL").arg(keys.node_channels(me)).ignore();
-    for channel in inner.presence.local_channels() {
-        if channel.members.is_some() {
-            pipe.cmd("DEL")
-                .arg(keys.channel_members(&channel.name, me))
-                .ignore();
-        }
+    for channel in inner.presence.presence_channels() {
+        pipe.cmd("DEL")
+            .arg(keys.channel_members(&channel, me))
+            .ignore();
     }
     for info in inner.presence.local_clients() {
         if let Some(user) = &info.user {

@@ -61,6 +61,10 @@ impl LocalPresence for Here {
     fn local_channels(&self) -> Vec<LocalChannel> {
         self.channels.local_channels()
     }
+
+    fn presence_channels(&self) -> Vec<String> {
+        self.channels.presence_channels()
+    }
 }
 
 /// Which cluster bus a node joins.
