@@ -4,6 +4,7 @@
 //! so its dependencies (anyhow, hdrhistogram, tempfile) stay out of every
 //! library user's build.
 
+mod channels;
 mod procs;
 mod raw;
 mod scenarios;

@@ -2,10 +2,13 @@
 //! framing as a node, with no fabric logic at all. A raw server either
 //! echoes each frame back to its sender (the `rtt` floor), forwards it to
 //! every other connection through a bounded queue and writer task per
-//! connection (the `direct-local` and `fanout` floors), or relays it
+//! connection (the `direct-local` and `fanout` floors), relays it
 //! through a Redis channel to the other relay servers' connections (the
-//! `direct-cross` floor of the same shape as the fabric's path).
+//! `direct-cross` floor of the same shape as the fabric's path), or
+//! routes publications by channel through per-channel Redis pub/sub
+//! channels (the `sparse-channels` floor).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -13,7 +16,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use quic_fabric::config::{Congestion, NodeConfig};
-use quic_fabric::protocol::{self, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
+use quic_fabric::protocol::{
+    self, Body, Frame, HARD_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES, Priority,
+};
 use quic_fabric::tls;
 
 /// What a raw server does with a frame.
@@ -26,6 +31,12 @@ pub enum Mode {
     /// `relay:URL`: PUBLISH it on [`RELAY_CHANNEL`] of the Redis at URL;
     /// what other relay servers publish there goes to every connection.
     Relay(String),
+    /// `channels:URL`: a Subscribe frame subscribes the server to the
+    /// channel's Redis pub/sub channel (answered by a SubscribeAck once
+    /// Redis confirmed); a Publish frame goes to the server's own
+    /// subscribers of its channel and is PUBLISHed on the channel's Redis
+    /// channel, from which the other servers hand it to theirs.
+    Channels(String),
 }
 
 /// The Redis channel relay servers share.
@@ -38,10 +49,17 @@ impl std::str::FromStr for Mode {
         match s {
             "echo" => Ok(Mode::Echo),
             "forward" => Ok(Mode::Forward),
-            other => match other.strip_prefix("relay:") {
-                Some(url) => Ok(Mode::Relay(url.to_owned())),
-                None => anyhow::bail!("raw-server mode {other:?}: echo, forward or relay:URL"),
-            },
+            other => {
+                if let Some(url) = other.strip_prefix("relay:") {
+                    Ok(Mode::Relay(url.to_owned()))
+                } else if let Some(url) = other.strip_prefix("channels:") {
+                    Ok(Mode::Channels(url.to_owned()))
+                } else {
+                    anyhow::bail!(
+                        "raw-server mode {other:?}: echo, forward, relay:URL or channels:URL"
+                    )
+                }
+            }
         }
     }
 }
@@ -88,6 +106,10 @@ impl RawServer {
             Mode::Relay(url) => Some(Relay::start(url, peers.clone())?),
             _ => None,
         };
+        let channels = match &mode {
+            Mode::Channels(url) => Some(ChannelRelay::start(url)?),
+            _ => None,
+        };
         let accept = endpoint.clone();
         tokio::spawn(async move {
             let mut next_id = 0usize;
@@ -97,9 +119,10 @@ impl RawServer {
                 let peers = peers.clone();
                 let mode = mode.clone();
                 let relay = relay.clone();
+                let channels = channels.clone();
                 tokio::spawn(async move {
                     if let Ok(conn) = incoming.await {
-                        serve(conn, id, mode, peers, relay).await;
+                        serve(conn, id, mode, peers, relay, channels).await;
                     }
                 });
             }
@@ -174,6 +197,138 @@ impl Relay {
     }
 }
 
+/// Prefix of the Redis pub/sub channels channel relay servers share.
+const CHANNELS_PREFIX: &str = "bench:chan:";
+
+/// Local subscribers by channel: (connection, its writer's queue).
+type Subscribers = HashMap<String, Vec<(usize, mpsc::Sender<Bytes>)>>;
+
+/// A channel relay server's link to Redis: the least per-channel routing
+/// across servers needs. A server SUBSCRIBEs to a channel's Redis channel
+/// when one of its connections subscribes (it never unsubscribes: a floor
+/// server lives for one measurement), and publishes through one ordered
+/// queue whose writer sends what is queued as one pipeline.
+struct ChannelRelay {
+    /// Random per server, so a server skips its own publishes.
+    id: [u8; 8],
+    client: redis::Client,
+    subscribers: std::sync::RwLock<Subscribers>,
+    /// The subscription connection's command half, made on first use.
+    sink: tokio::sync::OnceCell<redis::aio::PubSubSink>,
+    /// (Redis channel, origin + frame) to PUBLISH, in order.
+    publishes: mpsc::Sender<(String, Vec<u8>)>,
+}
+
+impl ChannelRelay {
+    /// Starts the publishing writer (it connects at once); the
+    /// subscription connection is made by the first subscribe.
+    fn start(url: &str) -> anyhow::Result<Arc<ChannelRelay>> {
+        let client = redis::Client::open(url)?;
+        let (publishes, mut queue) = mpsc::channel::<(String, Vec<u8>)>(4096);
+        let writer = client.clone();
+        tokio::spawn(async move {
+            let mut conn = match writer.get_multiplexed_async_connection().await {
+                Ok(conn) => conn,
+                Err(err) => return eprintln!("channel relay: cannot connect to Redis: {err}"),
+            };
+            let mut batch = Vec::with_capacity(64);
+            while queue.recv_many(&mut batch, 64).await > 0 {
+                let mut pipe = redis::pipe();
+                for (channel, payload) in batch.drain(..) {
+                    pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+                }
+                if let Err(err) = pipe.query_async::<()>(&mut conn).await {
+                    return eprintln!("channel relay: PUBLISH failed: {err}");
+                }
+            }
+        });
+        Ok(Arc::new(ChannelRelay {
+            id: quic_fabric::protocol::NodeId::new_random().0.as_bytes()[..8]
+                .try_into()
+                .expect("8 of 16 bytes"),
+            client,
+            subscribers: std::sync::RwLock::new(HashMap::new()),
+            sink: tokio::sync::OnceCell::new(),
+            publishes,
+        }))
+    }
+
+    /// Subscribes connection `id` (writer queue `tx`) to `channel`;
+    /// returns once Redis confirmed the server's subscription.
+    async fn subscribe(
+        self: &Arc<Self>,
+        channel: &str,
+        id: usize,
+        tx: mpsc::Sender<Bytes>,
+    ) -> anyhow::Result<()> {
+        let mut sink = self.sink.get_or_try_init(|| self.listen()).await?.clone();
+        // SUBSCRIBE to a channel already subscribed is a no-op for Redis,
+        // and waiting for it keeps a second subscriber from being
+        // answered before the first one's SUBSCRIBE is through.
+        sink.subscribe(format!("{CHANNELS_PREFIX}{channel}"))
+            .await?;
+        self.subscribers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(channel.to_owned())
+            .or_default()
+            .push((id, tx));
+        Ok(())
+    }
+
+    /// Opens the subscription connection; what arrives on it goes to the
+    /// local subscribers of its channel.
+    async fn listen(self: &Arc<Self>) -> anyhow::Result<redis::aio::PubSubSink> {
+        use futures_util::StreamExt;
+        let (sink, mut stream) = self.client.get_async_pubsub().await?.split();
+        let relay = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = stream.next().await {
+                let Some(channel) = msg.get_channel_name().strip_prefix(CHANNELS_PREFIX) else {
+                    continue;
+                };
+                let Some((from, frame)) = msg.get_payload_bytes().split_at_checked(8) else {
+                    continue;
+                };
+                if from != relay.id {
+                    relay.deliver(channel, &Bytes::copy_from_slice(frame));
+                }
+            }
+        });
+        Ok(sink)
+    }
+
+    /// Hands `frame` to every local subscriber of `channel`.
+    fn deliver(&self, channel: &str, frame: &Bytes) {
+        let subscribers = self.subscribers.read().unwrap_or_else(|e| e.into_inner());
+        for (_, tx) in subscribers.get(channel).into_iter().flatten() {
+            let _ = tx.try_send(frame.clone());
+        }
+    }
+
+    /// Delivers `frame` to the local subscribers of `channel`, then queues
+    /// it for the other servers' (one PUBLISH, whoever subscribes).
+    async fn publish(&self, channel: &str, frame: Bytes) {
+        self.deliver(channel, &frame);
+        let mut payload = Vec::with_capacity(8 + frame.len());
+        payload.extend_from_slice(&self.id);
+        payload.extend_from_slice(&frame);
+        let _ = self
+            .publishes
+            .send((format!("{CHANNELS_PREFIX}{channel}"), payload))
+            .await;
+    }
+
+    /// Forgets connection `id`'s subscriptions.
+    fn forget(&self, id: usize) {
+        let mut subscribers = self.subscribers.write().unwrap_or_else(|e| e.into_inner());
+        for list in subscribers.values_mut() {
+            list.retain(|(conn, _)| *conn != id);
+        }
+        subscribers.retain(|_, list| !list.is_empty());
+    }
+}
+
 impl Drop for RawServer {
     fn drop(&mut self) {
         self.endpoint.close(0u32.into(), b"done");
@@ -186,6 +341,7 @@ async fn serve(
     mode: Mode,
     peers: Peers,
     relay: Option<Arc<Relay>>,
+    channels: Option<Arc<ChannelRelay>>,
 ) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
     peers
@@ -210,6 +366,7 @@ async fn serve(
         let tx = tx.clone();
         let mode = mode.clone();
         let relay = relay.clone();
+        let channels = channels.clone();
         tokio::spawn(async move {
             while let Some(frame) = read(&mut recv).await {
                 match &mode {
@@ -235,6 +392,40 @@ async fn serve(
                             return;
                         }
                     }
+                    Mode::Channels(_) if frame.len() <= LENGTH_PREFIX_BYTES => {}
+                    Mode::Channels(_) => {
+                        let Some(channels) = &channels else { return };
+                        // Routing by channel needs the channel's name: the
+                        // floor decodes what it must, like the node.
+                        let Ok(decoded) = protocol::decode_frame(&frame[LENGTH_PREFIX_BYTES..])
+                        else {
+                            continue;
+                        };
+                        match decoded.body {
+                            Body::Subscribe { channel, .. } => {
+                                if let Err(err) = channels.subscribe(&channel, id, tx.clone()).await
+                                {
+                                    eprintln!("channel relay: cannot subscribe: {err}");
+                                    return;
+                                }
+                                let ack = Frame::new(
+                                    Priority::Normal,
+                                    Body::SubscribeAck {
+                                        of: decoded.id,
+                                        channel,
+                                        subscribers: None,
+                                    },
+                                );
+                                if let Ok(ack) = protocol::encode(&ack) {
+                                    let _ = tx.send(ack).await;
+                                }
+                            }
+                            Body::Publish { channel, .. } => {
+                                channels.publish(&channel, frame).await
+                            }
+                            _ => {}
+                        }
+                    }
                 }
             }
         });
@@ -243,6 +434,9 @@ async fn serve(
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .retain(|(p, _)| *p != id);
+    if let Some(channels) = &channels {
+        channels.forget(id);
+    }
     writer.abort();
 }
 

@@ -1,6 +1,7 @@
 //! The scenarios: latency, fan-out and connection-scale benchmarks, each
 //! run beside its floor (raw quinn, raw Redis) in the same process, on the
 //! same machine, with the same sizes, and reported as fabric / floor ratios.
+//! The channel scenarios are in `channels.rs` and use the helpers here.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
+use crate::channels;
 use crate::procs::{self, CpuMeter, CpuUse, Proc};
 use crate::raw;
 use quic_fabric::client::{Client, ClientConfig, Event};
@@ -30,15 +32,19 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Use this Redis instead of starting a container (direct-cross, fanout).
+    /// Use this Redis instead of starting a container (direct-cross,
+    /// fanout, channel-fanout, sparse-channels).
     #[arg(long)]
     pub redis: Option<String>,
     /// Samples for latency measurements.
     #[arg(long)]
     pub samples: Option<usize>,
-    /// Fan-out clients.
+    /// Fan-out clients (`fanout`, `fanout-latency`, `channel-fanout`).
     #[arg(long)]
     pub clients: Option<usize>,
+    /// `sparse-channels`: channels (two subscribers each).
+    #[arg(long)]
+    pub channels: Option<usize>,
     /// Idle connections for `connections`.
     #[arg(long)]
     pub connections: Option<usize>,
@@ -104,6 +110,16 @@ pub enum Scenario {
     FanoutLatency,
     /// N idle clients: node and client memory per connection, handshakes/s.
     Connections,
+    /// One channel, N subscribers over 3 nodes + Redis, one publisher:
+    /// last-receiver latency and stepped rates, interleaved with
+    /// broadcasts to the same N clients of the same 3 nodes.
+    ChannelFanout,
+    /// 1,000 channels (`--channels`) with 2 subscribers each on random
+    /// nodes of 3, publishers on random nodes: publications/s, latency,
+    /// and each node's messages from Redis against its own channels'
+    /// publications; in turns with a raw quinn + Redis channel relay of
+    /// the same layout.
+    SparseChannels,
     /// Small high-priority messages with and without a bulk flow on the
     /// same connection, against `--server` across an impaired link (run
     /// by bench/lossy.sh; not part of `all`).
@@ -112,15 +128,26 @@ pub enum Scenario {
     All,
 }
 
-struct Sizes {
-    samples: usize,
-    rate_window: Duration,
-    fanout_clients: usize,
-    fanout_step: Duration,
-    fanout_start: Option<f64>,
-    fanout_steps: usize,
-    latency_broadcasts: usize,
-    connections: usize,
+/// How much each scenario does (`--quick`: seconds in all).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sizes {
+    pub(crate) samples: usize,
+    pub(crate) rate_window: Duration,
+    pub(crate) fanout_clients: usize,
+    pub(crate) fanout_step: Duration,
+    pub(crate) fanout_start: Option<f64>,
+    pub(crate) fanout_steps: usize,
+    /// `channel-fanout`: cap on rungs (a broadcast and a channel step each).
+    pub(crate) channel_steps: usize,
+    /// `channel-fanout`: messages/s of the first rung (default; each to
+    /// every receiver).
+    pub(crate) channel_start: f64,
+    pub(crate) latency_broadcasts: usize,
+    pub(crate) connections: usize,
+    /// `sparse-channels`: channels, each with two subscribers.
+    pub(crate) sparse_channels: usize,
+    /// `sparse-channels`: publishing clients.
+    pub(crate) sparse_publishers: usize,
 }
 
 impl Sizes {
@@ -133,8 +160,12 @@ impl Sizes {
                 fanout_step: Duration::from_millis(400),
                 fanout_start: None,
                 fanout_steps: usize::MAX,
+                channel_steps: 3,
+                channel_start: 50.0,
                 latency_broadcasts: 10,
                 connections: 200,
+                sparse_channels: 50,
+                sparse_publishers: 6,
             }
         } else {
             Sizes {
@@ -144,8 +175,16 @@ impl Sizes {
                 fanout_step: Duration::from_secs(2),
                 fanout_start: None,
                 fanout_steps: usize::MAX,
+                channel_steps: usize::MAX,
+                // Four steps below `fanout`'s first rate, on its ladder:
+                // three nodes, Redis and the clients on 2 shared cores
+                // often miss 50 per receiver, and a ratio needs a rung
+                // both sustain.
+                channel_start: 50.0 / (1.5 * 1.5 * 1.5 * 1.5),
                 latency_broadcasts: 100,
                 connections: 10_000,
+                sparse_channels: 1_000,
+                sparse_publishers: 30,
             }
         };
         if let Some(n) = args.samples {
@@ -163,6 +202,10 @@ impl Sizes {
         s.fanout_start = args.fanout_start;
         if let Some(n) = args.fanout_steps {
             s.fanout_steps = n;
+            s.channel_steps = n;
+        }
+        if let Some(n) = args.channels {
+            s.sparse_channels = n;
         }
         s
     }
@@ -175,23 +218,29 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn new() -> Latency {
+    pub(crate) fn new() -> Latency {
         Latency {
             hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
         }
     }
 
-    fn record(&mut self, d: Duration) {
+    pub(crate) fn record(&mut self, d: Duration) {
         let _ = self
             .hist
             .record((d.as_micros() as u64).clamp(1, 120_000_000));
     }
 
-    fn q(&self, q: f64) -> u64 {
+    /// Adds `other`'s samples to these and empties `other`.
+    pub(crate) fn absorb(&mut self, other: &mut Latency) {
+        let _ = self.hist.add(&other.hist);
+        other.hist.reset();
+    }
+
+    pub(crate) fn q(&self, q: f64) -> u64 {
         self.hist.value_at_quantile(q)
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         json!({
             "samples": self.hist.len(),
             "p50_us": self.q(0.5), "p90_us": self.q(0.9), "p99_us": self.q(0.99),
@@ -199,7 +248,7 @@ impl Latency {
         })
     }
 
-    fn row(&self, label: &str) -> String {
+    pub(crate) fn row(&self, label: &str) -> String {
         format!(
             "  {label:<28} p50 {:>7} µs  p90 {:>7}  p99 {:>7}  p99.9 {:>7}  max {:>7}  n={}",
             self.q(0.5),
@@ -212,7 +261,7 @@ impl Latency {
     }
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
 
@@ -222,7 +271,7 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-fn stamp(size: usize) -> Vec<u8> {
+pub(crate) fn stamp(size: usize) -> Vec<u8> {
     let mut payload = (epoch().elapsed().as_nanos() as u64).to_le_bytes().to_vec();
     payload.resize(size.max(8), 0xAB);
     payload
@@ -245,6 +294,10 @@ fn payload_of(frame: &Frame) -> Option<&[u8]> {
         }
         | Body::Broadcast {
             payload: Payload::Binary(b),
+        }
+        | Body::Publish {
+            payload: Payload::Binary(b),
+            ..
         } => Some(b),
         _ => None,
     }
@@ -252,7 +305,7 @@ fn payload_of(frame: &Frame) -> Option<&[u8]> {
 
 /// Everything a run needs: certificates, and the servers it started, each
 /// in a child process of its own (killed when the lab is dropped).
-struct Lab {
+pub(crate) struct Lab {
     certs: tempfile::TempDir,
     servers: Vec<Proc>,
 }
@@ -279,7 +332,7 @@ const LOAD_FLAGS: &[&str] = &[
 ];
 
 impl Lab {
-    fn new() -> anyhow::Result<Lab> {
+    pub(crate) fn new() -> anyhow::Result<Lab> {
         let certs = tempfile::tempdir()?;
         quic_fabric::tls::ensure_dev_certs(certs.path(), &NodeConfig::default().cert_names)?;
         Ok(Lab {
@@ -288,13 +341,13 @@ impl Lab {
         })
     }
 
-    fn ca(&self) -> PathBuf {
+    pub(crate) fn ca(&self) -> PathBuf {
         self.certs.path().join("ca.pem")
     }
 
     /// Starts a `fabric-node` process (on Redis `redis` with `prefix`, or
     /// alone) with [`LOAD_FLAGS`] and `extra`; waits until it is ready.
-    async fn node(
+    pub(crate) async fn node(
         &mut self,
         redis: Option<(&str, &str)>,
         extra: &[&str],
@@ -312,7 +365,7 @@ impl Lab {
     }
 
     /// Starts a raw quinn floor server process.
-    async fn raw_server(&mut self, mode: &str) -> anyhow::Result<std::net::SocketAddr> {
+    pub(crate) async fn raw_server(&mut self, mode: &str) -> anyhow::Result<std::net::SocketAddr> {
         let server = procs::raw_server(self.certs.path(), mode).await?;
         let addr = server.addr;
         self.servers.push(server);
@@ -320,17 +373,21 @@ impl Lab {
     }
 
     /// Measures the CPU of every server process and of this one.
-    fn meter(&self) -> anyhow::Result<CpuMeter> {
+    pub(crate) fn meter(&self) -> anyhow::Result<CpuMeter> {
         CpuMeter::start(&self.servers.iter().collect::<Vec<_>>())
     }
 
-    async fn client(&self, addr: std::net::SocketAddr, name: &str) -> anyhow::Result<Client> {
+    pub(crate) async fn client(
+        &self,
+        addr: std::net::SocketAddr,
+        name: &str,
+    ) -> anyhow::Result<Client> {
         Ok(Client::connect(&self.client_config(addr, name)).await?)
     }
 
     /// The client library's defaults, as an application uses them (only
     /// the server name and patience for replies under load set).
-    fn client_config(&self, addr: std::net::SocketAddr, name: &str) -> ClientConfig {
+    pub(crate) fn client_config(&self, addr: std::net::SocketAddr, name: &str) -> ClientConfig {
         let mut c = ClientConfig::new(addr.to_string(), self.ca()).name(name);
         c.server_name = Some("localhost".into());
         c.request_timeout = Duration::from_secs(30);
@@ -339,7 +396,7 @@ impl Lab {
 }
 
 /// One line of CPU figures: microseconds per unit for servers and clients.
-fn cpu_row(label: &str, cpu: &CpuUse, units: u64, unit: &str) -> String {
+pub(crate) fn cpu_row(label: &str, cpu: &CpuUse, units: u64, unit: &str) -> String {
     format!(
         "  {label:<28} CPU per {unit}: servers {:>6.2} µs, clients {:>6.2} µs ({units} x {unit} in {:.1} s)",
         cpu.server_us_per(units),
@@ -348,7 +405,7 @@ fn cpu_row(label: &str, cpu: &CpuUse, units: u64, unit: &str) -> String {
     )
 }
 
-fn cpu_json(cpu: &CpuUse, units: u64) -> Value {
+pub(crate) fn cpu_json(cpu: &CpuUse, units: u64) -> Value {
     json!({"units": units, "server_us_per_unit": cpu.server_us_per(units),
            "client_us_per_unit": cpu.client_us_per(units), "wall_s": cpu.wall.as_secs_f64()})
 }
@@ -369,6 +426,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Fanout,
             Scenario::FanoutLatency,
             Scenario::Connections,
+            Scenario::ChannelFanout,
+            Scenario::SparseChannels,
         ],
         s => vec![s],
     };
@@ -419,6 +478,14 @@ async fn run_scenarios(
             }
             Scenario::FanoutLatency => fanout_latency(sizes).await?,
             Scenario::Connections => connections(sizes, args.private_sockets).await?,
+            Scenario::ChannelFanout => {
+                let url = redis_url(args, redis).await?;
+                channels::channel_fanout(sizes, &url).await?
+            }
+            Scenario::SparseChannels => {
+                let url = redis_url(args, redis).await?;
+                channels::sparse_channels(sizes, &url).await?
+            }
             Scenario::Lossy => lossy(args).await?,
             Scenario::All => unreachable!("expanded above"),
         };
@@ -555,7 +622,7 @@ struct OneWay {
 }
 
 /// Pace of one-way latency samples: 1,000 messages/s.
-const PACE: Duration = Duration::from_millis(1);
+pub(crate) const PACE: Duration = Duration::from_millis(1);
 
 /// One-way latency (directs paced at [`PACE`]) and saturated rate from
 /// `a` to `b`.
@@ -623,7 +690,7 @@ async fn one_way(
 /// end-to-end window, so the measured rate is what the receiver sustains
 /// (without it a producer simply outruns the consumer, which the node then
 /// disconnects as slow).
-const RATE_WINDOW: u64 = 512;
+pub(crate) const RATE_WINDOW: u64 = 512;
 
 /// Counts receptions until 500 ms of silence; returns messages/s.
 fn count_rate(received: &std::sync::atomic::AtomicU64, first: Instant, last: Instant) -> f64 {
@@ -964,15 +1031,15 @@ async fn direct_cross(sizes: &Sizes, url: &str) -> anyhow::Result<Value> {
 }
 
 /// One fan-out step's outcome.
-struct Step {
-    offered: f64,
+pub(crate) struct Step {
+    pub(crate) offered: f64,
     delivered_per_s: f64,
-    p50_us: u64,
-    p99_us: u64,
-    ok: bool,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
+    pub(crate) ok: bool,
     /// Server and client CPU per delivery, µs.
-    server_us: f64,
-    client_us: f64,
+    pub(crate) server_us: f64,
+    pub(crate) client_us: f64,
     /// UDP datagrams dropped by full socket buffers (any socket).
     drops: u64,
     /// UDP datagrams received (by anyone) per delivery.
@@ -980,6 +1047,22 @@ struct Step {
 }
 
 impl Step {
+    /// The step as one line of text.
+    pub(crate) fn line(&self) -> String {
+        format!(
+            "offered {:>9.0} deliveries/s: delivered {:>9.0}/s, p50 {:>6} µs, p99 {:>7} µs, CPU per delivery: server {:>5.2} µs, clients {:>5.2} µs, {:.2} datagrams per delivery, UDP drops {} {}",
+            self.offered,
+            self.delivered_per_s,
+            self.p50_us,
+            self.p99_us,
+            self.server_us,
+            self.client_us,
+            self.datagrams,
+            self.drops,
+            if self.ok { "ok" } else { "over" }
+        )
+    }
+
     fn json(&self) -> Value {
         json!({"offered": self.offered, "delivered_per_s": self.delivered_per_s,
                "p50_us": self.p50_us, "p99_us": self.p99_us, "ok": self.ok,
@@ -988,67 +1071,157 @@ impl Step {
     }
 }
 
-/// Receivers record latency of every delivery; returns per-step results.
-async fn fanout_steps<S, F>(
-    lab: &Lab,
-    receivers: Vec<tokio::sync::mpsc::Receiver<Event>>,
-    raw: Vec<raw::RawClient>,
-    sizes: &Sizes,
-    mut send: S,
-) -> anyhow::Result<Vec<Step>>
-where
-    S: FnMut(Vec<u8>) -> F,
-    F: std::future::Future<Output = anyhow::Result<()>>,
-{
-    use std::sync::{Arc, Mutex};
-    let n = receivers.len() + raw.len();
-    // One histogram per receiver: its lock is uncontended except when a
-    // step ends and the stepper collects them.
-    let hists: Vec<Arc<Mutex<Latency>>> = (0..n)
-        .map(|_| Arc::new(Mutex::new(Latency::new())))
-        .collect();
-    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let mut slots = hists.iter().cloned();
-    for mut rx in receivers {
-        let (hist, count) = (slots.next().expect("one per receiver"), count.clone());
-        tasks.push(tokio::spawn(async move {
-            while let Some(Event::Frame(f)) = rx.recv().await {
-                if let Some(d) = payload_of(&f).and_then(age) {
-                    hist.lock().unwrap_or_else(|e| e.into_inner()).record(d);
-                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }));
+/// Fan-out receivers (fabric clients' event streams and raw floor
+/// clients), each read by a task that records every delivery's latency
+/// (one recorder per receiver: its lock is uncontended except when a
+/// step ends and the stepper collects them) and counts it.
+pub(crate) struct FanoutReceivers {
+    recorders: Vec<std::sync::Arc<std::sync::Mutex<Recorder>>>,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What one fan-out receiver recorded.
+struct Recorder {
+    latency: Latency,
+    /// While tracked: each message's latency by its send stamp.
+    arrivals: Option<std::collections::HashMap<u64, Duration>>,
+}
+
+impl Recorder {
+    fn note(&mut self, payload: &[u8]) -> bool {
+        let (Some(d), Some(key)) = (age(payload), payload.get(..8)) else {
+            return false;
+        };
+        self.latency.record(d);
+        if let Some(arrivals) = &mut self.arrivals {
+            arrivals.insert(u64::from_le_bytes(key.try_into().expect("8 bytes")), d);
+        }
+        true
     }
-    for mut c in raw {
-        let (hist, count) = (slots.next().expect("one per receiver"), count.clone());
-        tasks.push(tokio::spawn(async move {
-            while let Ok(frame) = c.recv().await {
-                let Ok(f) = protocol::decode_frame(&frame[protocol::LENGTH_PREFIX_BYTES..]) else {
-                    continue;
-                };
-                if let Some(d) = payload_of(&f).and_then(age) {
-                    hist.lock().unwrap_or_else(|e| e.into_inner()).record(d);
-                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl FanoutReceivers {
+    pub(crate) fn new(
+        receivers: Vec<tokio::sync::mpsc::Receiver<Event>>,
+        raw: Vec<raw::RawClient>,
+    ) -> FanoutReceivers {
+        use std::sync::{Arc, Mutex};
+        let n = receivers.len() + raw.len();
+        let recorders: Vec<Arc<Mutex<Recorder>>> = (0..n)
+            .map(|_| {
+                Arc::new(Mutex::new(Recorder {
+                    latency: Latency::new(),
+                    arrivals: None,
+                }))
+            })
+            .collect();
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        let mut slots = recorders.iter().cloned();
+        for mut rx in receivers {
+            let (rec, count) = (slots.next().expect("one per receiver"), count.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Some(Event::Frame(f)) = rx.recv().await {
+                    if let Some(p) = payload_of(&f)
+                        && rec.lock().unwrap_or_else(|e| e.into_inner()).note(p)
+                    {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
-            }
-        }));
+            }));
+        }
+        for mut c in raw {
+            let (rec, count) = (slots.next().expect("one per receiver"), count.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Ok(frame) = c.recv().await {
+                    let Ok(f) = protocol::decode_frame(&frame[protocol::LENGTH_PREFIX_BYTES..])
+                    else {
+                        continue;
+                    };
+                    if let Some(p) = payload_of(&f)
+                        && rec.lock().unwrap_or_else(|e| e.into_inner()).note(p)
+                    {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        FanoutReceivers {
+            recorders,
+            count,
+            tasks,
+        }
     }
-    let collect = || {
+
+    /// Deliveries so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every latency recorded since the last call.
+    pub(crate) fn collect(&self) -> Latency {
         let mut all = Latency::new();
-        for h in &hists {
-            let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = all.hist.add(&h.hist);
-            h.hist.reset();
+        for r in &self.recorders {
+            all.absorb(&mut r.lock().unwrap_or_else(|e| e.into_inner()).latency);
         }
         all
-    };
-    let mut steps = Vec::new();
-    let step = sizes.fanout_step;
-    let mut rate = sizes.fanout_start.map_or(50.0, |d| d / n.max(1) as f64);
-    loop {
-        collect();
+    }
+
+    /// Waits until `target` deliveries arrived, at most `patience`;
+    /// returns when the last one seen arrived (to within a millisecond).
+    pub(crate) async fn settle(&self, target: u64, patience: Duration) -> Instant {
+        let deadline = Instant::now() + patience;
+        let (mut seen, mut last) = (self.count(), Instant::now());
+        while seen < target && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let now = self.count();
+            if now != seen {
+                (seen, last) = (now, Instant::now());
+            }
+        }
+        last
+    }
+
+    /// From now on, each receiver also notes every message's latency by
+    /// its send stamp, until [`FanoutReceivers::take_arrivals`].
+    pub(crate) fn track_arrivals(&self) {
+        for r in &self.recorders {
+            r.lock().unwrap_or_else(|e| e.into_inner()).arrivals = Some(Default::default());
+        }
+    }
+
+    /// Per receiver, the latency of each message (by send stamp) since
+    /// [`FanoutReceivers::track_arrivals`]; stops tracking.
+    pub(crate) fn take_arrivals(&self) -> Vec<std::collections::HashMap<u64, Duration>> {
+        self.recorders
+            .iter()
+            .map(|r| {
+                r.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .arrivals
+                    .take()
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// One step: `send` at `rate` messages/s (each to every receiver) for
+    /// `duration`, then up to 2 s for the deliveries to land.
+    pub(crate) async fn step<S, F>(
+        &self,
+        lab: &Lab,
+        rate: f64,
+        duration: Duration,
+        send: &mut S,
+    ) -> anyhow::Result<Step>
+    where
+        S: FnMut(Vec<u8>) -> F,
+        F: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let n = self.recorders.len();
+        let count = &self.count;
+        self.collect();
         let before = count.load(std::sync::atomic::Ordering::Relaxed);
         let meter = lab.meter()?;
         let drops_before = procs::udp_receive_drops();
@@ -1057,7 +1230,7 @@ where
         let interval = Duration::from_secs_f64(1.0 / rate);
         let mut next = Instant::now();
         let mut sent = 0u64;
-        while start.elapsed() < step {
+        while start.elapsed() < duration {
             send(stamp(100)).await?;
             sent += 1;
             next += interval;
@@ -1076,12 +1249,12 @@ where
         }
         let delivered = count.load(std::sync::atomic::Ordering::Relaxed) - before;
         let cpu = meter.stop()?;
-        let latency = collect();
+        let latency = self.collect();
         let p99 = latency.q(0.99);
         let ok = delivered >= expected * 99 / 100 && p99 < 50_000;
         let s = Step {
             offered: rate * n as f64,
-            delivered_per_s: delivered as f64 / step.as_secs_f64(),
+            delivered_per_s: delivered as f64 / duration.as_secs_f64(),
             p50_us: latency.q(0.5),
             p99_us: p99,
             ok,
@@ -1091,36 +1264,55 @@ where
             datagrams: (procs::udp_datagrams_in() - datagrams_before) as f64
                 / delivered.max(1) as f64,
         };
-        println!(
-            "    offered {:>9.0} deliveries/s: delivered {:>9.0}/s, p50 {:>6} µs, p99 {:>7} µs, CPU per delivery: server {:>5.2} µs, clients {:>5.2} µs, {:.2} datagrams per delivery, UDP drops {} {}",
-            s.offered,
-            s.delivered_per_s,
-            s.p50_us,
-            s.p99_us,
-            s.server_us,
-            s.client_us,
-            s.datagrams,
-            s.drops,
-            if ok { "ok" } else { "over" }
-        );
+        Ok(s)
+    }
+}
+
+impl Drop for FanoutReceivers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Receivers record latency of every delivery; returns per-step results.
+async fn fanout_steps<S, F>(
+    lab: &Lab,
+    receivers: Vec<tokio::sync::mpsc::Receiver<Event>>,
+    raw: Vec<raw::RawClient>,
+    sizes: &Sizes,
+    mut send: S,
+) -> anyhow::Result<Vec<Step>>
+where
+    S: FnMut(Vec<u8>) -> F,
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let n = receivers.len() + raw.len();
+    let receivers = FanoutReceivers::new(receivers, raw);
+    let mut steps = Vec::new();
+    let mut rate = sizes.fanout_start.map_or(50.0, |d| d / n.max(1) as f64);
+    loop {
+        let s = receivers
+            .step(lab, rate, sizes.fanout_step, &mut send)
+            .await?;
+        println!("    {}", s.line());
+        let ok = s.ok;
         steps.push(s);
         if !ok || past_rate_cap(rate) || steps.len() >= sizes.fanout_steps {
             break;
         }
         rate *= 1.5;
     }
-    for t in tasks {
-        t.abort();
-    }
     Ok(steps)
 }
 
 /// Fan-out steps stop past a million messages/s offered per receiver set.
-fn past_rate_cap(rate: f64) -> bool {
+pub(crate) fn past_rate_cap(rate: f64) -> bool {
     rate > 1_000_000.0
 }
 
-fn best(steps: &[Step]) -> f64 {
+pub(crate) fn best(steps: &[Step]) -> f64 {
     steps
         .iter()
         .filter(|s| s.ok)
@@ -1129,7 +1321,7 @@ fn best(steps: &[Step]) -> f64 {
 }
 
 /// The best sustained step, as JSON with the steps.
-fn steps_json(steps: &[Step]) -> Value {
+pub(crate) fn steps_json(steps: &[Step]) -> Value {
     json!({"best": best(steps), "steps": steps.iter().map(Step::json).collect::<Vec<_>>()})
 }
 
@@ -1217,7 +1409,7 @@ async fn fabric_fanout(
 }
 
 /// A fabric client broadcasting `payload` without waiting for the Ack.
-async fn broadcast(publisher: &Client, payload: Vec<u8>) -> anyhow::Result<()> {
+pub(crate) async fn broadcast(publisher: &Client, payload: Vec<u8>) -> anyhow::Result<()> {
     let body = Body::Broadcast {
         payload: Payload::Binary(payload),
     };
@@ -1264,7 +1456,7 @@ async fn raw_fanout_clients(
 
 /// Client endpoints for the raw floors: as many as the library's shared
 /// pool, with the same enlarged socket buffers.
-fn raw_endpoints() -> anyhow::Result<Vec<quinn::Endpoint>> {
+pub(crate) fn raw_endpoints() -> anyhow::Result<Vec<quinn::Endpoint>> {
     (0..quic_fabric::client::shared_pool_size())
         .map(|_| {
             let socket = quic_fabric::udp::bind("127.0.0.1:0".parse()?)?;
@@ -1279,11 +1471,11 @@ fn raw_endpoints() -> anyhow::Result<Vec<quinn::Endpoint>> {
 }
 
 /// Handshakes in flight while opening many connections.
-const IN_FLIGHT: usize = 64;
+pub(crate) const IN_FLIGHT: usize = 64;
 
 /// `n` clients with the library's defaults spread over `addrs`, opened
 /// [`IN_FLIGHT`] at a time; returns their event streams and the clients.
-async fn connect_many(
+pub(crate) async fn connect_many(
     lab: &Lab,
     addrs: &[std::net::SocketAddr],
     n: usize,
@@ -1296,7 +1488,7 @@ async fn connect_many(
 
 /// Runs `open` on every item, [`IN_FLIGHT`] at a time; returns the results
 /// in order.
-async fn open_many<I, T, O, F, E>(items: I, open: O) -> anyhow::Result<Vec<T>>
+pub(crate) async fn open_many<I, T, O, F, E>(items: I, open: O) -> anyhow::Result<Vec<T>>
 where
     I: IntoIterator,
     I::Item: Send + 'static,
