@@ -67,6 +67,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Removes and returns the entries of `pending` whose deadline has passed.
+fn take_expired<K: Copy + Eq + std::hash::Hash, V>(
+    pending: &Mutex<HashMap<K, V>>,
+    deadline: impl Fn(&V) -> Instant,
+) -> Vec<(K, V)> {
+    let now = Instant::now();
+    let mut pending = lock(pending);
+    let keys: Vec<K> = pending
+        .iter()
+        .filter(|(_, p)| deadline(p) <= now)
+        .map(|(k, _)| *k)
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| pending.remove(&k).map(|p| (k, p)))
+        .collect()
+}
+
 impl MessageRouter {
     /// A router for node `node_id` over its local registry and bus. At most
     /// `max_pending` cross-node directs wait for receipts at once, each for
@@ -328,18 +345,7 @@ impl MessageRouter {
     /// Fails deliveries whose receipt did not come in time.
     pub fn expire_deliveries(&self) {
         self.expire_user_deliveries();
-        let now = Instant::now();
-        let expired: Vec<_> = {
-            let mut pending = lock(&self.pending);
-            let keys: Vec<_> = pending
-                .iter()
-                .filter(|(_, p)| p.deadline <= now)
-                .map(|(k, _)| *k)
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| pending.remove(&k).map(|p| (k, p)))
-                .collect()
-        };
+        let expired = take_expired(&self.pending, |p| p.deadline);
         for ((sender, id), p) in expired {
             warn!(%id, node = %p.node, "no delivery receipt in time");
             lock(&self.located).remove(&p.to);
@@ -695,18 +701,7 @@ impl MessageRouter {
     }
 
     fn expire_user_deliveries(&self) {
-        let now = Instant::now();
-        let expired: Vec<_> = {
-            let mut pending = lock(&self.pending_users);
-            let keys: Vec<_> = pending
-                .iter()
-                .filter(|(_, p)| p.deadline <= now)
-                .map(|(k, _)| *k)
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| pending.remove(&k).map(|p| (k, p)))
-                .collect()
-        };
+        let expired = take_expired(&self.pending_users, |p| p.deadline);
         for ((sender, id), p) in expired {
             if let Some(from) = self.registry.get(sender) {
                 from.error(

@@ -553,6 +553,21 @@ impl Client {
         self.live_inner().await.write(frame).await
     }
 
+    /// Sends a request and takes its reply apart with `pick`; a reply of
+    /// another type (`pick` gives `None`) is a protocol error naming
+    /// `expected`.
+    async fn request<T>(
+        &self,
+        priority: Priority,
+        body: Body,
+        expected: &str,
+        pick: impl FnOnce(Body) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let reply = self.submit(priority, body).await?.wait().await?.body;
+        let got = reply.name();
+        pick(reply).ok_or_else(|| ClientError::Protocol(format!("expected {expected}, got {got}")))
+    }
+
     async fn acked(&self, priority: Priority, body: Body) -> Result<MessageId, ClientError> {
         let pending = self.submit(priority, body).await?;
         let id = pending.id();
@@ -605,22 +620,19 @@ impl Client {
             channel: channel.to_owned(),
             events,
         };
-        match self
-            .submit(Priority::Normal, body)
-            .await?
-            .wait()
-            .await?
-            .body
-        {
-            Body::SubscribeAck { subscribers, .. } => {
-                lock(&self.state.subscriptions).insert(channel.to_owned(), events);
-                Ok(subscribers)
-            }
-            other => Err(ClientError::Protocol(format!(
-                "expected SubscribeAck, got {}",
-                other.name()
-            ))),
-        }
+        let subscribers = self
+            .request(
+                Priority::Normal,
+                body,
+                "SubscribeAck",
+                |reply| match reply {
+                    Body::SubscribeAck { subscribers, .. } => Some(subscribers),
+                    _ => None,
+                },
+            )
+            .await?;
+        lock(&self.state.subscriptions).insert(channel.to_owned(), events);
+        Ok(subscribers)
     }
 
     /// Leaves `channel`.
@@ -661,21 +673,13 @@ impl Client {
         let body = Body::PresenceRequest {
             channel: channel.to_owned(),
         };
-        match self
-            .submit(Priority::Normal, body)
-            .await?
-            .wait()
-            .await?
-            .body
-        {
+        self.request(Priority::Normal, body, "Presence", |reply| match reply {
             Body::Presence {
                 members, truncated, ..
-            } => Ok((members, truncated)),
-            other => Err(ClientError::Protocol(format!(
-                "expected Presence, got {}",
-                other.name()
-            ))),
-        }
+            } => Some((members, truncated)),
+            _ => None,
+        })
+        .await
     }
 
     /// Delivers `payload` to every connection of `user`, on every node;
@@ -697,21 +701,14 @@ impl Client {
 
     /// The clients the node knows, and whether the list was cut short.
     pub async fn list(&self) -> Result<(Vec<ClientInfo>, bool), ClientError> {
-        match self
-            .submit(Priority::Normal, Body::ListClients)
-            .await?
-            .wait()
-            .await?
-            .body
-        {
+        let body = Body::ListClients;
+        self.request(Priority::Normal, body, "ClientList", |reply| match reply {
             Body::ClientList {
                 clients, truncated, ..
-            } => Ok((clients, truncated)),
-            other => Err(ClientError::Protocol(format!(
-                "expected ClientList, got {}",
-                other.name()
-            ))),
-        }
+            } => Some((clients, truncated)),
+            _ => None,
+        })
+        .await
     }
 
     /// Application-level round trip: Ping to Pong.
@@ -734,19 +731,12 @@ impl Client {
 
     /// The node's counters.
     pub async fn stats(&self) -> Result<NodeStats, ClientError> {
-        match self
-            .submit(Priority::Normal, Body::StatsRequest)
-            .await?
-            .wait()
-            .await?
-            .body
-        {
-            Body::Stats { stats, .. } => Ok(stats),
-            other => Err(ClientError::Protocol(format!(
-                "expected Stats, got {}",
-                other.name()
-            ))),
-        }
+        let body = Body::StatsRequest;
+        self.request(Priority::Normal, body, "Stats", |reply| match reply {
+            Body::Stats { stats, .. } => Some(stats),
+            _ => None,
+        })
+        .await
     }
 
     /// The next incoming event; `None` after `Event::Closed` was returned.
