@@ -23,7 +23,7 @@ use crate::bus::{Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, Publish
 use crate::channels::Channels;
 use crate::outbound::EnqueueError;
 use crate::protocol::{self, Body, ClientId, Frame, MessageId, NodeId, Priority, error_code, tag};
-use crate::registry::{ClientHandle, Registry};
+use crate::registry::{BroadcastCount, ClientHandle, Registry};
 use crate::stats::Stats;
 
 /// Most client→node lookups kept; the cache is cleared when it fills.
@@ -133,31 +133,7 @@ impl MessageRouter {
             .delivery_local
             .observe(started.elapsed().as_secs_f64());
         let local = count.delivered;
-        if count.node_busy > 0 {
-            // Nothing lost silently: the sender learns that some missed it.
-            return from.error(
-                priority,
-                Some(id),
-                error_code::SERVER_BUSY,
-                format!(
-                    "delivered to {local} clients on this node; {} missed it because the node's queues are full (not sent to other nodes)",
-                    count.node_busy
-                ),
-            );
-        }
-        if !self.bus.clustered() {
-            from.ack(priority, id);
-            return;
-        }
-        if !self.bus.available() {
-            from.error(
-                priority,
-                Some(id),
-                error_code::CLUSTER_UNAVAILABLE,
-                format!(
-                    "delivered to {local} clients on this node only: the cluster bus is unavailable"
-                ),
-            );
+        if !self.goes_on(from, id, priority, count, "clients") {
             return;
         }
         let message = BusMessage::Broadcast {
@@ -170,6 +146,50 @@ impl MessageRouter {
             message,
             Some(answer_broadcast(from.clone(), id, priority, local)),
         );
+    }
+
+    /// After a message from `from` was queued locally (`count`; `whom`
+    /// names the recipients in messages): whether it goes on to the other
+    /// nodes. If not, the sender is answered here: SERVER_BUSY when local
+    /// recipients missed it (nothing lost silently; it is not sent on),
+    /// Ack on a lone node, CLUSTER_UNAVAILABLE when the bus is down.
+    fn goes_on(
+        &self,
+        from: &ClientHandle,
+        id: MessageId,
+        priority: Priority,
+        count: BroadcastCount,
+        whom: &str,
+    ) -> bool {
+        let local = count.delivered;
+        if count.node_busy > 0 {
+            from.error(
+                priority,
+                Some(id),
+                error_code::SERVER_BUSY,
+                format!(
+                    "delivered to {local} {whom} on this node; {} missed it because the node's queues are full (not sent to other nodes)",
+                    count.node_busy
+                ),
+            );
+            return false;
+        }
+        if !self.bus.clustered() {
+            from.ack(priority, id);
+            return false;
+        }
+        if !self.bus.available() {
+            from.error(
+                priority,
+                Some(id),
+                error_code::CLUSTER_UNAVAILABLE,
+                format!(
+                    "delivered to {local} {whom} on this node only: the cluster bus is unavailable"
+                ),
+            );
+            return false;
+        }
+        true
     }
 
     /// Delivers a direct message from `from` to `to`, wherever it is, and
@@ -384,29 +404,8 @@ impl MessageRouter {
             .delivery_local
             .observe(started.elapsed().as_secs_f64());
         let local = count.delivered;
-        if count.node_busy > 0 {
-            return from.error(
-                priority,
-                Some(id),
-                error_code::SERVER_BUSY,
-                format!(
-                    "delivered to {local} subscribers on this node; {} missed it because the node's queues are full (not sent to other nodes)",
-                    count.node_busy
-                ),
-            );
-        }
-        if !self.bus.clustered() {
-            return from.ack(priority, id);
-        }
-        if !self.bus.available() {
-            return from.error(
-                priority,
-                Some(id),
-                error_code::CLUSTER_UNAVAILABLE,
-                format!(
-                    "delivered to {local} subscribers on this node only: the cluster bus is unavailable"
-                ),
-            );
+        if !self.goes_on(from, id, priority, count, "subscribers") {
+            return;
         }
         let message = BusMessage::Publication {
             origin: self.node_id,
