@@ -32,7 +32,41 @@ struct Subscriber {
 #[derive(Default)]
 struct State {
     channels: HashMap<Arc<str>, HashMap<ClientId, Subscriber>>,
+    /// How many subscribers of each channel want events (absent: none).
+    eventful: HashMap<Arc<str>, usize>,
     by_client: HashMap<ClientId, HashSet<Arc<str>>>,
+}
+
+impl State {
+    fn counts(&self, channel: &str) -> Counts {
+        Counts {
+            subscribers: self.channels.get(channel).map_or(0, HashMap::len),
+            events: self.eventful.get(channel).copied().unwrap_or(0),
+        }
+    }
+
+    /// One more (`up`) or one fewer subscriber of `channel` wants events.
+    fn count_events(&mut self, channel: &Arc<str>, up: bool) {
+        let count = self.eventful.entry(channel.clone()).or_default();
+        if up {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.eventful.remove(channel);
+            }
+        }
+    }
+}
+
+/// A channel's local subscribers: all of them, and those that want Join
+/// and Leave events. What the node takes from the cluster follows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Subscribers.
+    pub subscribers: usize,
+    /// Subscribers that want events.
+    pub events: usize,
 }
 
 /// What [`Channels::add`] did.
@@ -151,88 +185,93 @@ impl Channels {
             .is_some_and(|set| set.contains(channel))
     }
 
-    /// Subscribes `client` to `channel`. `changed(first, count)` runs under
-    /// the lock with whether the channel is new here and its local
-    /// subscriber count, so bus writes stay in the order of the changes.
+    /// Subscribes `client` to `channel`, or updates its `events` choice.
+    /// `changed(before, after)` runs under the lock with the channel's
+    /// local counts before and after, so bus writes stay in the order of
+    /// the changes.
     pub fn add(
         &self,
         client: &Arc<ClientHandle>,
         channel: &str,
         events: bool,
-        changed: impl FnOnce(bool, usize),
+        changed: impl FnOnce(Counts, Counts),
     ) -> Result<Added, Refusal> {
         let mut state = self.write();
-        let State {
-            channels,
-            by_client,
-        } = &mut *state;
-        let mine = by_client.entry(client.id()).or_default();
-        if mine.contains(channel) {
-            if let Some(sub) = channels
+        let state = &mut *state;
+        let before = state.counts(channel);
+        let mine = state.by_client.entry(client.id()).or_default();
+        if let Some(name) = mine.get(channel).cloned() {
+            let sub = state
+                .channels
                 .get_mut(channel)
-                .and_then(|subs| subs.get_mut(&client.id()))
+                .and_then(|subs| subs.get_mut(&client.id()));
+            if let Some(sub) = sub
+                && sub.events != events
             {
                 sub.events = events;
+                state.count_events(&name, events);
+                changed(before, state.counts(channel));
             }
             return Ok(Added::Again);
         }
         if mine.len() >= self.max_subscriptions {
             let max = self.max_subscriptions;
             if mine.is_empty() {
-                by_client.remove(&client.id());
+                state.by_client.remove(&client.id());
             }
             return Err((
                 error_code::TOO_MANY_SUBSCRIPTIONS,
                 format!("already subscribed to {max} channels, the most a client may have"),
             ));
         }
-        let name: Arc<str> = match channels.get_key_value(channel) {
+        let name: Arc<str> = match state.channels.get_key_value(channel) {
             Some((name, _)) => name.clone(),
             None => Arc::from(channel),
         };
         mine.insert(name.clone());
-        let subs = channels.entry(name).or_default();
-        let first = subs.is_empty();
-        subs.insert(
+        state.channels.entry(name.clone()).or_default().insert(
             client.id(),
             Subscriber {
                 handle: client.clone(),
                 events,
             },
         );
-        let count = subs.len();
-        changed(first, count);
-        Ok(Added::New { count })
+        if events {
+            state.count_events(&name, true);
+        }
+        let after = state.counts(channel);
+        changed(before, after);
+        Ok(Added::New {
+            count: after.subscribers,
+        })
     }
 
-    /// Unsubscribes client `id` from `channel`. `changed(remaining)` runs
-    /// under the lock with the channel's local subscribers left. Returns
-    /// the client's info if it was subscribed.
+    /// Unsubscribes client `id` from `channel`. `changed(before, after)`
+    /// runs under the lock with the channel's local counts. Returns the
+    /// client's info if it was subscribed.
     pub fn remove(
         &self,
         id: ClientId,
         channel: &str,
-        changed: impl FnOnce(usize),
+        changed: impl FnOnce(Counts, Counts),
     ) -> Option<ClientInfo> {
         let mut state = self.write();
-        let State {
-            channels,
-            by_client,
-        } = &mut *state;
-        let mine = by_client.get_mut(&id)?;
-        if !mine.remove(channel) {
-            return None;
-        }
+        let state = &mut *state;
+        let before = state.counts(channel);
+        let mine = state.by_client.get_mut(&id)?;
+        let name = mine.take(channel)?;
         if mine.is_empty() {
-            by_client.remove(&id);
+            state.by_client.remove(&id);
         }
-        let subs = channels.get_mut(channel)?;
+        let subs = state.channels.get_mut(channel)?;
         let removed = subs.remove(&id)?;
-        let remaining = subs.len();
-        if remaining == 0 {
-            channels.remove(channel);
+        if subs.is_empty() {
+            state.channels.remove(channel);
         }
-        changed(remaining);
+        if removed.events {
+            state.count_events(&name, false);
+        }
+        changed(before, state.counts(channel));
         Some(removed.handle.info.clone())
     }
 

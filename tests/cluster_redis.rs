@@ -65,13 +65,24 @@ async fn a_killed_node_leaves_presence_within_its_ttl_and_gets_nothing_routed() 
     cluster.finish().await;
 }
 
-/// How many nodes subscribe to fabric channel `channel` in Redis.
+/// How many nodes subscribe to fabric channel `channel`'s publications in
+/// Redis.
 async fn channel_subscribers(url: &str, channel: &str) -> i64 {
+    numsub(url, &format!("fabric:ch:chan:{channel}")).await
+}
+
+/// How many nodes subscribe to fabric channel `channel`'s Join and Leave
+/// events in Redis.
+async fn event_subscribers(url: &str, channel: &str) -> i64 {
+    numsub(url, &format!("fabric:ch:chan-events:{channel}")).await
+}
+
+async fn numsub(url: &str, name: &str) -> i64 {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
         .arg("NUMSUB")
-        .arg(format!("fabric:ch:chan:{channel}"))
+        .arg(name)
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -128,10 +139,30 @@ async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_traffic() 
     assert_eq!(after[1] - before[1], COUNT, "n2 gets each once");
     assert_eq!(after[2] - before[2], 0, "n3 has no subscriber: no traffic");
 
+    // Join and Leave events go only to nodes with a subscriber that asked
+    // for them: none so far, then n1 once s1 asks.
+    assert_eq!(event_subscribers(url, "room").await, 0);
+    s1.subscribe("room", true).await.unwrap();
+    assert_eq!(event_subscribers(url, "room").await, 1);
+    let before = [received(n1), received(n2), received(n3)];
+    let joiner = n3.connect("joiner").await;
+    joiner.subscribe("room", false).await.unwrap();
+    let joined = next_matching(&mut s1, |f| matches!(f.body, Body::Join { .. })).await;
+    assert!(matches!(joined.body, Body::Join { member, .. } if member.name == "joiner"));
+    let after = [received(n1), received(n2), received(n3)];
+    assert_eq!(
+        after[0] - before[0],
+        1,
+        "n1 takes the Join its subscriber wants"
+    );
+    assert_eq!(after[1] - before[1], 0, "n2's subscriber wants no events");
+    joiner.close("bye").await;
+    next_matching(&mut s1, |f| matches!(f.body, Body::Leave { .. })).await;
+
     // The last local subscriber leaving unsubscribes its node.
     s1.unsubscribe("room").await.unwrap();
     eventually(WAIT, "n1 unsubscribed from Redis", || async {
-        channel_subscribers(url, "room").await == 1
+        channel_subscribers(url, "room").await == 1 && event_subscribers(url, "room").await == 0
     })
     .await;
     s2.close("bye").await;

@@ -9,15 +9,16 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc;
 
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, Landed, PublishDone, Target, sort_and_cut,
+    BusError, BusMessage, ClusterBus, ClusterEventSender, Feed, Landed, PublishDone, Target,
+    sort_and_cut,
 };
 use crate::protocol::{ClientId, ClientInfo, NodeId};
 
 struct Member {
     inbox: ClusterEventSender,
     clients: HashMap<ClientId, ClientInfo>,
-    /// Channels whose publications this node wants.
-    wanted: HashSet<String>,
+    /// Channel feeds this node wants.
+    wanted: HashSet<(Feed, String)>,
     /// Subscribers per channel.
     subscribers: HashMap<String, usize>,
     /// Channel presence: members per channel.
@@ -167,13 +168,15 @@ impl ClusterBus for MemoryBus {
                 Some(_) => Err(BusError::NotListening(node)),
             },
             Target::Channel => {
-                let channel = match &message {
-                    BusMessage::Publication { channel, .. } => channel.as_str(),
-                    _ => "",
+                let wanted = match &message {
+                    BusMessage::Publication { channel, event, .. } => {
+                        (Feed::of(*event), channel.clone())
+                    }
+                    _ => (Feed::Publications, String::new()),
                 };
                 Ok(members
                     .iter()
-                    .filter(|(node, m)| **node != self.node_id && m.wanted.contains(channel))
+                    .filter(|(node, m)| **node != self.node_id && m.wanted.contains(&wanted))
                     .filter(|(node, member)| self.deliver(member, **node, message.clone()))
                     .count())
             }
@@ -188,17 +191,18 @@ impl ClusterBus for MemoryBus {
         self.cluster.write().remove(&self.node_id);
     }
 
-    fn want_channel(&self, channel: &str, wanted: bool) {
+    fn want_channel(&self, channel: &str, feed: Feed, wanted: bool) {
         self.with_me(|me| {
+            let key = (feed, channel.to_owned());
             if wanted {
-                me.wanted.insert(channel.to_owned());
+                me.wanted.insert(key);
             } else {
-                me.wanted.remove(channel);
+                me.wanted.remove(&key);
             }
         });
     }
 
-    async fn channel_sync(&self, _channel: &str) -> Result<(), BusError> {
+    async fn channel_sync(&self, _channel: &str, _feed: Feed) -> Result<(), BusError> {
         Ok(())
     }
 

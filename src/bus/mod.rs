@@ -188,7 +188,7 @@ pub enum Target {
     /// One node.
     Node(NodeId),
     /// The nodes subscribed to the channel of the [`BusMessage::Publication`]
-    /// published.
+    /// published, on its [`Feed`].
     Channel,
 }
 
@@ -223,6 +223,28 @@ pub struct LocalChannel {
     pub subscribers: usize,
     /// Its members on this node, when its namespace keeps presence.
     pub members: Option<Vec<ClientInfo>>,
+}
+
+/// A channel's two kinds of traffic, which nodes take separately: a node
+/// takes a channel's Join and Leave events only while one of its
+/// subscribers asked for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feed {
+    /// Publications (a client's or the server's).
+    Publications,
+    /// Join and Leave events.
+    Events,
+}
+
+impl Feed {
+    /// The feed a [`BusMessage::Publication`] travels on.
+    pub fn of(event: bool) -> Feed {
+        if event {
+            Feed::Events
+        } else {
+            Feed::Publications
+        }
+    }
 }
 
 /// Completes when a presence write reached the shared store (`None`: it
@@ -281,14 +303,19 @@ pub trait ClusterBus: Send + Sync {
     /// background work.
     fn leave(&self) -> impl Future<Output = ()> + Send;
 
-    /// Sets whether this node wants `channel`'s publications (it has local
-    /// subscribers); [`ClusterBus::channel_sync`] makes it so.
-    fn want_channel(&self, channel: &str, wanted: bool);
+    /// Sets whether this node wants `feed` of `channel` (it has local
+    /// subscribers, that want events for [`Feed::Events`]);
+    /// [`ClusterBus::channel_sync`] makes it so.
+    fn want_channel(&self, channel: &str, feed: Feed, wanted: bool);
 
-    /// Brings this node's subscription to `channel` in line with what is
-    /// wanted. `Ok` for a wanted channel means publications from any node
-    /// reach this one from now on.
-    fn channel_sync(&self, channel: &str) -> impl Future<Output = Result<(), BusError>> + Send;
+    /// Brings this node's subscription to `feed` of `channel` in line with
+    /// what is wanted. `Ok` for a wanted feed means what any node sends
+    /// on it reaches this one from now on.
+    fn channel_sync(
+        &self,
+        channel: &str,
+        feed: Feed,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
 
     /// Records that `info` is a member of `channel` (channel presence), in
     /// order with this node's other writes.
@@ -380,12 +407,12 @@ impl ClusterBus for Bus {
         dispatch!(self, b => b.leave().await)
     }
 
-    fn want_channel(&self, channel: &str, wanted: bool) {
-        dispatch!(self, b => b.want_channel(channel, wanted))
+    fn want_channel(&self, channel: &str, feed: Feed, wanted: bool) {
+        dispatch!(self, b => b.want_channel(channel, feed, wanted))
     }
 
-    async fn channel_sync(&self, channel: &str) -> Result<(), BusError> {
-        dispatch!(self, b => b.channel_sync(channel).await)
+    async fn channel_sync(&self, channel: &str, feed: Feed) -> Result<(), BusError> {
+        dispatch!(self, b => b.channel_sync(channel, feed).await)
     }
 
     fn channel_member_joined(&self, channel: &str, info: &ClientInfo) -> Landed {

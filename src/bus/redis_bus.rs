@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::confirm::{Answer, Arrival, Incoming, Outgoing};
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, Landed, LocalPresence, PublishDone,
+    BusError, BusMessage, ClusterBus, ClusterEventSender, Feed, Landed, LocalPresence, PublishDone,
     Target, sort_and_cut,
 };
 use crate::protocol::codec::{decode_value, encode_value};
@@ -108,10 +108,22 @@ impl Keys {
     pub fn node_channel(&self, node: NodeId) -> String {
         format!("{}:ch:node:{node}", self.prefix)
     }
-    /// Pub/sub channel of a fabric channel: only nodes with subscribers of
-    /// it subscribe.
+    /// Pub/sub channel of a fabric channel's publications: only nodes with
+    /// subscribers of it subscribe.
     pub fn channel(&self, channel: &str) -> String {
         format!("{}:ch:chan:{channel}", self.prefix)
+    }
+    /// Pub/sub channel of a fabric channel's Join and Leave events: only
+    /// nodes with subscribers of it that want events subscribe.
+    pub fn channel_events(&self, channel: &str) -> String {
+        format!("{}:ch:chan-events:{channel}", self.prefix)
+    }
+    /// The pub/sub channel of `feed` of fabric channel `channel`.
+    pub fn feed(&self, channel: &str, feed: Feed) -> String {
+        match feed {
+            Feed::Publications => self.channel(channel),
+            Feed::Events => self.channel_events(channel),
+        }
     }
     /// HASH client id → ClientInfo of a channel's members on a node, with
     /// TTL (channel presence).
@@ -388,9 +400,9 @@ struct Inner {
     incoming: Mutex<Incoming>,
     /// An `Op::Confirms` is queued.
     confirms_queued: AtomicBool,
-    /// Fabric channels this node wants (it has local subscribers).
+    /// Pub/sub channels of fabric channel feeds this node wants.
     wanted: Mutex<HashSet<String>>,
-    /// Fabric channels the current subscription connection subscribes to.
+    /// Those the current subscription connection subscribes to.
     have: Mutex<HashSet<String>>,
     /// The current subscription connection's command half.
     sink: Mutex<Option<redis::aio::PubSubSink>>,
@@ -867,7 +879,9 @@ impl ClusterBus for RedisBus {
             ),
             Target::Channel => {
                 let channel = match &message {
-                    BusMessage::Publication { channel, .. } => self.inner.keys.channel(channel),
+                    BusMessage::Publication { channel, event, .. } => {
+                        self.inner.keys.feed(channel, Feed::of(*event))
+                    }
                     other => {
                         warn!(?other, "only publications go to channels; dropped");
                         return;
@@ -915,20 +929,22 @@ impl ClusterBus for RedisBus {
         self.inner.cancel.cancel();
     }
 
-    fn want_channel(&self, channel: &str, wanted: bool) {
+    fn want_channel(&self, channel: &str, feed: Feed, wanted: bool) {
+        let name = self.inner.keys.feed(channel, feed);
         let mut set = lock(&self.inner.wanted);
         if wanted {
-            set.insert(channel.to_owned());
+            set.insert(name);
         } else {
-            set.remove(channel);
+            set.remove(&name);
         }
     }
 
-    async fn channel_sync(&self, channel: &str) -> Result<(), BusError> {
+    async fn channel_sync(&self, channel: &str, feed: Feed) -> Result<(), BusError> {
         let inner = &self.inner;
+        let name = inner.keys.feed(channel, feed);
         let _turn = inner.channel_turn.lock().await;
-        let want = lock(&inner.wanted).contains(channel);
-        if want == lock(&inner.have).contains(channel) {
+        let want = lock(&inner.wanted).contains(&name);
+        if want == lock(&inner.have).contains(&name) {
             return Ok(());
         }
         let Some(mut sink) = lock(&inner.sink).clone() else {
@@ -942,7 +958,6 @@ impl ClusterBus for RedisBus {
                 Ok(())
             };
         };
-        let name = inner.keys.channel(channel);
         let change = async {
             if want {
                 sink.subscribe(&name).await
@@ -954,9 +969,9 @@ impl ClusterBus for RedisBus {
             Ok(Ok(())) => {
                 let mut have = lock(&inner.have);
                 if want {
-                    have.insert(channel.to_owned());
+                    have.insert(name);
                 } else {
-                    have.remove(channel);
+                    have.remove(&name);
                 }
                 Ok(())
             }
@@ -1749,8 +1764,7 @@ async fn subscriber(inner: Arc<Inner>) {
             let turn = inner.channel_turn.lock().await;
             let wanted: Vec<String> = lock(&inner.wanted).iter().cloned().collect();
             for chunk in wanted.chunks(1000) {
-                let names: Vec<String> = chunk.iter().map(|c| inner.keys.channel(c)).collect();
-                sink.subscribe(names).await?;
+                sink.subscribe(chunk).await?;
             }
             *lock(&inner.have) = wanted.into_iter().collect();
             *lock(&inner.sink) = Some(sink.clone());

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Node;
-use crate::bus::{BusError, BusMessage, ClusterBus, PublishDone, Target};
-use crate::channels::{Added, Channels, Refusal};
+use crate::bus::{BusError, BusMessage, ClusterBus, Feed, PublishDone, Target};
+use crate::channels::{Added, Channels, Counts, Refusal};
 use crate::protocol::{
     self, Body, ClientId, Frame, MessageId, NodeId, Payload, Priority, error_code,
 };
@@ -34,40 +34,44 @@ impl Node {
             return refuse(refusal);
         }
         let bus = self.bus();
+        let mut flipped = Vec::new();
         let added = self
             .channels()
-            .add(client, &channel, events, |first, count| {
-                if first {
-                    bus.want_channel(&channel, true);
-                }
-                bus.channel_subscribers(&channel, count);
+            .add(client, &channel, events, |before, after| {
+                flipped = self.follow_counts(&channel, namespace.join_leave, before, after);
             });
-        match added {
+        let added = match added {
             Err(refusal) => return refuse(refusal),
-            Ok(Added::Again) => {}
-            Ok(Added::New { .. }) => {
-                if let Err(err) = bus.channel_sync(&channel).await {
+            Ok(added) => added,
+        };
+        // Feeds this node now takes: in place before the answer.
+        for (feed, wanted) in flipped {
+            if !wanted {
+                self.sync_later(&channel, feed);
+                continue;
+            }
+            if let Err(err) = bus.channel_sync(&channel, feed).await {
+                if matches!(added, Added::New { .. }) {
                     self.drop_subscription(client.id(), &channel, false);
-                    return client.error(
-                        priority,
-                        Some(id),
-                        error_code::CLUSTER_UNAVAILABLE,
-                        format!("cannot subscribe to {channel}: {err}"),
-                    );
                 }
-                if namespace.presence {
-                    let landed = self
-                        .channels()
-                        .while_subscribed(client.id(), &channel, || {
-                            bus.channel_member_joined(&channel, &client.info)
-                        })
-                        .flatten();
-                    if let Some(landed) = landed {
-                        let wait = self.config().redis_response_timeout * 2;
-                        let _ =
-                            tokio::time::timeout(wait.max(Duration::from_secs(1)), landed).await;
-                    }
-                }
+                return client.error(
+                    priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    format!("cannot subscribe to {channel}: {err}"),
+                );
+            }
+        }
+        if namespace.presence && matches!(added, Added::New { .. }) {
+            let landed = self
+                .channels()
+                .while_subscribed(client.id(), &channel, || {
+                    bus.channel_member_joined(&channel, &client.info)
+                })
+                .flatten();
+            if let Some(landed) = landed {
+                let wait = self.config().redis_response_timeout * 2;
+                let _ = tokio::time::timeout(wait.max(Duration::from_secs(1)), landed).await;
             }
         }
         let subscribers = if namespace.presence {
@@ -86,7 +90,7 @@ impl Node {
         // Not if an Unsubscribe (on another stream) ended it meanwhile:
         // its Leave went out already.
         let still = self.channels().is_subscribed(client.id(), &channel);
-        if still && namespace.join_leave && matches!(added, Ok(Added::New { .. })) {
+        if still && namespace.join_leave && matches!(added, Added::New { .. }) {
             self.router().channel_event(
                 &channel,
                 Body::Join {
@@ -107,20 +111,12 @@ impl Node {
         };
         let namespace = namespace.clone();
         let bus = self.bus();
-        let removed = self.channels().remove(id, channel, |remaining| {
+        let removed = self.channels().remove(id, channel, |before, after| {
             if namespace.presence {
                 bus.channel_member_left(channel, id);
             }
-            bus.channel_subscribers(channel, remaining);
-            if remaining == 0 {
-                bus.want_channel(channel, false);
-                let bus = self.bus_handle();
-                let channel = channel.to_owned();
-                tokio::spawn(async move {
-                    if let Err(err) = bus.channel_sync(&channel).await {
-                        tracing::debug!(%err, channel, "unsubscribe from Redis failed; the reconnect drops it");
-                    }
-                });
+            for (feed, _) in self.follow_counts(channel, namespace.join_leave, before, after) {
+                self.sync_later(channel, feed);
             }
         });
         let Some(member) = removed else {
@@ -137,6 +133,56 @@ impl Node {
             );
         }
         true
+    }
+
+    /// Follows a change of a channel's local counts on the bus: its
+    /// subscriber count, and which feeds this node takes (publications
+    /// while it has subscribers, events while one of them wants events and
+    /// the namespace sends them). Returns the feeds whose want flipped,
+    /// and to what. Runs under the channels' lock.
+    fn follow_counts(
+        &self,
+        channel: &str,
+        join_leave: bool,
+        before: Counts,
+        after: Counts,
+    ) -> Vec<(Feed, bool)> {
+        let bus = self.bus();
+        if before.subscribers != after.subscribers {
+            bus.channel_subscribers(channel, after.subscribers);
+        }
+        let feeds = [
+            (
+                Feed::Publications,
+                before.subscribers > 0,
+                after.subscribers > 0,
+            ),
+            (
+                Feed::Events,
+                join_leave && before.events > 0,
+                join_leave && after.events > 0,
+            ),
+        ];
+        let mut flipped = Vec::new();
+        for (feed, was, is) in feeds {
+            if was != is {
+                bus.want_channel(channel, feed, is);
+                flipped.push((feed, is));
+            }
+        }
+        flipped
+    }
+
+    /// Brings a feed's Redis subscription in line in the background (an
+    /// unsubscription nobody waits for).
+    fn sync_later(&self, channel: &str, feed: Feed) {
+        let bus = self.bus_handle();
+        let channel = channel.to_owned();
+        tokio::spawn(async move {
+            if let Err(err) = bus.channel_sync(&channel, feed).await {
+                tracing::debug!(%err, channel, ?feed, "channel subscription change failed; the reconnect makes it");
+            }
+        });
     }
 
     /// Unsubscribes a client that left from all its channels.
