@@ -146,7 +146,14 @@ struct Page {
     limit: Option<usize>,
 }
 
-async fn clients(State(node): State<Arc<Node>>, Query(page): Query<Page>) -> Response {
+async fn clients(
+    State(node): State<Arc<Node>>,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Response {
+    let page = match query(page) {
+        Ok(page) => page,
+        Err(err) => return err.into_response(),
+    };
     let limit = page.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return error(
@@ -301,10 +308,10 @@ fn client_id(id: &str) -> Result<ClientId, HttpError> {
 async fn kick(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
-    Query(query): Query<ReasonQuery>,
+    given: Result<Query<ReasonQuery>, QueryRejection>,
 ) -> Result<Response, HttpError> {
     let id = client_id(&id)?;
-    let reason = reason(query.reason, "disconnected by an operator")?;
+    let reason = reason(query(given)?.reason, "disconnected by an operator")?;
     Ok(match node.kick(id, &reason).await {
         Ok(Kick::Local) => Json(json!({
             "client_id": id.to_string(),

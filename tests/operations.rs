@@ -187,6 +187,10 @@ async fn admin_api_lists_broadcasts_and_disconnects() {
             .status,
         400
     );
+    // A query that does not parse is a JSON error too, not plain text.
+    let bad = http(admin, "GET", "/clients?limit=x", Some(TOKEN), None).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].is_string(), "{bad:?}");
 
     let nodes = http(admin, "GET", "/nodes", Some(TOKEN), None).await.json();
     assert_eq!(nodes["nodes"][0]["clients"], 3);

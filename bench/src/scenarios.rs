@@ -728,6 +728,12 @@ async fn saturate(
     let mut acks = std::collections::VecDeque::new();
     while Instant::now() < deadline {
         while sent - received.load(Ordering::Relaxed) >= RATE_WINDOW {
+            // Bounded: a lost delivery must end the run, not spin forever.
+            anyhow::ensure!(
+                Instant::now() < deadline + Duration::from_secs(10),
+                "deliveries stopped: {} of {sent} received 10 s after the window",
+                received.load(Ordering::Relaxed)
+            );
             tokio::task::yield_now().await;
         }
         acks.push_back(
