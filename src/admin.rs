@@ -358,17 +358,34 @@ fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
         .map_err(|r| HttpError::bad(r.body_text()))
 }
 
-async fn channels(State(node): State<Arc<Node>>) -> Result<Response, HttpError> {
+async fn channels(
+    State(node): State<Arc<Node>>,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<Response, HttpError> {
+    let page = query(page)?;
+    let limit = page.limit.unwrap_or(MAX_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(HttpError::bad(format!("limit must be 1..={MAX_PAGE}")));
+    }
     let channels = node
         .bus()
         .channels()
         .await
         .map_err(|err| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, err))?;
-    let channels: Vec<Value> = channels
+    let end = page.offset.saturating_add(limit);
+    let listed: Vec<Value> = channels
         .iter()
+        .skip(page.offset)
+        .take(limit)
         .map(|(channel, subscribers)| json!({ "channel": channel, "subscribers": subscribers }))
         .collect();
-    Ok(Json(json!({ "channels": channels })).into_response())
+    Ok(Json(json!({
+        "channels": listed,
+        "offset": page.offset,
+        "limit": limit,
+        "next_offset": (channels.len() > end).then_some(end),
+    }))
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -446,8 +446,27 @@ async fn admin_api_lists_channels_and_their_members() {
             {"channel": ROOM, "subscribers": 2},
             {"channel": "lobby", "subscribers": 1},
             {"channel": "quiet:corner", "subscribers": 1},
-        ]})
+        ], "offset": 0, "limit": 1000, "next_offset": null})
     );
+    // A page at a time.
+    let first = http(admin, "GET", "/channels?limit=2", Some(TOKEN), None)
+        .await
+        .json();
+    assert_eq!(first["channels"].as_array().unwrap().len(), 2);
+    assert_eq!(first["next_offset"], 2);
+    let rest = http(
+        admin,
+        "GET",
+        "/channels?offset=2&limit=2",
+        Some(TOKEN),
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(rest["channels"][0]["channel"], "quiet:corner");
+    assert_eq!(rest["next_offset"], serde_json::Value::Null);
+    let bad = http(admin, "GET", "/channels?limit=0", Some(TOKEN), None).await;
+    assert_eq!(bad.status, 400);
 
     // The percent-encoded segment is the channel's real name.
     let presence = http(
