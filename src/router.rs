@@ -43,8 +43,8 @@ struct PendingUser {
     user: String,
     /// Nodes that have not answered yet.
     remaining: usize,
-    /// Connections that missed it because their node's queues were full.
-    busy: u32,
+    /// What the answers so far reached (nothing delivered yet).
+    reach: Reach,
     priority: Priority,
     deadline: Instant,
 }
@@ -495,27 +495,29 @@ impl MessageRouter {
     /// (a version-1 connection gets it as a Direct addressed to itself).
     /// Returns how many got it and how many missed it for lack of queue
     /// memory.
-    fn deliver_to_user(&self, user: &str, priority: Priority, frame: &Bytes) -> (u32, u32) {
-        let (mut delivered, mut busy) = (0, 0);
+    fn deliver_to_user(&self, user: &str, priority: Priority, frame: &Bytes) -> Reach {
+        let mut reach = Reach::default();
         for target in self.registry.of_user(user) {
-            let bytes = if target.access.version >= protocol::CHANNELS_VERSION {
+            let current = target.access.version >= protocol::CHANNELS_VERSION;
+            let bytes = if current {
                 Some(frame.clone())
             } else {
                 as_direct(frame, target.id())
             };
             let Some(bytes) = bytes else { continue };
-            let tag = if target.access.version >= protocol::CHANNELS_VERSION {
+            let tag = if current {
                 tag::USER_DIRECT
             } else {
                 tag::DIRECT
             };
             match target.enqueue(priority, tag, bytes) {
-                Ok(()) => delivered += 1,
-                Err(EnqueueError::NodeBusy) => busy += 1,
-                Err(_) => {}
+                Ok(()) => reach.delivered += 1,
+                Err(EnqueueError::NodeBusy) => reach.busy += 1,
+                Err(EnqueueError::SlowConsumer) => reach.slow += 1,
+                Err(EnqueueError::Closed) => {}
             }
         }
-        (delivered, busy)
+        reach
     }
 
     /// Delivers a UserDirect from `from` to every connection of `user` in
@@ -529,7 +531,8 @@ impl MessageRouter {
         priority: Priority,
         frame: Bytes,
     ) {
-        let (local, mut busy) = self.deliver_to_user(user, priority, &frame);
+        let here = self.deliver_to_user(user, priority, &frame);
+        let local = here.delivered;
         let nodes = if !self.bus.clustered() {
             Ok(Vec::new())
         } else if !self.bus.available() {
@@ -557,21 +560,7 @@ impl MessageRouter {
             }
         };
         if nodes.is_empty() {
-            return match (local, busy) {
-                (0, 0) => from.error(
-                    priority,
-                    Some(id),
-                    error_code::UNKNOWN_USER,
-                    format!("user {user} has no connection"),
-                ),
-                (0, _) => from.error(
-                    priority,
-                    Some(id),
-                    error_code::SERVER_BUSY,
-                    format!("user {user}'s connections are on a node with no queue memory left; retry later"),
-                ),
-                _ => from.ack(priority, id),
-            };
+            return answer_user(from, priority, id, user, here);
         }
         if local == 0 {
             let mut pending = lock(&self.pending_users);
@@ -598,7 +587,7 @@ impl MessageRouter {
                 PendingUser {
                     user: user.to_owned(),
                     remaining: nodes.len(),
-                    busy: std::mem::take(&mut busy),
+                    reach: here,
                     priority,
                     deadline: Instant::now() + self.delivery_timeout,
                 },
@@ -621,7 +610,7 @@ impl MessageRouter {
                 Box::new(move |published: Result<usize, BusError>| {
                     if !matches!(published, Ok(n) if n > 0) {
                         // That node cannot answer: count it as having none.
-                        router.settle_user_receipt(id, sender, 0, 0);
+                        router.settle_user_receipt(id, sender, Reach::default());
                     }
                 }) as PublishDone
             });
@@ -640,25 +629,20 @@ impl MessageRouter {
         priority: Priority,
         frame: &Bytes,
     ) {
-        let (delivered, busy) = self.deliver_to_user(user, priority, frame);
+        let reach = self.deliver_to_user(user, priority, frame);
         let receipt = BusMessage::UserReceipt {
             message_id,
             sender,
-            delivered,
-            busy,
+            delivered: reach.delivered,
+            busy: reach.busy,
+            slow: reach.slow,
         };
         self.bus.publish(Target::Node(origin), receipt, None);
     }
 
     /// Counts one node's receipt for a message to a user; answers the
     /// sender once it is queued somewhere or every node said it was not.
-    pub fn settle_user_receipt(
-        &self,
-        message_id: MessageId,
-        sender: ClientId,
-        delivered: u32,
-        busy: u32,
-    ) {
+    pub fn settle_user_receipt(&self, message_id: MessageId, sender: ClientId, reach: Reach) {
         let key = (sender, message_id);
         let settled = {
             let mut pending = lock(&self.pending_users);
@@ -666,36 +650,24 @@ impl MessageRouter {
                 return;
             };
             entry.remaining = entry.remaining.saturating_sub(1);
-            entry.busy += busy;
-            if delivered > 0 || entry.remaining == 0 {
-                pending.remove(&key).map(|p| (p, delivered > 0))
+            entry.reach = entry.reach + reach;
+            if reach.delivered > 0 || entry.remaining == 0 {
+                pending.remove(&key)
             } else {
                 None
             }
         };
-        let Some((pending, delivered)) = settled else {
+        let Some(pending) = settled else {
             return;
         };
-        let Some(from) = self.registry.get(sender) else {
-            return;
-        };
-        let user = &pending.user;
-        match (delivered, pending.busy) {
-            (true, _) => from.ack(pending.priority, message_id),
-            (false, 0) => from.error(
+        if let Some(from) = self.registry.get(sender) {
+            answer_user(
+                &from,
                 pending.priority,
-                Some(message_id),
-                error_code::UNKNOWN_USER,
-                format!("user {user} has no connection"),
-            ),
-            (false, _) => from.error(
-                pending.priority,
-                Some(message_id),
-                error_code::SERVER_BUSY,
-                format!(
-                    "user {user}'s connections are on nodes with no queue memory left; retry later"
-                ),
-            ),
+                message_id,
+                &pending.user,
+                pending.reach,
+            );
         }
     }
 
@@ -715,6 +687,54 @@ impl MessageRouter {
             }
         }
     }
+}
+
+/// What a message to a user reached on one node, or on several together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Connections it was queued for.
+    pub delivered: u32,
+    /// Connections that missed it: their node's queue memory is used up.
+    pub busy: u32,
+    /// Connections that missed it: they are being disconnected as slow.
+    pub slow: u32,
+}
+
+impl std::ops::Add for Reach {
+    type Output = Reach;
+
+    fn add(self, other: Reach) -> Reach {
+        Reach {
+            delivered: self.delivered + other.delivered,
+            busy: self.busy + other.busy,
+            slow: self.slow + other.slow,
+        }
+    }
+}
+
+/// Answers the sender of a message to `user` from what it reached: Ack
+/// when it is queued somewhere, else why not.
+fn answer_user(from: &ClientHandle, priority: Priority, id: MessageId, user: &str, reach: Reach) {
+    let (code, message) = match reach {
+        Reach { delivered: 1.., .. } => return from.ack(priority, id),
+        Reach { busy: 1.., .. } => (
+            error_code::SERVER_BUSY,
+            format!(
+                "user {user}'s connections are on nodes with no queue memory left; retry later"
+            ),
+        ),
+        Reach { slow: 1.., .. } => (
+            error_code::RECIPIENT_SLOW,
+            format!(
+                "user {user}'s connections are not reading fast enough and are being disconnected"
+            ),
+        ),
+        _ => (
+            error_code::UNKNOWN_USER,
+            format!("user {user} has no connection"),
+        ),
+    };
+    from.error(priority, Some(id), code, message);
 }
 
 /// A UserDirect frame re-encoded as a Direct to `to`, for a version-1

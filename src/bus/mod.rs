@@ -154,6 +154,9 @@ pub enum BusMessage {
         delivered: u32,
         /// Connections that missed it because that node's queues are full.
         busy: u32,
+        /// Connections that missed it because they are being disconnected
+        /// as slow consumers.
+        slow: u32,
     },
     /// Tag 7: An operator asked to unsubscribe a client of the receiving
     /// node from a channel.

@@ -343,9 +343,16 @@ impl Node {
                 sender,
                 delivered,
                 busy,
-            } => self
-                .router
-                .settle_user_receipt(message_id, sender, delivered, busy),
+                slow,
+            } => self.router.settle_user_receipt(
+                message_id,
+                sender,
+                crate::router::Reach {
+                    delivered,
+                    busy,
+                    slow,
+                },
+            ),
             BusMessage::Unsubscribe {
                 client,
                 channel,
