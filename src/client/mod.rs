@@ -72,12 +72,16 @@ pub struct ClientConfig {
 /// A reconnect dials the same `server` address again from another UDP
 /// port (see [`Socket`]), so behind a load balancer it may land on
 /// another node. What survives:
-/// the `Client` value, its configuration (name, token) and its event
-/// stream. What does not: the client id (the node assigns a new one,
+/// the `Client` value, its configuration (name, token), its event
+/// stream, and its channel subscriptions (it subscribes again by itself
+/// and reports it with [`Event::Resubscribed`]; a subscription the node
+/// now refuses is dropped). What does not: the client id (the node assigns a new one,
 /// announced by [`Event::Reconnected`]), requests that were waiting for a
 /// reply (they fail with [`ClientError::Closed`]: whether the node got
-/// them is unknown), and messages sent to the old id while it was gone
-/// (their senders get UNKNOWN_CLIENT). Requests made *while* the client is
+/// them is unknown), messages sent to the old id while it was gone
+/// (their senders get UNKNOWN_CLIENT), and channel publications made
+/// while it was away (there is no channel history yet). Messages to its
+/// user reach it again as soon as it is back. Requests made *while* the client is
 /// reconnecting wait for the new connection, up to `request_timeout`, and
 /// then go out on it.
 ///
