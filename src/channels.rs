@@ -311,27 +311,31 @@ impl Channels {
         event: bool,
         exclude: Option<ClientId>,
     ) -> BroadcastCount {
+        deliver(&self.read(), channel, priority, frame, event, exclude)
+    }
+
+    /// A Join of `member` to `channel`, only while it is still subscribed:
+    /// under one lock, it checks, queues `frame` for the local subscribers
+    /// that want events and runs `publish` (which hands it to the bus), so
+    /// no unsubscription (and its Leave) can come in between. Returns
+    /// whether it was sent.
+    pub fn join_while_subscribed(
+        &self,
+        member: ClientId,
+        channel: &str,
+        frame: &Bytes,
+        publish: impl FnOnce(),
+    ) -> bool {
         let state = self.read();
-        let mut count = BroadcastCount::default();
-        let Some(subs) = state.channels.get(channel) else {
-            return count;
-        };
-        let tag = if event {
-            event_tag(frame)
-        } else {
-            tag::PUBLISH
-        };
-        for (id, sub) in subs {
-            if Some(*id) == exclude || (event && !sub.events) {
-                continue;
-            }
-            match sub.handle.enqueue(priority, tag, frame.clone()) {
-                Ok(()) => count.delivered += 1,
-                Err(EnqueueError::NodeBusy) => count.node_busy += 1,
-                Err(_) => {}
-            }
+        let subscribed = state
+            .by_client
+            .get(&member)
+            .is_some_and(|set| set.contains(channel));
+        if subscribed {
+            deliver(&state, channel, Priority::Normal, frame, true, Some(member));
+            publish();
         }
-        count
+        subscribed
     }
 
     /// Number of channels with local subscribers, and of subscriptions.
@@ -404,6 +408,37 @@ impl Channels {
             })
             .collect()
     }
+}
+
+/// [`Channels::deliver`] under a lock already held.
+fn deliver(
+    state: &State,
+    channel: &str,
+    priority: Priority,
+    frame: &Bytes,
+    event: bool,
+    exclude: Option<ClientId>,
+) -> BroadcastCount {
+    let mut count = BroadcastCount::default();
+    let Some(subs) = state.channels.get(channel) else {
+        return count;
+    };
+    let tag = if event {
+        event_tag(frame)
+    } else {
+        tag::PUBLISH
+    };
+    for (id, sub) in subs {
+        if Some(*id) == exclude || (event && !sub.events) {
+            continue;
+        }
+        match sub.handle.enqueue(priority, tag, frame.clone()) {
+            Ok(()) => count.delivered += 1,
+            Err(EnqueueError::NodeBusy) => count.node_busy += 1,
+            Err(_) => {}
+        }
+    }
+    count
 }
 
 /// The wire tag (Join or Leave) of an event frame, for the counters. Events

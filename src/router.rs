@@ -42,7 +42,7 @@ struct PendingDelivery {
 struct PendingUser {
     user: String,
     /// Nodes that have not answered yet.
-    remaining: usize,
+    waiting: std::collections::HashSet<NodeId>,
     /// What the answers so far reached (nothing delivered yet).
     reach: Reach,
     priority: Priority,
@@ -472,6 +472,31 @@ impl MessageRouter {
         }
     }
 
+    /// Sends the Join event (`body`) of `member` to `channel`, like
+    /// [`MessageRouter::channel_event`], but only if `member` is still
+    /// subscribed, checked atomically with sending it: a Join can never
+    /// follow the same member's Leave.
+    pub fn join_event(&self, channel: &str, body: Body, member: ClientId) {
+        let frame = match protocol::encode(&Frame::new(Priority::Normal, body)) {
+            Ok(frame) => frame,
+            Err(err) => return warn!(%err, "cannot encode a channel event"),
+        };
+        let clustered = self.bus.clustered();
+        self.channels
+            .join_while_subscribed(member, channel, &frame, || {
+                if clustered {
+                    let message = BusMessage::Publication {
+                        origin: self.node_id,
+                        channel: channel.to_owned(),
+                        priority: Priority::Normal,
+                        event: true,
+                        frame: frame.clone(),
+                    };
+                    self.bus.publish(Target::Channel, message, None);
+                }
+            });
+    }
+
     /// Queues a publication (or event) another node sent for this node's
     /// subscribers of `channel`.
     pub fn deliver_publication(
@@ -586,7 +611,7 @@ impl MessageRouter {
                 (from.id(), id),
                 PendingUser {
                     user: user.to_owned(),
-                    remaining: nodes.len(),
+                    waiting: nodes.iter().copied().collect(),
                     reach: here,
                     priority,
                     deadline: Instant::now() + self.delivery_timeout,
@@ -608,10 +633,17 @@ impl MessageRouter {
                 let router = self.clone();
                 let sender = from.id();
                 Box::new(move |published: Result<usize, BusError>| {
-                    if !matches!(published, Ok(n) if n > 0) {
-                        // That node cannot answer: count it as having none.
-                        router.settle_user_receipt(id, sender, Reach::default());
-                    }
+                    let answer = match published {
+                        Ok(n) if n > 0 => return,
+                        // That node is gone: the user is not there.
+                        Ok(_) => Reach::default(),
+                        // It may be there, unreachable: not "unknown".
+                        Err(_) => Reach {
+                            unreachable: 1,
+                            ..Reach::default()
+                        },
+                    };
+                    router.settle_user_receipt(node, id, sender, answer);
                 }) as PublishDone
             });
             self.bus.publish(Target::Node(node), message, done);
@@ -631,6 +663,7 @@ impl MessageRouter {
     ) {
         let reach = self.deliver_to_user(user, priority, frame);
         let receipt = BusMessage::UserReceipt {
+            node: self.node_id,
             message_id,
             sender,
             delivered: reach.delivered,
@@ -642,16 +675,25 @@ impl MessageRouter {
 
     /// Counts one node's receipt for a message to a user; answers the
     /// sender once it is queued somewhere or every node said it was not.
-    pub fn settle_user_receipt(&self, message_id: MessageId, sender: ClientId, reach: Reach) {
+    pub fn settle_user_receipt(
+        &self,
+        node: NodeId,
+        message_id: MessageId,
+        sender: ClientId,
+        reach: Reach,
+    ) {
         let key = (sender, message_id);
         let settled = {
             let mut pending = lock(&self.pending_users);
             let Some(entry) = pending.get_mut(&key) else {
                 return;
             };
-            entry.remaining = entry.remaining.saturating_sub(1);
+            // One answer per node (a failed publish may still arrive).
+            if !entry.waiting.remove(&node) {
+                return;
+            }
             entry.reach = entry.reach + reach;
-            if reach.delivered > 0 || entry.remaining == 0 {
+            if reach.delivered > 0 || entry.waiting.is_empty() {
                 pending.remove(&key)
             } else {
                 None
@@ -698,6 +740,8 @@ pub struct Reach {
     pub busy: u32,
     /// Connections that missed it: they are being disconnected as slow.
     pub slow: u32,
+    /// Nodes with a connection of the user that could not be reached.
+    pub unreachable: u32,
 }
 
 impl std::ops::Add for Reach {
@@ -705,9 +749,10 @@ impl std::ops::Add for Reach {
 
     fn add(self, other: Reach) -> Reach {
         Reach {
-            delivered: self.delivered + other.delivered,
-            busy: self.busy + other.busy,
-            slow: self.slow + other.slow,
+            delivered: self.delivered.saturating_add(other.delivered),
+            busy: self.busy.saturating_add(other.busy),
+            slow: self.slow.saturating_add(other.slow),
+            unreachable: self.unreachable.saturating_add(other.unreachable),
         }
     }
 }
@@ -717,6 +762,12 @@ impl std::ops::Add for Reach {
 fn answer_user(from: &ClientHandle, priority: Priority, id: MessageId, user: &str, reach: Reach) {
     let (code, message) = match reach {
         Reach { delivered: 1.., .. } => return from.ack(priority, id),
+        Reach {
+            unreachable: 1.., ..
+        } => (
+            error_code::CLUSTER_UNAVAILABLE,
+            format!("user {user}'s other nodes could not be reached; retry"),
+        ),
         Reach { busy: 1.., .. } => (
             error_code::SERVER_BUSY,
             format!(

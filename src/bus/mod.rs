@@ -146,6 +146,8 @@ pub enum BusMessage {
     /// Tag 6: How many of the user's connections on the sending node a
     /// UserDirect was queued for; sent back to its origin.
     UserReceipt {
+        /// The node answering.
+        node: NodeId,
         /// The message's id.
         message_id: MessageId,
         /// The sending client.

@@ -404,6 +404,9 @@ struct Inner {
     wanted: Mutex<HashSet<String>>,
     /// Those the current subscription connection subscribes to.
     have: Mutex<HashSet<String>>,
+    /// Those whose last SUBSCRIBE or UNSUBSCRIBE Redis did not confirm:
+    /// `have` may be wrong about them.
+    doubtful: Mutex<HashSet<String>>,
     /// The current subscription connection's command half.
     sink: Mutex<Option<redis::aio::PubSubSink>>,
     /// Taken by whatever changes the channel subscriptions, one at a time.
@@ -630,6 +633,7 @@ impl RedisBus {
                 confirms_queued: AtomicBool::new(false),
                 wanted: Mutex::new(HashSet::new()),
                 have: Mutex::new(HashSet::new()),
+                doubtful: Mutex::new(HashSet::new()),
                 sink: Mutex::new(None),
                 channel_turn: tokio::sync::Mutex::new(()),
                 cancel: CancellationToken::new(),
@@ -944,7 +948,8 @@ impl ClusterBus for RedisBus {
         let name = inner.keys.feed(channel, feed);
         let _turn = inner.channel_turn.lock().await;
         let want = lock(&inner.wanted).contains(&name);
-        if want == lock(&inner.have).contains(&name) {
+        let doubtful = lock(&inner.doubtful).contains(&name);
+        if want == lock(&inner.have).contains(&name) && !doubtful {
             return Ok(());
         }
         let Some(mut sink) = lock(&inner.sink).clone() else {
@@ -958,6 +963,11 @@ impl ClusterBus for RedisBus {
                 Ok(())
             };
         };
+        // Until Redis confirms, whether it carried the command out is
+        // unknown (a timeout, or this future dropped with its task): the
+        // next sync then sends the command again, whatever `have` says
+        // (both are idempotent in Redis).
+        lock(&inner.doubtful).insert(name.clone());
         let change = async {
             if want {
                 sink.subscribe(&name).await
@@ -969,10 +979,11 @@ impl ClusterBus for RedisBus {
             Ok(Ok(())) => {
                 let mut have = lock(&inner.have);
                 if want {
-                    have.insert(name);
+                    have.insert(name.clone());
                 } else {
                     have.remove(&name);
                 }
+                lock(&inner.doubtful).remove(&name);
                 Ok(())
             }
             Ok(Err(err)) => Err(unavailable(err)),
@@ -1767,6 +1778,7 @@ async fn subscriber(inner: Arc<Inner>) {
                 sink.subscribe(chunk).await?;
             }
             *lock(&inner.have) = wanted.into_iter().collect();
+            lock(&inner.doubtful).clear();
             *lock(&inner.sink) = Some(sink.clone());
             drop(turn);
             Ok::<_, redis::RedisError>((sink, stream))
@@ -1792,6 +1804,7 @@ async fn subscriber(inner: Arc<Inner>) {
                     let _turn = inner.channel_turn.lock().await;
                     *lock(&inner.sink) = None;
                     lock(&inner.have).clear();
+                    lock(&inner.doubtful).clear();
                 }
                 if inner.cancel.is_cancelled() {
                     return;

@@ -246,7 +246,10 @@ pub enum Event {
         reason: String,
     },
     /// After a reconnect, the client subscribed again to the channels it
-    /// had: those now subscribed, and those refused with why.
+    /// had: those now subscribed, and those that failed with why. A
+    /// channel refused for good (its rules, a limit) is forgotten; one
+    /// that failed for a passing reason (the cluster bus unavailable) is
+    /// tried a few times, then kept for the next reconnect.
     Resubscribed {
         /// Channels subscribed again.
         channels: Vec<String>,
@@ -802,35 +805,78 @@ async fn submit_on(
 /// Subscribes a new connection to the channels the client had, and
 /// reports how it went.
 async fn resubscribe(inner: Arc<Inner>, subscriptions: Subscriptions, events: mpsc::Sender<Event>) {
-    let wanted: Vec<(String, bool)> = lock(&subscriptions)
-        .iter()
-        .map(|(c, e)| (c.clone(), *e))
-        .collect();
+    let wanted: Vec<String> = lock(&subscriptions).keys().cloned().collect();
     if wanted.is_empty() {
         return;
     }
     let (mut channels, mut failed) = (Vec::new(), Vec::new());
-    for (channel, wants_events) in wanted {
+    for channel in wanted {
+        match subscribe_again(&inner, &subscriptions, &channel).await {
+            Ok(true) => channels.push(channel),
+            // Unsubscribed by the application meanwhile.
+            Ok(false) => {}
+            Err(err) => failed.push((channel, err.to_string())),
+        }
+    }
+    let _ = events.send(Event::Resubscribed { channels, failed }).await;
+}
+
+/// Attempts at subscribing again to one channel after a reconnect, while
+/// the node answers with an error that may pass (the cluster bus
+/// reconnecting, queues full).
+const RESUBSCRIBE_ATTEMPTS: u32 = 5;
+
+/// Subscribes `inner`'s connection to `channel` again, if the client still
+/// wants it (`Ok(false)` when it no longer does). A refusal that will not
+/// pass (rules, limits, a bad name) makes the client forget the channel;
+/// one that may pass is retried a few times with backoff, and the client
+/// keeps the channel for its next reconnect if they all fail.
+async fn subscribe_again(
+    inner: &Arc<Inner>,
+    subscriptions: &Subscriptions,
+    channel: &str,
+) -> Result<bool, ClientError> {
+    let mut backoff = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        let Some(events) = lock(subscriptions).get(channel).copied() else {
+            return Ok(false);
+        };
         let body = Body::Subscribe {
-            channel: channel.clone(),
-            events: wants_events,
+            channel: channel.to_owned(),
+            events,
         };
         let outcome = match submit_on(inner.clone(), Priority::Normal, body).await {
             Ok(pending) => pending.wait().await.map(drop),
             Err(err) => Err(err),
         };
-        match outcome {
-            Ok(()) => channels.push(channel),
-            Err(err) => {
-                if matches!(err, ClientError::Server { .. }) {
-                    // Refused for good (permissions changed): forget it.
-                    lock(&subscriptions).remove(&channel);
-                }
-                failed.push((channel, err.to_string()));
-            }
+        let err = match outcome {
+            Ok(()) => return Ok(true),
+            Err(err) => err,
+        };
+        let lasting = matches!(
+            &err,
+            ClientError::Server { code, .. } if [
+                protocol::error_code::NOT_ALLOWED,
+                protocol::error_code::UNKNOWN_NAMESPACE,
+                protocol::error_code::INVALID_FIELD,
+                protocol::error_code::TOO_MANY_SUBSCRIPTIONS,
+                protocol::error_code::UNKNOWN_FRAME_TYPE,
+            ]
+            .contains(code)
+        );
+        if lasting {
+            lock(subscriptions).remove(channel);
+            return Err(err);
         }
+        let passing = matches!(err, ClientError::Server { .. } | ClientError::Timeout(_));
+        if !passing || attempt >= RESUBSCRIBE_ATTEMPTS || inner.conn.close_reason().is_some() {
+            return Err(err);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(3));
+        attempt += 1;
     }
-    let _ = events.send(Event::Resubscribed { channels, failed }).await;
 }
 
 /// Checks that a node accepts QUIC connections with a certificate the

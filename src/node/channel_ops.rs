@@ -44,22 +44,31 @@ impl Node {
             Err(refusal) => return refuse(refusal),
             Ok(added) => added,
         };
-        // Feeds this node now takes: in place before the answer.
-        for (feed, wanted) in flipped {
+        for (feed, wanted) in &flipped {
             if !wanted {
-                self.sync_later(&channel, feed);
-                continue;
+                self.sync_later(&channel, *feed);
             }
+        }
+        // The feeds this client needs are in place before the answer,
+        // whoever asked for them first: a subscriber that did not flip a
+        // feed still waits for (or repairs) the subscription another one
+        // started. In step already, this costs nothing.
+        let mut needed = vec![Feed::Publications];
+        if events && namespace.join_leave {
+            needed.push(Feed::Events);
+        }
+        for feed in needed {
             if let Err(err) = bus.channel_sync(&channel, feed).await {
+                let what = match (&added, feed) {
+                    (Added::Again, Feed::Events) => {
+                        format!("cannot turn on events of {channel}: {err}")
+                    }
+                    _ => format!("cannot subscribe to {channel}: {err}"),
+                };
                 if matches!(added, Added::New { .. }) {
                     self.drop_subscription(client.id(), &channel, false);
                 }
-                return client.error(
-                    priority,
-                    Some(id),
-                    error_code::CLUSTER_UNAVAILABLE,
-                    format!("cannot subscribe to {channel}: {err}"),
-                );
+                return client.error(priority, Some(id), error_code::CLUSTER_UNAVAILABLE, what);
             }
         }
         if namespace.presence && matches!(added, Added::New { .. }) {
@@ -87,11 +96,10 @@ impl Node {
                 subscribers,
             },
         );
-        // Not if an Unsubscribe (on another stream) ended it meanwhile:
-        // its Leave went out already.
-        let still = self.channels().is_subscribed(client.id(), &channel);
-        if still && namespace.join_leave && matches!(added, Added::New { .. }) {
-            self.router().channel_event(
+        // Not if an Unsubscribe (on another stream) or an operator ended
+        // it meanwhile: its Leave went out already (checked atomically).
+        if namespace.join_leave && matches!(added, Added::New { .. }) {
+            self.router().join_event(
                 &channel,
                 Body::Join {
                     channel: channel.clone(),

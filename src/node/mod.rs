@@ -339,18 +339,21 @@ impl Node {
                 .router
                 .deliver_user(origin, message_id, sender, &user, priority, &frame),
             BusMessage::UserReceipt {
+                node,
                 message_id,
                 sender,
                 delivered,
                 busy,
                 slow,
             } => self.router.settle_user_receipt(
+                node,
                 message_id,
                 sender,
                 crate::router::Reach {
                     delivered,
                     busy,
                     slow,
+                    unreachable: 0,
                 },
             ),
             BusMessage::Unsubscribe {
