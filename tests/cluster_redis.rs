@@ -208,6 +208,73 @@ async fn a_killed_nodes_channel_members_leave_presence_within_its_ttl() {
 }
 
 #[tokio::test]
+async fn a_killed_nodes_user_routing_entries_are_swept() {
+    const SECRET: &str = common::scenarios::JWT_SECRET;
+    let cluster = RedisNodes::start_with(1, |_, c| common::scenarios::with_jwt(0, c)).await;
+    let n1 = &cluster.nodes[0];
+    let mut victim = redis_node_process(
+        &cluster.redis,
+        &cluster.certs,
+        NODE_TTL,
+        &["--name", "victim", "--auth-jwt-secret", SECRET],
+    )
+    .await;
+    let token = |user: &str| {
+        quic_fabric::auth::mint_hs256(SECRET, user, Duration::from_secs(600), None, None, &[])
+            .unwrap()
+    };
+    let mut config = victim.client_config("doomed");
+    config.token = Some(token("dora"));
+    let doomed = quic_fabric::client::Client::connect(&config).await.unwrap();
+    let users_of_victim = format!("fabric:node:{}:users", doomed.node_id());
+    let mut config = n1.client_config("sender");
+    config.token = Some(token("sam"));
+    let sender = quic_fabric::client::Client::connect(&config).await.unwrap();
+    sender
+        .send_to_user("dora", Payload::Text("there?".into()), Priority::Normal)
+        .await
+        .unwrap();
+    let client = redis::Client::open(cluster.redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries = |key: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("HLEN")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(entries("fabric:user:dora").await, 1);
+    let exists = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(exists(users_of_victim.clone()).await, 1);
+
+    victim.kill().await;
+    // Once the dead node is swept, no routing entry of its users is left
+    // (nobody has to look the user up for it to go), nor its user list.
+    eventually(WAIT, "the dead node's user entries are swept", || async {
+        entries("fabric:user:dora").await == 0
+    })
+    .await;
+    assert_eq!(exists(users_of_victim).await, 0);
+    let refused = sender
+        .send_to_user("dora", Payload::Text("gone?".into()), Priority::Normal)
+        .await;
+    common::expect_server_error(refused, error_code::UNKNOWN_USER);
+    cluster.finish().await;
+}
+
+#[tokio::test]
 async fn a_client_that_reconnects_elsewhere_is_routed_to_its_new_node() {
     let cluster = RedisNodes::start(3).await;
     let (n1, n2, n3) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);

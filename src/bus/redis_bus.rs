@@ -138,6 +138,11 @@ impl Keys {
     pub fn user(&self, user: &str) -> String {
         format!("{}:user:{user}", self.prefix)
     }
+    /// HASH client id → user of a node's clients that have a user: which
+    /// `user` entries are the node's, to remove when it is gone.
+    pub fn node_users(&self, node: NodeId) -> String {
+        format!("{}:node:{node}:users", self.prefix)
+    }
     /// STRING random marker created once per Redis dataset: when it
     /// changes, Redis lost its data (a restart without persistence).
     pub fn incarnation(&self) -> String {
@@ -1250,6 +1255,11 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                             .arg(&id)
                             .arg(&node)
                             .ignore();
+                        pipe.cmd("HSET")
+                            .arg(keys.node_users(inner.config.node_id))
+                            .arg(&id)
+                            .arg(user)
+                            .ignore();
                     }
                     registrations.extend(registered);
                 }
@@ -1264,6 +1274,10 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 pipe.cmd("HDEL").arg(keys.client_nodes()).arg(&id).ignore();
                 if let Some(user) = user {
                     pipe.cmd("HDEL").arg(keys.user(&user)).arg(&id).ignore();
+                    pipe.cmd("HDEL")
+                        .arg(keys.node_users(inner.config.node_id))
+                        .arg(&id)
+                        .ignore();
                 }
             }
             Op::ChannelJoin(channel, info, registered) => match encode_value(&info) {
@@ -1577,6 +1591,7 @@ async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResu
         node == me_str && !here.contains(client)
     })
     .await?;
+    remove_user_entries(inner, conn, me, |client| !here.contains(client)).await?;
     let mut pipe = redis::pipe();
     pipe.atomic();
     pipe.cmd("DEL").arg(keys.node_clients(me)).ignore();
@@ -1601,6 +1616,11 @@ async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResu
                 .arg(keys.user(user))
                 .arg(info.client_id.to_string())
                 .arg(&me_str)
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(keys.node_users(me))
+                .arg(info.client_id.to_string())
+                .arg(user)
                 .ignore();
         }
     }
@@ -1702,6 +1722,7 @@ async fn sweep(
 ) -> redis::RedisResult<()> {
     let dead_str = dead.to_string();
     remove_index_entries(inner, conn, |_, node| node == dead_str).await?;
+    remove_user_entries(inner, conn, dead, |_| true).await?;
     redis::cmd("SREM")
         .arg(inner.keys.nodes())
         .arg(&dead_str)
@@ -1709,6 +1730,35 @@ async fn sweep(
         .await?;
     info!(node = %dead, "removed dead node from the cluster");
     Ok(())
+}
+
+/// Removes the `P:user:U` entries of node `node`'s clients for which
+/// `stale(client)` holds, found through the node's `P:node:N:users`
+/// (from which they are removed too; the hash goes when it is empty).
+async fn remove_user_entries(
+    inner: &Inner,
+    conn: &mut ConnectionManager,
+    node: NodeId,
+    stale: impl Fn(&str) -> bool,
+) -> redis::RedisResult<()> {
+    let keys = &inner.keys;
+    let entries: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.node_users(node))
+        .query_async(conn)
+        .await?;
+    let doomed: Vec<(&String, &String)> = entries.iter().filter(|(c, _)| stale(c)).collect();
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for (client, user) in &doomed {
+        pipe.cmd("HDEL").arg(keys.user(user)).arg(*client).ignore();
+        pipe.cmd("HDEL")
+            .arg(keys.node_users(node))
+            .arg(*client)
+            .ignore();
+    }
+    pipe.query_async::<()>(conn).await
 }
 
 /// Graceful leave: remove liveness, presence and index entries at once.
@@ -1730,6 +1780,7 @@ async fn remove_self(inner: &Inner, conn: &mut ConnectionManager) {
     pipe.cmd("DEL").arg(keys.node(me)).ignore();
     pipe.cmd("DEL").arg(keys.node_clients(me)).ignore();
     pipe.cmd("DEL").arg(keys.node_channels(me)).ignore();
+    pipe.cmd("DEL").arg(keys.node_users(me)).ignore();
     for channel in inner.presence.presence_channels() {
         pipe.cmd("DEL")
             .arg(keys.channel_members(&channel, me))
