@@ -235,7 +235,7 @@ async fn a_killed_nodes_user_routing_entries_are_swept() {
         .await
         .unwrap();
     let client = redis::Client::open(cluster.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
     let entries = |key: &'static str| {
         let mut conn = conn.clone();
         async move {
