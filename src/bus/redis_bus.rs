@@ -1401,20 +1401,7 @@ async fn verify(inner: Arc<Inner>, doubts: Vec<Doubt>) {
     let result = pipe
         .query_async::<Vec<redis::Value>>(&mut conn)
         .await
-        .map(|replies| {
-            let mut replies = replies.into_iter();
-            let incarnation = match replies.next() {
-                Some(redis::Value::BulkString(bytes)) => String::from_utf8(bytes).ok(),
-                _ => None,
-            };
-            let exists: Vec<i64> = replies
-                .map(|reply| match reply {
-                    redis::Value::Int(n) => n,
-                    _ => 0,
-                })
-                .collect();
-            (incarnation, exists)
-        });
+        .map(incarnation_and_counts);
     let exists = match result {
         Ok((incarnation, exists)) => {
             inner.note_incarnation(incarnation.as_deref());
@@ -1998,13 +1985,24 @@ async fn expire_confirmations(inner: &Inner) {
     if nodes.is_empty() {
         return;
     }
+    // The incarnation too: a node whose key is missing because Redis lost
+    // its data (and that has not re-registered yet) is not dead, and this
+    // node may not have noticed the loss yet (its next heartbeat would).
+    // Without this check a broadcast published just before the loss was
+    // acknowledged here as if the others had left.
     let mut pipe = redis::pipe();
+    pipe.cmd("GET").arg(inner.keys.incarnation());
     for node in &nodes {
         pipe.cmd("EXISTS").arg(inner.keys.node(*node));
     }
     let mut conn = inner.conn.clone();
-    let alive: Vec<NodeId> = match pipe.query_async::<Vec<i64>>(&mut conn).await {
-        Ok(exists) => {
+    let replies = pipe
+        .query_async::<Vec<redis::Value>>(&mut conn)
+        .await
+        .map(incarnation_and_counts);
+    let alive: Vec<NodeId> = match replies {
+        Ok((incarnation, exists)) => {
+            inner.note_incarnation(incarnation.as_deref());
             let members = inner.members();
             let settling = members.settling(now);
             nodes
@@ -2019,6 +2017,23 @@ async fn expire_confirmations(inner: &Inner) {
     };
     let answers = inner.outgoing().expire(now, timeout, &alive);
     answer(answers);
+}
+
+/// The replies of a pipeline of `GET P:incarnation` then `EXISTS`es: the
+/// marker, and the counts.
+fn incarnation_and_counts(replies: Vec<redis::Value>) -> (Option<String>, Vec<i64>) {
+    let mut replies = replies.into_iter();
+    let incarnation = match replies.next() {
+        Some(redis::Value::BulkString(bytes)) => String::from_utf8(bytes).ok(),
+        _ => None,
+    };
+    let exists: Vec<i64> = replies
+        .map(|reply| match reply {
+            redis::Value::Int(n) => n,
+            _ => 0,
+        })
+        .collect();
+    (incarnation, exists)
 }
 
 /// Dispatches subscribed messages until the connection ends; a periodic PING
