@@ -1802,6 +1802,12 @@ async fn subscriber(inner: Arc<Inner>) {
         inner.keys.node_channel(inner.config.node_id),
     ];
     let mut backoff = Duration::from_millis(100);
+    // After Redis comes back (having lost its data, say), the other nodes
+    // count this one alive for `node_ttl` while it re-registers, and
+    // re-registering waits for this subscription: the wait between
+    // attempts stays well inside that (2 s, or a quarter of the TTL).
+    let longest =
+        (inner.config.node_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
     let mut failures: u64 = 0;
     loop {
         let connect = async {
@@ -1856,7 +1862,7 @@ async fn subscriber(inner: Arc<Inner>) {
             _ = tokio::time::sleep(backoff) => {}
             _ = inner.cancel.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(longest);
     }
 }
 
