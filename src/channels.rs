@@ -38,6 +38,13 @@ struct State {
 }
 
 impl State {
+    /// Whether client `id` is subscribed to `channel`.
+    fn subscribed(&self, id: ClientId, channel: &str) -> bool {
+        self.by_client
+            .get(&id)
+            .is_some_and(|set| set.contains(channel))
+    }
+
     fn counts(&self, channel: &str) -> Counts {
         Counts {
             subscribers: self.channels.get(channel).map_or(0, HashMap::len),
@@ -179,10 +186,7 @@ impl Channels {
 
     /// Whether client `id` is subscribed to `channel` here.
     pub fn is_subscribed(&self, id: ClientId, channel: &str) -> bool {
-        self.read()
-            .by_client
-            .get(&id)
-            .is_some_and(|set| set.contains(channel))
+        self.read().subscribed(id, channel)
     }
 
     /// Subscribes `client` to `channel`, or updates its `events` choice.
@@ -284,11 +288,7 @@ impl Channels {
         f: impl FnOnce() -> T,
     ) -> Option<T> {
         let state = self.read();
-        let subscribed = state
-            .by_client
-            .get(&id)
-            .is_some_and(|set| set.contains(channel));
-        subscribed.then(f)
+        state.subscribed(id, channel).then(f)
     }
 
     /// The channels client `id` is subscribed to.
@@ -327,10 +327,7 @@ impl Channels {
         publish: impl FnOnce(),
     ) -> bool {
         let state = self.read();
-        let subscribed = state
-            .by_client
-            .get(&member)
-            .is_some_and(|set| set.contains(channel));
+        let subscribed = state.subscribed(member, channel);
         if subscribed {
             deliver(&state, channel, Priority::Normal, frame, true, Some(member));
             publish();
