@@ -47,6 +47,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/channels", get(channels))
         .route("/channels/{channel}/presence", get(presence))
         .route("/channels/{channel}/publish", post(publish))
+        .route("/channels/{channel}/history", get(history))
         .route(
             "/channels/{channel}/subscribers/{client_id}",
             delete(unsubscribe),
@@ -418,6 +419,60 @@ async fn presence(
         "channel": channel,
         "members": members.iter().map(client_json).collect::<Vec<_>>(),
         "truncated": truncated,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+async fn history(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    given: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Response, HttpError> {
+    let (channel, namespace) = channel_in(&node, path, String::as_str)?;
+    let Some(retention) = namespace.retention() else {
+        return Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!("history is off for the namespace of {channel}"),
+        ));
+    };
+    let given = query(given)?;
+    let most = node.config().max_history_page.min(retention.size as usize);
+    let limit = given.limit.unwrap_or(most);
+    if limit == 0 || limit > most {
+        return Err(HttpError::bad(format!("limit must be 1..={most}")));
+    }
+    let page = node
+        .bus()
+        .history(&channel, limit, given.before)
+        .await
+        .map_err(|err| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, err))?;
+    let mut publications = Vec::with_capacity(page.entries.len());
+    for entry in &page.entries {
+        let bytes = entry.frame.get(crate::protocol::LENGTH_PREFIX_BYTES..);
+        match bytes.map(crate::protocol::decode_frame) {
+            Some(Ok(frame)) => {
+                let mut line = crate::protocol::json::publication_json(&frame);
+                line["epoch"] = json!(page.position.epoch_hex());
+                line["offset"] = json!(entry.offset);
+                publications.push(line);
+            }
+            _ => {
+                tracing::warn!(%channel, offset = entry.offset, "undecodable history entry left out")
+            }
+        }
+    }
+    Ok(Json(json!({
+        "channel": channel,
+        "epoch": page.position.epoch_hex(),
+        "offset": page.position.offset,
+        "publications": publications,
+        "more": page.more,
     }))
     .into_response())
 }

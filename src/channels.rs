@@ -135,6 +135,12 @@ impl Channels {
         }
     }
 
+    /// The history `channel` keeps, if its namespace keeps one (and the
+    /// name is valid).
+    pub fn retention(&self, channel: &str) -> Option<crate::bus::Retention> {
+        self.namespace(channel).ok().and_then(Namespace::retention)
+    }
+
     /// Whether `client` may subscribe to `channel` of `namespace`.
     pub fn may_subscribe(
         namespace: &Namespace,
@@ -312,6 +318,11 @@ impl Channels {
         exclude: Option<ClientId>,
     ) -> BroadcastCount {
         deliver(&self.read(), channel, priority, frame, event, exclude)
+    }
+
+    /// How many of this node's clients are subscribed to `channel`.
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        self.read().channels.get(channel).map_or(0, HashMap::len)
     }
 
     /// A Join of `member` to `channel`, only while it is still subscribed:

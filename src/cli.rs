@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::client::{
     Client, ClientConfig, ClientError, Congestion, Event, ReconnectPolicy, Socket,
 };
-use crate::protocol::json::{client_json, frame_json};
+use crate::protocol::json::{client_json, frame_json, publication_json};
 use crate::protocol::{Body, ClientId, ClientInfo, Frame, Payload, Priority, error_code};
 use crate::tls::{ClientCert, ServerTrust};
 
@@ -444,19 +444,6 @@ async fn listen(client: &mut Client, count: Option<u64>) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
-}
-
-/// A publication as a `sub` line: [`frame_json`] typed `publication`, a
-/// binary payload under `binary` (base64; `listen` calls it `data_base64`).
-fn publication_json(frame: &Frame) -> Value {
-    let mut line = frame_json(frame);
-    line["type"] = json!("publication");
-    if let Some(object) = line.as_object_mut()
-        && let Some(data) = object.remove("data_base64")
-    {
-        object.insert("binary".into(), data);
-    }
-    line
 }
 
 /// `fabric sub`: subscribes to `channels` (one after another, each line

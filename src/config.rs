@@ -100,9 +100,9 @@ pub enum PublishPolicy {
 
 /// A channel namespace: the rules for the channels named `NAME:...`.
 /// In the file, one `[[channels.namespaces]]` table each; as a flag,
-/// `NAME[,subscribe=POLICY][,publish=POLICY][,presence=on|off][,join_leave=on|off]`,
+/// `NAME[,subscribe=POLICY][,publish=POLICY][,presence=on|off][,join_leave=on|off][,history_size=N][,history_ttl=DURATION]`,
 /// several separated by `;`. Rules left out are the default namespace's
-/// defaults (anyone, anyone, on, on).
+/// defaults (anyone, anyone, on, on, no history).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Namespace {
@@ -120,6 +120,13 @@ pub struct Namespace {
     /// Whether subscribers that ask for them get Join and Leave events.
     #[serde(default = "yes")]
     pub join_leave: bool,
+    /// Publications kept in each channel's history (0: no history).
+    #[serde(default)]
+    pub history_size: u32,
+    /// How long a channel's history lives after its last publication
+    /// (0: no history).
+    #[serde(default, with = "humantime_serde")]
+    pub history_ttl: Duration,
 }
 
 fn yes() -> bool {
@@ -135,7 +142,17 @@ impl Namespace {
             publish: PublishPolicy::Anyone,
             presence: true,
             join_leave: true,
+            history_size: 0,
+            history_ttl: Duration::ZERO,
         }
+    }
+
+    /// The history its channels keep, if any (both size and TTL set).
+    pub fn retention(&self) -> Option<crate::bus::Retention> {
+        (self.history_size > 0 && !self.history_ttl.is_zero()).then_some(crate::bus::Retention {
+            size: self.history_size,
+            ttl: self.history_ttl,
+        })
     }
 }
 
@@ -176,9 +193,18 @@ impl std::str::FromStr for Namespace {
                 }
                 "presence" => namespace.presence = on_off(key, value)?,
                 "join_leave" => namespace.join_leave = on_off(key, value)?,
+                "history_size" => {
+                    namespace.history_size = value
+                        .parse()
+                        .map_err(|_| format!("{key}={value}: expected a number"))?;
+                }
+                "history_ttl" => {
+                    namespace.history_ttl = humantime::parse_duration(value)
+                        .map_err(|e| format!("{key}={value}: {e}"))?;
+                }
                 other => {
                     return Err(format!(
-                        "unknown namespace rule {other:?} (expected subscribe, publish, presence, join_leave)"
+                        "unknown namespace rule {other:?} (expected subscribe, publish, presence, join_leave, history_size, history_ttl)"
                     ));
                 }
             }
@@ -192,15 +218,24 @@ impl std::fmt::Display for Namespace {
         let on = |b: bool| if b { "on" } else { "off" };
         write!(
             f,
-            "{},subscribe={},publish={},presence={},join_leave={}",
+            "{},subscribe={},publish={},presence={},join_leave={},history_size={},history_ttl={}",
             self.name,
             show_enum(&self.subscribe),
             show_enum(&self.publish),
             on(self.presence),
-            on(self.join_leave)
+            on(self.join_leave),
+            self.history_size,
+            humantime::format_duration(self.history_ttl)
         )
     }
 }
+
+/// Largest `history_size` accepted: a channel's history is read whole when
+/// a client recovers, so it must stay a bounded read.
+pub const MAX_HISTORY_SIZE: u32 = 1_000_000;
+
+/// Largest `max_history_page` accepted.
+pub const MAX_HISTORY_PAGE: usize = 10_000;
 
 /// Shortest HS256 secret accepted: 256 bits, as RFC 7518 §3.2 requires.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -836,7 +871,21 @@ settings! {
         /// Whether subscribers of the default namespace's channels that ask
         /// for them get Join and Leave events.
         channel_join_leave: bool = true,
-        /// Other namespaces, each `NAME[,subscribe=…][,publish=…][,presence=on|off][,join_leave=on|off]`,
+        /// Publications kept in the history of each channel of the default
+        /// namespace (0: no history; with `history_ttl`, both must be set).
+        history_size: u32 = 0,
+        /// How long the history of a channel of the default namespace lives
+        /// after its last publication (0: no history).
+        history_ttl: Duration = Duration::ZERO,
+        /// How long a channel's position (epoch and latest offset) is kept
+        /// after its last publication or read, at least every `history_ttl`:
+        /// positions outlive the publications, so a client that was away
+        /// longer than `history_ttl` is told it missed something rather than
+        /// given a new epoch.
+        history_meta_ttl: Duration = Duration::from_secs(24 * 3600),
+        /// Most publications one history request returns.
+        max_history_page: usize = 100,
+        /// Other namespaces, each `NAME[,subscribe=…][,publish=…][,presence=on|off][,join_leave=on|off][,history_size=N][,history_ttl=DURATION]`,
         /// `;`-separated (in the file: `[[channels.namespaces]]` tables); a
         /// channel `NAME:…` of an undeclared namespace is refused with
         /// UNKNOWN_NAMESPACE.
@@ -928,6 +977,8 @@ impl NodeConfig {
             publish: self.channel_publish,
             presence: self.channel_presence,
             join_leave: self.channel_join_leave,
+            history_size: self.history_size,
+            history_ttl: self.history_ttl,
         }
     }
 
@@ -935,6 +986,12 @@ impl NodeConfig {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.max_subscriptions == 0 {
             return invalid("max_subscriptions must be at least 1".into());
+        }
+        if self.max_history_page == 0 || self.max_history_page > MAX_HISTORY_PAGE {
+            return invalid(format!(
+                "max_history_page must be 1..={MAX_HISTORY_PAGE}, got {}",
+                self.max_history_page
+            ));
         }
         // A Presence answer must fit in one frame, like a client list.
         let entry_bytes =
@@ -971,6 +1028,31 @@ impl NodeConfig {
             if granted && !jwt {
                 return invalid(format!(
                     "{label}: `granted` needs JWT authentication (auth_jwt_secret, auth_jwt_public_key or auth_jwks), whose tokens carry the `channels` claim"
+                ));
+            }
+            let (size, ttl) = (namespace.history_size, namespace.history_ttl);
+            if (size == 0) != ttl.is_zero() {
+                return invalid(format!(
+                    "{label}: history needs both history_size and history_ttl (got {size} and {}); set both, or neither for no history",
+                    humantime::format_duration(ttl)
+                ));
+            }
+            if size > MAX_HISTORY_SIZE {
+                return invalid(format!(
+                    "{label}: history_size must be at most {MAX_HISTORY_SIZE}, got {size}"
+                ));
+            }
+            if ttl < Duration::from_secs(1) && !ttl.is_zero() {
+                return invalid(format!(
+                    "{label}: history_ttl must be at least 1s, got {}",
+                    humantime::format_duration(ttl)
+                ));
+            }
+            if ttl > self.history_meta_ttl {
+                return invalid(format!(
+                    "{label}: history_ttl ({}) must not exceed history_meta_ttl ({}): positions must outlive the publications",
+                    humantime::format_duration(ttl),
+                    humantime::format_duration(self.history_meta_ttl)
                 ));
             }
         }
@@ -1305,8 +1387,12 @@ mod tests {
             "channel_publish" => "subscribers",
             "channel_presence" => "false",
             "channel_join_leave" => "false",
+            "history_size" => "500",
+            "history_ttl" => "10m",
+            "history_meta_ttl" => "2h",
+            "max_history_page" => "50",
             "namespaces" => {
-                "vip,subscribe=granted,publish=nobody,presence=off,join_leave=on;news,subscribe=anyone,publish=subscribers,presence=on,join_leave=off"
+                "vip,subscribe=granted,publish=nobody,presence=off,join_leave=on,history_size=0,history_ttl=0s;news,subscribe=anyone,publish=subscribers,presence=on,join_leave=off,history_size=100,history_ttl=1h"
             }
             other => panic!("no sample value for setting {other}: add one"),
         }
@@ -1463,6 +1549,13 @@ mod tests {
                     t.insert("publish".into(), show_enum(&ns.publish).into());
                     t.insert("presence".into(), ns.presence.into());
                     t.insert("join_leave".into(), ns.join_leave.into());
+                    t.insert("history_size".into(), i64::from(ns.history_size).into());
+                    t.insert(
+                        "history_ttl".into(),
+                        humantime::format_duration(ns.history_ttl)
+                            .to_string()
+                            .into(),
+                    );
                     toml::Value::Table(t)
                 };
                 toml::Value::Array(sample.split(';').map(table).collect())

@@ -322,6 +322,17 @@ impl Collector for NodeCollector {
                 "direction",
                 [("in", get(&s.pubsub_in)), ("out", get(&s.pubsub_out))].into_iter(),
             )?;
+            labelled_counter(
+                &mut e,
+                "history_gap_publications",
+                "Channel publications the node's Redis subscription missed: read back from the channel's history (filled), or no longer there (missed).",
+                "outcome",
+                [
+                    ("filled", get(&s.history_filled)),
+                    ("missed", get(&s.history_missed)),
+                ]
+                .into_iter(),
+            )?;
         }
         histograms(
             &mut e,

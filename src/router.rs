@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::{debug, warn};
 
-use crate::bus::{Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, PublishDone, Target};
+use crate::bus::{
+    Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, PublishDone, Retention, Target,
+};
 use crate::channels::Channels;
 use crate::outbound::EnqueueError;
 use crate::protocol::{self, Body, ClientId, Frame, MessageId, NodeId, Priority, error_code, tag};
@@ -396,6 +398,9 @@ impl MessageRouter {
         channel: &str,
         frame: Bytes,
     ) {
+        if let Some(retention) = self.channels.retention(channel) {
+            return self.publish_with_history(from, id, priority, channel, frame, retention);
+        }
         let started = Instant::now();
         let count = self
             .channels
@@ -430,6 +435,52 @@ impl MessageRouter {
         );
     }
 
+    /// Publishes to a channel with history: appended and published in one
+    /// step, then delivered by every node with subscribers (this one too)
+    /// as the bus hands it back, so every subscriber gets the channel's
+    /// publications in the history's order. Nothing is delivered before it
+    /// is in the history.
+    fn publish_with_history(
+        &self,
+        from: &Arc<ClientHandle>,
+        id: MessageId,
+        priority: Priority,
+        channel: &str,
+        frame: Bytes,
+        retention: Retention,
+    ) {
+        if !self.bus.available() {
+            return from.error(
+                priority,
+                Some(id),
+                error_code::CLUSTER_UNAVAILABLE,
+                format!("not published to {channel}: the cluster bus is unavailable"),
+            );
+        }
+        let message = BusMessage::Publication {
+            origin: self.node_id,
+            channel: channel.to_owned(),
+            priority,
+            event: false,
+            frame,
+        };
+        let sender = from.clone();
+        let channel = channel.to_owned();
+        self.bus.publish(
+            Target::History(retention),
+            message,
+            Some(Box::new(move |published| match published {
+                Ok(_) => sender.ack(priority, id),
+                Err(err) => sender.error(
+                    priority,
+                    Some(id),
+                    error_code::CLUSTER_UNAVAILABLE,
+                    format!("not confirmed published to {channel}: {err}"),
+                ),
+            })),
+        );
+    }
+
     /// Publishes a node-originated frame (a server publication, or a Join
     /// or Leave event when `event`) to `channel` everywhere, except to
     /// client `exclude`. Returns the local subscribers that got it.
@@ -442,6 +493,24 @@ impl MessageRouter {
         exclude: Option<ClientId>,
         done: Option<PublishDone>,
     ) -> usize {
+        let retention = match event {
+            true => None,
+            false => self.channels.retention(channel),
+        };
+        if let Some(retention) = retention {
+            // Delivered here too when the bus hands it back (see
+            // `publish_with_history`): these are the subscribers it is for.
+            let local = self.channels.subscriber_count(channel);
+            let message = BusMessage::Publication {
+                origin: self.node_id,
+                channel: channel.to_owned(),
+                priority,
+                event,
+                frame,
+            };
+            self.bus.publish(Target::History(retention), message, done);
+            return local;
+        }
         let local = self
             .channels
             .deliver(channel, priority, &frame, event, exclude)

@@ -91,6 +91,12 @@ pub struct Stats {
     pub pubsub_in: AtomicU64,
     /// Messages published to the cluster bus.
     pub pubsub_out: AtomicU64,
+    /// Channel publications this node's subscription missed and read back
+    /// from the channel's history.
+    pub history_filled: AtomicU64,
+    /// Channel publications this node's subscription missed that were no
+    /// longer in the channel's history (trimmed, expired or lost).
+    pub history_missed: AtomicU64,
     /// QUIC packets lost, over all connections.
     pub quic_lost_packets: AtomicU64,
     /// From receiving a message to queueing it for local recipients.
@@ -129,6 +135,8 @@ impl Default for Stats {
             refused_by_reason: counters(),
             pubsub_in: AtomicU64::new(0),
             pubsub_out: AtomicU64::new(0),
+            history_filled: AtomicU64::new(0),
+            history_missed: AtomicU64::new(0),
             quic_lost_packets: AtomicU64::new(0),
             delivery_local: latency_histogram(),
             delivery_cross_node: latency_histogram(),

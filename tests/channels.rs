@@ -163,6 +163,64 @@ async fn authenticated_namespaces_refuse_anonymous_clients() {
     expect_server_error(refused, error_code::NOT_ALLOWED);
 }
 
+#[test]
+fn history_settings_are_checked_with_a_clear_error() {
+    let with = |spec: &str| quic_fabric::NodeConfig {
+        namespaces: vec![spec.parse().unwrap()],
+        ..Default::default()
+    };
+    for (spec, why) in [
+        (
+            "h,history_size=10",
+            "history needs both history_size and history_ttl (got 10 and 0s)",
+        ),
+        ("h,history_ttl=1m", "history needs both"),
+        (
+            "h,history_size=1000001,history_ttl=1m",
+            "history_size must be at most 1000000",
+        ),
+        (
+            "h,history_size=5,history_ttl=100ms",
+            "history_ttl must be at least 1s",
+        ),
+        (
+            "h,history_size=5,history_ttl=2d",
+            "must not exceed history_meta_ttl (1day)",
+        ),
+    ] {
+        let err = with(spec).validate().unwrap_err().to_string();
+        assert!(
+            err.contains("namespace \"h\"") && err.contains(why),
+            "{spec}: {err}"
+        );
+    }
+    with("h,history_size=5,history_ttl=10m").validate().unwrap();
+    let config = quic_fabric::NodeConfig {
+        history_size: 5,
+        ..Default::default()
+    };
+    let err = config.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("the default namespace: history needs both"),
+        "{err}"
+    );
+    for (spec, why) in [
+        (
+            "h,history_size=many",
+            "history_size=many: expected a number",
+        ),
+        ("h,history_ttl=soon", "history_ttl=soon"),
+    ] {
+        let err = spec.parse::<quic_fabric::config::Namespace>().unwrap_err();
+        assert!(err.contains(why), "{spec}: {err}");
+    }
+    let ns: quic_fabric::config::Namespace = "h,history_size=7,history_ttl=90s".parse().unwrap();
+    assert_eq!(
+        ns.to_string(),
+        "h,subscribe=anyone,publish=anyone,presence=on,join_leave=on,history_size=7,history_ttl=1m 30s"
+    );
+}
+
 #[tokio::test]
 async fn granted_namespaces_need_jwt_auth_in_the_config() {
     let mut config = quic_fabric::NodeConfig {

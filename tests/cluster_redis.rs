@@ -483,6 +483,11 @@ async fn rediss_with_a_password_and_a_private_ca() {
 
 /// How many PUBLISH commands Redis has executed so far.
 async fn publishes(url: &str) -> u64 {
+    calls(url, "publish").await
+}
+
+/// How many times Redis ran `command` (lowercase), scripts' calls included.
+async fn calls(url: &str, command: &str) -> u64 {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let info: String = redis::cmd("INFO")
@@ -490,10 +495,160 @@ async fn publishes(url: &str) -> u64 {
         .query_async(&mut conn)
         .await
         .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A channel with history costs one script call per publication (which
+/// appends and PUBLISHes), keeps `history_size` entries with the TTLs of
+/// CLUSTER.md, handles offsets beyond 2^32, and starts a new epoch at
+/// offset 1 when its position was lost or rewound below the stream, never
+/// refusing the publication or serving old entries under the new epoch.
+#[tokio::test]
+async fn channel_history_in_redis_is_one_script_call_per_publication_and_a_lost_position_starts_an_epoch()
+ {
+    let cluster = RedisNodes::start_with(2, common::scenarios::with_history).await;
+    let url = &cluster.redis.url;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut sub = n1.connect("s").await;
+    let publisher = n2.connect("p").await;
+    sub.subscribe("h:room", false).await.unwrap();
+    let keys = quic_fabric::bus::redis_bus::Keys::new(&n1.config().redis_prefix);
+    let (stream, meta) = (keys.history("h:room"), keys.history_meta("h:room"));
+    let mut conn = cluster.redis.conn().await;
+
+    let publish = async |text: &str| {
+        publisher
+            .publish("h:room", Payload::Text(text.into()), Priority::Normal)
+            .await
+            .unwrap()
+    };
+    let (scripts, published) = (calls(url, "evalsha").await, publishes(url).await);
+    const COUNT: u64 = 10;
+    for i in 0..COUNT {
+        let id = publish(&format!("m{i}")).await;
+        assert_eq!(next_matching(&mut sub, |f| f.id == id).await.id, id);
+    }
+    assert_eq!(
+        calls(url, "evalsha").await - scripts,
+        COUNT,
+        "one script call each"
+    );
+    assert_eq!(
+        publishes(url).await - published,
+        COUNT,
+        "one PUBLISH each, inside it"
+    );
+    let len: u64 = redis::cmd("XLEN")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 5, "history_size");
+    let stream_ttl: i64 = redis::cmd("PTTL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (590_000..=600_000).contains(&stream_ttl),
+        "history_ttl: {stream_ttl}"
+    );
+    let meta_ttl: i64 = redis::cmd("PTTL")
+        .arg(&meta)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(meta_ttl > 23 * 3600 * 1000, "history_meta_ttl: {meta_ttl}");
+    let epoch = n1
+        .bus()
+        .history("h:room", 1, None)
+        .await
+        .unwrap()
+        .position
+        .epoch;
+
+    // Offsets past 2^40 are exact in the script's numbers and entry ids.
+    let big = 1u64 << 40;
+    let () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("s")
+        .arg(big)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id = publish("big").await;
+    next_matching(&mut sub, |f| f.id == id).await;
+    let page = n2.bus().history("h:room", 5, None).await.unwrap();
+    assert_eq!(page.position.epoch, epoch);
+    assert_eq!(page.position.offset, big + 1);
+    assert_eq!(page.entries.last().map(|e| e.offset), Some(big + 1));
+
+    // The position rewound below the stream (restored from older data):
+    // the publication starts a new epoch instead of failing.
+    let () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("s")
+        .arg(3)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id = publish("rewound").await;
+    next_matching(&mut sub, |f| f.id == id).await;
+    let page = n1.bus().history("h:room", 5, None).await.unwrap();
+    assert_ne!(page.position.epoch, epoch, "a new epoch");
+    assert_eq!(page.position.offset, 1);
+    assert_eq!(
+        page.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![1]
+    );
+    let epoch = page.position.epoch;
+
+    // The position lost (evicted, expired): a new epoch at offset 1, and
+    // the stream left from the old one is not served in it.
+    let () = redis::cmd("DEL")
+        .arg(&meta)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id = publish("lost").await;
+    next_matching(&mut sub, |f| f.id == id).await;
+    let page = n2.bus().history("h:room", 5, None).await.unwrap();
+    assert_ne!(page.position.epoch, epoch, "a new epoch");
+    assert_eq!(page.position.offset, 1);
+    assert_eq!(page.entries.len(), 1);
+
+    // Redis forgot its scripts (restart, SCRIPT FLUSH): the next pipeline
+    // loads it again before calling it.
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id = publish("reloaded").await;
+    next_matching(&mut sub, |f| f.id == id).await;
+
+    // A publication Redis refuses (here: its position key is not a hash)
+    // fails alone, with Redis's reason; the others in flight still land.
+    let broken = keys.history_meta("h:broken");
+    let () = redis::cmd("SET")
+        .arg(&broken)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (refused, fine) = tokio::join!(
+        publisher.publish("h:broken", Payload::Text("no".into()), Priority::Normal),
+        publisher.publish("h:room", Payload::Text("yes".into()), Priority::Normal),
+    );
+    let message = common::expect_server_error(refused, error_code::CLUSTER_UNAVAILABLE);
+    assert!(message.contains("WRONGTYPE"), "{message}");
+    let id = fine.unwrap();
+    next_matching(&mut sub, |f| f.id == id).await;
+    cluster.finish().await;
 }
 
 #[tokio::test]
@@ -777,5 +932,90 @@ async fn broadcasts_from_many_tasks_at_once_are_all_delivered_and_acked() {
             ),
         }
     }
+    cluster.finish().await;
+}
+
+/// The ids of Redis's pub/sub connections, oldest first.
+async fn pubsub_clients(redis: &TestRedis) -> Vec<u64> {
+    let mut conn = redis.conn().await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut ids: Vec<u64> = list
+        .lines()
+        .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A node whose Redis subscription drops (three times, mid-stream) loses
+/// nothing of a channel with history: it reads what it missed back from
+/// the history and its subscribers get every publication exactly once, in
+/// order, like the subscribers on the publisher's node (who get them as
+/// Redis hands them back too).
+#[tokio::test]
+async fn a_node_whose_subscription_drops_fills_the_gap_from_the_history() {
+    let cluster = RedisNodes::start_with(2, |_, c| {
+        c.namespaces = vec!["h,history_size=5000,history_ttl=10m".parse().unwrap()];
+    })
+    .await;
+    let (redis, n1, n2) = (&cluster.redis, &cluster.nodes[0], &cluster.nodes[1]);
+    let mut near = n1.connect("near").await;
+    let mut far = n2.connect("far").await;
+    near.subscribe("h:feed", false).await.unwrap();
+    far.subscribe("h:feed", false).await.unwrap();
+    // n2 subscribed last: its subscription is the newest.
+    let mut victim = *pubsub_clients(redis).await.last().unwrap();
+    let publisher = n1.connect("p").await;
+    const COUNT: usize = 600;
+    let publishing = tokio::spawn(async move {
+        for i in 0..COUNT {
+            publisher
+                .publish("h:feed", Payload::Text(i.to_string()), Priority::Normal)
+                .await
+                .unwrap_or_else(|e| panic!("publication {i}: {e}"));
+        }
+        publisher
+    });
+    let mut conn = redis.conn().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(victim)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(killed, 1);
+        eventually(WAIT, "n2 subscribes again", || async {
+            pubsub_clients(redis).await.last() > Some(&victim)
+        })
+        .await;
+        victim = *pubsub_clients(redis).await.last().unwrap();
+    }
+    let _publisher = publishing.await.unwrap();
+    for (who, client) in [("near", &mut near), ("far", &mut far)] {
+        for i in 0..COUNT {
+            let got = next_matching(client, |f| matches!(f.body, Body::Publish { .. })).await;
+            match &got.body {
+                Body::Publish {
+                    payload: Payload::Text(text),
+                    ..
+                } => assert_eq!(text, &i.to_string(), "{who}: in order, once each"),
+                other => panic!("{who}: {other:?}"),
+            }
+        }
+        common::assert_none_before_echo(client, |f| matches!(f.body, Body::Publish { .. })).await;
+    }
+    let filled = quic_fabric::stats::get(&n2.stats().history_filled);
+    let missed = quic_fabric::stats::get(&n2.stats().history_missed);
+    assert!(filled > 0, "the drops never cost n2 a publication");
+    assert_eq!(missed, 0);
     cluster.finish().await;
 }

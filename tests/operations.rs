@@ -921,3 +921,118 @@ async fn channel_gauges_follow_subscriptions() {
     assert_eq!(sample(&last, "fabric_channels_subscribed"), 1.0);
     assert_eq!(sample(&last, "fabric_channel_subscriptions"), 1.0);
 }
+
+/// A lone node keeps history too: `GET /channels/{c}/history` gives the
+/// latest publications (the client's and the server's) as `fabric sub`
+/// lines with their epoch and offset, pages back with `before`, checks
+/// `limit` against the history size, and refuses a namespace without
+/// history.
+#[tokio::test]
+async fn admin_api_reads_a_channels_history() {
+    let node = TestNode::start_with(|c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin_token = Some(TOKEN.into());
+        c.history_size = 3;
+        c.history_ttl = Duration::from_secs(60);
+        channel_namespaces(c);
+    })
+    .await;
+    let admin = node.admin_addr.unwrap();
+    let alice = node.connect("alice").await;
+    for i in 0..4 {
+        alice
+            .publish("room", Payload::Text(format!("m{i}")), Priority::Normal)
+            .await
+            .unwrap();
+    }
+    let sent = http(
+        admin,
+        "POST",
+        "/channels/room/publish",
+        Some(TOKEN),
+        Some(r#"{"binary_base64":"AAEC/w==","priority":"high"}"#),
+    )
+    .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+
+    let read = http(admin, "GET", "/channels/room/history", Some(TOKEN), None).await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    let page = read.json();
+    assert_eq!(page["channel"], "room");
+    assert_eq!(page["offset"], 5);
+    let epoch = page["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(epoch.len(), 16, "{epoch}");
+    assert_eq!(page["more"], false, "the 3 kept are all there");
+    let publications = page["publications"].as_array().unwrap();
+    let offsets: Vec<u64> = publications
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![3, 4, 5]);
+    for p in publications {
+        assert_eq!(p["type"], "publication");
+        assert_eq!(p["channel"], "room");
+        assert_eq!(p["epoch"], epoch.as_str());
+    }
+    assert_eq!(publications[0]["text"], "m2");
+    assert_eq!(
+        publications[0]["from"]["client_id"],
+        alice.client_id().to_string()
+    );
+    assert_eq!(publications[2]["binary"], "AAEC/w==");
+    assert_eq!(publications[2]["from"], serde_json::Value::Null);
+    assert_eq!(publications[2]["priority"], "high");
+    assert_eq!(publications[2]["id"], sent.json()["id"]);
+
+    let read = http(
+        admin,
+        "GET",
+        "/channels/room/history?limit=1",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    let page = read.json();
+    assert_eq!(page["publications"][0]["offset"], 5);
+    assert_eq!(page["more"], true);
+    let read = http(
+        admin,
+        "GET",
+        "/channels/room/history?limit=2&before=5",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    let page = read.json();
+    let offsets: Vec<u64> = page["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![3, 4]);
+    assert_eq!(page["more"], false, "1 and 2 are no longer kept");
+
+    for bad in ["limit=0", "limit=4"] {
+        let read = http(
+            admin,
+            "GET",
+            &format!("/channels/room/history?{bad}"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(read.status, 400, "{bad}: {}", read.body);
+        assert!(read.body.contains("limit must be 1..=3"), "{}", read.body);
+    }
+    let read = http(
+        admin,
+        "GET",
+        "/channels/chat%3Aroom/history",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(read.status, 409, "{}", read.body);
+    assert!(read.body.contains("history is off"), "{}", read.body);
+}

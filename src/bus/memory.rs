@@ -3,16 +3,18 @@
 //! same [`MemoryCluster`] see each other's clients and exchange messages
 //! through bounded channels.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, Feed, Landed, PublishDone, Target,
-    sort_and_cut,
+    BusError, BusMessage, ClusterBus, ClusterEventSender, Feed, HistoryEntry, HistoryPage, Landed,
+    PublishDone, Retention, Target, sort_and_cut,
 };
-use crate::protocol::{ClientId, ClientInfo, NodeId};
+use crate::protocol::{ClientId, ClientInfo, NodeId, Position};
 
 struct Member {
     inbox: ClusterEventSender,
@@ -25,16 +27,148 @@ struct Member {
     members: HashMap<String, HashMap<ClientId, ClientInfo>>,
 }
 
+/// One channel's history, as Redis keeps it (see CLUSTER.md): the
+/// position outlives the publications by `meta_ttl`.
+struct ChannelHistory {
+    epoch: u64,
+    top: u64,
+    entries: VecDeque<HistoryEntry>,
+    /// When the publications expire (`history_ttl` after the last one).
+    entries_until: Instant,
+    /// When the position expires (a new epoch starts after it).
+    until: Instant,
+}
+
+impl ChannelHistory {
+    fn fresh(now: Instant) -> Self {
+        ChannelHistory {
+            epoch: super::new_epoch(),
+            top: 0,
+            entries: VecDeque::new(),
+            entries_until: now,
+            until: now,
+        }
+    }
+}
+
+/// The histories of every channel that keeps one.
+struct Histories {
+    channels: HashMap<String, ChannelHistory>,
+    meta_ttl: Duration,
+    /// Appends since expired channels were last forgotten.
+    appends: u32,
+}
+
+impl Histories {
+    /// `channel`'s history as of `now`: a lost position starts a new epoch,
+    /// expired publications are gone.
+    fn current(&mut self, channel: &str, now: Instant) -> &mut ChannelHistory {
+        let meta_ttl = self.meta_ttl;
+        let history = self
+            .channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| ChannelHistory::fresh(now));
+        if history.until <= now && history.top > 0 {
+            *history = ChannelHistory::fresh(now);
+        }
+        if history.entries_until <= now {
+            history.entries.clear();
+        }
+        history.until = now + meta_ttl;
+        history
+    }
+
+    fn append(
+        &mut self,
+        channel: &str,
+        retention: Retention,
+        message: &BusMessage,
+    ) -> Option<Position> {
+        let BusMessage::Publication {
+            priority, frame, ..
+        } = message
+        else {
+            return None;
+        };
+        let now = Instant::now();
+        self.appends += 1;
+        if self.appends >= 1024 {
+            self.appends = 0;
+            self.channels.retain(|_, h| h.until > now);
+        }
+        let history = self.current(channel, now);
+        history.top += 1;
+        history.entries.push_back(HistoryEntry {
+            offset: history.top,
+            priority: *priority,
+            frame: frame.clone(),
+        });
+        while history.entries.len() > retention.size as usize {
+            history.entries.pop_front();
+        }
+        history.entries_until = now + retention.ttl;
+        Some(Position {
+            epoch: history.epoch,
+            offset: history.top,
+        })
+    }
+
+    fn page(&mut self, channel: &str, limit: usize, before: Option<u64>) -> HistoryPage {
+        let history = self.current(channel, Instant::now());
+        let older: Vec<&HistoryEntry> = history
+            .entries
+            .iter()
+            .filter(|e| before.is_none_or(|b| e.offset < b))
+            .collect();
+        let skip = older.len().saturating_sub(limit);
+        HistoryPage {
+            position: Position {
+                epoch: history.epoch,
+                offset: history.top,
+            },
+            entries: older[skip..].iter().map(|e| (*e).clone()).collect(),
+            more: skip > 0,
+        }
+    }
+}
+
 /// The shared state of in-process nodes.
-#[derive(Default)]
 pub struct MemoryCluster {
     members: RwLock<HashMap<NodeId, Member>>,
+    histories: Mutex<Histories>,
 }
+
+impl Default for MemoryCluster {
+    fn default() -> Self {
+        MemoryCluster {
+            members: RwLock::default(),
+            histories: Mutex::new(Histories {
+                channels: HashMap::new(),
+                meta_ttl: DEFAULT_META_TTL,
+                appends: 0,
+            }),
+        }
+    }
+}
+
+/// How long a channel's position outlives its last publication unless
+/// set otherwise ([`MemoryCluster::set_history_meta_ttl`]).
+const DEFAULT_META_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl MemoryCluster {
     /// An empty cluster.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Sets how long a channel's position outlives its last publication
+    /// or read (`history_meta_ttl`).
+    pub fn set_history_meta_ttl(&self, ttl: Duration) {
+        self.histories().meta_ttl = ttl;
+    }
+
+    fn histories(&self) -> std::sync::MutexGuard<'_, Histories> {
+        self.histories.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, Member>> {
@@ -81,6 +215,12 @@ impl MemoryBus {
         }
     }
 
+    /// Sets how long a channel's position outlives its last publication
+    /// or read (`history_meta_ttl`).
+    pub fn set_history_meta_ttl(&self, ttl: Duration) {
+        self.cluster.set_history_meta_ttl(ttl);
+    }
+
     fn with_me(&self, change: impl FnOnce(&mut Member)) {
         if let Some(me) = self.cluster.write().get_mut(&self.node_id) {
             change(me);
@@ -96,6 +236,53 @@ impl MemoryBus {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+}
+
+impl MemoryBus {
+    /// Hands `message` to the nodes `target` names.
+    fn send(&self, target: Target, message: BusMessage) -> Result<usize, BusError> {
+        let members = self.cluster.read();
+        let outcome = match target {
+            Target::AllNodes => {
+                // This node counts as reached, as a Redis subscriber does.
+                let reached = 1 + members
+                    .iter()
+                    .filter(|(node, _)| **node != self.node_id)
+                    .filter(|(node, member)| self.deliver(member, **node, message.clone()))
+                    .count();
+                let live = members.len().max(1);
+                if reached >= live {
+                    Ok(reached)
+                } else {
+                    Err(BusError::Partial { reached, live })
+                }
+            }
+            Target::Node(node) => match members.get(&node) {
+                None => Ok(0),
+                Some(member) if self.deliver(member, node, message) => Ok(1),
+                Some(_) => Err(BusError::NotListening(node)),
+            },
+            Target::Channel | Target::History(_) => {
+                let wanted = match &message {
+                    BusMessage::Publication { channel, event, .. } => {
+                        (Feed::of(*event), channel.clone())
+                    }
+                    _ => (Feed::Publications, String::new()),
+                };
+                // A history publication comes back to its own node too.
+                let echo = matches!(target, Target::History(_));
+                Ok(members
+                    .iter()
+                    .filter(|(node, m)| {
+                        (echo || **node != self.node_id) && m.wanted.contains(&wanted)
+                    })
+                    .filter(|(node, member)| self.deliver(member, **node, message.clone()))
+                    .count())
+            }
+        };
+        drop(members);
+        outcome
     }
 }
 
@@ -146,42 +333,16 @@ impl ClusterBus for MemoryBus {
     }
 
     fn publish(&self, target: Target, message: BusMessage, done: Option<PublishDone>) {
-        let members = self.cluster.read();
-        let outcome = match target {
-            Target::AllNodes => {
-                // This node counts as reached, as a Redis subscriber does.
-                let reached = 1 + members
-                    .iter()
-                    .filter(|(node, _)| **node != self.node_id)
-                    .filter(|(node, member)| self.deliver(member, **node, message.clone()))
-                    .count();
-                let live = members.len().max(1);
-                if reached >= live {
-                    Ok(reached)
-                } else {
-                    Err(BusError::Partial { reached, live })
-                }
+        let outcome = match (target, &message) {
+            (Target::History(retention), BusMessage::Publication { channel, .. }) => {
+                // Delivered while the histories are held, so every node
+                // gets a channel's publications in offset order.
+                let mut histories = self.cluster.histories();
+                histories.append(channel, retention, &message);
+                self.send(target, message)
             }
-            Target::Node(node) => match members.get(&node) {
-                None => Ok(0),
-                Some(member) if self.deliver(member, node, message) => Ok(1),
-                Some(_) => Err(BusError::NotListening(node)),
-            },
-            Target::Channel => {
-                let wanted = match &message {
-                    BusMessage::Publication { channel, event, .. } => {
-                        (Feed::of(*event), channel.clone())
-                    }
-                    _ => (Feed::Publications, String::new()),
-                };
-                Ok(members
-                    .iter()
-                    .filter(|(node, m)| **node != self.node_id && m.wanted.contains(&wanted))
-                    .filter(|(node, member)| self.deliver(member, **node, message.clone()))
-                    .count())
-            }
+            _ => self.send(target, message),
         };
-        drop(members);
         if let Some(done) = done {
             done(outcome);
         }
@@ -274,6 +435,20 @@ impl ClusterBus for MemoryBus {
         Ok(channels)
     }
 
+    async fn history(
+        &self,
+        channel: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<HistoryPage, BusError> {
+        Ok(self.cluster.histories().page(channel, limit, before))
+    }
+
+    async fn follow_history(&self, _channel: &str) -> Result<(), BusError> {
+        // In-process delivery has no subscription to drop.
+        Ok(())
+    }
+
     async fn locate_user(&self, user: &str) -> Result<Vec<NodeId>, BusError> {
         Ok(self
             .cluster
@@ -282,5 +457,63 @@ impl ClusterBus for MemoryBus {
             .filter(|(_, m)| m.clients.values().any(|c| c.user.as_deref() == Some(user)))
             .map(|(node, _)| *node)
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Priority;
+
+    fn publication(text: &str) -> BusMessage {
+        BusMessage::Publication {
+            origin: NodeId::new_random(),
+            channel: "h".into(),
+            priority: Priority::Normal,
+            event: false,
+            frame: bytes::Bytes::copy_from_slice(text.as_bytes()),
+        }
+    }
+
+    /// Publications expire `ttl` after the last one, the position later
+    /// (`meta_ttl`, refreshed by reads too); then a new epoch starts.
+    #[tokio::test(start_paused = true)]
+    async fn publications_expire_before_the_position_which_then_starts_an_epoch() {
+        let mut histories = Histories {
+            channels: HashMap::new(),
+            meta_ttl: Duration::from_secs(100),
+            appends: 0,
+        };
+        let retention = Retention {
+            size: 2,
+            ttl: Duration::from_secs(10),
+        };
+        for text in ["a", "b", "c"] {
+            histories
+                .append("h", retention, &publication(text))
+                .unwrap();
+        }
+        let page = histories.page("h", 10, None);
+        let epoch = page.position.epoch;
+        assert_eq!(page.position.offset, 3);
+        assert_eq!(
+            page.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let page = histories.page("h", 10, None);
+        assert_eq!((page.position.epoch, page.position.offset), (epoch, 3));
+        assert!(page.entries.is_empty(), "expired with the TTL");
+        let next = histories.append("h", retention, &publication("d")).unwrap();
+        assert_eq!((next.epoch, next.offset), (epoch, 4), "the epoch goes on");
+        // Reads keep the position alive; without any, it expires.
+        tokio::time::advance(Duration::from_secs(90)).await;
+        assert_eq!(histories.page("h", 10, None).position.epoch, epoch);
+        tokio::time::advance(Duration::from_secs(101)).await;
+        let page = histories.page("h", 10, None);
+        assert_ne!(page.position.epoch, epoch, "a lost position is a new epoch");
+        assert_eq!(page.position.offset, 0);
+        let next = histories.append("h", retention, &publication("e")).unwrap();
+        assert_eq!((next.epoch, next.offset), (page.position.epoch, 1));
     }
 }

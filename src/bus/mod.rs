@@ -16,12 +16,13 @@ pub mod memory;
 pub mod redis_bus;
 
 use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::protocol::{ClientId, ClientInfo, MessageId, NodeId, Priority};
+use crate::protocol::{ClientId, ClientInfo, MessageId, NodeId, Position, Priority};
 
 /// Why a cluster operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,6 +196,45 @@ pub enum Target {
     /// The nodes subscribed to the channel of the [`BusMessage::Publication`]
     /// published, on its [`Feed`].
     Channel,
+    /// Like [`Target::Channel`], for a publication of a channel that keeps
+    /// history: it is appended to the channel's history at the next
+    /// position, atomically with being published, and every node with
+    /// subscribers, the sender's included, delivers it as it comes back
+    /// (so all in offset order).
+    History(Retention),
+}
+
+/// How much history a channel keeps (its namespace's `history_size` and
+/// `history_ttl`, both non-zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most publications kept (the oldest go first).
+    pub size: u32,
+    /// How long the history lives after the channel's last publication.
+    pub ttl: Duration,
+}
+
+/// Publications of a channel's history, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// The channel's current position: its epoch, and the offset of its
+    /// latest publication (0 when none was published in this epoch).
+    pub position: Position,
+    /// The publications asked for, oldest first.
+    pub entries: Vec<HistoryEntry>,
+    /// Whether older publications than the first entry are kept.
+    pub more: bool,
+}
+
+/// One publication of a channel's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// Its offset in the page's epoch.
+    pub offset: u64,
+    /// Its delivery priority.
+    pub priority: Priority,
+    /// The Publish frame as subscribers got it, length prefix included.
+    pub frame: Bytes,
 }
 
 /// What other nodes send this one, in the order they arrive; read by the
@@ -352,6 +392,21 @@ pub trait ClusterBus: Send + Sync {
     /// The live nodes where `user` has at least one connection.
     fn locate_user(&self, user: &str)
     -> impl Future<Output = Result<Vec<NodeId>, BusError>> + Send;
+
+    /// Makes this node deliver `channel`'s publications without a gap
+    /// from its current position on: call it once the node subscribed to
+    /// a channel with history. A publication its subscription misses later
+    /// is read back from the history and delivered in offset order.
+    fn follow_history(&self, channel: &str) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// The latest publications (at most `limit`) of `channel`'s history
+    /// that are older than offset `before` (`None`: the newest).
+    fn history(
+        &self,
+        channel: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> impl Future<Output = Result<HistoryPage, BusError>> + Send;
 }
 
 /// The bus a node runs with.
@@ -451,6 +506,24 @@ impl ClusterBus for Bus {
     async fn locate_user(&self, user: &str) -> Result<Vec<NodeId>, BusError> {
         dispatch!(self, b => b.locate_user(user).await)
     }
+
+    async fn history(
+        &self,
+        channel: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<HistoryPage, BusError> {
+        dispatch!(self, b => b.history(channel, limit, before).await)
+    }
+
+    async fn follow_history(&self, channel: &str) -> Result<(), BusError> {
+        dispatch!(self, b => b.follow_history(channel).await)
+    }
+}
+
+/// A new random, non-zero history epoch.
+pub(crate) fn new_epoch() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0 | 1
 }
 
 /// Sorts clients by connection time and cuts the list at `limit`.

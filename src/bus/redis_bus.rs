@@ -33,11 +33,11 @@ use serde::{Deserialize, Serialize};
 
 use super::confirm::{Answer, Arrival, Incoming, Outgoing};
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, Feed, Landed, LocalPresence, PublishDone,
-    Target, sort_and_cut,
+    BusError, BusMessage, ClusterBus, ClusterEventSender, Feed, HistoryEntry, HistoryPage, Landed,
+    LocalPresence, PublishDone, Retention, Target, sort_and_cut,
 };
 use crate::protocol::codec::{decode_value, encode_value};
-use crate::protocol::{ClientId, ClientInfo, NodeId, now_ms};
+use crate::protocol::{ClientId, ClientInfo, NodeId, Position, now_ms};
 use crate::stats::Stats;
 
 /// Most queued operations sent in one pipeline.
@@ -69,6 +69,8 @@ pub struct RedisBusConfig {
     /// How long a broadcast waits for every live node's confirmation
     /// before the sender is told it may not have reached them.
     pub confirm_timeout: Duration,
+    /// How long a channel's position outlives its last publication or read.
+    pub history_meta_ttl: Duration,
 }
 
 /// Key and channel names (see CLUSTER.md).
@@ -142,6 +144,16 @@ impl Keys {
     /// `user` entries are the node's, to remove when it is gone.
     pub fn node_users(&self, node: NodeId) -> String {
         format!("{}:node:{node}:users", self.prefix)
+    }
+    /// STREAM of a fabric channel's history: entry id `OFFSET-0`, field `m`
+    /// the bytes published (a [`Wire::Positioned`]).
+    pub fn history(&self, channel: &str) -> String {
+        format!("{}:hist:{channel}", self.prefix)
+    }
+    /// HASH of a fabric channel's position: `e` its epoch (8 bytes, u64
+    /// LE), `s` its latest offset.
+    pub fn history_meta(&self, channel: &str) -> String {
+        format!("{}:hist-meta:{channel}", self.prefix)
     }
     /// STRING random marker created once per Redis dataset: when it
     /// changes, Redis lost its data (a restart without persistence).
@@ -280,6 +292,34 @@ pub enum Wire {
     /// the order they were published (consecutive directs and receipts for
     /// one node travel in one PUBLISH; see `merge_messages`).
     Messages(Vec<BusMessage>),
+    /// Tag 5: a channel publication and its place in the channel's
+    /// history. The node encodes it with a zero position and leaves the
+    /// last 16 bytes out; `publish_history.lua` appends the real one, and
+    /// stores the same bytes in the history stream.
+    Positioned {
+        /// The publication ([`BusMessage::Publication`]).
+        message: BusMessage,
+        /// Its place in the channel's history.
+        position: Position,
+    },
+}
+
+/// Bytes of an encoded [`Position`] (two u64, little-endian), the tail of
+/// an encoded [`Wire::Positioned`].
+const POSITION_BYTES: usize = 16;
+
+/// Appends a publication to its channel's history and publishes it.
+const PUBLISH_HISTORY_LUA: &str = include_str!("scripts/publish_history.lua");
+static PUBLISH_HISTORY: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(PUBLISH_HISTORY_LUA));
+
+/// Reads a channel's position and latest publications.
+static HISTORY_READ: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/history_read.lua")));
+
+/// A fresh epoch as the scripts take it: 8 bytes, u64 little-endian.
+fn epoch_arg() -> [u8; 8] {
+    super::new_epoch().to_le_bytes()
 }
 
 /// The wire tag of [`Wire::Message`] and [`Wire::Messages`] (bincode
@@ -295,6 +335,56 @@ fn is_message(payload: &[u8]) -> bool {
 /// A publish's target, number and callbacks, one entry per PUBLISH in a
 /// pipeline (a merged PUBLISH has several callbacks).
 type Published = (Target, Option<u64>, Vec<PublishDone>);
+
+/// What one command of a writer pipeline is for: its reply is read
+/// accordingly, and a failed command fails only what it was for.
+enum Slot {
+    /// A presence or bookkeeping write.
+    Write,
+    /// Loading the scripts the pipeline runs.
+    Load,
+    /// A PUBLISH (or script), for the next entry of `published`.
+    Publish,
+}
+
+/// A writer pipeline being built: the commands, and what each is for.
+struct Batch {
+    pipe: redis::Pipeline,
+    slots: Vec<Slot>,
+    published: Vec<Published>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        let mut pipe = redis::pipe();
+        // Every reply comes back, errors included, so that one refused
+        // command (a script error, out of memory) fails only its own op.
+        pipe.ignore_errors();
+        Batch {
+            pipe,
+            slots: Vec::new(),
+            published: Vec::new(),
+        }
+    }
+
+    /// The pipeline, to add a presence or bookkeeping write to.
+    fn write(&mut self) -> &mut redis::Pipeline {
+        self.slots.push(Slot::Write);
+        &mut self.pipe
+    }
+
+    /// The pipeline, to add the one command that publishes for `dones`.
+    fn publish(
+        &mut self,
+        target: Target,
+        seq: Option<u64>,
+        dones: Vec<PublishDone>,
+    ) -> &mut redis::Pipeline {
+        self.slots.push(Slot::Publish);
+        self.published.push((target, seq, dones));
+        &mut self.pipe
+    }
+}
 
 /// Consecutive encoded messages for one node's channel, to be published
 /// together.
@@ -331,16 +421,19 @@ impl MessageRun {
         self.dones.extend(done);
     }
 
-    /// Adds the run's PUBLISH to `pipe`.
-    fn publish(self, pipe: &mut redis::Pipeline, published: &mut Vec<Published>) {
+    /// Adds the run's PUBLISH to `batch`.
+    fn publish(self, batch: &mut Batch) {
         let mut payloads = self.payloads;
         let payload = if payloads.len() == 1 {
             payloads.swap_remove(0)
         } else {
             merge_messages(&payloads)
         };
-        pipe.cmd("PUBLISH").arg(self.channel).arg(payload);
-        published.push((Target::Node(self.node), None, self.dones));
+        batch
+            .publish(Target::Node(self.node), None, self.dones)
+            .cmd("PUBLISH")
+            .arg(self.channel)
+            .arg(payload);
     }
 }
 
@@ -369,6 +462,16 @@ enum Op {
         /// A broadcast's number, when it must be confirmed.
         seq: Option<u64>,
         channel: String,
+        payload: Vec<u8>,
+        done: Option<PublishDone>,
+    },
+    /// A publication of a channel that keeps history: appended to the
+    /// history and published by `publish_history.lua`.
+    Append {
+        /// The fabric channel.
+        channel: String,
+        retention: Retention,
+        /// The encoded [`Wire::Positioned`] without its position.
         payload: Vec<u8>,
         done: Option<PublishDone>,
     },
@@ -414,6 +517,9 @@ struct Inner {
     doubtful: Mutex<HashSet<String>>,
     /// The current subscription connection's command half.
     sink: Mutex<Option<redis::aio::PubSubSink>>,
+    /// Where this node is in each channel with history it receives (by
+    /// fabric channel): what it delivered, to detect and fill gaps.
+    follows: Mutex<HashMap<String, Follow>>,
     /// Taken by whatever changes the channel subscriptions, one at a time.
     channel_turn: tokio::sync::Mutex<()>,
     cancel: CancellationToken,
@@ -640,6 +746,7 @@ impl RedisBus {
                 have: Mutex::new(HashSet::new()),
                 doubtful: Mutex::new(HashSet::new()),
                 sink: Mutex::new(None),
+                follows: Mutex::new(HashMap::new()),
                 channel_turn: tokio::sync::Mutex::new(()),
                 cancel: CancellationToken::new(),
                 stats,
@@ -661,9 +768,59 @@ impl RedisBus {
     }
 
     /// What becomes of an operation the full (or closed) queue refused.
+    /// Queues a publication of a channel that keeps history, to be
+    /// appended to it and published in one script.
+    fn append(&self, retention: Retention, message: BusMessage, done: Option<PublishDone>) {
+        let channel = match &message {
+            BusMessage::Publication {
+                channel,
+                event: false,
+                ..
+            } => channel.clone(),
+            other => {
+                warn!(
+                    ?other,
+                    "only publications go to a channel's history; dropped"
+                );
+                return;
+            }
+        };
+        let wire = Wire::Positioned {
+            message,
+            position: Position {
+                epoch: 0,
+                offset: 0,
+            },
+        };
+        let mut payload = match encode_value(&wire) {
+            Ok(payload) => payload,
+            Err(err) => {
+                if let Some(done) = done {
+                    done(Err(BusError::Unavailable(err.to_string())));
+                }
+                return;
+            }
+        };
+        payload.truncate(payload.len() - POSITION_BYTES);
+        let queued = self.inner.ops.try_send(Op::Append {
+            channel,
+            retention,
+            payload,
+            done,
+        });
+        if let Err(mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op)) =
+            queued
+        {
+            self.refused(op);
+        }
+    }
+
     fn refused(&self, op: Op) {
         match op {
             Op::Publish {
+                done: Some(done), ..
+            }
+            | Op::Append {
                 done: Some(done), ..
             } => done(Err(BusError::Backlog)),
             Op::Join(..)
@@ -859,6 +1016,9 @@ impl ClusterBus for RedisBus {
     }
 
     fn publish(&self, target: Target, message: BusMessage, done: Option<PublishDone>) {
+        if let Target::History(retention) = target {
+            return self.append(retention, message, done);
+        }
         // A broadcast is numbered and queued under one lock, held until
         // it is queued: the write queue, and so Redis, must see broadcasts
         // in number order. Numbered first and queued after, two tasks
@@ -898,6 +1058,7 @@ impl ClusterBus for RedisBus {
                 };
                 (channel, None, Wire::Message(message))
             }
+            Target::History(_) => unreachable!("appended above"),
         };
         let payload = match encode_value(&wire) {
             Ok(payload) => payload,
@@ -945,6 +1106,9 @@ impl ClusterBus for RedisBus {
             set.insert(name);
         } else {
             set.remove(&name);
+            if feed == Feed::Publications {
+                lock(&self.inner.follows).remove(channel);
+            }
         }
     }
 
@@ -1062,6 +1226,51 @@ impl ClusterBus for RedisBus {
         let mut channels: Vec<_> = counts.into_iter().collect();
         channels.sort();
         Ok(channels)
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<HistoryPage, BusError> {
+        let (position, entries, more) =
+            read_history(&self.inner, channel, Read::Before(before), limit).await?;
+        Ok(HistoryPage {
+            position,
+            entries: entries
+                .into_iter()
+                .filter_map(|(message, position)| match message {
+                    BusMessage::Publication {
+                        priority, frame, ..
+                    } => Some(HistoryEntry {
+                        offset: position.offset,
+                        priority,
+                        frame,
+                    }),
+                    _ => None,
+                })
+                .collect(),
+            more,
+        })
+    }
+
+    async fn follow_history(&self, channel: &str) -> Result<(), BusError> {
+        let inner = &self.inner;
+        if !lock(&inner.wanted).contains(&inner.keys.channel(channel)) {
+            return Ok(());
+        }
+        let (position, _, _) = read_history(inner, channel, Read::Before(None), 0).await?;
+        // Publications up to `position` may still be on their way to this
+        // node: they are delivered as they come, not taken for duplicates.
+        lock(&inner.follows)
+            .entry(channel.to_owned())
+            .or_insert(Follow {
+                epoch: position.epoch,
+                last: position.offset,
+                seeded: true,
+            });
+        Ok(())
     }
 
     async fn locate_user(&self, user: &str) -> Result<Vec<NodeId>, BusError> {
@@ -1191,8 +1400,19 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
     }
     let keys = &inner.keys;
     let node = inner.config.node_id.to_string();
-    let mut pipe = redis::pipe();
-    let mut dones = Vec::new();
+    let node_ttl_ms = inner.config.node_ttl.as_millis() as u64;
+    let mut batch = Batch::new();
+    if ops.iter().any(|op| matches!(op, Op::Append { .. })) {
+        // EVALSHA in a pipeline is not retried on NOSCRIPT (a Redis that
+        // restarted, or flushed its scripts): loading the script first
+        // makes every EVALSHA after it find it, in order.
+        batch.slots.push(Slot::Load);
+        batch
+            .pipe
+            .cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(PUBLISH_HISTORY_LUA);
+    }
     let mut registrations: Vec<oneshot::Sender<()>> = Vec::new();
     // Consecutive messages (directs, receipts, kicks) for one node, not
     // yet added to the pipeline: they go out as one PUBLISH.
@@ -1210,20 +1430,20 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 Some(open) if open.takes(node, &channel, &payload) => open.push(payload, done),
                 _ => {
                     if let Some(ended) = run.take() {
-                        ended.publish(&mut pipe, &mut dones);
+                        ended.publish(&mut batch);
                     }
                     let started = MessageRun::new(node, channel, payload, done);
                     if is_message(&started.payloads[0]) {
                         run = Some(started);
                     } else {
-                        started.publish(&mut pipe, &mut dones);
+                        started.publish(&mut batch);
                     }
                 }
             }
             continue;
         }
         if let Some(ended) = run.take() {
-            ended.publish(&mut pipe, &mut dones);
+            ended.publish(&mut batch);
         }
         match op {
             Op::Publish {
@@ -1233,33 +1453,60 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 payload,
                 done,
             } => {
-                pipe.cmd("PUBLISH").arg(channel).arg(payload);
-                dones.push((target, seq, done.into_iter().collect()));
+                batch
+                    .publish(target, seq, done.into_iter().collect())
+                    .cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(payload);
+            }
+            Op::Append {
+                channel,
+                retention,
+                payload,
+                done,
+            } => {
+                batch
+                    .publish(Target::History(retention), None, done.into_iter().collect())
+                    .cmd("EVALSHA")
+                    .arg(PUBLISH_HISTORY.get_hash())
+                    .arg(2)
+                    .arg(keys.history(&channel))
+                    .arg(keys.history_meta(&channel))
+                    .arg(payload)
+                    .arg(retention.size)
+                    .arg(retention.ttl.as_millis() as u64)
+                    .arg(inner.config.history_meta_ttl.as_millis() as u64)
+                    .arg(&epoch_arg()[..])
+                    .arg(keys.channel(&channel));
             }
             Op::Join(info, registered) => match encode_value(&info) {
                 Ok(value) => {
                     let id = info.client_id.to_string();
-                    pipe.cmd("HSET")
+                    batch
+                        .write()
+                        .cmd("HSET")
                         .arg(keys.node_clients(inner.config.node_id))
                         .arg(&id)
-                        .arg(value)
-                        .ignore();
-                    pipe.cmd("HSET")
+                        .arg(value);
+                    batch
+                        .write()
+                        .cmd("HSET")
                         .arg(keys.client_nodes())
                         .arg(&id)
-                        .arg(&node)
-                        .ignore();
+                        .arg(&node);
                     if let Some(user) = &info.user {
-                        pipe.cmd("HSET")
+                        batch
+                            .write()
+                            .cmd("HSET")
                             .arg(keys.user(user))
                             .arg(&id)
-                            .arg(&node)
-                            .ignore();
-                        pipe.cmd("HSET")
+                            .arg(&node);
+                        batch
+                            .write()
+                            .cmd("HSET")
                             .arg(keys.node_users(inner.config.node_id))
                             .arg(&id)
-                            .arg(user)
-                            .ignore();
+                            .arg(user);
                     }
                     registrations.extend(registered);
                 }
@@ -1267,51 +1514,49 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
             },
             Op::Leave(id, user) => {
                 let id = id.to_string();
-                pipe.cmd("HDEL")
+                batch
+                    .write()
+                    .cmd("HDEL")
                     .arg(keys.node_clients(inner.config.node_id))
-                    .arg(&id)
-                    .ignore();
-                pipe.cmd("HDEL").arg(keys.client_nodes()).arg(&id).ignore();
+                    .arg(&id);
+                batch.write().cmd("HDEL").arg(keys.client_nodes()).arg(&id);
                 if let Some(user) = user {
-                    pipe.cmd("HDEL").arg(keys.user(&user)).arg(&id).ignore();
-                    pipe.cmd("HDEL")
+                    batch.write().cmd("HDEL").arg(keys.user(&user)).arg(&id);
+                    batch
+                        .write()
+                        .cmd("HDEL")
                         .arg(keys.node_users(inner.config.node_id))
-                        .arg(&id)
-                        .ignore();
+                        .arg(&id);
                 }
             }
             Op::ChannelJoin(channel, info, registered) => match encode_value(&info) {
                 Ok(value) => {
                     let key = keys.channel_members(&channel, inner.config.node_id);
-                    pipe.cmd("HSET")
+                    batch
+                        .write()
+                        .cmd("HSET")
                         .arg(&key)
                         .arg(info.client_id.to_string())
-                        .arg(value)
-                        .ignore();
-                    pipe.cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(inner.config.node_ttl.as_millis() as u64)
-                        .ignore();
+                        .arg(value);
+                    batch.write().cmd("PEXPIRE").arg(&key).arg(node_ttl_ms);
                     registrations.extend(registered);
                 }
                 Err(err) => warn!(%err, "cannot encode channel presence"),
             },
             Op::ChannelLeave(channel, id) => {
-                pipe.cmd("HDEL")
+                batch
+                    .write()
+                    .cmd("HDEL")
                     .arg(keys.channel_members(&channel, inner.config.node_id))
-                    .arg(id.to_string())
-                    .ignore();
+                    .arg(id.to_string());
             }
             Op::ChannelCount(channel, count) => {
                 let key = keys.node_channels(inner.config.node_id);
                 if count == 0 {
-                    pipe.cmd("HDEL").arg(&key).arg(&channel).ignore();
+                    batch.write().cmd("HDEL").arg(&key).arg(&channel);
                 } else {
-                    pipe.cmd("HSET").arg(&key).arg(&channel).arg(count).ignore();
-                    pipe.cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(inner.config.node_ttl.as_millis() as u64)
-                        .ignore();
+                    batch.write().cmd("HSET").arg(&key).arg(&channel).arg(count);
+                    batch.write().cmd("PEXPIRE").arg(&key).arg(node_ttl_ms);
                 }
             }
             Op::Heartbeat | Op::Shutdown(_) | Op::Confirms => {
@@ -1320,22 +1565,27 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
         }
     }
     if let Some(ended) = run.take() {
-        ended.publish(&mut pipe, &mut dones);
+        ended.publish(&mut batch);
     }
-    let publishes = dones.len() as u64;
+    let Batch {
+        pipe,
+        slots,
+        published,
+    } = batch;
+    let publishes = published.len() as u64;
     let started = std::time::Instant::now();
-    let result = pipe.query_async::<Vec<i64>>(conn).await;
+    let result = pipe.query_async::<Vec<redis::Value>>(conn).await;
     inner
         .stats
         .redis_command
         .observe(started.elapsed().as_secs_f64());
-    let counts = match result {
-        Ok(counts) => counts,
+    let replies = match result {
+        Ok(replies) => replies,
         Err(err) => {
             set_commands_ok(inner, false, &err.to_string());
             inner.needs_resync.store(true, Ordering::Release);
             let err = unavailable(&err);
-            for done in dones.into_iter().flat_map(|(_, _, done)| done) {
+            for done in published.into_iter().flat_map(|(_, _, done)| done) {
                 done(Err(err.clone()));
             }
             return;
@@ -1343,8 +1593,33 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
     };
     inner.wrote();
     crate::stats::add(&inner.stats.pubsub_out, publishes);
-    for registered in registrations {
-        let _ = registered.send(());
+    // Each publish's outcome: how many subscribers received it, or why
+    // Redis refused it.
+    let mut counts: Vec<Result<usize, BusError>> = Vec::with_capacity(published.len());
+    let mut refused_write = None;
+    for (slot, reply) in slots
+        .iter()
+        .zip(replies.into_iter().map(Some).chain(std::iter::repeat(None)))
+    {
+        match (slot, reply) {
+            (Slot::Publish, reply) => counts.push(published_count(reply)),
+            (Slot::Write, Some(redis::Value::ServerError(err))) => {
+                refused_write = Some(format!("{err:?}"));
+            }
+            (Slot::Load, Some(redis::Value::ServerError(err))) => {
+                warn!(error = ?err, "Redis refused to load the history script");
+            }
+            (Slot::Write | Slot::Load, _) => {}
+        }
+    }
+    if let Some(err) = refused_write {
+        // Presence is rewritten whole by the next heartbeat.
+        warn!(error = %err, "Redis refused a presence write; presence will be rewritten");
+        inner.needs_resync.store(true, Ordering::Release);
+    } else {
+        for registered in registrations {
+            let _ = registered.send(());
+        }
     }
     // Every live node subscribes to the broadcast channel, this one
     // included: fewer receivers than that means someone was not listening.
@@ -1353,11 +1628,16 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
         .recent(Instant::now(), inner.config.node_ttl);
     let expected = 1 + others.len();
     let mut doubts = Vec::new();
-    for ((target, seq, done), count) in dones
-        .into_iter()
-        .zip(counts.into_iter().chain(std::iter::repeat(0)))
-    {
-        let reached = usize::try_from(count).unwrap_or(0);
+    for ((target, seq, done), count) in published.into_iter().zip(counts) {
+        let reached = match count {
+            Ok(reached) => reached,
+            Err(err) => {
+                for done in done {
+                    done(Err(err.clone()));
+                }
+                continue;
+            }
+        };
         for done in done {
             match target {
                 Target::AllNodes if reached < expected => {
@@ -1365,13 +1645,152 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 }
                 Target::AllNodes => inner.expect_confirmations(seq, done, reached, others.clone()),
                 Target::Node(node) if reached == 0 => doubts.push(Doubt::Unheard { node, done }),
-                Target::Node(_) | Target::Channel => done(Ok(reached)),
+                Target::Node(_) | Target::Channel | Target::History(_) => done(Ok(reached)),
             }
         }
     }
     if !doubts.is_empty() {
         // Off the writer, so later writes do not wait for the check.
         tokio::spawn(verify(inner.clone(), doubts));
+    }
+}
+
+/// Which entries of a channel's history to read.
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    /// The latest, older than this offset if given.
+    Before(Option<u64>),
+    /// The oldest after this offset.
+    After(u64),
+}
+
+/// A channel's history as `history_read.lua` has it now: its position, up
+/// to `limit` publications (oldest first) with theirs, and whether there
+/// are more beyond them (older for [`Read::Before`], newer for
+/// [`Read::After`]).
+type HistoryRead = (Position, Vec<(BusMessage, Position)>, bool);
+
+async fn read_history(
+    inner: &Inner,
+    channel: &str,
+    read: Read,
+    limit: usize,
+) -> Result<HistoryRead, BusError> {
+    let keys = &inner.keys;
+    let (mode, bound) = match read {
+        Read::Before(None) => ("before", "+".to_owned()),
+        Read::Before(Some(offset)) => ("before", format!("({offset}-0")),
+        Read::After(offset) => ("after", format!("({offset}-0")),
+    };
+    let mut conn = inner.conn.clone();
+    let reply: redis::Value = HISTORY_READ
+        .key(keys.history(channel))
+        .key(keys.history_meta(channel))
+        .arg(limit.saturating_add(1))
+        .arg(bound)
+        .arg(inner.config.history_meta_ttl.as_millis() as u64)
+        .arg(&epoch_arg()[..])
+        .arg(mode)
+        .invoke_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    parse_history(reply, limit, matches!(read, Read::Before(_))).map_err(BusError::Unavailable)
+}
+
+/// Reads `history_read.lua`'s reply: the epoch, the latest offset and up
+/// to `limit` + 1 entries, newest first when `newest_first` (one more than
+/// asked tells whether there are more).
+fn parse_history(
+    reply: redis::Value,
+    limit: usize,
+    newest_first: bool,
+) -> Result<HistoryRead, String> {
+    use redis::Value;
+    let Value::Array(items) = reply else {
+        return Err(format!("unexpected history reply: {reply:?}"));
+    };
+    let [
+        Value::BulkString(epoch),
+        Value::Int(top),
+        Value::Array(entries),
+    ] = items.as_slice()
+    else {
+        return Err(format!("unexpected history reply: {items:?}"));
+    };
+    let epoch: [u8; 8] = epoch
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("a channel epoch is 8 bytes, got {}", epoch.len()))?;
+    let position = Position {
+        epoch: u64::from_le_bytes(epoch),
+        offset: u64::try_from(*top).unwrap_or(0),
+    };
+    let more = entries.len() > limit;
+    let mut page = Vec::with_capacity(entries.len().min(limit));
+    for entry in entries.iter().take(limit) {
+        match history_entry(entry, position.epoch) {
+            Ok(entry) => page.push(entry),
+            // One undecodable entry (written by a different version) is
+            // left out rather than failing the whole read.
+            Err(why) => warn!(why, "skipping a history entry"),
+        }
+    }
+    if newest_first {
+        page.reverse();
+    }
+    Ok((position, page, more))
+}
+
+/// One stream entry (`[id, [m, bytes]]`): the publication and its
+/// position, which must match its id and the channel's `epoch`.
+fn history_entry(entry: &redis::Value, epoch: u64) -> Result<(BusMessage, Position), String> {
+    use redis::Value;
+    let Value::Array(parts) = entry else {
+        return Err(format!("not a stream entry: {entry:?}"));
+    };
+    let [Value::BulkString(id), Value::Array(fields)] = parts.as_slice() else {
+        return Err(format!("not a stream entry: {parts:?}"));
+    };
+    let id = String::from_utf8_lossy(id);
+    let offset: u64 = id
+        .strip_suffix("-0")
+        .and_then(|o| o.parse().ok())
+        .ok_or_else(|| format!("entry id {id:?} is not OFFSET-0"))?;
+    let [_, Value::BulkString(bytes)] = fields.as_slice() else {
+        return Err(format!("entry {id} has no message"));
+    };
+    match decode_value::<Wire>(bytes) {
+        Ok(Wire::Positioned {
+            message: message @ BusMessage::Publication { .. },
+            position,
+        }) if position.offset == offset && position.epoch == epoch => Ok((message, position)),
+        Ok(_) => Err(format!(
+            "entry {id} does not hold the publication at its position"
+        )),
+        Err(err) => Err(format!("entry {id}: {err}")),
+    }
+}
+
+/// The number of subscribers a PUBLISH (an integer reply) or
+/// `publish_history.lua` (`{position, count}`) reached, or why Redis
+/// refused it.
+fn published_count(reply: Option<redis::Value>) -> Result<usize, BusError> {
+    use redis::Value;
+    match reply {
+        Some(Value::Int(n)) => Ok(usize::try_from(n).unwrap_or(0)),
+        Some(Value::Array(items)) => match items.as_slice() {
+            [_, Value::Int(n)] => Ok(usize::try_from(*n).unwrap_or(0)),
+            other => Err(BusError::Unavailable(format!(
+                "unexpected reply from the history script: {other:?}"
+            ))),
+        },
+        Some(Value::ServerError(err)) => Err(BusError::Unavailable(format!(
+            "Redis refused the publish: {err:?}"
+        ))),
+        Some(other) => Err(BusError::Unavailable(format!(
+            "unexpected reply to a publish: {other:?}"
+        ))),
+        None => Err(BusError::Unavailable("no reply to a publish".into())),
     }
 }
 
@@ -1842,6 +2261,9 @@ async fn subscriber(inner: Arc<Inner>) {
                 );
                 // Re-register at once rather than at the next tick.
                 let _ = inner.ops.try_send(Op::Heartbeat);
+                // Whatever was published while not subscribed, before what
+                // arrives from now on.
+                catch_up_all(&inner).await;
                 let end = receive(&inner, sink, stream).await;
                 inner.subscribed.store(false, Ordering::Release);
                 {
@@ -1887,6 +2309,9 @@ fn log_failure(failures: &mut u64, why: &str) {
 async fn take_in(inner: &Inner, me: NodeId, wire: Wire) -> Result<(), String> {
     let (message, numbered) = match wire {
         Wire::Message(message) => (message, None),
+        Wire::Positioned { message, position } => {
+            return take_positioned(inner, message, position).await;
+        }
         Wire::Messages(messages) => {
             for message in messages {
                 hand_over(inner, message, None).await?;
@@ -1958,6 +2383,196 @@ async fn take_in(inner: &Inner, me: NodeId, wire: Wire) -> Result<(), String> {
         }
     };
     hand_over(inner, message, numbered).await
+}
+
+/// Where a node is in a channel with history: the epoch and the offset of
+/// the last publication it delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Follow {
+    epoch: u64,
+    last: u64,
+    /// Set by `follow_history` from the channel's position when the node
+    /// subscribed: publications up to `last` may still arrive and are
+    /// delivered (they cannot have been delivered already).
+    seeded: bool,
+}
+
+/// What to do with a publication of a channel with history that arrived.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrived {
+    Deliver,
+    /// Already delivered (read back from the history).
+    Duplicate,
+    /// Publications after `after` and before it were missed.
+    Gap {
+        after: u64,
+    },
+}
+
+impl Follow {
+    /// Takes the publication at `position` into account.
+    fn arrived(follow: &mut Option<Follow>, position: Position) -> Arrived {
+        let next = Follow {
+            epoch: position.epoch,
+            last: position.offset,
+            seeded: false,
+        };
+        match follow {
+            // The first one since the node subscribed, or a new epoch (the
+            // history was lost: nothing can be read back).
+            None => *follow = Some(next),
+            Some(f) if f.epoch != position.epoch => *f = next,
+            Some(f) if f.seeded && position.offset <= f.last => {}
+            Some(f) if position.offset <= f.last => return Arrived::Duplicate,
+            Some(f) if position.offset == f.last + 1 => *f = next,
+            Some(f) => return Arrived::Gap { after: f.last },
+        }
+        Arrived::Deliver
+    }
+}
+
+/// Most publications read back from a history in one read.
+const FILL_BATCH: usize = 1000;
+
+/// Delivers a publication of a channel with history in offset order: a
+/// publication this node's subscription missed before it (the subscription
+/// dropped, or Redis dropped it) is read back from the history first.
+async fn take_positioned(
+    inner: &Inner,
+    message: BusMessage,
+    position: Position,
+) -> Result<(), String> {
+    let BusMessage::Publication { channel, .. } = &message else {
+        return Ok(());
+    };
+    let channel = channel.clone();
+    let arrived = {
+        let mut follows = lock(&inner.follows);
+        let mut follow = follows.get(&channel).copied();
+        let arrived = Follow::arrived(&mut follow, position);
+        if let Some(follow) = follow {
+            follows.insert(channel.clone(), follow);
+        }
+        arrived
+    };
+    match arrived {
+        Arrived::Deliver => hand_over(inner, message, None).await,
+        Arrived::Duplicate => Ok(()),
+        Arrived::Gap { after } => {
+            catch_up(
+                inner,
+                &channel,
+                position.epoch,
+                after,
+                Some(position.offset),
+            )
+            .await?;
+            // Delivered in the catch-up unless the history lost it.
+            let mut follow = lock(&inner.follows).get(&channel).copied();
+            if Follow::arrived(&mut follow, position) == Arrived::Deliver {
+                if let Some(follow) = follow {
+                    lock(&inner.follows).insert(channel, follow);
+                }
+                hand_over(inner, message, None).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads `channel`'s publications after offset `after` of `epoch` back
+/// from its history and delivers them, up to (not including) `until`, or
+/// up to the latest. Those no longer in the history are counted and
+/// logged; a lost epoch ends the catch-up (its publications are gone).
+async fn catch_up(
+    inner: &Inner,
+    channel: &str,
+    epoch: u64,
+    mut after: u64,
+    until: Option<u64>,
+) -> Result<(), String> {
+    loop {
+        let wanted = until.map_or(FILL_BATCH, |u| {
+            (u.saturating_sub(after + 1) as usize).min(FILL_BATCH)
+        });
+        if wanted == 0 {
+            return Ok(());
+        }
+        let (position, entries, _) =
+            match read_history(inner, channel, Read::After(after), wanted).await {
+                Ok(read) => read,
+                Err(err) => {
+                    // Left for the next arrival or resubscription to retry.
+                    warn!(%channel, %err, "cannot read missed publications back from the history");
+                    return Ok(());
+                }
+            };
+        if position.epoch != epoch {
+            warn!(%channel, "the channel's history was lost; publications this node missed cannot be delivered");
+            let lost = until.unwrap_or(position.offset).saturating_sub(after + 1);
+            crate::stats::add(&inner.stats.history_missed, lost);
+            return Ok(());
+        }
+        let top = until
+            .map_or(position.offset, |u| u - 1)
+            .min(position.offset);
+        let mut filled = 0;
+        for (message, at) in entries {
+            if at.offset > top {
+                break;
+            }
+            if at.offset > after + 1 {
+                let lost = at.offset - after - 1;
+                warn!(%channel, lost, "publications this node missed are no longer in the history");
+                crate::stats::add(&inner.stats.history_missed, lost);
+            }
+            after = at.offset;
+            lock(&inner.follows).insert(
+                channel.to_owned(),
+                Follow {
+                    epoch,
+                    last: after,
+                    seeded: false,
+                },
+            );
+            hand_over(inner, message, None).await?;
+            filled += 1;
+        }
+        crate::stats::add(&inner.stats.history_filled, filled);
+        if after >= top {
+            return Ok(());
+        }
+        if filled == 0 {
+            // The rest is gone (trimmed or expired).
+            let lost = top - after;
+            warn!(%channel, lost, "publications this node missed are no longer in the history");
+            crate::stats::add(&inner.stats.history_missed, lost);
+            lock(&inner.follows).insert(
+                channel.to_owned(),
+                Follow {
+                    epoch,
+                    last: top,
+                    seeded: false,
+                },
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// After the subscription connection was (re)made: delivers what this
+/// node's channels with history published while it was not subscribed.
+async fn catch_up_all(inner: &Inner) {
+    let follows: Vec<(String, Follow)> = lock(&inner.follows)
+        .iter()
+        .map(|(c, f)| (c.clone(), *f))
+        .collect();
+    for (channel, follow) in follows {
+        if let Err(err) = catch_up(inner, &channel, follow.epoch, follow.last, None).await {
+            debug!(%err, "catch-up stopped");
+            return;
+        }
+    }
 }
 
 /// Hands a message from another node to this node; `numbered` is the
@@ -2086,6 +2701,52 @@ mod tests {
     use super::*;
     use crate::bus::DeliveryOutcome;
     use crate::protocol::MessageId;
+
+    #[test]
+    fn arrivals_are_delivered_once_in_offset_order_and_gaps_are_found() {
+        let at = |epoch, offset| Position { epoch, offset };
+        let mut follow = None;
+        // The first arrival starts the follow.
+        assert_eq!(Follow::arrived(&mut follow, at(7, 10)), Arrived::Deliver);
+        assert_eq!(Follow::arrived(&mut follow, at(7, 11)), Arrived::Deliver);
+        assert_eq!(Follow::arrived(&mut follow, at(7, 11)), Arrived::Duplicate);
+        assert_eq!(Follow::arrived(&mut follow, at(7, 3)), Arrived::Duplicate);
+        assert_eq!(
+            Follow::arrived(&mut follow, at(7, 14)),
+            Arrived::Gap { after: 11 }
+        );
+        assert_eq!(follow.unwrap().last, 11, "a gap moves nothing");
+        // A new epoch: the old history is gone, nothing to read back.
+        assert_eq!(Follow::arrived(&mut follow, at(8, 40)), Arrived::Deliver);
+        assert_eq!(
+            follow.unwrap(),
+            Follow {
+                epoch: 8,
+                last: 40,
+                seeded: false
+            }
+        );
+        // Seeded from the position at subscribe time: older ones still on
+        // their way are delivered, the next one ends the seeding.
+        let mut follow = Some(Follow {
+            epoch: 8,
+            last: 50,
+            seeded: true,
+        });
+        assert_eq!(Follow::arrived(&mut follow, at(8, 49)), Arrived::Deliver);
+        assert_eq!(Follow::arrived(&mut follow, at(8, 50)), Arrived::Deliver);
+        assert_eq!(Follow::arrived(&mut follow, at(8, 51)), Arrived::Deliver);
+        assert_eq!(Follow::arrived(&mut follow, at(8, 50)), Arrived::Duplicate);
+        let mut follow = Some(Follow {
+            epoch: 8,
+            last: 50,
+            seeded: true,
+        });
+        assert_eq!(
+            Follow::arrived(&mut follow, at(8, 53)),
+            Arrived::Gap { after: 50 }
+        );
+    }
 
     #[test]
     fn merged_messages_decode_as_the_messages_in_order() {

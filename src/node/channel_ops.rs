@@ -71,6 +71,15 @@ impl Node {
                 return client.error(priority, Some(id), error_code::CLUSTER_UNAVAILABLE, what);
             }
         }
+        let started_feed = flipped.contains(&(Feed::Publications, true));
+        if started_feed
+            && namespace.retention().is_some()
+            && let Err(err) = bus.follow_history(&channel).await
+        {
+            // Without it, the first publication that arrives starts the
+            // gap detection instead.
+            tracing::debug!(%channel, %err, "cannot read the channel's position");
+        }
         if namespace.presence && matches!(added, Added::New { .. }) {
             let landed = self
                 .channels()

@@ -129,8 +129,15 @@ impl Node {
         });
         let (events_tx, events) = tokio::sync::mpsc::channel(config.bus_queue_len);
         let bus = match (bus, &config.redis_url) {
-            (BusChoice::Memory(cluster), _) => Bus::Memory(MemoryBus::join(cluster, id, events_tx)),
-            (BusChoice::FromConfig, None) => Bus::Memory(MemoryBus::single(id, events_tx)),
+            (BusChoice::Memory(cluster), _) => {
+                cluster.set_history_meta_ttl(config.history_meta_ttl);
+                Bus::Memory(MemoryBus::join(cluster, id, events_tx))
+            }
+            (BusChoice::FromConfig, None) => {
+                let bus = MemoryBus::single(id, events_tx);
+                bus.set_history_meta_ttl(config.history_meta_ttl);
+                Bus::Memory(bus)
+            }
             (BusChoice::FromConfig, Some(url)) => {
                 let ca_pem = match &config.redis_ca {
                     Some(path) => Some(std::fs::read(path).map_err(|e| {
@@ -150,6 +157,7 @@ impl Node {
                     heartbeat_interval: config.heartbeat_interval,
                     queue_len: config.bus_queue_len,
                     confirm_timeout: config.delivery_timeout,
+                    history_meta_ttl: config.history_meta_ttl,
                 };
                 Bus::Redis(
                     RedisBus::new(redis, presence, events_tx, stats.clone())
@@ -323,7 +331,10 @@ impl Node {
                 event,
                 frame,
             } => {
-                if origin != self.id {
+                // A node serves its own publications at once, except in
+                // channels with history: those every node delivers as the
+                // bus hands them back, in offset order.
+                if origin != self.id || (!event && self.channels.retention(&channel).is_some()) {
                     self.router
                         .deliver_publication(&channel, priority, event, &frame);
                 }

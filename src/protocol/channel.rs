@@ -110,9 +110,78 @@ pub fn pattern_matches(pattern: &str, channel: &str) -> bool {
     p[pi..].iter().all(|&b| b == b'*')
 }
 
+/// A place in a channel's history: the history's `epoch` (random; a new
+/// one means the earlier history was lost) and the publication's `offset`
+/// in it (1, 2, … in publish order). Text form: `EPOCH:OFFSET`, the epoch
+/// as 16 lowercase hex digits (a random u64 does not survive JSON numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    /// The history's epoch.
+    pub epoch: u64,
+    /// The offset within it (0: nothing published yet).
+    pub offset: u64,
+}
+
+impl Position {
+    /// The epoch as 16 lowercase hex digits.
+    pub fn epoch_hex(&self) -> String {
+        format!("{:016x}", self.epoch)
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}:{}", self.epoch, self.offset)
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (epoch, offset) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected EPOCH:OFFSET"))?;
+        if epoch.len() != 16 {
+            return Err(format!("{epoch:?}: an epoch is 16 hex digits"));
+        }
+        let epoch = u64::from_str_radix(epoch, 16)
+            .map_err(|_| format!("{epoch:?}: an epoch is 16 hex digits"))?;
+        let offset = offset
+            .parse()
+            .map_err(|_| format!("{offset:?}: an offset is a decimal number"))?;
+        Ok(Position { epoch, offset })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_read_back_from_their_text_and_bad_ones_say_why() {
+        let position = Position {
+            epoch: 0x00ab_cdef_0123_4567,
+            offset: 42,
+        };
+        assert_eq!(position.to_string(), "00abcdef01234567:42");
+        assert_eq!("00abcdef01234567:42".parse(), Ok(position));
+        let max = Position {
+            epoch: u64::MAX,
+            offset: u64::MAX,
+        };
+        assert_eq!(max.to_string().parse(), Ok(max));
+        for (text, why) in [
+            ("00abcdef01234567", "expected EPOCH:OFFSET"),
+            ("abcdef01234567:1", "16 hex digits"),
+            ("00abcdef0123456g:1", "16 hex digits"),
+            ("00abcdef01234567:-1", "decimal"),
+            ("00abcdef01234567:", "decimal"),
+        ] {
+            let err = text.parse::<Position>().unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn names_of_the_grammar_are_accepted() {

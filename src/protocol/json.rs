@@ -31,6 +31,20 @@ fn payload_fields(p: &Payload, out: &mut serde_json::Map<String, Value>) {
     }
 }
 
+/// A publication as a `fabric sub` line: [`frame_json`] typed
+/// `publication`, a binary payload under `binary` (base64; `listen` calls
+/// it `data_base64`).
+pub fn publication_json(frame: &Frame) -> Value {
+    let mut line = frame_json(frame);
+    line["type"] = json!("publication");
+    if let Some(object) = line.as_object_mut()
+        && let Some(data) = object.remove("data_base64")
+    {
+        object.insert("binary".into(), data);
+    }
+    line
+}
+
 /// One received frame as a JSON object (the `listen` output format).
 pub fn frame_json(frame: &Frame) -> Value {
     let mut out = serde_json::Map::new();

@@ -9,7 +9,7 @@ pub mod frame;
 pub mod json;
 pub mod stream;
 
-pub use channel::{ChannelError, MAX_CHANNEL_BYTES, split_channel, valid_channel};
+pub use channel::{ChannelError, MAX_CHANNEL_BYTES, Position, split_channel, valid_channel};
 pub use codec::{CodecError, decode, decode_frame, decode_length, encode};
 pub use frame::*;
 

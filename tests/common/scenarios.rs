@@ -35,6 +35,10 @@ macro_rules! cluster_scenarios {
             user_messages_reach_every_connection_of_the_user_on_every_node,
             granted_namespaces_follow_the_token_on_every_node,
         );
+        $crate::cluster_scenarios!(
+            $engine, $crate::common::scenarios::with_history;
+            channel_history_keeps_the_latest_publications_at_consecutive_positions,
+        );
     };
     ($engine:ty: $($scenario:ident),+ $(,)?) => {
         $crate::cluster_scenarios!($engine, |_, _| {}; $($scenario),+);
@@ -64,6 +68,12 @@ pub fn with_jwt(_: usize, config: &mut quic_fabric::NodeConfig) {
         "vip,subscribe=granted,publish=granted".parse().unwrap(),
         "news,publish=nobody".parse().unwrap(),
     ];
+}
+
+/// Node settings for the history scenarios: namespace `h` keeps the last
+/// 5 publications of each channel for 10 minutes.
+pub fn with_history(_: usize, config: &mut quic_fabric::NodeConfig) {
+    config.namespaces = vec!["h,history_size=5,history_ttl=10m".parse().unwrap()];
 }
 
 /// A client of `node` authenticated as `user`, granted `channels`.
@@ -422,4 +432,124 @@ pub async fn granted_namespaces_follow_the_token_on_every_node(cluster: &mut imp
     // The refusals left every connection open.
     guest.ping().await.unwrap();
     vip.ping().await.unwrap();
+}
+
+/// The id of the frame a history entry holds.
+fn entry_id(entry: &quic_fabric::bus::HistoryEntry) -> quic_fabric::protocol::MessageId {
+    let frame = quic_fabric::protocol::decode_frame(&entry.frame[4..]).expect("a frame");
+    assert!(matches!(frame.body, Body::Publish { .. }), "{frame:?}");
+    frame.id
+}
+
+/// Publications from two nodes to a channel that keeps history take
+/// consecutive offsets in one epoch, whichever node appends them; every
+/// node reads the same latest 5 (the size) with their positions, pages
+/// back with `before`, and subscribers get every publication as before.
+/// A channel of a namespace without history keeps none.
+pub async fn channel_history_keeps_the_latest_publications_at_consecutive_positions(
+    cluster: &mut impl Cluster,
+) {
+    let nodes = cluster.nodes();
+    let mut sub = nodes[1].connect("s").await;
+    let first = nodes[2].connect("p1").await;
+    let second = nodes[0].connect("p2").await;
+    sub.subscribe("h:room", false).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let publisher = if i < 6 { &first } else { &second };
+        ids.push(
+            publisher
+                .publish("h:room", Payload::Text(format!("m{i}")), Priority::Normal)
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let got = next_matching(&mut sub, is_publication).await;
+        assert_eq!(got.id, *id, "in the order published");
+        assert_eq!(publication_text(&got, "h:room"), Some(format!("m{i}")));
+    }
+    let mut epoch = None;
+    for node in nodes {
+        let page = node.bus().history("h:room", 5, None).await.unwrap();
+        assert_eq!(page.position.offset, 8, "8 published");
+        assert_eq!(
+            *epoch.get_or_insert(page.position.epoch),
+            page.position.epoch
+        );
+        let offsets: Vec<u64> = page.entries.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, vec![4, 5, 6, 7, 8], "the latest 5, oldest first");
+        let kept: Vec<_> = page.entries.iter().map(entry_id).collect();
+        assert_eq!(kept, ids[3..].to_vec());
+        assert!(!page.more, "only 5 are kept");
+    }
+    let page = nodes[2].bus().history("h:room", 2, None).await.unwrap();
+    assert_eq!(
+        page.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![7, 8]
+    );
+    assert!(page.more, "older ones are kept");
+    let page = nodes[2].bus().history("h:room", 2, Some(7)).await.unwrap();
+    assert_eq!(
+        page.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    assert!(page.more);
+    let page = nodes[2].bus().history("h:room", 5, Some(5)).await.unwrap();
+    assert_eq!(
+        page.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![4]
+    );
+    assert!(!page.more);
+    // The same epoch continues: the next offset is 9.
+    first
+        .publish("h:room", Payload::Text("m8".into()), Priority::High)
+        .await
+        .unwrap();
+    let page = nodes[0].bus().history("h:room", 1, None).await.unwrap();
+    assert_eq!(page.position.epoch, epoch.unwrap());
+    assert_eq!(page.position.offset, 9);
+    assert_eq!(page.entries[0].priority, Priority::High);
+    // No history in the default namespace: nothing kept, offset 0.
+    first
+        .publish("room", Payload::Text("x".into()), Priority::Normal)
+        .await
+        .unwrap();
+    let page = nodes[0].bus().history("room", 5, None).await.unwrap();
+    assert_eq!((page.position.offset, page.entries.len()), (0, 0));
+
+    // Publishers on two nodes at once: subscribers on two nodes (one of
+    // them the publisher's) get the same order, the history's.
+    let mut near = nodes[0].connect("near").await;
+    near.subscribe("h:room", false).await.unwrap();
+    let burst = async |publisher: &Client, tag: &str| {
+        for i in 0..10 {
+            publisher
+                .publish(
+                    "h:room",
+                    Payload::Text(format!("{tag}{i}")),
+                    Priority::Normal,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    tokio::join!(burst(&first, "a"), burst(&second, "b"));
+    let mut orders = Vec::new();
+    for client in [&mut sub, &mut near] {
+        let mut order = Vec::new();
+        while order.len() < 20 {
+            let got = next_matching(client, is_publication).await;
+            if let Some(text) = publication_text(&got, "h:room")
+                && (text.starts_with('a') || text.starts_with('b'))
+            {
+                order.push(got.id);
+            }
+        }
+        orders.push(order);
+    }
+    assert_eq!(orders[0], orders[1], "one order for every subscriber");
+    let page = nodes[1].bus().history("h:room", 5, None).await.unwrap();
+    let kept: Vec<_> = page.entries.iter().map(entry_id).collect();
+    assert_eq!(kept, orders[0][15..].to_vec(), "the history's order");
 }
