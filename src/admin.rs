@@ -449,7 +449,11 @@ async fn history(
     }
     let page = node
         .bus()
-        .history(&channel, limit, given.before)
+        .history(
+            &channel,
+            crate::bus::HistoryRange::Before(given.before),
+            limit,
+        )
         .await
         .map_err(|err| HttpError::new(StatusCode::SERVICE_UNAVAILABLE, err))?;
     let mut publications = Vec::with_capacity(page.entries.len());

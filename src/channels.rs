@@ -9,14 +9,16 @@
 //! ([`Channels::deliver`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 
 use crate::bus::LocalChannel;
 use crate::config::{Namespace, NodeConfig, PublishPolicy, SubscribePolicy};
 use crate::outbound::EnqueueError;
-use crate::protocol::{self, ClientId, ClientInfo, ErrorCode, Priority, error_code, tag};
+use crate::protocol::{
+    self, Body, ClientId, ClientInfo, ErrorCode, Frame, Position, Priority, error_code, tag,
+};
 use crate::registry::{BroadcastCount, ClientHandle};
 
 /// Why a channel operation is refused: the code and message the client
@@ -27,6 +29,57 @@ struct Subscriber {
     handle: Arc<ClientHandle>,
     /// Wants Join and Leave events.
     events: bool,
+    /// Gets publications of channels with history as Publication frames,
+    /// with their positions (protocol version 3).
+    positions: bool,
+    /// While its SubscribeSince is being answered (`node::channel_ops`):
+    /// the publications that arrived meanwhile, queued once it is.
+    recovering: Mutex<Option<Recovering>>,
+}
+
+/// Publications that arrived for a subscriber while its recovery was read.
+#[derive(Debug, Default)]
+pub struct Recovering {
+    /// Each publication's position and Publication frame, in arrival
+    /// (offset) order.
+    pub arrived: Vec<(Position, Bytes)>,
+    bytes: usize,
+    /// More arrived than [`MAX_RECOVERY_BUFFER`] allows: the recovery
+    /// must be given up.
+    pub overflowed: bool,
+}
+
+/// Most publications (and bytes) kept for one subscriber while its
+/// recovery is read; past it, the recovery fails and may be retried.
+pub const MAX_RECOVERY_BUFFER: (usize, usize) = (10_000, 16 * 1024 * 1024);
+
+impl Recovering {
+    fn push(&mut self, position: Position, frame: Bytes) {
+        if self.overflowed {
+            return;
+        }
+        self.bytes += frame.len();
+        self.arrived.push((position, frame));
+        if self.arrived.len() > MAX_RECOVERY_BUFFER.0 || self.bytes > MAX_RECOVERY_BUFFER.1 {
+            self.overflowed = true;
+            self.arrived = Vec::new();
+        }
+    }
+}
+
+/// The Publication frame (version 3) of a Publish frame (`frame`, length
+/// prefix included) at `position`: same id, priority, time and sender.
+pub fn publication_frame(frame: &Bytes, position: Position) -> Option<Bytes> {
+    let mut decoded = protocol::decode_frame(frame.get(protocol::LENGTH_PREFIX_BYTES..)?).ok()?;
+    let Body::Publish { channel, payload } = decoded.body else {
+        return None;
+    };
+    decoded.body = Body::Publication {
+        channel,
+        payload,
+        position,
+    };
+    protocol::encode(&Frame { ..decoded }).ok()
 }
 
 #[derive(Default)]
@@ -199,11 +252,15 @@ impl Channels {
     /// `changed(before, after)` runs under the lock with the channel's
     /// local counts before and after, so bus writes stay in the order of
     /// the changes.
+    /// With `recovering`, the subscriber starts (or, subscribed already,
+    /// starts again) collecting what arrives instead of receiving it, until
+    /// [`Channels::finish_recovery`].
     pub fn add(
         &self,
         client: &Arc<ClientHandle>,
         channel: &str,
         events: bool,
+        recovering: bool,
         changed: impl FnOnce(Counts, Counts),
     ) -> Result<Added, Refusal> {
         let mut state = self.write();
@@ -215,12 +272,15 @@ impl Channels {
                 .channels
                 .get_mut(channel)
                 .and_then(|subs| subs.get_mut(&client.id()));
-            if let Some(sub) = sub
-                && sub.events != events
-            {
-                sub.events = events;
-                state.count_events(&name, events);
-                changed(before, state.counts(channel));
+            if let Some(sub) = sub {
+                if recovering {
+                    *lock(&sub.recovering) = Some(Recovering::default());
+                }
+                if sub.events != events {
+                    sub.events = events;
+                    state.count_events(&name, events);
+                    changed(before, state.counts(channel));
+                }
             }
             return Ok(Added::Again);
         }
@@ -244,6 +304,8 @@ impl Channels {
             Subscriber {
                 handle: client.clone(),
                 events,
+                positions: client.access.version >= protocol::RECOVERY_VERSION,
+                recovering: Mutex::new(recovering.then(Recovering::default)),
             },
         );
         if events {
@@ -323,6 +385,62 @@ impl Channels {
     /// How many of this node's clients are subscribed to `channel`.
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.read().channels.get(channel).map_or(0, HashMap::len)
+    }
+
+    /// Queues a publication of a channel with history (`frame`, a Publish)
+    /// at `position`: subscribers that track positions get it as a
+    /// Publication (encoded once), the others as it is; subscribers being
+    /// recovered keep it for later.
+    pub fn deliver_positioned(
+        &self,
+        channel: &str,
+        priority: Priority,
+        frame: &Bytes,
+        position: Position,
+    ) -> BroadcastCount {
+        deliver_at(&self.read(), channel, priority, frame, Some(position))
+    }
+
+    /// Ends client `id`'s recovery on `channel`: runs `finish` with what
+    /// arrived meanwhile, under the subscriber's lock, so nothing that
+    /// arrives later can be queued before what `finish` queues. `None`
+    /// when the client is no longer subscribed.
+    pub fn finish_recovery<T>(
+        &self,
+        id: ClientId,
+        channel: &str,
+        finish: impl FnOnce(Recovering) -> T,
+    ) -> Option<T> {
+        let state = self.read();
+        let sub = state.channels.get(channel)?.get(&id)?;
+        let mut recovering = lock(&sub.recovering);
+        let arrived = recovering.take().unwrap_or_default();
+        Some(finish(arrived))
+    }
+
+    /// Whether client `id`'s recovery on `channel` collected more than it
+    /// may (or it is no longer subscribed).
+    pub fn recovery_overflowed(&self, id: ClientId, channel: &str) -> bool {
+        let state = self.read();
+        state
+            .channels
+            .get(channel)
+            .and_then(|subs| subs.get(&id))
+            .is_none_or(|sub| lock(&sub.recovering).as_ref().is_some_and(|r| r.overflowed))
+    }
+
+    /// The local subscribers of `channel` that track positions.
+    pub fn position_subscribers(&self, channel: &str) -> Vec<Arc<ClientHandle>> {
+        self.read()
+            .channels
+            .get(channel)
+            .map(|subs| {
+                subs.values()
+                    .filter(|s| s.positions)
+                    .map(|s| s.handle.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// A Join of `member` to `channel`, only while it is still subscribed:
@@ -419,6 +537,52 @@ impl Channels {
 }
 
 /// [`Channels::deliver`] under a lock already held.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`deliver`] of a publication of a channel with history.
+fn deliver_at(
+    state: &State,
+    channel: &str,
+    priority: Priority,
+    frame: &Bytes,
+    position: Option<Position>,
+) -> BroadcastCount {
+    let mut count = BroadcastCount::default();
+    let Some(subs) = state.channels.get(channel) else {
+        return count;
+    };
+    // Encoded once, for the first subscriber that needs it.
+    let mut positioned: Option<Option<Bytes>> = None;
+    for sub in subs.values() {
+        let (bytes, frame_tag) = match position {
+            Some(position) if sub.positions => {
+                let built = positioned.get_or_insert_with(|| publication_frame(frame, position));
+                match built {
+                    Some(bytes) => (bytes.clone(), tag::PUBLICATION),
+                    None => (frame.clone(), tag::PUBLISH),
+                }
+            }
+            _ => (frame.clone(), tag::PUBLISH),
+        };
+        if let Some(position) = position {
+            let mut recovering = lock(&sub.recovering);
+            if let Some(recovering) = recovering.as_mut() {
+                recovering.push(position, bytes);
+                count.delivered += 1;
+                continue;
+            }
+        }
+        match sub.handle.enqueue(priority, frame_tag, bytes) {
+            Ok(()) => count.delivered += 1,
+            Err(EnqueueError::NodeBusy) => count.node_busy += 1,
+            Err(_) => {}
+        }
+    }
+    count
+}
+
 fn deliver(
     state: &State,
     channel: &str,

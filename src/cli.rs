@@ -14,7 +14,9 @@ use crate::client::{
     Client, ClientConfig, ClientError, Congestion, Event, ReconnectPolicy, Socket,
 };
 use crate::protocol::json::{client_json, frame_json, publication_json};
-use crate::protocol::{Body, ClientId, ClientInfo, Frame, Payload, Priority, error_code};
+use crate::protocol::{
+    self, Body, ClientId, ClientInfo, Frame, Payload, Position, Priority, Recovery, error_code,
+};
 use crate::tls::{ClientCert, ServerTrust};
 
 /// Command-line client for quic-fabric nodes.
@@ -93,18 +95,29 @@ pub enum Command {
     /// Subscribe to channels and print their messages as JSON lines.
     ///
     /// Prints {"type":"connected","client_id":…,"node_id":…}, then
-    /// {"type":"subscribed","channel":…,"subscribers":N} per channel
-    /// (`subscribers` is null when the namespace keeps no presence), then
-    /// one {"type":"publication","channel":…,"text":…,"id":…,"from":{…}} per
+    /// {"type":"subscribed","channel":…,"subscribers":N,"recovered":…,
+    /// "recovery":…,"epoch":…,"offset":…} per channel (`subscribers` is null
+    /// when the namespace keeps no presence; `epoch` and `offset`, the
+    /// position, are null when it keeps no history), then one
+    /// {"type":"publication","channel":…,"text":…,"id":…,"from":{…}} per
     /// message (`binary`, base64, instead of `text` for binary payloads;
-    /// `from` is null for the server's publications), and with --events
-    /// {"type":"join"|"leave","channel":…,"member":{…}}. A refused
+    /// `from` is null for the server's publications; `epoch` and `offset`
+    /// in channels with history), and with --events
+    /// {"type":"join"|"leave","channel":…,"member":{…}}. With --since, the
+    /// recovered publications follow the `subscribed` line. After a
+    /// reconnect, the recovered publications come first, then a
+    /// `subscribed` line per channel with history saying whether they are
+    /// all there (`"recovered":true`) or why not (`recovery`). A refused
     /// subscription exits 1 with the node's reason.
     #[command(name = "sub")]
     Subscribe {
         /// Channels (`[namespace:]name`).
         #[arg(required = true, value_name = "CHANNEL")]
         channels: Vec<String>,
+        /// Recover what was published after this position (EPOCH:OFFSET,
+        /// from an earlier `publication` line); one channel only.
+        #[arg(long, value_name = "EPOCH:OFFSET")]
+        since: Option<Position>,
         /// Exit 0 after this many publications (join and leave lines do not
         /// count).
         #[arg(long)]
@@ -132,6 +145,21 @@ pub enum Command {
     Presence {
         /// The channel (`[namespace:]name`).
         channel: String,
+    },
+    /// Print the latest publications of a channel's history as
+    /// `publication` lines (like `sub`), oldest first, then
+    /// {"type":"history","channel":…,"epoch":…,"offset":…,"count":N,"more":…}
+    /// (the channel's current position; `more`: older ones are kept).
+    History {
+        /// The channel (`[namespace:]name`).
+        channel: String,
+        /// Most publications (the node caps it at its `max_history_page`
+        /// and the channel's history size).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Only those older than this offset.
+        #[arg(long)]
+        before: Option<u64>,
     },
     /// Broadcast TEXT to every other client.
     Broadcast {
@@ -278,8 +306,28 @@ async fn command(client: &mut Client, command: Command) -> anyhow::Result<()> {
             channels,
             count,
             events,
+            since,
             ..
-        } => subscribe(client, &channels, count, events).await?,
+        } => {
+            if since.is_some() && channels.len() != 1 {
+                anyhow::bail!("--since needs exactly one channel");
+            }
+            subscribe(client, &channels, count, events, since).await?
+        }
+        Command::History {
+            channel,
+            limit,
+            before,
+        } => {
+            let (frames, position, more) = client.history(&channel, limit, before).await?;
+            for frame in &frames {
+                println!("{}", publication_json(frame));
+            }
+            println!(
+                "{}",
+                json!({"type": "history", "channel": channel, "epoch": position.epoch_hex(), "offset": position.offset, "count": frames.len(), "more": more})
+            );
+        }
         Command::Publish {
             channel,
             text,
@@ -382,6 +430,24 @@ fn print_connected(client: &Client) {
     );
 }
 
+/// A `subscribed` line of `fabric sub`.
+fn subscribed_json(
+    channel: &str,
+    subscribers: Option<u64>,
+    position: Option<Position>,
+    recovery: Recovery,
+) -> Value {
+    json!({
+        "type": "subscribed",
+        "channel": channel,
+        "subscribers": subscribers,
+        "recovered": recovery == Recovery::Recovered,
+        "recovery": recovery.name(),
+        "epoch": position.map(|p| p.epoch_hex()),
+        "offset": position.map(|p| p.offset),
+    })
+}
+
 /// Prints an event as a JSON line, as `listen` and `sub` do: a frame with
 /// [`frame_json`], the others as `disconnected`, `reconnected`,
 /// `resubscribed` or `closed` lines. An error once the connection ended
@@ -418,6 +484,11 @@ fn print_event(event: Option<Event>) -> anyhow::Result<()> {
             );
             anyhow::bail!("connection closed: {reason}");
         }
+        Some(Event::Subscribed {
+            channel,
+            position,
+            recovery,
+        }) => println!("{}", subscribed_json(&channel, None, position, recovery)),
         None => anyhow::bail!("connection closed"),
     }
     Ok(())
@@ -453,17 +524,41 @@ async fn subscribe(
     channels: &[String],
     count: Option<u64>,
     events: bool,
+    since: Option<Position>,
 ) -> anyhow::Result<()> {
     print_connected(client);
-    for channel in channels {
-        let subscribers = client
-            .subscribe(channel, events)
-            .await
-            .with_context(|| format!("cannot subscribe to {channel}"))?;
-        println!(
-            "{}",
-            json!({"type": "subscribed", "channel": channel, "subscribers": subscribers})
+    let positions = client.handshake().version >= protocol::RECOVERY_VERSION;
+    if since.is_some() && !positions {
+        anyhow::bail!(
+            "--since needs protocol version 3; the node speaks {}",
+            client.handshake().version
         );
+    }
+    for channel in channels {
+        if positions {
+            let subscription = client
+                .subscribe_since(channel, events, since)
+                .await
+                .with_context(|| format!("cannot subscribe to {channel}"))?;
+            println!(
+                "{}",
+                subscribed_json(
+                    channel,
+                    subscription.subscribers,
+                    subscription.position,
+                    subscription.recovery
+                )
+            );
+        } else {
+            let subscribers = client
+                .subscribe(channel, events)
+                .await
+                .with_context(|| format!("cannot subscribe to {channel}"))?;
+            println!(
+                "{}",
+                json!({"type": "subscribed", "channel": channel, "subscribers": subscribers})
+            );
+        }
     }
     if count == Some(0) {
         return Ok(());
@@ -473,7 +568,7 @@ async fn subscribe(
         tokio::select! {
             event = client.next_event() => match event {
                 Some(Event::Frame(frame)) => match &frame.body {
-                    Body::Publish { .. } => {
+                    Body::Publish { .. } | Body::Publication { .. } => {
                         println!("{}", publication_json(&frame));
                         seen += 1;
                         if Some(seen) == count {
@@ -565,6 +660,13 @@ async fn chat(client: &mut Client) -> anyhow::Result<()> {
                         println!("{}", rooms.where_lines_go());
                     }
                 }
+                Some(Event::Subscribed { channel, recovery, .. }) => match recovery {
+                    Recovery::Recovered | Recovery::NotRequested | Recovery::NoHistory => {}
+                    other => println!(
+                        "! messages of {channel} sent while you were away could not be recovered ({})",
+                        other.name()
+                    ),
+                },
                 Some(Event::Closed { reason, .. }) => anyhow::bail!("disconnected: {reason}"),
                 None => anyhow::bail!("disconnected"),
             },
@@ -825,7 +927,10 @@ fn chat_line(frame: &Frame, me: ClientId) -> Option<String> {
         Body::Direct { payload, .. } | Body::UserDirect { payload, .. } => {
             Some(format!("[{from} → you] {}", text(payload)))
         }
-        Body::Publish { channel, payload } => {
+        Body::Publish { channel, payload }
+        | Body::Publication {
+            channel, payload, ..
+        } => {
             let mine = frame.sender.as_ref().is_some_and(|s| s.client_id == me);
             (!mine).then(|| format!("[{channel}] {from}: {}", text(payload)))
         }

@@ -39,17 +39,15 @@ impl MessageHandler {
         let priority = frame.priority;
         let id = frame.id;
         let router = self.node.router();
-        if frame.body.tag() >= protocol::FIRST_V2_TAG
-            && client.access.version < protocol::CHANNELS_VERSION
-        {
+        let needs = protocol::version_of_tag(frame.body.tag());
+        if needs > client.access.version {
             client.error(
                 priority,
                 Some(id),
                 error_code::UNKNOWN_FRAME_TYPE,
                 format!(
-                    "{} frames need protocol version {}; this connection speaks version {}",
+                    "{} frames need protocol version {needs}; this connection speaks version {}",
                     frame.body.name(),
-                    protocol::CHANNELS_VERSION,
                     client.access.version
                 ),
             );
@@ -129,7 +127,35 @@ impl MessageHandler {
             }
             Body::Subscribe { channel, events } => {
                 let (channel, events) = (channel.clone(), *events);
-                Box::pin(self.node.subscribe(client, id, priority, channel, events)).await;
+                Box::pin(
+                    self.node
+                        .subscribe(client, id, priority, channel, events, None),
+                )
+                .await;
+            }
+            Body::SubscribeSince {
+                channel,
+                events,
+                since,
+            } => {
+                let (channel, events, since) = (channel.clone(), *events, *since);
+                Box::pin(
+                    self.node
+                        .subscribe(client, id, priority, channel, events, Some(since)),
+                )
+                .await;
+            }
+            Body::HistoryRequest {
+                channel,
+                limit,
+                before,
+            } => {
+                let channel = channel.clone();
+                Box::pin(
+                    self.node
+                        .history(client, id, priority, channel, *limit, *before),
+                )
+                .await;
             }
             Body::Unsubscribe { channel } => {
                 if let Err(why) = protocol::valid_channel(channel) {
@@ -181,7 +207,11 @@ impl MessageHandler {
             | Body::Join { .. }
             | Body::Leave { .. }
             | Body::Presence { .. }
-            | Body::Unsubscribed { .. } => client.error(
+            | Body::Unsubscribed { .. }
+            | Body::Publication { .. }
+            | Body::Subscribed { .. }
+            | Body::History { .. }
+            | Body::SubscriptionLost { .. } => client.error(
                 priority,
                 Some(id),
                 error_code::UNEXPECTED_FRAME,

@@ -400,6 +400,16 @@ impl Outbound {
         }
     }
 
+    /// Whether a frame of `len` bytes at `priority` fits in half of what
+    /// the client may have queued (frames and bytes): what a sender that
+    /// can wait (a replay) waits for, so that live traffic keeps room.
+    pub fn has_room(&self, priority: Priority, len: usize) -> bool {
+        let sender = self.sender(priority);
+        let queued = sender.max_capacity() - sender.capacity();
+        2 * (queued + 1) <= sender.max_capacity()
+            && (self.queued_bytes() == 0 || 2 * (self.queued_bytes() + len) <= self.limits.bytes)
+    }
+
     /// Closes the connection with `close_code::SLOW_CONSUMER` (once).
     pub fn disconnect_slow(&self, why: &str) {
         if !self.slow.swap(true, Ordering::AcqRel) {

@@ -24,7 +24,9 @@ use crate::bus::{
 };
 use crate::channels::Channels;
 use crate::outbound::EnqueueError;
-use crate::protocol::{self, Body, ClientId, Frame, MessageId, NodeId, Priority, error_code, tag};
+use crate::protocol::{
+    self, Body, ClientId, Frame, MessageId, NodeId, Position, Priority, error_code, tag,
+};
 use crate::registry::{BroadcastCount, ClientHandle, Registry};
 use crate::stats::Stats;
 
@@ -449,7 +451,9 @@ impl MessageRouter {
         frame: Bytes,
         retention: Retention,
     ) {
-        if !self.bus.available() {
+        // Its subscription need not be up: the history carries it to every
+        // node that missed it, this one included.
+        if !self.bus.writable() {
             return from.error(
                 priority,
                 Some(id),
@@ -576,6 +580,27 @@ impl MessageRouter {
         frame: &Bytes,
     ) {
         let count = self.channels.deliver(channel, priority, frame, event, None);
+        if count.node_busy > 0 {
+            warn!(
+                channel,
+                missed = count.node_busy,
+                "channel publication not delivered to some subscribers: node queues full"
+            );
+        }
+    }
+
+    /// Queues a publication of a channel with history for this node's
+    /// subscribers of `channel`, at `position`.
+    pub fn deliver_positioned(
+        &self,
+        channel: &str,
+        priority: Priority,
+        frame: &Bytes,
+        position: Position,
+    ) {
+        let count = self
+            .channels
+            .deliver_positioned(channel, priority, frame, position);
         if count.node_busy > 0 {
             warn!(
                 channel,

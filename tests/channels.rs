@@ -300,7 +300,7 @@ async fn a_version_1_client_works_unchanged_beside_version_2_clients() {
     let mut old = Client::connect(&config).await.unwrap();
     assert_eq!(old.handshake().version, 1);
     let mut new = connect_as(&node, "newcomer", &[]).await;
-    assert_eq!(new.handshake().version, 2);
+    assert_eq!(new.handshake().version, 3);
     // Version 1 messaging as before, both ways.
     deliver(&new, &mut old, "hello old").await;
     deliver(&old, &mut new, "hello new").await;

@@ -906,3 +906,98 @@ async fn chat_joins_rooms_talks_there_and_resolves_to_targets() {
     );
     assert!(exits(&mut child).await.success());
 }
+
+/// `fabric sub` shows positions in a channel with history and recovers
+/// from `--since EPOCH:OFFSET`; `fabric history` prints the latest
+/// publications as `publication` lines, then the channel's position.
+#[tokio::test]
+async fn sub_since_recovers_and_history_prints_the_latest_publications() {
+    let node = TestNode::start_with(|c| {
+        c.namespaces = vec!["h,history_size=100,history_ttl=10m".parse().unwrap()];
+    })
+    .await;
+    let alice = node.connect("alice").await;
+    for i in 1..=5 {
+        alice
+            .publish("h:log", Payload::Text(format!("m{i}")), Priority::Normal)
+            .await
+            .unwrap();
+    }
+    let out = output({
+        let mut cmd = fabric(&node);
+        cmd.args(["history", "h:log", "--limit", "3"]);
+        cmd
+    })
+    .await;
+    assert_success(&out);
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let epoch = lines[3]["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(lines[3]["type"], "history");
+    assert_eq!(lines[3]["offset"], 5);
+    assert_eq!(lines[3]["count"], 3);
+    assert_eq!(lines[3]["more"], true);
+    for (line, i) in lines[..3].iter().zip(3..) {
+        assert_eq!(line["type"], "publication", "{line}");
+        assert_eq!(line["text"], format!("m{i}"));
+        assert_eq!(line["offset"], i);
+        assert_eq!(line["epoch"], epoch.as_str());
+        assert_eq!(line["from"]["name"], "alice");
+    }
+
+    let mut cmd = fabric(&node);
+    cmd.args([
+        "sub",
+        "h:log",
+        "--since",
+        &format!("{epoch}:3"),
+        "--count",
+        "3",
+    ])
+    .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = Stdout::of(&mut child);
+    assert_eq!(out.json().await["type"], "connected");
+    let subscribed = out.json().await;
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    assert_eq!(subscribed["channel"], "h:log");
+    assert_eq!(subscribed["recovered"], true);
+    assert_eq!(subscribed["recovery"], "recovered");
+    assert_eq!(subscribed["epoch"], epoch.as_str());
+    assert_eq!(subscribed["offset"], 5);
+    for i in 4..=5 {
+        let line = out.json().await;
+        assert_eq!(line["type"], "publication", "{line}");
+        assert_eq!(line["text"], format!("m{i}"));
+        assert_eq!(line["offset"], i);
+    }
+    alice
+        .publish("h:log", Payload::Text("m6".into()), Priority::Normal)
+        .await
+        .unwrap();
+    let live = out.json().await;
+    assert_eq!(
+        (live["text"].as_str(), live["offset"].as_u64()),
+        (Some("m6"), Some(6))
+    );
+    assert!(exits(&mut child).await.success(), "--count 3 exits 0");
+
+    let out = output({
+        let mut cmd = fabric(&node);
+        cmd.args(["sub", "h:log", "room", "--since", &format!("{epoch}:3")]);
+        cmd
+    })
+    .await;
+    assert_fails_with(&out, &["--since needs exactly one channel"]);
+    let out = output({
+        let mut cmd = fabric(&node);
+        cmd.args(["sub", "h:log", "--since", "3"]);
+        cmd
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected EPOCH:OFFSET"));
+}

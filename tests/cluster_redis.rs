@@ -513,7 +513,11 @@ async fn channel_history_in_redis_is_one_script_call_per_publication_and_a_lost_
     let cluster = RedisNodes::start_with(2, common::scenarios::with_history).await;
     let url = &cluster.redis.url;
     let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let mut sub = n1.connect("s").await;
+    // Version 2: what the position games below do to version 3
+    // subscribers (told that publications were lost) is tested elsewhere.
+    let mut old = n1.client_config("s");
+    old.max_version = 2;
+    let mut sub = quic_fabric::client::Client::connect(&old).await.unwrap();
     let publisher = n2.connect("p").await;
     sub.subscribe("h:room", false).await.unwrap();
     let keys = quic_fabric::bus::redis_bus::Keys::new(&n1.config().redis_prefix);
@@ -565,7 +569,7 @@ async fn channel_history_in_redis_is_one_script_call_per_publication_and_a_lost_
     assert!(meta_ttl > 23 * 3600 * 1000, "history_meta_ttl: {meta_ttl}");
     let epoch = n1
         .bus()
-        .history("h:room", 1, None)
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(None), 1)
         .await
         .unwrap()
         .position
@@ -582,7 +586,11 @@ async fn channel_history_in_redis_is_one_script_call_per_publication_and_a_lost_
         .unwrap();
     let id = publish("big").await;
     next_matching(&mut sub, |f| f.id == id).await;
-    let page = n2.bus().history("h:room", 5, None).await.unwrap();
+    let page = n2
+        .bus()
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(None), 5)
+        .await
+        .unwrap();
     assert_eq!(page.position.epoch, epoch);
     assert_eq!(page.position.offset, big + 1);
     assert_eq!(page.entries.last().map(|e| e.offset), Some(big + 1));
@@ -598,7 +606,11 @@ async fn channel_history_in_redis_is_one_script_call_per_publication_and_a_lost_
         .unwrap();
     let id = publish("rewound").await;
     next_matching(&mut sub, |f| f.id == id).await;
-    let page = n1.bus().history("h:room", 5, None).await.unwrap();
+    let page = n1
+        .bus()
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(None), 5)
+        .await
+        .unwrap();
     assert_ne!(page.position.epoch, epoch, "a new epoch");
     assert_eq!(page.position.offset, 1);
     assert_eq!(
@@ -616,7 +628,11 @@ async fn channel_history_in_redis_is_one_script_call_per_publication_and_a_lost_
         .unwrap();
     let id = publish("lost").await;
     next_matching(&mut sub, |f| f.id == id).await;
-    let page = n2.bus().history("h:room", 5, None).await.unwrap();
+    let page = n2
+        .bus()
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(None), 5)
+        .await
+        .unwrap();
     assert_ne!(page.position.epoch, epoch, "a new epoch");
     assert_eq!(page.position.offset, 1);
     assert_eq!(page.entries.len(), 1);
@@ -969,7 +985,7 @@ async fn a_node_whose_subscription_drops_fills_the_gap_from_the_history() {
     let mut far = n2.connect("far").await;
     near.subscribe("h:feed", false).await.unwrap();
     far.subscribe("h:feed", false).await.unwrap();
-    // n2 subscribed last: its subscription is the newest.
+    // One node's subscription, killed three times.
     let mut victim = *pubsub_clients(redis).await.last().unwrap();
     let publisher = n1.connect("p").await;
     const COUNT: usize = 600;
@@ -993,7 +1009,7 @@ async fn a_node_whose_subscription_drops_fills_the_gap_from_the_history() {
             .await
             .unwrap();
         assert_eq!(killed, 1);
-        eventually(WAIT, "n2 subscribes again", || async {
+        eventually(WAIT, "the node subscribes again", || async {
             pubsub_clients(redis).await.last() > Some(&victim)
         })
         .await;
@@ -1002,20 +1018,98 @@ async fn a_node_whose_subscription_drops_fills_the_gap_from_the_history() {
     let _publisher = publishing.await.unwrap();
     for (who, client) in [("near", &mut near), ("far", &mut far)] {
         for i in 0..COUNT {
-            let got = next_matching(client, |f| matches!(f.body, Body::Publish { .. })).await;
+            let got = next_matching(client, |f| matches!(f.body, Body::Publication { .. })).await;
             match &got.body {
-                Body::Publish {
+                Body::Publication {
                     payload: Payload::Text(text),
+                    position,
                     ..
-                } => assert_eq!(text, &i.to_string(), "{who}: in order, once each"),
+                } => {
+                    assert_eq!(text, &i.to_string(), "{who}: in order, once each");
+                    assert_eq!(position.offset, i as u64 + 1);
+                }
                 other => panic!("{who}: {other:?}"),
             }
         }
-        common::assert_none_before_echo(client, |f| matches!(f.body, Body::Publish { .. })).await;
+        common::assert_none_before_echo(client, |f| {
+            matches!(f.body, Body::Publish { .. } | Body::Publication { .. })
+        })
+        .await;
     }
-    let filled = quic_fabric::stats::get(&n2.stats().history_filled);
-    let missed = quic_fabric::stats::get(&n2.stats().history_missed);
-    assert!(filled > 0, "the drops never cost n2 a publication");
+    // (Which node's subscription was the newest is up to the start order.)
+    let count = |n: &TestNode| {
+        let s = n.stats();
+        (
+            quic_fabric::stats::get(&s.history_filled),
+            quic_fabric::stats::get(&s.history_missed),
+        )
+    };
+    let (filled, missed) = [count(n1), count(n2)]
+        .into_iter()
+        .fold((0, 0), |(f, m), (f2, m2)| (f + f2, m + m2));
+    assert!(filled > 0, "the drops never cost a node a publication");
     assert_eq!(missed, 0);
+    cluster.finish().await;
+}
+
+/// Redis loses its data (FLUSHALL, as a restart without persistence
+/// would): the next publication starts a new epoch; a version 3
+/// subscriber is told plainly (SubscriptionLost from its node, and
+/// `Event::Subscribed` with EpochChanged), never a silent gap, and goes on
+/// receiving; an old position is then answered EpochChanged.
+#[tokio::test]
+async fn a_lost_history_is_a_new_epoch_that_subscribers_are_told_about() {
+    use quic_fabric::protocol::Recovery;
+    let cluster = RedisNodes::start_with(2, common::scenarios::with_history).await;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut sub = n2.connect("s").await;
+    sub.subscribe_since("h:room", false, None).await.unwrap();
+    let publisher = n1.connect("p").await;
+    for i in 1..=3 {
+        let id = publisher
+            .publish("h:room", Payload::Text(i.to_string()), Priority::Normal)
+            .await
+            .unwrap();
+        next_matching(&mut sub, |f| f.id == id).await;
+    }
+    let before = sub.position("h:room").unwrap();
+    assert_eq!(before.offset, 3);
+    let mut conn = cluster.redis.conn().await;
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let id = publisher
+        .publish("h:room", Payload::Text("after".into()), Priority::Normal)
+        .await
+        .unwrap();
+    let (mut told, mut lost_frame, mut delivered) = (None, false, false);
+    tokio::time::timeout(WAIT, async {
+        while told.is_none() || !lost_frame || !delivered {
+            match sub.next_event().await.unwrap() {
+                Event::Subscribed {
+                    recovery: Recovery::EpochChanged,
+                    position,
+                    ..
+                } => told = position,
+                Event::Frame(f) if matches!(f.body, Body::SubscriptionLost { .. }) => {
+                    lost_frame = true
+                }
+                Event::Frame(f) if f.id == id => delivered = true,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("told about the lost history, and the publication delivered");
+    let now = told.unwrap();
+    assert_ne!(now.epoch, before.epoch);
+    assert_eq!(now.offset, 1);
+    let mut late = n1.connect("late").await;
+    let got = late
+        .subscribe_since("h:room", false, Some(before))
+        .await
+        .unwrap();
+    assert_eq!(got.recovery, Recovery::EpochChanged);
+    assert_eq!(got.position, Some(now));
+    common::assert_none_before_echo(&mut late, |f| matches!(f.body, Body::Publication { .. }))
+        .await;
     cluster.finish().await;
 }

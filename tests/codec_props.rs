@@ -22,7 +22,8 @@ use quic_fabric::protocol::codec::{BODY_VARIANTS, peek_message_id};
 use quic_fabric::protocol::{
     Body, ClientId, ClientInfo, CodecError, DEFAULT_MAX_FRAME_BYTES, ErrorCode, Frame,
     HARD_MAX_FRAME_BYTES, Handshake, HandshakeAck, LENGTH_PREFIX_BYTES, MessageId, NodeId,
-    NodeStats, Payload, Priority, Sender, decode, decode_frame, decode_length, encode,
+    NodeStats, Payload, Position, Priority, Recovery, Sender, decode, decode_frame, decode_length,
+    encode,
 };
 use uuid::Uuid;
 
@@ -218,6 +219,76 @@ fn body() -> impl Strategy<Value = Body> {
             }),
         (text(), payload()).prop_map(|(user, payload)| Body::UserDirect { user, payload }),
         (channel(), text()).prop_map(|(channel, reason)| Body::Unsubscribed { channel, reason }),
+        (channel(), payload(), position()).prop_map(|(channel, payload, position)| {
+            Body::Publication {
+                channel,
+                payload,
+                position,
+            }
+        }),
+        (channel(), any::<bool>(), prop::option::of(position())).prop_map(
+            |(channel, events, since)| Body::SubscribeSince {
+                channel,
+                events,
+                since,
+            }
+        ),
+        (
+            message_id(),
+            channel(),
+            prop::option::of(any::<u64>()),
+            prop::option::of(position()),
+            recovery()
+        )
+            .prop_map(|(of, channel, subscribers, position, recovery)| {
+                Body::Subscribed {
+                    of,
+                    channel,
+                    subscribers,
+                    position,
+                    recovery,
+                }
+            }),
+        (channel(), any::<u32>(), prop::option::of(any::<u64>())).prop_map(
+            |(channel, limit, before)| Body::HistoryRequest {
+                channel,
+                limit,
+                before,
+            }
+        ),
+        (
+            message_id(),
+            channel(),
+            position(),
+            prop::collection::vec(bytes().prop_map(bytes::Bytes::from), 0..3),
+            any::<bool>()
+        )
+            .prop_map(|(of, channel, position, publications, more)| {
+                Body::History {
+                    of,
+                    channel,
+                    position,
+                    publications,
+                    more,
+                }
+            }),
+        (channel(), text())
+            .prop_map(|(channel, reason)| Body::SubscriptionLost { channel, reason }),
+    ]
+}
+
+fn position() -> impl Strategy<Value = Position> {
+    (any::<u64>(), any::<u64>()).prop_map(|(epoch, offset)| Position { epoch, offset })
+}
+
+fn recovery() -> impl Strategy<Value = Recovery> {
+    prop_oneof![
+        Just(Recovery::NotRequested),
+        Just(Recovery::Recovered),
+        Just(Recovery::EpochChanged),
+        Just(Recovery::Trimmed),
+        Just(Recovery::NoHistory),
+        Just(Recovery::Ahead),
     ]
 }
 

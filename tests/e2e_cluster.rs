@@ -508,7 +508,7 @@ fn spawn_reader(
                     t.log.push((now, Seen::Reconnected { client_id, node_id }));
                 }
                 // It subscribes to no channel.
-                Some(Event::Resubscribed { .. }) => {}
+                Some(Event::Resubscribed { .. } | Event::Subscribed { .. }) => {}
                 Some(Event::Closed { code, reason }) => {
                     t.unexpected.push(format!("Closed {code:?} {reason}"));
                     break;

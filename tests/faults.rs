@@ -351,7 +351,7 @@ async fn read(
                 {
                     *l.received[me].entry(f.id).or_default() += 1
                 }
-                Some(Event::Frame(_) | Event::Resubscribed { .. }) => {}
+                Some(Event::Frame(_) | Event::Resubscribed { .. } | Event::Subscribed { .. }) => {}
                 Some(Event::Disconnected { .. }) => l.end_session(me, now),
                 Some(Event::Reconnected { client_id, .. }) => {
                     l.end_session(me, now);

@@ -28,8 +28,8 @@ async fn version_mismatch_gets_error_and_close_code() {
     let hello = Frame::new(
         Priority::High,
         Body::Handshake(Handshake {
-            min_version: 3,
-            max_version: 4,
+            min_version: 4,
+            max_version: 5,
             name: "future".into(),
             token: None,
         }),
@@ -41,7 +41,7 @@ async fn version_mismatch_gets_error_and_close_code() {
     if let Body::Error { message, of, .. } = &reply.body {
         assert_eq!(*of, Some(hello.id));
         assert!(
-            message.contains("1..=2"),
+            message.contains("1..=3"),
             "reason names the supported versions: {message}"
         );
     }

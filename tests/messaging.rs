@@ -17,7 +17,7 @@ async fn handshake_assigns_ids_and_reports_the_node() {
     let b = node.connect("bob").await;
     assert_ne!(a.client_id(), b.client_id());
     assert_eq!(a.node_id(), node.id());
-    assert_eq!(a.handshake().version, 2);
+    assert_eq!(a.handshake().version, 3);
     assert_eq!(a.handshake().server_name, "test-node");
     assert_eq!(
         a.handshake().max_frame_bytes as usize,

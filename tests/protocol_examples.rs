@@ -5,7 +5,7 @@
 
 use quic_fabric::protocol::{
     self, Body, ClientId, ClientInfo, Frame, Handshake, HandshakeAck, MessageId, NodeId, NodeStats,
-    Payload, Priority, Sender, error_code,
+    Payload, Position, Priority, Recovery, Sender, error_code,
 };
 use uuid::Uuid;
 
@@ -394,7 +394,93 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "publication",
+            frame(
+                Priority::Normal,
+                alice(),
+                Body::Publication {
+                    channel: FEED.into(),
+                    payload: Payload::Text("hi".into()),
+                    position: at(42),
+                },
+            ),
+        ),
+        (
+            "subscribe_since",
+            frame(
+                Priority::Normal,
+                None,
+                Body::SubscribeSince {
+                    channel: FEED.into(),
+                    events: false,
+                    since: Some(at(40)),
+                },
+            ),
+        ),
+        (
+            "subscribed",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Subscribed {
+                    of: REQ,
+                    channel: FEED.into(),
+                    subscribers: Some(3),
+                    position: Some(at(42)),
+                    recovery: Recovery::Recovered,
+                },
+            ),
+        ),
+        (
+            "history_request",
+            frame(
+                Priority::Normal,
+                None,
+                Body::HistoryRequest {
+                    channel: FEED.into(),
+                    limit: 10,
+                    before: Some(40),
+                },
+            ),
+        ),
+        (
+            "history",
+            frame(
+                Priority::Normal,
+                None,
+                Body::History {
+                    of: REQ,
+                    channel: FEED.into(),
+                    position: at(42),
+                    publications: Vec::new(),
+                    more: false,
+                },
+            ),
+        ),
+        (
+            "subscription_lost",
+            frame(
+                Priority::High,
+                None,
+                Body::SubscriptionLost {
+                    channel: FEED.into(),
+                    reason: "trimmed".into(),
+                },
+            ),
+        ),
     ]
+}
+
+/// The channel of the version-3 examples.
+const FEED: &str = "h:feed";
+
+/// Offset `offset` of epoch `0102030405060708`.
+fn at(offset: u64) -> Position {
+    Position {
+        epoch: 0x0102_0304_0506_0708,
+        offset,
+    }
 }
 
 fn hex_dump(bytes: &[u8]) -> String {

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, Feed, HistoryEntry, HistoryPage, Landed,
-    PublishDone, Retention, Target, sort_and_cut,
+    BusError, BusMessage, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
+    HistoryPage, HistoryRange, Landed, PublishDone, Retention, Target, sort_and_cut,
 };
 use crate::protocol::{ClientId, ClientInfo, NodeId, Position};
 
@@ -84,6 +84,7 @@ impl Histories {
         retention: Retention,
         message: &BusMessage,
     ) -> Option<Position> {
+        // (Positions are handed to the nodes with the publication.)
         let BusMessage::Publication {
             priority, frame, ..
         } = message
@@ -113,21 +114,38 @@ impl Histories {
         })
     }
 
-    fn page(&mut self, channel: &str, limit: usize, before: Option<u64>) -> HistoryPage {
+    fn page(&mut self, channel: &str, range: HistoryRange, limit: usize) -> HistoryPage {
         let history = self.current(channel, Instant::now());
-        let older: Vec<&HistoryEntry> = history
-            .entries
-            .iter()
-            .filter(|e| before.is_none_or(|b| e.offset < b))
-            .collect();
-        let skip = older.len().saturating_sub(limit);
-        HistoryPage {
-            position: Position {
-                epoch: history.epoch,
-                offset: history.top,
-            },
-            entries: older[skip..].iter().map(|e| (*e).clone()).collect(),
-            more: skip > 0,
+        let position = Position {
+            epoch: history.epoch,
+            offset: history.top,
+        };
+        match range {
+            HistoryRange::Before(before) => {
+                let older: Vec<&HistoryEntry> = history
+                    .entries
+                    .iter()
+                    .filter(|e| before.is_none_or(|b| e.offset < b))
+                    .collect();
+                let skip = older.len().saturating_sub(limit);
+                HistoryPage {
+                    position,
+                    entries: older[skip..].iter().map(|e| (*e).clone()).collect(),
+                    more: skip > 0,
+                }
+            }
+            HistoryRange::After(after) => {
+                let newer: Vec<&HistoryEntry> = history
+                    .entries
+                    .iter()
+                    .filter(|e| e.offset > after)
+                    .collect();
+                HistoryPage {
+                    position,
+                    entries: newer.iter().take(limit).map(|e| (*e).clone()).collect(),
+                    more: newer.len() > limit,
+                }
+            }
         }
     }
 }
@@ -227,8 +245,18 @@ impl MemoryBus {
         }
     }
 
-    fn deliver(&self, member: &Member, node: NodeId, message: BusMessage) -> bool {
-        match member.inbox.try_send(message) {
+    fn deliver(
+        &self,
+        member: &Member,
+        node: NodeId,
+        message: BusMessage,
+        position: Option<Position>,
+    ) -> bool {
+        let event = match position {
+            Some(position) => ClusterEvent::Positioned(message, position),
+            None => ClusterEvent::Message(message),
+        };
+        match member.inbox.try_send(event) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(%node, "in-memory bus: node inbox full, message dropped");
@@ -241,7 +269,12 @@ impl MemoryBus {
 
 impl MemoryBus {
     /// Hands `message` to the nodes `target` names.
-    fn send(&self, target: Target, message: BusMessage) -> Result<usize, BusError> {
+    fn send(
+        &self,
+        target: Target,
+        message: BusMessage,
+        position: Option<Position>,
+    ) -> Result<usize, BusError> {
         let members = self.cluster.read();
         let outcome = match target {
             Target::AllNodes => {
@@ -249,7 +282,9 @@ impl MemoryBus {
                 let reached = 1 + members
                     .iter()
                     .filter(|(node, _)| **node != self.node_id)
-                    .filter(|(node, member)| self.deliver(member, **node, message.clone()))
+                    .filter(|(node, member)| {
+                        self.deliver(member, **node, message.clone(), position)
+                    })
                     .count();
                 let live = members.len().max(1);
                 if reached >= live {
@@ -260,7 +295,7 @@ impl MemoryBus {
             }
             Target::Node(node) => match members.get(&node) {
                 None => Ok(0),
-                Some(member) if self.deliver(member, node, message) => Ok(1),
+                Some(member) if self.deliver(member, node, message, position) => Ok(1),
                 Some(_) => Err(BusError::NotListening(node)),
             },
             Target::Channel | Target::History(_) => {
@@ -277,7 +312,9 @@ impl MemoryBus {
                     .filter(|(node, m)| {
                         (echo || **node != self.node_id) && m.wanted.contains(&wanted)
                     })
-                    .filter(|(node, member)| self.deliver(member, **node, message.clone()))
+                    .filter(|(node, member)| {
+                        self.deliver(member, **node, message.clone(), position)
+                    })
                     .count())
             }
         };
@@ -338,10 +375,12 @@ impl ClusterBus for MemoryBus {
                 // Delivered while the histories are held, so every node
                 // gets a channel's publications in offset order.
                 let mut histories = self.cluster.histories();
-                histories.append(channel, retention, &message);
-                self.send(target, message)
+                match histories.append(channel, retention, &message) {
+                    Some(position) => self.send(target, message, Some(position)),
+                    None => Err(BusError::Unavailable("not a publication".into())),
+                }
             }
-            _ => self.send(target, message),
+            _ => self.send(target, message, None),
         };
         if let Some(done) = done {
             done(outcome);
@@ -438,10 +477,10 @@ impl ClusterBus for MemoryBus {
     async fn history(
         &self,
         channel: &str,
+        range: HistoryRange,
         limit: usize,
-        before: Option<u64>,
     ) -> Result<HistoryPage, BusError> {
-        Ok(self.cluster.histories().page(channel, limit, before))
+        Ok(self.cluster.histories().page(channel, range, limit))
     }
 
     async fn follow_history(&self, _channel: &str) -> Result<(), BusError> {
@@ -493,7 +532,7 @@ mod tests {
                 .append("h", retention, &publication(text))
                 .unwrap();
         }
-        let page = histories.page("h", 10, None);
+        let page = histories.page("h", HistoryRange::Before(None), 10);
         let epoch = page.position.epoch;
         assert_eq!(page.position.offset, 3);
         assert_eq!(
@@ -501,16 +540,22 @@ mod tests {
             [2, 3]
         );
         tokio::time::advance(Duration::from_secs(11)).await;
-        let page = histories.page("h", 10, None);
+        let page = histories.page("h", HistoryRange::Before(None), 10);
         assert_eq!((page.position.epoch, page.position.offset), (epoch, 3));
         assert!(page.entries.is_empty(), "expired with the TTL");
         let next = histories.append("h", retention, &publication("d")).unwrap();
         assert_eq!((next.epoch, next.offset), (epoch, 4), "the epoch goes on");
         // Reads keep the position alive; without any, it expires.
         tokio::time::advance(Duration::from_secs(90)).await;
-        assert_eq!(histories.page("h", 10, None).position.epoch, epoch);
+        assert_eq!(
+            histories
+                .page("h", HistoryRange::Before(None), 10)
+                .position
+                .epoch,
+            epoch
+        );
         tokio::time::advance(Duration::from_secs(101)).await;
-        let page = histories.page("h", 10, None);
+        let page = histories.page("h", HistoryRange::Before(None), 10);
         assert_ne!(page.position.epoch, epoch, "a lost position is a new epoch");
         assert_eq!(page.position.offset, 0);
         let next = histories.append("h", retention, &publication("e")).unwrap();

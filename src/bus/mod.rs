@@ -222,7 +222,9 @@ pub struct HistoryPage {
     pub position: Position,
     /// The publications asked for, oldest first.
     pub entries: Vec<HistoryEntry>,
-    /// Whether older publications than the first entry are kept.
+    /// Whether more publications are kept beyond these, in the direction
+    /// read (older for [`HistoryRange::Before`], newer for
+    /// [`HistoryRange::After`]).
     pub more: bool,
 }
 
@@ -237,12 +239,40 @@ pub struct HistoryEntry {
     pub frame: Bytes,
 }
 
+/// What the bus hands the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// A message another node sent.
+    Message(BusMessage),
+    /// A publication of a channel with history (its own node's too), at
+    /// its position.
+    Positioned(BusMessage, Position),
+    /// The node could not deliver some publications of `channel` (no
+    /// longer in the history, or the history was lost): its subscribers
+    /// that track positions must be told.
+    Lost {
+        /// The channel.
+        channel: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// What other nodes send this one, in the order they arrive; read by the
 /// node's cluster event loop.
-pub type ClusterEvents = mpsc::Receiver<BusMessage>;
+pub type ClusterEvents = mpsc::Receiver<ClusterEvent>;
 
 /// The engine's end of [`ClusterEvents`].
-pub type ClusterEventSender = mpsc::Sender<BusMessage>;
+pub type ClusterEventSender = mpsc::Sender<ClusterEvent>;
+
+/// Which publications of a channel's history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryRange {
+    /// The latest, older than this offset if given.
+    Before(Option<u64>),
+    /// The oldest after this offset.
+    After(u64),
+}
 
 /// What an engine may know of the node's own clients: enough to register
 /// them all again after Redis lost them.
@@ -312,6 +342,13 @@ pub trait ClusterBus: Send + Sync {
     /// Whether the cluster can be reached right now. When false, cross-node
     /// operations fail fast instead of waiting for timeouts.
     fn available(&self) -> bool;
+
+    /// Whether writes reach the shared store right now, whatever the state
+    /// of this node's subscription (enough for what is delivered from a
+    /// channel's history).
+    fn writable(&self) -> bool {
+        self.available()
+    }
 
     /// Whether other nodes can exist at all (false for a lone in-memory node).
     fn clustered(&self) -> bool;
@@ -399,13 +436,14 @@ pub trait ClusterBus: Send + Sync {
     /// is read back from the history and delivered in offset order.
     fn follow_history(&self, channel: &str) -> impl Future<Output = Result<(), BusError>> + Send;
 
-    /// The latest publications (at most `limit`) of `channel`'s history
-    /// that are older than offset `before` (`None`: the newest).
+    /// Up to `limit` publications of `channel`'s history in `range`,
+    /// oldest first, with the channel's current position; `more` tells
+    /// whether the history has more beyond them in the direction read.
     fn history(
         &self,
         channel: &str,
+        range: HistoryRange,
         limit: usize,
-        before: Option<u64>,
     ) -> impl Future<Output = Result<HistoryPage, BusError>> + Send;
 }
 
@@ -433,6 +471,10 @@ impl ClusterBus for Bus {
 
     fn available(&self) -> bool {
         dispatch!(self, b => b.available())
+    }
+
+    fn writable(&self) -> bool {
+        dispatch!(self, b => b.writable())
     }
 
     fn clustered(&self) -> bool {
@@ -510,10 +552,10 @@ impl ClusterBus for Bus {
     async fn history(
         &self,
         channel: &str,
+        range: HistoryRange,
         limit: usize,
-        before: Option<u64>,
     ) -> Result<HistoryPage, BusError> {
-        dispatch!(self, b => b.history(channel, limit, before).await)
+        dispatch!(self, b => b.history(channel, range, limit).await)
     }
 
     async fn follow_history(&self, channel: &str) -> Result<(), BusError> {

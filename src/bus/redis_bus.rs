@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use super::confirm::{Answer, Arrival, Incoming, Outgoing};
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEventSender, Feed, HistoryEntry, HistoryPage, Landed,
-    LocalPresence, PublishDone, Retention, Target, sort_and_cut,
+    BusError, BusMessage, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
+    HistoryPage, HistoryRange, Landed, LocalPresence, PublishDone, Retention, Target, sort_and_cut,
 };
 use crate::protocol::codec::{decode_value, encode_value};
 use crate::protocol::{ClientId, ClientInfo, NodeId, Position, now_ms};
@@ -891,6 +891,10 @@ impl ClusterBus for RedisBus {
             && self.inner.subscribed.load(Ordering::Acquire)
     }
 
+    fn writable(&self) -> bool {
+        self.inner.commands_ok.load(Ordering::Acquire)
+    }
+
     fn clustered(&self) -> bool {
         true
     }
@@ -1231,11 +1235,14 @@ impl ClusterBus for RedisBus {
     async fn history(
         &self,
         channel: &str,
+        range: HistoryRange,
         limit: usize,
-        before: Option<u64>,
     ) -> Result<HistoryPage, BusError> {
-        let (position, entries, more) =
-            read_history(&self.inner, channel, Read::Before(before), limit).await?;
+        let read = match range {
+            HistoryRange::Before(before) => Read::Before(before),
+            HistoryRange::After(after) => Read::After(after),
+        };
+        let (position, entries, more) = read_history(&self.inner, channel, read, limit).await?;
         Ok(HistoryPage {
             position,
             entries: entries
@@ -1894,7 +1901,7 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
     // The liveness key is only refreshed (XX), never created here: it is
     // created by `resync` together with this node's presence, so a node
     // whose key exists always has its clients registered.
-    let result: redis::RedisResult<(Option<String>, Option<String>)> = redis::pipe()
+    let result: redis::RedisResult<(Option<String>, Option<String>, bool)> = redis::pipe()
         .cmd("SET")
         .arg(keys.incarnation())
         .arg(uuid::Uuid::new_v4().simple().to_string())
@@ -1916,6 +1923,9 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
         .arg(keys.node_channels(me))
         .arg(ttl_ms)
         .ignore()
+        .cmd("SISMEMBER")
+        .arg(keys.nodes())
+        .arg(me.to_string())
         .query_async(conn)
         .await;
     // Channel presence expires with the node too, unless refreshed.
@@ -1937,7 +1947,7 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
         .stats
         .redis_command
         .observe(started.elapsed().as_secs_f64());
-    let (incarnation, refreshed) = match result {
+    let (incarnation, refreshed, member) = match result {
         Ok(replies) => replies,
         Err(err) => {
             set_commands_ok(inner, false, &err.to_string());
@@ -1950,6 +1960,13 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
     if refreshed.is_none() {
         // Our liveness key was gone: first start, Redis restarted or lost
         // data, or we were silent past the TTL. Presence must be rewritten.
+        inner.needs_resync.store(true, Ordering::Release);
+    } else if !member {
+        // Alive, yet swept: another node found our key expired (after an
+        // outage) and removed us from the node set, and maybe our routing
+        // entries, just after our re-registration rewrote them. Without
+        // this, the node would stay out of every node's live list.
+        warn!("this node was removed from the node set while alive; registering again");
         inner.needs_resync.store(true, Ordering::Release);
     }
     // A node comes alive only once it listens: alive but not subscribed,
@@ -2127,6 +2144,16 @@ async fn sweep(
     dead: NodeId,
 ) -> redis::RedisResult<()> {
     let dead_str = dead.to_string();
+    // Checked again here: the node may have re-registered since it was
+    // found dead. (What remains of the race, a re-registration between
+    // this check and the SREM, the node repairs at its next heartbeat.)
+    let alive: bool = redis::cmd("EXISTS")
+        .arg(inner.keys.node(dead))
+        .query_async(conn)
+        .await?;
+    if alive {
+        return Ok(());
+    }
     remove_index_entries(inner, conn, |_, node| node == dead_str).await?;
     remove_user_entries(inner, conn, dead, |_| true).await?;
     redis::cmd("SREM")
@@ -2449,14 +2476,20 @@ async fn take_positioned(
     let arrived = {
         let mut follows = lock(&inner.follows);
         let mut follow = follows.get(&channel).copied();
+        let new_epoch = follow.is_some_and(|f| f.epoch != position.epoch);
         let arrived = Follow::arrived(&mut follow, position);
         if let Some(follow) = follow {
             follows.insert(channel.clone(), follow);
         }
-        arrived
+        (arrived, new_epoch)
     };
+    let (arrived, new_epoch) = arrived;
+    if new_epoch {
+        warn!(%channel, "the channel's history was lost (a new epoch)");
+        report_lost(inner, &channel, "the channel's history was lost".into()).await?;
+    }
     match arrived {
-        Arrived::Deliver => hand_over(inner, message, None).await,
+        Arrived::Deliver => hand_over_positioned(inner, message, position).await,
         Arrived::Duplicate => Ok(()),
         Arrived::Gap { after } => {
             catch_up(
@@ -2473,7 +2506,7 @@ async fn take_positioned(
                 if let Some(follow) = follow {
                     lock(&inner.follows).insert(channel, follow);
                 }
-                hand_over(inner, message, None).await?;
+                hand_over_positioned(inner, message, position).await?;
             }
             Ok(())
         }
@@ -2511,7 +2544,7 @@ async fn catch_up(
             warn!(%channel, "the channel's history was lost; publications this node missed cannot be delivered");
             let lost = until.unwrap_or(position.offset).saturating_sub(after + 1);
             crate::stats::add(&inner.stats.history_missed, lost);
-            return Ok(());
+            return report_lost(inner, channel, "the channel's history was lost".into()).await;
         }
         let top = until
             .map_or(position.offset, |u| u - 1)
@@ -2525,6 +2558,10 @@ async fn catch_up(
                 let lost = at.offset - after - 1;
                 warn!(%channel, lost, "publications this node missed are no longer in the history");
                 crate::stats::add(&inner.stats.history_missed, lost);
+                let reason = format!(
+                    "{lost} publications after offset {after} are no longer in the history"
+                );
+                report_lost(inner, channel, reason).await?;
             }
             after = at.offset;
             lock(&inner.follows).insert(
@@ -2535,7 +2572,7 @@ async fn catch_up(
                     seeded: false,
                 },
             );
-            hand_over(inner, message, None).await?;
+            hand_over_positioned(inner, message, at).await?;
             filled += 1;
         }
         crate::stats::add(&inner.stats.history_filled, filled);
@@ -2555,7 +2592,9 @@ async fn catch_up(
                     seeded: false,
                 },
             );
-            return Ok(());
+            let reason =
+                format!("{lost} publications after offset {after} are no longer in the history");
+            return report_lost(inner, channel, reason).await;
         }
     }
 }
@@ -2575,6 +2614,33 @@ async fn catch_up_all(inner: &Inner) {
     }
 }
 
+/// Hands a publication of a channel with history to this node.
+async fn hand_over_positioned(
+    inner: &Inner,
+    message: BusMessage,
+    position: Position,
+) -> Result<(), String> {
+    let event = ClusterEvent::Positioned(message, position);
+    inner
+        .events
+        .send(event)
+        .await
+        .map_err(|_| "node stopped".to_owned())
+}
+
+/// Tells this node that publications of `channel` it received were lost.
+async fn report_lost(inner: &Inner, channel: &str, reason: String) -> Result<(), String> {
+    let event = ClusterEvent::Lost {
+        channel: channel.to_owned(),
+        reason,
+    };
+    inner
+        .events
+        .send(event)
+        .await
+        .map_err(|_| "node stopped".to_owned())
+}
+
 /// Hands a message from another node to this node; `numbered` is the
 /// origin and number of a broadcast, confirmed once handed over.
 async fn hand_over(
@@ -2586,7 +2652,12 @@ async fn hand_over(
     // make the sender's answer a lie. If the wait lasts, Redis closes this
     // subscriber over its output buffer limit, which is a gap the origin
     // learns about.
-    if inner.events.send(message).await.is_err() {
+    if inner
+        .events
+        .send(ClusterEvent::Message(message))
+        .await
+        .is_err()
+    {
         return Err("node stopped".into());
     }
     if let Some((origin, seq)) = numbered {

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::protocol::{
     self, Body, ClientId, ClientInfo, ErrorCode, Frame, HARD_MAX_FRAME_BYTES, Handshake,
     HandshakeAck, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, MessageId, NodeId, NodeStats,
-    Payload, Priority, close_code,
+    Payload, Position, Priority, RECOVERY_VERSION, Recovery, close_code,
 };
 use crate::tls::{self, ServerTrust, TlsError};
 
@@ -33,6 +33,10 @@ pub use socket::{Socket, shared_pool_size};
 pub struct ClientConfig {
     /// `HOST:PORT` of the node (or of a load balancer in front of nodes).
     pub server: String,
+    /// Other `HOST:PORT`s of nodes of the same cluster: reconnects go
+    /// through `server` and these in turn, starting with the one after the
+    /// address just lost (empty: always `server`). They share `server_name`.
+    pub servers: Vec<String>,
     /// TLS server name; by default the host part of `server`.
     pub server_name: Option<String>,
     /// How the server certificate is checked.
@@ -71,17 +75,22 @@ pub struct ClientConfig {
 ///
 /// A reconnect dials the same `server` address again from another UDP
 /// port (see [`Socket`]), so behind a load balancer it may land on
-/// another node. What survives:
+/// another node (with [`ClientConfig::servers`], it tries those in turn).
+/// What survives:
 /// the `Client` value, its configuration (name, token), its event
 /// stream, and its channel subscriptions (it subscribes again by itself
 /// and reports it with [`Event::Resubscribed`]; a subscription the node
-/// now refuses is dropped). What does not: the client id (the node assigns a new one,
+/// now refuses is dropped). In channels whose namespace keeps history
+/// (protocol version 3), it subscribes again from its last position and
+/// receives what was published meanwhile, exactly once and in order, or
+/// is told with [`Event::Subscribed`] that it could not be recovered.
+/// What does not survive: the client id (the node assigns a new one,
 /// announced by [`Event::Reconnected`]), requests that were waiting for a
 /// reply (they fail with [`ClientError::Closed`]: whether the node got
 /// them is unknown), messages sent to the old id while it was gone
-/// (their senders get UNKNOWN_CLIENT), and channel publications made
-/// while it was away (there is no channel history yet). Messages to its
-/// user reach it again as soon as it is back. Requests made *while* the client is
+/// (their senders get UNKNOWN_CLIENT), and publications of channels
+/// without history made while it was away. Messages to its user reach
+/// it again as soon as it is back. Requests made *while* the client is
 /// reconnecting wait for the new connection, up to `request_timeout`, and
 /// then go out on it.
 ///
@@ -116,6 +125,7 @@ impl ClientConfig {
     pub fn new(server: impl Into<String>, ca_file: impl Into<std::path::PathBuf>) -> Self {
         ClientConfig {
             server: server.into(),
+            servers: Vec::new(),
             server_name: None,
             trust: ServerTrust::CaFile(ca_file.into()),
             name: "client".into(),
@@ -256,6 +266,21 @@ pub enum Event {
         /// Channels the node refused, with the reason.
         failed: Vec<(String, String)>,
     },
+    /// After a reconnect (or a SubscriptionLost), the client subscribed
+    /// again to a channel with history from its last position: whether
+    /// what was published meanwhile was recovered (it came as Publication
+    /// frames before this event), or could not be (`recovery` says why;
+    /// the channel goes on from `position`). Also sent, with
+    /// `EpochChanged`, before a Publication of a new epoch (the channel's
+    /// history was lost) when the client had an older one.
+    Subscribed {
+        /// The channel.
+        channel: String,
+        /// Where the client is in the channel now.
+        position: Option<Position>,
+        /// What became of the recovery.
+        recovery: Recovery,
+    },
     /// The client reconnected and handshook again.
     Reconnected {
         /// The new client id.
@@ -274,8 +299,126 @@ pub enum Event {
 
 type Pending = Arc<Mutex<HashMap<MessageId, oneshot::Sender<Frame>>>>;
 
-/// The channels a client is subscribed to, and whether it asked for events.
-type Subscriptions = Arc<Mutex<std::collections::BTreeMap<String, bool>>>;
+/// The channels a client is subscribed to.
+type Subscriptions = Arc<Mutex<std::collections::BTreeMap<String, Sub>>>;
+
+/// One of the client's subscriptions.
+#[derive(Debug, Clone, Default)]
+struct Sub {
+    /// Whether it asked for Join and Leave events.
+    events: bool,
+    /// What it received of the channel's history (channels with history
+    /// on a version 3 connection).
+    track: Option<Track>,
+}
+
+/// Which publications of a channel's history a client has: every offset
+/// up to `watermark` and those in `above`, in `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Track {
+    epoch: u64,
+    watermark: u64,
+    above: std::collections::BTreeSet<u64>,
+}
+
+/// Most offsets a client remembers above its watermark (publications of
+/// other priorities that overtook one); past it, the watermark moves up to
+/// the lowest of them.
+const MAX_ABOVE: usize = 4096;
+
+impl Track {
+    fn at(position: Position) -> Track {
+        Track {
+            epoch: position.epoch,
+            watermark: position.offset,
+            above: Default::default(),
+        }
+    }
+
+    /// Whether the publication at `position` is new (and now had).
+    fn take(track: &mut Option<Track>, position: Position) -> Taken {
+        let t = match track {
+            Some(t) if t.epoch == position.epoch => t,
+            Some(_) => {
+                // The history was lost: what came between cannot be told.
+                *track = Some(Track::at(position));
+                return Taken::NewEpoch;
+            }
+            None => {
+                *track = Some(Track::at(position));
+                return Taken::New;
+            }
+        };
+        if position.offset <= t.watermark || t.above.contains(&position.offset) {
+            return Taken::Duplicate;
+        }
+        t.above.insert(position.offset);
+        t.settle();
+        if t.above.len() > MAX_ABOVE
+            && let Some(&lowest) = t.above.first()
+        {
+            t.watermark = lowest - 1;
+            t.settle();
+        }
+        Taken::New
+    }
+
+    /// The node says the client has everything up to `position`
+    /// (recovered), or starts it there (not recovered).
+    fn reached(track: &mut Option<Track>, position: Position, recovered: bool) {
+        match track {
+            Some(t) if t.epoch == position.epoch => {
+                // Recovered: everything up to `position` came. Not: the
+                // client goes on from `position` (its own was trimmed, or
+                // one the node never had).
+                t.watermark = if recovered {
+                    t.watermark.max(position.offset)
+                } else {
+                    position.offset
+                };
+                t.settle();
+            }
+            _ => *track = Some(Track::at(position)),
+        }
+    }
+
+    /// Moves the watermark over the offsets that follow it.
+    fn settle(&mut self) {
+        let kept = self.above.split_off(&(self.watermark + 1));
+        self.above = kept;
+        while self.above.first() == Some(&(self.watermark + 1)) {
+            self.above.pop_first();
+            self.watermark += 1;
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch,
+            offset: self.watermark,
+        }
+    }
+}
+
+/// What [`Track::take`] made of a publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    New,
+    Duplicate,
+    /// New, in a new epoch of the channel's history.
+    NewEpoch,
+}
+
+/// What a [`Client::subscribe_since`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Members of the channel across the cluster, when revealed.
+    pub subscribers: Option<u64>,
+    /// Where the client is in the channel now (None: no history).
+    pub position: Option<Position>,
+    /// What became of the recovery.
+    pub recovery: Recovery,
+}
 
 struct Inner {
     conn: quinn::Connection,
@@ -638,12 +781,100 @@ impl Client {
                 },
             )
             .await?;
-        lock(&self.state.subscriptions).insert(channel.to_owned(), events);
+        lock(&self.state.subscriptions)
+            .entry(channel.to_owned())
+            .or_default()
+            .events = events;
         Ok(subscribers)
+    }
+
+    /// Subscribes to `channel` recovering what was published after
+    /// `since` (a position this client had, from [`Client::position`], an
+    /// earlier process, or `None` for just the current position). The
+    /// recovered publications arrive as events (Publication frames) before
+    /// this returns; [`Subscription::recovery`] says whether they are all
+    /// there. Needs protocol version 3 and a namespace with history for
+    /// positions (else `recovery` is [`Recovery::NoHistory`]). After a
+    /// reconnect the client does this by itself from its last position.
+    pub async fn subscribe_since(
+        &self,
+        channel: &str,
+        events: bool,
+        since: Option<Position>,
+    ) -> Result<Subscription, ClientError> {
+        let before = lock(&self.state.subscriptions).get(channel).cloned();
+        if let Some(since) = since {
+            let mut subs = lock(&self.state.subscriptions);
+            let sub = subs.entry(channel.to_owned()).or_default();
+            sub.events = events;
+            sub.track = Some(Track::at(since));
+        }
+        let inner = self.live_inner().await;
+        let result =
+            subscribe_since_on(&inner, &self.state.subscriptions, channel, events, since).await;
+        if result.is_err() {
+            // As it was: subscribed (with its position) or not.
+            let mut subs = lock(&self.state.subscriptions);
+            match before {
+                Some(before) => subs.insert(channel.to_owned(), before),
+                None => subs.remove(channel),
+            };
+        }
+        result
+    }
+
+    /// This client's position in `channel` (a channel with history): every
+    /// publication up to it was received. `None` before the first one, or
+    /// for other channels.
+    pub fn position(&self, channel: &str) -> Option<Position> {
+        lock(&self.state.subscriptions)
+            .get(channel)
+            .and_then(|s| s.track.as_ref().map(Track::position))
+    }
+
+    /// The latest publications (at most `limit`, the node may cap it) of
+    /// `channel`'s history older than offset `before` (`None`: the newest),
+    /// oldest first, as Publication frames; with the channel's current
+    /// position and whether older ones are kept.
+    pub async fn history(
+        &self,
+        channel: &str,
+        limit: u32,
+        before: Option<u64>,
+    ) -> Result<(Vec<Frame>, Position, bool), ClientError> {
+        let body = Body::HistoryRequest {
+            channel: channel.to_owned(),
+            limit,
+            before,
+        };
+        let (publications, position, more) = self
+            .request(Priority::Normal, body, "History", |reply| match reply {
+                Body::History {
+                    publications,
+                    position,
+                    more,
+                    ..
+                } => Some((publications, position, more)),
+                _ => None,
+            })
+            .await?;
+        let mut frames = Vec::with_capacity(publications.len());
+        for bytes in publications {
+            let frame = bytes
+                .get(protocol::LENGTH_PREFIX_BYTES..)
+                .map(protocol::decode_frame)
+                .and_then(Result::ok)
+                .ok_or_else(|| {
+                    ClientError::Protocol("undecodable publication in History".into())
+                })?;
+            frames.push(frame);
+        }
+        Ok((frames, position, more))
     }
 
     /// Leaves `channel`.
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), ClientError> {
+        // (Its position goes too.)
         lock(&self.state.subscriptions).remove(channel);
         self.acked(
             Priority::Normal,
@@ -802,6 +1033,50 @@ async fn submit_on(
     })
 }
 
+/// Sends a SubscribeSince for `channel` on `inner` and takes in its
+/// answer (the client's position in the channel).
+async fn subscribe_since_on(
+    inner: &Arc<Inner>,
+    subscriptions: &Subscriptions,
+    channel: &str,
+    events: bool,
+    since: Option<Position>,
+) -> Result<Subscription, ClientError> {
+    let body = Body::SubscribeSince {
+        channel: channel.to_owned(),
+        events,
+        since,
+    };
+    let reply = submit_on(inner.clone(), Priority::Normal, body)
+        .await?
+        .wait()
+        .await?;
+    let Body::Subscribed {
+        subscribers,
+        position,
+        recovery,
+        ..
+    } = reply.body
+    else {
+        return Err(ClientError::Protocol(format!(
+            "expected Subscribed, got {}",
+            reply.body.name()
+        )));
+    };
+    let mut subs = lock(subscriptions);
+    let sub = subs.entry(channel.to_owned()).or_default();
+    sub.events = events;
+    match position {
+        Some(position) => Track::reached(&mut sub.track, position, recovery == Recovery::Recovered),
+        None => sub.track = None,
+    }
+    Ok(Subscription {
+        subscribers,
+        position: sub.track.as_ref().map(Track::position).or(position),
+        recovery,
+    })
+}
+
 /// Subscribes a new connection to the channels the client had, and
 /// reports how it went.
 async fn resubscribe(inner: Arc<Inner>, subscriptions: Subscriptions, events: mpsc::Sender<Event>) {
@@ -812,9 +1087,22 @@ async fn resubscribe(inner: Arc<Inner>, subscriptions: Subscriptions, events: mp
     let (mut channels, mut failed) = (Vec::new(), Vec::new());
     for channel in wanted {
         match subscribe_again(&inner, &subscriptions, &channel).await {
-            Ok(true) => channels.push(channel),
+            Ok(Some(subscription)) => {
+                if let Some(subscription) = subscription
+                    && subscription.recovery != Recovery::NoHistory
+                {
+                    let _ = events
+                        .send(Event::Subscribed {
+                            channel: channel.clone(),
+                            position: subscription.position,
+                            recovery: subscription.recovery,
+                        })
+                        .await;
+                }
+                channels.push(channel);
+            }
             // Unsubscribed by the application meanwhile.
-            Ok(false) => {}
+            Ok(None) => {}
             Err(err) => failed.push((channel, err.to_string())),
         }
     }
@@ -827,7 +1115,9 @@ async fn resubscribe(inner: Arc<Inner>, subscriptions: Subscriptions, events: mp
 const RESUBSCRIBE_ATTEMPTS: u32 = 5;
 
 /// Subscribes `inner`'s connection to `channel` again, if the client still
-/// wants it (`Ok(false)` when it no longer does). A refusal that will not
+/// wants it (`Ok(None)` when it no longer does): from its position on a
+/// version 3 connection (`Ok(Some(Some(_)))` then says how the recovery
+/// went), with a plain Subscribe on older ones. A refusal that will not
 /// pass (rules, limits, a bad name) makes the client forget the channel;
 /// one that may pass is retried a few times with backoff, and the client
 /// keeps the channel for its next reconnect if they all fail.
@@ -835,23 +1125,30 @@ async fn subscribe_again(
     inner: &Arc<Inner>,
     subscriptions: &Subscriptions,
     channel: &str,
-) -> Result<bool, ClientError> {
+) -> Result<Option<Option<Subscription>>, ClientError> {
     let mut backoff = Duration::from_millis(200);
     let mut attempt = 1;
     loop {
-        let Some(events) = lock(subscriptions).get(channel).copied() else {
-            return Ok(false);
+        let Some(sub) = lock(subscriptions).get(channel).cloned() else {
+            return Ok(None);
         };
-        let body = Body::Subscribe {
-            channel: channel.to_owned(),
-            events,
-        };
-        let outcome = match submit_on(inner.clone(), Priority::Normal, body).await {
-            Ok(pending) => pending.wait().await.map(drop),
-            Err(err) => Err(err),
+        let outcome = if inner.ack.version >= RECOVERY_VERSION {
+            let since = sub.track.as_ref().map(Track::position);
+            subscribe_since_on(inner, subscriptions, channel, sub.events, since)
+                .await
+                .map(Some)
+        } else {
+            let body = Body::Subscribe {
+                channel: channel.to_owned(),
+                events: sub.events,
+            };
+            match submit_on(inner.clone(), Priority::Normal, body).await {
+                Ok(pending) => pending.wait().await.map(|_| None),
+                Err(err) => Err(err),
+            }
         };
         let err = match outcome {
-            Ok(()) => return Ok(true),
+            Ok(subscription) => return Ok(Some(subscription)),
             Err(err) => err,
         };
         let lasting = matches!(
@@ -1076,6 +1373,8 @@ async fn supervise(
     // after the last close 10 (doubled by each close 10 in a row).
     let retry_hint = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut rate_backoff = Duration::ZERO;
+    // Which address the connection is to: 0 is `server`, then `servers`.
+    let mut serving = 0usize;
     loop {
         let reader = StreamReader {
             pending,
@@ -1128,13 +1427,23 @@ async fn supervise(
             if s.closing.load(std::sync::atomic::Ordering::Acquire) {
                 return;
             }
-            let (config, crypto, home) = (s.config.clone(), s.crypto.clone(), s.home);
+            let (mut config, crypto, home) = (s.config.clone(), s.crypto.clone(), s.home);
             drop(s);
+            // Through the other addresses in turn, from the one after the
+            // address just lost.
+            let addresses = 1 + config.servers.len();
+            let index = (serving + 1 + attempts as usize) % addresses;
+            if index > 0 {
+                config.server = config.servers[index - 1].clone();
+            }
             // Attempt 0 was the lost connection's socket: start from the next.
             // Boxed: only a reconnect needs this (large) future, so an idle
             // connection's supervisor does not carry its size.
             match Box::pin(connect_once(&config, &crypto, home, attempts as usize + 1)).await {
-                Ok(ok) => break ok,
+                Ok(ok) => {
+                    serving = index;
+                    break ok;
+                }
                 Err(err) => {
                     attempts += 1;
                     tracing::debug!(%err, attempts, "reconnect failed");
@@ -1274,6 +1583,51 @@ async fn read_stream(mut recv: quinn::RecvStream, reader: StreamReader) {
         }
         if let Body::Unsubscribed { channel, .. } = &frame.body {
             lock(&subscriptions).remove(channel);
+        }
+        if let Body::Publication {
+            channel, position, ..
+        } = &frame.body
+        {
+            // Exactly once: a publication recovered after a reconnect may
+            // have come before it.
+            let taken = lock(&subscriptions)
+                .get_mut(channel)
+                .map(|sub| Track::take(&mut sub.track, *position));
+            match taken {
+                Some(Taken::Duplicate) => continue,
+                Some(Taken::NewEpoch) => {
+                    let lost = Event::Subscribed {
+                        channel: channel.clone(),
+                        position: Some(*position),
+                        recovery: Recovery::EpochChanged,
+                    };
+                    if events.send(lost).await.is_err() {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Body::SubscriptionLost { channel, .. } = &frame.body
+            && let Some(inner) = inner.upgrade()
+        {
+            // Subscribed again from its position: the node sends what it
+            // still has, or says what was lost (Event::Subscribed).
+            let (subscriptions, events, channel) =
+                (subscriptions.clone(), events.clone(), channel.clone());
+            tokio::spawn(async move {
+                if let Ok(Some(Some(subscription))) =
+                    subscribe_again(&inner, &subscriptions, &channel).await
+                {
+                    let _ = events
+                        .send(Event::Subscribed {
+                            channel,
+                            position: subscription.position,
+                            recovery: subscription.recovery,
+                        })
+                        .await;
+                }
+            });
         }
         if matches!(frame.body, Body::Ping) {
             if let Some(inner) = inner.upgrade() {

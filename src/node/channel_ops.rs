@@ -6,17 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Node;
-use crate::bus::{BusError, BusMessage, ClusterBus, Feed, PublishDone, Target};
+use crate::bus::{BusError, BusMessage, ClusterBus, Feed, HistoryRange, PublishDone, Target};
 use crate::channels::{Added, Channels, Counts, Refusal};
 use crate::protocol::{
-    self, Body, ClientId, Frame, MessageId, NodeId, Payload, Priority, error_code,
+    self, Body, ClientId, Frame, MessageId, NodeId, Payload, Position, Priority, Recovery,
+    error_code,
 };
 use crate::registry::ClientHandle;
 
 impl Node {
     /// Subscribes `client` to `channel` (frame `id`) and answers it:
     /// SubscribeAck once the node receives the channel's publications from
-    /// every node, or an Error.
+    /// every node, or an Error. `since` is a SubscribeSince's (version 3):
+    /// the answer is then Subscribed, after the publications recovered
+    /// (PROTOCOL.md section 11.3).
     pub async fn subscribe(
         &self,
         client: &Arc<ClientHandle>,
@@ -24,6 +27,7 @@ impl Node {
         priority: Priority,
         channel: String,
         events: bool,
+        since: Option<Option<Position>>,
     ) {
         let refuse = |(code, message): Refusal| client.error(priority, Some(id), code, message);
         let namespace = match self.channels().namespace(&channel) {
@@ -33,16 +37,32 @@ impl Node {
         if let Err(refusal) = Channels::may_subscribe(&namespace, client, &channel) {
             return refuse(refusal);
         }
+        let retention = namespace.retention();
+        let recovering = since.is_some() && retention.is_some();
         let bus = self.bus();
         let mut flipped = Vec::new();
         let added = self
             .channels()
-            .add(client, &channel, events, |before, after| {
+            .add(client, &channel, events, recovering, |before, after| {
                 flipped = self.follow_counts(&channel, namespace.join_leave, before, after);
             });
         let added = match added {
             Err(refusal) => return refuse(refusal),
             Ok(added) => added,
+        };
+        let undo = |code, what: String| {
+            if matches!(added, Added::New { .. }) {
+                self.drop_subscription(client.id(), &channel, false);
+            } else if recovering {
+                // Subscribed before: it goes on receiving as before.
+                self.channels()
+                    .finish_recovery(client.id(), &channel, |arrived| {
+                        for (_, frame) in arrived.arrived {
+                            let _ = client.enqueue(priority, protocol::tag::PUBLICATION, frame);
+                        }
+                    });
+            }
+            client.error(priority, Some(id), code, what);
         };
         for (feed, wanted) in &flipped {
             if !wanted {
@@ -65,21 +85,32 @@ impl Node {
                     }
                     _ => format!("cannot subscribe to {channel}: {err}"),
                 };
-                if matches!(added, Added::New { .. }) {
-                    self.drop_subscription(client.id(), &channel, false);
-                }
-                return client.error(priority, Some(id), error_code::CLUSTER_UNAVAILABLE, what);
+                return undo(error_code::CLUSTER_UNAVAILABLE, what);
             }
         }
         let started_feed = flipped.contains(&(Feed::Publications, true));
         if started_feed
-            && namespace.retention().is_some()
+            && retention.is_some()
             && let Err(err) = bus.follow_history(&channel).await
         {
             // Without it, the first publication that arrives starts the
             // gap detection instead.
             tracing::debug!(%channel, %err, "cannot read the channel's position");
         }
+        // A recovery: what to replay, read after the subscription is in
+        // place (so nothing falls between the read and the live feed).
+        let recovery = match (since, retention) {
+            (Some(since), Some(retention)) => {
+                match self
+                    .recover(client, priority, &channel, since, retention.size)
+                    .await
+                {
+                    Ok(recovery) => Some(recovery),
+                    Err((code, what)) => return undo(code, what),
+                }
+            }
+            _ => None,
+        };
         if namespace.presence && matches!(added, Added::New { .. }) {
             let landed = self
                 .channels()
@@ -97,14 +128,59 @@ impl Node {
         } else {
             None
         };
-        client.reply(
-            priority,
-            Body::SubscribeAck {
-                of: id,
-                channel: channel.clone(),
-                subscribers,
-            },
-        );
+        match (since, recovery) {
+            (None, _) => client.reply(
+                priority,
+                Body::SubscribeAck {
+                    of: id,
+                    channel: channel.clone(),
+                    subscribers,
+                },
+            ),
+            (Some(_), None) => client.reply(
+                priority,
+                Body::Subscribed {
+                    of: id,
+                    channel: channel.clone(),
+                    subscribers,
+                    position: None,
+                    recovery: Recovery::NoHistory,
+                },
+            ),
+            (Some(_), Some(recovered)) => {
+                if self.channels().recovery_overflowed(client.id(), &channel) {
+                    return undo(
+                        error_code::SERVER_BUSY,
+                        format!(
+                            "recovery of {channel} could not keep up with its publications; retry"
+                        ),
+                    );
+                }
+                // What arrived meanwhile, after what was replayed, then the
+                // answer: all on this request's stream, in offset order.
+                let (mut last, recovery) = recovered;
+                self.channels()
+                    .finish_recovery(client.id(), &channel, |arrived| {
+                        for (at, frame) in arrived.arrived {
+                            if at.epoch == last.epoch && at.offset <= last.offset {
+                                continue;
+                            }
+                            let _ = client.enqueue(priority, protocol::tag::PUBLICATION, frame);
+                            last = at;
+                        }
+                        client.reply(
+                            priority,
+                            Body::Subscribed {
+                                of: id,
+                                channel: channel.clone(),
+                                subscribers,
+                                position: Some(last),
+                                recovery,
+                            },
+                        );
+                    });
+            }
+        }
         // Not if an Unsubscribe (on another stream) or an operator ended
         // it meanwhile: its Leave went out already (checked atomically).
         if namespace.join_leave && matches!(added, Added::New { .. }) {
@@ -117,6 +193,106 @@ impl Node {
                 client.id(),
             );
         }
+    }
+
+    /// Reads what `client` missed of `channel` since `since` and queues it
+    /// at `priority` (the request's: recovered publications come on its
+    /// stream, before the answer), paced by the client's queue room. Returns the
+    /// position of the last publication queued (or the channel's latest,
+    /// when nothing was), and what became of the recovery.
+    async fn recover(
+        &self,
+        client: &Arc<ClientHandle>,
+        priority: Priority,
+        channel: &str,
+        since: Option<Position>,
+        size: u32,
+    ) -> Result<(Position, Recovery), Refusal> {
+        let cannot = |err: BusError| {
+            (
+                error_code::CLUSTER_UNAVAILABLE,
+                format!("cannot recover {channel}: {err}"),
+            )
+        };
+        let Some(since) = since else {
+            let page = self
+                .bus()
+                .history(channel, HistoryRange::Before(None), 0)
+                .await
+                .map_err(cannot)?;
+            return Ok((page.position, Recovery::NotRequested));
+        };
+        let page = self
+            .bus()
+            .history(channel, HistoryRange::After(since.offset), size as usize)
+            .await
+            .map_err(cannot)?;
+        let top = page.position;
+        let recovery = if top.epoch != since.epoch {
+            Recovery::EpochChanged
+        } else if since.offset > top.offset {
+            Recovery::Ahead
+        } else if since.offset == top.offset {
+            Recovery::Recovered
+        } else {
+            let contiguous = page.entries.first().map(|e| e.offset) == Some(since.offset + 1)
+                && page.entries.last().map(|e| e.offset) == Some(top.offset)
+                && page.entries.len() as u64 == top.offset - since.offset;
+            if contiguous {
+                Recovery::Recovered
+            } else {
+                Recovery::Trimmed
+            }
+        };
+        if recovery != Recovery::Recovered {
+            return Ok((top, recovery));
+        }
+        let mut last = since;
+        for entry in page.entries {
+            let at = Position {
+                epoch: top.epoch,
+                offset: entry.offset,
+            };
+            let Some(frame) = crate::channels::publication_frame(&entry.frame, at) else {
+                continue;
+            };
+            // Paced: a long replay must not fill the client's queue (which
+            // would close it as a slow consumer).
+            let deadline = tokio::time::Instant::now() + self.config().slow_consumer_stall;
+            while !client.outbound().has_room(priority, frame.len()) {
+                if tokio::time::Instant::now() >= deadline || client.outbound().is_slow() {
+                    return Err((
+                        error_code::SERVER_BUSY,
+                        format!("recovery of {channel} stalled: the client does not read"),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if self.channels().recovery_overflowed(client.id(), channel) {
+                return Err((
+                    error_code::SERVER_BUSY,
+                    format!("recovery of {channel} could not keep up with its publications; retry"),
+                ));
+            }
+            if client
+                .enqueue(priority, protocol::tag::PUBLICATION, frame)
+                .is_err()
+            {
+                return Err((
+                    error_code::SERVER_BUSY,
+                    format!("recovery of {channel} could not be queued; retry"),
+                ));
+            }
+            last = at;
+        }
+        Ok((
+            if last.offset == since.offset {
+                top
+            } else {
+                last
+            },
+            recovery,
+        ))
     }
 
     /// Unsubscribes client `id` from `channel`; announces its Leave when
@@ -206,6 +382,100 @@ impl Node {
     pub fn drop_subscriptions(&self, id: ClientId) {
         for channel in self.channels().of_client(id) {
             self.drop_subscription(id, &channel, true);
+        }
+    }
+
+    /// Answers a HistoryRequest for `channel`: the latest `limit`
+    /// publications older than `before`, as Publication frames.
+    pub async fn history(
+        &self,
+        client: &Arc<ClientHandle>,
+        id: MessageId,
+        priority: Priority,
+        channel: String,
+        limit: u32,
+        before: Option<u64>,
+    ) {
+        let refuse = |(code, message): Refusal| client.error(priority, Some(id), code, message);
+        let namespace = match self.channels().namespace(&channel) {
+            Ok(namespace) => namespace.clone(),
+            Err(refusal) => return refuse(refusal),
+        };
+        let Some(retention) = namespace.retention() else {
+            return refuse((
+                error_code::NOT_ALLOWED,
+                format!("history is off for the namespace of {channel}"),
+            ));
+        };
+        if let Err(refusal) = Channels::may_subscribe(&namespace, client, &channel) {
+            return refuse(refusal);
+        }
+        let most = self.config().max_history_page.min(retention.size as usize);
+        if limit == 0 || limit as usize > most {
+            return refuse((
+                error_code::INVALID_FIELD,
+                format!("limit must be 1..={most}, got {limit}"),
+            ));
+        }
+        let page = match self
+            .bus()
+            .history(&channel, HistoryRange::Before(before), limit as usize)
+            .await
+        {
+            Ok(page) => page,
+            Err(err) => {
+                return refuse((
+                    error_code::CLUSTER_UNAVAILABLE,
+                    format!("cannot read the history of {channel}: {err}"),
+                ));
+            }
+        };
+        // Newest kept first when the frame would grow past the limit.
+        let room = (self.config().max_message_bytes.max(64 * 1024) * 4)
+            .min(protocol::HARD_MAX_FRAME_BYTES - 64 * 1024);
+        let mut publications = Vec::new();
+        let mut bytes = 0;
+        let mut more = page.more;
+        for entry in page.entries.iter().rev() {
+            let at = Position {
+                epoch: page.position.epoch,
+                offset: entry.offset,
+            };
+            let Some(frame) = crate::channels::publication_frame(&entry.frame, at) else {
+                continue;
+            };
+            if bytes + frame.len() > room && !publications.is_empty() {
+                more = true;
+                break;
+            }
+            bytes += frame.len();
+            publications.push(frame);
+        }
+        publications.reverse();
+        client.reply(
+            priority,
+            Body::History {
+                of: id,
+                channel,
+                position: page.position,
+                publications,
+                more,
+            },
+        );
+    }
+
+    /// Tells this node's subscribers of `channel` that track positions
+    /// that they missed publications (`reason`): they get
+    /// SubscriptionLost and may subscribe again with `since`.
+    pub fn subscription_lost(&self, channel: &str, reason: &str) {
+        for client in self.channels().position_subscribers(channel) {
+            client.reply(
+                Priority::High,
+                Body::SubscriptionLost {
+                    channel: channel.to_owned(),
+                    reason: reason.to_owned(),
+                },
+            );
         }
     }
 

@@ -21,14 +21,14 @@ use crate::auth::{AuthSetupError, Authenticator};
 use crate::bus::memory::{MemoryBus, MemoryCluster};
 use crate::bus::redis_bus::{RedisBus, RedisBusConfig};
 use crate::bus::{
-    Bus, BusError, BusMessage, ClusterBus, ClusterEvents, LocalChannel, LocalPresence, PublishDone,
-    Target,
+    Bus, BusError, BusMessage, ClusterBus, ClusterEvent, ClusterEvents, LocalChannel,
+    LocalPresence, PublishDone, Target,
 };
 use crate::channels::Channels;
 use crate::config::{ConfigError, NodeConfig};
 use crate::limits::{Admission, RateLimits};
 use crate::outbound::QueueBudget;
-use crate::protocol::{self, ClientId, ClientInfo, MessageId, NodeId, Payload, Priority};
+use crate::protocol::{self, ClientId, ClientInfo, MessageId, NodeId, Payload, Position, Priority};
 use crate::registry::{ClientHandle, Full, Registry};
 use crate::router::MessageRouter;
 use crate::stats::Stats;
@@ -265,7 +265,13 @@ impl Node {
                 loop {
                     tokio::select! {
                         event = events.recv() => match event {
-                            Some(event) => node.handle_cluster_event(event),
+                            Some(ClusterEvent::Message(message)) => node.handle_cluster_event(message),
+                            Some(ClusterEvent::Positioned(message, position)) => {
+                                node.handle_positioned(message, position)
+                            }
+                            Some(ClusterEvent::Lost { channel, reason }) => {
+                                node.subscription_lost(&channel, &reason)
+                            }
                             None => return,
                         },
                         _ = stop.cancelled() => return,
@@ -290,6 +296,21 @@ impl Node {
             self.config.slow_consumer_stall,
             stop,
         ));
+    }
+
+    /// Delivers a publication of a channel with history (this node's own
+    /// too) to its local subscribers.
+    fn handle_positioned(&self, message: BusMessage, position: Position) {
+        if let BusMessage::Publication {
+            channel,
+            priority,
+            frame,
+            ..
+        } = message
+        {
+            self.router
+                .deliver_positioned(&channel, priority, &frame, position);
+        }
     }
 
     /// Handles one message another node sent this one.
@@ -331,10 +352,9 @@ impl Node {
                 event,
                 frame,
             } => {
-                // A node serves its own publications at once, except in
-                // channels with history: those every node delivers as the
-                // bus hands them back, in offset order.
-                if origin != self.id || (!event && self.channels.retention(&channel).is_some()) {
+                // A node serves its own publications at once (those of
+                // channels with history arrive positioned, from every node).
+                if origin != self.id {
                     self.router
                         .deliver_publication(&channel, priority, event, &frame);
                 }

@@ -371,6 +371,48 @@ mod tests {
                 channel: "chat:lobby".into(),
                 reason: "moderated".into(),
             },
+            Body::Publication {
+                channel: "h:feed".into(),
+                payload: Payload::Text("p".into()),
+                position: super::super::Position {
+                    epoch: u64::MAX - 3,
+                    offset: 1 << 40,
+                },
+            },
+            Body::SubscribeSince {
+                channel: "h:feed".into(),
+                events: false,
+                since: Some(super::super::Position {
+                    epoch: 9,
+                    offset: 12,
+                }),
+            },
+            Body::Subscribed {
+                of: id,
+                channel: "h:feed".into(),
+                subscribers: None,
+                position: None,
+                recovery: super::super::Recovery::Trimmed,
+            },
+            Body::HistoryRequest {
+                channel: "h:feed".into(),
+                limit: 50,
+                before: Some(7),
+            },
+            Body::History {
+                of: id,
+                channel: "h:feed".into(),
+                position: super::super::Position {
+                    epoch: 9,
+                    offset: 12,
+                },
+                publications: vec![bytes::Bytes::from_static(&[0, 0, 0, 1, 6])],
+                more: true,
+            },
+            Body::SubscriptionLost {
+                channel: "h:feed".into(),
+                reason: "trimmed".into(),
+            },
         ];
         assert_eq!(
             bodies.len() as u32,

@@ -382,10 +382,115 @@ pub enum Body {
         /// Why.
         reason: String,
     },
+    /// 25. Node → client (version 3): a publication of a channel with
+    ///     history, at its position (instead of a Publish).
+    Publication {
+        /// The channel.
+        channel: String,
+        /// The content.
+        payload: Payload,
+        /// Its place in the channel's history.
+        position: super::Position,
+    },
+    /// 26. Client → node (version 3): subscribe, recovering what was
+    ///     published after `since`; answered with Subscribed or an Error.
+    SubscribeSince {
+        /// The channel.
+        channel: String,
+        /// Whether to receive Join and Leave events of the channel.
+        events: bool,
+        /// The position of the last publication the client has (None: no
+        /// recovery, just the current position).
+        since: Option<super::Position>,
+    },
+    /// 27. Node → client: the SubscribeSince `of` is in place; the
+    ///     publications it recovered came before it.
+    Subscribed {
+        /// Id of the SubscribeSince.
+        of: MessageId,
+        /// The channel.
+        channel: String,
+        /// Members across the cluster, when the namespace has presence on.
+        subscribers: Option<u64>,
+        /// The channel's position: the last publication sent to the client
+        /// before this frame, or the latest one (None: no history).
+        position: Option<super::Position>,
+        /// What became of the recovery.
+        recovery: Recovery,
+    },
+    /// 28. Client → node (version 3): the latest publications of a
+    ///     channel's history; answered with History or an Error.
+    HistoryRequest {
+        /// The channel.
+        channel: String,
+        /// Most publications wanted (the node may return fewer).
+        limit: u32,
+        /// Only those older than this offset (None: the newest).
+        before: Option<u64>,
+    },
+    /// 29. Node → client: publications of a channel's history.
+    History {
+        /// Id of the HistoryRequest.
+        of: MessageId,
+        /// The channel.
+        channel: String,
+        /// The channel's current position.
+        position: super::Position,
+        /// Complete Publication frames (length prefix included), oldest
+        /// first.
+        publications: Vec<bytes::Bytes>,
+        /// Whether older publications are kept.
+        more: bool,
+    },
+    /// 30. Node → client: the node could not deliver every publication of
+    ///     `channel` to this subscriber (it is still subscribed): subscribe
+    ///     again with `since` to recover, or learn what was lost.
+    SubscriptionLost {
+        /// The channel.
+        channel: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What became of a SubscribeSince's recovery (wire: u32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Recovery {
+    /// 0: no `since` was given.
+    NotRequested,
+    /// 1: every publication after `since` was sent before the Subscribed
+    ///    (possibly none): nothing was missed.
+    Recovered,
+    /// 2: the channel's history was lost since (a new epoch): what was
+    ///    published meanwhile cannot be told. Nothing was replayed.
+    EpochChanged,
+    /// 3: publications after `since` are no longer kept (trimmed or
+    ///    expired). Nothing was replayed.
+    Trimmed,
+    /// 4: the channel's namespace keeps no history.
+    NoHistory,
+    /// 5: `since` is beyond the channel's latest publication (a position
+    ///    the client cannot have got from this history). Nothing was
+    ///    replayed.
+    Ahead,
+}
+
+impl Recovery {
+    /// Lowercase name, for logs and JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recovery::NotRequested => "not_requested",
+            Recovery::Recovered => "recovered",
+            Recovery::EpochChanged => "epoch_changed",
+            Recovery::Trimmed => "trimmed",
+            Recovery::NoHistory => "no_history",
+            Recovery::Ahead => "ahead",
+        }
+    }
 }
 
 /// Names of the frame types, indexed by wire tag ([`Body::tag`]).
-pub const FRAME_NAMES: [&str; 25] = [
+pub const FRAME_NAMES: [&str; 31] = [
     "handshake",
     "handshake_ack",
     "text",
@@ -411,11 +516,29 @@ pub const FRAME_NAMES: [&str; 25] = [
     "presence",
     "user_direct",
     "unsubscribed",
+    "publication",
+    "subscribe_since",
+    "subscribed",
+    "history_request",
+    "history",
+    "subscription_lost",
 ];
 
 /// First wire tag of the frames protocol version 2 added; a version-1
 /// connection neither sends nor receives them.
 pub const FIRST_V2_TAG: usize = 15;
+
+/// First wire tag of the frames protocol version 3 added.
+pub const FIRST_V3_TAG: usize = 25;
+
+/// The protocol version that introduced frame type `tag`.
+pub fn version_of_tag(tag: usize) -> u16 {
+    match tag {
+        t if t >= FIRST_V3_TAG => 3,
+        t if t >= FIRST_V2_TAG => 2,
+        _ => 1,
+    }
+}
 
 /// Wire tags of the frame types the node queues itself (see [`Body::tag`]).
 pub mod tag {
@@ -439,6 +562,10 @@ pub mod tag {
     pub const USER_DIRECT: usize = 23;
     /// An operator's unsubscription.
     pub const UNSUBSCRIBED: usize = 24;
+    /// A publication with its position.
+    pub const PUBLICATION: usize = 25;
+    /// A lost subscription.
+    pub const SUBSCRIPTION_LOST: usize = 30;
 }
 
 impl Body {
@@ -447,7 +574,7 @@ impl Body {
         FRAME_NAMES[self.tag()]
     }
 
-    /// The body's wire tag (0 to 24), also its index in [`FRAME_NAMES`].
+    /// The body's wire tag (0 to 30), also its index in [`FRAME_NAMES`].
     pub fn tag(&self) -> usize {
         match self {
             Body::Handshake(_) => 0,
@@ -475,6 +602,12 @@ impl Body {
             Body::Presence { .. } => 22,
             Body::UserDirect { .. } => 23,
             Body::Unsubscribed { .. } => 24,
+            Body::Publication { .. } => 25,
+            Body::SubscribeSince { .. } => 26,
+            Body::Subscribed { .. } => 27,
+            Body::HistoryRequest { .. } => 28,
+            Body::History { .. } => 29,
+            Body::SubscriptionLost { .. } => 30,
         }
     }
 
@@ -485,7 +618,9 @@ impl Body {
             Body::ClientList { of, .. }
             | Body::Stats { of, .. }
             | Body::SubscribeAck { of, .. }
-            | Body::Presence { of, .. } => Some(*of),
+            | Body::Presence { of, .. }
+            | Body::Subscribed { of, .. }
+            | Body::History { of, .. } => Some(*of),
             Body::Error { of, .. } => *of,
             _ => None,
         }

@@ -45,6 +45,16 @@ pub fn publication_json(frame: &Frame) -> Value {
     line
 }
 
+/// A position as `"epoch"` (16 hex digits) and `"offset"` (null, null
+/// when there is none).
+fn position_fields(
+    position: Option<&crate::protocol::Position>,
+    out: &mut serde_json::Map<String, Value>,
+) {
+    out.insert("epoch".into(), json!(position.map(|p| p.epoch_hex())));
+    out.insert("offset".into(), json!(position.map(|p| p.offset)));
+}
+
 /// One received frame as a JSON object (the `listen` output format).
 pub fn frame_json(frame: &Frame) -> Value {
     let mut out = serde_json::Map::new();
@@ -126,9 +136,67 @@ pub fn frame_json(frame: &Frame) -> Value {
             out.insert("user".into(), json!(user));
             payload_fields(payload, &mut out);
         }
-        Body::Unsubscribed { channel, reason } => {
+        Body::Unsubscribed { channel, reason } | Body::SubscriptionLost { channel, reason } => {
             out.insert("channel".into(), json!(channel));
             out.insert("reason".into(), json!(reason));
+        }
+        Body::Publication {
+            channel,
+            payload,
+            position,
+        } => {
+            out.insert("channel".into(), json!(channel));
+            payload_fields(payload, &mut out);
+            out.entry("from").or_insert(Value::Null);
+            position_fields(Some(position), &mut out);
+        }
+        Body::SubscribeSince {
+            channel,
+            events,
+            since,
+        } => {
+            out.insert("channel".into(), json!(channel));
+            out.insert("events".into(), json!(events));
+            out.insert("since".into(), json!(since.map(|p| p.to_string())));
+        }
+        Body::Subscribed {
+            of,
+            channel,
+            subscribers,
+            position,
+            recovery,
+        } => {
+            out.insert("of".into(), json!(of.to_string()));
+            out.insert("channel".into(), json!(channel));
+            out.insert("subscribers".into(), json!(subscribers));
+            out.insert(
+                "recovered".into(),
+                json!(*recovery == crate::protocol::Recovery::Recovered),
+            );
+            out.insert("recovery".into(), json!(recovery.name()));
+            position_fields(position.as_ref(), &mut out);
+        }
+        Body::HistoryRequest {
+            channel,
+            limit,
+            before,
+        } => {
+            out.insert("channel".into(), json!(channel));
+            out.insert("limit".into(), json!(limit));
+            out.insert("before".into(), json!(before));
+        }
+        Body::History {
+            of,
+            channel,
+            position,
+            publications,
+            more,
+        } => {
+            out.insert("of".into(), json!(of.to_string()));
+            out.insert("channel".into(), json!(channel));
+            position_fields(Some(position), &mut out);
+            out.insert("count".into(), json!(publications.len()));
+            out.insert("more".into(), json!(more));
         }
         _ => {}
     }

@@ -20,11 +20,15 @@ pub const ALPN: &[u8] = b"quic-fabric/1";
 /// Lowest protocol version this build speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Highest protocol version this build speaks.
-pub const MAX_PROTOCOL_VERSION: u16 = 2;
+pub const MAX_PROTOCOL_VERSION: u16 = 3;
 
 /// The first version with channels, user addressing and presence
 /// (frame types 15 to 24).
 pub const CHANNELS_VERSION: u16 = 2;
+
+/// The first version with channel positions and recovery (frame types 25
+/// to 30).
+pub const RECOVERY_VERSION: u16 = 3;
 
 /// Size of the big-endian length prefix in front of every frame.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
@@ -253,14 +257,15 @@ mod tests {
         assert_eq!(negotiate_version(&offer(1, 1)), Ok(1));
         assert_eq!(negotiate_version(&offer(1, 2)), Ok(2));
         assert_eq!(negotiate_version(&offer(2, 2)), Ok(2));
-        assert_eq!(negotiate_version(&offer(1, 7)), Ok(2));
+        assert_eq!(negotiate_version(&offer(1, 3)), Ok(3));
+        assert_eq!(negotiate_version(&offer(1, 7)), Ok(3));
         // An offer reaching down to 0 still has 1 in common.
         assert_eq!(negotiate_version(&offer(0, 1)), Ok(1));
-        assert_eq!(negotiate_version(&offer(0, u16::MAX)), Ok(2));
-        for (min, max) in [(0, 0), (3, 4)] {
+        assert_eq!(negotiate_version(&offer(0, u16::MAX)), Ok(3));
+        for (min, max) in [(0, 0), (4, 5)] {
             let err = negotiate_version(&offer(min, max)).unwrap_err();
             assert!(err.contains(&format!("{min}..={max}")), "{err}");
-            assert!(err.contains("1..=2"), "{err}");
+            assert!(err.contains("1..=3"), "{err}");
             assert!(!err.contains("empty"), "{err}");
         }
     }

@@ -751,3 +751,73 @@ impl Drop for TcpProxy {
         self.cut();
     }
 }
+
+/// A UDP forwarder on loopback between clients and a node that a test can
+/// cut (every datagram dropped, both ways, silently): a client that loses
+/// its network.
+pub struct UdpProxy {
+    pub addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl UdpProxy {
+    pub async fn start(target: SocketAddr) -> UdpProxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let main = {
+            let (cut, tasks) = (cut.clone(), tasks.clone());
+            tokio::spawn(async move {
+                let mut upstreams: std::collections::HashMap<
+                    SocketAddr,
+                    Arc<tokio::net::UdpSocket>,
+                > = Default::default();
+                let mut buf = vec![0u8; 65_536];
+                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                    if cut.load(SeqCst) {
+                        continue;
+                    }
+                    let up = match upstreams.get(&from) {
+                        Some(up) => up.clone(),
+                        None => {
+                            let up =
+                                Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                            up.connect(target).await.unwrap();
+                            let (back, front, cut) = (up.clone(), front.clone(), cut.clone());
+                            let relay = tokio::spawn(async move {
+                                let mut buf = vec![0u8; 65_536];
+                                while let Ok(n) = back.recv(&mut buf).await {
+                                    if !cut.load(SeqCst) {
+                                        let _ = front.send_to(&buf[..n], from).await;
+                                    }
+                                }
+                            });
+                            tasks.lock().unwrap().push(relay.abort_handle());
+                            upstreams.insert(from, up.clone());
+                            up
+                        }
+                    };
+                    let _ = up.send(&buf[..n]).await;
+                }
+            })
+        };
+        tasks.lock().unwrap().push(main.abort_handle());
+        UdpProxy { addr, cut, tasks }
+    }
+
+    /// Drops every datagram from now on, both ways.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}

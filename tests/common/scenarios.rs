@@ -38,6 +38,7 @@ macro_rules! cluster_scenarios {
         $crate::cluster_scenarios!(
             $engine, $crate::common::scenarios::with_history;
             channel_history_keeps_the_latest_publications_at_consecutive_positions,
+            a_subscriber_recovers_from_a_position_or_is_told_why_not,
         );
     };
     ($engine:ty: $($scenario:ident),+ $(,)?) => {
@@ -206,13 +207,18 @@ fn publication_text(frame: &Frame, channel: &str) -> Option<String> {
         Body::Publish {
             channel: c,
             payload: Payload::Text(text),
+        }
+        | Body::Publication {
+            channel: c,
+            payload: Payload::Text(text),
+            ..
         } if c == channel => Some(text.clone()),
         _ => None,
     }
 }
 
 fn is_publication(frame: &Frame) -> bool {
-    matches!(frame.body, Body::Publish { .. })
+    matches!(frame.body, Body::Publish { .. } | Body::Publication { .. })
 }
 
 /// Subscribers on two nodes, non-subscribers on every node, a publisher
@@ -471,7 +477,11 @@ pub async fn channel_history_keeps_the_latest_publications_at_consecutive_positi
     }
     let mut epoch = None;
     for node in nodes {
-        let page = node.bus().history("h:room", 5, None).await.unwrap();
+        let page = node
+            .bus()
+            .history("h:room", quic_fabric::bus::HistoryRange::Before(None), 5)
+            .await
+            .unwrap();
         assert_eq!(page.position.offset, 8, "8 published");
         assert_eq!(
             *epoch.get_or_insert(page.position.epoch),
@@ -483,19 +493,31 @@ pub async fn channel_history_keeps_the_latest_publications_at_consecutive_positi
         assert_eq!(kept, ids[3..].to_vec());
         assert!(!page.more, "only 5 are kept");
     }
-    let page = nodes[2].bus().history("h:room", 2, None).await.unwrap();
+    let page = nodes[2]
+        .bus()
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(None), 2)
+        .await
+        .unwrap();
     assert_eq!(
         page.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
         vec![7, 8]
     );
     assert!(page.more, "older ones are kept");
-    let page = nodes[2].bus().history("h:room", 2, Some(7)).await.unwrap();
+    let page = nodes[2]
+        .bus()
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(Some(7)), 2)
+        .await
+        .unwrap();
     assert_eq!(
         page.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
         vec![5, 6]
     );
     assert!(page.more);
-    let page = nodes[2].bus().history("h:room", 5, Some(5)).await.unwrap();
+    let page = nodes[2]
+        .bus()
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(Some(5)), 5)
+        .await
+        .unwrap();
     assert_eq!(
         page.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
         vec![4]
@@ -506,7 +528,11 @@ pub async fn channel_history_keeps_the_latest_publications_at_consecutive_positi
         .publish("h:room", Payload::Text("m8".into()), Priority::High)
         .await
         .unwrap();
-    let page = nodes[0].bus().history("h:room", 1, None).await.unwrap();
+    let page = nodes[0]
+        .bus()
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(None), 1)
+        .await
+        .unwrap();
     assert_eq!(page.position.epoch, epoch.unwrap());
     assert_eq!(page.position.offset, 9);
     assert_eq!(page.entries[0].priority, Priority::High);
@@ -515,7 +541,11 @@ pub async fn channel_history_keeps_the_latest_publications_at_consecutive_positi
         .publish("room", Payload::Text("x".into()), Priority::Normal)
         .await
         .unwrap();
-    let page = nodes[0].bus().history("room", 5, None).await.unwrap();
+    let page = nodes[0]
+        .bus()
+        .history("room", quic_fabric::bus::HistoryRange::Before(None), 5)
+        .await
+        .unwrap();
     assert_eq!((page.position.offset, page.entries.len()), (0, 0));
 
     // Publishers on two nodes at once: subscribers on two nodes (one of
@@ -549,7 +579,136 @@ pub async fn channel_history_keeps_the_latest_publications_at_consecutive_positi
         orders.push(order);
     }
     assert_eq!(orders[0], orders[1], "one order for every subscriber");
-    let page = nodes[1].bus().history("h:room", 5, None).await.unwrap();
+    let page = nodes[1]
+        .bus()
+        .history("h:room", quic_fabric::bus::HistoryRange::Before(None), 5)
+        .await
+        .unwrap();
     let kept: Vec<_> = page.entries.iter().map(entry_id).collect();
     assert_eq!(kept, orders[0][15..].to_vec(), "the history's order");
+}
+
+/// The position of a Publication frame.
+fn position_of(frame: &Frame) -> quic_fabric::protocol::Position {
+    match &frame.body {
+        Body::Publication { position, .. } => *position,
+        other => panic!("not a Publication: {other:?}"),
+    }
+}
+
+/// SubscribeSince on another node than the publisher's: a position still
+/// in the history gets what followed it (before the answer, then live,
+/// none twice); the answer says `recovered` only then, and otherwise why
+/// not (trimmed, ahead, another epoch, no history) with the position the
+/// subscriber goes on from, replaying nothing.
+pub async fn a_subscriber_recovers_from_a_position_or_is_told_why_not(cluster: &mut impl Cluster) {
+    use quic_fabric::bus::HistoryRange;
+    use quic_fabric::protocol::{Position, Recovery};
+    let nodes = cluster.nodes();
+    let publisher = nodes[0].connect("p").await;
+    let say = async |from: u32, to: u32| {
+        for i in from..=to {
+            publisher
+                .publish("h:r", Payload::Text(format!("m{i}")), Priority::Normal)
+                .await
+                .unwrap();
+        }
+    };
+    say(1, 4).await;
+    let top = nodes[1]
+        .bus()
+        .history("h:r", HistoryRange::Before(None), 1)
+        .await
+        .unwrap()
+        .position;
+    assert_eq!(top.offset, 4);
+    let at = |offset| Position {
+        epoch: top.epoch,
+        offset,
+    };
+
+    let mut sub = nodes[1].connect("s").await;
+    let got = sub
+        .subscribe_since("h:r", false, Some(at(2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.recovery, got.position),
+        (Recovery::Recovered, Some(at(4)))
+    );
+    for i in 3..=4 {
+        let frame = next_matching(&mut sub, is_publication).await;
+        assert_eq!(publication_text(&frame, "h:r"), Some(format!("m{i}")));
+        assert_eq!(position_of(&frame), at(i as u64));
+    }
+    assert_none_before_echo(&mut sub, is_publication).await;
+
+    let mut other = nodes[2].connect("o").await;
+    let cases = [
+        (at(4), Recovery::Recovered),
+        (at(9), Recovery::Ahead),
+        (
+            Position {
+                epoch: top.epoch ^ 0xff,
+                offset: 2,
+            },
+            Recovery::EpochChanged,
+        ),
+    ];
+    for (since, recovery) in cases {
+        let got = other
+            .subscribe_since("h:r", false, Some(since))
+            .await
+            .unwrap();
+        assert_eq!(
+            (got.recovery, got.position),
+            (recovery, Some(at(4))),
+            "{since}"
+        );
+        assert_none_before_echo(&mut other, is_publication).await;
+    }
+
+    // Past the history size (5): 6..=10 are kept.
+    say(5, 10).await;
+    for client in [&mut sub, &mut other] {
+        for i in 5..=10 {
+            let frame = next_matching(client, is_publication).await;
+            assert_eq!(position_of(&frame), at(i));
+        }
+    }
+    let got = other
+        .subscribe_since("h:r", false, Some(at(3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.recovery, got.position),
+        (Recovery::Trimmed, Some(at(10)))
+    );
+    assert_none_before_echo(&mut other, is_publication).await;
+    let mut late = nodes[2].connect("late").await;
+    let got = late
+        .subscribe_since("h:r", false, Some(at(5)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.recovery, got.position),
+        (Recovery::Recovered, Some(at(10)))
+    );
+    for i in 6..=10 {
+        let frame = next_matching(&mut late, is_publication).await;
+        assert_eq!(position_of(&frame), at(i));
+    }
+    // Live from there on, once.
+    say(11, 11).await;
+    for client in [&mut sub, &mut late] {
+        let frame = next_matching(client, is_publication).await;
+        assert_eq!(position_of(&frame), at(11));
+        assert_none_before_echo(client, is_publication).await;
+    }
+    // No history in the default namespace.
+    let got = late
+        .subscribe_since("room", false, Some(at(1)))
+        .await
+        .unwrap();
+    assert_eq!((got.recovery, got.position), (Recovery::NoHistory, None));
 }
