@@ -5,6 +5,7 @@
 //! library user's build.
 
 mod channels;
+mod history;
 mod procs;
 mod raw;
 mod scenarios;

@@ -120,6 +120,11 @@ pub enum Scenario {
     /// publications; in turns with a raw quinn + Redis channel relay of
     /// the same layout.
     SparseChannels,
+    /// Publishing to a channel with history (1,000 kept) vs without, 3
+    /// nodes + Redis: Ack latency and rate beside raw Redis floors
+    /// (PUBLISH; EVALSHA of the node's script), and recovery time of 100
+    /// and 1,000 missed publications on another node.
+    History,
     /// Small high-priority messages with and without a bulk flow on the
     /// same connection, against `--server` across an impaired link (run
     /// by bench/lossy.sh; not part of `all`).
@@ -428,6 +433,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Connections,
             Scenario::ChannelFanout,
             Scenario::SparseChannels,
+            Scenario::History,
         ],
         s => vec![s],
     };
@@ -485,6 +491,10 @@ async fn run_scenarios(
             Scenario::SparseChannels => {
                 let url = redis_url(args, redis).await?;
                 channels::sparse_channels(sizes, &url).await?
+            }
+            Scenario::History => {
+                let url = redis_url(args, redis).await?;
+                crate::history::history(sizes, &url).await?
             }
             Scenario::Lossy => lossy(args).await?,
             Scenario::All => unreachable!("expanded above"),
