@@ -885,6 +885,9 @@ settings! {
         history_meta_ttl: Duration = Duration::from_secs(24 * 3600),
         /// Most publications one history request returns.
         max_history_page: usize = 100,
+        /// How long the cluster remembers an Idempotent message's key and
+        /// outcome: a retry within it is not handled again.
+        dedupe_window: Duration = Duration::from_secs(120),
         /// Other namespaces, each `NAME[,subscribe=…][,publish=…][,presence=on|off][,join_leave=on|off][,history_size=N][,history_ttl=DURATION]`,
         /// `;`-separated (in the file: `[[channels.namespaces]]` tables); a
         /// channel `NAME:…` of an undeclared namespace is refused with
@@ -1391,6 +1394,7 @@ mod tests {
             "history_ttl" => "10m",
             "history_meta_ttl" => "2h",
             "max_history_page" => "50",
+            "dedupe_window" => "5m",
             "namespaces" => {
                 "vip,subscribe=granted,publish=nobody,presence=off,join_leave=on,history_size=0,history_ttl=0s;news,subscribe=anyone,publish=subscribers,presence=on,join_leave=off,history_size=100,history_ttl=1h"
             }

@@ -145,6 +145,16 @@ impl MessageHandler {
                 )
                 .await;
             }
+            Body::Idempotent { message } => {
+                // The message it stands for, with its id, handled once.
+                let inner = Frame {
+                    body: message.clone().into_body(),
+                    ..frame.clone()
+                };
+                if Box::pin(self.node.claim_idempotent(client, &inner)).await {
+                    return Box::pin(self.handle(client, inner)).await;
+                }
+            }
             Body::HistoryRequest {
                 channel,
                 limit,

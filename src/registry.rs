@@ -61,6 +61,33 @@ pub struct ClientHandle {
     kick: tokio::sync::Notify,
     kick_reason: Mutex<Option<String>>,
     lost_reported: AtomicU64,
+    /// Who wants to learn the answer to which of its messages (an
+    /// Idempotent frame's outcome is recorded for its retries).
+    taps: Mutex<Taps>,
+    /// `taps` is not empty (the answer path checks this first).
+    tapped: std::sync::atomic::AtomicBool,
+}
+
+/// The answer the node gave a client's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Ack.
+    Ack,
+    /// An Error with this code and message.
+    Error(ErrorCode, String),
+}
+
+/// Learns the answer to one message.
+pub type Tap = Box<dyn FnOnce(Answer) + Send>;
+
+/// The taps of a client's messages.
+#[derive(Default)]
+struct Taps(HashMap<MessageId, Tap>);
+
+impl std::fmt::Debug for Taps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Taps({})", self.0.len())
+    }
 }
 
 impl ClientHandle {
@@ -81,7 +108,34 @@ impl ClientHandle {
             kick: tokio::sync::Notify::new(),
             kick_reason: Mutex::new(None),
             lost_reported: AtomicU64::new(0),
+            taps: Mutex::new(Taps::default()),
+            tapped: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Has `tap` learn the answer (Ack or Error) the node gives message
+    /// `of` of this client, when it gives it.
+    pub fn tap_answer(&self, of: MessageId, tap: Tap) {
+        let mut taps = self.taps.lock().unwrap_or_else(|e| e.into_inner());
+        taps.0.insert(of, tap);
+        self.tapped.store(true, Ordering::Release);
+    }
+
+    fn answered(&self, of: MessageId, answer: impl FnOnce() -> Answer) {
+        if !self.tapped.load(Ordering::Acquire) {
+            return;
+        }
+        let tap = {
+            let mut taps = self.taps.lock().unwrap_or_else(|e| e.into_inner());
+            let tap = taps.0.remove(&of);
+            if taps.0.is_empty() {
+                self.tapped.store(false, Ordering::Release);
+            }
+            tap
+        };
+        if let Some(tap) = tap {
+            tap(answer());
+        }
     }
 
     /// The client's id.
@@ -120,6 +174,7 @@ impl ClientHandle {
 
     /// Acknowledges message `of`.
     pub fn ack(&self, priority: Priority, of: MessageId) {
+        self.answered(of, || Answer::Ack);
         self.reply(priority, Body::Ack { of });
     }
 
@@ -134,6 +189,9 @@ impl ClientHandle {
         self.stats.error(code.0);
         let message = message.to_string();
         tracing::debug!(client_id = %self.id(), code = code.0, %message, "error to client");
+        if let Some(of) = of {
+            self.answered(of, || Answer::Error(code, message.clone()));
+        }
         self.reply(
             priority,
             Body::Error {

@@ -21,7 +21,7 @@ use proptest::sample::Index;
 use quic_fabric::protocol::codec::{BODY_VARIANTS, peek_message_id};
 use quic_fabric::protocol::{
     Body, ClientId, ClientInfo, CodecError, DEFAULT_MAX_FRAME_BYTES, ErrorCode, Frame,
-    HARD_MAX_FRAME_BYTES, Handshake, HandshakeAck, LENGTH_PREFIX_BYTES, MessageId, NodeId,
+    HARD_MAX_FRAME_BYTES, Handshake, HandshakeAck, Keyed, LENGTH_PREFIX_BYTES, MessageId, NodeId,
     NodeStats, Payload, Position, Priority, Recovery, Sender, decode, decode_frame, decode_length,
     encode,
 };
@@ -274,6 +274,16 @@ fn body() -> impl Strategy<Value = Body> {
             }),
         (channel(), text())
             .prop_map(|(channel, reason)| Body::SubscriptionLost { channel, reason }),
+        keyed().prop_map(|message| Body::Idempotent { message }),
+    ]
+}
+
+fn keyed() -> impl Strategy<Value = Keyed> {
+    prop_oneof![
+        payload().prop_map(|payload| Keyed::Broadcast { payload }),
+        (client_id(), payload()).prop_map(|(to, payload)| Keyed::Direct { to, payload }),
+        (channel(), payload()).prop_map(|(channel, payload)| Keyed::Publish { channel, payload }),
+        (text(), payload()).prop_map(|(user, payload)| Keyed::UserDirect { user, payload }),
     ]
 }
 

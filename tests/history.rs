@@ -2,7 +2,9 @@
 //! against real Redis and real node processes: a subscriber whose node is
 //! killed (SIGKILL) or drained (SIGTERM) mid-stream reconnects to another
 //! node and ends with every publication exactly once, in order; history
-//! requests; version 2 clients beside version 3 ones. The recovery
+//! requests; version 2 clients beside version 3 ones; an idempotent
+//! publication whose answer was lost, sent again by the library on another
+//! node and handled once. The recovery
 //! decisions on both bus engines are in the shared scenarios
 //! (`tests/common/scenarios.rs`).
 
@@ -266,4 +268,47 @@ async fn a_version_2_client_gets_publish_frames_and_cannot_send_version_3_ones()
     );
     assert!(message.contains("need protocol version 3"), "{message}");
     old.ping().await.unwrap();
+}
+
+/// The library publishes; the node gets it (and publishes it) but its
+/// answer is lost on the way back; the client's connection times out, it
+/// reconnects to another node and sends the same Idempotent frame again:
+/// the application gets its Ack, and the subscriber the publication once.
+#[tokio::test]
+async fn a_publication_whose_answer_was_lost_is_sent_again_and_handled_once() {
+    use common::cluster::Cluster;
+    use common::redis::RedisNodes;
+    let cluster = RedisNodes::start(2).await;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut sub = n2.connect("sub").await;
+    sub.subscribe("room", false).await.unwrap();
+    let proxy = common::UdpProxy::start(n1.addr).await;
+    let mut config = n1.client_config("pub");
+    config.server = proxy.addr.to_string();
+    config.server_name = Some("localhost".into());
+    config.servers = vec![n2.addr.to_string()];
+    config.idle_timeout = Duration::from_millis(800);
+    config.keep_alive_interval = Duration::from_millis(200);
+    config.request_timeout = Duration::from_secs(5);
+    config.reconnect = Some(ReconnectPolicy {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        max_attempts: Some(20),
+    });
+    let publisher = Client::connect(&config).await.unwrap();
+    let before = publisher.node_id();
+    proxy.cut_downstream();
+    let id = tokio::time::timeout(
+        Duration::from_secs(20),
+        publisher.publish("room", Payload::Text("once".into()), Priority::Normal),
+    )
+    .await
+    .expect("answered after the reconnect")
+    .expect("acknowledged, not Closed");
+    assert_ne!(publisher.node_id(), before, "answered by the other node");
+    let got = next_matching(&mut sub, |f| f.id == id).await;
+    assert_eq!(text_of(&got), "once");
+    common::assert_none_before_echo(&mut sub, |f| f.id == id).await;
+    drop(proxy);
+    cluster.finish().await;
 }

@@ -4,8 +4,8 @@
 //! the blocks after a deliberate protocol change.
 
 use quic_fabric::protocol::{
-    self, Body, ClientId, ClientInfo, Frame, Handshake, HandshakeAck, MessageId, NodeId, NodeStats,
-    Payload, Position, Priority, Recovery, Sender, error_code,
+    self, Body, ClientId, ClientInfo, Frame, Handshake, HandshakeAck, Keyed, MessageId, NodeId,
+    NodeStats, Payload, Position, Priority, Recovery, Sender, error_code,
 };
 use uuid::Uuid;
 
@@ -455,6 +455,19 @@ fn examples() -> Vec<(&'static str, Frame)> {
                     position: at(42),
                     publications: Vec::new(),
                     more: false,
+                },
+            ),
+        ),
+        (
+            "idempotent",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Idempotent {
+                    message: Keyed::Publish {
+                        channel: FEED.into(),
+                        payload: Payload::Text("hi".into()),
+                    },
                 },
             ),
         ),

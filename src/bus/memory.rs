@@ -154,12 +154,15 @@ impl Histories {
 pub struct MemoryCluster {
     members: RwLock<HashMap<NodeId, Member>>,
     histories: Mutex<Histories>,
+    /// Idempotency keys: what each holds, until when.
+    once: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl Default for MemoryCluster {
     fn default() -> Self {
         MemoryCluster {
             members: RwLock::default(),
+            once: Mutex::default(),
             histories: Mutex::new(Histories {
                 channels: HashMap::new(),
                 meta_ttl: DEFAULT_META_TTL,
@@ -481,6 +484,33 @@ impl ClusterBus for MemoryBus {
         limit: usize,
     ) -> Result<HistoryPage, BusError> {
         Ok(self.cluster.histories().page(channel, range, limit))
+    }
+
+    async fn once_claim(
+        &self,
+        key: &str,
+        pending: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BusError> {
+        let now = Instant::now();
+        let mut once = self.cluster.once.lock().unwrap_or_else(|e| e.into_inner());
+        if once.len() >= 4096 && once.len().is_power_of_two() {
+            once.retain(|_, (_, until)| *until > now);
+        }
+        match once.get(key) {
+            Some((held, until)) if *until > now => Ok(Some(held.clone())),
+            _ => {
+                once.insert(key.to_owned(), (pending.to_owned(), now + ttl));
+                Ok(None)
+            }
+        }
+    }
+
+    fn once_settle(&self, key: &str, outcome: String) {
+        let mut once = self.cluster.once.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((held, _)) = once.get_mut(key) {
+            *held = outcome;
+        }
     }
 
     async fn follow_history(&self, _channel: &str) -> Result<(), BusError> {

@@ -430,6 +430,20 @@ pub trait ClusterBus: Send + Sync {
     fn locate_user(&self, user: &str)
     -> impl Future<Output = Result<Vec<NodeId>, BusError>> + Send;
 
+    /// Claims idempotency key `key` for `ttl`, marked `pending`: `Ok(None)`
+    /// when it was free (the caller handles the message, then settles
+    /// it), else what the key holds (`p:NODE` pending, or the settled
+    /// outcome).
+    fn once_claim(
+        &self,
+        key: &str,
+        pending: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<String>, BusError>> + Send;
+
+    /// Records the outcome of a claimed key (keeping its TTL).
+    fn once_settle(&self, key: &str, outcome: String);
+
     /// Makes this node deliver `channel`'s publications without a gap
     /// from its current position on: call it once the node subscribed to
     /// a channel with history. A publication its subscription misses later
@@ -560,6 +574,19 @@ impl ClusterBus for Bus {
 
     async fn follow_history(&self, channel: &str) -> Result<(), BusError> {
         dispatch!(self, b => b.follow_history(channel).await)
+    }
+
+    async fn once_claim(
+        &self,
+        key: &str,
+        pending: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BusError> {
+        dispatch!(self, b => b.once_claim(key, pending, ttl).await)
+    }
+
+    fn once_settle(&self, key: &str, outcome: String) {
+        dispatch!(self, b => b.once_settle(key, outcome))
     }
 }
 

@@ -155,6 +155,11 @@ impl Keys {
     pub fn history_meta(&self, channel: &str) -> String {
         format!("{}:hist-meta:{channel}", self.prefix)
     }
+    /// STRING an idempotency key's state (`p:NODE` pending, `a` acked,
+    /// `e:CODE:MESSAGE` refused), for `dedupe_window`.
+    pub fn once(&self, key: &str) -> String {
+        format!("{}:once:{key}", self.prefix)
+    }
     /// STRING random marker created once per Redis dataset: when it
     /// changes, Redis lost its data (a restart without persistence).
     pub fn incarnation(&self) -> String {
@@ -1260,6 +1265,50 @@ impl ClusterBus for RedisBus {
                 .collect(),
             more,
         })
+    }
+
+    async fn once_claim(
+        &self,
+        key: &str,
+        pending: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BusError> {
+        let key = self.inner.keys.once(key);
+        let mut conn = self.inner.conn.clone();
+        let (claimed, held): (Option<String>, Option<String>) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(pending)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(match claimed {
+            Some(_) => None,
+            None => Some(held.unwrap_or_default()),
+        })
+    }
+
+    fn once_settle(&self, key: &str, outcome: String) {
+        let key = self.inner.keys.once(key);
+        let mut conn = self.inner.conn.clone();
+        tokio::spawn(async move {
+            let settled: redis::RedisResult<()> = redis::cmd("SET")
+                .arg(&key)
+                .arg(outcome)
+                .arg("XX")
+                .arg("KEEPTTL")
+                .query_async(&mut conn)
+                .await;
+            if let Err(err) = settled {
+                // Its retries will be told the outcome is unknown.
+                warn!(%err, "cannot record an idempotent message's outcome");
+            }
+        });
     }
 
     async fn follow_history(&self, channel: &str) -> Result<(), BusError> {

@@ -69,6 +69,17 @@ pub struct ClientConfig {
     /// speaks up to [`MAX_PROTOCOL_VERSION`]; lower it to act as an older
     /// client).
     pub max_version: u16,
+    /// With a reconnect policy, send broadcasts, directs, publications and
+    /// messages to users as Idempotent frames (version 3), and send one
+    /// whose connection was lost before its answer again on the next
+    /// connection, up to `retry_for` after it was first sent: the cluster
+    /// handles it once (within its `dedupe_window`, 2 minutes by default).
+    /// On by default; without a reconnect policy it does nothing (there
+    /// is no retry to make safe, and each Idempotent message costs the
+    /// node a cluster round trip).
+    pub idempotent: bool,
+    /// How long an idempotent request is retried across reconnects.
+    pub retry_for: Duration,
 }
 
 /// How a client reconnects after losing its connection.
@@ -86,8 +97,10 @@ pub struct ClientConfig {
 /// is told with [`Event::Subscribed`] that it could not be recovered.
 /// What does not survive: the client id (the node assigns a new one,
 /// announced by [`Event::Reconnected`]), requests that were waiting for a
-/// reply (they fail with [`ClientError::Closed`]: whether the node got
-/// them is unknown), messages sent to the old id while it was gone
+/// reply and are not idempotent (they fail with [`ClientError::Closed`]:
+/// whether the node got them is unknown; broadcasts, directs,
+/// publications and messages to users are sent again, see
+/// [`ClientConfig::idempotent`]), messages sent to the old id while it was gone
 /// (their senders get UNKNOWN_CLIENT), and publications of channels
 /// without history made while it was away. Messages to its user reach
 /// it again as soon as it is back. Requests made *while* the client is
@@ -140,6 +153,8 @@ impl ClientConfig {
             socket: Socket::Shared,
             congestion: Congestion::default(),
             max_version: MAX_PROTOCOL_VERSION,
+            idempotent: true,
+            retry_for: Duration::from_secs(60),
         }
     }
 
@@ -719,14 +734,49 @@ impl Client {
     }
 
     async fn acked(&self, priority: Priority, body: Body) -> Result<MessageId, ClientError> {
-        let pending = self.submit(priority, body).await?;
-        let id = pending.id();
-        match pending.wait().await?.body {
-            Body::Ack { .. } => Ok(id),
-            other => Err(ClientError::Protocol(format!(
-                "expected Ack, got {}",
-                other.name()
-            ))),
+        let mut inner = self.live_inner().await;
+        // Only worth its cost (a cluster round trip per message on the node)
+        // when the client will send it again after a reconnect.
+        let keyed = self.state.config.idempotent
+            && self.state.config.reconnect.is_some()
+            && inner.ack.version >= RECOVERY_VERSION;
+        let body = match keyed {
+            true => match protocol::Keyed::from_body(body) {
+                Ok(message) => Body::Idempotent { message },
+                Err(body) => *body,
+            },
+            false => body,
+        };
+        let retried = matches!(body, Body::Idempotent { .. });
+        let frame = Frame::new(priority, body);
+        let id = frame.id;
+        let until = Instant::now() + self.state.config.retry_for;
+        loop {
+            let reply = match submit_frame_on(inner.clone(), frame.clone()).await {
+                Ok(pending) => pending.wait().await,
+                Err(err) => Err(err),
+            };
+            match reply {
+                Ok(reply) => {
+                    return match reply.body {
+                        Body::Ack { .. } => Ok(id),
+                        other => Err(ClientError::Protocol(format!(
+                            "expected Ack, got {}",
+                            other.name()
+                        ))),
+                    };
+                }
+                // The answer was lost with the connection: the same frame
+                // again on the next one (the cluster handles it once).
+                Err(ClientError::Closed { .. }) if retried && Instant::now() < until => {
+                    let next = self.live_inner().await;
+                    if Arc::ptr_eq(&next, &inner) || next.ack.version < RECOVERY_VERSION {
+                        return Err(next.closed_error());
+                    }
+                    inner = next;
+                }
+                Err(err) => return Err(err),
+            }
         }
     }
 
@@ -1017,7 +1067,11 @@ async fn submit_on(
     priority: Priority,
     body: Body,
 ) -> Result<PendingReply, ClientError> {
-    let frame = Frame::new(priority, body);
+    submit_frame_on(inner, Frame::new(priority, body)).await
+}
+
+/// Sends request `frame` on `inner` without waiting for its reply.
+async fn submit_frame_on(inner: Arc<Inner>, frame: Frame) -> Result<PendingReply, ClientError> {
     let (tx, rx) = oneshot::channel();
     lock(&inner.pending).insert(frame.id, tx);
     let heard_at_send = inner.conn.stats().udp_rx.datagrams;

@@ -8,6 +8,7 @@
 //! endpoint.
 
 mod channel_ops;
+mod idempotent;
 
 pub use channel_ops::{ServerPublishError, Unsubscribed};
 

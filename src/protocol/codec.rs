@@ -413,6 +413,12 @@ mod tests {
                 channel: "h:feed".into(),
                 reason: "trimmed".into(),
             },
+            Body::Idempotent {
+                message: super::super::Keyed::UserDirect {
+                    user: "u-3".into(),
+                    payload: Payload::Binary(vec![1, 2]),
+                },
+            },
         ];
         assert_eq!(
             bodies.len() as u32,

@@ -451,6 +451,70 @@ pub enum Body {
         /// Why.
         reason: String,
     },
+    /// 31. Client → node (version 3): `message` with this frame's `id` as
+    ///     its idempotency key: the cluster handles a given key of a given
+    ///     sender at most once within the node's `dedupe_window`, so the
+    ///     client may send the same frame again after losing its answer.
+    Idempotent {
+        /// What to do.
+        message: Keyed,
+    },
+}
+
+/// What an Idempotent frame asks for (wire: u32 tag, then the fields):
+/// the body of the frame it stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Keyed {
+    /// 0: as a Broadcast.
+    Broadcast {
+        /// The content.
+        payload: Payload,
+    },
+    /// 1: as a Direct.
+    Direct {
+        /// The recipient.
+        to: ClientId,
+        /// The content.
+        payload: Payload,
+    },
+    /// 2: as a Publish.
+    Publish {
+        /// The channel.
+        channel: String,
+        /// The content.
+        payload: Payload,
+    },
+    /// 3: as a UserDirect.
+    UserDirect {
+        /// The recipient user.
+        user: String,
+        /// The content.
+        payload: Payload,
+    },
+}
+
+impl Keyed {
+    /// The frame body it stands for.
+    pub fn into_body(self) -> Body {
+        match self {
+            Keyed::Broadcast { payload } => Body::Broadcast { payload },
+            Keyed::Direct { to, payload } => Body::Direct { to, payload },
+            Keyed::Publish { channel, payload } => Body::Publish { channel, payload },
+            Keyed::UserDirect { user, payload } => Body::UserDirect { user, payload },
+        }
+    }
+
+    /// The Keyed form of `body`, for the bodies that have one (else
+    /// `body` back, boxed).
+    pub fn from_body(body: Body) -> Result<Keyed, Box<Body>> {
+        match body {
+            Body::Broadcast { payload } => Ok(Keyed::Broadcast { payload }),
+            Body::Direct { to, payload } => Ok(Keyed::Direct { to, payload }),
+            Body::Publish { channel, payload } => Ok(Keyed::Publish { channel, payload }),
+            Body::UserDirect { user, payload } => Ok(Keyed::UserDirect { user, payload }),
+            other => Err(Box::new(other)),
+        }
+    }
 }
 
 /// What became of a SubscribeSince's recovery (wire: u32).
@@ -490,7 +554,7 @@ impl Recovery {
 }
 
 /// Names of the frame types, indexed by wire tag ([`Body::tag`]).
-pub const FRAME_NAMES: [&str; 31] = [
+pub const FRAME_NAMES: [&str; 32] = [
     "handshake",
     "handshake_ack",
     "text",
@@ -522,6 +586,7 @@ pub const FRAME_NAMES: [&str; 31] = [
     "history_request",
     "history",
     "subscription_lost",
+    "idempotent",
 ];
 
 /// First wire tag of the frames protocol version 2 added; a version-1
@@ -574,7 +639,7 @@ impl Body {
         FRAME_NAMES[self.tag()]
     }
 
-    /// The body's wire tag (0 to 30), also its index in [`FRAME_NAMES`].
+    /// The body's wire tag (0 to 31), also its index in [`FRAME_NAMES`].
     pub fn tag(&self) -> usize {
         match self {
             Body::Handshake(_) => 0,
@@ -608,6 +673,7 @@ impl Body {
             Body::HistoryRequest { .. } => 28,
             Body::History { .. } => 29,
             Body::SubscriptionLost { .. } => 30,
+            Body::Idempotent { .. } => 31,
         }
     }
 

@@ -185,6 +185,13 @@ pub fn frame_json(frame: &Frame) -> Value {
             out.insert("limit".into(), json!(limit));
             out.insert("before".into(), json!(before));
         }
+        Body::Idempotent { message } => {
+            let inner = frame_json(&Frame {
+                body: message.clone().into_body(),
+                ..frame.clone()
+            });
+            out.insert("message".into(), inner);
+        }
         Body::History {
             of,
             channel,

@@ -26,8 +26,8 @@ pub const MAX_PROTOCOL_VERSION: u16 = 3;
 /// (frame types 15 to 24).
 pub const CHANNELS_VERSION: u16 = 2;
 
-/// The first version with channel positions and recovery (frame types 25
-/// to 30).
+/// The first version with channel positions and recovery, and with
+/// idempotent messages (frame types 25 to 31).
 pub const RECOVERY_VERSION: u16 = 3;
 
 /// Size of the big-endian length prefix in front of every frame.
@@ -237,6 +237,10 @@ pub mod error_code {
     pub const UNKNOWN_NAMESPACE: ErrorCode = ErrorCode(19);
     /// The target user of a UserDirect has no connection anywhere.
     pub const UNKNOWN_USER: ErrorCode = ErrorCode(20);
+    /// An Idempotent frame whose key was used before, by a message that
+    /// did not end in Ack (the message names the first outcome) or whose
+    /// outcome is not known yet; it was not handled again.
+    pub const DUPLICATE: ErrorCode = ErrorCode(21);
 }
 
 #[cfg(test)]

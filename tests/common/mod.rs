@@ -758,6 +758,8 @@ impl Drop for TcpProxy {
 pub struct UdpProxy {
     pub addr: SocketAddr,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Only what the node sends is dropped.
+    down: Arc<std::sync::atomic::AtomicBool>,
     tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
@@ -767,9 +769,10 @@ impl UdpProxy {
         let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = front.local_addr().unwrap();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let main = {
-            let (cut, tasks) = (cut.clone(), tasks.clone());
+            let (cut, down, tasks) = (cut.clone(), down.clone(), tasks.clone());
             tokio::spawn(async move {
                 let mut upstreams: std::collections::HashMap<
                     SocketAddr,
@@ -786,11 +789,12 @@ impl UdpProxy {
                             let up =
                                 Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
                             up.connect(target).await.unwrap();
-                            let (back, front, cut) = (up.clone(), front.clone(), cut.clone());
+                            let (back, front, cut, down) =
+                                (up.clone(), front.clone(), cut.clone(), down.clone());
                             let relay = tokio::spawn(async move {
                                 let mut buf = vec![0u8; 65_536];
                                 while let Ok(n) = back.recv(&mut buf).await {
-                                    if !cut.load(SeqCst) {
+                                    if !cut.load(SeqCst) && !down.load(SeqCst) {
                                         let _ = front.send_to(&buf[..n], from).await;
                                     }
                                 }
@@ -805,7 +809,18 @@ impl UdpProxy {
             })
         };
         tasks.lock().unwrap().push(main.abort_handle());
-        UdpProxy { addr, cut, tasks }
+        UdpProxy {
+            addr,
+            cut,
+            down,
+            tasks,
+        }
+    }
+
+    /// Drops what the node sends from now on; what the client sends still
+    /// reaches the node (an answer lost on the way back).
+    pub fn cut_downstream(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Drops every datagram from now on, both ways.

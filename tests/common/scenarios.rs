@@ -39,6 +39,7 @@ macro_rules! cluster_scenarios {
             $engine, $crate::common::scenarios::with_history;
             channel_history_keeps_the_latest_publications_at_consecutive_positions,
             a_subscriber_recovers_from_a_position_or_is_told_why_not,
+            idempotent_messages_are_handled_once_whichever_node_each_attempt_reaches,
         );
     };
     ($engine:ty: $($scenario:ident),+ $(,)?) => {
@@ -711,4 +712,76 @@ pub async fn a_subscriber_recovers_from_a_position_or_is_told_why_not(cluster: &
         .await
         .unwrap();
     assert_eq!((got.recovery, got.position), (Recovery::NoHistory, None));
+}
+
+/// Sends `frame` on `client` and returns the answer the node gives it.
+async fn answer_to(client: &mut Client, frame: &Frame) -> Frame {
+    client.send_frame(frame).await.unwrap();
+    next_matching(client, |f| f.body.reply_to() == Some(frame.id)).await
+}
+
+/// The same Idempotent frame sent on two nodes (as a client does after
+/// losing the answer and reconnecting elsewhere): the message is handled
+/// once; the second attempt gets the first one's answer (Ack), or Error 21
+/// DUPLICATE naming the first one's error.
+pub async fn idempotent_messages_are_handled_once_whichever_node_each_attempt_reaches(
+    cluster: &mut impl Cluster,
+) {
+    use quic_fabric::protocol::Keyed;
+    let nodes = cluster.nodes();
+    let mut sub = nodes[2].connect("sub").await;
+    sub.subscribe("room", false).await.unwrap();
+    let mut a = nodes[0].connect("a").await;
+    let mut b = nodes[1].connect("b").await;
+    let keyed = |message| Frame::new(Priority::Normal, Body::Idempotent { message });
+    let sent = [
+        keyed(Keyed::Publish {
+            channel: "room".into(),
+            payload: Payload::Text("once".into()),
+        }),
+        keyed(Keyed::Broadcast {
+            payload: Payload::Text("once to all".into()),
+        }),
+        keyed(Keyed::Direct {
+            to: sub.client_id(),
+            payload: Payload::Text("once to you".into()),
+        }),
+    ];
+    for frame in &sent {
+        for client in [&mut a, &mut b] {
+            let answer = answer_to(client, frame).await;
+            assert!(matches!(answer.body, Body::Ack { .. }), "{answer:?}");
+        }
+        let got = next_matching(&mut sub, |f| f.id == frame.id).await;
+        assert_eq!(
+            got.sender.unwrap().client_id,
+            a.client_id(),
+            "the first attempt's"
+        );
+    }
+    assert_none_before_echo(&mut sub, |f| sent.iter().any(|s| s.id == f.id)).await;
+    // A first attempt refused: the retry is not handled again either.
+    let lost = keyed(Keyed::Direct {
+        to: ClientId::new_random(),
+        payload: Payload::Text("nobody".into()),
+    });
+    let first = answer_to(&mut a, &lost).await;
+    assert!(
+        matches!(first.body, Body::Error { code, .. } if code == error_code::UNKNOWN_CLIENT),
+        "{first:?}"
+    );
+    let again = answer_to(&mut b, &lost).await;
+    match again.body {
+        Body::Error { code, message, .. } => {
+            assert_eq!(code, error_code::DUPLICATE);
+            assert!(
+                message.contains(&format!(
+                    "the first attempt got error {}",
+                    error_code::UNKNOWN_CLIENT.0
+                )),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -1,0 +1,147 @@
+//! Idempotent messages (PROTOCOL.md section 11.7): a client's message
+//! whose frame id is its key is handled at most once per sender within
+//! `dedupe_window`, whichever node each attempt reaches. The key is
+//! claimed in the cluster (Redis, or the in-process engine) before the
+//! message is handled, and its outcome (the Ack or Error the sender got)
+//! recorded when it is answered; a later attempt gets that answer again
+//! without the message being handled twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Node;
+use crate::bus::ClusterBus;
+use crate::protocol::{ErrorCode, Frame, error_code};
+use crate::registry::{Answer, ClientHandle, Tap};
+
+/// How often an attempt whose key another attempt holds looks again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// What an idempotency key holds, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    /// Being handled by the attempt on node `.0` (outcome not known yet).
+    Pending(String),
+    /// Answered with Ack.
+    Acked,
+    /// Answered with an Error.
+    Refused(ErrorCode, String),
+}
+
+impl Held {
+    fn encode(answer: &Answer) -> String {
+        match answer {
+            Answer::Ack => "a".into(),
+            Answer::Error(code, message) => format!("e:{}:{message}", code.0),
+        }
+    }
+
+    fn decode(held: &str) -> Held {
+        if held == "a" {
+            return Held::Acked;
+        }
+        if let Some(node) = held.strip_prefix("p:") {
+            return Held::Pending(node.to_owned());
+        }
+        let refused = held.strip_prefix("e:").and_then(|rest| {
+            let (code, message) = rest.split_once(':')?;
+            Some(Held::Refused(
+                ErrorCode(code.parse().ok()?),
+                message.to_owned(),
+            ))
+        });
+        refused.unwrap_or_else(|| Held::Pending(String::new()))
+    }
+}
+
+impl Node {
+    /// Claims the key of `frame` (an Idempotent frame's message) for
+    /// `client`. True when this is the first attempt: the caller handles
+    /// the message, and its answer is recorded. Otherwise the client has
+    /// been answered here: Ack when the first attempt was acknowledged,
+    /// Error 21 DUPLICATE naming its error, or saying it is still under
+    /// way (after waiting up to `delivery_timeout` for it to end).
+    pub async fn claim_idempotent(&self, client: &Arc<ClientHandle>, frame: &Frame) -> bool {
+        let (id, priority) = (frame.id, frame.priority);
+        // Keys are per user; anonymous clients share one scope (ids are
+        // random 122-bit uuids: only a client reusing another's id meets
+        // it).
+        let scope = match &client.info.user {
+            Some(user) => format!("u:{user}"),
+            None => "anon".to_owned(),
+        };
+        let key = format!("{scope}:{id}");
+        let pending = format!("p:{}", self.id());
+        let window = self.config().dedupe_window;
+        let deadline = tokio::time::Instant::now() + self.config().delivery_timeout;
+        loop {
+            let held = match self.bus().once_claim(&key, &pending, window).await {
+                Ok(None) => {
+                    let bus = self.bus_handle();
+                    let tap: Tap = Box::new(move |answer: Answer| {
+                        bus.once_settle(&key, Held::encode(&answer));
+                    });
+                    client.tap_answer(id, tap);
+                    return true;
+                }
+                Ok(Some(held)) => Held::decode(&held),
+                Err(err) => {
+                    client.error(
+                        priority,
+                        Some(id),
+                        error_code::CLUSTER_UNAVAILABLE,
+                        format!("not handled: cannot check its idempotency key ({err}); retry"),
+                    );
+                    return false;
+                }
+            };
+            match held {
+                Held::Acked => client.ack(priority, id),
+                Held::Refused(code, message) => client.error(
+                    priority,
+                    Some(id),
+                    error_code::DUPLICATE,
+                    format!(
+                        "already handled, not again: the first attempt got error {}: {message}",
+                        code.0
+                    ),
+                ),
+                Held::Pending(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(POLL).await;
+                    continue;
+                }
+                Held::Pending(node) => client.error(
+                    priority,
+                    Some(id),
+                    error_code::DUPLICATE,
+                    format!(
+                        "already being handled (by node {node}), outcome not known yet; not handled again"
+                    ),
+                ),
+            }
+            return false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_read_back_as_stored() {
+        for answer in [
+            Answer::Ack,
+            Answer::Error(error_code::UNKNOWN_CLIENT, "no: such client".into()),
+        ] {
+            let held = Held::decode(&Held::encode(&answer));
+            match (answer, held) {
+                (Answer::Ack, Held::Acked) => {}
+                (Answer::Error(c, m), Held::Refused(c2, m2)) => assert_eq!((c, m), (c2, m2)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(Held::decode("p:n1"), Held::Pending("n1".into()));
+        assert_eq!(Held::decode("garbage"), Held::Pending(String::new()));
+    }
+}
