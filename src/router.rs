@@ -388,6 +388,26 @@ impl MessageRouter {
     }
 }
 
+/// Answers a client's publication once the bus has it: Ack, or
+/// CLUSTER_UNAVAILABLE saying `short` and why.
+fn answer_publish(
+    from: &Arc<ClientHandle>,
+    id: MessageId,
+    priority: Priority,
+    short: String,
+) -> PublishDone {
+    let sender = from.clone();
+    Box::new(move |published| match published {
+        Ok(_) => sender.ack(priority, id),
+        Err(err) => sender.error(
+            priority,
+            Some(id),
+            error_code::CLUSTER_UNAVAILABLE,
+            format!("{short}: {err}"),
+        ),
+    })
+}
+
 impl MessageRouter {
     /// Publishes a client's frame to `channel`: the local subscribers get
     /// it at once, the other nodes' through the bus; the sender is
@@ -421,20 +441,13 @@ impl MessageRouter {
             event: false,
             frame,
         };
-        let sender = from.clone();
-        self.bus.publish(
-            Target::Channel,
-            message,
-            Some(Box::new(move |published| match published {
-                Ok(_) => sender.ack(priority, id),
-                Err(err) => sender.error(
-                    priority,
-                    Some(id),
-                    error_code::CLUSTER_UNAVAILABLE,
-                    format!("delivered to {local} subscribers on this node only: {err}"),
-                ),
-            })),
+        let answer = answer_publish(
+            from,
+            id,
+            priority,
+            format!("delivered to {local} subscribers on this node only"),
         );
+        self.bus.publish(Target::Channel, message, Some(answer));
     }
 
     /// Publishes to a channel with history: appended and published in one
@@ -468,21 +481,14 @@ impl MessageRouter {
             event: false,
             frame,
         };
-        let sender = from.clone();
-        let channel = channel.to_owned();
-        self.bus.publish(
-            Target::History(retention),
-            message,
-            Some(Box::new(move |published| match published {
-                Ok(_) => sender.ack(priority, id),
-                Err(err) => sender.error(
-                    priority,
-                    Some(id),
-                    error_code::CLUSTER_UNAVAILABLE,
-                    format!("not confirmed published to {channel}: {err}"),
-                ),
-            })),
+        let answer = answer_publish(
+            from,
+            id,
+            priority,
+            format!("not confirmed published to {channel}"),
         );
+        self.bus
+            .publish(Target::History(retention), message, Some(answer));
     }
 
     /// Publishes a node-originated frame (a server publication, or a Join

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::redis::{
-    NODE_TTL, RedisNodes, TestRedis, free_tcp_port, redis_image, redis_node, redis_node_process,
-    wait_listed, wait_ready,
+    NODE_TTL, RedisNodes, TestRedis, free_tcp_port, pubsub_clients, redis_image, redis_node,
+    redis_node_process, wait_listed, wait_ready,
 };
 use common::{
     TestCerts, TestNode, WAIT, deliver, directs_arrive_in_order, eventually, expect_refused,
@@ -949,24 +949,6 @@ async fn broadcasts_from_many_tasks_at_once_are_all_delivered_and_acked() {
         }
     }
     cluster.finish().await;
-}
-
-/// The ids of Redis's pub/sub connections, oldest first.
-async fn pubsub_clients(redis: &TestRedis) -> Vec<u64> {
-    let mut conn = redis.conn().await;
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut ids: Vec<u64> = list
-        .lines()
-        .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
-        .collect();
-    ids.sort();
-    ids
 }
 
 /// A node whose Redis subscription drops (three times, mid-stream) loses

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
-use common::redis::{NODE_TTL, RedisNodes, TestRedis, redis_node_process};
+use common::redis::{NODE_TTL, RedisNodes, TestRedis, pubsub_clients, redis_node_process};
 use common::{RawClient, TcpProxy, TestNode, WAIT};
 use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy, Socket};
 use quic_fabric::protocol::{
@@ -434,24 +434,6 @@ async fn send(
         let pause = if failed { 20 } else { 4 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
-}
-
-/// The ids of Redis's pub/sub connections, oldest first.
-async fn pubsub_clients(redis: &TestRedis) -> Vec<u64> {
-    let mut conn = redis.conn().await;
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut ids: Vec<u64> = list
-        .lines()
-        .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
-        .collect();
-    ids.sort();
-    ids
 }
 
 fn two_peers_each(nodes: &[TestNode]) -> Vec<ClientConfig> {

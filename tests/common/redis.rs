@@ -213,3 +213,21 @@ impl Cluster for RedisNodes {
         self.redis.remove().await;
     }
 }
+
+/// The ids of Redis's pub/sub connections, oldest first.
+pub async fn pubsub_clients(redis: &TestRedis) -> Vec<u64> {
+    let mut conn = redis.conn().await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut ids: Vec<u64> = list
+        .lines()
+        .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+        .collect();
+    ids.sort();
+    ids
+}
