@@ -274,7 +274,16 @@ impl Channels {
                 .and_then(|subs| subs.get_mut(&client.id()));
             if let Some(sub) = sub {
                 if recovering {
-                    *lock(&sub.recovering) = Some(Recovering::default());
+                    let mut held = lock(&sub.recovering);
+                    if held.is_some() {
+                        return Err((
+                            error_code::SERVER_BUSY,
+                            format!(
+                                "a recovery of {channel} is under way on this connection; retry when it is answered"
+                            ),
+                        ));
+                    }
+                    *held = Some(Recovering::default());
                 }
                 if sub.events != events {
                     sub.events = events;
@@ -435,8 +444,10 @@ impl Channels {
             .channels
             .get(channel)
             .map(|subs| {
+                // Not those being recovered: their recovery reads what
+                // is still there, and says what is not.
                 subs.values()
-                    .filter(|s| s.positions)
+                    .filter(|s| s.positions && lock(&s.recovering).is_none())
                     .map(|s| s.handle.clone())
                     .collect()
             })
@@ -576,7 +587,23 @@ fn deliver_at(
         }
         match sub.handle.enqueue(priority, frame_tag, bytes) {
             Ok(()) => count.delivered += 1,
-            Err(EnqueueError::NodeBusy) => count.node_busy += 1,
+            Err(EnqueueError::NodeBusy) => {
+                count.node_busy += 1;
+                if let (Some(position), true) = (position, sub.positions) {
+                    // Not silently: it subscribes again from its position
+                    // (a reply: it passes the exhausted node budget).
+                    sub.handle.reply(
+                        Priority::High,
+                        Body::SubscriptionLost {
+                            channel: channel.to_owned(),
+                            reason: format!(
+                                "the node's queues were full: missed offset {}",
+                                position.offset
+                            ),
+                        },
+                    );
+                }
+            }
             Err(_) => {}
         }
     }

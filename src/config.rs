@@ -990,6 +990,12 @@ impl NodeConfig {
         if self.max_subscriptions == 0 {
             return invalid("max_subscriptions must be at least 1".into());
         }
+        if self.dedupe_window < Duration::from_secs(1) {
+            return invalid(format!(
+                "dedupe_window must be at least 1s, got {}",
+                humantime::format_duration(self.dedupe_window)
+            ));
+        }
         if self.max_history_page == 0 || self.max_history_page > MAX_HISTORY_PAGE {
             return invalid(format!(
                 "max_history_page must be 1..={MAX_HISTORY_PAGE}, got {}",

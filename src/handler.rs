@@ -151,8 +151,10 @@ impl MessageHandler {
                     body: message.clone().into_body(),
                     ..frame.clone()
                 };
-                if Box::pin(self.node.claim_idempotent(client, &inner)).await {
-                    return Box::pin(self.handle(client, inner)).await;
+                if let Some(claimed) = Box::pin(self.node.claim_idempotent(client, &inner)).await {
+                    let next = Box::pin(self.handle(client, inner)).await;
+                    claimed.handed_off();
+                    return next;
                 }
             }
             Body::HistoryRequest {

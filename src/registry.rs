@@ -203,6 +203,36 @@ impl ClientHandle {
         );
     }
 
+    /// Like [`ClientHandle::ack`] and [`ClientHandle::error`], but not
+    /// seen by the message's tap: an answer about an earlier attempt of
+    /// the same message (idempotency), not the outcome of this one.
+    pub fn answer_untapped(&self, priority: Priority, of: MessageId, answer: Answer) {
+        match answer {
+            Answer::Ack => self.reply(priority, Body::Ack { of }),
+            Answer::Error(code, message) => {
+                self.stats.error(code.0);
+                self.reply(
+                    priority,
+                    Body::Error {
+                        of: Some(of),
+                        code,
+                        message,
+                        retry_after_ms: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Drops the tap of message `of` (it will not be answered here).
+    pub fn untap(&self, of: MessageId) {
+        let mut taps = self.taps.lock().unwrap_or_else(|e| e.into_inner());
+        taps.0.remove(&of);
+        if taps.0.is_empty() {
+            self.tapped.store(false, Ordering::Release);
+        }
+    }
+
     /// Tells the client that frame `of` was dropped by its rate limit and
     /// when to try again.
     pub fn rate_limited(&self, priority: Priority, of: Option<MessageId>, wait: Duration) {

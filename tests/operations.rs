@@ -889,12 +889,13 @@ async fn channel_gauges_follow_subscriptions() {
         ),
         3.0
     );
+    // (Version 3 clients subscribe with SubscribeSince.)
     assert_eq!(
-        sample(&after, "fabric_messages_in_total{type=\"subscribe\"}"),
+        sample(&after, "fabric_messages_in_total{type=\"subscribe_since\"}"),
         3.0
     );
     assert_eq!(
-        sample(&after, "fabric_messages_out_total{type=\"subscribe_ack\"}"),
+        sample(&after, "fabric_messages_out_total{type=\"subscribed\"}"),
         3.0
     );
     // One publication in, one copy out per subscriber (the publisher too).

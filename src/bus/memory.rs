@@ -63,6 +63,13 @@ impl Histories {
     /// `channel`'s history as of `now`: a lost position starts a new epoch,
     /// expired publications are gone.
     fn current(&mut self, channel: &str, now: Instant) -> &mut ChannelHistory {
+        // Reads create positions too: expired ones are forgotten now and
+        // then, whatever is done.
+        self.appends += 1;
+        if self.appends >= 1024 {
+            self.appends = 0;
+            self.channels.retain(|_, h| h.until > now);
+        }
         let meta_ttl = self.meta_ttl;
         let history = self
             .channels
@@ -92,11 +99,6 @@ impl Histories {
             return None;
         };
         let now = Instant::now();
-        self.appends += 1;
-        if self.appends >= 1024 {
-            self.appends = 0;
-            self.channels.retain(|_, h| h.until > now);
-        }
         let history = self.current(channel, now);
         history.top += 1;
         history.entries.push_back(HistoryEntry {
@@ -510,6 +512,13 @@ impl ClusterBus for MemoryBus {
         let mut once = self.cluster.once.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((held, _)) = once.get_mut(key) {
             *held = outcome;
+        }
+    }
+
+    fn once_release(&self, key: &str, pending: &str) {
+        let mut once = self.cluster.once.lock().unwrap_or_else(|e| e.into_inner());
+        if once.get(key).is_some_and(|(held, _)| held == pending) {
+            once.remove(key);
         }
     }
 

@@ -444,6 +444,10 @@ pub trait ClusterBus: Send + Sync {
     /// Records the outcome of a claimed key (keeping its TTL).
     fn once_settle(&self, key: &str, outcome: String);
 
+    /// Frees a claimed key still marked `pending` (its message was never
+    /// handled).
+    fn once_release(&self, key: &str, pending: &str);
+
     /// Makes this node deliver `channel`'s publications without a gap
     /// from its current position on: call it once the node subscribed to
     /// a channel with history. A publication its subscription misses later
@@ -587,6 +591,10 @@ impl ClusterBus for Bus {
 
     fn once_settle(&self, key: &str, outcome: String) {
         dispatch!(self, b => b.once_settle(key, outcome))
+    }
+
+    fn once_release(&self, key: &str, pending: &str) {
+        dispatch!(self, b => b.once_release(key, pending))
     }
 }
 

@@ -1115,6 +1115,7 @@ impl ClusterBus for RedisBus {
             set.insert(name);
         } else {
             set.remove(&name);
+            drop(set);
             if feed == Feed::Publications {
                 lock(&self.inner.follows).remove(channel);
             }
@@ -1243,11 +1244,15 @@ impl ClusterBus for RedisBus {
         range: HistoryRange,
         limit: usize,
     ) -> Result<HistoryPage, BusError> {
-        let read = match range {
-            HistoryRange::Before(before) => Read::Before(before),
-            HistoryRange::After(after) => Read::After(after),
+        // Nothing is older than offset 1: only the position.
+        let none_older = matches!(range, HistoryRange::Before(Some(before)) if before <= 1);
+        let (read, limit) = match range {
+            _ if none_older => (Read::Before(None), 0),
+            HistoryRange::Before(before) => (Read::Before(before), limit),
+            HistoryRange::After(after) => (Read::After(after), limit),
         };
         let (position, entries, more) = read_history(&self.inner, channel, read, limit).await?;
+        let more = more && !none_older;
         Ok(HistoryPage {
             position,
             entries: entries
@@ -1307,6 +1312,24 @@ impl ClusterBus for RedisBus {
             if let Err(err) = settled {
                 // Its retries will be told the outcome is unknown.
                 warn!(%err, "cannot record an idempotent message's outcome");
+            }
+        });
+    }
+
+    fn once_release(&self, key: &str, pending: &str) {
+        static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            )
+        });
+        let key = self.inner.keys.once(key);
+        let pending = pending.to_owned();
+        let mut conn = self.inner.conn.clone();
+        tokio::spawn(async move {
+            let released: redis::RedisResult<i64> =
+                RELEASE.key(key).arg(pending).invoke_async(&mut conn).await;
+            if let Err(err) = released {
+                warn!(%err, "cannot free an idempotency key; retries wait for its window");
             }
         });
     }
@@ -2507,6 +2530,25 @@ impl Follow {
     }
 }
 
+impl Inner {
+    /// Whether this node takes `channel`'s publications (its follow is
+    /// kept only then: a stale one would make the next subscription look
+    /// like a gap, and be read back).
+    fn wants_publications(&self, channel: &str) -> bool {
+        lock(&self.wanted).contains(&self.keys.channel(channel))
+    }
+
+    fn set_follow(&self, channel: &str, follow: Follow) {
+        let wanted = self.wants_publications(channel);
+        let mut follows = lock(&self.follows);
+        if wanted {
+            follows.insert(channel.to_owned(), follow);
+        } else {
+            follows.remove(channel);
+        }
+    }
+}
+
 /// Most publications read back from a history in one read.
 const FILL_BATCH: usize = 1000;
 
@@ -2522,12 +2564,17 @@ async fn take_positioned(
         return Ok(());
     };
     let channel = channel.clone();
+    // (Read before `follows` is locked: `want_channel` takes them in the
+    // other order.)
+    let wanted = inner.wants_publications(&channel);
     let arrived = {
         let mut follows = lock(&inner.follows);
         let mut follow = follows.get(&channel).copied();
         let new_epoch = follow.is_some_and(|f| f.epoch != position.epoch);
         let arrived = Follow::arrived(&mut follow, position);
-        if let Some(follow) = follow {
+        if let Some(follow) = follow
+            && wanted
+        {
             follows.insert(channel.clone(), follow);
         }
         (arrived, new_epoch)
@@ -2553,7 +2600,7 @@ async fn take_positioned(
             let mut follow = lock(&inner.follows).get(&channel).copied();
             if Follow::arrived(&mut follow, position) == Arrived::Deliver {
                 if let Some(follow) = follow {
-                    lock(&inner.follows).insert(channel, follow);
+                    inner.set_follow(&channel, follow);
                 }
                 hand_over_positioned(inner, message, position).await?;
             }
@@ -2613,8 +2660,8 @@ async fn catch_up(
                 report_lost(inner, channel, reason).await?;
             }
             after = at.offset;
-            lock(&inner.follows).insert(
-                channel.to_owned(),
+            inner.set_follow(
+                channel,
                 Follow {
                     epoch,
                     last: after,
@@ -2633,8 +2680,8 @@ async fn catch_up(
             let lost = top - after;
             warn!(%channel, lost, "publications this node missed are no longer in the history");
             crate::stats::add(&inner.stats.history_missed, lost);
-            lock(&inner.follows).insert(
-                channel.to_owned(),
+            inner.set_follow(
+                channel,
                 Follow {
                     epoch,
                     last: top,

@@ -352,17 +352,22 @@ impl Track {
 
     /// Whether the publication at `position` is new (and now had).
     fn take(track: &mut Option<Track>, position: Position) -> Taken {
-        let t = match track {
-            Some(t) if t.epoch == position.epoch => t,
-            Some(_) => {
+        // Without a known base (before the Subscribed that gives it, or in
+        // a new epoch), nothing below `position` counts as had: a lower
+        // offset may still come on another stream.
+        let unbased = |position: Position| Track {
+            epoch: position.epoch,
+            watermark: 0,
+            above: Default::default(),
+        };
+        let (t, taken) = match track {
+            Some(t) if t.epoch == position.epoch => (t, Taken::New),
+            Some(t) => {
                 // The history was lost: what came between cannot be told.
-                *track = Some(Track::at(position));
-                return Taken::NewEpoch;
+                *t = unbased(position);
+                (t, Taken::NewEpoch)
             }
-            None => {
-                *track = Some(Track::at(position));
-                return Taken::New;
-            }
+            None => (track.insert(unbased(position)), Taken::New),
         };
         if position.offset <= t.watermark || t.above.contains(&position.offset) {
             return Taken::Duplicate;
@@ -375,22 +380,17 @@ impl Track {
             t.watermark = lowest - 1;
             t.settle();
         }
-        Taken::New
+        taken
     }
 
-    /// The node says the client has everything up to `position`
-    /// (recovered), or starts it there (not recovered).
-    fn reached(track: &mut Option<Track>, position: Position, recovered: bool) {
+    /// A Subscribed says where the client is: it has everything up to
+    /// `position` (recovered), or goes on from there (not recovered:
+    /// what it missed is gone). Only `Ahead` (the client's position was
+    /// not one of this history's) takes it back.
+    fn reached(track: &mut Option<Track>, position: Position, recovery: Recovery) {
         match track {
-            Some(t) if t.epoch == position.epoch => {
-                // Recovered: everything up to `position` came. Not: the
-                // client goes on from `position` (its own was trimmed, or
-                // one the node never had).
-                t.watermark = if recovered {
-                    t.watermark.max(position.offset)
-                } else {
-                    position.offset
-                };
+            Some(t) if t.epoch == position.epoch && recovery != Recovery::Ahead => {
+                t.watermark = t.watermark.max(position.offset);
                 t.settle();
             }
             _ => *track = Some(Track::at(position)),
@@ -816,6 +816,14 @@ impl Client {
     /// reveals it. The client subscribes again by itself after every
     /// reconnect ([`Event::Resubscribed`]).
     pub async fn subscribe(&self, channel: &str, events: bool) -> Result<Option<u64>, ClientError> {
+        if self.inner().ack.version >= RECOVERY_VERSION {
+            // From the channel's current position, so that positions are
+            // tracked from a known base.
+            return Ok(self
+                .subscribe_since(channel, events, None)
+                .await?
+                .subscribers);
+        }
         let body = Body::Subscribe {
             channel: channel.to_owned(),
             events,
@@ -1121,7 +1129,7 @@ async fn subscribe_since_on(
     let sub = subs.entry(channel.to_owned()).or_default();
     sub.events = events;
     match position {
-        Some(position) => Track::reached(&mut sub.track, position, recovery == Recovery::Recovered),
+        Some(position) => Track::reached(&mut sub.track, position, recovery),
         None => sub.track = None,
     }
     Ok(Subscription {
@@ -1670,17 +1678,21 @@ async fn read_stream(mut recv: quinn::RecvStream, reader: StreamReader) {
             let (subscriptions, events, channel) =
                 (subscriptions.clone(), events.clone(), channel.clone());
             tokio::spawn(async move {
-                if let Ok(Some(Some(subscription))) =
-                    subscribe_again(&inner, &subscriptions, &channel).await
-                {
-                    let _ = events
-                        .send(Event::Subscribed {
-                            channel,
-                            position: subscription.position,
-                            recovery: subscription.recovery,
-                        })
-                        .await;
-                }
+                let event = match subscribe_again(&inner, &subscriptions, &channel).await {
+                    Ok(Some(Some(subscription))) => Event::Subscribed {
+                        channel,
+                        position: subscription.position,
+                        recovery: subscription.recovery,
+                    },
+                    Ok(_) => return,
+                    // Said, not swallowed: the application learns the
+                    // channel may have a gap until the next reconnect.
+                    Err(err) => Event::Resubscribed {
+                        channels: Vec::new(),
+                        failed: vec![(channel, err.to_string())],
+                    },
+                };
+                let _ = events.send(event).await;
             });
         }
         if matches!(frame.body, Body::Ping) {
@@ -1739,7 +1751,54 @@ const GOODBYE_SETTLE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
-    use super::host_part;
+    use super::{Position, Recovery, Taken, Track, host_part};
+
+    #[test]
+    fn positions_are_taken_once_whatever_the_order_they_come_in() {
+        let at = |offset| Position { epoch: 9, offset };
+        let mut track = None;
+        // Before the base is known, a lower offset may still come (other
+        // priorities travel on other streams).
+        assert_eq!(Track::take(&mut track, at(8)), Taken::New);
+        assert_eq!(Track::take(&mut track, at(7)), Taken::New);
+        assert_eq!(Track::take(&mut track, at(8)), Taken::Duplicate);
+        // The Subscribed: nothing missed up to 6.
+        Track::reached(&mut track, at(6), Recovery::NotRequested);
+        assert_eq!(track.as_ref().unwrap().position(), at(8));
+        assert_eq!(Track::take(&mut track, at(7)), Taken::Duplicate);
+        assert_eq!(Track::take(&mut track, at(10)), Taken::New);
+        assert_eq!(track.as_ref().unwrap().position(), at(8), "9 is missing");
+        assert_eq!(Track::take(&mut track, at(9)), Taken::New);
+        assert_eq!(track.as_ref().unwrap().position(), at(10));
+        // A new epoch: told, and based anew.
+        let other = Position {
+            epoch: 10,
+            offset: 2,
+        };
+        assert_eq!(Track::take(&mut track, other), Taken::NewEpoch);
+        assert_eq!(
+            Track::take(
+                &mut track,
+                Position {
+                    epoch: 10,
+                    offset: 1
+                }
+            ),
+            Taken::New
+        );
+        assert_eq!(track.as_ref().unwrap().position(), other);
+        // A Subscribed never takes back what the client had, except Ahead
+        // (its position was not one of this history's).
+        let trimmed = Position {
+            epoch: 10,
+            offset: 1,
+        };
+        Track::reached(&mut track, trimmed, Recovery::Trimmed);
+        assert_eq!(track.as_ref().unwrap().position().offset, 2);
+        let mut ahead = Some(Track::at(at(50)));
+        Track::reached(&mut ahead, at(20), Recovery::Ahead);
+        assert_eq!(ahead.unwrap().position(), at(20));
+    }
 
     #[test]
     fn an_event_is_small_so_an_idle_clients_event_channel_is_small() {

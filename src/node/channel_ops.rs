@@ -14,6 +14,9 @@ use crate::protocol::{
 };
 use crate::registry::ClientHandle;
 
+/// Publications read from the history at a time during a recovery.
+const REPLAY_PAGE: usize = 1000;
+
 impl Node {
     /// Subscribes `client` to `channel` (frame `id`) and answers it:
     /// SubscribeAck once the node receives the channel's publications from
@@ -54,11 +57,26 @@ impl Node {
             if matches!(added, Added::New { .. }) {
                 self.drop_subscription(client.id(), &channel, false);
             } else if recovering {
-                // Subscribed before: it goes on receiving as before.
+                // Subscribed before: it goes on receiving as before (told
+                // when what arrived meanwhile was more than was kept).
                 self.channels()
                     .finish_recovery(client.id(), &channel, |arrived| {
+                        if arrived.overflowed {
+                            client.reply(
+                                Priority::High,
+                                Body::SubscriptionLost {
+                                    channel: channel.clone(),
+                                    reason: "its recovery could not keep up".into(),
+                                },
+                            );
+                        }
                         for (_, frame) in arrived.arrived {
-                            let _ = client.enqueue(priority, protocol::tag::PUBLICATION, frame);
+                            let _ = client.outbound().enqueue(
+                                priority,
+                                protocol::tag::PUBLICATION,
+                                frame,
+                                true,
+                            );
                         }
                     });
             }
@@ -100,15 +118,10 @@ impl Node {
         // A recovery: what to replay, read after the subscription is in
         // place (so nothing falls between the read and the live feed).
         let recovery = match (since, retention) {
-            (Some(since), Some(retention)) => {
-                match self
-                    .recover(client, priority, &channel, since, retention.size)
-                    .await
-                {
-                    Ok(recovery) => Some(recovery),
-                    Err((code, what)) => return undo(code, what),
-                }
-            }
+            (Some(since), Some(_)) => match self.recover(client, priority, &channel, since).await {
+                Ok(recovery) => Some(recovery),
+                Err((code, what)) => return undo(code, what),
+            },
             _ => None,
         };
         if namespace.presence && matches!(added, Added::New { .. }) {
@@ -148,24 +161,27 @@ impl Node {
                 },
             ),
             (Some(_), Some(recovered)) => {
-                if self.channels().recovery_overflowed(client.id(), &channel) {
-                    return undo(
-                        error_code::SERVER_BUSY,
-                        format!(
-                            "recovery of {channel} could not keep up with its publications; retry"
-                        ),
-                    );
-                }
                 // What arrived meanwhile, after what was replayed, then the
                 // answer: all on this request's stream, in offset order.
+                // Queued past the node's budget (bounded by the recovery
+                // buffer): a frame dropped here would be lost for good.
                 let (mut last, recovery) = recovered;
-                self.channels()
+                let finished = self
+                    .channels()
                     .finish_recovery(client.id(), &channel, |arrived| {
+                        if arrived.overflowed {
+                            return false;
+                        }
                         for (at, frame) in arrived.arrived {
                             if at.epoch == last.epoch && at.offset <= last.offset {
                                 continue;
                             }
-                            let _ = client.enqueue(priority, protocol::tag::PUBLICATION, frame);
+                            let _ = client.outbound().enqueue(
+                                priority,
+                                protocol::tag::PUBLICATION,
+                                frame,
+                                true,
+                            );
                             last = at;
                         }
                         client.reply(
@@ -178,7 +194,16 @@ impl Node {
                                 recovery,
                             },
                         );
+                        true
                     });
+                if finished == Some(false) {
+                    return undo(
+                        error_code::SERVER_BUSY,
+                        format!(
+                            "recovery of {channel} could not keep up with its publications; retry"
+                        ),
+                    );
+                }
             }
         }
         // Not if an Unsubscribe (on another stream) or an operator ended
@@ -206,7 +231,6 @@ impl Node {
         priority: Priority,
         channel: &str,
         since: Option<Position>,
-        size: u32,
     ) -> Result<(Position, Recovery), Refusal> {
         let cannot = |err: BusError| {
             (
@@ -214,85 +238,101 @@ impl Node {
                 format!("cannot recover {channel}: {err}"),
             )
         };
+        let gone = |what: &str| {
+            (
+                error_code::SERVER_BUSY,
+                format!("the history of {channel} was {what} during its recovery; retry"),
+            )
+        };
+        // The position first: most answers need nothing more.
+        let top = self
+            .bus()
+            .history(channel, HistoryRange::Before(None), 0)
+            .await
+            .map_err(cannot)?
+            .position;
         let Some(since) = since else {
+            return Ok((top, Recovery::NotRequested));
+        };
+        if top.epoch != since.epoch {
+            return Ok((top, Recovery::EpochChanged));
+        }
+        if since.offset > top.offset {
+            return Ok((top, Recovery::Ahead));
+        }
+        // Then page by page, each publication queued as room allows.
+        let mut last = since;
+        while last.offset < top.offset {
             let page = self
                 .bus()
-                .history(channel, HistoryRange::Before(None), 0)
+                .history(channel, HistoryRange::After(last.offset), REPLAY_PAGE)
                 .await
                 .map_err(cannot)?;
-            return Ok((page.position, Recovery::NotRequested));
-        };
-        let page = self
-            .bus()
-            .history(channel, HistoryRange::After(since.offset), size as usize)
-            .await
-            .map_err(cannot)?;
-        let top = page.position;
-        let recovery = if top.epoch != since.epoch {
-            Recovery::EpochChanged
-        } else if since.offset > top.offset {
-            Recovery::Ahead
-        } else if since.offset == top.offset {
-            Recovery::Recovered
-        } else {
-            let contiguous = page.entries.first().map(|e| e.offset) == Some(since.offset + 1)
-                && page.entries.last().map(|e| e.offset) == Some(top.offset)
-                && page.entries.len() as u64 == top.offset - since.offset;
-            if contiguous {
-                Recovery::Recovered
-            } else {
-                Recovery::Trimmed
+            if page.position.epoch != since.epoch {
+                return match last == since {
+                    true => Ok((page.position, Recovery::EpochChanged)),
+                    false => Err(gone("lost")),
+                };
             }
-        };
-        if recovery != Recovery::Recovered {
-            return Ok((top, recovery));
-        }
-        let mut last = since;
-        for entry in page.entries {
-            let at = Position {
-                epoch: top.epoch,
-                offset: entry.offset,
-            };
-            let Some(frame) = crate::channels::publication_frame(&entry.frame, at) else {
-                continue;
-            };
-            // Paced: a long replay must not fill the client's queue (which
-            // would close it as a slow consumer).
-            let deadline = tokio::time::Instant::now() + self.config().slow_consumer_stall;
-            while !client.outbound().has_room(priority, frame.len()) {
-                if tokio::time::Instant::now() >= deadline || client.outbound().is_slow() {
+            let contiguous = page.entries.first().map(|e| e.offset) == Some(last.offset + 1);
+            if !contiguous {
+                return match last == since {
+                    true => Ok((top, Recovery::Trimmed)),
+                    false => Err(gone("trimmed")),
+                };
+            }
+            for entry in page.entries {
+                if entry.offset > top.offset {
+                    // Newer ones come from the held-back publications.
+                    break;
+                }
+                let at = Position {
+                    epoch: since.epoch,
+                    offset: entry.offset,
+                };
+                let Some(frame) = crate::channels::publication_frame(&entry.frame, at) else {
+                    return Err((
+                        error_code::INTERNAL,
+                        format!("cannot recover {channel}: its publication at {at} cannot be sent"),
+                    ));
+                };
+                // Paced: a long replay must not fill the client's queue
+                // (which would close it as a slow consumer).
+                let deadline = tokio::time::Instant::now() + self.config().slow_consumer_stall;
+                while !client.outbound().has_room(priority, frame.len()) {
+                    if tokio::time::Instant::now() >= deadline || client.outbound().is_slow() {
+                        return Err((
+                            error_code::SERVER_BUSY,
+                            format!("recovery of {channel} stalled: the client does not read"),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if self.channels().recovery_overflowed(client.id(), channel) {
                     return Err((
                         error_code::SERVER_BUSY,
-                        format!("recovery of {channel} stalled: the client does not read"),
+                        format!(
+                            "recovery of {channel} could not keep up with its publications; retry"
+                        ),
                     ));
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                if client
+                    .enqueue(priority, protocol::tag::PUBLICATION, frame)
+                    .is_err()
+                {
+                    return Err((
+                        error_code::SERVER_BUSY,
+                        format!("recovery of {channel} could not be queued; retry"),
+                    ));
+                }
+                last = at;
             }
-            if self.channels().recovery_overflowed(client.id(), channel) {
-                return Err((
-                    error_code::SERVER_BUSY,
-                    format!("recovery of {channel} could not keep up with its publications; retry"),
-                ));
+            if !page.more && last.offset < top.offset {
+                // The rest expired while it was read.
+                return Err(gone("trimmed"));
             }
-            if client
-                .enqueue(priority, protocol::tag::PUBLICATION, frame)
-                .is_err()
-            {
-                return Err((
-                    error_code::SERVER_BUSY,
-                    format!("recovery of {channel} could not be queued; retry"),
-                ));
-            }
-            last = at;
         }
-        Ok((
-            if last.offset == since.offset {
-                top
-            } else {
-                last
-            },
-            recovery,
-        ))
+        Ok((if last == since { top } else { last }, Recovery::Recovered))
     }
 
     /// Unsubscribes client `id` from `channel`; announces its Leave when

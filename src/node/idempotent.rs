@@ -10,9 +10,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Node;
-use crate::bus::ClusterBus;
-use crate::protocol::{ErrorCode, Frame, error_code};
+use crate::bus::{Bus, ClusterBus};
+use crate::protocol::{ErrorCode, Frame, MessageId, error_code};
 use crate::registry::{Answer, ClientHandle, Tap};
+
+/// A claimed key whose message has not been handed off yet: dropped
+/// before [`Claimed::handed_off`] (the connection closed mid-way), it
+/// frees the key, so that a retry is handled instead of waiting for an
+/// answer that will never come.
+pub struct Claimed {
+    bus: Arc<Bus>,
+    client: Arc<ClientHandle>,
+    id: MessageId,
+    key: String,
+    pending: String,
+    armed: bool,
+}
+
+impl Claimed {
+    /// The message was handled (its answer, if not given yet, will be
+    /// recorded when it is).
+    pub fn handed_off(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if self.armed {
+            self.client.untap(self.id);
+            self.bus.once_release(&self.key, &self.pending);
+        }
+    }
+}
 
 /// How often an attempt whose key another attempt holds looks again.
 const POLL: Duration = Duration::from_millis(50);
@@ -61,7 +91,11 @@ impl Node {
     /// been answered here: Ack when the first attempt was acknowledged,
     /// Error 21 DUPLICATE naming its error, or saying it is still under
     /// way (after waiting up to `delivery_timeout` for it to end).
-    pub async fn claim_idempotent(&self, client: &Arc<ClientHandle>, frame: &Frame) -> bool {
+    pub async fn claim_idempotent(
+        &self,
+        client: &Arc<ClientHandle>,
+        frame: &Frame,
+    ) -> Option<Claimed> {
         let (id, priority) = (frame.id, frame.priority);
         // Keys are per user; anonymous clients share one scope (ids are
         // random 122-bit uuids: only a client reusing another's id meets
@@ -78,28 +112,34 @@ impl Node {
             let held = match self.bus().once_claim(&key, &pending, window).await {
                 Ok(None) => {
                     let bus = self.bus_handle();
+                    let settle_key = key.clone();
                     let tap: Tap = Box::new(move |answer: Answer| {
-                        bus.once_settle(&key, Held::encode(&answer));
+                        bus.once_settle(&settle_key, Held::encode(&answer));
                     });
                     client.tap_answer(id, tap);
-                    return true;
+                    return Some(Claimed {
+                        bus: self.bus_handle(),
+                        client: client.clone(),
+                        id,
+                        key,
+                        pending,
+                        armed: true,
+                    });
                 }
                 Ok(Some(held)) => Held::decode(&held),
                 Err(err) => {
-                    client.error(
-                        priority,
-                        Some(id),
-                        error_code::CLUSTER_UNAVAILABLE,
-                        format!("not handled: cannot check its idempotency key ({err}); retry"),
-                    );
-                    return false;
+                    let why =
+                        format!("not handled: cannot check its idempotency key ({err}); retry");
+                    let answer = Answer::Error(error_code::CLUSTER_UNAVAILABLE, why);
+                    client.answer_untapped(priority, id, answer);
+                    return None;
                 }
             };
-            match held {
-                Held::Acked => client.ack(priority, id),
-                Held::Refused(code, message) => client.error(
-                    priority,
-                    Some(id),
+            // Answers about an earlier attempt: they must not be taken for
+            // that attempt's own outcome (same id, maybe same connection).
+            let answer = match held {
+                Held::Acked => Answer::Ack,
+                Held::Refused(code, message) => Answer::Error(
                     error_code::DUPLICATE,
                     format!(
                         "already handled, not again: the first attempt got error {}: {message}",
@@ -110,16 +150,15 @@ impl Node {
                     tokio::time::sleep(POLL).await;
                     continue;
                 }
-                Held::Pending(node) => client.error(
-                    priority,
-                    Some(id),
+                Held::Pending(node) => Answer::Error(
                     error_code::DUPLICATE,
                     format!(
                         "already being handled (by node {node}), outcome not known yet; not handled again"
                     ),
                 ),
-            }
-            return false;
+            };
+            client.answer_untapped(priority, id, answer);
+            return None;
         }
     }
 }
