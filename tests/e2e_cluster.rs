@@ -1,7 +1,7 @@
 //! End-to-end check of the docker-compose cluster behind the UDP load
 //! balancer. Ignored by `cargo test`: `cluster/e2e.sh` starts the cluster
-//! (its step 1), runs this with `--ignored` (steps 2-8), and tears it down
-//! (step 9). Clients talk to the cluster only through the load balancer's
+//! (its step 1), runs this with `--ignored` (steps 2-9), and tears it down
+//! (step 10). Clients talk to the cluster only through the load balancer's
 //! published loopback port; the admin API and metrics, which are not
 //! published, are reached at the nodes' static IPs on the compose network
 //! (the host routes to the bridge network on Linux) or, where the host
@@ -17,7 +17,9 @@
 //! across nodes, list; 4 admin API and metrics; 5 rolling restart of
 //! node1..node3 (SIGTERM drain) under continuous traffic; 6 kill a node;
 //! 7 Redis restart; 8 a channel with subscribers on two nodes (publication
-//! exactly once, presence, join and leave).
+//! exactly once, presence, join and leave); 9 a channel with history
+//! across a node restart and a node kill (every acknowledged publication
+//! once, in order, at every subscriber).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -848,7 +850,7 @@ async fn rolling_restart(peers: &mut [Peer], admin: &Admin) {
     };
     let (settle_ms, away_ms) = (spread_ms(&mut settle_ms), spread_ms(&mut away_ms));
     println!(
-        "e2e step 5/9 PASS rolling restart (docker-compose stop/start, SIGTERM drain) under traffic: {}; restarts took {:.1}s; {} clients reconnected {:?} times (only when their node restarted; {returned} reconnects landed back on the restarted node), {} broadcasts + {} pings acked, {} deliveries, 0 server errors, {} tolerated reconnect-gap errors (ClientError::Closed; Goodbye->Disconnected {settle_ms} ms, Disconnected->Reconnected {away_ms} ms min/median/max); afterwards list and /nodes show all {} {spread:?}, broadcast reached {} exactly once, {}/{} directs delivered ({:.1}s)",
+        "e2e step 5/10 PASS rolling restart (docker-compose stop/start, SIGTERM drain) under traffic: {}; restarts took {:.1}s; {} clients reconnected {:?} times (only when their node restarted; {returned} reconnects landed back on the restarted node), {} broadcasts + {} pings acked, {} deliveries, 0 server errors, {} tolerated reconnect-gap errors (ClientError::Closed; Goodbye->Disconnected {settle_ms} ms, Disconnected->Reconnected {away_ms} ms min/median/max); afterwards list and /nodes show all {} {spread:?}, broadcast reached {} exactly once, {}/{} directs delivered ({:.1}s)",
         per_node.join(", "),
         restart_time.as_secs_f64(),
         peers.len(),
@@ -891,7 +893,7 @@ async fn compose_cluster_end_to_end() {
         "all clients landed on one node: {spread:?}"
     );
     println!(
-        "e2e step 2/9 PASS {} clients through the LB landed on {} nodes {spread:?} ({:.1}s)",
+        "e2e step 2/10 PASS {} clients through the LB landed on {} nodes {spread:?} ({:.1}s)",
         peers.len(),
         spread.len(),
         t.elapsed().as_secs_f64()
@@ -941,7 +943,7 @@ async fn compose_cluster_end_to_end() {
         "list shows exactly the connected clients"
     );
     println!(
-        "e2e step 3/9 PASS broadcast reached {} clients exactly once, direct {} -> {} delivered, list shows all {} with their nodes ({:.1}s)",
+        "e2e step 3/10 PASS broadcast reached {} clients exactly once, direct {} -> {} delivered, list shows all {} with their nodes ({:.1}s)",
         peers.len() - 1,
         sender_node,
         peers[far].node,
@@ -989,7 +991,7 @@ async fn compose_cluster_end_to_end() {
     );
     assert_eq!(gauges, expected, "fabric_clients_connected per node");
     println!(
-        "e2e step 4/9 PASS admin API and metrics on node1..node3 ({}): /health, /ready 200, /stats not draining with Redis up, /nodes 401 without the token and lists 3 live nodes {listed_nodes:?} = {} clients, fabric_clients_connected agrees ({:.1}s)",
+        "e2e step 4/10 PASS admin API and metrics on node1..node3 ({}): /health, /ready 200, /stats not draining with Redis up, /nodes 401 without the token and lists 3 live nodes {listed_nodes:?} = {} clients, fabric_clients_connected agrees ({:.1}s)",
         admin.route(),
         listed_nodes.values().sum::<u64>(),
         t.elapsed().as_secs_f64()
@@ -1045,7 +1047,7 @@ async fn compose_cluster_end_to_end() {
         v.expect(id).await;
     }
     println!(
-        "e2e step 6/9 PASS killed {victim_node}: presence gone after {:.1}s, {} clients reconnected to {:?} and receive directs, {} clients elsewhere undisturbed ({:.1}s)",
+        "e2e step 6/10 PASS killed {victim_node}: presence gone after {:.1}s, {} clients reconnected to {:?} and receive directs, {} clients elsewhere undisturbed ({:.1}s)",
         presence_gone.as_secs_f64(),
         victims.len(),
         victims.iter().map(|v| v.node.as_str()).collect::<Vec<_>>(),
@@ -1116,13 +1118,181 @@ async fn compose_cluster_end_to_end() {
         p.expect(probe).await;
     }
     println!(
-        "e2e step 7/9 PASS Redis stopped and restarted: cross-node send failed visibly during the outage, delivery resumed {:.1}s after restart, no client disconnected ({:.1}s)",
+        "e2e step 7/10 PASS Redis stopped and restarted: cross-node send failed visibly during the outage, delivery resumed {:.1}s after restart, no client disconnected ({:.1}s)",
         resumed.as_secs_f64(),
         t.elapsed().as_secs_f64()
     );
 
     // Step 8: a channel across nodes.
     channel_step(&mut all).await;
+
+    // Step 9: channel history across a restart and a kill.
+    drop(all);
+    history_step().await;
+}
+
+// ---------------------------------------------------------------- history ---
+
+/// Step 9: the node killed in step 6 comes back; subscribers of a channel
+/// with history (namespace `h`, compose's `FABRIC_NAMESPACES`) connect
+/// through the LB, a publisher sends numbered publications every few ms
+/// while node3 restarts (SIGTERM drain) and then node1 is killed
+/// (`docker kill`); every subscriber must end with every acknowledged
+/// publication exactly once and in order, having recovered after each of
+/// its reconnects.
+async fn history_step() {
+    const SUBSCRIBERS: usize = 6;
+    const CHANNEL: &str = "h:e2e";
+    let t = Instant::now();
+    // The node killed in step 6 comes back (starting a running one does
+    // nothing).
+    for node in NODES {
+        docker(&["start", &container(node).await]).await;
+    }
+    for node in NODES {
+        wait_healthy(node, STEP_TIMEOUT).await;
+    }
+    let mut subs = Vec::new();
+    for i in 0..SUBSCRIBERS {
+        let mut p = Peer::connect(&format!("hist-sub-{i}")).await;
+        let got = p
+            .client
+            .subscribe_since(CHANNEL, false, None)
+            .await
+            .expect("subscribed to the history channel");
+        assert!(
+            got.position.is_some(),
+            "a channel with history has a position"
+        );
+        let node = p.node.clone();
+        let mut events = std::mem::replace(&mut p.events, mpsc::channel(1).1);
+        let reader = tokio::spawn(async move {
+            let (mut got, mut recoveries) = (Vec::<u64>::new(), Vec::new());
+            let mut reconnects = 0;
+            loop {
+                // After the end mark, until the events stop (a recovery's
+                // answer comes after the publications it recovered).
+                let event = if got.last() == Some(&u64::MAX) {
+                    match tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
+                        Ok(Some(event)) => event,
+                        _ => break,
+                    }
+                } else {
+                    match events.recv().await {
+                        Some(event) => event,
+                        None => break,
+                    }
+                };
+                match event {
+                    Event::Frame(f) => {
+                        if let Body::Publication {
+                            channel,
+                            payload: Payload::Text(text),
+                            ..
+                        } = &f.body
+                            && channel == CHANNEL
+                        {
+                            got.push(text.parse().expect("numbered"));
+                        }
+                    }
+                    Event::Subscribed { recovery, .. } => recoveries.push(recovery),
+                    Event::Reconnected { .. } => reconnects += 1,
+                    Event::Closed { reason, .. } => panic!("subscriber closed: {reason}"),
+                    _ => {}
+                }
+            }
+            (got, recoveries, reconnects)
+        });
+        subs.push((node, p.client, reader));
+    }
+    let spread: BTreeMap<String, usize> = subs.iter().fold(BTreeMap::new(), |mut m, (n, ..)| {
+        *m.entry(n.clone()).or_default() += 1;
+        m
+    });
+    let publisher = Peer::connect("hist-pub").await.client;
+    let stop = CancellationToken::new();
+    let sending = {
+        let (publisher, stop) = (publisher.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut failed) = (Vec::new(), 0u32);
+            for i in 1..=20_000u64 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                match publisher
+                    .publish(CHANNEL, Payload::Text(i.to_string()), Priority::Normal)
+                    .await
+                {
+                    Ok(_) => acked.push(i),
+                    Err(_) => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (acked, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    compose(&["stop", "node3"]).await;
+    compose(&["start", "node3"]).await;
+    wait_healthy("node3", STEP_TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    docker(&["kill", &container("node1").await]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let (acked, failed) = sending.await.expect("publisher task");
+    let last = *acked.last().expect("publications acknowledged");
+    // The end mark: subscribers stop reading once they have it.
+    publisher
+        .publish(
+            CHANNEL,
+            Payload::Text(u64::MAX.to_string()),
+            Priority::Normal,
+        )
+        .await
+        .expect("end mark acknowledged");
+    let mut reconnects = Vec::new();
+    for (node, client, reader) in subs {
+        let (mut got, recoveries, reconnected) = tokio::time::timeout(STEP_TIMEOUT, reader)
+            .await
+            .unwrap_or_else(|_| panic!("a subscriber first on {node} never got the end mark"))
+            .expect("reader task");
+        assert_eq!(got.pop(), Some(u64::MAX), "the end mark comes last");
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "subscriber first on {node}: out of order or twice"
+        );
+        let have: HashSet<u64> = got.iter().copied().collect();
+        let missing: Vec<u64> = acked
+            .iter()
+            .copied()
+            .filter(|n| !have.contains(n))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "subscriber first on {node} lost {} acknowledged publications, first {:?}",
+            missing.len(),
+            missing.first()
+        );
+        assert!(
+            recoveries
+                .iter()
+                .all(|r| *r == quic_fabric::protocol::Recovery::Recovered),
+            "subscriber first on {node}: {recoveries:?}"
+        );
+        assert_eq!(
+            recoveries.len(),
+            reconnected,
+            "subscriber first on {node}: one recovery per reconnect"
+        );
+        reconnects.push(reconnected);
+        drop(client);
+    }
+    println!(
+        "e2e step 9/10 PASS channel history through the LB: {SUBSCRIBERS} subscribers {spread:?}, {} publications acknowledged ({failed} refused during the gaps) while node3 restarted and node1 was killed; every subscriber got all {} acknowledged once and in order (up to {last}), with a complete recovery after each of its reconnects {reconnects:?} ({:.1}s)",
+        acked.len(),
+        acked.len(),
+        t.elapsed().as_secs_f64()
+    );
 }
 
 // --------------------------------------------------------------- channels ---
@@ -1242,7 +1412,7 @@ async fn channel_step(peers: &mut Vec<Peer>) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
-        "e2e step 8/9 PASS channel through the LB: subscribers on {} and {} (the first saw the second join and leave, across nodes), a publication from a client on {} reached both exactly once, presence listed both with their node ids, then none after both left ({:.1}s)",
+        "e2e step 8/10 PASS channel through the LB: subscribers on {} and {} (the first saw the second join and leave, across nodes), a publication from a client on {} reached both exactly once, presence listed both with their node ids, then none after both left ({:.1}s)",
         peers[a].node,
         peers[b].node,
         peers[p].node,
