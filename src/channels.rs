@@ -407,7 +407,7 @@ impl Channels {
         frame: &Bytes,
         position: Position,
     ) -> BroadcastCount {
-        deliver_at(&self.read(), channel, priority, frame, Some(position))
+        deliver_at(&self.read(), channel, priority, frame, position)
     }
 
     /// Ends client `id`'s recovery on `channel`: runs `finish` with what
@@ -552,13 +552,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// [`deliver`] of a publication of a channel with history.
+/// [`deliver`] of a publication of a channel with history, at `position`.
 fn deliver_at(
     state: &State,
     channel: &str,
     priority: Priority,
     frame: &Bytes,
-    position: Option<Position>,
+    position: Position,
 ) -> BroadcastCount {
     let mut count = BroadcastCount::default();
     let Some(subs) = state.channels.get(channel) else {
@@ -567,29 +567,24 @@ fn deliver_at(
     // Encoded once, for the first subscriber that needs it.
     let mut positioned: Option<Option<Bytes>> = None;
     for sub in subs.values() {
-        let (bytes, frame_tag) = match position {
-            Some(position) if sub.positions => {
-                let built = positioned.get_or_insert_with(|| publication_frame(frame, position));
-                match built {
-                    Some(bytes) => (bytes.clone(), tag::PUBLICATION),
-                    None => (frame.clone(), tag::PUBLISH),
-                }
-            }
-            _ => (frame.clone(), tag::PUBLISH),
+        let built = match sub.positions {
+            true => positioned.get_or_insert_with(|| publication_frame(frame, position)),
+            false => &None,
         };
-        if let Some(position) = position {
-            let mut recovering = lock(&sub.recovering);
-            if let Some(recovering) = recovering.as_mut() {
-                recovering.push(position, bytes);
-                count.delivered += 1;
-                continue;
-            }
+        let (bytes, frame_tag) = match built {
+            Some(bytes) => (bytes.clone(), tag::PUBLICATION),
+            None => (frame.clone(), tag::PUBLISH),
+        };
+        if let Some(recovering) = lock(&sub.recovering).as_mut() {
+            recovering.push(position, bytes);
+            count.delivered += 1;
+            continue;
         }
         match sub.handle.enqueue(priority, frame_tag, bytes) {
             Ok(()) => count.delivered += 1,
             Err(EnqueueError::NodeBusy) => {
                 count.node_busy += 1;
-                if let (Some(position), true) = (position, sub.positions) {
+                if sub.positions {
                     // Not silently: it subscribes again from its position
                     // (a reply: it passes the exhausted node budget).
                     sub.handle.reply(

@@ -388,6 +388,26 @@ impl MessageRouter {
     }
 }
 
+impl MessageRouter {
+    /// A channel publication (or Join/Leave event, `event`) from this node
+    /// for the bus.
+    fn publication(
+        &self,
+        channel: &str,
+        priority: Priority,
+        event: bool,
+        frame: Bytes,
+    ) -> BusMessage {
+        BusMessage::Publication {
+            origin: self.node_id,
+            channel: channel.to_owned(),
+            priority,
+            event,
+            frame,
+        }
+    }
+}
+
 /// Answers a client's publication once the bus has it: Ack, or
 /// CLUSTER_UNAVAILABLE saying `short` and why.
 fn answer_publish(
@@ -434,13 +454,7 @@ impl MessageRouter {
         if !self.goes_on(from, id, priority, count, "subscribers") {
             return;
         }
-        let message = BusMessage::Publication {
-            origin: self.node_id,
-            channel: channel.to_owned(),
-            priority,
-            event: false,
-            frame,
-        };
+        let message = self.publication(channel, priority, false, frame);
         let answer = answer_publish(
             from,
             id,
@@ -474,13 +488,7 @@ impl MessageRouter {
                 format!("not published to {channel}: the cluster bus is unavailable"),
             );
         }
-        let message = BusMessage::Publication {
-            origin: self.node_id,
-            channel: channel.to_owned(),
-            priority,
-            event: false,
-            frame,
-        };
+        let message = self.publication(channel, priority, false, frame);
         let answer = answer_publish(
             from,
             id,
@@ -511,13 +519,7 @@ impl MessageRouter {
             // Delivered here too when the bus hands it back (see
             // `publish_with_history`): these are the subscribers it is for.
             let local = self.channels.subscriber_count(channel);
-            let message = BusMessage::Publication {
-                origin: self.node_id,
-                channel: channel.to_owned(),
-                priority,
-                event,
-                frame,
-            };
+            let message = self.publication(channel, priority, event, frame);
             self.bus.publish(Target::History(retention), message, done);
             return local;
         }
@@ -526,13 +528,7 @@ impl MessageRouter {
             .deliver(channel, priority, &frame, event, exclude)
             .delivered;
         if self.bus.clustered() {
-            let message = BusMessage::Publication {
-                origin: self.node_id,
-                channel: channel.to_owned(),
-                priority,
-                event,
-                frame,
-            };
+            let message = self.publication(channel, priority, event, frame);
             self.bus.publish(Target::Channel, message, done);
         } else if let Some(done) = done {
             done(Ok(1));
@@ -564,13 +560,7 @@ impl MessageRouter {
         self.channels
             .join_while_subscribed(member, channel, &frame, || {
                 if clustered {
-                    let message = BusMessage::Publication {
-                        origin: self.node_id,
-                        channel: channel.to_owned(),
-                        priority: Priority::Normal,
-                        event: true,
-                        frame: frame.clone(),
-                    };
+                    let message = self.publication(channel, Priority::Normal, true, frame.clone());
                     self.bus.publish(Target::Channel, message, None);
                 }
             });
