@@ -461,10 +461,14 @@ fn print_event(event: Option<Event>) -> anyhow::Result<()> {
                 json!({"type": "disconnected", "code": code, "reason": reason})
             );
         }
-        Some(Event::Reconnected { client_id, node_id }) => {
+        Some(Event::Reconnected {
+            client_id,
+            node_id,
+            session,
+        }) => {
             println!(
                 "{}",
-                json!({"type": "reconnected", "client_id": client_id.to_string(), "node_id": node_id.to_string()})
+                json!({"type": "reconnected", "client_id": client_id.to_string(), "node_id": node_id.to_string(), "session": session.map(|s| s.name())})
             );
         }
         Some(Event::Resubscribed { channels, failed }) => {
@@ -646,8 +650,17 @@ async fn chat(client: &mut Client) -> anyhow::Result<()> {
                     }
                 }
                 Some(Event::Disconnected { reason, .. }) => println!("* connection lost ({reason}); reconnecting"),
-                Some(Event::Reconnected { client_id, node_id }) => {
-                    println!("* reconnected as {client_id} on node {node_id}")
+                Some(Event::Reconnected {
+                    client_id,
+                    node_id,
+                    session,
+                }) => {
+                    let resumed = if session == Some(crate::protocol::SessionOutcome::Resumed) {
+                        " (session resumed)"
+                    } else {
+                        ""
+                    };
+                    println!("* reconnected as {client_id} on node {node_id}{resumed}")
                 }
                 Some(Event::Resubscribed { channels, failed }) => {
                     if !channels.is_empty() {

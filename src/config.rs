@@ -896,6 +896,32 @@ settings! {
         namespaces: Vec<Namespace> = Vec::new(),
     }
 
+    // Resumable sessions: what a client gets back when it reconnects.
+    [sessions] {
+        /// How long a session whose connection was lost waits for its client
+        /// to resume it (same client id, stored direct messages); 0 turns
+        /// sessions off.
+        session_resume_window: Duration = Duration::from_secs(60),
+        /// The cluster's secret for resume tokens (at least 32 bytes, the same
+        /// on every node). Unset: a random one kept in `certs_dir/session.key`
+        /// when the node uses dev certificates, else sessions are off.
+        #[arg(hide_env_values = true)]
+        session_secret: Option<String> = None,
+        /// A previous session secret whose tokens are still accepted (for
+        /// rotating the secret without ending sessions).
+        #[arg(hide_env_values = true)]
+        session_secret_old: Option<String> = None,
+        /// Most direct messages stored for one session waiting for a resume;
+        /// more get INBOX_FULL.
+        session_inbox_len: usize = 1000,
+        /// Most bytes of direct messages stored for one session waiting for a
+        /// resume.
+        session_inbox_bytes: usize = 1024 * 1024,
+        /// How long a resume token is accepted after it was issued (a
+        /// connection gets a new one at every resume).
+        session_token_lifetime: Duration = Duration::from_secs(24 * 3600),
+    }
+
     // The cluster bus: Redis, and what any bus engine needs.
     [cluster] {
         /// Redis URL (`redis://`, `rediss://`, with optional `user:password@`);
@@ -983,6 +1009,38 @@ impl NodeConfig {
             history_size: self.history_size,
             history_ttl: self.history_ttl,
         }
+    }
+
+    fn validate_sessions(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.session_resume_window.is_zero() {
+            return Ok(());
+        }
+        for (name, secret) in [
+            ("session_secret", &self.session_secret),
+            ("session_secret_old", &self.session_secret_old),
+        ] {
+            if let Some(secret) = secret
+                && secret.len() < crate::session::MIN_SECRET_BYTES
+            {
+                return invalid(format!(
+                    "{name} must be at least {} bytes, got {}",
+                    crate::session::MIN_SECRET_BYTES,
+                    secret.len()
+                ));
+            }
+        }
+        if self.session_inbox_len == 0 || self.session_inbox_bytes == 0 {
+            return invalid("session_inbox_len and session_inbox_bytes must be at least 1".into());
+        }
+        if self.session_token_lifetime < self.session_resume_window {
+            return invalid(format!(
+                "session_token_lifetime ({}) must be at least session_resume_window ({})",
+                humantime::format_duration(self.session_token_lifetime),
+                humantime::format_duration(self.session_resume_window)
+            ));
+        }
+        Ok(())
     }
 
     fn validate_channels(&self) -> Result<(), ConfigError> {
@@ -1157,6 +1215,7 @@ impl NodeConfig {
             return invalid("node_ttl must be at least 100ms".into());
         }
         self.validate_channels()?;
+        self.validate_sessions()?;
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return invalid("redis_prefix must be non-empty without spaces".into());
         }
@@ -1401,6 +1460,12 @@ mod tests {
             "history_meta_ttl" => "2h",
             "max_history_page" => "50",
             "dedupe_window" => "5m",
+            "session_resume_window" => "30s",
+            "session_secret" => "session-secret-0123456789abcdef0123",
+            "session_secret_old" => "old-session-secret-0123456789abcdef",
+            "session_inbox_len" => "59",
+            "session_inbox_bytes" => "4096",
+            "session_token_lifetime" => "2h",
             "namespaces" => {
                 "vip,subscribe=granted,publish=nobody,presence=off,join_leave=on,history_size=0,history_ttl=0s;news,subscribe=anyone,publish=subscribers,presence=on,join_leave=off,history_size=100,history_ttl=1h"
             }

@@ -110,11 +110,11 @@ impl MessageHandler {
                 );
                 client.reply(priority, Body::Stats { of: id, stats });
             }
-            Body::Handshake(_) => client.error(
+            Body::Handshake(_) | Body::ResumeHandshake { .. } => client.error(
                 priority,
                 Some(id),
                 error_code::ALREADY_HANDSHAKEN,
-                "already handshaken; second Handshake ignored",
+                format!("already handshaken; {} ignored", frame.body.name()),
             ),
             // Recipients may acknowledge deliveries; the node accepts and drops them.
             Body::Ack { .. } | Body::Pong { .. } => {}
@@ -223,7 +223,9 @@ impl MessageHandler {
             | Body::Publication { .. }
             | Body::Subscribed { .. }
             | Body::History { .. }
-            | Body::SubscriptionLost { .. } => client.error(
+            | Body::SubscriptionLost { .. }
+            | Body::Session { .. }
+            | Body::Stored { .. } => client.error(
                 priority,
                 Some(id),
                 error_code::UNEXPECTED_FRAME,

@@ -45,6 +45,7 @@ pub mod protocol;
 pub mod registry;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;

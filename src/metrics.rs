@@ -200,6 +200,16 @@ impl Collector for NodeCollector {
         )?;
         labelled_counter(
             &mut e,
+            "sessions",
+            "Sessions granted to connections that asked for one (ResumeHandshake), by outcome: new, resumed, or a new one because the token's session was expired, already used, invalid or another user's (disabled: the node keeps none).",
+            "outcome",
+            crate::stats::SESSION_OUTCOMES
+                .iter()
+                .zip(&s.sessions_by_outcome)
+                .map(|(o, c)| (o.name(), get(c))),
+        )?;
+        labelled_counter(
+            &mut e,
             "messages_in",
             "Frames received from clients, by type.",
             "type",

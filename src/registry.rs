@@ -66,6 +66,12 @@ pub struct ClientHandle {
     taps: Mutex<Taps>,
     /// `taps` is not empty (the answer path checks this first).
     tapped: std::sync::atomic::AtomicBool,
+    /// The generation of the resumable session this connection holds (0:
+    /// none).
+    session: AtomicU64,
+    /// Its session was resumed by another connection: this one closes
+    /// without touching the session or the client's presence.
+    moved: std::sync::atomic::AtomicBool,
 }
 
 /// The answer the node gave a client's message.
@@ -75,6 +81,9 @@ pub enum Answer {
     Ack,
     /// An Error with this code and message.
     Error(ErrorCode, String),
+    /// Stored for a recipient waiting to resume its session, until then
+    /// (Unix milliseconds); a Stored frame (Ack before version 3).
+    Stored(u64),
 }
 
 /// Learns the answer to one message.
@@ -110,7 +119,31 @@ impl ClientHandle {
             lost_reported: AtomicU64::new(0),
             taps: Mutex::new(Taps::default()),
             tapped: std::sync::atomic::AtomicBool::new(false),
+            session: AtomicU64::new(0),
+            moved: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Records that this connection holds its session at `generation`.
+    pub fn set_session(&self, generation: u64) {
+        self.session.store(generation, Ordering::Release);
+    }
+
+    /// The generation of the session this connection holds, if any.
+    pub fn session(&self) -> Option<u64> {
+        Some(self.session.load(Ordering::Acquire)).filter(|g| *g > 0)
+    }
+
+    /// Closes this connection because its session was resumed by another
+    /// one (close code 13), leaving the session alone.
+    pub fn take_over(&self) {
+        self.moved.store(true, Ordering::Release);
+        self.kick.notify_one();
+    }
+
+    /// Whether [`ClientHandle::take_over`] was called.
+    pub fn moved(&self) -> bool {
+        self.moved.load(Ordering::Acquire)
     }
 
     /// Has `tap` learn the answer (Ack or Error) the node gives message
@@ -203,12 +236,29 @@ impl ClientHandle {
         );
     }
 
+    /// Tells the sender of Direct `of` that it was stored for a recipient
+    /// waiting to resume its session (Ack on connections before version
+    /// 3, which have no Stored frame).
+    pub fn stored(&self, priority: Priority, of: MessageId, until_ms: u64) {
+        self.answered(of, || Answer::Stored(until_ms));
+        self.reply_stored(priority, of, until_ms);
+    }
+
+    fn reply_stored(&self, priority: Priority, of: MessageId, until_ms: u64) {
+        if self.access.version >= protocol::RECOVERY_VERSION {
+            self.reply(priority, Body::Stored { of, until_ms });
+        } else {
+            self.reply(priority, Body::Ack { of });
+        }
+    }
+
     /// Like [`ClientHandle::ack`] and [`ClientHandle::error`], but not
     /// seen by the message's tap: an answer about an earlier attempt of
     /// the same message (idempotency), not the outcome of this one.
     pub fn answer_untapped(&self, priority: Priority, of: MessageId, answer: Answer) {
         match answer {
             Answer::Ack => self.reply(priority, Body::Ack { of }),
+            Answer::Stored(until_ms) => self.reply_stored(priority, of, until_ms),
             Answer::Error(code, message) => {
                 self.stats.error(code.0);
                 self.reply(
@@ -363,20 +413,28 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes a client; returns its handle if it was there.
-    pub fn unregister(&self, id: ClientId) -> Option<Arc<ClientHandle>> {
+    /// Removes this connection of a client, if it is still the one
+    /// registered under its id (a resumed session's id may belong to a
+    /// newer connection by now); returns whether it was.
+    pub fn unregister(&self, handle: &Arc<ClientHandle>) -> bool {
+        let id = handle.id();
         let mut clients = self.write();
-        let removed = clients.remove(&id)?;
+        if !clients.get(&id).is_some_and(|c| Arc::ptr_eq(c, handle)) {
+            return false;
+        }
+        let Some(removed) = clients.remove(&id) else {
+            return false;
+        };
         if let Some(user) = &removed.info.user {
             let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
             if let Some(list) = users.get_mut(user) {
-                list.retain(|c| c.id() != id);
+                list.retain(|c| !Arc::ptr_eq(c, &removed));
                 if list.is_empty() {
                     users.remove(user);
                 }
             }
         }
-        Some(removed)
+        true
     }
 
     /// The connections of `user` on this node.
@@ -550,8 +608,8 @@ mod tests {
         assert_eq!(count.delivered, 1);
         assert_eq!(b.outbound().queued_bytes(), bytes.len());
         assert_eq!(a.outbound().queued_bytes(), 0);
-        assert!(f.registry.unregister(a.id()).is_some());
-        assert!(f.registry.unregister(a.id()).is_none());
+        assert!(f.registry.unregister(&a));
+        assert!(!f.registry.unregister(&a));
         assert_eq!(f.registry.local_clients().len(), 1);
     }
 
@@ -585,7 +643,7 @@ mod tests {
         assert_eq!(code, protocol::close_code::SLOW_CONSUMER);
         assert_eq!(stats::get(&f.stats.slow_consumer_disconnects), 1);
         assert_eq!(f.budget.used(), 2 * bytes.len());
-        f.registry.unregister(slow.id());
+        f.registry.unregister(&slow);
         drop(slow);
         assert_eq!(f.budget.used(), 0, "queued frames give their budget back");
     }

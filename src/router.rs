@@ -20,7 +20,8 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use crate::bus::{
-    Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, PublishDone, Retention, Target,
+    Bus, BusError, BusMessage, ClusterBus, DeliveryOutcome, PublishDone, Retention, SessionLimits,
+    Storing, Target,
 };
 use crate::channels::Channels;
 use crate::outbound::EnqueueError;
@@ -53,6 +54,28 @@ struct PendingUser {
     deadline: Instant,
 }
 
+/// Who learns what became of a direct message held for a client whose
+/// session is being resumed here.
+enum HeldAnswer {
+    /// The sender, a client of this node.
+    Local(Arc<ClientHandle>, MessageId),
+    /// The sender's node, by receipt.
+    Remote {
+        origin: NodeId,
+        message_id: MessageId,
+        sender: ClientId,
+    },
+}
+
+/// A direct message for a client whose session is being resumed here,
+/// kept until its connection is registered so that it follows the
+/// messages stored while the session was away.
+struct Held {
+    priority: Priority,
+    frame: Bytes,
+    answer: HeldAnswer,
+}
+
 /// Delivers messages to local clients and, through the bus, to other nodes.
 pub struct MessageRouter {
     node_id: NodeId,
@@ -62,6 +85,12 @@ pub struct MessageRouter {
     pending: Mutex<HashMap<(ClientId, MessageId), PendingDelivery>>,
     pending_users: Mutex<HashMap<(ClientId, MessageId), PendingUser>>,
     located: Mutex<HashMap<ClientId, NodeId>>,
+    /// Clients whose sessions are being resumed here, and the direct
+    /// messages that arrived for them meanwhile.
+    holding: Mutex<HashMap<ClientId, Vec<Held>>>,
+    /// Sessions' limits, when sessions are on: a direct message for a
+    /// client that is not connected is offered to its session's store.
+    sessions: Option<SessionLimits>,
     delivery_timeout: Duration,
     max_pending: usize,
     stats: Arc<Stats>,
@@ -92,6 +121,7 @@ impl MessageRouter {
     /// A router for node `node_id` over its local registry and bus. At most
     /// `max_pending` cross-node directs wait for receipts at once, each for
     /// at most `delivery_timeout`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node_id: NodeId,
         registry: Arc<Registry>,
@@ -99,6 +129,7 @@ impl MessageRouter {
         bus: Arc<Bus>,
         delivery_timeout: Duration,
         max_pending: usize,
+        sessions: Option<SessionLimits>,
         stats: Arc<Stats>,
     ) -> Self {
         MessageRouter {
@@ -109,6 +140,8 @@ impl MessageRouter {
             pending: Mutex::new(HashMap::new()),
             pending_users: Mutex::new(HashMap::new()),
             located: Mutex::new(HashMap::new()),
+            holding: Mutex::new(HashMap::new()),
+            sessions,
             delivery_timeout,
             max_pending,
             stats,
@@ -207,20 +240,17 @@ impl MessageRouter {
         frame: Bytes,
     ) {
         let started = Instant::now();
-        if let Some(target) = self.registry.get(to) {
-            match target.enqueue(priority, tag::DIRECT, frame) {
-                Ok(()) => {
-                    self.stats
-                        .delivery_local
-                        .observe(started.elapsed().as_secs_f64());
-                    from.ack(priority, id)
-                }
-                Err(err) => reply_outcome(from, priority, id, to, outcome_of(err)),
-            }
+        if self
+            .deliver_here(to, priority, &frame, HeldAnswer::Local(from.clone(), id))
+            .is_ok()
+        {
+            self.stats
+                .delivery_local
+                .observe(started.elapsed().as_secs_f64());
             return;
         }
         if !self.bus.clustered() {
-            return reply_outcome(from, priority, id, to, DeliveryOutcome::UnknownClient);
+            return self.store(from, id, to, priority, frame, true);
         }
         if !self.bus.available() {
             return from.error(
@@ -232,13 +262,29 @@ impl MessageRouter {
         }
         let node = match self.locate(to).await {
             Ok(Some(node)) if node != self.node_id => node,
-            Ok(_) => {
-                return reply_outcome(from, priority, id, to, DeliveryOutcome::UnknownClient);
-            }
+            // Not connected: maybe a session waiting for a resume.
+            Ok(_) => return self.store(from, id, to, priority, frame, true),
             Err(err) => {
                 return from.error(priority, Some(id), error_code::CLUSTER_UNAVAILABLE, err);
             }
         };
+        self.send_direct(from, id, to, node, priority, frame, true);
+    }
+
+    /// Sends a direct message to the node `to` is on (`node`); its
+    /// receipt answers the sender. If that node turns out to be gone and
+    /// `may_store`, the message is offered to `to`'s session's store.
+    #[allow(clippy::too_many_arguments)]
+    fn send_direct(
+        self: &Arc<Self>,
+        from: &Arc<ClientHandle>,
+        id: MessageId,
+        to: ClientId,
+        node: NodeId,
+        priority: Priority,
+        frame: Bytes,
+        may_store: bool,
+    ) {
         {
             let mut pending = lock(&self.pending);
             if pending.len() >= self.max_pending {
@@ -269,6 +315,7 @@ impl MessageRouter {
                 },
             );
         }
+        let retry = (may_store && self.sessions.is_some()).then(|| frame.clone());
         let message = BusMessage::Direct {
             origin: self.node_id,
             message_id: id,
@@ -280,8 +327,187 @@ impl MessageRouter {
         self.bus.publish(
             Target::Node(node),
             message,
-            Some(answer_direct(self.clone(), from.clone(), id, to, priority)),
+            Some(answer_direct(
+                self.clone(),
+                from.clone(),
+                id,
+                to,
+                priority,
+                retry,
+            )),
         );
+    }
+
+    /// Queues a direct message for `to` if it is connected here, or keeps
+    /// it if `to`'s session is being resumed here; either way `answer`
+    /// learns the outcome. Gives `answer` back when `to` is not here.
+    fn deliver_here(
+        &self,
+        to: ClientId,
+        priority: Priority,
+        frame: &Bytes,
+        answer: HeldAnswer,
+    ) -> Result<(), HeldAnswer> {
+        if let Some(target) = self.registry.get(to) {
+            let outcome = match target.enqueue(priority, tag::DIRECT, frame.clone()) {
+                Ok(()) => DeliveryOutcome::Delivered,
+                Err(err) => outcome_of(err),
+            };
+            self.answer_held(to, priority, answer, outcome);
+            return Ok(());
+        }
+        if self.sessions.is_none() {
+            return Err(answer);
+        }
+        {
+            let mut holding = lock(&self.holding);
+            if let Some(held) = holding.get_mut(&to) {
+                held.push(Held {
+                    priority,
+                    frame: frame.clone(),
+                    answer,
+                });
+                return Ok(());
+            }
+        }
+        // Registered while the holding lock was taken?
+        match self.registry.get(to) {
+            Some(_) => self.deliver_here(to, priority, frame, answer),
+            None => Err(answer),
+        }
+    }
+
+    fn answer_held(
+        &self,
+        to: ClientId,
+        priority: Priority,
+        answer: HeldAnswer,
+        outcome: DeliveryOutcome,
+    ) {
+        match answer {
+            HeldAnswer::Local(from, id) => reply_outcome(&from, priority, id, to, outcome),
+            HeldAnswer::Remote {
+                origin,
+                message_id,
+                sender,
+            } => self.bus.publish(
+                Target::Node(origin),
+                BusMessage::Receipt {
+                    message_id,
+                    sender,
+                    to,
+                    outcome,
+                },
+                None,
+            ),
+        }
+    }
+
+    /// Starts keeping direct messages for `client`, whose session is being
+    /// resumed here, until [`MessageRouter::release`].
+    pub fn hold(&self, client: ClientId) {
+        lock(&self.holding).entry(client).or_default();
+    }
+
+    /// Queues to `handle` the messages stored for its session, then those
+    /// kept since [`MessageRouter::hold`], and registers it with
+    /// `register`, all before any later direct message can reach it.
+    pub fn release<E>(
+        &self,
+        handle: &Arc<ClientHandle>,
+        stored: Vec<BusMessage>,
+        register: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut holding = lock(&self.holding);
+        let held = holding.remove(&handle.id()).unwrap_or_default();
+        for message in stored {
+            if let BusMessage::Direct {
+                priority, frame, ..
+            } = message
+                && let Err(err) = handle.enqueue(priority, tag::DIRECT, frame)
+            {
+                warn!(client = %handle.id(), ?err, "a stored direct message could not be queued");
+            }
+        }
+        let registered = register();
+        for Held {
+            priority,
+            frame,
+            answer,
+        } in held
+        {
+            let outcome = match &registered {
+                Ok(()) => match handle.enqueue(priority, tag::DIRECT, frame) {
+                    Ok(()) => DeliveryOutcome::Delivered,
+                    Err(err) => outcome_of(err),
+                },
+                Err(_) => DeliveryOutcome::UnknownClient,
+            };
+            self.answer_held(handle.id(), priority, answer, outcome);
+        }
+        drop(holding);
+        registered
+    }
+
+    /// Stops keeping messages for `client` (its resume failed); what was
+    /// kept is answered as for a client that is not connected.
+    pub fn drop_hold(&self, client: ClientId) {
+        let held = lock(&self.holding).remove(&client).unwrap_or_default();
+        for Held {
+            priority, answer, ..
+        } in held
+        {
+            self.answer_held(client, priority, answer, DeliveryOutcome::UnknownClient);
+        }
+    }
+
+    /// Offers a direct message for `to`, which is not connected to this
+    /// node, to `to`'s session's store (when sessions are on) and answers
+    /// the sender; a session attached to another live node gets it there
+    /// (once: `may_forward`).
+    fn store(
+        self: &Arc<Self>,
+        from: &Arc<ClientHandle>,
+        id: MessageId,
+        to: ClientId,
+        priority: Priority,
+        frame: Bytes,
+        may_forward: bool,
+    ) {
+        let Some(limits) = self.sessions else {
+            return reply_outcome(from, priority, id, to, DeliveryOutcome::UnknownClient);
+        };
+        let message = BusMessage::Direct {
+            origin: self.node_id,
+            message_id: id,
+            sender: from.id(),
+            to,
+            priority,
+            frame: frame.clone(),
+        };
+        let router = self.clone();
+        let from = from.clone();
+        let done = Box::new(move |stored: Result<Storing, BusError>| match stored {
+            Ok(Storing::Attached(node)) if node != router.node_id && may_forward => {
+                router.send_direct(&from, id, to, node, priority, frame, false)
+            }
+            Ok(Storing::Attached(_)) => {
+                let answer = HeldAnswer::Local(from.clone(), id);
+                if let Err(HeldAnswer::Local(from, id)) =
+                    router.deliver_here(to, priority, &frame, answer)
+                {
+                    from.error(
+                        priority,
+                        Some(id),
+                        error_code::CLUSTER_UNAVAILABLE,
+                        format!("client {to} is moving between nodes; retry"),
+                    );
+                }
+            }
+            Ok(stored) => reply_outcome(&from, priority, id, to, stored_outcome(stored)),
+            Err(err) => from.error(priority, Some(id), error_code::CLUSTER_UNAVAILABLE, err),
+        });
+        self.bus.store_direct(message, limits, done);
     }
 
     async fn locate(&self, to: ClientId) -> Result<Option<NodeId>, BusError> {
@@ -323,20 +549,51 @@ impl MessageRouter {
         priority: Priority,
         frame: Bytes,
     ) {
-        let outcome = match self.registry.get(to) {
-            Some(target) => match target.enqueue(priority, tag::DIRECT, frame) {
-                Ok(()) => DeliveryOutcome::Delivered,
-                Err(err) => outcome_of(err),
-            },
-            None => DeliveryOutcome::UnknownClient,
+        let answer = HeldAnswer::Remote {
+            origin,
+            message_id,
+            sender,
         };
-        let receipt = BusMessage::Receipt {
+        let Err(answer) = self.deliver_here(to, priority, &frame, answer) else {
+            return;
+        };
+        let Some(limits) = self.sessions else {
+            return self.answer_held(to, priority, answer, DeliveryOutcome::UnknownClient);
+        };
+        // Not here (any more): its session may wait for a resume, or have
+        // been resumed on another node.
+        let message = BusMessage::Direct {
+            origin,
             message_id,
             sender,
             to,
-            outcome,
+            priority,
+            frame,
         };
-        self.bus.publish(Target::Node(origin), receipt, None);
+        let forward = message.clone();
+        let bus = self.bus.clone();
+        let me = self.node_id;
+        let done = Box::new(move |stored: Result<Storing, BusError>| {
+            let outcome = match stored {
+                Ok(Storing::Attached(node)) if node != me => {
+                    // Its receipt goes to the origin from there.
+                    return bus.publish(Target::Node(node), forward, None);
+                }
+                Ok(stored) => stored_outcome(stored),
+                Err(err) => {
+                    warn!(%err, "cannot store a direct message for a session");
+                    return;
+                }
+            };
+            let receipt = BusMessage::Receipt {
+                message_id,
+                sender,
+                to,
+                outcome,
+            };
+            bus.publish(Target::Node(origin), receipt, None);
+        });
+        self.bus.store_direct(message, limits, done);
     }
 
     /// Answers the sender of a cross-node direct message from its
@@ -917,9 +1174,20 @@ fn answer_direct(
     id: MessageId,
     to: ClientId,
     priority: Priority,
+    retry: Option<Bytes>,
 ) -> PublishDone {
     Box::new(move |published| {
         let failure = match published {
+            Ok(0) if retry.is_some() => {
+                // Its node is gone; its session may wait for a resume.
+                lock(&router.located).remove(&to);
+                if lock(&router.pending).remove(&(sender.id(), id)).is_some()
+                    && let Some(frame) = retry
+                {
+                    router.store(&sender, id, to, priority, frame, false);
+                }
+                return;
+            }
             Ok(0) => {
                 // Its node is gone, so is the client.
                 lock(&router.located).remove(&to);
@@ -929,7 +1197,11 @@ fn answer_direct(
                 ))
             }
             Ok(_) => None,
-            Err(err) => Some((error_code::CLUSTER_UNAVAILABLE, err.to_string())),
+            Err(err) => {
+                // Looked up again next time: the client may have moved.
+                lock(&router.located).remove(&to);
+                Some((error_code::CLUSTER_UNAVAILABLE, err.to_string()))
+            }
         };
         if let Some((code, message)) = failure
             && lock(&router.pending).remove(&(sender.id(), id)).is_some()
@@ -948,6 +1220,13 @@ fn reply_outcome(
 ) {
     match outcome {
         DeliveryOutcome::Delivered => from.ack(priority, id),
+        DeliveryOutcome::Stored { until_ms } => from.stored(priority, id, until_ms),
+        DeliveryOutcome::InboxFull => from.error(
+            priority,
+            Some(id),
+            error_code::INBOX_FULL,
+            format!("client {to} is away and its stored messages are at their limit; retry later"),
+        ),
         DeliveryOutcome::UnknownClient => from.error(
             priority,
             Some(id),
@@ -985,6 +1264,15 @@ pub(crate) fn broadcast_shortfall(local: usize, err: &BusError) -> String {
             "delivered to {local} clients on this node, but {unconfirmed} other live node(s) did not confirm receipt in time; their clients may not have got it"
         ),
         other => format!("delivered to {local} clients on this node only: {other}"),
+    }
+}
+
+/// The sender's answer to a direct message offered to a session's store.
+fn stored_outcome(stored: Storing) -> DeliveryOutcome {
+    match stored {
+        Storing::Stored { until_ms } => DeliveryOutcome::Stored { until_ms },
+        Storing::Full => DeliveryOutcome::InboxFull,
+        Storing::Gone | Storing::Attached(_) => DeliveryOutcome::UnknownClient,
     }
 }
 

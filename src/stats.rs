@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-use crate::protocol::{FRAME_NAMES, NodeId, NodeStats};
+use crate::protocol::{FRAME_NAMES, NodeId, NodeStats, SessionOutcome};
 
 /// Error codes counted one by one; higher codes share the last slot.
 pub const ERROR_CODE_SLOTS: usize = 32;
@@ -97,6 +97,9 @@ pub struct Stats {
     /// Channel publications this node's subscription missed that were no
     /// longer in the channel's history (trimmed, expired or lost).
     pub history_missed: AtomicU64,
+    /// Sessions granted by ResumeHandshakes, by outcome
+    /// ([`SESSION_OUTCOMES`] order).
+    pub sessions_by_outcome: [AtomicU64; SESSION_OUTCOMES.len()],
     /// QUIC packets lost, over all connections.
     pub quic_lost_packets: AtomicU64,
     /// From receiving a message to queueing it for local recipients.
@@ -108,6 +111,17 @@ pub struct Stats {
     /// QUIC round-trip time of clients, sampled at scrape and at close.
     pub quic_rtt: Histogram,
 }
+
+/// The outcomes sessions are counted by.
+pub const SESSION_OUTCOMES: [SessionOutcome; 7] = [
+    SessionOutcome::New,
+    SessionOutcome::Resumed,
+    SessionOutcome::Expired,
+    SessionOutcome::AlreadyUsed,
+    SessionOutcome::Invalid,
+    SessionOutcome::WrongUser,
+    SessionOutcome::Disabled,
+];
 
 fn latency_histogram() -> Histogram {
     // 10 µs to about 10 s.
@@ -137,6 +151,7 @@ impl Default for Stats {
             pubsub_out: AtomicU64::new(0),
             history_filled: AtomicU64::new(0),
             history_missed: AtomicU64::new(0),
+            sessions_by_outcome: counters(),
             quic_lost_packets: AtomicU64::new(0),
             delivery_local: latency_histogram(),
             delivery_cross_node: latency_histogram(),
@@ -181,6 +196,13 @@ impl Stats {
     pub(crate) fn error(&self, code: u16) {
         let slot = usize::from(code).min(ERROR_CODE_SLOTS - 1);
         add(&self.errors_by_code[slot], 1);
+    }
+
+    /// Counts one session granted with `outcome`.
+    pub(crate) fn session(&self, outcome: SessionOutcome) {
+        if let Some(i) = SESSION_OUTCOMES.iter().position(|o| *o == outcome) {
+            add(&self.sessions_by_outcome[i], 1);
+        }
     }
 
     /// Counts one connection refused for `reason`.

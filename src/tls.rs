@@ -150,6 +150,39 @@ pub fn load_dev_certs(dir: &Path, names: &[String]) -> Result<DevServerCert, Tls
     })
 }
 
+/// The dev session secret in `dir` (`session.key`: 32 random bytes, hex),
+/// generated under the directory's lock when missing, so every node that
+/// shares the directory signs resume tokens with the same secret.
+pub fn load_dev_session_secret(dir: &Path) -> Result<Vec<u8>, TlsError> {
+    let certs = CertsDir::lock(dir)?;
+    let path = dir.join("session.key");
+    if !path.exists() {
+        certs.writable("the dev session secret")?;
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(
+            |_| TlsError::Pem {
+                path: path.clone(),
+                what: "no random bytes for the session secret".into(),
+            },
+        )?;
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        write_atomic(&path, hex.as_bytes(), true)?;
+    }
+    let hex = read_string(&path)?;
+    let hex = hex.trim();
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    match bytes {
+        Some(bytes) if bytes.len() >= crate::session::MIN_SECRET_BYTES => Ok(bytes),
+        _ => Err(TlsError::Pem {
+            path,
+            what: "not a session secret (64 or more hex digits)".into(),
+        }),
+    }
+}
+
 /// Issues a client certificate for mutual TLS from the dev CA in `dir`
 /// (created if missing), under the directory's lock: common name `name`,
 /// written as `client-NAME.pem` / `client-NAME.key`. Returns the two paths.

@@ -22,8 +22,8 @@ use quic_fabric::protocol::codec::{BODY_VARIANTS, peek_message_id};
 use quic_fabric::protocol::{
     Body, ClientId, ClientInfo, CodecError, DEFAULT_MAX_FRAME_BYTES, ErrorCode, Frame,
     HARD_MAX_FRAME_BYTES, Handshake, HandshakeAck, Keyed, LENGTH_PREFIX_BYTES, MessageId, NodeId,
-    NodeStats, Payload, Position, Priority, Recovery, Sender, decode, decode_frame, decode_length,
-    encode,
+    NodeStats, Payload, Position, Priority, Recovery, Sender, SessionOutcome, decode, decode_frame,
+    decode_length, encode,
 };
 use uuid::Uuid;
 
@@ -275,6 +275,45 @@ fn body() -> impl Strategy<Value = Body> {
         (channel(), text())
             .prop_map(|(channel, reason)| Body::SubscriptionLost { channel, reason }),
         keyed().prop_map(|message| Body::Idempotent { message }),
+        (
+            any::<u16>(),
+            any::<u16>(),
+            text(),
+            prop::option::of(text()),
+            prop::option::of(text())
+        )
+            .prop_map(|(min_version, max_version, name, token, resume)| {
+                Body::ResumeHandshake {
+                    handshake: Handshake {
+                        min_version,
+                        max_version,
+                        name,
+                        token,
+                    },
+                    resume,
+                }
+            }),
+        (text(), any::<u64>(), session_outcome(), any::<u32>()).prop_map(
+            |(token, window_ms, outcome, stored)| Body::Session {
+                token,
+                window_ms,
+                outcome,
+                stored,
+            }
+        ),
+        (message_id(), any::<u64>()).prop_map(|(of, until_ms)| Body::Stored { of, until_ms }),
+    ]
+}
+
+fn session_outcome() -> impl Strategy<Value = SessionOutcome> {
+    prop_oneof![
+        Just(SessionOutcome::New),
+        Just(SessionOutcome::Resumed),
+        Just(SessionOutcome::Expired),
+        Just(SessionOutcome::AlreadyUsed),
+        Just(SessionOutcome::Invalid),
+        Just(SessionOutcome::WrongUser),
+        Just(SessionOutcome::Disabled),
     ]
 }
 

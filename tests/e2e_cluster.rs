@@ -503,7 +503,9 @@ fn spawn_reader(
                     t.in_gap = true;
                     t.log.push((now, Seen::Disconnected { code, reason }));
                 }
-                Some(Event::Reconnected { client_id, node_id }) => {
+                Some(Event::Reconnected {
+                    client_id, node_id, ..
+                }) => {
                     t.in_gap = false;
                     t.node_id = node_id;
                     t.client_id = client_id;
@@ -1023,7 +1025,9 @@ async fn compose_cluster_end_to_end() {
         let reconnected = tokio::time::timeout(STEP_TIMEOUT, async {
             loop {
                 match v.events.recv().await {
-                    Some(Event::Reconnected { client_id, node_id }) => return (client_id, node_id),
+                    Some(Event::Reconnected {
+                        client_id, node_id, ..
+                    }) => return (client_id, node_id),
                     Some(Event::Frame(_) | Event::Disconnected { .. }) => {}
                     other => panic!("victim client ended: {other:?}"),
                 }

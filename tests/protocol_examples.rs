@@ -5,7 +5,7 @@
 
 use quic_fabric::protocol::{
     self, Body, ClientId, ClientInfo, Frame, Handshake, HandshakeAck, Keyed, MessageId, NodeId,
-    NodeStats, Payload, Position, Priority, Recovery, Sender, error_code,
+    NodeStats, Payload, Position, Priority, Recovery, Sender, SessionOutcome, error_code,
 };
 use uuid::Uuid;
 
@@ -479,6 +479,46 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 Body::SubscriptionLost {
                     channel: FEED.into(),
                     reason: "trimmed".into(),
+                },
+            ),
+        ),
+        (
+            "resume_handshake",
+            frame(
+                Priority::High,
+                None,
+                Body::ResumeHandshake {
+                    handshake: Handshake {
+                        min_version: 3,
+                        max_version: 3,
+                        name: "ann".into(),
+                        token: None,
+                    },
+                    resume: Some("fs1.x.y".into()),
+                },
+            ),
+        ),
+        (
+            "session",
+            frame(
+                Priority::High,
+                None,
+                Body::Session {
+                    token: "fs1.x.z".into(),
+                    window_ms: 60_000,
+                    outcome: SessionOutcome::Resumed,
+                    stored: 2,
+                },
+            ),
+        ),
+        (
+            "stored",
+            frame(
+                Priority::Normal,
+                None,
+                Body::Stored {
+                    of: REQ,
+                    until_ms: 1_700_000_060_000,
                 },
             ),
         ),

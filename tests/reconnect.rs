@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::{TestCerts, TestNode, WAIT};
 use quic_fabric::client::{Client, ClientConfig, Event, ReconnectPolicy};
 use quic_fabric::node::BusChoice;
+use quic_fabric::protocol::SessionOutcome;
 
 fn policy() -> ReconnectPolicy {
     ReconnectPolicy {
@@ -75,8 +76,14 @@ async fn a_client_reconnects_to_whatever_answers_at_the_same_address() {
     let (pinged, second) = tokio::join!(client.ping(), node_at(&certs, addr, "second"));
     pinged.expect("the request made while reconnecting succeeds once reconnected");
     match next_event(&mut client).await {
-        Event::Reconnected { client_id, node_id } => {
-            assert_ne!(client_id, old_id, "a new connection gets a new id");
+        Event::Reconnected {
+            client_id,
+            node_id,
+            session,
+        } => {
+            // A lone node that restarted has no memory of the session.
+            assert_eq!(session, Some(SessionOutcome::Expired));
+            assert_ne!(client_id, old_id, "a forgotten session gets a new id");
             assert_eq!(node_id, second.id());
             assert_eq!(client.client_id(), client_id);
             assert_eq!(client.handshake().server_name, "second");

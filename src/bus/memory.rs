@@ -11,8 +11,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
-    HistoryPage, HistoryRange, Landed, PublishDone, Retention, Target, sort_and_cut,
+    BusError, BusMessage, Claim, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
+    HistoryPage, HistoryRange, Landed, PublishDone, Retention, SessionEnd, SessionLimits,
+    StoreDone, Storing, Target, sort_and_cut,
 };
 use crate::protocol::{ClientId, ClientInfo, NodeId, Position};
 
@@ -158,6 +159,30 @@ pub struct MemoryCluster {
     histories: Mutex<Histories>,
     /// Idempotency keys: what each holds, until when.
     once: Mutex<HashMap<String, (String, Instant)>>,
+    /// Resumable sessions by client id.
+    sessions: Mutex<HashMap<ClientId, Session>>,
+}
+
+/// One resumable session, as Redis keeps it (see CLUSTER.md).
+struct Session {
+    user: Option<String>,
+    generation: u64,
+    /// The node it is attached to (None: waiting for a resume).
+    node: Option<NodeId>,
+    /// Direct messages stored while it waits.
+    inbox: VecDeque<BusMessage>,
+    bytes: usize,
+    /// When it is forgotten.
+    until: Instant,
+    /// How long it waits for a resume once detached.
+    window: Duration,
+}
+
+impl Session {
+    fn detach(&mut self, now: Instant) {
+        self.node = None;
+        self.until = now + self.window;
+    }
 }
 
 impl Default for MemoryCluster {
@@ -165,6 +190,7 @@ impl Default for MemoryCluster {
         MemoryCluster {
             members: RwLock::default(),
             once: Mutex::default(),
+            sessions: Mutex::default(),
             histories: Mutex::new(Histories {
                 channels: HashMap::new(),
                 meta_ttl: DEFAULT_META_TTL,
@@ -188,6 +214,14 @@ impl MemoryCluster {
     /// or read (`history_meta_ttl`).
     pub fn set_history_meta_ttl(&self, ttl: Duration) {
         self.histories().meta_ttl = ttl;
+    }
+
+    /// The sessions, without the expired ones.
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Session>> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        sessions.retain(|_, s| s.until > now);
+        sessions
     }
 
     fn histories(&self) -> std::sync::MutexGuard<'_, Histories> {
@@ -273,6 +307,34 @@ impl MemoryBus {
 }
 
 impl MemoryBus {
+    /// [`ClusterBus::store_direct`], at once.
+    fn store(&self, message: BusMessage, limits: SessionLimits) -> Storing {
+        let BusMessage::Direct { to, frame, .. } = &message else {
+            return Storing::Gone;
+        };
+        let now = Instant::now();
+        let mut sessions = self.cluster.sessions();
+        let Some(s) = sessions.get_mut(to) else {
+            return Storing::Gone;
+        };
+        if let Some(node) = s.node {
+            if self.cluster.read().contains_key(&node) {
+                return Storing::Attached(node);
+            }
+            // Its node is gone: the session waits for a resume from now on.
+            s.detach(now);
+        }
+        if s.inbox.len() >= limits.inbox_len || s.bytes + frame.len() > limits.inbox_bytes {
+            return Storing::Full;
+        }
+        s.bytes += frame.len();
+        s.inbox.push_back(message);
+        let left = s.until.saturating_duration_since(now);
+        Storing::Stored {
+            until_ms: crate::protocol::now_ms() + left.as_millis() as u64,
+        }
+    }
+
     /// Hands `message` to the nodes `target` names.
     fn send(
         &self,
@@ -345,10 +407,79 @@ impl ClusterBus for MemoryBus {
         }
     }
 
-    fn client_left(&self, info: &ClientInfo) {
+    fn client_left(&self, info: &ClientInfo, session: SessionEnd) {
         self.with_me(|me| {
             me.clients.remove(&info.client_id);
         });
+        let (generation, end) = match session {
+            SessionEnd::None => return,
+            SessionEnd::Detach { generation } => (generation, false),
+            SessionEnd::End { generation } => (generation, true),
+        };
+        let mut sessions = self.cluster.sessions();
+        let Some(s) = sessions.get_mut(&info.client_id) else {
+            return;
+        };
+        if s.generation != generation || s.node != Some(self.node_id) {
+            // Resumed by another connection since: not this one's to end.
+            return;
+        }
+        if end {
+            sessions.remove(&info.client_id);
+        } else {
+            s.detach(Instant::now());
+        }
+    }
+
+    fn session_opened(&self, client: ClientId, user: Option<&str>, limits: SessionLimits) {
+        self.cluster.sessions().insert(
+            client,
+            Session {
+                user: user.map(str::to_owned),
+                generation: 1,
+                node: Some(self.node_id),
+                inbox: VecDeque::new(),
+                bytes: 0,
+                until: Instant::now() + limits.lifetime,
+                window: limits.window,
+            },
+        );
+    }
+
+    async fn session_claim(
+        &self,
+        client: ClientId,
+        user: Option<&str>,
+        generation: u64,
+        limits: SessionLimits,
+    ) -> Result<Claim, BusError> {
+        let mut sessions = self.cluster.sessions();
+        let Some(s) = sessions.get_mut(&client) else {
+            return Ok(Claim::Gone);
+        };
+        if s.user.as_deref() != user {
+            return Ok(Claim::WrongUser);
+        }
+        if s.generation != generation {
+            return Ok(Claim::Used);
+        }
+        s.generation += 1;
+        let previous = s.node.replace(self.node_id);
+        s.until = Instant::now() + limits.lifetime;
+        s.window = limits.window;
+        s.bytes = 0;
+        let stored = std::mem::take(&mut s.inbox).into();
+        // Routing follows at once: the client is found here from now on.
+        drop(sessions);
+        Ok(Claim::Resumed {
+            generation: generation + 1,
+            stored,
+            previous,
+        })
+    }
+
+    fn store_direct(&self, message: BusMessage, limits: SessionLimits, done: StoreDone) {
+        done(Ok(self.store(message, limits)))
     }
 
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {

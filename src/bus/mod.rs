@@ -171,6 +171,13 @@ pub enum BusMessage {
         /// Why (sent to the client in an Unsubscribed frame).
         reason: String,
     },
+    /// Tag 8: The session of `client` was resumed by another connection:
+    /// the receiving node closes its connection of that client, if it
+    /// still has one, without ending the session.
+    Takeover {
+        /// The session (its client id).
+        client: ClientId,
+    },
 }
 
 /// What became of a cross-node direct message.
@@ -184,6 +191,91 @@ pub enum DeliveryOutcome {
     RecipientSlow,
     /// Tag 3: The recipient's node has no queue memory left.
     NodeBusy,
+    /// Tag 4: The recipient's session waits for a resume; the message is
+    /// stored for it until then (Unix milliseconds).
+    Stored {
+        /// When the session ends unless it resumes.
+        until_ms: u64,
+    },
+    /// Tag 5: The recipient's session waits for a resume and its store is
+    /// full.
+    InboxFull,
+}
+
+/// How a client's connection ended, for its session (see
+/// [`ClusterBus::client_left`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// It had no session (it did not ask for one, or sessions are off).
+    None,
+    /// Its session waits for a resume for the resume window, if it is still
+    /// at `generation` and attached here.
+    Detach {
+        /// The generation the connection held.
+        generation: u64,
+    },
+    /// Its session ends (Goodbye, kick), if it is still at `generation`.
+    End {
+        /// The generation the connection held.
+        generation: u64,
+    },
+}
+
+/// What resuming a session gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The session is now attached to this node at `generation`.
+    Resumed {
+        /// The session's new generation (the new token's).
+        generation: u64,
+        /// Direct messages stored while it was away
+        /// ([`BusMessage::Direct`]), oldest first; the store is empty now.
+        stored: Vec<BusMessage>,
+        /// The node its previous connection was attached to, if it still
+        /// was (it must close that connection).
+        previous: Option<NodeId>,
+    },
+    /// No such session (its window passed, it ended, or it never was).
+    Gone,
+    /// The session is at another generation: the token was used already.
+    Used,
+    /// The session belongs to another user.
+    WrongUser,
+}
+
+/// What became of a direct message for a client not connected here,
+/// offered to its session's store ([`ClusterBus::store_direct`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storing {
+    /// Stored; delivered if the session resumes before `until_ms` (Unix
+    /// milliseconds).
+    Stored {
+        /// When the session ends unless it resumes.
+        until_ms: u64,
+    },
+    /// The store is full (`session_inbox_len` or `session_inbox_bytes`).
+    Full,
+    /// No such session: the recipient is unknown.
+    Gone,
+    /// The session is attached to that (live) node: deliver there.
+    Attached(NodeId),
+}
+
+/// Learns what became of a [`ClusterBus::store_direct`].
+pub type StoreDone = Box<dyn FnOnce(Result<Storing, BusError>) + Send>;
+
+/// Sessions' limits, as the bus applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// How long a detached session waits for a resume.
+    pub window: Duration,
+    /// Most direct messages stored per session.
+    pub inbox_len: usize,
+    /// Most bytes of direct messages stored per session.
+    pub inbox_bytes: usize,
+    /// How long a session record lives while attached (a backstop for
+    /// records no node detaches: the token lifetime).
+    pub lifetime: Duration,
 }
 
 /// Where a bus message goes.
@@ -358,8 +450,28 @@ pub trait ClusterBus: Send + Sync {
     /// unreachable; presence is then rewritten when it comes back).
     fn client_joined(&self, info: &ClientInfo) -> impl Future<Output = ()> + Send;
 
-    /// Records that a client left this node.
-    fn client_left(&self, info: &ClientInfo);
+    /// Records that a client left this node, and what becomes of its
+    /// session.
+    fn client_left(&self, info: &ClientInfo, session: SessionEnd);
+
+    /// Records a new session for `client` (of `user`) at generation 1,
+    /// attached to this node, in order with the client's join.
+    fn session_opened(&self, client: ClientId, user: Option<&str>, limits: SessionLimits);
+
+    /// Resumes `client`'s session if it is at `generation` and belongs to
+    /// `user`: attaches it to this node (routing included) and takes its
+    /// stored messages, atomically. A losing racer gets [`Claim::Used`].
+    fn session_claim(
+        &self,
+        client: ClientId,
+        user: Option<&str>,
+        generation: u64,
+        limits: SessionLimits,
+    ) -> impl Future<Output = Result<Claim, BusError>> + Send;
+
+    /// Offers a [`BusMessage::Direct`] for a client that is not connected
+    /// here to its session's store, in order with this node's publishes.
+    fn store_direct(&self, message: BusMessage, limits: SessionLimits, done: StoreDone);
 
     /// The node client `id` is connected to, if any live node has it.
     /// `Ok(None)` is a definite "not connected"; while presence is
@@ -503,8 +615,26 @@ impl ClusterBus for Bus {
         dispatch!(self, b => b.client_joined(info).await)
     }
 
-    fn client_left(&self, info: &ClientInfo) {
-        dispatch!(self, b => b.client_left(info))
+    fn client_left(&self, info: &ClientInfo, session: SessionEnd) {
+        dispatch!(self, b => b.client_left(info, session))
+    }
+
+    fn session_opened(&self, client: ClientId, user: Option<&str>, limits: SessionLimits) {
+        dispatch!(self, b => b.session_opened(client, user, limits))
+    }
+
+    async fn session_claim(
+        &self,
+        client: ClientId,
+        user: Option<&str>,
+        generation: u64,
+        limits: SessionLimits,
+    ) -> Result<Claim, BusError> {
+        dispatch!(self, b => b.session_claim(client, user, generation, limits).await)
+    }
+
+    fn store_direct(&self, message: BusMessage, limits: SessionLimits, done: StoreDone) {
+        dispatch!(self, b => b.store_direct(message, limits, done))
     }
 
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {

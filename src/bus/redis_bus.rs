@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use super::confirm::{Answer, Arrival, Incoming, Outgoing};
 use super::{
-    BusError, BusMessage, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
-    HistoryPage, HistoryRange, Landed, LocalPresence, PublishDone, Retention, Target, sort_and_cut,
+    BusError, BusMessage, Claim, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
+    HistoryPage, HistoryRange, Landed, LocalPresence, PublishDone, Retention, SessionEnd,
+    SessionLimits, StoreDone, Storing, Target, sort_and_cut,
 };
 use crate::protocol::codec::{decode_value, encode_value};
 use crate::protocol::{ClientId, ClientInfo, NodeId, Position, now_ms};
@@ -71,6 +72,9 @@ pub struct RedisBusConfig {
     pub confirm_timeout: Duration,
     /// How long a channel's position outlives its last publication or read.
     pub history_meta_ttl: Duration,
+    /// How long a detached session waits for a resume (for sessions a
+    /// connection of this node detaches, or a dead node left attached).
+    pub session_window: Duration,
 }
 
 /// Key and channel names (see CLUSTER.md).
@@ -159,6 +163,20 @@ impl Keys {
     /// `e:CODE:MESSAGE` refused), for `dedupe_window`.
     pub fn once(&self, key: &str) -> String {
         format!("{}:once:{key}", self.prefix)
+    }
+    /// HASH of a resumable session: `u` user ('' anonymous), `g`
+    /// generation, `n` the node it is attached to ('' waiting for a
+    /// resume), `b` bytes stored.
+    pub fn session(&self, client: ClientId) -> String {
+        format!("{}:session:{client}", self.prefix)
+    }
+    /// LIST of the direct messages stored for a session.
+    pub fn inbox(&self, client: ClientId) -> String {
+        format!("{}:inbox:{client}", self.prefix)
+    }
+    /// What a node's liveness key starts with (the scripts add the id).
+    fn node_prefix(&self) -> String {
+        format!("{}:node:", self.prefix)
     }
     /// STRING random marker created once per Redis dataset: when it
     /// changes, Redis lost its data (a restart without persistence).
@@ -322,6 +340,19 @@ static PUBLISH_HISTORY: std::sync::LazyLock<redis::Script> =
 static HISTORY_READ: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/history_read.lua")));
 
+/// The session scripts (CLUSTER.md "Sessions").
+const SESSION_LEAVE_LUA: &str = include_str!("scripts/session_leave.lua");
+static SESSION_LEAVE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SESSION_LEAVE_LUA));
+const INBOX_PUSH_LUA: &str = include_str!("scripts/inbox_push.lua");
+static INBOX_PUSH: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(INBOX_PUSH_LUA));
+static SESSION_CLAIM: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/session_claim.lua")));
+const SESSION_ORPHAN_LUA: &str = include_str!("scripts/session_orphan.lua");
+static SESSION_ORPHAN: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SESSION_ORPHAN_LUA));
+
 /// A fresh epoch as the scripts take it: 8 bytes, u64 little-endian.
 fn epoch_arg() -> [u8; 8] {
     super::new_epoch().to_le_bytes()
@@ -350,6 +381,8 @@ enum Slot {
     Load,
     /// A PUBLISH (or script), for the next entry of `published`.
     Publish,
+    /// A store into a session's inbox, for the next entry of `stores`.
+    Store,
 }
 
 /// A writer pipeline being built: the commands, and what each is for.
@@ -357,6 +390,7 @@ struct Batch {
     pipe: redis::Pipeline,
     slots: Vec<Slot>,
     published: Vec<Published>,
+    stores: Vec<StoreDone>,
 }
 
 impl Batch {
@@ -369,6 +403,23 @@ impl Batch {
             pipe,
             slots: Vec::new(),
             published: Vec::new(),
+            stores: Vec::new(),
+        }
+    }
+
+    /// The pipeline, to add the script that stores for `done`.
+    fn store(&mut self, done: StoreDone) -> &mut redis::Pipeline {
+        self.slots.push(Slot::Store);
+        self.stores.push(done);
+        &mut self.pipe
+    }
+
+    /// Loads `script` first, unless it is loaded already.
+    fn load(&mut self, lua: &'static str, loaded: &mut Vec<&'static str>) {
+        if !loaded.contains(&lua) {
+            loaded.push(lua);
+            self.slots.push(Slot::Load);
+            self.pipe.cmd("SCRIPT").arg("LOAD").arg(lua);
         }
     }
 
@@ -481,7 +532,20 @@ enum Op {
         done: Option<PublishDone>,
     },
     Join(ClientInfo, Option<oneshot::Sender<()>>),
-    Leave(ClientId, Option<String>),
+    Leave(ClientId, Option<String>, SessionEnd),
+    /// A new session attached to this node (`session_opened`).
+    SessionOpen {
+        client: ClientId,
+        user: Option<String>,
+        limits: SessionLimits,
+    },
+    /// A direct message for a session's inbox (`inbox_push.lua`).
+    Store {
+        to: ClientId,
+        payload: Vec<u8>,
+        limits: SessionLimits,
+        done: StoreDone,
+    },
     ChannelJoin(String, ClientInfo, Option<oneshot::Sender<()>>),
     ChannelLeave(String, ClientId),
     ChannelCount(String, usize),
@@ -828,8 +892,10 @@ impl RedisBus {
             | Op::Append {
                 done: Some(done), ..
             } => done(Err(BusError::Backlog)),
+            Op::Store { done, .. } => done(Err(BusError::Backlog)),
             Op::Join(..)
             | Op::Leave(..)
+            | Op::SessionOpen { .. }
             | Op::ChannelJoin(..)
             | Op::ChannelLeave(..)
             | Op::ChannelCount(..) => {
@@ -945,8 +1011,57 @@ impl ClusterBus for RedisBus {
         }
     }
 
-    fn client_left(&self, info: &ClientInfo) {
-        self.enqueue(Op::Leave(info.client_id, info.user.clone()));
+    fn client_left(&self, info: &ClientInfo, session: SessionEnd) {
+        self.enqueue(Op::Leave(info.client_id, info.user.clone(), session));
+    }
+
+    fn session_opened(&self, client: ClientId, user: Option<&str>, limits: SessionLimits) {
+        self.enqueue(Op::SessionOpen {
+            client,
+            user: user.map(str::to_owned),
+            limits,
+        });
+    }
+
+    async fn session_claim(
+        &self,
+        client: ClientId,
+        user: Option<&str>,
+        generation: u64,
+        limits: SessionLimits,
+    ) -> Result<Claim, BusError> {
+        let inner = &self.inner;
+        let keys = &inner.keys;
+        let mut conn = inner.conn.clone();
+        let reply: redis::Value = SESSION_CLAIM
+            .key(keys.session(client))
+            .key(keys.inbox(client))
+            .key(keys.client_nodes())
+            .arg(client.to_string())
+            .arg(generation)
+            .arg(user.unwrap_or_default())
+            .arg(inner.config.node_id.to_string())
+            .arg(limits.lifetime.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        parse_claim(reply).map_err(BusError::Unavailable)
+    }
+
+    fn store_direct(&self, message: BusMessage, limits: SessionLimits, done: StoreDone) {
+        let BusMessage::Direct { to, .. } = &message else {
+            return done(Ok(Storing::Gone));
+        };
+        let to = *to;
+        match encode_value(&message) {
+            Ok(payload) => self.enqueue(Op::Store {
+                to,
+                payload,
+                limits,
+                done,
+            }),
+            Err(err) => done(Err(BusError::Unavailable(err.to_string()))),
+        }
     }
 
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {
@@ -962,6 +1077,11 @@ impl ClusterBus for RedisBus {
             .await
             .map_err(unavailable)?;
         inner.note_incarnation(incarnation.as_deref());
+        if node.as_deref() == Some(DETACHED) {
+            // A session waiting for a resume: not connected, and its
+            // record (not presence) says what becomes of a message for it.
+            return Ok(None);
+        }
         let Some(node) = node.and_then(|n| n.parse::<NodeId>().ok()) else {
             // Not registered: a definite "not connected" only while
             // presence is complete.
@@ -1481,16 +1601,19 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
     let node = inner.config.node_id.to_string();
     let node_ttl_ms = inner.config.node_ttl.as_millis() as u64;
     let mut batch = Batch::new();
-    if ops.iter().any(|op| matches!(op, Op::Append { .. })) {
-        // EVALSHA in a pipeline is not retried on NOSCRIPT (a Redis that
-        // restarted, or flushed its scripts): loading the script first
-        // makes every EVALSHA after it find it, in order.
-        batch.slots.push(Slot::Load);
-        batch
-            .pipe
-            .cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(PUBLISH_HISTORY_LUA);
+    // EVALSHA in a pipeline is not retried on NOSCRIPT (a Redis that
+    // restarted, or flushed its scripts): loading each script the
+    // pipeline runs first makes every EVALSHA after it find it, in order.
+    let mut loaded = Vec::new();
+    for op in &ops {
+        match op {
+            Op::Append { .. } => batch.load(PUBLISH_HISTORY_LUA, &mut loaded),
+            Op::Leave(_, _, SessionEnd::Detach { .. } | SessionEnd::End { .. }) => {
+                batch.load(SESSION_LEAVE_LUA, &mut loaded)
+            }
+            Op::Store { .. } => batch.load(INBOX_PUSH_LUA, &mut loaded),
+            _ => {}
+        }
     }
     let mut registrations: Vec<oneshot::Sender<()>> = Vec::new();
     // Consecutive messages (directs, receipts, kicks) for one node, not
@@ -1591,22 +1714,104 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 }
                 Err(err) => warn!(%err, "cannot encode presence"),
             },
-            Op::Leave(id, user) => {
-                let id = id.to_string();
+            Op::Leave(client, user, session) => {
+                let id = client.to_string();
                 batch
                     .write()
                     .cmd("HDEL")
                     .arg(keys.node_clients(inner.config.node_id))
                     .arg(&id);
-                batch.write().cmd("HDEL").arg(keys.client_nodes()).arg(&id);
+                let (mode, generation) = match session {
+                    SessionEnd::None => ("", 0),
+                    SessionEnd::Detach { generation } => ("detach", generation),
+                    SessionEnd::End { generation } => ("end", generation),
+                };
+                if mode.is_empty() {
+                    batch.write().cmd("HDEL").arg(keys.client_nodes()).arg(&id);
+                } else {
+                    // A session's client id may be attached elsewhere by
+                    // now: the script detaches or ends it only if it is
+                    // still this connection's.
+                    batch
+                        .write()
+                        .cmd("EVALSHA")
+                        .arg(SESSION_LEAVE.get_hash())
+                        .arg(3)
+                        .arg(keys.session(client))
+                        .arg(keys.inbox(client))
+                        .arg(keys.client_nodes())
+                        .arg(&id)
+                        .arg(&node)
+                        .arg(mode)
+                        .arg(generation)
+                        .arg(inner.config.session_window.as_millis() as u64);
+                }
                 if let Some(user) = user {
-                    batch.write().cmd("HDEL").arg(keys.user(&user)).arg(&id);
+                    if mode.is_empty() {
+                        batch.write().cmd("HDEL").arg(keys.user(&user)).arg(&id);
+                    } else {
+                        // Compared first: a resumed session's entry may be
+                        // another node's now.
+                        batch
+                            .write()
+                            .cmd("EVAL")
+                            .arg(DELETE_IF_LUA)
+                            .arg(1)
+                            .arg(keys.user(&user))
+                            .arg(&id)
+                            .arg(&node);
+                    }
                     batch
                         .write()
                         .cmd("HDEL")
                         .arg(keys.node_users(inner.config.node_id))
                         .arg(&id);
                 }
+            }
+            Op::SessionOpen {
+                client,
+                user,
+                limits,
+            } => {
+                let key = keys.session(client);
+                batch
+                    .write()
+                    .cmd("HSET")
+                    .arg(&key)
+                    .arg("u")
+                    .arg(user.unwrap_or_default())
+                    .arg("g")
+                    .arg(1)
+                    .arg("n")
+                    .arg(&node)
+                    .arg("b")
+                    .arg(0);
+                batch
+                    .write()
+                    .cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(limits.lifetime.as_millis() as u64);
+            }
+            Op::Store {
+                to,
+                payload,
+                limits,
+                done,
+            } => {
+                batch
+                    .store(done)
+                    .cmd("EVALSHA")
+                    .arg(INBOX_PUSH.get_hash())
+                    .arg(3)
+                    .arg(keys.session(to))
+                    .arg(keys.inbox(to))
+                    .arg(keys.client_nodes())
+                    .arg(payload)
+                    .arg(limits.inbox_len)
+                    .arg(limits.inbox_bytes)
+                    .arg(keys.node_prefix())
+                    .arg(limits.window.as_millis() as u64)
+                    .arg(to.to_string());
             }
             Op::ChannelJoin(channel, info, registered) => match encode_value(&info) {
                 Ok(value) => {
@@ -1650,6 +1855,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
         pipe,
         slots,
         published,
+        stores,
     } = batch;
     let publishes = published.len() as u64;
     let started = std::time::Instant::now();
@@ -1667,6 +1873,9 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
             for done in published.into_iter().flat_map(|(_, _, done)| done) {
                 done(Err(err.clone()));
             }
+            for done in stores {
+                done(Err(err.clone()));
+            }
             return;
         }
     };
@@ -1676,17 +1885,23 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
     // Redis refused it.
     let mut counts: Vec<Result<usize, BusError>> = Vec::with_capacity(published.len());
     let mut refused_write = None;
+    let mut stores = stores.into_iter();
     for (slot, reply) in slots
         .iter()
         .zip(replies.into_iter().map(Some).chain(std::iter::repeat(None)))
     {
         match (slot, reply) {
             (Slot::Publish, reply) => counts.push(published_count(reply)),
+            (Slot::Store, reply) => {
+                if let Some(done) = stores.next() {
+                    done(stored(reply));
+                }
+            }
             (Slot::Write, Some(redis::Value::ServerError(err))) => {
                 refused_write = Some(format!("{err:?}"));
             }
             (Slot::Load, Some(redis::Value::ServerError(err))) => {
-                warn!(error = ?err, "Redis refused to load the history script");
+                warn!(error = ?err, "Redis refused to load a script");
             }
             (Slot::Write | Slot::Load, _) => {}
         }
@@ -1853,6 +2068,86 @@ fn history_entry(entry: &redis::Value, epoch: u64) -> Result<(BusMessage, Positi
 /// The number of subscribers a PUBLISH (an integer reply) or
 /// `publish_history.lua` (`{position, count}`) reached, or why Redis
 /// refused it.
+/// The routing-index value of a session waiting for a resume.
+const DETACHED: &str = "~";
+
+/// Deletes a hash field if it holds the given value (KEYS[1] the hash,
+/// ARGV[1] the field, ARGV[2] the value).
+const DELETE_IF_LUA: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
+     return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
+
+/// What `inbox_push.lua` answered.
+fn stored(reply: Option<redis::Value>) -> Result<Storing, BusError> {
+    use redis::Value;
+    let bad = |what: &dyn std::fmt::Debug| {
+        Err(BusError::Unavailable(format!(
+            "unexpected reply from the inbox script: {what:?}"
+        )))
+    };
+    let items = match reply {
+        Some(Value::Array(items)) => items,
+        Some(Value::ServerError(err)) => {
+            return Err(BusError::Unavailable(format!(
+                "Redis refused to store the message: {err:?}"
+            )));
+        }
+        other => return bad(&other),
+    };
+    match items.as_slice() {
+        [Value::Int(0)] => Ok(Storing::Gone),
+        [Value::Int(1), Value::Int(left)] => Ok(Storing::Stored {
+            until_ms: crate::protocol::now_ms() + u64::try_from(*left).unwrap_or(0),
+        }),
+        [Value::Int(2)] => Ok(Storing::Full),
+        [Value::Int(3), node] => match redis::from_redis_value::<String>(node.clone())
+            .ok()
+            .and_then(|n| n.parse::<NodeId>().ok())
+        {
+            Some(node) => Ok(Storing::Attached(node)),
+            None => bad(&items),
+        },
+        _ => bad(&items),
+    }
+}
+
+/// What `session_claim.lua` answered.
+fn parse_claim(reply: redis::Value) -> Result<Claim, String> {
+    use redis::Value;
+    let Value::Array(items) = reply else {
+        return Err(format!("unexpected reply from the claim script: {reply:?}"));
+    };
+    match items.as_slice() {
+        [Value::Int(0)] => Ok(Claim::Gone),
+        [Value::Int(1)] => Ok(Claim::Used),
+        [Value::Int(2)] => Ok(Claim::WrongUser),
+        [
+            Value::Int(3),
+            Value::Int(generation),
+            previous,
+            Value::Array(stored),
+        ] => {
+            let previous = redis::from_redis_value::<String>(previous.clone())
+                .ok()
+                .and_then(|n| n.parse::<NodeId>().ok());
+            let mut messages = Vec::with_capacity(stored.len());
+            for entry in stored {
+                let bytes: Vec<u8> = redis::from_redis_value(entry.clone())
+                    .map_err(|e| format!("stored message: {e}"))?;
+                match decode_value::<BusMessage>(&bytes) {
+                    Ok(message) => messages.push(message),
+                    Err(err) => warn!(%err, "undecodable stored message skipped"),
+                }
+            }
+            Ok(Claim::Resumed {
+                generation: u64::try_from(*generation).unwrap_or(0),
+                stored: messages,
+                previous,
+            })
+        }
+        other => Err(format!("unexpected reply from the claim script: {other:?}")),
+    }
+}
+
 fn published_count(reply: Option<redis::Value>) -> Result<usize, BusError> {
     use redis::Value;
     match reply {
@@ -2208,6 +2503,62 @@ async fn remove_index_entries(
     }
 }
 
+/// Runs `session_orphan.lua` on every routing entry of dead node `dead`
+/// (scanned with HSCAN, one pipeline per page): its clients' sessions wait
+/// for a resume from now on, and the entries of clients without one go.
+async fn orphan_index_entries(
+    inner: &Inner,
+    conn: &mut ConnectionManager,
+    dead: &str,
+) -> redis::RedisResult<()> {
+    let keys = &inner.keys;
+    let index = keys.client_nodes();
+    let window = inner.config.session_window.as_millis() as u64;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(&index)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (client, node) in &entries {
+            let Ok(id) = client.parse::<ClientId>() else {
+                continue;
+            };
+            if node != dead {
+                continue;
+            }
+            if !any {
+                pipe.cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(SESSION_ORPHAN_LUA)
+                    .ignore();
+                any = true;
+            }
+            pipe.cmd("EVALSHA")
+                .arg(SESSION_ORPHAN.get_hash())
+                .arg(2)
+                .arg(keys.session(id))
+                .arg(&index)
+                .arg(client)
+                .arg(dead)
+                .arg(window)
+                .ignore();
+        }
+        if any {
+            pipe.query_async::<()>(conn).await?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(());
+        }
+    }
+}
+
 /// Forgets a dead node: its routing index entries and its node-set entry.
 /// Its presence hash and liveness key have already expired by TTL.
 async fn sweep(
@@ -2226,7 +2577,7 @@ async fn sweep(
     if alive {
         return Ok(());
     }
-    remove_index_entries(inner, conn, |_, node| node == dead_str).await?;
+    orphan_index_entries(inner, conn, &dead_str).await?;
     remove_user_entries(inner, conn, dead, |_| true).await?;
     redis::cmd("SREM")
         .arg(inner.keys.nodes())

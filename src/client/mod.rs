@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::protocol::{
     self, Body, ClientId, ClientInfo, ErrorCode, Frame, HARD_MAX_FRAME_BYTES, Handshake,
     HandshakeAck, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, MessageId, NodeId, NodeStats,
-    Payload, Position, Priority, RECOVERY_VERSION, Recovery, close_code,
+    Payload, Position, Priority, RECOVERY_VERSION, Recovery, SessionOutcome, close_code,
 };
 use crate::tls::{self, ServerTrust, TlsError};
 
@@ -80,6 +80,13 @@ pub struct ClientConfig {
     pub idempotent: bool,
     /// How long an idempotent request is retried across reconnects.
     pub retry_for: Duration,
+    /// With a reconnect policy, ask for a resumable session (version 3,
+    /// ResumeHandshake) and resume it when reconnecting: the client keeps
+    /// its id and gets the direct messages sent to it while it was away
+    /// (within the node's `session_resume_window`), reported by
+    /// [`Event::Reconnected`]. On by default; without a reconnect policy it
+    /// does nothing.
+    pub resume: bool,
 }
 
 /// How a client reconnects after losing its connection.
@@ -155,6 +162,7 @@ impl ClientConfig {
             max_version: MAX_PROTOCOL_VERSION,
             idempotent: true,
             retry_for: Duration::from_secs(60),
+            resume: true,
         }
     }
 
@@ -298,10 +306,15 @@ pub enum Event {
     },
     /// The client reconnected and handshook again.
     Reconnected {
-        /// The new client id.
+        /// The client id: the same as before when the session was resumed.
         client_id: ClientId,
         /// The node it is now connected to.
         node_id: NodeId,
+        /// What became of its session (None: it has none, see
+        /// [`ClientConfig::resume`]). `Resumed`: same id, and the direct
+        /// messages stored while it was away come next; anything else: a
+        /// new id, and what was sent to the old one is lost.
+        session: Option<SessionOutcome>,
     },
     /// The connection ended for good; no more events follow.
     Closed {
@@ -446,7 +459,17 @@ struct Inner {
     streams: [tokio::sync::Mutex<Option<quinn::SendStream>>; 3],
     pending: Pending,
     ack: HandshakeAck,
+    /// The Session frame that followed the HandshakeAck, if a session was
+    /// asked for.
+    session: Option<Session>,
     request_timeout: Duration,
+}
+
+/// A connection's session, as its Session frame said.
+#[derive(Debug, Clone)]
+struct Session {
+    token: String,
+    outcome: SessionOutcome,
 }
 
 /// What survives reconnects: the config, the current connection, the
@@ -465,6 +488,16 @@ struct State {
     gave_up: std::sync::atomic::AtomicBool,
     /// Channels to subscribe to again after a reconnect.
     subscriptions: Subscriptions,
+}
+
+impl State {
+    /// What the next ResumeHandshake presents: None for a plain Handshake,
+    /// else the current connection's token (if it has one).
+    fn resume(&self) -> Option<Option<String>> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let session = current.session.as_ref()?;
+        Some(Some(session.token.clone()).filter(|t| !t.is_empty()))
+    }
 }
 
 impl State {
@@ -600,7 +633,9 @@ impl Client {
         // and reused by reconnects.
         let crypto = socket::client_crypto(&config.trust, config.identity.as_ref())?;
         let home = socket::home_slot();
-        let (inner, first) = connect_once(config, &crypto, home, 0).await?;
+        let resume = (config.resume && config.reconnect.is_some() && config.max_version >= 3)
+            .then_some(None);
+        let (inner, first) = connect_once(config, &crypto, home, 0, resume).await?;
         let (events_tx, events) = mpsc::channel(config.event_buffer.max(1));
         let conn = inner.conn.clone();
         let state = Arc::new(State {
@@ -641,6 +676,21 @@ impl Client {
     /// The node this client is connected to.
     pub fn node_id(&self) -> NodeId {
         self.inner().ack.node_id
+    }
+
+    /// The resume token of the current connection's session, if it has one.
+    pub fn session_token(&self) -> Option<String> {
+        self.inner()
+            .session
+            .as_ref()
+            .map(|s| s.token.clone())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// What became of the current connection's session request, if it
+    /// made one.
+    pub fn session_outcome(&self) -> Option<SessionOutcome> {
+        self.inner().session.as_ref().map(|s| s.outcome)
     }
 
     /// The HandshakeAck of the current connection.
@@ -759,7 +809,9 @@ impl Client {
             match reply {
                 Ok(reply) => {
                     return match reply.body {
-                        Body::Ack { .. } => Ok(id),
+                        // A Direct stored for a recipient that is away
+                        // with a resumable session counts as sent.
+                        Body::Ack { .. } | Body::Stored { .. } => Ok(id),
                         other => Err(ClientError::Protocol(format!(
                             "expected Ack, got {}",
                             other.name()
@@ -800,8 +852,11 @@ impl Client {
         self.acked(priority, Body::Broadcast { payload }).await
     }
 
-    /// Delivers `payload` to client `to`; returns once the node acknowledged.
-    /// An unknown recipient is `ClientError::Server` with `error_code::UNKNOWN_CLIENT`.
+    /// Delivers `payload` to client `to`; returns once the node acknowledged
+    /// it (queued for `to`), or stored it for `to`, which is away with a
+    /// resumable session (a Stored reply: delivered if `to` resumes in
+    /// time). An unknown recipient is `ClientError::Server` with
+    /// `error_code::UNKNOWN_CLIENT`; a full store for it, `INBOX_FULL`.
     pub async fn direct(
         &self,
         to: ClientId,
@@ -1312,24 +1367,32 @@ async fn dial(
 }
 
 /// One connection attempt: QUIC + TLS, then the application handshake.
+/// `resume`: None for a plain Handshake, else a ResumeHandshake with the
+/// token of the session to resume (if any).
 async fn connect_once(
     config: &ClientConfig,
     crypto: &Arc<quinn::crypto::rustls::QuicClientConfig>,
     home: usize,
     attempt: usize,
+    resume: Option<Option<String>>,
 ) -> Result<(Arc<Inner>, quinn::RecvStream), ClientError> {
+    let asked = resume.is_some();
     let handshake = async {
         let (endpoint, own_endpoint, conn) = dial(config, crypto, home, attempt).await?;
         let mut high = conn.open_uni().await?;
         let _ = high.set_priority(protocol::stream_priority(Priority::High));
+        let handshake = Handshake {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: config.max_version,
+            name: config.name.clone(),
+            token: config.token.clone(),
+        };
         let hello = Frame::new(
             Priority::High,
-            Body::Handshake(Handshake {
-                min_version: MIN_PROTOCOL_VERSION,
-                max_version: config.max_version,
-                name: config.name.clone(),
-                token: config.token.clone(),
-            }),
+            match resume {
+                None => Body::Handshake(handshake),
+                Some(resume) => Body::ResumeHandshake { handshake, resume },
+            },
         );
         let bytes = protocol::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
         high.write_all(&bytes)
@@ -1342,19 +1405,40 @@ async fn connect_once(
                 Some(err) => closed_error(&err),
                 None => ClientError::Protocol(format!("reading handshake reply: {e}")),
             })?;
-        match reply.map(|f| f.body) {
-            Some(Body::HandshakeAck(ack)) => Ok((endpoint, own_endpoint, conn, high, first, ack)),
-            Some(Body::Error { code, message, .. }) => Err(ClientError::Refused { code, message }),
-            Some(other) => Err(ClientError::Protocol(format!(
-                "expected HandshakeAck, got {}",
-                other.name()
-            ))),
-            None => Err(ClientError::Protocol(
-                "stream ended before HandshakeAck".into(),
-            )),
-        }
+        let ack = match reply.map(|f| f.body) {
+            Some(Body::HandshakeAck(ack)) => ack,
+            Some(Body::Error { code, message, .. }) => {
+                return Err(ClientError::Refused { code, message });
+            }
+            Some(other) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected HandshakeAck, got {}",
+                    other.name()
+                )));
+            }
+            None => {
+                return Err(ClientError::Protocol(
+                    "stream ended before HandshakeAck".into(),
+                ));
+            }
+        };
+        // A ResumeHandshake is answered with the session right after.
+        let session = if asked {
+            match read_frame(&mut first).await?.map(|f| f.body) {
+                Some(Body::Session { token, outcome, .. }) => Some(Session { token, outcome }),
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected Session after HandshakeAck, got {:?}",
+                        other.map(|b| b.name())
+                    )));
+                }
+            }
+        } else {
+            None
+        };
+        Ok((endpoint, own_endpoint, conn, high, first, ack, session))
     };
-    let (endpoint, own_endpoint, conn, high, first, ack) =
+    let (endpoint, own_endpoint, conn, high, first, ack, session) =
         tokio::time::timeout(config.connect_timeout, handshake)
             .await
             .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
@@ -1370,6 +1454,7 @@ async fn connect_once(
         ],
         pending: Arc::new(Mutex::new(HashMap::new())),
         ack,
+        session,
         request_timeout: config.request_timeout,
     });
     Ok((inner, first))
@@ -1490,6 +1575,7 @@ async fn supervise(
                 return;
             }
             let (mut config, crypto, home) = (s.config.clone(), s.crypto.clone(), s.home);
+            let resume = s.resume();
             drop(s);
             // Through the other addresses in turn, from the one after the
             // address just lost.
@@ -1501,7 +1587,15 @@ async fn supervise(
             // Attempt 0 was the lost connection's socket: start from the next.
             // Boxed: only a reconnect needs this (large) future, so an idle
             // connection's supervisor does not carry its size.
-            match Box::pin(connect_once(&config, &crypto, home, attempts as usize + 1)).await {
+            match Box::pin(connect_once(
+                &config,
+                &crypto,
+                home,
+                attempts as usize + 1,
+                resume,
+            ))
+            .await
+            {
                 Ok(ok) => {
                     serving = index;
                     break ok;
@@ -1540,6 +1634,7 @@ async fn supervise(
             .send(Event::Reconnected {
                 client_id: next.ack.client_id,
                 node_id: next.ack.node_id,
+                session: next.session.as_ref().map(|s| s.outcome),
             })
             .await;
         // Concurrently with `receive`, which reads the replies.

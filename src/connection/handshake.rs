@@ -94,16 +94,26 @@ pub(super) async fn admit(
         _ = shutdown.cancelled() => return Err(CloseReason::new(close_code::SHUTDOWN, "server shutting down")),
     };
     node.stats().frame_in(hello.body.tag(), hello_size);
-    let Frame {
-        id: hello_id,
-        body: Body::Handshake(hello),
-        ..
-    } = hello
-    else {
-        unreachable!("read_handshake returns only Handshake frames")
+    let hello_id = hello.id;
+    // `resume`: None for a plain Handshake; for a ResumeHandshake, the
+    // token of the session to resume, if any.
+    let (hello, resume) = match hello.body {
+        Body::Handshake(hello) => (hello, None),
+        Body::ResumeHandshake { handshake, resume } => (handshake, Some(resume)),
+        _ => unreachable!("read_handshake returns only handshake frames"),
     };
     let of = Some(hello_id);
-    let version = match protocol::negotiate_version(&hello) {
+    let negotiated = protocol::negotiate_version(&hello).and_then(|v| {
+        if resume.is_some() && v < protocol::RECOVERY_VERSION {
+            Err(format!(
+                "resume_handshake needs protocol version {}; the version in common is {v}",
+                protocol::RECOVERY_VERSION
+            ))
+        } else {
+            Ok(v)
+        }
+    });
+    let version = match negotiated {
         Ok(v) => v,
         Err(message) => {
             let refusal = HandshakeRefusal::new(
@@ -137,9 +147,29 @@ pub(super) async fn admit(
         return Err(refuse(conn, node, refusal).await);
     }
 
-    let client_id = ClientId::new_random();
-    tracing::Span::current().record("client_id", tracing::field::display(client_id));
     let user = identity.user.clone();
+    let granted = match &resume {
+        None => None,
+        Some(token) => match node.grant_session(user.as_deref(), token.as_deref()).await {
+            Ok(granted) => {
+                node.stats().session(granted.outcome);
+                Some(granted)
+            }
+            Err(err) => {
+                let refusal = HandshakeRefusal::new(
+                    of,
+                    error_code::CLUSTER_UNAVAILABLE,
+                    close_code::INTERNAL,
+                    format!("cannot resume the session now ({err}); retry with the same token"),
+                );
+                return Err(refuse(conn, node, refusal).await);
+            }
+        },
+    };
+    let client_id = granted
+        .as_ref()
+        .map_or_else(ClientId::new_random, |g| g.client_id);
+    tracing::Span::current().record("client_id", tracing::field::display(client_id));
     let info = ClientInfo {
         client_id,
         node_id: node.id(),
@@ -171,9 +201,15 @@ pub(super) async fn admit(
         grants: identity.grants.clone().into_boxed_slice(),
     };
     let handle = ClientHandle::new(info, stamp, access, outbound, node.stats().clone());
+    let (generation, outcome, stored) = match granted {
+        Some(g) => (g.generation, Some(g.outcome), g.stored),
+        None => (0, None, None),
+    };
+    handle.set_session(generation);
+    let stored_count = stored.as_ref().map_or(0, Vec::len);
     // Registered cluster-wide before the client learns its id, so any
     // node can route to the id as soon as the client can hand it out.
-    if let Err(full) = node.join(&handle).await {
+    if let Err(full) = node.join(&handle, stored).await {
         let refusal = HandshakeRefusal::new(
             of,
             error_code::SERVER_FULL,
@@ -183,7 +219,16 @@ pub(super) async fn admit(
         return Err(refuse(conn, node, refusal).await);
     }
     stats::add(&node.stats().connections_total, 1);
-    info!(name = %handle.info.name, version, "client connected");
+    match outcome {
+        Some(outcome) => info!(
+            name = %handle.info.name,
+            version,
+            session = outcome.name(),
+            stored = stored_count,
+            "client connected"
+        ),
+        None => info!(name = %handle.info.name, version, "client connected"),
+    }
 
     // The HandshakeAck is the first thing on the node's first stream (the
     // high-priority one), written before any writer runs, so the client
@@ -198,17 +243,34 @@ pub(super) async fn admit(
             max_frame_bytes: config.max_message_bytes as u32,
         }),
     );
+    // A ResumeHandshake is answered with the session right after.
+    let session = outcome.map(|outcome| {
+        let sessions = node.sessions();
+        Frame::new(
+            Priority::High,
+            Body::Session {
+                token: sessions.map_or_else(String::new, |s| {
+                    s.issue(client_id, handle.info.user.as_deref(), generation)
+                }),
+                window_ms: sessions.map_or(0, |s| s.limits().window.as_millis() as u64),
+                outcome,
+                stored: stored_count as u32,
+            },
+        )
+    });
     let high = async {
         let mut send = conn.open_uni().await.ok()?;
         let _ = send.set_priority(protocol::stream_priority(Priority::High));
-        let bytes = protocol::encode(&ack).ok()?;
-        send.write_all(&bytes).await.ok()?;
-        node.stats().frame_out(ack.body.tag(), bytes.len());
+        for frame in std::iter::once(&ack).chain(session.as_ref()) {
+            let bytes = protocol::encode(frame).ok()?;
+            send.write_all(&bytes).await.ok()?;
+            node.stats().frame_out(frame.body.tag(), bytes.len());
+        }
         Some(send)
     }
     .await;
     let Some(high) = high else {
-        node.leave(client_id);
+        node.leave(&handle, super::session_end(&handle, None));
         return Err(CloseReason::new(
             close_code::INTERNAL,
             "cannot send handshake ack",
@@ -287,7 +349,12 @@ async fn read_handshake(
         .await
         .map_err(|e| violation(None, format!("connection ended before the handshake: {e}")))?;
     match read_frame(&mut recv, max, Oversized::Refuse).await {
-        Ok(Inbound::Frame(frame, size)) if matches!(frame.body, Body::Handshake(_)) => {
+        Ok(Inbound::Frame(frame, size))
+            if matches!(
+                frame.body,
+                Body::Handshake(_) | Body::ResumeHandshake { .. }
+            ) =>
+        {
             Ok((recv, frame, size))
         }
         Ok(Inbound::Frame(frame, _)) => Err(violation(

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::bus::SessionEnd;
 use crate::limits::{ClientRateLimit, ConnectionPermit, RateVerdict};
 use crate::node::Node;
 use crate::protocol::{Priority, close_code, error_code};
@@ -209,6 +210,12 @@ async fn steady(
             }
             end = closer.closed() => break end,
             _ = handle.kicked() => {
+                if handle.moved() {
+                    break CloseReason::new(
+                        close_code::SESSION_MOVED,
+                        "the session was resumed by another connection",
+                    );
+                }
                 let reason = handle.kick_reason();
                 handle.goodbye(&reason, false);
                 break CloseReason::new(close_code::KICKED, format!("disconnected by an operator: {reason}"));
@@ -229,7 +236,7 @@ async fn finish(
     handle: Arc<ClientHandle>,
     end: CloseReason,
 ) -> Result<CloseReason, CloseReason> {
-    node.leave(handle.id());
+    node.leave(&handle, session_end(&handle, Some(&end)));
     if let Some(rtt) = handle.rtt() {
         node.stats().quic_rtt.observe(rtt.as_secs_f64());
     }
@@ -252,6 +259,22 @@ async fn finish(
         );
     }
     Ok(end)
+}
+
+/// What becomes of a connection's session when it ends with `end` (None:
+/// before the client was told its id): a Goodbye from the client or an
+/// operator's kick ends it; anything else (a lost network, a drain, an
+/// idle timeout, a slow consumer) leaves it waiting for a resume.
+fn session_end(handle: &ClientHandle, end: Option<&CloseReason>) -> SessionEnd {
+    let Some(generation) = handle.session() else {
+        return SessionEnd::None;
+    };
+    match end {
+        Some(end) if end.code == close_code::KICKED || end.reason == reader::CLIENT_GOODBYE => {
+            SessionEnd::End { generation }
+        }
+        _ => SessionEnd::Detach { generation },
+    }
 }
 
 fn closed_reason(err: &quinn::ConnectionError) -> CloseReason {

@@ -15,6 +15,9 @@ use crate::node::Node;
 use crate::protocol::stream::{Inbound, Oversized, ReadError, read_frame};
 use crate::protocol::{Body, CodecError, MessageId, Priority, close_code};
 use crate::registry::ClientHandle;
+
+/// Close reason of a connection whose client said Goodbye.
+pub(super) const CLIENT_GOODBYE: &str = "client said goodbye";
 use crate::stats;
 
 /// How readers tell the connection task to end it.
@@ -125,7 +128,7 @@ pub(super) async fn read_stream(mut recv: quinn::RecvStream, reader: Reader) {
                     }
                 }
                 if handler.handle(client, frame).await == Next::Close {
-                    close.close(CloseReason::new(close_code::NORMAL, "client said goodbye"));
+                    close.close(CloseReason::new(close_code::NORMAL, CLIENT_GOODBYE));
                     return;
                 }
             }

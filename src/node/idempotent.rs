@@ -54,6 +54,8 @@ enum Held {
     Pending(String),
     /// Answered with Ack.
     Acked,
+    /// Stored for a recipient waiting to resume its session, until then.
+    Stored(u64),
     /// Answered with an Error.
     Refused(ErrorCode, String),
 }
@@ -62,6 +64,7 @@ impl Held {
     fn encode(answer: &Answer) -> String {
         match answer {
             Answer::Ack => "a".into(),
+            Answer::Stored(until_ms) => format!("s:{until_ms}"),
             Answer::Error(code, message) => format!("e:{}:{message}", code.0),
         }
     }
@@ -69,6 +72,9 @@ impl Held {
     fn decode(held: &str) -> Held {
         if held == "a" {
             return Held::Acked;
+        }
+        if let Some(until_ms) = held.strip_prefix("s:").and_then(|u| u.parse().ok()) {
+            return Held::Stored(until_ms);
         }
         if let Some(node) = held.strip_prefix("p:") {
             return Held::Pending(node.to_owned());
@@ -139,6 +145,7 @@ impl Node {
             // that attempt's own outcome (same id, maybe same connection).
             let answer = match held {
                 Held::Acked => Answer::Ack,
+                Held::Stored(until_ms) => Answer::Stored(until_ms),
                 Held::Refused(code, message) => Answer::Error(
                     error_code::DUPLICATE,
                     format!(
@@ -171,11 +178,13 @@ mod tests {
     fn outcomes_read_back_as_stored() {
         for answer in [
             Answer::Ack,
+            Answer::Stored(1_234),
             Answer::Error(error_code::UNKNOWN_CLIENT, "no: such client".into()),
         ] {
             let held = Held::decode(&Held::encode(&answer));
             match (answer, held) {
                 (Answer::Ack, Held::Acked) => {}
+                (Answer::Stored(a), Held::Stored(b)) => assert_eq!(a, b),
                 (Answer::Error(c, m), Held::Refused(c2, m2)) => assert_eq!((c, m), (c2, m2)),
                 other => panic!("{other:?}"),
             }

@@ -9,8 +9,10 @@
 
 mod channel_ops;
 mod idempotent;
+mod sessions;
 
 pub use channel_ops::{ServerPublishError, Unsubscribed};
+pub use sessions::{Granted, Sessions};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,7 @@ use crate::bus::memory::{MemoryBus, MemoryCluster};
 use crate::bus::redis_bus::{RedisBus, RedisBusConfig};
 use crate::bus::{
     Bus, BusError, BusMessage, ClusterBus, ClusterEvent, ClusterEvents, LocalChannel,
-    LocalPresence, PublishDone, Target,
+    LocalPresence, PublishDone, SessionEnd, Target,
 };
 use crate::channels::Channels;
 use crate::config::{ConfigError, NodeConfig};
@@ -46,6 +48,9 @@ pub enum NodeError {
     /// Authentication keys could not be loaded.
     #[error("authentication: {0}")]
     Auth(#[from] AuthSetupError),
+    /// The session secret could not be loaded or made.
+    #[error("sessions: {0}")]
+    Sessions(String),
 }
 
 /// What the cluster bus may know of this node's clients and channels.
@@ -105,6 +110,8 @@ pub struct Node {
     draining: CancellationToken,
     /// What other nodes send this one, until [`Node::start`] takes it.
     events: Mutex<Option<ClusterEvents>>,
+    /// Resumable sessions, when they are on.
+    sessions: Option<Sessions>,
 }
 
 impl std::fmt::Debug for Node {
@@ -159,6 +166,7 @@ impl Node {
                     queue_len: config.bus_queue_len,
                     confirm_timeout: config.delivery_timeout,
                     history_meta_ttl: config.history_meta_ttl,
+                    session_window: config.session_resume_window,
                 };
                 Bus::Redis(
                     RedisBus::new(redis, presence, events_tx, stats.clone())
@@ -167,6 +175,7 @@ impl Node {
             }
         };
         let bus = Arc::new(bus);
+        let sessions = Sessions::from_config(&config)?;
         let router = Arc::new(MessageRouter::new(
             id,
             registry.clone(),
@@ -174,6 +183,7 @@ impl Node {
             bus.clone(),
             config.delivery_timeout,
             config.bus_queue_len,
+            sessions.as_ref().map(Sessions::limits),
             stats.clone(),
         ));
         Ok(Arc::new(Node {
@@ -189,6 +199,7 @@ impl Node {
             queue_budget: QueueBudget::new(config.max_total_queued_bytes),
             draining: CancellationToken::new(),
             events: Mutex::new(Some(events)),
+            sessions,
             config,
         }))
     }
@@ -395,6 +406,13 @@ impl Node {
             } => {
                 self.unsubscribe_by_operator(client, &channel, &reason);
             }
+            BusMessage::Takeover { client } => {
+                if let Some(old) = self.registry.get(client)
+                    && old.session().is_some()
+                {
+                    old.take_over();
+                }
+            }
         }
     }
 
@@ -418,18 +436,41 @@ impl Node {
     }
 
     /// Admits a client: into the registry (unless the node is full), then
-    /// into cluster presence; returns once other nodes can route to it.
-    pub async fn join(&self, client: &Arc<ClientHandle>) -> Result<(), Full> {
-        self.registry.register(client.clone())?;
+    /// into cluster presence; returns once other nodes can route to it. A
+    /// resumed session's `stored` messages are queued first, before any
+    /// direct message that arrives for it from now on.
+    pub async fn join(
+        &self,
+        client: &Arc<ClientHandle>,
+        stored: Option<Vec<BusMessage>>,
+    ) -> Result<(), Full> {
+        match stored {
+            Some(stored) => {
+                let registered = self
+                    .router
+                    .release(client, stored, || self.registry.register(client.clone()));
+                if let Err(full) = registered {
+                    // The session was attached here: it waits again.
+                    let generation = client.session().unwrap_or_default();
+                    self.bus
+                        .client_left(&client.info, SessionEnd::Detach { generation });
+                    return Err(full);
+                }
+            }
+            None => self.registry.register(client.clone())?,
+        }
         self.bus.client_joined(&client.info).await;
+        self.session_opened(client);
         Ok(())
     }
 
-    /// Removes a client from the registry and from cluster presence.
-    pub fn leave(&self, id: ClientId) {
-        if let Some(handle) = self.registry.unregister(id) {
-            self.drop_subscriptions(id);
-            self.bus.client_left(&handle.info);
+    /// Removes a client's connection from the registry and from cluster
+    /// presence (unless another connection took its session over), and
+    /// tells the bus what becomes of its session.
+    pub fn leave(&self, handle: &Arc<ClientHandle>, session: SessionEnd) {
+        if self.registry.unregister(handle) {
+            self.drop_subscriptions(handle.id());
+            self.bus.client_left(&handle.info, session);
         }
     }
 

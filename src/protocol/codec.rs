@@ -419,6 +419,25 @@ mod tests {
                     payload: Payload::Binary(vec![1, 2]),
                 },
             },
+            Body::ResumeHandshake {
+                handshake: Handshake {
+                    min_version: 1,
+                    max_version: 3,
+                    name: "r".into(),
+                    token: None,
+                },
+                resume: Some("fs1.a.b".into()),
+            },
+            Body::Session {
+                token: "fs1.a.b".into(),
+                window_ms: 60_000,
+                outcome: super::super::SessionOutcome::Resumed,
+                stored: 2,
+            },
+            Body::Stored {
+                of: MessageId::new_random(),
+                until_ms: 1_700_000_000_000,
+            },
         ];
         assert_eq!(
             bodies.len() as u32,

@@ -459,6 +459,79 @@ pub enum Body {
         /// What to do.
         message: Keyed,
     },
+    /// 32. Client → node (version 3), instead of a Handshake: the same
+    ///     handshake, asking for a resumable session, and resuming the one
+    ///     `resume` names if it can. Answered with HandshakeAck, then
+    ///     Session.
+    ResumeHandshake {
+        /// The handshake itself (version range, name, token).
+        handshake: Handshake,
+        /// The resume token of the session to resume (None: a new one).
+        resume: Option<String>,
+    },
+    /// 33. Node → client, right after the HandshakeAck that answers a
+    ///     ResumeHandshake: the session this connection belongs to.
+    Session {
+        /// Presents this connection's session in the next
+        /// ResumeHandshake (empty when sessions are off).
+        token: String,
+        /// How long the session waits for a resume once the connection is
+        /// lost, in milliseconds (0: sessions are off).
+        window_ms: u64,
+        /// What became of the `resume` asked for.
+        outcome: SessionOutcome,
+        /// Direct messages stored for the session while it was away; they
+        /// follow this frame.
+        stored: u32,
+    },
+    /// 34. Node → client (version 3): the Direct `of` was stored for a
+    ///     recipient whose session waits for a resume (instead of Ack).
+    Stored {
+        /// Id of the Direct.
+        of: MessageId,
+        /// When the recipient's session ends unless it resumes (Unix
+        /// milliseconds); the message is delivered if it resumes before.
+        until_ms: u64,
+    },
+}
+
+/// What became of a ResumeHandshake's `resume` (wire: u32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SessionOutcome {
+    /// 0: no resume was asked for: a new session.
+    New,
+    /// 1: the session was resumed: same client id, stored messages follow.
+    Resumed,
+    /// 2: the session is gone (its window passed, it ended with a Goodbye,
+    ///    or the cluster lost it): a new session.
+    Expired,
+    /// 3: the token was already used (by a resume that won), so it is no
+    ///    longer current: a new session.
+    AlreadyUsed,
+    /// 4: the token is not one of this cluster's, or is damaged or expired:
+    ///    a new session.
+    Invalid,
+    /// 5: the token belongs to another user than this connection's: a new
+    ///    session.
+    WrongUser,
+    /// 6: this node does not keep sessions: the connection is not
+    ///    resumable (`token` is empty).
+    Disabled,
+}
+
+impl SessionOutcome {
+    /// Lowercase name, for logs and JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionOutcome::New => "new",
+            SessionOutcome::Resumed => "resumed",
+            SessionOutcome::Expired => "expired",
+            SessionOutcome::AlreadyUsed => "already_used",
+            SessionOutcome::Invalid => "invalid",
+            SessionOutcome::WrongUser => "wrong_user",
+            SessionOutcome::Disabled => "disabled",
+        }
+    }
 }
 
 /// What an Idempotent frame asks for (wire: u32 tag, then the fields):
@@ -554,7 +627,7 @@ impl Recovery {
 }
 
 /// Names of the frame types, indexed by wire tag ([`Body::tag`]).
-pub const FRAME_NAMES: [&str; 32] = [
+pub const FRAME_NAMES: [&str; 35] = [
     "handshake",
     "handshake_ack",
     "text",
@@ -587,6 +660,9 @@ pub const FRAME_NAMES: [&str; 32] = [
     "history",
     "subscription_lost",
     "idempotent",
+    "resume_handshake",
+    "session",
+    "stored",
 ];
 
 /// First wire tag of the frames protocol version 2 added; a version-1
@@ -631,6 +707,8 @@ pub mod tag {
     pub const PUBLICATION: usize = 25;
     /// A lost subscription.
     pub const SUBSCRIPTION_LOST: usize = 30;
+    /// The session frame after a HandshakeAck.
+    pub const SESSION: usize = 33;
 }
 
 impl Body {
@@ -639,7 +717,7 @@ impl Body {
         FRAME_NAMES[self.tag()]
     }
 
-    /// The body's wire tag (0 to 31), also its index in [`FRAME_NAMES`].
+    /// The body's wire tag (0 to 34), also its index in [`FRAME_NAMES`].
     pub fn tag(&self) -> usize {
         match self {
             Body::Handshake(_) => 0,
@@ -674,6 +752,9 @@ impl Body {
             Body::History { .. } => 29,
             Body::SubscriptionLost { .. } => 30,
             Body::Idempotent { .. } => 31,
+            Body::ResumeHandshake { .. } => 32,
+            Body::Session { .. } => 33,
+            Body::Stored { .. } => 34,
         }
     }
 
@@ -686,7 +767,8 @@ impl Body {
             | Body::SubscribeAck { of, .. }
             | Body::Presence { of, .. }
             | Body::Subscribed { of, .. }
-            | Body::History { of, .. } => Some(*of),
+            | Body::History { of, .. }
+            | Body::Stored { of, .. } => Some(*of),
             Body::Error { of, .. } => *of,
             _ => None,
         }

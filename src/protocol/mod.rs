@@ -187,6 +187,10 @@ pub mod close_code {
     /// An operator disconnected the client (admin API); a Goodbye with the
     /// reason and `reconnect: false` was sent first.
     pub const KICKED: u32 = 12;
+    /// The connection's session was resumed by another connection (one
+    /// that presented its resume token); this one is closed without ending
+    /// the session.
+    pub const SESSION_MOVED: u32 = 13;
 }
 
 /// Application error codes carried in [`Body::Error`] frames.
@@ -241,6 +245,10 @@ pub mod error_code {
     /// did not end in Ack (the message names the first outcome) or whose
     /// outcome is not known yet; it was not handled again.
     pub const DUPLICATE: ErrorCode = ErrorCode(21);
+    /// A Direct to a client whose session waits for a resume, whose inbox
+    /// is full (`session_inbox_len` messages or `session_inbox_bytes`); it
+    /// was not stored. Retry later.
+    pub const INBOX_FULL: ErrorCode = ErrorCode(22);
 }
 
 #[cfg(test)]

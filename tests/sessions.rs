@@ -1,0 +1,342 @@
+//! Resumable sessions (PROTOCOL.md 11.8) against real Redis: a client
+//! whose node is killed resumes on another node with the same id and gets
+//! every direct message the fabric accepted for it, once and in order; a
+//! session not resumed within its window ends (stored messages gone from
+//! Redis, senders told UNKNOWN_CLIENT); a token presented by two
+//! connections at once resumes exactly one; hostile tokens get a fresh
+//! session, never someone else's id.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use common::redis::{RedisNodes, TestRedis, redis_node_process};
+use common::{RawClient, TestCerts, TestNode, WAIT, encode, eventually, read_frame};
+use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy};
+use quic_fabric::protocol::{
+    Body, ClientId, Frame, Handshake, Payload, Priority, SessionOutcome, error_code,
+};
+use redis::AsyncCommands;
+
+/// A raw connection that asked for a session: its id and Session frame.
+struct Raw {
+    client: RawClient,
+    /// The node's first stream (high priority), kept open.
+    recv: quinn::RecvStream,
+    /// The stream the ResumeHandshake went on, kept open.
+    send: quinn::SendStream,
+    id: ClientId,
+    token: String,
+    outcome: SessionOutcome,
+}
+
+/// Opens a raw connection to `addr` with a ResumeHandshake presenting
+/// `resume`.
+async fn resume_at(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    resume: Option<String>,
+) -> Raw {
+    let client = RawClient::try_connect_to(addr, ca, |_| {}).await.unwrap();
+    let hello = Frame::new(
+        Priority::High,
+        Body::ResumeHandshake {
+            handshake: Handshake {
+                min_version: 3,
+                max_version: 3,
+                name: "raw".into(),
+                token: None,
+            },
+            resume,
+        },
+    );
+    let send = client.send_raw(&encode(&hello)).await;
+    let mut recv = tokio::time::timeout(WAIT, client.conn.accept_uni())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(Body::HandshakeAck(ack)) = read_frame(&mut recv).await.map(|f| f.body) else {
+        panic!("HandshakeAck first");
+    };
+    let Some(Body::Session { token, outcome, .. }) = read_frame(&mut recv).await.map(|f| f.body)
+    else {
+        panic!("Session right after the HandshakeAck");
+    };
+    Raw {
+        client,
+        recv,
+        send,
+        id: ack.client_id,
+        token,
+        outcome,
+    }
+}
+
+/// Sends a direct from `sender` to `to` until the node stores it (the
+/// recipient's detach reached Redis); returns its reply.
+async fn direct_until_stored(sender: &Client, to: ClientId, text: &str) {
+    let frame = Frame::new(
+        Priority::Normal,
+        Body::Direct {
+            to,
+            payload: Payload::Text(text.into()),
+        },
+    );
+    eventually(WAIT, "the direct is stored", || {
+        let frame = Frame {
+            id: quic_fabric::protocol::MessageId::new_random(),
+            ..frame.clone()
+        };
+        async move {
+            let reply = sender.submit(Priority::Normal, frame.body).await.unwrap();
+            matches!(reply.wait().await.map(|f| f.body), Ok(Body::Stored { .. }))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn directs_to_a_client_whose_node_died_arrive_after_it_resumes_elsewhere_same_id_in_order() {
+    const COUNT: usize = 300;
+    let redis = TestRedis::start().await;
+    let certs = TestCerts::new();
+    let ttl = Duration::from_secs(3);
+    let a = redis_node_process(&redis, &certs, ttl, &[]).await;
+    let mut b = redis_node_process(&redis, &certs, ttl, &[]).await;
+    let c = redis_node_process(&redis, &certs, ttl, &[]).await;
+
+    let mut config: ClientConfig = b.client_config("receiver");
+    config.servers = vec![c.addr.clone()];
+    config.idle_timeout = Duration::from_secs(1);
+    config.keep_alive_interval = Duration::from_millis(200);
+    config.event_buffer = 2 * COUNT;
+    config.reconnect = Some(ReconnectPolicy {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        max_attempts: Some(40),
+    });
+    let mut receiver = Client::connect(&config).await.unwrap();
+    assert_eq!(receiver.session_outcome(), Some(SessionOutcome::New));
+    let id = receiver.client_id();
+    let sender = a.connect("sender").await;
+    let mut accepted = Vec::new();
+    for i in 1..=100 {
+        sender
+            .direct(id, Payload::Text(i.to_string()), Priority::Normal)
+            .await
+            .unwrap();
+        accepted.push(i);
+    }
+    b.kill().await;
+    // Keep sending while B is dead, the receiver moves, and B's liveness
+    // key expires: each is accepted (Ack or Stored) or refused plainly.
+    let mut refused = 0;
+    for i in 101..=COUNT {
+        match sender
+            .direct(id, Payload::Text(i.to_string()), Priority::Normal)
+            .await
+        {
+            Ok(_) => accepted.push(i),
+            Err(ClientError::Server { code, .. }) if code == error_code::CLUSTER_UNAVAILABLE => {
+                refused += 1
+            }
+            Err(err) => panic!("direct {i}: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let mut got: Vec<usize> = Vec::new();
+    let mut session = None;
+    let collect = async {
+        loop {
+            match receiver.next_event().await.expect("events go on") {
+                Event::Frame(frame) => {
+                    if let Body::Direct {
+                        payload: Payload::Text(text),
+                        ..
+                    } = frame.body
+                    {
+                        got.push(text.parse().unwrap());
+                    }
+                }
+                Event::Reconnected {
+                    client_id,
+                    session: outcome,
+                    ..
+                } => {
+                    assert_eq!(client_id, id, "the same id after the resume");
+                    session = outcome;
+                }
+                Event::Closed { reason, .. } => panic!("closed: {reason}"),
+                _ => {}
+            }
+            if got.last() == accepted.last() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), collect)
+        .await
+        .unwrap_or_else(|_| panic!("got {} of {} accepted", got.len(), accepted.len()));
+    assert_eq!(session, Some(SessionOutcome::Resumed));
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order, none twice: {got:?}"
+    );
+    for i in &accepted {
+        assert!(got.contains(i), "accepted direct {i} arrived");
+    }
+    assert!(
+        accepted.len() > 100,
+        "directs were accepted while the receiver was away ({refused} refused)"
+    );
+    assert_eq!(receiver.client_id(), id);
+}
+
+#[tokio::test]
+async fn a_session_not_resumed_within_its_window_ends_with_what_was_stored_for_it() {
+    let cluster = RedisNodes::start_with(2, |_, c| {
+        c.session_resume_window = Duration::from_secs(1);
+    })
+    .await;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let away = resume_at(n1.addr, &n1.ca, None).await;
+    assert_eq!(away.outcome, SessionOutcome::New);
+    assert!(away.token.starts_with("fs1."));
+    let id = away.id;
+    away.client.conn.close(0u32.into(), b"gone");
+    let sender = n2.connect("sender").await;
+    direct_until_stored(&sender, id, "kept").await;
+    let mut redis = cluster.redis.conn().await;
+    let session_key = format!("fabric:session:{id}");
+    let inbox_key = format!("fabric:inbox:{id}");
+    assert_eq!(redis.llen::<_, usize>(&inbox_key).await.unwrap(), 1);
+    // The window passes: the session and its stored message are gone.
+    eventually(WAIT, "the session expires", || {
+        let mut redis = redis.clone();
+        let (s, i) = (session_key.clone(), inbox_key.clone());
+        async move {
+            let gone: (bool, bool) = redis::pipe()
+                .exists(&s)
+                .exists(&i)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            gone == (false, false)
+        }
+    })
+    .await;
+    let err = sender
+        .direct(id, Payload::Text("late".into()), Priority::Normal)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Server { code, .. } if code == error_code::UNKNOWN_CLIENT),
+        "{err}"
+    );
+    let back = resume_at(n2.addr, &n2.ca, Some(away.token)).await;
+    assert_eq!(back.outcome, SessionOutcome::Expired);
+    assert_ne!(back.id, id, "an ended session's id is not handed out again");
+}
+
+#[tokio::test]
+async fn a_token_presented_twice_at_once_resumes_exactly_one_connection() {
+    let cluster = RedisNodes::start_with(2, |_, _| {}).await;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let first = resume_at(n1.addr, &n1.ca, None).await;
+    let id = first.id;
+    let mut token = first.token.clone();
+    let mut holder = first;
+    for round in 0..20 {
+        let (x, y) = tokio::join!(
+            resume_at(n1.addr, &n1.ca, Some(token.clone())),
+            resume_at(n2.addr, &n2.ca, Some(token.clone())),
+        );
+        let (winner, loser) = match (x.outcome, y.outcome) {
+            (SessionOutcome::Resumed, _) => (x, y),
+            (_, SessionOutcome::Resumed) => (y, x),
+            other => panic!("round {round}: no winner: {other:?}"),
+        };
+        assert_eq!(loser.outcome, SessionOutcome::AlreadyUsed, "round {round}");
+        assert_eq!(winner.id, id, "round {round}");
+        assert_ne!(loser.id, id, "round {round}: never someone else's id");
+        // The previous holder is closed with SESSION_MOVED.
+        holder
+            .client
+            .expect_closed_with(quic_fabric::protocol::close_code::SESSION_MOVED)
+            .await;
+        // The old token does not work twice.
+        let replay = resume_at(n2.addr, &n2.ca, Some(token.clone())).await;
+        assert_eq!(replay.outcome, SessionOutcome::AlreadyUsed);
+        token = winner.token.clone();
+        holder = winner;
+    }
+}
+
+#[tokio::test]
+async fn hostile_resume_tokens_get_a_fresh_session_and_a_working_connection() {
+    let node = TestNode::start().await;
+    let genuine = resume_at(node.addr, &node.ca, None).await;
+    let other_cluster = quic_fabric::session::TokenKeys::new(&[9u8; 32], None, "fabric").issue(
+        &quic_fabric::session::Claims {
+            client: genuine.id,
+            user: None,
+            generation: 1,
+            expires_ms: u64::MAX,
+        },
+    );
+    let t = &genuine.token;
+    let cases = [
+        ("forged", other_cluster),
+        ("truncated", t[..t.len() - 3].to_owned()),
+        ("garbage base64", "fs1.!!!!.????".to_owned()),
+        ("empty", String::new()),
+        ("no prefix", t.replacen("fs1.", "", 1)),
+        ("swapped parts", {
+            let (body, mac) = t[4..].split_once('.').unwrap();
+            format!("fs1.{mac}.{body}")
+        }),
+        ("oversized", format!("fs1.{}", "A".repeat(1500))),
+    ];
+    for (what, token) in cases {
+        let mut raw = resume_at(node.addr, &node.ca, Some(token)).await;
+        assert_eq!(raw.outcome, SessionOutcome::Invalid, "{what}");
+        assert_ne!(raw.id, genuine.id, "{what}: never another client's id");
+        // The connection works.
+        raw.send.write_all(&encode(&common::ping())).await.unwrap();
+        assert!(
+            matches!(
+                read_frame(&mut raw.recv).await.map(|f| f.body),
+                Some(Body::Pong { .. })
+            ),
+            "{what}"
+        );
+    }
+    // A ResumeHandshake later in the connection is refused like a second
+    // Handshake, and one offering no version 3 is refused.
+    let raw = RawClient::connect(&node).await;
+    let (mut send, mut recv, ack) = raw.handshake("v1").await;
+    assert!(matches!(ack.body, Body::HandshakeAck(_)));
+    let again = Frame::new(
+        Priority::High,
+        Body::ResumeHandshake {
+            handshake: Handshake {
+                min_version: 1,
+                max_version: 1,
+                name: "x".into(),
+                token: None,
+            },
+            resume: None,
+        },
+    );
+    send.write_all(&encode(&again)).await.unwrap();
+    let reply = read_frame(&mut recv).await.expect("a reply");
+    assert!(
+        matches!(reply.body, Body::Error { code, .. } if code == error_code::UNKNOWN_FRAME_TYPE),
+        "{reply:?}"
+    );
+    let old = RawClient::connect(&node).await;
+    let _send = old.send_raw(&encode(&again)).await;
+    old.expect_closed_with(quic_fabric::protocol::close_code::UNSUPPORTED_VERSION)
+        .await;
+}
