@@ -11,7 +11,11 @@
 //! - a Direct must have reached its target exactly once if the target's
 //!   connection (the session with that id) lasted until [`GRACE`] after the Ack;
 //! - and no Direct may be answered UNKNOWN_CLIENT while its target's
-//!   session was up across the whole request.
+//!   session was up across the whole request, or while it waited for a
+//!   resume that came (the same id connected again later);
+//! - a Direct answered Stored (its target was away with a resumable
+//!   session) must have reached its target exactly once if the target
+//!   resumed (the same id) and stayed until [`GRACE`] after the answer.
 //!
 //! Errors (CLUSTER_UNAVAILABLE and the like) are allowed: they are the
 //! honest answer during a fault. Each test also checks that the fault was
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::redis::{NODE_TTL, RedisNodes, TestRedis, pubsub_clients, redis_node_process};
-use common::{RawClient, TcpProxy, TestNode, WAIT};
+use common::{RawClient, TcpProxy, TestNode, WAIT, eventually};
 use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy, Socket};
 use quic_fabric::protocol::{
     self, Body, ClientId, ErrorCode, Frame, MessageId, Payload, Priority, error_code,
@@ -60,6 +64,8 @@ enum Kind {
 #[derive(Debug)]
 enum Outcome {
     Ack,
+    /// Stored for a target away with a resumable session.
+    Stored,
     Refused(ErrorCode),
     /// Closed or timed out: whether it was delivered is unknown.
     Unknown,
@@ -78,6 +84,9 @@ struct Sent {
 /// Everything the peers saw, for the final accounting.
 #[derive(Debug, Default)]
 struct Ledger {
+    /// Send directs to a peer's last id even while it is away (its
+    /// session may be waiting for a resume).
+    to_away: bool,
     sessions: Vec<Vec<Session>>,
     received: Vec<HashMap<MessageId, u32>>,
     sent: Vec<Sent>,
@@ -87,7 +96,7 @@ impl Ledger {
     fn current(&self, peer: usize) -> Option<ClientId> {
         self.sessions[peer]
             .last()
-            .filter(|s| s.end.is_none())
+            .filter(|s| self.to_away || s.end.is_none())
             .map(|s| s.id)
     }
 
@@ -105,6 +114,7 @@ impl Ledger {
 struct Report {
     acked_broadcasts: usize,
     acked_directs: usize,
+    stored_directs: usize,
     refused: HashMap<u16, usize>,
     unknown: usize,
     /// Acknowledged, and a recipient held to it did not get it.
@@ -142,8 +152,24 @@ impl Report {
                 }
                 (Outcome::Ack, Kind::Direct(to)) => {
                     report.acked_directs += 1;
-                    if let Some((peer, session)) = find(to)
-                        && session.end.is_none_or(|end| end > until)
+                    // Queued to the connection that was up when it was
+                    // sent (a resumed session is the same id later on).
+                    if let Some((peer, _)) = find(to)
+                        && ledger.sessions[peer].iter().any(|s| {
+                            s.id == to
+                                && s.start <= sent.sent_at
+                                && s.end.is_none_or(|end| end > until)
+                        })
+                    {
+                        report.check(ledger, peer, sent);
+                    }
+                }
+                (Outcome::Stored, Kind::Direct(to)) => {
+                    report.stored_directs += 1;
+                    if let Some((peer, _)) = find(to)
+                        && ledger.sessions[peer]
+                            .iter()
+                            .any(|s| s.id == to && s.end.is_none_or(|end| end > until))
                     {
                         report.check(ledger, peer, sent);
                     }
@@ -152,16 +178,20 @@ impl Report {
                     if *code == error_code::UNKNOWN_CLIENT =>
                 {
                     *report.refused.entry(code.0).or_default() += 1;
-                    if let Some((peer, session)) = find(to)
-                        && session.covers(sent.sent_at, sent.answered_at)
-                    {
-                        report.wrongly_unknown.push(format!(
-                            "direct {} from peer {} to peer {peer} ({to}) answered UNKNOWN_CLIENT while it was connected",
-                            sent.id, sent.from
-                        ));
+                    if let Some((peer, session)) = find(to) {
+                        let resumed_later = ledger.sessions[peer]
+                            .iter()
+                            .any(|s| s.id == to && s.start > sent.answered_at);
+                        if session.covers(sent.sent_at, sent.answered_at) || resumed_later {
+                            report.wrongly_unknown.push(format!(
+                                "direct {} from peer {} to peer {peer} ({to}) answered UNKNOWN_CLIENT while its session was alive",
+                                sent.id, sent.from
+                            ));
+                        }
                     }
                 }
                 (Outcome::Refused(code), _) => *report.refused.entry(code.0).or_default() += 1,
+                (Outcome::Stored, Kind::Broadcast) => unreachable!("broadcasts are never stored"),
                 (Outcome::Unknown, _) => report.unknown += 1,
             }
         }
@@ -189,8 +219,12 @@ impl Report {
     /// Fails the test on any loss, duplicate or false UNKNOWN_CLIENT.
     fn assert_honest(&self, scenario: &str) {
         println!(
-            "{scenario}: acked {} broadcasts and {} directs; refused {:?}; {} unknown outcomes",
-            self.acked_broadcasts, self.acked_directs, self.refused, self.unknown
+            "{scenario}: acked {} broadcasts and {} directs; stored {} directs; refused {:?}; {} unknown outcomes",
+            self.acked_broadcasts,
+            self.acked_directs,
+            self.stored_directs,
+            self.refused,
+            self.unknown
         );
         assert!(
             self.acked_broadcasts > 0 && self.acked_directs > 0,
@@ -410,6 +444,10 @@ async fn send(
                         body: Body::Ack { .. },
                         ..
                     }) => Outcome::Ack,
+                    Ok(Frame {
+                        body: Body::Stored { .. },
+                        ..
+                    }) => Outcome::Stored,
                     Ok(other) => panic!("unexpected reply {other:?}"),
                     Err(ClientError::Server { code, .. }) => Outcome::Refused(code),
                     Err(_) => Outcome::Unknown,
@@ -422,7 +460,7 @@ async fn send(
                 continue;
             }
         };
-        let failed = !matches!(outcome, Outcome::Ack);
+        let failed = !matches!(outcome, Outcome::Ack | Outcome::Stored);
         lock(&ledger).sent.push(Sent {
             from: me,
             id,
@@ -742,6 +780,61 @@ async fn a_node_killed_with_sigkill_costs_the_others_nothing_acked() {
     traffic.acked_more(100, WAIT).await;
     let report = traffic.finish().await;
     report.assert_honest("node killed");
+    cluster.finish().await;
+}
+
+/// Like the SIGKILL scenario, with the killed node's clients reconnecting
+/// to a survivor and resuming their sessions: directs sent to them while
+/// they are away are stored (once the killed node is found dead) and
+/// must all reach them after the resume, once; none may be answered
+/// UNKNOWN_CLIENT, since their sessions were waiting.
+#[tokio::test]
+async fn clients_of_a_killed_node_resume_and_get_every_direct_stored_for_them() {
+    let cluster = RedisNodes::start(2).await;
+    let (redis, certs) = (&cluster.redis, &cluster.certs);
+    let mut victim = redis_node_process(redis, certs, NODE_TTL, &["--name", "victim"]).await;
+    let mut configs = two_peers_each(&cluster.nodes);
+    for name in ["doomed-a", "doomed-b"] {
+        let mut config = peer_config(victim.client_config(name), true);
+        config.servers = vec![cluster.nodes[0].addr.to_string()];
+        // Noticed after the victim's TTL, so that directs get stored.
+        config.idle_timeout = NODE_TTL + Duration::from_secs(2);
+        configs.push(config);
+    }
+    let doomed = [configs.len() - 2, configs.len() - 1];
+    let traffic = Traffic::start(configs).await;
+    let ids: Vec<ClientId> = {
+        let mut ledger = lock(&traffic.ledger);
+        ledger.to_away = true;
+        doomed.iter().map(|p| ledger.sessions[*p][0].id).collect()
+    };
+    traffic.acked_more(100, WAIT).await;
+    victim.kill().await;
+    let killed = Instant::now();
+    {
+        let mut ledger = lock(&traffic.ledger);
+        for peer in doomed {
+            ledger.end_session(peer, killed);
+        }
+    }
+    eventually(Duration::from_secs(30), "the doomed clients resume", || {
+        let ledger = traffic.ledger.clone();
+        let ids = ids.clone();
+        async move {
+            let l = lock(&ledger);
+            doomed.iter().zip(&ids).all(|(p, id)| {
+                l.sessions[*p].len() > 1 && l.sessions[*p].iter().all(|s| s.id == *id)
+            })
+        }
+    })
+    .await;
+    traffic.acked_more(100, WAIT).await;
+    let report = traffic.finish().await;
+    report.assert_honest("node killed, sessions resumed");
+    assert!(
+        report.stored_directs > 0,
+        "directs were stored for the away clients: {report:?}"
+    );
     cluster.finish().await;
 }
 
