@@ -12,8 +12,9 @@
 #
 # Environment: FABRIC_E2E_PROJECT (compose project, default fabric-e2e),
 # FABRIC_LB_PORT (host UDP port of the LB, default 14433), FABRIC_NET_PREFIX
-# (compose network, default 172.29.53), FABRIC_ADMIN_TOKEN (default: a random
-# token for this run), plus the image variables of cluster/images.sh.
+# (compose network, default 172.29.53), FABRIC_ADMIN_TOKEN and
+# FABRIC_SESSION_SECRET (default: random ones
+# for this run), plus the image variables of cluster/images.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,7 @@ export FABRIC_LB_PORT="${FABRIC_LB_PORT:-14433}"
 export FABRIC_NET_PREFIX="${FABRIC_NET_PREFIX:-172.29.53}"
 # Never the compose file's dev default: a fresh token per run.
 export FABRIC_ADMIN_TOKEN="${FABRIC_ADMIN_TOKEN:-e2e-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}"
+export FABRIC_SESSION_SECRET="${FABRIC_SESSION_SECRET:-e2e-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}"
 if command -v docker-compose >/dev/null 2>&1; then
     export FABRIC_E2E_COMPOSE="docker-compose"
 else

@@ -1184,7 +1184,9 @@ fn answer_direct(
                 if lock(&router.pending).remove(&(sender.id(), id)).is_some()
                     && let Some(frame) = retry
                 {
-                    router.store(&sender, id, to, priority, frame, false);
+                    // A session resumed elsewhere gets it there (once: that
+                    // send does not come back here).
+                    router.store(&sender, id, to, priority, frame, true);
                 }
                 return;
             }

@@ -1034,15 +1034,34 @@ async fn a_node_whose_subscription_drops_fills_the_gap_from_the_history() {
     cluster.finish().await;
 }
 
-/// Redis loses its data (FLUSHALL, as a restart without persistence
-/// would): the next publication starts a new epoch; a version 3
-/// subscriber is told plainly (SubscriptionLost from its node, and
-/// `Event::Subscribed` with EpochChanged), never a silent gap, and goes on
-/// receiving; an old position is then answered EpochChanged.
+/// How Redis loses a channel's history.
+#[derive(Debug, Clone, Copy)]
+enum DataLoss {
+    /// FLUSHALL.
+    Flush,
+    /// The Redis container restarts without persistence.
+    Restart,
+}
+
+/// Redis loses its data (FLUSHALL, or a restart without persistence): the
+/// next publication starts a new epoch; a version 3 subscriber is told
+/// plainly (SubscriptionLost from its node, and `Event::Subscribed` with
+/// EpochChanged), never a silent gap, and goes on receiving; an old
+/// position is then answered EpochChanged.
 #[tokio::test]
 async fn a_lost_history_is_a_new_epoch_that_subscribers_are_told_about() {
+    lost_history_is_told(DataLoss::Flush).await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_without_persistence_is_a_new_epoch_that_subscribers_are_told_about() {
+    lost_history_is_told(DataLoss::Restart).await;
+}
+
+async fn lost_history_is_told(loss: DataLoss) {
     use quic_fabric::protocol::Recovery;
-    let cluster = RedisNodes::start_with(2, common::scenarios::with_history).await;
+    let redis = TestRedis::start_with_args(&["--save", "", "--appendonly", "no"]).await;
+    let cluster = RedisNodes::start_on(redis, 2, common::scenarios::with_history).await;
     let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let mut sub = n2.connect("s").await;
     sub.subscribe_since("h:room", false, None).await.unwrap();
@@ -1056,12 +1075,33 @@ async fn a_lost_history_is_a_new_epoch_that_subscribers_are_told_about() {
     }
     let before = sub.position("h:room").unwrap();
     assert_eq!(before.offset, 3);
-    let mut conn = cluster.redis.conn().await;
-    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    let id = publisher
-        .publish("h:room", Payload::Text("after".into()), Priority::Normal)
-        .await
-        .unwrap();
+    match loss {
+        DataLoss::Flush => {
+            let mut conn = cluster.redis.conn().await;
+            let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+        }
+        DataLoss::Restart => {
+            let container = &cluster.redis.container;
+            container.stop_with_timeout(Some(0)).await.unwrap();
+            container.start().await.unwrap();
+            cluster.wait_ready().await;
+        }
+    }
+    // Sent again while the nodes find Redis back (it refuses publishes
+    // plainly meanwhile).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let id = loop {
+        match publisher
+            .publish("h:room", Payload::Text("after".into()), Priority::Normal)
+            .await
+        {
+            Ok(id) => break id,
+            Err(err) => {
+                assert!(tokio::time::Instant::now() < deadline, "{err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let (mut told, mut lost_frame, mut delivered) = (None, false, false);
     tokio::time::timeout(WAIT, async {
         while told.is_none() || !lost_frame || !delivered {
@@ -1081,8 +1121,13 @@ async fn a_lost_history_is_a_new_epoch_that_subscribers_are_told_about() {
     })
     .await
     .expect("told about the lost history, and the publication delivered");
-    let now = told.unwrap();
+    // Told before or after the new epoch's first publication (a restart
+    // is noticed on its own; a FLUSHALL only by that publication).
+    let told = told.unwrap();
+    let now = sub.position("h:room").unwrap();
     assert_ne!(now.epoch, before.epoch);
+    assert_eq!(told.epoch, now.epoch);
+    assert!(told.offset <= 1, "{told:?}");
     assert_eq!(now.offset, 1);
     let mut late = n1.connect("late").await;
     let got = late

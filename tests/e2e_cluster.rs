@@ -10,12 +10,14 @@
 //! Environment (set by e2e.sh): FABRIC_E2E_SERVER (LB address),
 //! FABRIC_E2E_CA (CA file), FABRIC_E2E_PROJECT (compose project name),
 //! FABRIC_E2E_COMPOSE (compose command, `docker-compose` or `docker compose`),
-//! FABRIC_NET_PREFIX (compose network prefix, default 172.29.53) and
-//! FABRIC_ADMIN_TOKEN (the nodes' admin token).
+//! FABRIC_NET_PREFIX (compose network prefix, default 172.29.53),
+//! FABRIC_ADMIN_TOKEN (the nodes' admin token) and FABRIC_SESSION_SECRET.
 //!
 //! Steps: 2 clients spread over nodes; 3 broadcast exactly once, direct
 //! across nodes, list; 4 admin API and metrics; 5 rolling restart of
-//! node1..node3 (SIGTERM drain) under continuous traffic; 6 kill a node;
+//! node1..node3 (SIGTERM drain) under continuous traffic; 6 kill a node
+//! (its clients resume their sessions elsewhere, numbered directs across
+//! the kill all arrive);
 //! 7 Redis restart; 8 a channel with subscribers on two nodes (publication
 //! exactly once, presence, join and leave); 9 a channel with history
 //! across a node restart and a node kill (every acknowledged publication
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy, Socket};
 use quic_fabric::protocol::{
-    Body, ClientId, Frame, MessageId, NodeId, Payload, Priority, error_code,
+    Body, ClientId, Frame, MessageId, NodeId, Payload, Priority, SessionOutcome, error_code,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1009,6 +1011,44 @@ async fn compose_cluster_end_to_end() {
     let victim_id = peers[0].node_id;
     let (mut victims, mut survivors): (Vec<Peer>, Vec<Peer>) =
         peers.into_iter().partition(|p| p.node_id == victim_id);
+    // Numbered directs from a survivor to the first victim, without pause,
+    // across the kill: the victim resumes its session elsewhere (same id)
+    // and must get every one the fabric accepted (Ack or Stored), once and
+    // in order.
+    let resumer = victims[0].client.client_id();
+    let stop_directs = CancellationToken::new();
+    let numbered = {
+        let sender = survivors[0].client.clone();
+        let stop = stop_directs.clone();
+        tokio::spawn(async move {
+            let (mut accepted, mut refused) = (Vec::new(), 0usize);
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                i += 1;
+                match sender
+                    .direct(resumer, Payload::Text(format!("n{i}")), Priority::Normal)
+                    .await
+                {
+                    Ok(_) => accepted.push(i),
+                    Err(_) => refused += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (accepted, refused)
+        })
+    };
+    let mut numbered_got: Vec<u64> = Vec::new();
+    let take_numbered = |frame: &Frame, got: &mut Vec<u64>| {
+        if let Body::Direct {
+            payload: Payload::Text(text),
+            ..
+        } = &frame.body
+            && let Some(n) = text.strip_prefix('n').and_then(|n| n.parse().ok())
+        {
+            got.push(n);
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
     docker(&["kill", &container(&victim_node).await]).await;
     let killed = Instant::now();
     let observer = &survivors[0].client;
@@ -1021,13 +1061,18 @@ async fn compose_cluster_end_to_end() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let presence_gone = killed.elapsed();
-    for v in victims.iter_mut() {
+    for (index, v) in victims.iter_mut().enumerate() {
+        let got = &mut numbered_got;
+        let old_id = v.client.client_id();
         let reconnected = tokio::time::timeout(STEP_TIMEOUT, async {
             loop {
                 match v.events.recv().await {
                     Some(Event::Reconnected {
-                        client_id, node_id, ..
-                    }) => return (client_id, node_id),
+                        client_id,
+                        node_id,
+                        session,
+                    }) => return (client_id, node_id, session),
+                    Some(Event::Frame(frame)) if index == 0 => take_numbered(&frame, got),
                     Some(Event::Frame(_) | Event::Disconnected { .. }) => {}
                     other => panic!("victim client ended: {other:?}"),
                 }
@@ -1036,8 +1081,45 @@ async fn compose_cluster_end_to_end() {
         .await
         .expect("victim reconnects");
         assert_ne!(reconnected.1, victim_id, "reconnected to the dead node?");
+        assert_eq!(
+            (reconnected.0, reconnected.2),
+            (old_id, Some(SessionOutcome::Resumed)),
+            "the victim resumed its session: same id"
+        );
         v.refresh();
     }
+    // A moment of directs on the new route, then the tally.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_directs.cancel();
+    let (accepted, refused) = numbered.await.unwrap();
+    let last = *accepted.last().expect("directs were accepted");
+    tokio::time::timeout(STEP_TIMEOUT, async {
+        while numbered_got.last() != Some(&last) {
+            match victims[0].events.recv().await {
+                Some(Event::Frame(frame)) => take_numbered(&frame, &mut numbered_got),
+                Some(_) => {}
+                None => panic!("the resumed victim's events ended"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the resumed victim got {} of {} accepted directs",
+            numbered_got.len(),
+            accepted.len()
+        )
+    });
+    assert!(
+        numbered_got.windows(2).all(|w| w[0] < w[1]),
+        "directs in order, none twice: {numbered_got:?}"
+    );
+    let missing: Vec<u64> = accepted
+        .iter()
+        .filter(|n| !numbered_got.contains(n))
+        .copied()
+        .collect();
+    assert!(missing.is_empty(), "accepted directs lost: {missing:?}");
     for v in victims.iter_mut() {
         let id = survivors[0]
             .client
@@ -1047,14 +1129,15 @@ async fn compose_cluster_end_to_end() {
                 Priority::Normal,
             )
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("welcome back to {}: {e}", v.client.client_id()));
         v.expect(id).await;
     }
     println!(
-        "e2e step 6/10 PASS killed {victim_node}: presence gone after {:.1}s, {} clients reconnected to {:?} and receive directs, {} clients elsewhere undisturbed ({:.1}s)",
+        "e2e step 6/10 PASS killed {victim_node}: presence gone after {:.1}s, {} clients resumed their sessions (same ids) on {:?} and receive directs; {} numbered directs accepted across the kill ({refused} refused while the victim was away) all reached it once and in order; {} clients elsewhere undisturbed ({:.1}s)",
         presence_gone.as_secs_f64(),
         victims.len(),
         victims.iter().map(|v| v.node.as_str()).collect::<Vec<_>>(),
+        accepted.len(),
         survivors.len(),
         t.elapsed().as_secs_f64()
     );

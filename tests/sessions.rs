@@ -1,10 +1,12 @@
 //! Resumable sessions (PROTOCOL.md 11.8) against real Redis: a client
 //! whose node is killed resumes on another node with the same id and gets
-//! every direct message the fabric accepted for it, once and in order; a
+//! every direct message the fabric accepted for it, once and in order
+//! (also from a sender whose route to it went stale); a
 //! session not resumed within its window ends (stored messages gone from
 //! Redis, senders told UNKNOWN_CLIENT); a token presented by two
 //! connections at once resumes exactly one; hostile tokens get a fresh
-//! session, never someone else's id.
+//! session, never someone else's id. On the in-memory engine: a token
+//! presented by another user, and a resume on the same node.
 
 mod common;
 
@@ -38,6 +40,16 @@ async fn resume_at(
     ca: &std::path::Path,
     resume: Option<String>,
 ) -> Raw {
+    resume_as(addr, ca, None, resume).await
+}
+
+/// [`resume_at`] with a JWT in the handshake.
+async fn resume_as(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    jwt: Option<String>,
+    resume: Option<String>,
+) -> Raw {
     let client = RawClient::try_connect_to(addr, ca, |_| {}).await.unwrap();
     let hello = Frame::new(
         Priority::High,
@@ -46,7 +58,7 @@ async fn resume_at(
                 min_version: 3,
                 max_version: 3,
                 name: "raw".into(),
-                token: None,
+                token: jwt,
             },
             resume,
         },
@@ -105,6 +117,7 @@ async fn directs_to_a_client_whose_node_died_arrive_after_it_resumes_elsewhere_s
     let a = redis_node_process(&redis, &certs, ttl, &[]).await;
     let mut b = redis_node_process(&redis, &certs, ttl, &[]).await;
     let c = redis_node_process(&redis, &certs, ttl, &[]).await;
+    let d = redis_node_process(&redis, &certs, ttl, &[]).await;
 
     let mut config: ClientConfig = b.client_config("receiver");
     config.servers = vec![c.addr.clone()];
@@ -120,6 +133,12 @@ async fn directs_to_a_client_whose_node_died_arrive_after_it_resumes_elsewhere_s
     assert_eq!(receiver.session_outcome(), Some(SessionOutcome::New));
     let id = receiver.client_id();
     let sender = a.connect("sender").await;
+    // A sender on a node of its own, which learns the receiver's route
+    // now and sends nothing more until the receiver has moved.
+    let late = d.connect("late").await;
+    late.direct(id, Payload::Text("0".into()), Priority::Normal)
+        .await
+        .unwrap();
     let mut accepted = Vec::new();
     for i in 1..=100 {
         sender
@@ -156,7 +175,10 @@ async fn directs_to_a_client_whose_node_died_arrive_after_it_resumes_elsewhere_s
                         ..
                     } = frame.body
                     {
-                        got.push(text.parse().unwrap());
+                        let n: usize = text.parse().unwrap();
+                        if n > 0 {
+                            got.push(n);
+                        }
                     }
                 }
                 Event::Reconnected {
@@ -191,6 +213,13 @@ async fn directs_to_a_client_whose_node_died_arrive_after_it_resumes_elsewhere_s
         "directs were accepted while the receiver was away ({refused} refused)"
     );
     assert_eq!(receiver.client_id(), id);
+    // Node D still routes to dead B: it finds B gone and the session on C.
+    tokio::time::sleep(ttl).await;
+    let last = late
+        .direct(id, Payload::Text("late".into()), Priority::Normal)
+        .await
+        .expect("a sender whose route went stale reaches the resumed session");
+    common::next_matching(&mut receiver, |f| f.id == last).await;
 }
 
 #[tokio::test]
@@ -339,4 +368,54 @@ async fn hostile_resume_tokens_get_a_fresh_session_and_a_working_connection() {
     let _send = old.send_raw(&encode(&again)).await;
     old.expect_closed_with(quic_fabric::protocol::close_code::UNSUPPORTED_VERSION)
         .await;
+}
+
+/// On the in-memory engine (a lone node) with JWT auth: another user's
+/// connection presenting a session's token gets WrongUser and a new id
+/// (and the token stays good); the owner resumes on the same node, same
+/// id, and gets the direct stored while it was away.
+#[tokio::test]
+async fn a_token_is_refused_to_another_user_and_resumes_for_its_own() {
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-sess";
+    let node = TestNode::start_with(|c| c.auth_jwt_secret = Some(SECRET.into())).await;
+    let jwt = |user: &str| {
+        Some(
+            quic_fabric::auth::mint_hs256(SECRET, user, Duration::from_secs(600), None, None, &[])
+                .unwrap(),
+        )
+    };
+    let alice = resume_as(node.addr, &node.ca, jwt("alice"), None).await;
+    let id = alice.id;
+    alice.client.conn.close(0u32.into(), b"network gone");
+    let mut sender_config = node.client_config("bob");
+    sender_config.token = jwt("bob");
+    let bob = Client::connect(&sender_config).await.unwrap();
+    direct_until_stored(&bob, id, "while you were away").await;
+
+    let mallory = resume_as(
+        node.addr,
+        &node.ca,
+        jwt("mallory"),
+        Some(alice.token.clone()),
+    )
+    .await;
+    assert_eq!(mallory.outcome, SessionOutcome::WrongUser);
+    assert_ne!(mallory.id, id, "never another user's id");
+
+    let back = resume_as(node.addr, &node.ca, jwt("alice"), Some(alice.token)).await;
+    assert_eq!(back.outcome, SessionOutcome::Resumed);
+    assert_eq!(back.id, id);
+    let mut stream = tokio::time::timeout(WAIT, back.client.conn.accept_uni())
+        .await
+        .unwrap()
+        .unwrap();
+    let stored = read_frame(&mut stream).await.expect("the stored direct");
+    assert!(
+        matches!(
+            &stored.body,
+            Body::Direct { payload: Payload::Text(t), .. } if t == "while you were away"
+        ),
+        "{stored:?}"
+    );
+    assert_eq!(stored.sender.map(|s| s.user), Some(Some("bob".into())));
 }
