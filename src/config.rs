@@ -918,7 +918,8 @@ settings! {
         /// resume.
         session_inbox_bytes: usize = 1024 * 1024,
         /// How long a resume token is accepted after it was issued (a
-        /// connection gets a new one at every resume).
+        /// connection gets a new one at every resume, and at half this
+        /// lifetime while it lasts).
         session_token_lifetime: Duration = Duration::from_secs(24 * 3600),
     }
 
@@ -1032,6 +1033,12 @@ impl NodeConfig {
         }
         if self.session_inbox_len == 0 || self.session_inbox_bytes == 0 {
             return invalid("session_inbox_len and session_inbox_bytes must be at least 1".into());
+        }
+        if self.session_token_lifetime < Duration::from_secs(2) {
+            return invalid(format!(
+                "session_token_lifetime must be at least 2s, got {}",
+                humantime::format_duration(self.session_token_lifetime)
+            ));
         }
         if self.session_token_lifetime < self.session_resume_window {
             return invalid(format!(

@@ -113,7 +113,7 @@ pub struct Stats {
 }
 
 /// The outcomes sessions are counted by.
-pub const SESSION_OUTCOMES: [SessionOutcome; 7] = [
+pub const SESSION_OUTCOMES: [SessionOutcome; 8] = [
     SessionOutcome::New,
     SessionOutcome::Resumed,
     SessionOutcome::Expired,
@@ -121,6 +121,7 @@ pub const SESSION_OUTCOMES: [SessionOutcome; 7] = [
     SessionOutcome::Invalid,
     SessionOutcome::WrongUser,
     SessionOutcome::Disabled,
+    SessionOutcome::Refreshed,
 ];
 
 fn latency_histogram() -> Histogram {

@@ -314,6 +314,7 @@ fn session_outcome() -> impl Strategy<Value = SessionOutcome> {
         Just(SessionOutcome::Invalid),
         Just(SessionOutcome::WrongUser),
         Just(SessionOutcome::Disabled),
+        Just(SessionOutcome::Refreshed),
     ]
 }
 

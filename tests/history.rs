@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::redis::{TestRedis, redis_node_process};
 use common::{TestCerts, TestNode, expect_server_error, next_matching};
-use quic_fabric::client::{Client, ClientConfig, Event, ReconnectPolicy};
+use quic_fabric::client::{Client, Event, ReconnectPolicy};
 use quic_fabric::protocol::{Body, Payload, Priority, Recovery, error_code};
 
 const HISTORY: &str = "h,history_size=5000,history_ttl=10m";
@@ -46,20 +46,11 @@ async fn recovers_every_publication_once_in_order(loss: Loss) {
     let b = redis_node_process(&redis, &certs, ttl, &args).await;
     let c = redis_node_process(&redis, &certs, ttl, &args).await;
 
-    let mut config: ClientConfig = b.client_config("sub");
+    let mut config = common::resilient(b.client_config("sub"), vec![c.addr.clone()], 2 * COUNT);
     let proxy = common::UdpProxy::start(b.addr.parse().unwrap()).await;
     if let Loss::Network = loss {
         config.server = proxy.addr.to_string();
     }
-    config.servers = vec![c.addr.clone()];
-    config.idle_timeout = Duration::from_secs(1);
-    config.keep_alive_interval = Duration::from_millis(200);
-    config.event_buffer = 2 * COUNT;
-    config.reconnect = Some(ReconnectPolicy {
-        initial_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        max_attempts: Some(40),
-    });
     let mut sub = Client::connect(&config).await.unwrap();
     let first = sub.subscribe_since("h:feed", false, None).await.unwrap();
     assert_eq!(first.recovery, Recovery::NotRequested);

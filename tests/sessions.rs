@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::cluster::Cluster;
 use common::redis::{RedisNodes, TestRedis, redis_node_process};
 use common::{RawClient, TestCerts, TestNode, WAIT, encode, eventually, read_frame};
-use quic_fabric::client::{Client, ClientConfig, ClientError, Event, ReconnectPolicy};
+use quic_fabric::client::{Client, ClientError, Event};
 use quic_fabric::protocol::{
     Body, ClientId, Frame, Handshake, Payload, Priority, SessionOutcome, error_code,
 };
@@ -119,16 +119,7 @@ async fn directs_to_a_client_whose_node_died_arrive_after_it_resumes_elsewhere_s
     let c = redis_node_process(&redis, &certs, ttl, &[]).await;
     let d = redis_node_process(&redis, &certs, ttl, &[]).await;
 
-    let mut config: ClientConfig = b.client_config("receiver");
-    config.servers = vec![c.addr.clone()];
-    config.idle_timeout = Duration::from_secs(1);
-    config.keep_alive_interval = Duration::from_millis(200);
-    config.event_buffer = 2 * COUNT;
-    config.reconnect = Some(ReconnectPolicy {
-        initial_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        max_attempts: Some(40),
-    });
+    let config = common::resilient(b.client_config("receiver"), vec![c.addr.clone()], 2 * COUNT);
     let mut receiver = Client::connect(&config).await.unwrap();
     assert_eq!(receiver.session_outcome(), Some(SessionOutcome::New));
     let id = receiver.client_id();
@@ -418,4 +409,39 @@ async fn a_token_is_refused_to_another_user_and_resumes_for_its_own() {
         "{stored:?}"
     );
     assert_eq!(stored.sender.map(|s| s.user), Some(Some("bob".into())));
+}
+
+/// A connection gets a new token at half the token's lifetime: once the
+/// first token has expired, the refreshed one still resumes the session.
+#[tokio::test]
+async fn a_long_connection_gets_fresh_tokens_that_outlive_the_first() {
+    let node = TestNode::start_with(|c| {
+        c.session_token_lifetime = Duration::from_secs(4);
+        c.session_resume_window = Duration::from_secs(2);
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let mut raw = resume_at(node.addr, &node.ca, None).await;
+    let first = raw.token.clone();
+    let refreshed = tokio::time::timeout(Duration::from_secs(4), read_frame(&mut raw.recv))
+        .await
+        .expect("a refreshed token within the lifetime");
+    let Some(Body::Session {
+        token,
+        outcome: SessionOutcome::Refreshed,
+        stored: 0,
+        ..
+    }) = refreshed.map(|f| f.body)
+    else {
+        panic!("expected Session(Refreshed)");
+    };
+    assert_ne!(token, first);
+    // Past the first token's lifetime, within the second's.
+    tokio::time::sleep_until(started + Duration::from_millis(4300)).await;
+    raw.client.conn.close(0u32.into(), b"gone");
+    let stale = resume_at(node.addr, &node.ca, Some(first)).await;
+    assert_eq!(stale.outcome, SessionOutcome::Expired);
+    let back = resume_at(node.addr, &node.ca, Some(token)).await;
+    assert_eq!(back.outcome, SessionOutcome::Resumed);
+    assert_eq!(back.id, raw.id);
 }

@@ -72,7 +72,14 @@ async fn read_stream(mut rest: &[u8], max: usize, mut first: bool) {
         match read_frame(&mut rest, limit, oversized).await {
             Ok(Inbound::Frame(frame, size)) => {
                 assert!(size > protocol::LENGTH_PREFIX_BYTES && size - 4 <= limit);
-                if let Body::Handshake(hello) = &frame.body {
+                let hello = match &frame.body {
+                    Body::Handshake(hello) => Some(hello),
+                    // The node checks a ResumeHandshake's handshake the same
+                    // way (its token is checked by `resume_token`).
+                    Body::ResumeHandshake { handshake, .. } => Some(handshake),
+                    _ => None,
+                };
+                if let Some(hello) = hello {
                     if !acceptable(hello) && first {
                         return; // refused: the node closes the connection
                     }

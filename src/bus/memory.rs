@@ -482,6 +482,15 @@ impl ClusterBus for MemoryBus {
         done(Ok(self.store(message, limits)))
     }
 
+    fn session_refreshed(&self, client: ClientId, generation: u64, limits: SessionLimits) {
+        if let Some(s) = self.cluster.sessions().get_mut(&client)
+            && s.generation == generation
+            && s.node == Some(self.node_id)
+        {
+            s.until = Instant::now() + limits.lifetime;
+        }
+    }
+
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {
         Ok(self
             .cluster

@@ -469,6 +469,10 @@ pub trait ClusterBus: Send + Sync {
         limits: SessionLimits,
     ) -> impl Future<Output = Result<Claim, BusError>> + Send;
 
+    /// Keeps `client`'s session record for another `limits.lifetime`, if it
+    /// is still at `generation` and attached here (its token was refreshed).
+    fn session_refreshed(&self, client: ClientId, generation: u64, limits: SessionLimits);
+
     /// Offers a [`BusMessage::Direct`] for a client that is not connected
     /// here to its session's store, in order with this node's publishes.
     fn store_direct(&self, message: BusMessage, limits: SessionLimits, done: StoreDone);
@@ -635,6 +639,10 @@ impl ClusterBus for Bus {
 
     fn store_direct(&self, message: BusMessage, limits: SessionLimits, done: StoreDone) {
         dispatch!(self, b => b.store_direct(message, limits, done))
+    }
+
+    fn session_refreshed(&self, client: ClientId, generation: u64, limits: SessionLimits) {
+        dispatch!(self, b => b.session_refreshed(client, generation, limits))
     }
 
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {

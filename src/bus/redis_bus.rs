@@ -539,6 +539,12 @@ enum Op {
         user: Option<String>,
         limits: SessionLimits,
     },
+    /// A refreshed session's record lives on (`REFRESH_LUA`).
+    SessionRefresh {
+        client: ClientId,
+        generation: u64,
+        limits: SessionLimits,
+    },
     /// A direct message for a session's inbox (`inbox_push.lua`).
     Store {
         to: ClientId,
@@ -896,6 +902,7 @@ impl RedisBus {
             Op::Join(..)
             | Op::Leave(..)
             | Op::SessionOpen { .. }
+            | Op::SessionRefresh { .. }
             | Op::ChannelJoin(..)
             | Op::ChannelLeave(..)
             | Op::ChannelCount(..) => {
@@ -1046,6 +1053,14 @@ impl ClusterBus for RedisBus {
             .await
             .map_err(unavailable)?;
         parse_claim(reply).map_err(BusError::Unavailable)
+    }
+
+    fn session_refreshed(&self, client: ClientId, generation: u64, limits: SessionLimits) {
+        self.enqueue(Op::SessionRefresh {
+            client,
+            generation,
+            limits,
+        });
     }
 
     fn store_direct(&self, message: BusMessage, limits: SessionLimits, done: StoreDone) {
@@ -1792,6 +1807,21 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                     .arg(&key)
                     .arg(limits.lifetime.as_millis() as u64);
             }
+            Op::SessionRefresh {
+                client,
+                generation,
+                limits,
+            } => {
+                batch
+                    .write()
+                    .cmd("EVAL")
+                    .arg(REFRESH_LUA)
+                    .arg(1)
+                    .arg(keys.session(client))
+                    .arg(generation)
+                    .arg(&node)
+                    .arg(limits.lifetime.as_millis() as u64);
+            }
             Op::Store {
                 to,
                 payload,
@@ -2068,6 +2098,12 @@ fn history_entry(entry: &redis::Value, epoch: u64) -> Result<(BusMessage, Positi
 /// The number of subscribers a PUBLISH (an integer reply) or
 /// `publish_history.lua` (`{position, count}`) reached, or why Redis
 /// refused it.
+/// Extends a session record's life if it is at generation ARGV[1] and
+/// attached to node ARGV[2] (KEYS[1] the record, ARGV[3] the TTL in ms).
+const REFRESH_LUA: &str = "local s = redis.call('HMGET', KEYS[1], 'g', 'n') \
+     if s[1] == ARGV[1] and s[2] == ARGV[2] then \
+     return redis.call('PEXPIRE', KEYS[1], ARGV[3]) end return 0";
+
 /// The routing-index value of a session waiting for a resume.
 const DETACHED: &str = "~";
 

@@ -460,8 +460,8 @@ struct Inner {
     pending: Pending,
     ack: HandshakeAck,
     /// The Session frame that followed the HandshakeAck, if a session was
-    /// asked for.
-    session: Option<Session>,
+    /// asked for (its token replaced by later Refreshed ones).
+    session: Mutex<Option<Session>>,
     request_timeout: Duration,
 }
 
@@ -495,7 +495,8 @@ impl State {
     /// else the current connection's token (if it has one).
     fn resume(&self) -> Option<Option<String>> {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        let session = current.session.as_ref()?;
+        let session = lock(&current.session);
+        let session = session.as_ref()?;
         Some(Some(session.token.clone()).filter(|t| !t.is_empty()))
     }
 }
@@ -680,8 +681,7 @@ impl Client {
 
     /// The resume token of the current connection's session, if it has one.
     pub fn session_token(&self) -> Option<String> {
-        self.inner()
-            .session
+        lock(&self.inner().session)
             .as_ref()
             .map(|s| s.token.clone())
             .filter(|t| !t.is_empty())
@@ -690,7 +690,7 @@ impl Client {
     /// What became of the current connection's session request, if it
     /// made one.
     pub fn session_outcome(&self) -> Option<SessionOutcome> {
-        self.inner().session.as_ref().map(|s| s.outcome)
+        lock(&self.inner().session).as_ref().map(|s| s.outcome)
     }
 
     /// The HandshakeAck of the current connection.
@@ -1454,7 +1454,7 @@ async fn connect_once(
         ],
         pending: Arc::new(Mutex::new(HashMap::new())),
         ack,
-        session,
+        session: Mutex::new(session),
         request_timeout: config.request_timeout,
     });
     Ok((inner, first))
@@ -1630,11 +1630,12 @@ async fn supervise(
         *s.current.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
         s.bump();
         drop(s);
+        let session = lock(&next.session).as_ref().map(|s| s.outcome);
         let _ = events
             .send(Event::Reconnected {
                 client_id: next.ack.client_id,
                 node_id: next.ack.node_id,
-                session: next.session.as_ref().map(|s| s.outcome),
+                session,
             })
             .await;
         // Concurrently with `receive`, which reads the replies.
@@ -1789,6 +1790,20 @@ async fn read_stream(mut recv: quinn::RecvStream, reader: StreamReader) {
                 };
                 let _ = events.send(event).await;
             });
+        }
+        if let Body::Session {
+            token,
+            outcome: SessionOutcome::Refreshed,
+            ..
+        } = &frame.body
+        {
+            // The token the next resume presents.
+            if let Some(inner) = inner.upgrade()
+                && let Some(session) = lock(&inner.session).as_mut()
+            {
+                session.token = token.clone();
+            }
+            continue;
         }
         if matches!(frame.body, Body::Ping) {
             if let Some(inner) = inner.upgrade() {

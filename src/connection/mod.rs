@@ -156,6 +156,13 @@ async fn steady(
             CloseReason::new(close_code::TOKEN_EXPIRED, "token expired"),
         )
     });
+    // A resumable session's token is renewed at half its lifetime, so a
+    // connection that outlives its first token can still be resumed.
+    let refresh_every = node
+        .sessions()
+        .filter(|_| handle.session().is_some())
+        .map(|s| s.limits().lifetime / 2);
+    let mut refresh = refresh_every.map(|every| Box::pin(tokio::time::sleep(every)));
     let mut draining = false;
     let mut readers = JoinSet::new();
     readers.spawn(read_stream(first_stream, reader.clone()).in_current_span());
@@ -206,6 +213,12 @@ async fn steady(
                         Box::pin(tokio::time::sleep(grace)),
                         CloseReason::new(close_code::SHUTDOWN, "drain grace period over"),
                     ));
+                }
+            }
+            _ = async { if let Some(timer) = &mut refresh { timer.await } }, if refresh.is_some() => {
+                node.refresh_session(handle);
+                if let (Some(timer), Some(every)) = (&mut refresh, refresh_every) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + every);
                 }
             }
             end = closer.closed() => break end,

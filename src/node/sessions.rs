@@ -198,6 +198,30 @@ impl Node {
         }
     }
 
+    /// A new token for the session `handle` holds, sent in a Session
+    /// frame (Refreshed), with its record kept alive as long: a connection
+    /// may outlive its first token.
+    pub(crate) fn refresh_session(&self, handle: &Arc<crate::registry::ClientHandle>) {
+        let (Some(sessions), Some(generation)) = (&self.sessions, handle.session()) else {
+            return;
+        };
+        if handle.moved() {
+            return;
+        }
+        self.bus
+            .session_refreshed(handle.id(), generation, sessions.limits);
+        handle.reply(
+            crate::protocol::Priority::High,
+            crate::protocol::Body::Session {
+                token: sessions.issue(handle.id(), handle.info.user.as_deref(), generation),
+                window_ms: sessions.limits.window.as_millis() as u64,
+                outcome: SessionOutcome::Refreshed,
+                stored: 0,
+            },
+        );
+        self.stats.session(SessionOutcome::Refreshed);
+    }
+
     /// Records the new session of a connection once it joined.
     pub(crate) fn session_opened(&self, handle: &Arc<crate::registry::ClientHandle>) {
         if let Some(sessions) = &self.sessions

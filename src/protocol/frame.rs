@@ -517,6 +517,10 @@ pub enum SessionOutcome {
     /// 6: this node does not keep sessions: the connection is not
     ///    resumable (`token` is empty).
     Disabled,
+    /// 7: not an answer to a handshake: a new token for the connection's
+    ///    session (the previous one was close to its expiry); it replaces
+    ///    the previous token, which still works until then.
+    Refreshed,
 }
 
 impl SessionOutcome {
@@ -530,6 +534,7 @@ impl SessionOutcome {
             SessionOutcome::Invalid => "invalid",
             SessionOutcome::WrongUser => "wrong_user",
             SessionOutcome::Disabled => "disabled",
+            SessionOutcome::Refreshed => "refreshed",
         }
     }
 }

@@ -316,6 +316,21 @@ impl RawClient {
     }
 }
 
+/// `config` made to notice a lost node within about a second and to
+/// reconnect by itself, to `servers` in turn, buffering `events` events.
+pub fn resilient(mut config: ClientConfig, servers: Vec<String>, events: usize) -> ClientConfig {
+    config.servers = servers;
+    config.idle_timeout = Duration::from_secs(1);
+    config.keep_alive_interval = Duration::from_millis(200);
+    config.event_buffer = events;
+    config.reconnect = Some(quic_fabric::client::ReconnectPolicy {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        max_attempts: Some(40),
+    });
+    config
+}
+
 /// `frame` as bytes on a stream.
 pub fn encode(frame: &Frame) -> Vec<u8> {
     protocol::encode(frame).unwrap().to_vec()
