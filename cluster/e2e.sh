@@ -81,5 +81,6 @@ say "step 1/10 PASS images built, cluster up, node1..node3 healthy ($((SECONDS -
 # rolling restart uses $FABRIC_E2E_COMPOSE stop/start.
 FABRIC_E2E_SERVER="127.0.0.1:$FABRIC_LB_PORT" FABRIC_E2E_CA="certs/ca.pem" \
     cargo test --locked --test e2e_cluster -- --ignored --nocapture --test-threads=1 2>&1 \
-    | tee "$LOG_DIR/test.log" | grep -oE 'e2e step .*|panicked.*|^  .*' || true
+    | tee "$LOG_DIR/test.log" \
+    | awk '/panicked/ { print; if ((getline line) > 0) print line; next } /e2e step|^  / { print }' || true
 grep -q 'test result: ok. 1 passed' "$LOG_DIR/test.log" || fail "steps 2-9: see the messages above"

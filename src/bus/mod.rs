@@ -548,7 +548,7 @@ pub trait ClusterBus: Send + Sync {
 
     /// Claims idempotency key `key` for `ttl`, marked `pending`: `Ok(None)`
     /// when it was free (the caller handles the message, then settles
-    /// it), else what the key holds (`p:NODE` pending, or the settled
+    /// it), else what the key holds (`p:NODE/ATTEMPT` pending, or the settled
     /// outcome).
     fn once_claim(
         &self,

@@ -159,7 +159,7 @@ impl Keys {
     pub fn history_meta(&self, channel: &str) -> String {
         format!("{}:hist-meta:{channel}", self.prefix)
     }
-    /// STRING an idempotency key's state (`p:NODE` pending, `a` acked,
+    /// STRING an idempotency key's state (`p:NODE/ATTEMPT` pending, `a` acked, `s:UNTIL` stored,
     /// `e:CODE:MESSAGE` refused), for `dedupe_window`.
     pub fn once(&self, key: &str) -> String {
         format!("{}:once:{key}", self.prefix)
@@ -605,6 +605,23 @@ struct Inner {
 #[derive(Clone)]
 pub struct RedisBus {
     inner: Arc<Inner>,
+}
+
+/// Runs `pipe` on the command connection, and once more if the
+/// connection had dropped: after Redis restarts, the first command on a
+/// connection manager fails while it reconnects, and the retry goes out on
+/// the new connection. Only for reads and commands that are safe to repeat.
+async fn query_once_more<T: redis::FromRedisValue>(
+    pipe: &redis::Pipeline,
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<T> {
+    match pipe.query_async(conn).await {
+        Err(err) if err.is_io_error() || err.is_connection_dropped() => {
+            debug!(%err, "Redis command connection dropped; trying once more");
+            pipe.query_async(conn).await
+        }
+        other => other,
+    }
 }
 
 fn unavailable(err: impl std::fmt::Display) -> BusError {
@@ -1082,15 +1099,17 @@ impl ClusterBus for RedisBus {
     async fn locate(&self, id: ClientId) -> Result<Option<NodeId>, BusError> {
         let inner = &self.inner;
         let mut conn = inner.conn.clone();
-        let (node, incarnation): (Option<String>, Option<String>) = redis::pipe()
+        let mut lookup = redis::pipe();
+        lookup
             .cmd("HGET")
             .arg(inner.keys.client_nodes())
             .arg(id.to_string())
             .cmd("GET")
-            .arg(inner.keys.incarnation())
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .arg(inner.keys.incarnation());
+        let (node, incarnation): (Option<String>, Option<String>) =
+            query_once_more(&lookup, &mut conn)
+                .await
+                .map_err(unavailable)?;
         inner.note_incarnation(incarnation.as_deref());
         if node.as_deref() == Some(DETACHED) {
             // A session waiting for a resume: not connected, and its
@@ -1415,7 +1434,8 @@ impl ClusterBus for RedisBus {
     ) -> Result<Option<String>, BusError> {
         let key = self.inner.keys.once(key);
         let mut conn = self.inner.conn.clone();
-        let (claimed, held): (Option<String>, Option<String>) = redis::pipe()
+        let mut claim = redis::pipe();
+        claim
             .cmd("SET")
             .arg(&key)
             .arg(pending)
@@ -1423,13 +1443,16 @@ impl ClusterBus for RedisBus {
             .arg("PX")
             .arg(ttl.as_millis() as u64)
             .cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
+            .arg(&key);
+        let (claimed, held): (Option<String>, Option<String>) = query_once_more(&claim, &mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(match claimed {
-            Some(_) => None,
-            None => Some(held.unwrap_or_default()),
+        // `pending` is unique to this attempt: finding it means a first try
+        // whose reply was lost claimed the key.
+        Ok(match (claimed, held) {
+            (Some(_), _) => None,
+            (None, Some(held)) if held == pending => None,
+            (None, held) => Some(held.unwrap_or_default()),
         })
     }
 

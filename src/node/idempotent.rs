@@ -76,7 +76,9 @@ impl Held {
         if let Some(until_ms) = held.strip_prefix("s:").and_then(|u| u.parse().ok()) {
             return Held::Stored(until_ms);
         }
-        if let Some(node) = held.strip_prefix("p:") {
+        if let Some(attempt) = held.strip_prefix("p:") {
+            // `NODE/ATTEMPT`: the node is what the client is told.
+            let node = attempt.split('/').next().unwrap_or_default();
             return Held::Pending(node.to_owned());
         }
         let refused = held.strip_prefix("e:").and_then(|rest| {
@@ -111,7 +113,9 @@ impl Node {
             None => "anon".to_owned(),
         };
         let key = format!("{scope}:{id}");
-        let pending = format!("p:{}", self.id());
+        // Unique to this attempt, so that a claim retried after a lost
+        // reply recognises its own key.
+        let pending = format!("p:{}/{}", self.id(), MessageId::new_random());
         let window = self.config().dedupe_window;
         let deadline = tokio::time::Instant::now() + self.config().delivery_timeout;
         loop {
@@ -190,6 +194,7 @@ mod tests {
             }
         }
         assert_eq!(Held::decode("p:n1"), Held::Pending("n1".into()));
+        assert_eq!(Held::decode("p:n1/a7"), Held::Pending("n1".into()));
         assert_eq!(Held::decode("garbage"), Held::Pending(String::new()));
     }
 }
