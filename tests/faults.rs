@@ -756,6 +756,17 @@ async fn a_client_that_joins_a_node_cut_off_from_redis_is_never_called_unknown()
     cluster.finish().await;
 }
 
+/// SIGKILLs `victim`; the connections of its clients `doomed` end then
+/// (whenever the clients notice).
+async fn kill(victim: &mut common::NodeProcess, traffic: &Traffic, doomed: [usize; 2]) {
+    victim.kill().await;
+    let killed = Instant::now();
+    let mut ledger = lock(&traffic.ledger);
+    for peer in doomed {
+        ledger.end_session(peer, killed);
+    }
+}
+
 #[tokio::test]
 async fn a_node_killed_with_sigkill_costs_the_others_nothing_acked() {
     let cluster = RedisNodes::start(2).await;
@@ -767,14 +778,7 @@ async fn a_node_killed_with_sigkill_costs_the_others_nothing_acked() {
     let doomed = [configs.len() - 2, configs.len() - 1];
     let traffic = Traffic::start(configs).await;
     traffic.acked_more(100, WAIT).await;
-    victim.kill().await;
-    let killed = Instant::now();
-    {
-        let mut ledger = lock(&traffic.ledger);
-        for peer in doomed {
-            ledger.end_session(peer, killed);
-        }
-    }
+    kill(&mut victim, &traffic, doomed).await;
     // Past the victim's TTL, so the survivors see it dead.
     tokio::time::sleep(NODE_TTL + Duration::from_secs(1)).await;
     traffic.acked_more(100, WAIT).await;
@@ -809,14 +813,7 @@ async fn clients_of_a_killed_node_resume_and_get_every_direct_stored_for_them() 
         doomed.iter().map(|p| ledger.sessions[*p][0].id).collect()
     };
     traffic.acked_more(100, WAIT).await;
-    victim.kill().await;
-    let killed = Instant::now();
-    {
-        let mut ledger = lock(&traffic.ledger);
-        for peer in doomed {
-            ledger.end_session(peer, killed);
-        }
-    }
+    kill(&mut victim, &traffic, doomed).await;
     eventually(Duration::from_secs(30), "the doomed clients resume", || {
         let ledger = traffic.ledger.clone();
         let ids = ids.clone();

@@ -331,27 +331,42 @@ pub enum Wire {
 /// an encoded [`Wire::Positioned`].
 const POSITION_BYTES: usize = 16;
 
+/// A Lua script of `scripts/`: its source, loaded with SCRIPT LOAD at the
+/// head of a writer pipeline that runs it (EVALSHA in a pipeline is not
+/// reloaded on NOSCRIPT), and its redis-rs handle, which reloads it when
+/// invoked on its own.
+struct Lua {
+    source: &'static str,
+    script: std::sync::OnceLock<redis::Script>,
+}
+
+impl Lua {
+    const fn new(source: &'static str) -> Lua {
+        Lua {
+            source,
+            script: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn script(&self) -> &redis::Script {
+        self.script.get_or_init(|| redis::Script::new(self.source))
+    }
+
+    /// Its SHA1, for EVALSHA.
+    fn hash(&self) -> &str {
+        self.script().get_hash()
+    }
+}
+
 /// Appends a publication to its channel's history and publishes it.
-const PUBLISH_HISTORY_LUA: &str = include_str!("scripts/publish_history.lua");
-static PUBLISH_HISTORY: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(PUBLISH_HISTORY_LUA));
-
+static PUBLISH_HISTORY: Lua = Lua::new(include_str!("scripts/publish_history.lua"));
 /// Reads a channel's position and latest publications.
-static HISTORY_READ: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/history_read.lua")));
-
+static HISTORY_READ: Lua = Lua::new(include_str!("scripts/history_read.lua"));
 /// The session scripts (CLUSTER.md "Sessions").
-const SESSION_LEAVE_LUA: &str = include_str!("scripts/session_leave.lua");
-static SESSION_LEAVE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(SESSION_LEAVE_LUA));
-const INBOX_PUSH_LUA: &str = include_str!("scripts/inbox_push.lua");
-static INBOX_PUSH: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(INBOX_PUSH_LUA));
-static SESSION_CLAIM: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/session_claim.lua")));
-const SESSION_ORPHAN_LUA: &str = include_str!("scripts/session_orphan.lua");
-static SESSION_ORPHAN: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(SESSION_ORPHAN_LUA));
+static SESSION_LEAVE: Lua = Lua::new(include_str!("scripts/session_leave.lua"));
+static INBOX_PUSH: Lua = Lua::new(include_str!("scripts/inbox_push.lua"));
+static SESSION_CLAIM: Lua = Lua::new(include_str!("scripts/session_claim.lua"));
+static SESSION_ORPHAN: Lua = Lua::new(include_str!("scripts/session_orphan.lua"));
 
 /// A fresh epoch as the scripts take it: 8 bytes, u64 little-endian.
 fn epoch_arg() -> [u8; 8] {
@@ -414,12 +429,12 @@ impl Batch {
         &mut self.pipe
     }
 
-    /// Loads `script` first, unless it is loaded already.
-    fn load(&mut self, lua: &'static str, loaded: &mut Vec<&'static str>) {
-        if !loaded.contains(&lua) {
-            loaded.push(lua);
+    /// Loads `lua` first, unless this pipeline loads it already.
+    fn load(&mut self, lua: &'static Lua, loaded: &mut Vec<&'static str>) {
+        if !loaded.contains(&lua.source) {
+            loaded.push(lua.source);
             self.slots.push(Slot::Load);
-            self.pipe.cmd("SCRIPT").arg("LOAD").arg(lua);
+            self.pipe.cmd("SCRIPT").arg("LOAD").arg(lua.source);
         }
     }
 
@@ -1058,6 +1073,7 @@ impl ClusterBus for RedisBus {
         let keys = &inner.keys;
         let mut conn = inner.conn.clone();
         let reply: redis::Value = SESSION_CLAIM
+            .script()
             .key(keys.session(client))
             .key(keys.inbox(client))
             .key(keys.client_nodes())
@@ -1645,11 +1661,11 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
     let mut loaded = Vec::new();
     for op in &ops {
         match op {
-            Op::Append { .. } => batch.load(PUBLISH_HISTORY_LUA, &mut loaded),
+            Op::Append { .. } => batch.load(&PUBLISH_HISTORY, &mut loaded),
             Op::Leave(_, _, SessionEnd::Detach { .. } | SessionEnd::End { .. }) => {
-                batch.load(SESSION_LEAVE_LUA, &mut loaded)
+                batch.load(&SESSION_LEAVE, &mut loaded)
             }
-            Op::Store { .. } => batch.load(INBOX_PUSH_LUA, &mut loaded),
+            Op::Store { .. } => batch.load(&INBOX_PUSH, &mut loaded),
             _ => {}
         }
     }
@@ -1708,7 +1724,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 batch
                     .publish(Target::History(retention), None, done.into_iter().collect())
                     .cmd("EVALSHA")
-                    .arg(PUBLISH_HISTORY.get_hash())
+                    .arg(PUBLISH_HISTORY.hash())
                     .arg(2)
                     .arg(keys.history(&channel))
                     .arg(keys.history_meta(&channel))
@@ -1773,7 +1789,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                     batch
                         .write()
                         .cmd("EVALSHA")
-                        .arg(SESSION_LEAVE.get_hash())
+                        .arg(SESSION_LEAVE.hash())
                         .arg(3)
                         .arg(keys.session(client))
                         .arg(keys.inbox(client))
@@ -1854,7 +1870,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
                 batch
                     .store(done)
                     .cmd("EVALSHA")
-                    .arg(INBOX_PUSH.get_hash())
+                    .arg(INBOX_PUSH.hash())
                     .arg(3)
                     .arg(keys.session(to))
                     .arg(keys.inbox(to))
@@ -2031,6 +2047,7 @@ async fn read_history(
     };
     let mut conn = inner.conn.clone();
     let reply: redis::Value = HISTORY_READ
+        .script()
         .key(keys.history(channel))
         .key(keys.history_meta(channel))
         .arg(limit.saturating_add(1))
@@ -2594,12 +2611,12 @@ async fn orphan_index_entries(
             if !any {
                 pipe.cmd("SCRIPT")
                     .arg("LOAD")
-                    .arg(SESSION_ORPHAN_LUA)
+                    .arg(SESSION_ORPHAN.source)
                     .ignore();
                 any = true;
             }
             pipe.cmd("EVALSHA")
-                .arg(SESSION_ORPHAN.get_hash())
+                .arg(SESSION_ORPHAN.hash())
                 .arg(2)
                 .arg(keys.session(id))
                 .arg(&index)
