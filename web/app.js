@@ -26,6 +26,16 @@ const MAX_SHOWN = 500; // log entries kept in the page
 const UUID = /^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$/i;
 
 const $ = (id) => document.getElementById(id);
+/** A new element with properties (attributes for names with a dash) and children. */
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key.includes("-")) node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  node.append(...children);
+  return node;
+}
 const params = new URLSearchParams(location.search);
 
 let fabric = null; // the client module, once imported
@@ -57,19 +67,12 @@ window.fabricDemo = demo;
 function show(kind, { from = "", room = "", text = "", ...extra } = {}) {
   const entry = { kind, from, room, text, time: Date.now(), ...extra };
   demo.log.push(entry);
-  const li = document.createElement("li");
-  li.className = `entry ${kind}${entry.mine ? " mine" : ""}`;
-  const time = document.createElement("time");
-  time.dateTime = new Date(entry.time).toISOString();
-  time.textContent = new Date(entry.time).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false });
+  const at = new Date(entry.time);
   const [prefix, body] = describe(entry);
-  const who = document.createElement("span");
-  who.className = "who";
-  who.textContent = prefix;
-  const what = document.createElement(kind === "help" ? "pre" : "span");
-  what.className = "text";
-  what.textContent = body;
-  li.append(time, " ", who, " ", what);
+  const li = el("li", { className: `entry ${kind}${entry.mine ? " mine" : ""}` },
+    el("time", { dateTime: at.toISOString(), textContent: at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false }) }),
+    " ", el("span", { className: "who", textContent: prefix }),
+    " ", el(kind === "help" ? "pre" : "span", { className: "text", textContent: body }));
   if (entry.status) li.dataset.status = entry.status;
   entryItems.set(entry, li);
   const log = $("log");
@@ -94,22 +97,27 @@ function describe(e) {
   }
 }
 
-function setEntryStatus(entry, status) {
-  entry.status = status;
-  const li = entryItems.get(entry);
-  if (li) li.dataset.status = status;
+/** Marks an entry of yours "sent" or "failed" once `request` settles; returns its result. */
+async function tracked(entry, request) {
+  const mark = (status) => {
+    entry.status = status;
+    const li = entryItems.get(entry);
+    if (li) li.dataset.status = status;
+  };
+  try {
+    const result = await request;
+    mark("sent");
+    return result;
+  } catch (err) {
+    mark("failed");
+    throw err;
+  }
 }
 
 /** Shows a failure in the log and the alert region, and records it in fabricDemo.errors. */
 function reportError(action, err, text) {
-  const e = {
-    action,
-    code: err?.code ?? null,
-    codeName: err?.codeName ?? null,
-    message: String(err?.message ?? err),
-    retryAfterMs: err?.retryAfterMs ?? null,
-    time: Date.now(),
-  };
+  const e = { action, code: err?.code ?? null, codeName: err?.codeName ?? null, message: String(err?.message ?? err),
+    retryAfterMs: err?.retryAfterMs ?? null, time: Date.now() };
   demo.errors.push(e);
   const code = e.codeName ? ` [${e.codeName}]` : "";
   const retry = e.retryAfterMs ? ` (retry in ${Math.ceil(Number(e.retryAfterMs) / 1000)} s)` : "";
@@ -118,12 +126,8 @@ function reportError(action, err, text) {
   announce(text);
 }
 
-function announce(text) {
-  // Emptied first so the same message twice is announced twice.
-  const notice = $("notice");
-  notice.textContent = "";
-  requestAnimationFrame(() => { notice.textContent = text; });
-}
+/** The alert region says the latest failure or mistake. */
+const announce = (text) => { $("notice").textContent = text; };
 
 function usage(text) {
   show("error", { text });
@@ -173,11 +177,7 @@ async function connect() {
     $("name").focus();
     return;
   }
-  try {
-    localStorage.setItem(NAME_KEY, name);
-  } catch {
-    // storage disabled: the name is just not remembered
-  }
+  stored(() => localStorage.setItem(NAME_KEY, name));
   const mine = ++attempt;
   setState("connecting");
   try {
@@ -236,28 +236,25 @@ async function disconnect() {
 /** Subscribes the page to the client's events. */
 function listen(c) {
   const mineFrom = (from) => from?.clientId != null && from.clientId === c.clientId;
-  c.on("broadcast", ({ from, payload }) => {
-    show("broadcast", { from: nameOf(from), fromId: from?.clientId, text: payloadText(payload) });
-    if (from && !lobby.clients.some((m) => m.clientId === from.clientId)) refreshLobbySoon();
+  const message = (kind, { from, payload, channel, user }) =>
+    show(kind, { from: nameOf(from), fromId: from?.clientId, room: channel ?? "", user, text: payloadText(payload) });
+  c.on("broadcast", (ev) => {
+    message("broadcast", ev);
+    if (ev.from && !lobby.clients.some((m) => m.clientId === ev.from.clientId)) refreshLobbySoon();
   });
-  c.on("direct", ({ from, payload }) => show("direct", { from: nameOf(from), fromId: from?.clientId, text: payloadText(payload) }));
-  c.on("userDirect", ({ from, payload, user }) => show("direct", { from: nameOf(from), fromId: from?.clientId, user, text: payloadText(payload) }));
-  c.on("publication", ({ channel, payload, from }) => {
-    if (mineFrom(from)) return; // shown when sent, like the terminal chat
-    show("publication", { room: channel, from: nameOf(from), fromId: from?.clientId, text: payloadText(payload) });
-  });
-  c.on("join", ({ channel, member }) => {
-    show("join", { room: channel, from: member.name, fromId: member.clientId });
-    members.get(channel)?.set(member.clientId, member);
-    renderRoomMembers();
-    refreshLobbySoon();
-  });
-  c.on("leave", ({ channel, member }) => {
-    show("leave", { room: channel, from: member.name, fromId: member.clientId });
-    members.get(channel)?.delete(member.clientId);
-    renderRoomMembers();
-    refreshLobbySoon();
-  });
+  c.on("direct", (ev) => message("direct", ev));
+  c.on("userDirect", (ev) => message("direct", ev));
+  // Your own publications come back: shown when sent instead, as in the terminal chat.
+  c.on("publication", (ev) => mineFrom(ev.from) || message("publication", ev));
+  for (const kind of ["join", "leave"]) {
+    c.on(kind, ({ channel, member }) => {
+      show(kind, { room: channel, from: member.name, fromId: member.clientId });
+      if (kind === "join") members.get(channel)?.set(member.clientId, member);
+      else members.get(channel)?.delete(member.clientId);
+      renderRoomMembers();
+      refreshLobbySoon();
+    });
+  }
   c.on("unsubscribed", ({ channel, reason }) => {
     show("info", { room: channel, text: `removed from ${channel}: ${reason}` });
     if (forgetRoom(channel)) show("info", { text: whereLinesGo() });
@@ -350,26 +347,19 @@ function addressOf(member) {
   return byName ? member.name : member.clientId;
 }
 
+/** A member as a button that starts a direct message to it. */
 function memberItem(m) {
-  const li = document.createElement("li");
   const you = m.clientId === client?.clientId;
-  const button = document.createElement("button");
-  button.type = "button";
-  button.className = "member";
-  button.textContent = m.name;
-  const detail = document.createElement("span");
-  detail.className = "detail";
-  detail.textContent = [m.user && `user ${m.user}`, `node ${short(m.nodeId)}`, you && "you"].filter(Boolean).join(" · ");
-  button.append(detail);
-  button.title = `${m.clientId} on node ${m.nodeId}`;
-  button.setAttribute("aria-label", `Message ${m.name}${you ? " (you)" : ""} directly`);
-  button.addEventListener("click", () => {
-    const input = $("message");
-    input.value = `/to ${addressOf(m)} `;
-    input.focus();
-  });
-  li.append(button);
-  return li;
+  const detail = [m.user && `user ${m.user}`, `node ${short(m.nodeId)}`, you && "you"].filter(Boolean).join(" · ");
+  const button = el("button", {
+    type: "button", className: "member", title: `${m.clientId} on node ${m.nodeId}`,
+    "aria-label": `Message ${m.name}${you ? " (you)" : ""} directly`,
+    onclick: () => {
+      $("message").value = `/to ${addressOf(m)} `;
+      $("message").focus();
+    },
+  }, m.name, el("span", { className: "detail", textContent: detail }));
+  return el("li", {}, button);
 }
 
 function renderLobby() {
@@ -392,41 +382,28 @@ function renderRoomMembers() {
   }
 }
 
-function note(text) {
-  const li = document.createElement("li");
-  li.className = "note";
-  li.textContent = text;
-  return li;
-}
+const note = (text) => el("li", { className: "note", textContent: text });
 
 function renderRooms() {
   const list = $("rooms");
   const item = (room, label) => {
-    const li = document.createElement("li");
-    const select = document.createElement("button");
-    select.type = "button";
-    select.className = "room";
-    select.textContent = label;
-    if (room === rooms.current) select.setAttribute("aria-current", "true");
-    select.addEventListener("click", () => {
-      rooms.current = room;
-      if (room) rooms.joined = [...rooms.joined.filter((r) => r !== room), room];
-      show("info", { text: whereLinesGo() });
-      renderAll();
-      if (room) refreshMembers(room, { quiet: true });
-      $("message").focus();
+    const select = el("button", {
+      type: "button", className: "room", textContent: label, "aria-current": String(room === rooms.current),
+      onclick: () => {
+        // Like joining again in `fabric chat`: the room becomes the current one.
+        if (room) enterRoom(room);
+        else rooms.current = null;
+        show("info", { text: whereLinesGo() });
+        renderAll();
+        if (room) refreshMembers(room, { quiet: true });
+        $("message").focus();
+      },
     });
-    li.append(select);
-    if (room) {
-      const leave = document.createElement("button");
-      leave.type = "button";
-      leave.className = "leave";
-      leave.textContent = "Leave";
-      leave.setAttribute("aria-label", `Leave ${room}`);
-      leave.addEventListener("click", () => runLine(`/leave ${room}`));
-      li.append(leave);
-    }
-    return li;
+    const leave = room && el("button", {
+      type: "button", className: "leave", textContent: "Leave", "aria-label": `Leave ${room}`,
+      onclick: () => runLine(`/leave ${room}`),
+    });
+    return el("li", {}, select, ...(leave ? [leave] : []));
   };
   list.replaceChildren(item(null, "Lobby (everyone)"), ...rooms.joined.map((r) => item(r, r)));
   $("target").textContent = rooms.current ? `to ${rooms.current}` : "to everyone (lobby)";
@@ -482,8 +459,7 @@ const COMMANDS = {
     const { clients, truncated } = await client.list();
     lobby = { clients, truncated };
     renderLobby();
-    const lines = clients.map((c) => `  ${c.clientId} ${c.name}${c.user ? ` (${c.user})` : ""} on node ${c.nodeId}${c.clientId === client.clientId ? " (you)" : ""}`);
-    show("info", { text: `${clients.length} connected:\n${lines.join("\n")}${truncated ? "\n  (list truncated)" : ""}`, multiline: true });
+    show("info", { text: `${clients.length} connected:\n${memberLines(clients, truncated)}` });
   },
   "/ping": () => ping(true),
   "/join": async (room) => {
@@ -507,8 +483,7 @@ const COMMANDS = {
     const room = named || rooms.current;
     if (!room) return usage("usage: /who ROOM (you are in no room)");
     const { members: list, truncated } = await client.presence(room);
-    const lines = list.map((m) => `  ${m.clientId} ${m.name}${m.user ? ` (${m.user})` : ""} on node ${m.nodeId}${m.clientId === client.clientId ? " (you)" : ""}`);
-    show("info", { room, text: `${list.length} in ${room}:\n${lines.join("\n")}${truncated ? "\n  (list truncated)" : ""}`, multiline: true });
+    show("info", { room, text: `${list.length} in ${room}:\n${memberLines(list, truncated)}` });
   },
   "/to": async (rest) => {
     const space = rest.indexOf(" ");
@@ -523,20 +498,14 @@ const COMMANDS = {
       recipient = recipientByName(target, clients, client.clientId);
       if (recipient.problem) return usage(recipient.problem);
     }
-    const entry = show("direct", { from: client.name ?? $("name").value, to: target, text, mine: true, status: "sending" });
+    const entry = show("direct", { from: $("name").value.trim(), to: target, text, mine: true, status: "sending" });
     try {
-      if (recipient.clientId) {
-        const result = await client.direct(recipient.clientId, text);
-        if (result?.stored) {
-          const until = new Date(Number(result.untilMs)).toLocaleString();
-          show("info", { text: `${target} is not connected: the message is kept for them until ${until}` });
-        }
-      } else {
-        await client.sendToUser(recipient.user, text);
+      const result = await tracked(entry, recipient.clientId ? client.direct(recipient.clientId, text) : client.sendToUser(recipient.user, text));
+      if (result?.stored) {
+        const until = new Date(Number(result.untilMs)).toLocaleString();
+        show("info", { text: `${target} is not connected: the message is kept for them until ${until}` });
       }
-      setEntryStatus(entry, "sent");
     } catch (err) {
-      setEntryStatus(entry, "failed");
       if (err?.codeName === "UNKNOWN_USER" && recipient.user === target) {
         return reportError(`/to ${target}`, err, `nobody called ${target}: no client has that id or name, and no user ${target} is connected`);
       }
@@ -545,18 +514,18 @@ const COMMANDS = {
   },
 };
 
+/** Clients as `fabric chat` lists them, one a line. */
+function memberLines(list, truncated) {
+  const line = (c) => `  ${c.clientId} ${c.name}${c.user ? ` (${c.user})` : ""} on node ${c.nodeId}${c.clientId === client.clientId ? " (you)" : ""}`;
+  return list.map(line).join("\n") + (truncated ? "\n  (list truncated)" : "");
+}
+
 /** A message to the current room, or to everyone. */
 async function say(text) {
   const room = rooms.current;
   const from = $("name").value.trim();
   const entry = show(room ? "publication" : "broadcast", { from, room: room ?? "", text, mine: true, status: "sending" });
-  try {
-    await (room ? client.publish(room, text) : client.broadcast(text));
-    setEntryStatus(entry, "sent");
-  } catch (err) {
-    setEntryStatus(entry, "failed");
-    throw err;
-  }
+  await tracked(entry, room ? client.publish(room, text) : client.broadcast(text));
 }
 
 async function ping(asked) {
@@ -586,6 +555,11 @@ function recipientByName(target, clients, me) {
   return { problem: `${named.length} clients are named ${target}: ${ids}; use /to ID TEXT` };
 }
 
+/** localStorage may be disabled: then names are just not remembered. */
+function stored(use) {
+  try { return use(); } catch { return null; }
+}
+
 function canonicalId(id) {
   const hex = id.replaceAll("-", "").toLowerCase();
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
@@ -594,47 +568,28 @@ function canonicalId(id) {
 // ---- start ----------------------------------------------------------------------
 
 function start() {
-  let saved = null;
-  try {
-    saved = localStorage.getItem(NAME_KEY);
-  } catch {
-    // storage disabled
-  }
-  $("name").value = params.get("name") || saved || `guest-${String(Math.floor(Math.random() * 10000)).padStart(4, "0")}`;
+  $("name").value = params.get("name") || stored(() => localStorage.getItem(NAME_KEY)) || `guest-${String(Math.floor(Math.random() * 10000)).padStart(4, "0")}`;
   renderAll();
 
-  $("connect-form").addEventListener("submit", (ev) => {
+  const onSubmit = (form, input, use) => $(form).addEventListener("submit", (ev) => {
     ev.preventDefault();
-    if (state === "idle" || state === "closed") connect();
-    else disconnect();
+    const value = input && $(input).value;
+    if (input) $(input).value = "";
+    use(value);
   });
-  $("composer").addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    const input = $("message");
-    const line = input.value;
-    input.value = "";
-    runLine(line);
-  });
-  $("room-form").addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    const input = $("room-input");
-    const room = input.value.trim();
-    input.value = "";
-    runLine(`/join ${room}`);
-  });
+  onSubmit("connect-form", null, () => (state === "idle" || state === "closed" ? connect() : disconnect()));
+  onSubmit("composer", "message", runLine);
+  onSubmit("room-form", "room-input", (room) => runLine(`/join ${room.trim()}`));
   addEventListener("pagehide", () => client?.close("page closed").catch(() => {}));
 
   if (typeof WebTransport === "undefined") {
     const why = isSecureContext
       ? "This browser does not support WebTransport. Use Chrome or Edge 97+, or Firefox 114+ (Safari does not support it yet)."
       : "WebTransport needs a secure context: open this page over https, or from http://localhost or http://127.0.0.1.";
-    const banner = $("unsupported");
-    banner.textContent = why;
-    banner.hidden = false;
-    $("connect").disabled = true;
-    $("name").disabled = true;
-    demo.errors.push({ action: "start", code: null, codeName: null, message: why, retryAfterMs: null, time: Date.now() });
+    Object.assign($("unsupported"), { textContent: why, hidden: false });
+    reportError("WebTransport", new Error(why));
     setState("closed", { reason: "WebTransport is not available" });
+    $("connect").disabled = true;
     return;
   }
   show("info", { text: "Choose a name and connect. Type /help for commands." });
