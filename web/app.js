@@ -587,7 +587,7 @@ function start() {
       ? "This browser does not support WebTransport. Use Chrome or Edge 97+, or Firefox 114+ (Safari does not support it yet)."
       : "WebTransport needs a secure context: open this page over https, or from http://localhost or http://127.0.0.1.";
     Object.assign($("unsupported"), { textContent: why, hidden: false });
-    reportError("WebTransport", new Error(why));
+    reportError("WebTransport", new Error(why), why);
     setState("closed", { reason: "WebTransport is not available" });
     $("connect").disabled = true;
     return;
