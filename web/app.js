@@ -119,7 +119,8 @@ function reportError(action, err, text) {
   const e = { action, code: err?.code ?? null, codeName: err?.codeName ?? null, message: String(err?.message ?? err),
     retryAfterMs: err?.retryAfterMs ?? null, time: Date.now() };
   demo.errors.push(e);
-  const code = e.codeName ? ` [${e.codeName}]` : "";
+  // The client's messages for node errors already name the code: "RATE_LIMITED (13): ...".
+  const code = e.codeName && !e.message.includes(e.codeName) ? ` [${e.codeName}]` : "";
   const retry = e.retryAfterMs ? ` (retry in ${Math.ceil(Number(e.retryAfterMs) / 1000)} s)` : "";
   text ??= `${action}: ${e.message}${code}${retry}`;
   show("error", { text, code: e.code, codeName: e.codeName });
@@ -145,7 +146,8 @@ function setState(next, info = {}) {
   state = next;
   const status = $("status");
   status.dataset.state = next;
-  let text = { idle: "not connected", connecting: "connecting…", reconnecting: "reconnecting…" }[next];
+  const tries = info.attempt > 1 ? ` (attempt ${info.attempt})` : "";
+  let text = { idle: "not connected", connecting: `connecting…${tries}`, reconnecting: `reconnecting…${tries}` }[next];
   if (next === "connected") {
     text = `connected · node ${short(client?.nodeId)}`;
     status.title = `client ${client?.clientId} on node ${client?.nodeId} (${client?.serverName}), protocol ${client?.version}`;
@@ -163,8 +165,7 @@ function setState(next, info = {}) {
     stopTimers();
     client = null;
     lobby = { clients: [], truncated: false };
-    rooms.joined = [];
-    rooms.current = null;
+    Object.assign(rooms, { joined: [], current: null });
     members.clear();
     renderAll();
   }
@@ -172,11 +173,7 @@ function setState(next, info = {}) {
 
 async function connect() {
   const name = $("name").value.trim();
-  if (!name) {
-    usage("enter a name first");
-    $("name").focus();
-    return;
-  }
+  if (!name) return usage("enter a name first");
   stored(() => localStorage.setItem(NAME_KEY, name));
   const mine = ++attempt;
   setState("connecting");
@@ -189,16 +186,12 @@ async function connect() {
   }
   let c;
   try {
-    c = await fabric.Client.connect({
-      discovery: "/webtransport.json",
-      name,
-      reconnect: { initialDelayMs: 250, maxDelayMs: 5000 },
-      resume: true,
-    });
+    const reconnect = { initialDelayMs: 250, maxDelayMs: 5000 };
+    c = await fabric.Client.connect({ discovery: "/webtransport.json", name, reconnect, resume: true });
   } catch (err) {
     if (mine !== attempt) return; // cancelled meanwhile
     reportError("connect", err);
-    setState("closed", { reason: err?.message ?? String(err), code: err?.code });
+    setState("closed", { reason: err?.message ?? String(err), code: err?.closeCode });
     return;
   }
   if (mine !== attempt) {
@@ -208,9 +201,7 @@ async function connect() {
   client = c;
   listen(c);
   setState("connected");
-  show("info", {
-    text: `connected as ${c.clientId} on node ${c.nodeId} (${c.serverName}). Type to broadcast, /join ROOM to talk in a room, /help for commands.`,
-  });
+  show("info", { text: `connected as ${c.clientId} on node ${c.nodeId} (${c.serverName}). Type to broadcast, /join ROOM to talk in a room, /help for commands.` });
   startTimers();
   refreshLobby();
   renderAll();
@@ -260,14 +251,23 @@ function listen(c) {
     if (forgetRoom(channel)) show("info", { text: whereLinesGo() });
   });
   c.on("subscriptionLost", ({ channel, reason }) =>
-    show("info", { room: channel, text: `messages of ${channel} sent while you were away could not be recovered${reason ? ` (${reason})` : ""}` }));
+    show("info", { room: channel, text: `the node missed publications of ${channel} (${reason}); recovering them` }));
+  // The client subscribes again by itself after a reconnect (or a SubscriptionLost).
+  c.on("resubscribed", ({ channel, recovery, cause }) => {
+    if (["trimmed", "epochChanged", "ahead"].includes(recovery)) {
+      show("error", { room: channel, text: `messages of ${channel} sent while you were away could not be recovered (${recovery})` });
+    } else show("info", { room: channel, text: cause === "subscriptionLost" ? `recovered what the node missed of ${channel}` : `rejoined ${channel}` });
+    refreshMembers(channel, { quiet: true });
+  });
+  c.on("resubscribeFailed", ({ channel, error }) => {
+    reportError(`could not rejoin ${channel}`, error);
+    const before = rooms.current;
+    for (const room of rooms.joined) if (!c.subscriptions.includes(room)) forgetRoom(room);
+    if (rooms.current !== before) show("info", { text: whereLinesGo() });
+  });
   c.on("state", (ev) => {
     if (c !== client) return;
-    if (ev.state === "closed") {
-      // The "closed" event carries the code and reason; wait a moment for it.
-      setTimeout(() => closed(c, ev), 100);
-      return;
-    }
+    if (ev.state === "closed") return closed(c, ev); // it carries the close code and reason
     if (ev.state === "reconnecting" && state === "connected") {
       show("info", { text: `connection lost${ev.reason ? ` (${ev.reason})` : ""}; reconnecting` });
     }
@@ -279,7 +279,6 @@ function listen(c) {
     if (state !== "connected") setState("connected");
     ping(false);
     refreshLobby();
-    for (const room of rooms.joined) refreshMembers(room, { quiet: true });
   });
   c.on("goodbye", ({ reason }) => show("info", { text: `server says goodbye: ${reason}` }));
   c.on("error", (err) => reportError("from the node", err));

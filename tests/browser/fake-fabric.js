@@ -1,16 +1,22 @@
-// A stand-in for clients/js/fabric.js with the API of the web contract, for
-// page.selftest.mjs: it lets the demo page be checked in Chromium without a
-// node. It answers from a fixed cast (bob, two clients named twin, user t),
+// A stand-in for clients/js/fabric.js (same names, result shapes, error
+// messages and events as that client), for page.selftest.mjs: it lets the
+// demo page be checked in Chromium without a node. It answers from a fixed cast (bob, two clients named twin, user t),
 // records every call in window.fakeCalls, and window.fakeClient.emit(event,
 // payload) plays what the node would send.
 
+const NAMES = { 7: "UNKNOWN_CLIENT", 9: "INVALID_FIELD", 12: "RATE_LIMITED", 17: "NOT_ALLOWED", 20: "UNKNOWN_USER" };
+
 export class FabricError extends Error {
-  constructor(code, codeName, message, retryAfterMs) {
+  constructor(message, { code = null, codeName, retryAfterMs = null, closeCode = null, closeReason = null } = {}) {
     super(message);
     this.name = "FabricError";
-    Object.assign(this, { code, codeName, retryAfterMs });
+    Object.assign(this, { code, codeName: codeName ?? NAMES[code] ?? "ERROR", retryAfterMs, closeCode, closeReason });
   }
 }
+
+/** An Error frame from the node, as the client reports it. */
+const refused = (code, message, retryAfterMs = null) =>
+  new FabricError(`${NAMES[code]} (${code}): ${message}`, { code, retryAfterMs });
 
 const NODE = "0a0b0c0d-0000-4000-8000-000000000001";
 const info = (name, user = null) => ({ clientId: crypto.randomUUID(), nodeId: NODE, name, user, connectedAtMs: Date.now() });
@@ -22,7 +28,9 @@ export class Client {
     window.fakeCalls.push(["connect", options]);
     const discovery = await (await fetch(options.discovery, { cache: "no-store" })).json();
     if (!discovery.url) throw new Error("no url in the discovery document");
-    if (options.name.includes(" ")) throw new FabricError(9, "INVALID_FIELD", `name byte ${options.name.indexOf(" ")} is a space`);
+    if (options.name.includes(" ")) {
+      throw new FabricError(`the node refused the connection: INVALID_FIELD (9): name byte ${options.name.indexOf(" ")} is a space`, { code: 9 });
+    }
     const client = new Client(options.name);
     window.fakeClient = client;
     return client;
@@ -34,6 +42,10 @@ export class Client {
     this.cast = cast;
     this.handlers = new Map();
     this.channels = new Set();
+  }
+
+  get subscriptions() {
+    return [...this.channels];
   }
 
   on(event, fn) {
@@ -57,29 +69,32 @@ export class Client {
 
   broadcast(payload) {
     return this.call("broadcast", [payload], () => {
-      if (payload === "too fast") throw new FabricError(13, "RATE_LIMITED", "rate limit exceeded", 1500);
+      if (payload === "too fast") throw refused(12, "rate limit exceeded", 1500);
+      return { id: crypto.randomUUID() };
     });
   }
 
   direct(to, payload) {
     return this.call("direct", [to, payload], () => {
       if (to === this.clientId) this.emit("direct", { from: this.me, payload });
-      else if (!cast.some((c) => c.clientId === to)) throw new FabricError(7, "UNKNOWN_CLIENT", `client ${to} is not connected`);
-      return { stored: false };
+      else if (!cast.some((c) => c.clientId === to)) throw refused(7, `client ${to} is not connected`);
+      return { id: crypto.randomUUID(), stored: false };
     });
   }
 
   sendToUser(user, payload) {
     return this.call("sendToUser", [user, payload], () => {
-      if (user !== "t") throw new FabricError(20, "UNKNOWN_USER", `user ${user} has no connection`);
+      if (user !== "t") throw refused(20, `user ${user} has no connection`);
+      return { id: crypto.randomUUID() };
     });
   }
 
   subscribe(channel, options) {
     return this.call("subscribe", [channel, options], () => {
-      if (!/^[!-)+-~]+$/.test(channel)) throw new FabricError(9, "INVALID_FIELD", "channel names are printable ASCII (0x21 to 0x7E) without `*`");
+      const bad = channel.search(/[^!-)+-~]/);
+      if (bad >= 0) throw refused(9, `channel byte ${bad} is 0x${channel.charCodeAt(bad).toString(16)}; channel names are printable ASCII (0x21 to 0x7E) without \`*\``);
       this.channels.add(channel);
-      return { channel, subscribers: 2 };
+      return { channel, subscribers: 2, position: null, recovery: "notRequested" };
     });
   }
 
@@ -91,13 +106,14 @@ export class Client {
     return this.call("publish", [channel, payload], () => {
       // The node sends a publication back to its publisher when subscribed.
       if (this.channels.has(channel)) this.emit("publication", { channel, payload, from: this.me });
+      return { id: crypto.randomUUID() };
     });
   }
 
   presence(channel) {
     return this.call("presence", [channel], () => {
-      if (channel.startsWith("quiet:")) throw new FabricError(17, "FORBIDDEN", `presence is off for the namespace of ${channel}`);
-      return { members: [this.me, cast[0]], truncated: false };
+      if (channel.startsWith("quiet:")) throw refused(17, `presence is off for the namespace of ${channel}`);
+      return { channel, members: [this.me, cast[0]], truncated: false };
     });
   }
 
@@ -109,10 +125,10 @@ export class Client {
     return this.call("ping", [], () => 1.25);
   }
 
-  close(reason) {
-    return this.call("close", [reason], () => {
-      this.emit("state", { state: "closed" });
-      this.emit("closed", { code: 0, reason });
-    });
+  close(reason = "bye") {
+    window.fakeCalls.push(["close", reason]);
+    this.emit("state", { state: "closed", code: 0, reason });
+    this.emit("closed", { code: 0, reason });
+    return Promise.resolve();
   }
 }

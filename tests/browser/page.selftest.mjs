@@ -82,8 +82,8 @@ test("the chat: lobby, rooms, directs, commands, errors", { timeout: 60_000 }, a
   // A refusal is shown in the log and the alert region, and recorded.
   await type("too fast");
   await page.waitFor("fabricDemo.errors.length === 1");
-  assert.deepEqual(await page.evaluate("fabricDemo.errors.map(e => [e.code, e.codeName, e.retryAfterMs])"), [[13, "RATE_LIMITED", 1500]]);
-  assert.equal(await page.evaluate("document.getElementById('notice').textContent"), "broadcast: rate limit exceeded [RATE_LIMITED] (retry in 2 s)");
+  assert.deepEqual(await page.evaluate("fabricDemo.errors.map(e => [e.code, e.codeName, e.retryAfterMs])"), [[12, "RATE_LIMITED", 1500]]);
+  assert.equal(await page.evaluate("document.getElementById('notice').textContent"), "broadcast: RATE_LIMITED (12): rate limit exceeded (retry in 2 s)");
   assert.equal(await page.evaluate("fabricDemo.log.find(e => e.text === 'too fast').status"), "failed");
 
   // Joining with #room-input and #join makes the room current; lines are published there.
@@ -150,7 +150,7 @@ test("the chat: lobby, rooms, directs, commands, errors", { timeout: 60_000 }, a
 
   // A room without presence, then leaving it.
   await run("/join quiet:room");
-  await page.waitFor("fabricDemo.errors.some(e => e.codeName === 'FORBIDDEN')");
+  await page.waitFor("fabricDemo.errors.some(e => e.codeName === 'NOT_ALLOWED')");
   await page.waitFor("document.getElementById('room-members').innerText.includes('not available')");
   await run("/leave");
   assert.deepEqual(await page.evaluate("[fabricDemo.currentRoom, fabricDemo.rooms]"), ["general", ["general"]]);
@@ -167,12 +167,34 @@ test("the chat: lobby, rooms, directs, commands, errors", { timeout: 60_000 }, a
   await run("/help");
   assert.match((await texts(page, "help")).at(-1), /\/join ROOM/);
 
-  // A reconnect, then a removal by an operator.
-  await page.evaluate("fakeClient.emit('state', { state: 'reconnecting' })");
+  // A reconnect (events as the client sends them), then a removal by an operator.
+  await page.evaluate("fakeClient.emit('state', { state: 'reconnecting', code: null, reason: 'network lost', attempt: 1, delayMs: 0 })");
+  await page.evaluate("fakeClient.emit('state', { state: 'reconnecting', code: null, reason: 'network lost', attempt: 2, delayMs: 250 })");
   assert.equal(await page.evaluate("document.getElementById('status').dataset.state"), "reconnecting");
-  await page.evaluate("fakeClient.emit('reconnected', { clientId: fakeClient.clientId, nodeId: fakeClient.nodeId, session: 'resumed' })");
+  assert.equal(await page.evaluate("document.getElementById('status').innerText.trim()"), "reconnecting… (attempt 2)");
+  assert.equal(await page.evaluate("document.getElementById('send').disabled"), false, "you may type while it reconnects");
+  await page.evaluate(`(() => {
+    const info = { clientId: fakeClient.clientId, nodeId: fakeClient.nodeId, version: 3, session: "resumed" };
+    fakeClient.emit("state", { state: "connected", ...info });
+    fakeClient.emit("reconnected", info);
+    fakeClient.emit("resubscribed", { channel: "general", subscribers: 2, position: null, recovery: "recovered", cause: "reconnect" });
+  })()`);
   assert.equal(await page.evaluate("fabricDemo.state"), "connected");
-  assert.match((await texts(page, "info")).at(-1), /^reconnected as \S+ on node \S+ \(session resumed\)$/);
+  const me = await page.evaluate("fakeClient.clientId");
+  assert.deepEqual((await texts(page, "info")).slice(-3), [
+    "connection lost (network lost); reconnecting",
+    `reconnected as ${me} on node 0a0b0c0d-0000-4000-8000-000000000001 (session resumed)`,
+    "rejoined general",
+  ]);
+  await run("/join other");
+  await run("/join general");
+  await page.evaluate(`(() => {
+    fakeClient.channels.delete("other");
+    const error = Object.assign(new Error("NOT_ALLOWED (17): other is closed"), { code: 17, codeName: "NOT_ALLOWED" });
+    fakeClient.emit("resubscribeFailed", { channel: "other", error, forgotten: true, cause: "reconnect" });
+  })()`);
+  assert.deepEqual(await page.evaluate("[fabricDemo.rooms, fabricDemo.currentRoom]"), [["general"], "general"]);
+  assert.equal((await texts(page, "error")).at(-1), "could not rejoin other: NOT_ALLOWED (17): other is closed");
   await page.evaluate("fakeClient.emit('unsubscribed', { channel: 'general', reason: 'kicked by an operator' })");
   assert.deepEqual((await texts(page, "info")).slice(-2), ["removed from general: kicked by an operator", "lines are now broadcast to everyone"]);
   assert.equal(await page.evaluate("fabricDemo.currentRoom"), null);
@@ -198,7 +220,8 @@ test("the name is remembered, and a refused connect is shown", { timeout: 30_000
     document.getElementById("connect").click();
   })()`);
   await page.waitFor("fabricDemo.state === 'closed'");
-  assert.equal(await page.evaluate("document.getElementById('status').innerText.trim()"), "closed: name byte 3 is a space (code 9)");
+  assert.equal(await page.evaluate("document.getElementById('status').innerText.trim()"),
+    "closed: the node refused the connection: INVALID_FIELD (9): name byte 3 is a space");
   assert.equal(await page.evaluate("fabricDemo.errors[0].codeName"), "INVALID_FIELD");
   const reloaded = await browser.newPage(`${base}/`);
   assert.equal(await reloaded.evaluate("document.getElementById('name').value"), "two words");
