@@ -906,6 +906,7 @@ export class Client {
   #iterators = new Set();
   #waiting = []; // requests waiting for a connection
   #subs = new Map(); // channel -> {events, track}
+  #left = new Map(); // channel -> how often it was left (an answer to an older subscribe must not re-add it)
   #seq = 0;
   #sleeps = new Set();
   #ack = null;
@@ -1035,9 +1036,7 @@ export class Client {
 
   /** Delivers `payload` to every other client; resolves {id} on Ack. */
   async broadcast(payload, { priority } = {}) {
-    const p = toPayload(payload);
-    return this.#request(() => ({ type: "broadcast", payload: p }),
-      { priority: toPriority(priority), expect: ["ack"], retryable: true, map: (f, req) => ({ id: req.id }) });
+    return this.#acked({ type: "broadcast", payload: toPayload(payload) }, priority);
   }
 
   /** Delivers `payload` to client `to`: {id, stored: false} on Ack, {id, stored: true, untilMs} on Stored. */
@@ -1054,18 +1053,12 @@ export class Client {
 
   /** Delivers `payload` to every connection of `user`; resolves {id} on Ack. */
   async sendToUser(user, payload, { priority } = {}) {
-    checkText(user, "user");
-    const p = toPayload(payload);
-    return this.#request(() => ({ type: "userDirect", user, payload: p }),
-      { priority: toPriority(priority), expect: ["ack"], retryable: true, map: (f, req) => ({ id: req.id }) });
+    return this.#acked({ type: "userDirect", user: checkText(user, "user"), payload: toPayload(payload) }, priority);
   }
 
   /** Publishes `payload` to `channel`; resolves {id} on Ack. */
   async publish(channel, payload, { priority } = {}) {
-    checkText(channel, "channel");
-    const p = toPayload(payload);
-    return this.#request(() => ({ type: "publish", channel, payload: p }),
-      { priority: toPriority(priority), expect: ["ack"], retryable: true, map: (f, req) => ({ id: req.id }) });
+    return this.#acked({ type: "publish", channel: checkText(channel, "channel"), payload: toPayload(payload) }, priority);
   }
 
   /**
@@ -1093,7 +1086,7 @@ export class Client {
   /** Leaves `channel` (and forgets its position); resolves on Ack. */
   async unsubscribe(channel) {
     checkText(channel, "channel");
-    this.#subs.delete(channel);
+    this.#forget(channel);
     return this.#request(() => ({ type: "unsubscribe", channel }), { expect: ["ack"], map: () => undefined });
   }
 
@@ -1151,6 +1144,11 @@ export class Client {
         }),
       }),
     });
+  }
+
+  /** A message answered by Ack, retried across reconnects when it can be (Idempotent). */
+  #acked(b, priority) {
+    return this.#request(() => b, { priority: toPriority(priority), expect: ["ack"], retryable: true, map: (f, req) => ({ id: req.id }) });
   }
 
   /**
@@ -1255,7 +1253,13 @@ export class Client {
     return { id, priority: p, timestampMs: BigInt(Date.now()), sender: null, body: b };
   }
 
+  #forget(channel) {
+    this.#subs.delete(channel);
+    this.#left.set(channel, (this.#left.get(channel) ?? 0) + 1);
+  }
+
   #subscribeOn(channel, events, since, link) {
+    const left = this.#left.get(channel);
     return this.#request((version) => {
       if (version < CHANNELS_VERSION) {
         throw new FabricError(`channels need protocol version 2; this connection speaks version ${version}`, { codeName: "UNSUPPORTED" });
@@ -1268,7 +1272,8 @@ export class Client {
       map: (f) => {
         const b = f.body;
         let sub = this.#subs.get(channel);
-        if (!sub) this.#subs.set(channel, (sub = { events, track: null }));
+        if (this.#left.get(channel) !== left) sub = { events, track: null }; // left meanwhile: not kept
+        else if (!sub) this.#subs.set(channel, (sub = { events, track: null }));
         sub.events = events;
         if (b.type === "subscribed") {
           if (b.position) Track.reached(sub, b.position, b.recovery);
@@ -1342,19 +1347,20 @@ export class Client {
     let target;
     let link;
     let timer;
+    // One deadline for discovery, token, session and handshake.
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new FabricError(`no connection to ${target?.url ?? o.url ?? o.discovery} within ${o.connectTimeoutMs} ms`, { codeName: "TIMEOUT" })), o.connectTimeoutMs);
+    });
+    timeout.catch(noop);
     try {
-      target = await this.#target();
-      const token = typeof o.token === "function" ? await o.token() : o.token;
+      target = await Promise.race([this.#target(), timeout]);
+      const token = await Promise.race([typeof o.token === "function" ? o.token() : o.token, timeout]);
       if (this.#state === "closed") throw new FabricError("the client was closed", { codeName: "CLOSED" });
       if (resume !== undefined && target.version !== undefined && target.version < RECOVERY_VERSION) resume = undefined;
       const wt = o.transport ? o.transport(target.url, target.options) : new globalThis.WebTransport(target.url, target.options);
       link = new Link(wt, (l, item) => this.#onPayload(l, item), (l, info) => this.#onLost(l, info));
       link.wantSession = resume !== undefined;
       this.#attempt = link;
-      const timeout = new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new FabricError(`no connection to ${target.url} within ${o.connectTimeoutMs} ms`, { codeName: "TIMEOUT" })), o.connectTimeoutMs);
-      });
-      timeout.catch(noop);
       const failed = link.handshake.promise;
       await Promise.race([wt.ready, timeout, failed]);
       link.start();
@@ -1550,7 +1556,7 @@ export class Client {
       case "leave":
         return this.#emit(b.type, { channel: b.channel, member: clientInfo2(b.member) });
       case "unsubscribed": // an operator ended it: not subscribed again
-        this.#subs.delete(b.channel);
+        this.#forget(b.channel);
         return this.#emit("unsubscribed", { channel: b.channel, reason: b.reason });
       case "subscriptionLost":
         this.#emit("subscriptionLost", { channel: b.channel, reason: b.reason });

@@ -498,3 +498,25 @@ test("an event iterator that falls behind throws instead of dropping events", as
   await assert.rejects(events.next(), (e) => e instanceof FabricError && e.codeName === "BUFFER_FULL");
   await client.close();
 });
+
+test("a subscribe answered after an unsubscribe of the channel does not bring it back", async () => {
+  const { client, session } = await connected();
+  const sub = client.subscribe("chat:x");
+  const unsub = client.unsubscribe("chat:x");
+  const { frame: s } = await session.nextOf("subscribeSince");
+  const { frame: u } = await session.nextOf("unsubscribe");
+  session.reply(s, { type: "subscribed", channel: "chat:x", subscribers: 1n, position: null, recovery: "noHistory" });
+  session.reply(u, { type: "ack" });
+  await sub;
+  await unsub;
+  assert.deepEqual(client.subscriptions, []);
+  await client.close();
+});
+
+test("the connect timeout also covers a discovery that never answers", async () => {
+  const started = Date.now();
+  await rejectsWith(Client.connect({ discovery: () => new Promise(() => {}), transport: () => assert.fail("no session"), connectTimeoutMs: 30 }), {
+    codeName: "TIMEOUT", message: /within 30 ms/,
+  });
+  assert.ok(Date.now() - started < 1000);
+});
