@@ -427,15 +427,8 @@ const union = (typeName, variants) => {
   };
 };
 
-const priority = {
-  min: 4,
-  dec: (r) => {
-    const tag = r.u32();
-    if (tag > 2) throw new CodecError(`invalid enum tag ${tag} for Priority (expected 0 to 2)`);
-    return tag;
-  },
-  enc: (w, v) => w.u32(checkUint(v, 2, "a priority (0 low, 1 normal, 2 high)")),
-};
+/** Priority keeps its wire value: 0 low, 1 normal, 2 high. */
+const priority = named("Priority", [0, 1, 2]);
 /** Payload: Text is a JS string, Binary a Uint8Array. */
 const payload = {
   min: 12,
@@ -731,7 +724,7 @@ class Link {
     Promise.resolve(wt.closed).then(
       (info) => this.#lose({ code: info?.closeCode ?? null, reason: info?.reason ?? "" }),
       (err) => this.#lose({ code: null, reason: err?.message || String(err) }),
-    );
+    ).catch(reportLater);
   }
 
   start() {
@@ -779,7 +772,7 @@ class Link {
     for (;;) {
       const next = await streams.read();
       if (next.done) return;
-      this.#read(next.value);
+      this.#read(next.value).catch(reportLater);
     }
   }
 
@@ -834,6 +827,8 @@ const FINAL_REFUSALS = new Set([4, 9, 13]);
 const LASTING_SUBSCRIBE_ERRORS = new Set([3, 9, 17, 18, 19]);
 const RESUBSCRIBE_ATTEMPTS = 5;
 const GOODBYE_SETTLE_MS = 2000;
+/** A connection lost sooner than this after its handshake counts as short-lived. */
+const SHORT_LIVED_MS = 5000;
 const MAX_WAITING = 4096;
 const now = () => (globalThis.performance ?? Date).now();
 
@@ -913,6 +908,7 @@ export class Client {
   #session = null;
   #wantSession = false;
   #rateBackoff = 0;
+  #shortLived = 0; // connections in a row lost soon after their handshake
 
   constructor(options = {}) {
     this.#o = normalize(options);
@@ -1385,6 +1381,7 @@ export class Client {
   #install(link, reconnected) {
     this.#link = link;
     link.phase = "open";
+    link.installedAt = now();
     this.#ack = link.ack;
     this.#session = link.session;
     const info = { clientId: link.ack.clientId, nodeId: link.ack.nodeId, version: link.ack.version, session: link.session?.outcome ?? null };
@@ -1419,6 +1416,7 @@ export class Client {
     link.pending.clear();
     if (this.#state === "closed") return;
     if (!reconnect) return this.#finish(info);
+    this.#shortLived = now() - link.installedAt < SHORT_LIVED_MS ? this.#shortLived + 1 : 0;
     const reason = link.leaving !== null ? `left at the node's request: ${link.leaving}` : info.reason;
     this.#reconnect({ code: info.code, reason }, link.retryHint).catch((e) => this.#finish({ code: null, reason: e.message }));
   }
@@ -1429,7 +1427,9 @@ export class Client {
     this.#rateBackoff = info.code !== CloseCode.RATE_LIMITED ? 0
       : this.#rateBackoff ? Math.min(this.#rateBackoff * 2, Math.max(policy.maxDelayMs, 1000))
         : Math.max(1000, retryHint, policy.initialDelayMs);
-    let delay = this.#rateBackoff;
+    // The first attempt is immediate, unless connections keep dying young (no reconnect storm).
+    let delay = this.#rateBackoff
+      || (this.#shortLived > 1 ? Math.min(policy.initialDelayMs * 2 ** (this.#shortLived - 2), policy.maxDelayMs) : 0);
     let jitter = this.#rateBackoff ? 1 : 0.5; // rate-limit waits are minimums: jitter only adds
     for (let attempt = 1; ; attempt++) {
       this.#setState("reconnecting", { code: info.code, reason: info.reason, attempt, delayMs: delay });

@@ -520,3 +520,41 @@ test("the connect timeout also covers a discovery that never answers", async () 
   });
   assert.ok(Date.now() - started < 1000);
 });
+
+test("close() during a reconnect backoff stops at once, leaving no timer behind", async () => {
+  const { node, client, session } = await connected({ reconnect: { initialDelayMs: 60_000 } });
+  node.failNext(1);
+  const states = record(client, ["state"]);
+  session.drop();
+  while (states.length < 2) await tick(1); // the immediate attempt failed, the 60 s wait began
+  assert.equal(states[1][1].delayMs, 60_000);
+  const started = Date.now();
+  await client.close();
+  assert.ok(Date.now() - started < 1000);
+  assert.equal(client.state, "closed");
+  await tick();
+  assert.equal(node.sessions.length, 2, "no attempt after close");
+});
+
+test("requests before connect() are refused clearly", async () => {
+  const client = new Client({ url: URL, transport: new FakeNode().transport });
+  assert.equal(client.state, "idle");
+  await rejectsWith(client.ping(), { codeName: "CLOSED", message: /call connect\(\) first/ });
+});
+
+test("connections that keep dying young are redialled with backoff, not at once", async () => {
+  const { node, client, session } = await connected({ reconnect: { initialDelayMs: 5, maxDelayMs: 50 } });
+  const states = record(client, ["state"]);
+  session.kill(2, "protocol violation");
+  const { session: second } = await node.accept();
+  await once(client, "reconnected");
+  second.kill(2, "protocol violation");
+  const { session: third } = await node.accept();
+  await once(client, "reconnected");
+  third.kill(2, "protocol violation");
+  await node.accept();
+  await once(client, "reconnected");
+  const delays = states.filter(([, d]) => d.state === "reconnecting").map(([, d]) => d.delayMs);
+  assert.deepEqual(delays, [0, 5, 10]);
+  await client.close();
+});

@@ -166,7 +166,7 @@ test("encoding refuses values of the wrong type with the field named", () => {
   const direct = EXAMPLES.direct;
   unencodable({ ...direct, body: { ...direct.body, to: "bob" } }, /^cannot encode frame: body\(direct\)\.to: not a uuid: "bob"$/);
   unencodable({ ...direct, body: { ...direct.body, payload: 42 } }, /body\(direct\)\.payload: a payload must be a string or a Uint8Array, not 42/);
-  unencodable({ ...direct, priority: 3 }, /^cannot encode frame: priority: expected a priority/);
+  unencodable({ ...direct, priority: 3 }, /^cannot encode frame: priority: expected a Priority \(0, 1, 2\), not 3$/);
   unencodable({ ...direct, timestampMs: -1n }, /timestampMs: expected a u64/);
   unencodable({ ...direct, body: { type: "nope" } }, /body: unknown Body type "nope"/);
   unencodable({ ...EXAMPLES.handshake, body: { ...EXAMPLES.handshake.body, maxVersion: 70000 } }, /body\(handshake\)\.maxVersion: expected a u16/);
