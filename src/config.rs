@@ -974,6 +974,29 @@ settings! {
         auth_client_ca: Option<PathBuf> = None,
     }
 
+    // Browsers: WebTransport on the QUIC port, and the demo page.
+    [web] {
+        /// Serve WebTransport (ALPN `h3`) on the QUIC port, so that browsers
+        /// can connect (PROTOCOL.md section 12).
+        webtransport: bool = true,
+        /// URL path of WebTransport sessions; other paths get 404.
+        webtransport_path: String = "/fabric".into(),
+        /// Web origins (`scheme://host[:port]`) whose pages may open
+        /// WebTransport sessions and read the discovery endpoint,
+        /// comma-separated, or `*` for any; empty allows pages served from
+        /// loopback only (`localhost`, `127.0.0.1`, `[::1]`, any port).
+        #[arg(value_delimiter = ',')]
+        web_origins: Vec<String> = Vec::new(),
+        /// TCP address of the demo chat page and the WebTransport discovery
+        /// endpoint (`GET /webtransport.json`); off when unset.
+        #[arg(alias = "web")]
+        web_listen: Option<SocketAddr> = None,
+        /// The WebTransport URL the page and the discovery endpoint advertise
+        /// (behind a load balancer: its address); unset: the host the page
+        /// was loaded from, this node's QUIC port and `webtransport_path`.
+        webtransport_url: Option<String> = None,
+    }
+
     // Running the node: its HTTP endpoints, and how it stops.
     [operations] {
         /// TCP address of the Prometheus endpoint (`GET /metrics`); off when
@@ -1279,6 +1302,7 @@ impl NodeConfig {
                 "choose one of --auth-jwt-secret, --auth-jwt-public-key and --auth-jwks".into(),
             );
         }
+        crate::web::validate(self).map_err(ConfigError::Invalid)?;
         if let Some(admin) = self.admin_listen
             && !admin.ip().is_loopback()
             && self.admin_token.is_none()
@@ -1453,6 +1477,11 @@ mod tests {
             "auth_client_ca" => "/tmp/client-ca.pem",
             "metrics_listen" => "127.0.0.1:9390",
             "admin_listen" => "127.0.0.1:9391",
+            "webtransport" => "false",
+            "webtransport_path" => "/wt",
+            "web_origins" => "https://a.example,http://b.example:8080",
+            "web_listen" => "127.0.0.1:8080",
+            "webtransport_url" => "https://lb.example:4433/wt",
             "admin_token" => "sample-admin-token-0123",
             "shutdown_grace" => "9s",
             "drain_linger" => "8s",
@@ -1616,7 +1645,7 @@ mod tests {
 
     #[test]
     fn every_setting_has_its_key_in_its_section_of_the_file() {
-        let lists = ["cert_names", "auth_audience", "auth_issuer"];
+        let lists = ["cert_names", "auth_audience", "auth_issuer", "web_origins"];
         let value = |s: &Setting| {
             let sample = sample(s.name);
             if lists.contains(&s.name) {

@@ -38,6 +38,7 @@ pub mod config;
 mod connection;
 pub mod handler;
 pub mod limits;
+pub mod link;
 pub mod metrics;
 pub mod node;
 pub mod outbound;
@@ -50,6 +51,7 @@ pub mod stats;
 pub mod telemetry;
 pub mod tls;
 pub mod udp;
+pub mod web;
 
 pub use config::{NodeArgs, NodeConfig};
 pub use node::Node;

@@ -20,6 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::bus::ClusterBus;
+use crate::link::Transport;
 use crate::node::Node;
 use crate::protocol::FRAME_NAMES;
 use crate::stats::{ERROR_CODE_SLOTS, RefusedReason, Stats, get};
@@ -187,6 +188,25 @@ impl Collector for NodeCollector {
             "Clients admitted (handshake completed).",
             None,
             get(&s.connections_total),
+        )?;
+        labelled_counter(
+            &mut e,
+            "connections_by_transport",
+            "Clients admitted (handshake completed), by transport: quic (native) or webtransport (browsers).",
+            "transport",
+            Transport::ALL
+                .iter()
+                .map(|t| (t.label(), get(&s.connections_by_transport[t.index()]))),
+        )?;
+        labelled_gauge(
+            &mut e,
+            "clients_by_transport",
+            "Clients connected to this node, by transport.",
+            "transport",
+            Transport::ALL.iter().map(|t| {
+                let n = clients.iter().filter(|c| c.transport() == Some(*t)).count();
+                (t.label(), n as i64)
+            }),
         )?;
         labelled_counter(
             &mut e,

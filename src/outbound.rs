@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::link::{Link as ClientLink, OutStream, WriteError};
 use crate::protocol::{self, ClientId, Priority, close_code};
 use crate::stats::{self, Stats};
 
@@ -104,11 +105,11 @@ struct NodeClose {
 impl NodeClose {
     /// Records the close (the first one wins) and closes `conn` when the
     /// client has one yet.
-    fn close(&self, conn: Option<&quinn::Connection>, code: u32, reason: String) {
+    fn close(&self, conn: Option<&ClientLink>, code: u32, reason: String) {
         let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
         if end.is_none() {
             if let Some(conn) = conn {
-                conn.close(code.into(), reason.as_bytes());
+                conn.close(code, &reason);
             }
             *end = Some((code, reason));
         }
@@ -156,7 +157,7 @@ impl Lane {
 /// What the writers write to, set once the client is ready.
 #[derive(Debug)]
 struct Link {
-    conn: quinn::Connection,
+    conn: ClientLink,
     /// The connection's span, which the writer tasks run in.
     span: tracing::Span,
 }
@@ -208,7 +209,7 @@ pub struct Outbound {
     link: OnceLock<Link>,
     /// The high-priority stream the HandshakeAck went out on, reused by
     /// the high lane's writer.
-    high_stream: Mutex<Option<quinn::SendStream>>,
+    high_stream: Mutex<Option<OutStream>>,
 }
 
 impl Outbound {
@@ -239,16 +240,11 @@ impl Outbound {
     /// Starts delivery on `conn` once the HandshakeAck is on `high` (the
     /// high-priority stream, reused by the high lane). Writer tasks run in
     /// `span`. Frames queued before stay queued until now.
-    pub fn start(
-        &self,
-        conn: quinn::Connection,
-        high: Option<quinn::SendStream>,
-        span: tracing::Span,
-    ) {
+    pub fn start(&self, conn: ClientLink, high: Option<OutStream>, span: tracing::Span) {
         *self.high_stream.lock().unwrap_or_else(|e| e.into_inner()) = high;
         if let Some((code, reason)) = self.closed.get() {
             // Dropped as slow before it was even ready.
-            conn.close(code.into(), reason.as_bytes());
+            conn.close(code, &reason);
         }
         if self.link.set(Link { conn, span }).is_err() {
             return;
@@ -266,7 +262,7 @@ impl Outbound {
     }
 
     /// The client's connection, once it is ready.
-    pub fn connection(&self) -> Option<&quinn::Connection> {
+    pub fn connection(&self) -> Option<&ClientLink> {
         self.link.get().map(|link| &link.conn)
     }
 
@@ -466,7 +462,7 @@ impl Drop for Outbound {
 
 /// What a writer task needs of its client.
 struct Writer {
-    conn: quinn::Connection,
+    conn: ClientLink,
     priority: Priority,
     queued_bytes: Arc<AtomicUsize>,
     budget: Arc<QueueBudget>,
@@ -477,11 +473,7 @@ struct Writer {
 }
 
 /// Drains one priority's queue onto its own stream, opened on first use.
-async fn write_stream(
-    w: Writer,
-    mut stream: Option<quinn::SendStream>,
-    mut rx: mpsc::Receiver<Bytes>,
-) {
+async fn write_stream(w: Writer, mut stream: Option<OutStream>, mut rx: mpsc::Receiver<Bytes>) {
     let Writer {
         conn,
         priority,
@@ -518,7 +510,7 @@ async fn write_stream(
             Some(s) => s,
             None => match conn.open_uni().await {
                 Ok(s) => {
-                    let _ = s.set_priority(protocol::stream_priority(*priority));
+                    s.set_priority(protocol::stream_priority(*priority));
                     stream.insert(s)
                 }
                 Err(err) => {
@@ -534,7 +526,7 @@ async fn write_stream(
         release(queued_bytes, budget, len);
         match result {
             Ok(()) => {}
-            Err(quinn::WriteError::Stopped(code)) => {
+            Err(WriteError::Stopped(code)) => {
                 // The client may not stop the node's streams (PROTOCOL.md
                 // section 2): everything later on this priority would be
                 // lost while it looks connected.
@@ -553,8 +545,7 @@ async fn write_stream(
         }
     }
     if let Some(mut send) = stream {
-        let _ = send.finish();
-        let _ = send.stopped().await;
+        send.finish_and_wait().await;
     }
 }
 
@@ -629,14 +620,14 @@ impl Coalescer {
 /// Writes the whole batch, stamping progress whenever some of it went out
 /// (a client that reads slowly but steadily is never taken for stalled).
 async fn write_all(
-    send: &mut quinn::SendStream,
+    send: &mut OutStream,
     mut bufs: &mut [Bytes],
     progress: &AtomicU64,
-) -> Result<(), quinn::WriteError> {
+) -> Result<(), WriteError> {
     while !bufs.is_empty() {
-        let written = send.write_chunks(bufs).await?;
+        let chunks = send.write_chunks(bufs).await?;
         progress.store(mono_us(), Ordering::Release);
-        bufs = &mut bufs[written.chunks..];
+        bufs = &mut bufs[chunks..];
     }
     Ok(())
 }
@@ -760,7 +751,7 @@ mod tests {
         // Queued before the client is ready, so its writer starts late.
         broadcast(1).unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
-        out.start(node_side, None, tracing::Span::none());
+        out.start(ClientLink::Native(node_side), None, tracing::Span::none());
         let mut stream = client_side.accept_uni().await.unwrap();
         let first = read_frames(&mut stream, 1).await[0].1;
         // The next broadcasts wait out the window after the late write.

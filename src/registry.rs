@@ -332,9 +332,14 @@ impl ClientHandle {
             .unwrap_or_default()
     }
 
+    /// Which door the client came through (once it is ready).
+    pub fn transport(&self) -> Option<crate::link::Transport> {
+        self.outbound.connection().map(crate::link::Link::transport)
+    }
+
     /// The connection's current QUIC round-trip estimate (once it is ready).
     pub fn rtt(&self) -> Option<Duration> {
-        self.outbound.connection().map(quinn::Connection::rtt)
+        self.outbound.connection().map(|link| link.quic().rtt())
     }
 
     /// Adds the packets lost since the last call to the node's counter.
@@ -342,7 +347,7 @@ impl ClientHandle {
         let Some(conn) = self.outbound.connection() else {
             return;
         };
-        let lost = conn.stats().path.lost_packets;
+        let lost = conn.quic().stats().path.lost_packets;
         let before = self.lost_reported.swap(lost, Ordering::AcqRel);
         stats::add(&self.stats.quic_lost_packets, lost.saturating_sub(before));
     }

@@ -21,6 +21,10 @@ use crate::node::{BusChoice, Node, NodeError};
 use crate::protocol::{NodeId, close_code};
 use crate::stats::RefusedReason;
 use crate::tls::{self, TlsError};
+use crate::web::WebDoor;
+
+/// Bytes of unread datagrams a connection may hold (see `transport_config`).
+const DATAGRAM_BUFFER: usize = 4096;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,10 @@ pub struct Server {
     node: Arc<Node>,
     metrics: Option<std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
+    /// The WebTransport door, when browsers may connect.
+    web: Option<Arc<WebDoor>>,
+    /// The `--web` listener (page and discovery endpoint).
+    web_listener: Option<std::net::TcpListener>,
 }
 
 fn bind_tcp(addr: Option<SocketAddr>) -> Result<Option<std::net::TcpListener>, ServerError> {
@@ -70,15 +78,36 @@ impl Server {
     /// Like [`Server::bind`], choosing the cluster bus explicitly.
     pub fn bind_with(config: NodeConfig, bus: BusChoice) -> Result<Self, ServerError> {
         config.validate().map_err(NodeError::from)?;
-        let endpoint = endpoint(&config)?;
+        let (endpoint, web_cert) = node_endpoint(&config)?;
         let metrics = bind_tcp(config.metrics_listen)?;
         let admin = bind_tcp(config.admin_listen)?;
+        let web = match web_cert {
+            Some(cert) => {
+                let port = endpoint
+                    .local_addr()
+                    .map_or(config.listen.port(), |a| a.port());
+                let door = WebDoor::new(&config, cert, port)
+                    .map_err(|m| NodeError::from(crate::config::ConfigError::Invalid(m)))?;
+                Some(Arc::new(door))
+            }
+            None => None,
+        };
+        let web_listener = match (&web, config.web_listen) {
+            (Some(_), listen) => bind_tcp(listen)?,
+            (None, Some(addr)) => {
+                warn!(%addr, "WebTransport is off, so the web page is not served");
+                None
+            }
+            (None, None) => None,
+        };
         let node = Node::new(config, bus)?;
         Ok(Server {
             endpoint,
             node,
             metrics,
             admin,
+            web,
+            web_listener,
         })
     }
 
@@ -97,6 +126,21 @@ impl Server {
     /// Where the admin API listens, when enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the web page and discovery endpoint listen, when enabled.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The SHA-256 hashes of the WebTransport dev certificate (what pages
+    /// pass as `serverCertificateHashes`); empty with real certificates or
+    /// without WebTransport.
+    pub fn web_cert_hashes(&self) -> Vec<[u8; 32]> {
+        self.web
+            .as_ref()
+            .map(|web| web.cert().hashes())
+            .unwrap_or_default()
     }
 
     /// This node's id.
@@ -119,12 +163,16 @@ impl Server {
             node,
             metrics,
             admin,
+            web,
+            web_listener,
         } = self;
         let config = node.config();
         let http_cancel = CancellationToken::new();
+        let web_app = web.clone().map(WebDoor::router).unwrap_or_default();
         let http: Vec<_> = [
             (metrics, "metrics", crate::metrics::router(node.clone())),
             (admin, "admin API", crate::admin::router(node.clone())),
+            (web_listener, "web page", web_app),
         ]
         .into_iter()
         .filter_map(|(listener, what, app)| serve_http(listener?, what, app, http_cancel.clone()))
@@ -134,6 +182,31 @@ impl Server {
         node.start(node_stop.clone());
         let tracker = TaskTracker::new();
         let mut forget = tokio::time::interval(Duration::from_secs(60));
+        // Every minute the dev WebTransport certificate is renewed when due,
+        // or taken over from another node that renewed it.
+        if let Some(web) = &web {
+            let cert = web.cert().clone();
+            let cancel = http_cancel.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(60));
+                every.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                    let cert = cert.clone();
+                    match tokio::task::spawn_blocking(move || cert.reload()).await {
+                        Ok(Ok(true)) => info!("serving a new WebTransport dev certificate"),
+                        Ok(Ok(false)) => {}
+                        Ok(Err(err)) => {
+                            warn!(%err, "cannot renew the WebTransport dev certificate")
+                        }
+                        Err(err) => warn!(%err, "WebTransport certificate renewal failed"),
+                    }
+                }
+            });
+        }
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
               node_id = %node.id(), name = %config.name, "node listening");
         tokio::pin!(shutdown);
@@ -146,7 +219,7 @@ impl Server {
                     let remote = incoming.remote_address();
                     match node.admission().admit(remote.ip(), incoming.remote_address_validated()) {
                         Admit::Accept(permit) => {
-                            tracker.spawn(crate::connection::serve(incoming, permit, node.clone(), connections_cancel.clone()));
+                            tracker.spawn(crate::connection::serve(incoming, permit, node.clone(), web.clone(), connections_cancel.clone()));
                         }
                         Admit::Retry => {
                             debug!(%remote, "asking for address validation (Retry)");
@@ -256,31 +329,75 @@ fn serve_http(
 /// settings and UDP socket. The benchmark's raw-quinn floor uses it too, so
 /// the two differ only in what runs on top.
 pub fn endpoint(config: &NodeConfig) -> Result<quinn::Endpoint, ServerError> {
-    let (certs, key) = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?),
+    node_endpoint(config).map(|(endpoint, _)| endpoint)
+}
+
+/// Whether the node serves WebTransport: asked for, and possible (a
+/// browser cannot present a client certificate, so a node that
+/// authenticates by certificate alone keeps it off).
+fn webtransport_on(config: &NodeConfig) -> bool {
+    if !config.webtransport {
+        return false;
+    }
+    let tokens = config.auth_jwt_secret.is_some()
+        || config.auth_jwt_public_key.is_some()
+        || config.auth_jwks.is_some();
+    if config.auth_client_ca.is_some() && !tokens {
+        warn!(
+            "WebTransport is off: this node authenticates clients by certificate only, \
+             which browsers cannot present; turn JWT auth on to let browsers in"
+        );
+        return false;
+    }
+    true
+}
+
+/// [`endpoint`], with the WebTransport certificate when browsers may
+/// connect.
+fn node_endpoint(
+    config: &NodeConfig,
+) -> Result<(quinn::Endpoint, Option<Arc<tls::WebCert>>), ServerError> {
+    let (certs, key, dev) = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => (tls::load_certs(cert)?, tls::load_key(key)?, false),
         _ => {
             // Read under the certs directory's lock: a node renewing the
             // certificate at the same moment cannot swap one file of the pair.
             let dev = tls::load_dev_certs(&config.certs_dir, &config.cert_names)?;
-            (dev.chain, dev.key)
+            (dev.chain, dev.key, true)
         }
     };
+    let web = if webtransport_on(config) {
+        Some(Arc::new(if dev {
+            tls::WebCert::dev(&config.certs_dir, &config.cert_names)?
+        } else {
+            tls::WebCert::real(certs.clone(), key.clone_key())?
+        }))
+    } else {
+        None
+    };
     let endpoint_config = tls::endpoint_config(&key)?;
-    let crypto = tls::server_crypto(certs, key, config.auth_client_ca.as_deref())?;
+    let crypto = tls::server_crypto(certs, key, config.auth_client_ca.as_deref(), web.clone())?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server_config.transport_config(Arc::new(transport_config(config)?));
+    // Returning clients are validated by Retry as before: no address
+    // validation tokens (web-transport-quinn turns on quinn's `bloom`
+    // feature, whose default would hand out NEW_TOKEN frames).
+    let mut validation = quinn::ValidationTokenConfig::default();
+    validation.sent(0).log(Arc::new(quinn::NoneTokenLog));
+    server_config.validation_token_config(validation);
     let bind_error = |source| ServerError::Bind {
         addr: config.listen,
         source,
     };
     let socket = crate::udp::bind(config.listen).map_err(bind_error)?;
-    quinn::Endpoint::new(
+    let endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(server_config),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(bind_error)
+    .map_err(bind_error)?;
+    Ok((endpoint, web))
 }
 
 fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError> {
@@ -299,7 +416,11 @@ fn transport_config(config: &NodeConfig) -> Result<TransportConfig, ServerError>
         .receive_window(VarInt::from_u32(config.connection_receive_window))
         .send_window(config.send_window)
         .mtu_discovery_config(Some(crate::udp::mtu_discovery()))
-        .congestion_controller_factory(config.congestion_controller.factory());
+        .congestion_controller_factory(config.congestion_controller.factory())
+        // Datagrams are not used, but WebTransport needs them offered;
+        // unread ones are dropped beyond this (quinn's default would let
+        // a client park 1.25 MB per connection).
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
     Ok(transport)
 }
 

@@ -31,11 +31,14 @@ pub enum RefusedReason {
     HandshakeTimeout,
     /// The node is draining or shutting down.
     Draining,
+    /// A WebTransport request was refused (wrong path, origin not
+    /// allowed) or never completed (no CONNECT in time, not HTTP/3).
+    WebTransportRequest,
 }
 
 impl RefusedReason {
     /// Every reason, in slot order.
-    pub const ALL: [RefusedReason; 8] = [
+    pub const ALL: [RefusedReason; 9] = [
         RefusedReason::PendingHandshakes,
         RefusedReason::IpRate,
         RefusedReason::IpConnections,
@@ -44,6 +47,7 @@ impl RefusedReason {
         RefusedReason::BadHandshake,
         RefusedReason::HandshakeTimeout,
         RefusedReason::Draining,
+        RefusedReason::WebTransportRequest,
     ];
 
     /// Label value.
@@ -57,6 +61,7 @@ impl RefusedReason {
             RefusedReason::BadHandshake => "bad_handshake",
             RefusedReason::HandshakeTimeout => "handshake_timeout",
             RefusedReason::Draining => "draining",
+            RefusedReason::WebTransportRequest => "webtransport_request",
         }
     }
 }
@@ -67,6 +72,8 @@ pub struct Stats {
     started: Instant,
     /// Handshakes completed.
     pub connections_total: AtomicU64,
+    /// Handshakes completed, by transport (`Transport::index`).
+    pub connections_by_transport: [AtomicU64; 2],
     /// Bytes received from clients.
     pub bytes_in: AtomicU64,
     /// Bytes queued to clients.
@@ -138,6 +145,7 @@ impl Default for Stats {
         Stats {
             started: Instant::now(),
             connections_total: AtomicU64::new(0),
+            connections_by_transport: counters(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             slow_consumer_disconnects: AtomicU64::new(0),

@@ -442,22 +442,32 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The QUIC server crypto config for a certificate chain and key. With
 /// `client_ca`, every client must present a certificate chaining to one of
 /// the CA certificates in that PEM file (mutual TLS).
+///
+/// With `web`, the node also offers ALPN `h3` (WebTransport) and serves
+/// `web`'s certificate to clients that ask only for `h3` (browsers). A
+/// browser presents no client certificate, so with `client_ca` and `web`
+/// both set the TLS layer lets clients without one through; the node then
+/// refuses native clients without a certificate in the handshake (and
+/// WebTransport sessions are authenticated by their token).
 pub fn server_crypto(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     client_ca: Option<&Path>,
+    web: Option<Arc<WebCert>>,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match client_ca {
         Some(path) => {
             let roots = root_store(path)?;
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider(),
-            )
-            .build()
-            .map_err(|e| TlsError::Pem {
+            );
+            if web.is_some() {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier.build().map_err(|e| TlsError::Pem {
                 path: path.to_owned(),
                 what: format!("unusable client CA: {e}"),
             })?;
@@ -465,13 +475,227 @@ pub fn server_crypto(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut tls = builder.with_single_cert(certs, key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut tls = match web {
+        None => {
+            let mut tls = builder.with_single_cert(certs, key)?;
+            tls.alpn_protocols = vec![ALPN.to_vec()];
+            tls
+        }
+        Some(web) => {
+            let native = Arc::new(rustls::sign::CertifiedKey::from_der(
+                certs,
+                key,
+                &provider(),
+            )?);
+            let mut tls = builder.with_cert_resolver(Arc::new(AlpnCerts { native, web }));
+            // rustls picks the first of these that the client offers; the
+            // resolver below mirrors that.
+            tls.alpn_protocols = vec![ALPN.to_vec(), WEB_ALPN.to_vec()];
+            tls
+        }
+    };
     // The node's suite order (see `provider`) wins over the client's: it
     // is the node that seals every delivery.
     tls.ignore_client_order = true;
     quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+/// ALPN of HTTP/3, which WebTransport sessions run on.
+pub const WEB_ALPN: &[u8] = b"h3";
+
+/// How long a dev WebTransport certificate is valid in total: browsers
+/// accept a certificate by its hash (`serverCertificateHashes`) only when
+/// it is valid for at most 14 days, so 13 leaves room for clock skew.
+const WEB_DEV_VALIDITY_DAYS: i64 = 13;
+/// A dev WebTransport certificate with less than this left is replaced.
+const WEB_DEV_RENEW_DAYS: i64 = 7;
+
+/// The certificate WebTransport sessions get. With real certificates it is
+/// the node's own chain and browsers verify it as any web site's. In dev
+/// mode it is a self-signed ECDSA P-256 certificate valid 13 days, kept in
+/// the certs directory (`webtransport.pem`, `webtransport.key`) so every
+/// node sharing the directory serves the same one, replaced when less than
+/// 7 days remain; pages connect to it by its SHA-256 hash.
+#[derive(Debug)]
+pub struct WebCert {
+    /// The dev certificate's directory and names; None with real certificates.
+    dev: Option<(PathBuf, Vec<String>)>,
+    served: std::sync::RwLock<Served>,
+}
+
+#[derive(Debug)]
+struct Served {
+    key: Arc<rustls::sign::CertifiedKey>,
+    /// SHA-256 of the served certificate (dev mode only).
+    hash: Option<[u8; 32]>,
+    /// SHA-256 of the certificate served before the last renewal: pages
+    /// get it too, so while the nodes sharing the directory have not all
+    /// reloaded yet (they do every minute) a page reaches either.
+    previous: Option<[u8; 32]>,
+}
+
+impl WebCert {
+    /// Serves the node's real certificate chain to browsers too.
+    pub fn real(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        let key = Arc::new(rustls::sign::CertifiedKey::from_der(
+            chain,
+            key,
+            &provider(),
+        )?);
+        Ok(WebCert {
+            dev: None,
+            served: std::sync::RwLock::new(Served {
+                key,
+                hash: None,
+                previous: None,
+            }),
+        })
+    }
+
+    /// The dev certificate in `dir` for `names`, generated when missing or
+    /// due for renewal.
+    pub fn dev(dir: &Path, names: &[String]) -> Result<Self, TlsError> {
+        let (chain, key, hash) = load_dev_web_cert(dir, names)?;
+        let key = Arc::new(rustls::sign::CertifiedKey::from_der(
+            chain,
+            key,
+            &provider(),
+        )?);
+        Ok(WebCert {
+            dev: Some((dir.to_owned(), names.to_vec())),
+            served: std::sync::RwLock::new(Served {
+                key,
+                hash: Some(hash),
+                previous: None,
+            }),
+        })
+    }
+
+    /// Renews the dev certificate when due, and serves what the directory
+    /// holds (a certificate another node renewed, say). Returns whether the
+    /// served certificate changed. Nothing to do with real certificates.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let Some((dir, names)) = &self.dev else {
+            return Ok(false);
+        };
+        let (chain, key, hash) = load_dev_web_cert(dir, names)?;
+        let mut served = self.served.write().unwrap_or_else(|e| e.into_inner());
+        if served.hash == Some(hash) {
+            return Ok(false);
+        }
+        served.key = Arc::new(rustls::sign::CertifiedKey::from_der(
+            chain,
+            key,
+            &provider(),
+        )?);
+        served.previous = served.hash.replace(hash);
+        Ok(true)
+    }
+
+    /// The hashes a page should pass as `serverCertificateHashes`: the
+    /// served certificate's, then the one it replaced (if that is still
+    /// valid somewhere). Empty with real certificates.
+    pub fn hashes(&self) -> Vec<[u8; 32]> {
+        let served = self.served.read().unwrap_or_else(|e| e.into_inner());
+        served.hash.into_iter().chain(served.previous).collect()
+    }
+
+    /// Whether this is a dev certificate (pages need its hash).
+    pub fn is_dev(&self) -> bool {
+        self.dev.is_some()
+    }
+
+    fn key(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.served
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .key
+            .clone()
+    }
+}
+
+/// Picks the certificate by ALPN: a client that asks only for `h3` is a
+/// browser and gets the WebTransport certificate.
+#[derive(Debug)]
+struct AlpnCerts {
+    native: Arc<rustls::sign::CertifiedKey>,
+    web: Arc<WebCert>,
+}
+
+impl rustls::server::ResolvesServerCert for AlpnCerts {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let offers = |p: &[u8]| hello.alpn().is_some_and(|mut all| all.any(|a| a == p));
+        if offers(WEB_ALPN) && !offers(ALPN) {
+            Some(self.web.key())
+        } else {
+            Some(self.native.clone())
+        }
+    }
+}
+
+/// The dev WebTransport certificate in `dir`: (chain, key, SHA-256 of the
+/// certificate), generated under the directory's lock when missing, made
+/// for other names, or due for renewal.
+fn load_dev_web_cert(
+    dir: &Path,
+    names: &[String],
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        [u8; 32],
+    ),
+    TlsError,
+> {
+    let certs = CertsDir::lock(dir)?;
+    let cert_path = dir.join("webtransport.pem");
+    let key_path = dir.join("webtransport.key");
+    let names_path = dir.join("webtransport.names");
+    let wanted = names.join("\n");
+    let now = time::OffsetDateTime::now_utc();
+    let fresh = || -> Option<()> {
+        if fs::read_to_string(&names_path).ok()? != wanted || !key_path.exists() {
+            return None;
+        }
+        let chain = load_certs(&cert_path).ok()?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+        let not_after = parsed.validity().not_after.to_datetime();
+        (not_after - now > time::Duration::days(WEB_DEV_RENEW_DAYS)).then_some(())
+    };
+    if fresh().is_none() {
+        certs.writable("the WebTransport dev certificate")?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "quic-fabric WebTransport (dev)");
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = params.not_before + time::Duration::days(WEB_DEV_VALIDITY_DAYS);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.self_signed(&key)?;
+        write_atomic(&key_path, key.serialize_pem().as_bytes(), true)?;
+        write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
+        write_atomic(&names_path, wanted.as_bytes(), false)?;
+    }
+    let chain = load_certs(&cert_path)?;
+    let key = load_key(&key_path)?;
+    let hash = web_cert_hash(&chain[0]);
+    Ok((chain, key, hash))
+}
+
+/// SHA-256 of a certificate's DER: what `serverCertificateHashes` holds.
+pub fn web_cert_hash(cert: &CertificateDer<'_>) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
 }
 
 /// How a client decides whether to trust the server.
@@ -617,6 +841,7 @@ mod tests {
             load_certs(&paths.server_cert).unwrap(),
             load_key(&paths.server_key).unwrap(),
             None,
+            None,
         )
         .unwrap();
         client_crypto(&ServerTrust::CaFile(paths.ca_cert), None).unwrap();
@@ -656,7 +881,7 @@ mod tests {
             .unwrap();
             for (names, got) in results {
                 let dev = got.unwrap_or_else(|e| panic!("round {round}, {names:?}: {e}"));
-                server_crypto(dev.chain.clone(), dev.key, None)
+                server_crypto(dev.chain.clone(), dev.key, None, None)
                     .unwrap_or_else(|e| panic!("round {round}, {names:?}: {e}"));
                 let name = ServerName::try_from(names[1].clone()).unwrap();
                 verifier

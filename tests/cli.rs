@@ -519,7 +519,7 @@ async fn gen_certs_run_together_leave_one_consistent_set() {
     let paths = tls::DevCertPaths::in_dir(dir.path());
     let chain = tls::load_certs(&paths.server_cert).unwrap();
     let key = tls::load_key(&paths.server_key).unwrap();
-    tls::server_crypto(chain.clone(), key, None).expect("server.key belongs to server.pem");
+    tls::server_crypto(chain.clone(), key, None, None).expect("server.key belongs to server.pem");
     let mut roots = rustls::RootCertStore::empty();
     for ca in tls::load_certs(&paths.ca_cert).unwrap() {
         roots.add(ca).unwrap();

@@ -12,6 +12,7 @@ use tracing::{debug, info};
 
 use super::CloseReason;
 use crate::limits::RateKey;
+use crate::link::{InStream, Link, Transport};
 use crate::node::Node;
 use crate::outbound::{Outbound, QueueLimits};
 use crate::protocol::stream::{Inbound, Oversized, read_frame};
@@ -28,7 +29,7 @@ pub(super) const PEER_LEFT_BEFORE_HANDSHAKE: &str = "peer closed before the hand
 /// What the handshake phase hands to the rest of the connection.
 pub(super) struct Admitted {
     pub handle: Arc<ClientHandle>,
-    pub first_stream: quinn::RecvStream,
+    pub first_stream: InStream,
     /// When the client's token expires (Unix seconds), if it has one.
     pub expires_at: Option<u64>,
     /// Whose rate-limit state this connection continues.
@@ -71,7 +72,7 @@ impl HandshakeRefusal {
 /// Reads and checks the Handshake, admits the client into `node`, and
 /// writes its HandshakeAck.
 pub(super) async fn admit(
-    conn: &quinn::Connection,
+    conn: &Link,
     node: &Arc<Node>,
     shutdown: &CancellationToken,
 ) -> Result<Admitted, CloseReason> {
@@ -81,7 +82,7 @@ pub(super) async fn admit(
     let (first_stream, hello, hello_size) = tokio::select! {
         res = tokio::time::timeout(config.handshake_timeout, read_handshake(conn, max)) => match res {
             Ok(Ok(first)) => first,
-            Ok(Err(_)) if conn.close_reason().is_some() => {
+            Ok(Err(_)) if conn.is_closed() => {
                 // Gone before saying anything: a health probe or a dropped dial.
                 return Err(CloseReason::new(close_code::NORMAL, PEER_LEFT_BEFORE_HANDSHAKE));
             }
@@ -179,7 +180,7 @@ pub(super) async fn admit(
     };
     let rate_key = node
         .rate_limits()
-        .key(user.as_deref(), conn.remote_address().ip());
+        .key(user.as_deref(), conn.quic().remote_address().ip());
     let stamp = Sender {
         client_id,
         node_id: node.id(),
@@ -219,6 +220,10 @@ pub(super) async fn admit(
         return Err(refuse(conn, node, refusal).await);
     }
     stats::add(&node.stats().connections_total, 1);
+    stats::add(
+        &node.stats().connections_by_transport[conn.transport().index()],
+        1,
+    );
     match outcome {
         Some(outcome) => info!(
             name = %handle.info.name,
@@ -260,7 +265,7 @@ pub(super) async fn admit(
     });
     let high = async {
         let mut send = conn.open_uni().await.ok()?;
-        let _ = send.set_priority(protocol::stream_priority(Priority::High));
+        send.set_priority(protocol::stream_priority(Priority::High));
         for frame in std::iter::once(&ack).chain(session.as_ref()) {
             let bytes = protocol::encode(frame).ok()?;
             send.write_all(&bytes).await.ok()?;
@@ -301,15 +306,19 @@ struct Verified {
 
 /// Checks the client's certificate (mutual TLS) and token (JWT), as
 /// configured. The error message goes to the client.
-fn authenticate(
-    conn: &quinn::Connection,
-    node: &Node,
-    token: Option<&str>,
-) -> Result<Verified, String> {
+fn authenticate(conn: &Link, node: &Node, token: Option<&str>) -> Result<Verified, String> {
     let mut identity = Verified::default();
-    if node.config().auth_client_ca.is_some() {
-        // TLS already verified the chain; this only reads the name.
-        let user = crate::tls::peer_user(conn)
+    // Browsers present no client certificate: with mutual TLS on, a
+    // WebTransport session is authenticated by its token alone (the node
+    // serves WebTransport then only when it also verifies tokens).
+    if node.config().auth_client_ca.is_some() && conn.transport() == Transport::Quic {
+        // TLS verified the chain, if the client presented one (the
+        // verifier lets a client without one through only so that browsers
+        // can reach the WebTransport door).
+        if conn.quic().peer_identity().is_none() {
+            return Err("this node requires a client certificate".into());
+        }
+        let user = crate::tls::peer_user(conn.quic())
             .ok_or("the client certificate names no user (no CN or SAN)")?;
         // The same rule as for names and token subjects: a user id shows
         // in lists and stamps, so it must be visible and on one line.
@@ -333,9 +342,9 @@ fn authenticate(
 
 /// Reads the first stream's first frame, which must be a Handshake.
 async fn read_handshake(
-    conn: &quinn::Connection,
+    conn: &Link,
     max: usize,
-) -> Result<(quinn::RecvStream, Frame, usize), HandshakeRefusal> {
+) -> Result<(InStream, Frame, usize), HandshakeRefusal> {
     let violation = |of: Option<MessageId>, message: String| {
         HandshakeRefusal::new(
             of,
@@ -378,7 +387,7 @@ async fn read_handshake(
 
 /// Tells the client why it is refused (Error frame), then gives the close
 /// code and reason. The Error frame is given a moment to arrive first.
-async fn refuse(conn: &quinn::Connection, node: &Node, refusal: HandshakeRefusal) -> CloseReason {
+async fn refuse(conn: &Link, node: &Node, refusal: HandshakeRefusal) -> CloseReason {
     debug!(code = refusal.error.0, message = %refusal.message, "refusing client");
     node.stats().error(refusal.error.0);
     node.stats().refused(refusal.reason);
@@ -395,8 +404,8 @@ async fn refuse(conn: &quinn::Connection, node: &Node, refusal: HandshakeRefusal
         let deliver = async {
             let mut send = conn.open_uni().await.ok()?;
             send.write_all(&bytes).await.ok()?;
-            send.finish().ok()?;
-            send.stopped().await.ok()
+            send.finish_and_wait().await;
+            Some(())
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), deliver).await;
     }

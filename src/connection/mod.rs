@@ -16,16 +16,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::VarInt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::bus::SessionEnd;
 use crate::limits::{ClientRateLimit, ConnectionPermit, RateVerdict};
+use crate::link::{InStream, Link, LinkError, Transport};
 use crate::node::Node;
 use crate::protocol::{Priority, close_code, error_code};
 use crate::registry::ClientHandle;
+use crate::web::WebDoor;
 use handshake::{Admitted, PEER_LEFT_BEFORE_HANDSHAKE, admit};
 use reader::{Closer, Reader, read_stream};
 
@@ -48,10 +49,15 @@ impl CloseReason {
 }
 
 /// Serves one incoming connection until it ends.
+///
+/// The ALPN the client chose decides the door: `h3` is a browser's
+/// WebTransport session (accepted by `web`, when the node serves
+/// WebTransport), anything else a native connection.
 pub(crate) async fn serve(
     incoming: quinn::Incoming,
     mut permit: ConnectionPermit,
     node: Arc<Node>,
+    web: Option<Arc<WebDoor>>,
     shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -59,6 +65,7 @@ pub(crate) async fn serve(
         "conn",
         %remote,
         node_id = %node.id(),
+        transport = tracing::field::Empty,
         client_id = tracing::field::Empty
     );
     async move {
@@ -76,11 +83,27 @@ pub(crate) async fn serve(
             }
         };
         let started = Instant::now();
-        let CloseReason { code, reason } = match run(&conn, &mut permit, &node, &shutdown).await {
+        let link = match (&web, is_http3(&conn)) {
+            (Some(web), true) => {
+                tracing::Span::current().record("transport", Transport::WebTransport.label());
+                match web.accept(conn.clone(), &node).await {
+                    Ok(session) => Link::Web(Box::new(session)),
+                    Err(CloseReason { code, reason }) => {
+                        conn.close(code.into(), reason.as_bytes());
+                        return;
+                    }
+                }
+            }
+            _ => {
+                tracing::Span::current().record("transport", Transport::Quic.label());
+                Link::Native(conn)
+            }
+        };
+        let CloseReason { code, reason } = match run(&link, &mut permit, &node, &shutdown).await {
             Ok(end) => end,
             Err(end) => end,
         };
-        conn.close(code.into(), reason.as_bytes());
+        link.close(code, &reason);
         if reason == PEER_LEFT_BEFORE_HANDSHAKE {
             debug!("peer closed before the handshake (health probe?)");
             return;
@@ -97,7 +120,7 @@ pub(crate) async fn serve(
 }
 
 async fn run(
-    conn: &quinn::Connection,
+    conn: &Link,
     permit: &mut ConnectionPermit,
     node: &Arc<Node>,
     shutdown: &CancellationToken,
@@ -133,11 +156,11 @@ async fn run(
 
 /// Reads the client's streams until the connection ends.
 async fn steady(
-    conn: &quinn::Connection,
+    conn: &Link,
     node: &Arc<Node>,
     shutdown: &CancellationToken,
     handle: &Arc<ClientHandle>,
-    first_stream: quinn::RecvStream,
+    first_stream: InStream,
     expires_at: Option<u64>,
     limit: Option<Arc<ClientRateLimit>>,
 ) -> CloseReason {
@@ -176,16 +199,14 @@ async fn steady(
                         RateVerdict::Allow => {
                             readers.spawn(read_stream(recv, reader.clone()).in_current_span());
                         }
-                        RateVerdict::Reject(_) => {
-                            let _ = recv.stop(VarInt::from_u32(close_code::RATE_LIMITED));
-                        }
+                        RateVerdict::Reject(_) => recv.stop(close_code::RATE_LIMITED),
                         RateVerdict::Disconnect => {}
                     }
                 }
                 Err(err) => break match (&err, handle.outbound().closed_by_node()) {
                     // The node closed it itself (slow consumer, a stopped
                     // node stream): log what the client received.
-                    (quinn::ConnectionError::LocallyClosed, Some((code, reason))) => {
+                    (LinkError::Quic(quinn::ConnectionError::LocallyClosed), Some((code, reason))) => {
                         CloseReason::new(code, reason)
                     }
                     _ => closed_reason(&err),
@@ -290,15 +311,26 @@ fn session_end(handle: &ClientHandle, end: Option<&CloseReason>) -> SessionEnd {
     }
 }
 
-fn closed_reason(err: &quinn::ConnectionError) -> CloseReason {
+fn closed_reason(err: &LinkError) -> CloseReason {
     match err {
-        quinn::ConnectionError::ApplicationClosed(close) => CloseReason::new(
+        LinkError::Quic(quinn::ConnectionError::ApplicationClosed(close)) => CloseReason::new(
             close_code::NORMAL,
             format!("client closed: {}", String::from_utf8_lossy(&close.reason)),
         ),
-        quinn::ConnectionError::LocallyClosed => {
+        LinkError::SessionClosed { reason, .. } => {
+            CloseReason::new(close_code::NORMAL, format!("client closed: {reason}"))
+        }
+        LinkError::Quic(quinn::ConnectionError::LocallyClosed) => {
             CloseReason::new(close_code::NORMAL, "closed locally")
         }
         other => CloseReason::new(close_code::NORMAL, other.to_string()),
     }
+}
+
+/// Whether the client chose ALPN `h3` (a browser's WebTransport session).
+fn is_http3(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .is_some_and(|alpn| alpn == crate::tls::WEB_ALPN)
 }

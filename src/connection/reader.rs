@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 use super::CloseReason;
 use crate::handler::{MessageHandler, Next};
 use crate::limits::{ClientRateLimit, RateVerdict};
+use crate::link::InStream;
 use crate::node::Node;
 use crate::protocol::stream::{Inbound, Oversized, ReadError, read_frame};
 use crate::protocol::{Body, CodecError, MessageId, Priority, close_code};
@@ -106,7 +107,7 @@ impl Reader {
 }
 
 /// Reads one client stream until it ends, handling its frames in order.
-pub(super) async fn read_stream(mut recv: quinn::RecvStream, reader: Reader) {
+pub(super) async fn read_stream(mut recv: InStream, reader: Reader) {
     let Reader {
         client,
         handler,

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod redis;
 pub mod scenarios;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ pub struct TestNode {
     pub metrics_addr: Option<SocketAddr>,
     /// The admin API, when the config enabled it.
     pub admin_addr: Option<SocketAddr>,
+    /// The web page and discovery endpoint, when the config enabled them.
+    pub web_addr: Option<SocketAddr>,
+    /// What pages pass as `serverCertificateHashes` (dev certificates).
+    pub web_hashes: Vec<[u8; 32]>,
     pub ca: PathBuf,
     /// The node's state; `TestNode` derefs to it (`n1.id()`, `n1.bus()`).
     pub node: Arc<Node>,
@@ -86,6 +91,7 @@ impl TestNode {
         let server = Server::bind_with(config, bus).expect("node binds");
         let addr = server.local_addr();
         let (metrics_addr, admin_addr) = (server.metrics_addr(), server.admin_addr());
+        let (web_addr, web_hashes) = (server.web_addr(), server.web_cert_hashes());
         let node = server.node();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -94,6 +100,8 @@ impl TestNode {
             addr,
             metrics_addr,
             admin_addr,
+            web_addr,
+            web_hashes,
             ca: dir.join("ca.pem"),
             node,
             shutdown,
@@ -775,6 +783,8 @@ pub struct UdpProxy {
     cut: Arc<std::sync::atomic::AtomicBool>,
     /// Only what the node sends is dropped.
     down: Arc<std::sync::atomic::AtomicBool>,
+    /// Where new datagrams go (see [`UdpProxy::retarget`]).
+    target: Arc<std::sync::Mutex<SocketAddr>>,
     tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
@@ -786,17 +796,26 @@ impl UdpProxy {
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let shared_target = Arc::new(std::sync::Mutex::new(target));
         let main = {
             let (cut, down, tasks) = (cut.clone(), down.clone(), tasks.clone());
+            let shared_target = shared_target.clone();
             tokio::spawn(async move {
                 let mut upstreams: std::collections::HashMap<
                     SocketAddr,
                     Arc<tokio::net::UdpSocket>,
                 > = Default::default();
+                let mut target = target;
                 let mut buf = vec![0u8; 65_536];
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
                     if cut.load(SeqCst) {
                         continue;
+                    }
+                    let now = *shared_target.lock().unwrap();
+                    if now != target {
+                        // Every flow starts over towards the new target.
+                        target = now;
+                        upstreams.clear();
                     }
                     let up = match upstreams.get(&from) {
                         Some(up) => up.clone(),
@@ -828,8 +847,15 @@ impl UdpProxy {
             addr,
             cut,
             down,
+            target: shared_target,
             tasks,
         }
+    }
+
+    /// Sends every datagram from now on to `target`, old flows included (a
+    /// load balancer whose backend went away).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
     }
 
     /// Drops what the node sends from now on; what the client sends still
