@@ -909,6 +909,7 @@ export class Client {
   #wantSession = false;
   #rateBackoff = 0;
   #shortLived = 0; // connections in a row lost soon after their handshake
+  #lastTarget = null; // the last discovery document fetched, for when the next fetch fails
 
   constructor(options = {}) {
     this.#o = normalize(options);
@@ -1319,17 +1320,23 @@ export class Client {
       let res;
       try {
         res = await fetch(o.discovery, { cache: "no-store", headers: { accept: "application/json" } });
+        if (!res.ok) throw new FabricError(`${o.discovery} answered HTTP ${res.status}`, { codeName: "CONNECT_FAILED" });
+        d = await res.json();
       } catch (e) {
-        throw new FabricError(`cannot fetch ${o.discovery}: ${e?.message ?? e}`, { codeName: "CONNECT_FAILED", cause: e });
+        // The server of the document may be the node that just went away
+        // (a page served by a node): reconnect with the last document.
+        if (!this.#lastTarget) {
+          throw e instanceof FabricError ? e : new FabricError(`cannot fetch ${o.discovery}: ${e?.message ?? e}`, { codeName: "CONNECT_FAILED", cause: e });
+        }
+        d = this.#lastTarget;
       }
-      if (!res.ok) throw new FabricError(`${o.discovery} answered HTTP ${res.status}`, { codeName: "CONNECT_FAILED" });
-      d = await res.json();
     }
     if (typeof d?.url !== "string") throw invalid("no WebTransport url (from `url` or the discovery document)");
     const hashes = (d.serverCertificateHashes ?? []).map((h) => ({
       algorithm: h.algorithm ?? "sha-256",
       value: typeof h.value === "string" ? base64ToBytes(h.value) : h.value,
     }));
+    if (o.discovery) this.#lastTarget = d;
     return { url: d.url, options: hashes.length ? { serverCertificateHashes: hashes } : {}, version: d.version };
   }
 
