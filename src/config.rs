@@ -981,6 +981,11 @@ settings! {
         webtransport: bool = true,
         /// URL path of WebTransport sessions; other paths get 404.
         webtransport_path: String = "/fabric".into(),
+        /// Serve browsers the self-signed dev certificate of `certs_dir`
+        /// (trusted by its hash) even though `cert` and `key` are set: for
+        /// development clusters whose CA browsers do not trust. Without
+        /// `cert` and `key` browsers always get it.
+        webtransport_dev_cert: bool = false,
         /// Web origins (`scheme://host[:port]`) whose pages may open
         /// WebTransport sessions and read the discovery endpoint,
         /// comma-separated, or `*` for any; empty allows pages served from
@@ -1479,6 +1484,7 @@ mod tests {
             "admin_listen" => "127.0.0.1:9391",
             "webtransport" => "false",
             "webtransport_path" => "/wt",
+            "webtransport_dev_cert" => "true",
             "web_origins" => "https://a.example,http://b.example:8080",
             "web_listen" => "127.0.0.1:8080",
             "webtransport_url" => "https://lb.example:4433/wt",

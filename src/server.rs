@@ -367,7 +367,7 @@ fn node_endpoint(
         }
     };
     let web = if webtransport_on(config) {
-        Some(Arc::new(if dev {
+        Some(Arc::new(if dev || config.webtransport_dev_cert {
             tls::WebCert::dev(&config.certs_dir, &config.cert_names)?
         } else {
             tls::WebCert::real(certs.clone(), key.clone_key())?

@@ -604,11 +604,6 @@ impl WebCert {
         served.hash.into_iter().chain(served.previous).collect()
     }
 
-    /// Whether this is a dev certificate (pages need its hash).
-    pub fn is_dev(&self) -> bool {
-        self.dev.is_some()
-    }
-
     fn key(&self) -> Arc<rustls::sign::CertifiedKey> {
         self.served
             .read()
@@ -669,25 +664,55 @@ fn load_dev_web_cert(
         let not_after = parsed.validity().not_after.to_datetime();
         (not_after - now > time::Duration::days(WEB_DEV_RENEW_DAYS)).then_some(())
     };
+    let still_valid = || -> Option<()> {
+        let chain = load_certs(&cert_path).ok()?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+        (parsed.validity().not_after.to_datetime() > now + time::Duration::hours(1)).then_some(())
+    };
     if fresh().is_none() {
-        certs.writable("the WebTransport dev certificate")?;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::new(names.to_vec())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "quic-fabric WebTransport (dev)");
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = params.not_before + time::Duration::days(WEB_DEV_VALIDITY_DAYS);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.self_signed(&key)?;
-        write_atomic(&key_path, key.serialize_pem().as_bytes(), true)?;
-        write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
-        write_atomic(&names_path, wanted.as_bytes(), false)?;
+        if let Err(err) = certs.writable("the WebTransport dev certificate") {
+            // A read-only directory (a container's mount): serve what is
+            // there while it is valid; renewing is up to whoever writes it
+            // (`fabric-node gen-certs`).
+            if still_valid().is_none() {
+                return Err(err);
+            }
+            tracing::warn!(
+                dir = %dir.display(),
+                "the WebTransport dev certificate is due for renewal (or made for other names) \
+                 but the directory is read-only: serving it as it is"
+            );
+        } else {
+            generate_web_cert(&cert_path, &key_path, &names_path, names, &wanted, now)?;
+        }
     }
     let chain = load_certs(&cert_path)?;
     let key = load_key(&key_path)?;
     let hash = web_cert_hash(&chain[0]);
     Ok((chain, key, hash))
+}
+
+/// Writes a new WebTransport dev certificate valid from an hour ago.
+fn generate_web_cert(
+    cert_path: &Path,
+    key_path: &Path,
+    names_path: &Path,
+    names: &[String],
+    wanted: &str,
+    now: time::OffsetDateTime,
+) -> Result<(), TlsError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "quic-fabric WebTransport (dev)");
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = params.not_before + time::Duration::days(WEB_DEV_VALIDITY_DAYS);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.self_signed(&key)?;
+    write_atomic(key_path, key.serialize_pem().as_bytes(), true)?;
+    write_atomic(cert_path, cert.pem().as_bytes(), false)?;
+    write_atomic(names_path, wanted.as_bytes(), false)
 }
 
 /// SHA-256 of a certificate's DER: what `serverCertificateHashes` holds.
@@ -802,6 +827,72 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
 mod tests {
     use super::*;
     use rustls::client::danger::ServerCertVerifier;
+
+    fn names() -> Vec<String> {
+        vec!["localhost".into(), "127.0.0.1".into()]
+    }
+
+    /// (not before, not after, public key algorithm OID) of `dir`'s
+    /// WebTransport certificate.
+    fn web_cert_facts(dir: &Path) -> (time::OffsetDateTime, time::OffsetDateTime, String) {
+        let chain = load_certs(&dir.join("webtransport.pem")).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(chain[0].as_ref()).unwrap();
+        let v = parsed.validity();
+        let curve = parsed
+            .public_key()
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .map(|oid| oid.to_id_string())
+            .unwrap_or_default();
+        (v.not_before.to_datetime(), v.not_after.to_datetime(), curve)
+    }
+
+    #[test]
+    fn the_webtransport_dev_certificate_is_what_browsers_accept_by_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let web = WebCert::dev(dir.path(), &names()).unwrap();
+        let (from, until, curve) = web_cert_facts(dir.path());
+        // ECDSA P-256 (prime256v1), valid at most 14 days in total.
+        assert_eq!(curve, "1.2.840.10045.3.1.7");
+        assert!(until - from <= time::Duration::days(14));
+        assert!(from <= time::OffsetDateTime::now_utc());
+        // The hash published is the SHA-256 of the certificate served.
+        let chain = load_certs(&dir.path().join("webtransport.pem")).unwrap();
+        assert_eq!(web.hashes(), vec![web_cert_hash(&chain[0])]);
+        // Another node sharing the directory serves the same one.
+        let other = WebCert::dev(dir.path(), &names()).unwrap();
+        assert_eq!(other.hashes(), web.hashes());
+        assert!(!web.reload().unwrap(), "nothing to renew");
+    }
+
+    #[test]
+    fn a_webtransport_dev_certificate_due_for_renewal_is_replaced_and_both_hashes_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let web = WebCert::dev(dir.path(), &names()).unwrap();
+        let first = web.hashes()[0];
+        // Made 7 days ago: less than 7 days left.
+        let paths = ["webtransport.pem", "webtransport.key", "webtransport.names"]
+            .map(|f| dir.path().join(f));
+        let aged = time::OffsetDateTime::now_utc() - time::Duration::days(7);
+        generate_web_cert(
+            &paths[0],
+            &paths[1],
+            &paths[2],
+            &names(),
+            &names().join("\n"),
+            aged,
+        )
+        .unwrap();
+        assert!(web.reload().unwrap(), "renewed");
+        let hashes = web.hashes();
+        assert_eq!(hashes.len(), 2);
+        assert_ne!(hashes[0], first);
+        assert_eq!(hashes[1], first, "the replaced one is still published");
+        let (from, _, _) = web_cert_facts(dir.path());
+        assert!(time::OffsetDateTime::now_utc() - from < time::Duration::hours(2));
+    }
 
     #[test]
     fn dev_certs_are_generated_once_and_renewed_when_names_change() {

@@ -11,173 +11,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::browser::Browser;
 use common::{TestCerts, TestNode, UdpProxy, WAIT};
 use quic_fabric::bus::memory::MemoryCluster;
 use quic_fabric::client::{Client, Event};
 use quic_fabric::node::BusChoice;
 use quic_fabric::protocol::{Body, ClientId, Frame, Payload, Priority};
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-/// `name` on the PATH, if it is there.
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file())
-}
-
-/// Headless Chromium behind `drive.mjs`.
-struct Browser {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    /// The process group of the driver and Chromium.
-    group: u32,
-}
-
-impl Browser {
-    /// Starts the driver, or None when the browser is missing and the test
-    /// may be skipped.
-    fn start() -> Option<Browser> {
-        let chromium = on_path("chromium");
-        let node = on_path("node");
-        let (Some(chromium), Some(node)) = (chromium, node) else {
-            if std::env::var("FABRIC_SKIP_BROWSER").as_deref() == Ok("1") {
-                eprintln!("skipped: chromium or node missing and FABRIC_SKIP_BROWSER=1");
-                return None;
-            }
-            panic!(
-                "the browser test needs `chromium` and `node` on the PATH \
-                 (Debian: apt-get install chromium; .ci/run installs it); \
-                 set FABRIC_SKIP_BROWSER=1 to skip it"
-            );
-        };
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/drive.mjs");
-        let mut child = tokio::process::Command::new(node)
-            .arg(script)
-            .arg(chromium)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node starts");
-        let group = child.id().expect("driver pid");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        Some(Browser {
-            child,
-            stdin,
-            stdout,
-            group,
-        })
-    }
-
-    /// Runs one driver command; panics with the page's console on failure.
-    async fn call(&mut self, cmd: Value) -> Value {
-        let line = format!("{cmd}\n");
-        self.stdin.write_all(line.as_bytes()).await.unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("driver answers {cmd} in time"))
-            .unwrap()
-            .unwrap_or_else(|| panic!("driver ended during {cmd}"));
-        let answer: Value = serde_json::from_str(&answer).unwrap();
-        if answer["ok"] != json!(true) {
-            panic!(
-                "browser command {cmd} failed: {}\nconsole: {:#}",
-                answer["error"], answer["console"]
-            );
-        }
-        answer["value"].clone()
-    }
-
-    async fn eval(&mut self, expr: &str) -> Value {
-        self.call(json!({"do": "eval", "expr": expr})).await
-    }
-
-    async fn wait_for(&mut self, expr: &str) {
-        self.wait_for_within(expr, WAIT).await;
-    }
-
-    async fn wait_for_within(&mut self, expr: &str, within: Duration) {
-        self.call(json!({"do": "waitFor", "expr": expr, "timeoutMs": within.as_millis() as u64}))
-            .await;
-    }
-
-    /// Types `text` into the message box and presses Send, as a user would.
-    async fn say(&mut self, text: &str) {
-        let expr = format!(
-            "(() => {{ const m = document.getElementById('message'); m.value = {text}; \
-             document.getElementById('send').click(); return true; }})()",
-            text = json!(text)
-        );
-        self.eval(&expr).await;
-    }
-
-    /// Waits until the page's log shows an entry of `kind` with `text`.
-    async fn wait_for_entry(&mut self, kind: &str, text: &str) {
-        let expr = format!(
-            "fabricDemo.log.some(e => e.kind === {} && e.text === {})",
-            json!(kind),
-            json!(text)
-        );
-        self.wait_for(&expr).await;
-    }
-
-    /// What the page shows (log, errors, state), for failure messages.
-    async fn dump(&mut self) -> String {
-        let page = self
-            .eval("JSON.stringify({state: fabricDemo.state, log: fabricDemo.log, errors: fabricDemo.errors})")
-            .await;
-        let console = self.call(json!({"do": "console"})).await;
-        format!(
-            "page: {}\nconsole: {console:#}",
-            page.as_str().unwrap_or_default()
-        )
-    }
-
-    /// Closes Chromium and checks that no process of it is left.
-    async fn close(mut self) {
-        let left = self.call(json!({"do": "close"})).await;
-        assert_eq!(left, json!([]), "browser processes left behind");
-        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
-        assert!(
-            !group_alive(self.group),
-            "a process of the browser's group is still running"
-        );
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // Whatever happened, leave no browser behind.
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.group)])
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
-/// Whether any process belongs to process group `group`.
-fn group_alive(group: u32) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    procs.flatten().any(|entry| {
-        std::fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|stat| {
-                // pid (comm) state ppid pgrp ...: comm may hold spaces.
-                let rest = &stat[stat.rfind(')')? + 2..];
-                rest.split_whitespace().nth(2)?.parse::<u32>().ok()
-            })
-            .is_some_and(|pgrp| pgrp == group)
-    })
-}
+use serde_json::json;
 
 /// The next frame `native` receives with `text`; on timeout, fails with
 /// what the page shows.
@@ -338,8 +180,7 @@ async fn the_demo_page_chats_with_a_native_client_and_survives_a_drain() {
     browser
         .wait_for("/\\d/.test(document.getElementById('rtt').textContent)")
         .await;
-    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
-    std::fs::create_dir_all(&shots).unwrap();
+    let shots = common::browser::screenshot_dir();
     let shot = shots.join("demo-page.png");
     browser
         .call(json!({"do": "screenshot", "path": shot}))
@@ -375,4 +216,81 @@ async fn the_demo_page_chats_with_a_native_client_and_survives_a_drain() {
         .call(json!({"do": "screenshot", "path": shots.join("demo-page-after-drain.png")}))
         .await;
     browser.close().await;
+}
+
+/// The round trip of a Ping answered by the node, from Chromium over
+/// WebTransport and from a native client, on one node: a benchmark, not a
+/// check (nothing is asserted about the figures). Run it with
+/// `cargo test --release --test browser -- --ignored --nocapture`;
+/// BENCHMARKS.md has the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by hand (BENCHMARKS.md, WebTransport from Chromium)"]
+async fn round_trip_from_chromium_and_from_a_native_client() {
+    const WARMUP: usize = 100;
+    const PINGS: usize = 2_000;
+    let Some(mut browser) = Browser::start() else {
+        return;
+    };
+    let node = TestNode::start_with(|c| {
+        c.web_listen = Some("127.0.0.1:0".parse().unwrap());
+        // Back-to-back pings are a flood to the default rate limit.
+        c.rate_limit_messages = 0;
+    })
+    .await;
+    let web = node.web_addr.unwrap();
+    let url = format!("http://127.0.0.1:{}/?name=bench&autoconnect=1", web.port());
+    browser.call(json!({"do": "open", "url": url})).await;
+    browser
+        .wait_for_within(
+            "fabricDemo.state === 'connected'",
+            std::time::Duration::from_secs(20),
+        )
+        .await;
+    let script = format!(
+        "(async () => {{ const c = fabricDemo.client; const t = []; \
+         for (let i = 0; i < {}; i++) {{ const ms = await c.ping(); if (i >= {WARMUP}) t.push(ms); }} \
+         return t; }})()",
+        WARMUP + PINGS
+    );
+    let page: Vec<f64> = browser
+        .call(json!({"do": "eval", "expr": script, "timeoutMs": 120_000}))
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    browser.close().await;
+    let native = node.connect("bench-native").await;
+    let mut rust = Vec::with_capacity(PINGS);
+    for i in 0..WARMUP + PINGS {
+        let rtt = native.ping().await.unwrap();
+        if i >= WARMUP {
+            rust.push(rtt.as_secs_f64() * 1e3);
+        }
+    }
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+        (
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            v.iter().sum::<f64>() / v.len() as f64,
+        )
+    };
+    let (n50, n90, n99, nmean) = stats(rust);
+    let (b50, b90, b99, bmean) = stats(page);
+    println!("ping round trip on one node, {PINGS} sequential pings after {WARMUP} warm-up (ms):");
+    println!("| client | median | p90 | p99 | mean |");
+    println!("|---|---|---|---|---|");
+    println!("| native (Rust library, QUIC) | {n50:.3} | {n90:.3} | {n99:.3} | {nmean:.3} |");
+    println!(
+        "| Chromium (fabric.js, WebTransport) | {b50:.3} | {b90:.3} | {b99:.3} | {bmean:.3} |"
+    );
+    println!(
+        "Chromium / native: median {:.2}x, p99 {:.2}x",
+        b50 / n50,
+        b99 / n99
+    );
 }

@@ -1,7 +1,7 @@
 //! End-to-end check of the docker-compose cluster behind the UDP load
 //! balancer. Ignored by `cargo test`: `cluster/e2e.sh` starts the cluster
-//! (its step 1), runs this with `--ignored` (steps 2-9), and tears it down
-//! (step 10). Clients talk to the cluster only through the load balancer's
+//! (its step 1), runs this with `--ignored` (steps 2-10), and tears it down
+//! (step 11). Clients talk to the cluster only through the load balancer's
 //! published loopback port; the admin API and metrics, which are not
 //! published, are reached at the nodes' static IPs on the compose network
 //! (the host routes to the bridge network on Linux) or, where the host
@@ -21,7 +21,13 @@
 //! 7 Redis restart; 8 a channel with subscribers on two nodes (publication
 //! exactly once, presence, join and leave); 9 a channel with history
 //! across a node restart and a node kill (every acknowledged publication
-//! once, in order, at every subscriber).
+//! once, in order, at every subscriber); 10 headless Chromium on node1's
+//! demo page, over WebTransport through the LB, with a client on another
+//! node (FABRIC_WEB_PORT: the page's host port).
+
+#[path = "common/browser.rs"]
+#[allow(dead_code)]
+mod browser;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -854,7 +860,7 @@ async fn rolling_restart(peers: &mut [Peer], admin: &Admin) {
     };
     let (settle_ms, away_ms) = (spread_ms(&mut settle_ms), spread_ms(&mut away_ms));
     println!(
-        "e2e step 5/10 PASS rolling restart (docker-compose stop/start, SIGTERM drain) under traffic: {}; restarts took {:.1}s; {} clients reconnected {:?} times (only when their node restarted; {returned} reconnects landed back on the restarted node), {} broadcasts + {} pings acked, {} deliveries, 0 server errors, {} tolerated reconnect-gap errors (ClientError::Closed; Goodbye->Disconnected {settle_ms} ms, Disconnected->Reconnected {away_ms} ms min/median/max); afterwards list and /nodes show all {} {spread:?}, broadcast reached {} exactly once, {}/{} directs delivered ({:.1}s)",
+        "e2e step 5/11 PASS rolling restart (docker-compose stop/start, SIGTERM drain) under traffic: {}; restarts took {:.1}s; {} clients reconnected {:?} times (only when their node restarted; {returned} reconnects landed back on the restarted node), {} broadcasts + {} pings acked, {} deliveries, 0 server errors, {} tolerated reconnect-gap errors (ClientError::Closed; Goodbye->Disconnected {settle_ms} ms, Disconnected->Reconnected {away_ms} ms min/median/max); afterwards list and /nodes show all {} {spread:?}, broadcast reached {} exactly once, {}/{} directs delivered ({:.1}s)",
         per_node.join(", "),
         restart_time.as_secs_f64(),
         peers.len(),
@@ -897,7 +903,7 @@ async fn compose_cluster_end_to_end() {
         "all clients landed on one node: {spread:?}"
     );
     println!(
-        "e2e step 2/10 PASS {} clients through the LB landed on {} nodes {spread:?} ({:.1}s)",
+        "e2e step 2/11 PASS {} clients through the LB landed on {} nodes {spread:?} ({:.1}s)",
         peers.len(),
         spread.len(),
         t.elapsed().as_secs_f64()
@@ -947,7 +953,7 @@ async fn compose_cluster_end_to_end() {
         "list shows exactly the connected clients"
     );
     println!(
-        "e2e step 3/10 PASS broadcast reached {} clients exactly once, direct {} -> {} delivered, list shows all {} with their nodes ({:.1}s)",
+        "e2e step 3/11 PASS broadcast reached {} clients exactly once, direct {} -> {} delivered, list shows all {} with their nodes ({:.1}s)",
         peers.len() - 1,
         sender_node,
         peers[far].node,
@@ -995,7 +1001,7 @@ async fn compose_cluster_end_to_end() {
     );
     assert_eq!(gauges, expected, "fabric_clients_connected per node");
     println!(
-        "e2e step 4/10 PASS admin API and metrics on node1..node3 ({}): /health, /ready 200, /stats not draining with Redis up, /nodes 401 without the token and lists 3 live nodes {listed_nodes:?} = {} clients, fabric_clients_connected agrees ({:.1}s)",
+        "e2e step 4/11 PASS admin API and metrics on node1..node3 ({}): /health, /ready 200, /stats not draining with Redis up, /nodes 401 without the token and lists 3 live nodes {listed_nodes:?} = {} clients, fabric_clients_connected agrees ({:.1}s)",
         admin.route(),
         listed_nodes.values().sum::<u64>(),
         t.elapsed().as_secs_f64()
@@ -1133,7 +1139,7 @@ async fn compose_cluster_end_to_end() {
         v.expect(id).await;
     }
     println!(
-        "e2e step 6/10 PASS killed {victim_node}: presence gone after {:.1}s, {} clients resumed their sessions (same ids) on {:?} and receive directs; {} numbered directs accepted across the kill ({refused} refused while the victim was away) all reached it once and in order; {} clients elsewhere undisturbed ({:.1}s)",
+        "e2e step 6/11 PASS killed {victim_node}: presence gone after {:.1}s, {} clients resumed their sessions (same ids) on {:?} and receive directs; {} numbered directs accepted across the kill ({refused} refused while the victim was away) all reached it once and in order; {} clients elsewhere undisturbed ({:.1}s)",
         presence_gone.as_secs_f64(),
         victims.len(),
         victims.iter().map(|v| v.node.as_str()).collect::<Vec<_>>(),
@@ -1205,7 +1211,7 @@ async fn compose_cluster_end_to_end() {
         p.expect(probe).await;
     }
     println!(
-        "e2e step 7/10 PASS Redis stopped and restarted: cross-node send failed visibly during the outage, delivery resumed {:.1}s after restart, no client disconnected ({:.1}s)",
+        "e2e step 7/11 PASS Redis stopped and restarted: cross-node send failed visibly during the outage, delivery resumed {:.1}s after restart, no client disconnected ({:.1}s)",
         resumed.as_secs_f64(),
         t.elapsed().as_secs_f64()
     );
@@ -1216,6 +1222,85 @@ async fn compose_cluster_end_to_end() {
     // Step 9: channel history across a restart and a kill.
     drop(all);
     history_step().await;
+
+    // Step 10: a browser through the LB.
+    browser_step().await;
+}
+
+// ---------------------------------------------------------------- browser ---
+
+/// Step 10: headless Chromium opens node1's demo page, connects over
+/// WebTransport through the load balancer, and chats with a library
+/// client (what the `fabric` CLI runs on) connected to another node.
+async fn browser_step() {
+    let t = Instant::now();
+    // node1 serves the page; step 9 killed it.
+    compose(&["start", "node1"]).await;
+    wait_healthy("node1", Duration::from_secs(120)).await;
+    let Some(mut page) = browser::Browser::start() else {
+        println!("e2e step 10/11 SKIP no browser (FABRIC_SKIP_BROWSER=1)");
+        return;
+    };
+    let url = format!(
+        "http://localhost:{}/?name=e2e-browser&autoconnect=1",
+        env("FABRIC_WEB_PORT")
+    );
+    page.call(serde_json::json!({"do": "open", "url": url}))
+        .await;
+    page.wait_for_within("fabricDemo.state === 'connected'", Duration::from_secs(30))
+        .await;
+    let id: ClientId = page
+        .eval("fabricDemo.client.clientId")
+        .await
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let on = page.eval("fabricDemo.client.serverName").await;
+    let on = on.as_str().unwrap_or_default().to_owned();
+    // A terminal user on another node (the LB hashes each new source port).
+    let mut peer = None;
+    for attempt in 0..20 {
+        let candidate = Peer::connect(&format!("e2e-terminal-{attempt}")).await;
+        if candidate.node != on {
+            peer = Some(candidate);
+            break;
+        }
+    }
+    let mut peer = peer.unwrap_or_else(|| panic!("20 clients through the LB all landed on {on}"));
+    // Browser → terminal, a broadcast typed in the page.
+    page.say("hello from the browser").await;
+    let got = peer
+        .until(|f| matches!(&f.body, Body::Broadcast { payload: Payload::Text(t) } if t == "hello from the browser"))
+        .await;
+    assert_eq!(got.sender.unwrap().client_id, id);
+    // Terminal → browser, a direct message across nodes.
+    peer.client
+        .direct(id, Payload::Text("hello, browser".into()), Priority::Normal)
+        .await
+        .expect("direct to the browser acknowledged");
+    page.wait_for_entry("direct", "hello, browser").await;
+    // Browser → terminal, a direct message by client id.
+    page.eval(&format!(
+        "fabricDemo.run('/to {} hello, terminal')",
+        peer.client.client_id()
+    ))
+    .await;
+    let got = peer
+        .until(|f| matches!(&f.body, Body::Direct { payload: Payload::Text(t), .. } if t == "hello, terminal"))
+        .await;
+    assert_eq!(got.sender.unwrap().client_id, id);
+    let shot = browser::screenshot_dir().join("e2e-compose-page.png");
+    page.call(serde_json::json!({"do": "screenshot", "path": shot}))
+        .await;
+    page.close().await;
+    println!(
+        "e2e step 10/11 PASS Chromium on node1's page (http://localhost:{}) reached {on} through the LB over WebTransport and exchanged broadcast and direct messages both ways with a client on {} ({:.1}s; screenshot {})",
+        env("FABRIC_WEB_PORT"),
+        peer.node,
+        t.elapsed().as_secs_f64(),
+        shot.display()
+    );
 }
 
 // ---------------------------------------------------------------- history ---
@@ -1375,7 +1460,7 @@ async fn history_step() {
         drop(client);
     }
     println!(
-        "e2e step 9/10 PASS channel history through the LB: {SUBSCRIBERS} subscribers {spread:?}, {} publications acknowledged ({failed} refused during the gaps) while node3 restarted and node1 was killed; every subscriber got all {} acknowledged once and in order (up to {last}), with a complete recovery after each of its reconnects {reconnects:?} ({:.1}s)",
+        "e2e step 9/11 PASS channel history through the LB: {SUBSCRIBERS} subscribers {spread:?}, {} publications acknowledged ({failed} refused during the gaps) while node3 restarted and node1 was killed; every subscriber got all {} acknowledged once and in order (up to {last}), with a complete recovery after each of its reconnects {reconnects:?} ({:.1}s)",
         acked.len(),
         acked.len(),
         t.elapsed().as_secs_f64()
@@ -1499,7 +1584,7 @@ async fn channel_step(peers: &mut Vec<Peer>) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
-        "e2e step 8/10 PASS channel through the LB: subscribers on {} and {} (the first saw the second join and leave, across nodes), a publication from a client on {} reached both exactly once, presence listed both with their node ids, then none after both left ({:.1}s)",
+        "e2e step 8/11 PASS channel through the LB: subscribers on {} and {} (the first saw the second join and leave, across nodes), a publication from a client on {} reached both exactly once, presence listed both with their node ids, then none after both left ({:.1}s)",
         peers[a].node,
         peers[b].node,
         peers[p].node,

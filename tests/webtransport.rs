@@ -182,24 +182,7 @@ async fn an_h3_connection_without_a_session_request_is_dropped_in_time() {
     let node = TestNode::start_with(|c| c.handshake_timeout = Duration::from_millis(500)).await;
     // A bare QUIC connection with ALPN h3 that never sends SETTINGS or a
     // CONNECT.
-    let mut crypto = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
-    .with_no_client_auth();
-    crypto.alpn_protocols = vec![b"h3".to_vec()];
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let config = quinn::ClientConfig::new(std::sync::Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
-    ));
-    let conn = endpoint
-        .connect_with(config, node.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = h3_connect(&node).await.expect("h3 accepted");
     let closed = tokio::time::timeout(WAIT, conn.closed())
         .await
         .expect("dropped in time");
@@ -251,9 +234,63 @@ async fn admission_and_drain_apply_to_webtransport_sessions() {
 }
 
 #[tokio::test]
+async fn the_rate_limit_applies_to_a_webtransport_client() {
+    const PINGS: usize = 300;
+    let node = TestNode::start_with(|c| {
+        c.rate_limit_messages = 50;
+        c.rate_limit_burst = 20;
+        c.rate_limit_strikes = 1_000_000;
+    })
+    .await;
+    let mut web = WebClient::open(&node).await;
+    web.handshake("flooder").await;
+    let pings: Vec<Frame> = (0..PINGS).map(|_| common::ping()).collect();
+    let flood: Vec<u8> = pings.iter().flat_map(common::encode).collect();
+    web.send_raw(&flood).await;
+    // One answer per ping, a Pong or RATE_LIMITED naming it.
+    let (mut pongs, mut limited) = (0, 0);
+    for _ in 0..PINGS {
+        match web.next().await.expect("every ping is answered").body {
+            Body::Pong { .. } => pongs += 1,
+            Body::Error {
+                code, of: Some(_), ..
+            } if code == error_code::RATE_LIMITED => limited += 1,
+            other => panic!("expected Pong or RATE_LIMITED, got {other:?}"),
+        }
+    }
+    assert!(pongs >= 20, "the burst is served: {pongs}");
+    assert!(limited > 0, "a {PINGS}-ping flood is limited at 50/s");
+}
+
+#[tokio::test]
+async fn metrics_count_clients_by_transport() {
+    let node =
+        TestNode::start_with(|c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let mut web = WebClient::open(&node).await;
+    web.handshake("browser").await;
+    let _native = node.connect("native").await;
+    let metrics = common::http(node.metrics_addr.unwrap(), "GET", "/metrics", None, None)
+        .await
+        .body;
+    for line in [
+        "fabric_clients_by_transport{transport=\"webtransport\"} 1",
+        "fabric_clients_by_transport{transport=\"quic\"} 1",
+        "fabric_connections_by_transport_total{transport=\"webtransport\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+}
+
+#[tokio::test]
 async fn webtransport_can_be_turned_off() {
     let node = TestNode::start_with(|c| c.webtransport = false).await;
     assert!(node.web_hashes.is_empty());
+    // A browser fails the TLS handshake: the node offers no h3.
+    let err = h3_connect(&node).await.expect_err("h3 refused");
+    assert!(
+        err.to_string().contains("no_application_protocol") || err.to_string().contains("120"),
+        "{err}"
+    );
     // Native clients are unaffected.
     node.connect("native").await;
 }
@@ -292,6 +329,31 @@ async fn the_web_listener_serves_the_page_and_the_discovery_endpoint() {
 
     let (status, _, _) = get_http(web, "/webtransport.json", Some("https://evil.example")).await;
     assert_eq!(status, 403);
+}
+
+/// A bare QUIC connection to `node` with ALPN h3 (any certificate).
+async fn h3_connect(node: &TestNode) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let mut crypto = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
+    .with_no_client_auth();
+    crypto.alpn_protocols = vec![b"h3".to_vec()];
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
+    ));
+    tokio::time::timeout(
+        WAIT,
+        endpoint
+            .connect_with(config, node.addr, "localhost")
+            .unwrap(),
+    )
+    .await
+    .expect("handshake ends in time")
 }
 
 /// A GET with an optional Origin; (status, lower-cased head, body).

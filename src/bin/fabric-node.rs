@@ -24,10 +24,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Generate (or reuse) the dev CA and a server certificate, then exit.
+    /// Generate (or reuse) the dev CA, a server certificate and the
+    /// WebTransport dev certificate (renewed when due), then exit.
     GenCerts {
-        /// Directory for ca.pem, ca.key, server.pem, server.key (the
-        /// node's `certs_dir`).
+        /// Directory for ca.pem, ca.key, server.pem, server.key and the
+        /// WebTransport dev certificate webtransport.pem/.key (the node's
+        /// `certs_dir`).
         #[arg(long = "certs-dir", alias = "certs", default_value = "certs")]
         certs_dir: PathBuf,
         /// Comma-separated names (DNS or IP) the server certificate covers.
@@ -72,6 +74,16 @@ async fn main() -> anyhow::Result<()> {
                 paths.ca_cert.display(),
                 paths.server_cert.display(),
                 cert_names.join(", ")
+            );
+            let web = quic_fabric::tls::WebCert::dev(&certs, &cert_names)?;
+            let hash = web
+                .hashes()
+                .first()
+                .map(|h| h.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            println!(
+                "WebTransport dev certificate {} (SHA-256 {})",
+                certs.join("webtransport.pem").display(),
+                hash.unwrap_or_default()
             );
             for name in client {
                 let id = quic_fabric::tls::issue_dev_client_cert(&certs, &name)?;

@@ -3,6 +3,7 @@
 //! client that can send arbitrary bytes.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod cluster;
 pub mod redis;
 pub mod scenarios;
