@@ -541,35 +541,37 @@ impl WebCert {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
-        let key = Arc::new(rustls::sign::CertifiedKey::from_der(
-            chain,
-            key,
-            &provider(),
-        )?);
-        Ok(WebCert {
-            dev: None,
-            served: std::sync::RwLock::new(Served {
-                key,
-                hash: None,
-                previous: None,
-            }),
-        })
+        Self::serving(None, chain, key, None)
     }
 
     /// The dev certificate in `dir` for `names`, generated when missing or
     /// due for renewal.
     pub fn dev(dir: &Path, names: &[String]) -> Result<Self, TlsError> {
         let (chain, key, hash) = load_dev_web_cert(dir, names)?;
+        Self::serving(
+            Some((dir.to_owned(), names.to_vec())),
+            chain,
+            key,
+            Some(hash),
+        )
+    }
+
+    fn serving(
+        dev: Option<(PathBuf, Vec<String>)>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        hash: Option<[u8; 32]>,
+    ) -> Result<Self, TlsError> {
         let key = Arc::new(rustls::sign::CertifiedKey::from_der(
             chain,
             key,
             &provider(),
         )?);
         Ok(WebCert {
-            dev: Some((dir.to_owned(), names.to_vec())),
+            dev,
             served: std::sync::RwLock::new(Served {
                 key,
-                hash: Some(hash),
+                hash,
                 previous: None,
             }),
         })

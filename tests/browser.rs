@@ -107,15 +107,9 @@ async fn the_demo_page_chats_with_a_native_client_and_survives_a_drain() {
         "http://127.0.0.1:{}/?name=browser&autoconnect=1",
         web.port()
     );
-    browser.call(json!({"do": "open", "url": url})).await;
-    browser
-        .wait_for_within("fabricDemo.state === 'connected'", Duration::from_secs(20))
-        .await;
     let id: ClientId = browser
-        .eval("fabricDemo.client.clientId")
+        .open_connected(&url, Duration::from_secs(20))
         .await
-        .as_str()
-        .unwrap()
         .parse()
         .unwrap();
     let on = browser.eval("fabricDemo.client.nodeId").await;
@@ -239,13 +233,7 @@ async fn round_trip_from_chromium_and_from_a_native_client() {
     .await;
     let web = node.web_addr.unwrap();
     let url = format!("http://127.0.0.1:{}/?name=bench&autoconnect=1", web.port());
-    browser.call(json!({"do": "open", "url": url})).await;
-    browser
-        .wait_for_within(
-            "fabricDemo.state === 'connected'",
-            std::time::Duration::from_secs(20),
-        )
-        .await;
+    browser.open_connected(&url, Duration::from_secs(20)).await;
     let script = format!(
         "(async () => {{ const c = fabricDemo.client; const t = []; \
          for (let i = 0; i < {}; i++) {{ const ms = await c.ping(); if (i >= {WARMUP}) t.push(ms); }} \

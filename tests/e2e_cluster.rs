@@ -1245,15 +1245,9 @@ async fn browser_step() {
         "http://localhost:{}/?name=e2e-browser&autoconnect=1",
         env("FABRIC_WEB_PORT")
     );
-    page.call(serde_json::json!({"do": "open", "url": url}))
-        .await;
-    page.wait_for_within("fabricDemo.state === 'connected'", Duration::from_secs(30))
-        .await;
     let id: ClientId = page
-        .eval("fabricDemo.client.clientId")
+        .open_connected(&url, Duration::from_secs(30))
         .await
-        .as_str()
-        .unwrap()
         .parse()
         .unwrap();
     let on = page.eval("fabricDemo.client.serverName").await;

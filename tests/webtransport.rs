@@ -14,6 +14,7 @@ use common::{TestNode, WAIT, expect_error, next_matching};
 use quic_fabric::link::Transport;
 use quic_fabric::protocol::{self, Body, Frame, Payload, Priority, close_code, error_code};
 use quic_fabric::stats::get;
+use web_transport_quinn as wt;
 
 fn text(t: &str) -> Payload {
     Payload::Text(t.into())
@@ -260,6 +261,61 @@ async fn the_rate_limit_applies_to_a_webtransport_client() {
     }
     assert!(pongs >= 20, "the burst is served: {pongs}");
     assert!(limited > 0, "a {PINGS}-ping flood is limited at 50/s");
+}
+
+#[tokio::test]
+async fn a_webtransport_client_that_stops_reading_is_dropped_as_a_slow_consumer() {
+    let node = TestNode::start_with(|c| c.outbound_queue_len = 64).await;
+    // A session that reads its HandshakeAck and nothing more.
+    let session = try_open(&node, "/fabric", Some(LOCAL_ORIGIN))
+        .await
+        .expect("session opens");
+    let mut send = session.open_uni().await.unwrap();
+    send.write_all(&common::encode(&common::hello("sloth", None)))
+        .await
+        .unwrap();
+    let mut first = session.accept_uni().await.unwrap();
+    let ack = protocol::stream::read_frame(
+        &mut first,
+        protocol::HARD_MAX_FRAME_BYTES,
+        protocol::stream::Oversized::Skip,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        ack,
+        protocol::stream::Inbound::Frame(
+            Frame {
+                body: Body::HandshakeAck(_),
+                ..
+            },
+            _
+        )
+    ));
+    let publisher = node.connect("publisher").await;
+    let mut fast = node.connect("fast").await;
+    // 400 x 16 KiB: far beyond the sloth's stream window (1.25 MB), so
+    // the node's queue for it fills while the others keep receiving.
+    let total = 400;
+    let payload = Payload::Binary(vec![7; 16 * 1024]);
+    for _ in 0..total {
+        publisher
+            .broadcast(payload.clone(), Priority::Normal)
+            .await
+            .unwrap();
+    }
+    let err = tokio::time::timeout(WAIT, session.closed())
+        .await
+        .expect("closed in time");
+    match err {
+        wt::SessionError::WebTransportError(wt::WebTransportError::Closed(code, _)) => {
+            assert_eq!(code, close_code::SLOW_CONSUMER)
+        }
+        other => panic!("expected close code SLOW_CONSUMER, got {other:?}"),
+    }
+    for _ in 0..total {
+        next_matching(&mut fast, |f| matches!(f.body, Body::Broadcast { .. })).await;
+    }
 }
 
 #[tokio::test]

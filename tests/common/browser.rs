@@ -100,6 +100,16 @@ impl Browser {
             .await;
     }
 
+    /// Opens the demo page at `url` (which autoconnects) and waits up to
+    /// `within` for it to be connected; returns its client id.
+    pub async fn open_connected(&mut self, url: &str, within: Duration) -> String {
+        self.call(json!({"do": "open", "url": url})).await;
+        self.wait_for_within("fabricDemo.state === 'connected'", within)
+            .await;
+        let id = self.eval("fabricDemo.client.clientId").await;
+        id.as_str().expect("a client id").to_owned()
+    }
+
     /// Types `text` into the message box and presses Send, as a user would.
     pub async fn say(&mut self, text: &str) {
         let expr = format!(
