@@ -83,10 +83,8 @@ impl Server {
         let admin = bind_tcp(config.admin_listen)?;
         let web = match web_cert {
             Some(cert) => {
-                let port = endpoint
-                    .local_addr()
-                    .map_or(config.listen.port(), |a| a.port());
-                let door = WebDoor::new(&config, cert, port)
+                let addr = endpoint.local_addr().unwrap_or(config.listen);
+                let door = WebDoor::new(&config, cert, addr)
                     .map_err(|m| NodeError::from(crate::config::ConfigError::Invalid(m)))?;
                 Some(Arc::new(door))
             }

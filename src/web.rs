@@ -8,6 +8,7 @@
 //! carries exactly the frames of a native connection (PROTOCOL.md section
 //! 12), so everything after [`WebDoor::accept`] is the native code path.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -145,20 +146,27 @@ pub struct WebDoor {
     origins: Origins,
     cert: Arc<WebCert>,
     url: Option<String>,
-    quic_port: u16,
+    /// The QUIC socket's address (its port, and its IP family for
+    /// `localhost`).
+    quic_addr: SocketAddr,
     handshake_timeout: Duration,
     uni_streams: u32,
 }
 
 impl WebDoor {
-    /// The door for `config`, serving `cert`, on QUIC port `quic_port`.
-    pub fn new(config: &NodeConfig, cert: Arc<WebCert>, quic_port: u16) -> Result<Self, String> {
+    /// The door for `config`, serving `cert`, on the QUIC socket bound to
+    /// `quic_addr`.
+    pub fn new(
+        config: &NodeConfig,
+        cert: Arc<WebCert>,
+        quic_addr: SocketAddr,
+    ) -> Result<Self, String> {
         Ok(WebDoor {
             path: config.webtransport_path.clone(),
             origins: Origins::parse(&config.web_origins)?,
             cert,
             url: config.webtransport_url.clone(),
-            quic_port,
+            quic_addr,
             handshake_timeout: config.handshake_timeout,
             uni_streams: config.max_streams_per_connection,
         })
@@ -288,8 +296,18 @@ impl WebDoor {
         if let Some(url) = &self.url {
             return url.clone();
         }
-        let host = host.map_or("127.0.0.1", strip_port);
-        format!("https://{host}:{}{}", self.quic_port, self.path)
+        let loopback = if self.quic_addr.is_ipv6() {
+            "[::1]"
+        } else {
+            "127.0.0.1"
+        };
+        // `localhost` may resolve to the other family first, which a
+        // socket bound to one family never answers: name the address.
+        let host = match host.map(strip_port) {
+            None | Some("localhost") => loopback,
+            Some(host) => host,
+        };
+        format!("https://{host}:{}{}", self.quic_addr.port(), self.path)
     }
 }
 
@@ -431,6 +449,34 @@ mod tests {
         ] {
             assert!(Origins::parse(&list(&[bad])).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_advertised_url_follows_the_page_host_and_names_loopback_by_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = Arc::new(WebCert::dev(dir.path(), &["localhost".into()]).unwrap());
+        let config = NodeConfig::default();
+        let v4 = WebDoor::new(&config, cert.clone(), "0.0.0.0:4433".parse().unwrap()).unwrap();
+        assert_eq!(
+            v4.url_for(Some("localhost:8080")),
+            "https://127.0.0.1:4433/fabric"
+        );
+        assert_eq!(v4.url_for(None), "https://127.0.0.1:4433/fabric");
+        assert_eq!(
+            v4.url_for(Some("chat.example.com:8080")),
+            "https://chat.example.com:4433/fabric"
+        );
+        let v6 = WebDoor::new(&config, cert.clone(), "[::]:4433".parse().unwrap()).unwrap();
+        assert_eq!(v6.url_for(Some("localhost")), "https://[::1]:4433/fabric");
+        let fixed = NodeConfig {
+            webtransport_url: Some("https://lb.example:443/fabric".into()),
+            ..NodeConfig::default()
+        };
+        let lb = WebDoor::new(&fixed, cert, "0.0.0.0:4433".parse().unwrap()).unwrap();
+        assert_eq!(
+            lb.url_for(Some("localhost:8080")),
+            "https://lb.example:443/fabric"
+        );
     }
 
     #[test]
