@@ -330,20 +330,18 @@ pub fn endpoint(config: &NodeConfig) -> Result<quinn::Endpoint, ServerError> {
     node_endpoint(config).map(|(endpoint, _)| endpoint)
 }
 
-/// Whether the node serves WebTransport: asked for, and possible (a
-/// browser cannot present a client certificate, so a node that
-/// authenticates by certificate alone keeps it off).
+/// Whether the node serves WebTransport: asked for, and possible. A
+/// browser cannot present a client certificate, and any client can
+/// negotiate `h3`: a node that requires certificates (mutual TLS) keeps the
+/// WebTransport door shut, so that no one gets in without one.
 fn webtransport_on(config: &NodeConfig) -> bool {
     if !config.webtransport {
         return false;
     }
-    let tokens = config.auth_jwt_secret.is_some()
-        || config.auth_jwt_public_key.is_some()
-        || config.auth_jwks.is_some();
-    if config.auth_client_ca.is_some() && !tokens {
+    if config.auth_client_ca.is_some() {
         warn!(
-            "WebTransport is off: this node authenticates clients by certificate only, \
-             which browsers cannot present; turn JWT auth on to let browsers in"
+            "WebTransport is off: this node requires client certificates (auth_client_ca), \
+             which browsers cannot present"
         );
         return false;
     }
@@ -365,11 +363,21 @@ fn node_endpoint(
         }
     };
     let web = if webtransport_on(config) {
-        Some(Arc::new(if dev || config.webtransport_dev_cert {
-            tls::WebCert::dev(&config.certs_dir, &config.cert_names)?
+        let cert = if dev || config.webtransport_dev_cert {
+            tls::WebCert::dev(&config.certs_dir, &config.cert_names)
         } else {
-            tls::WebCert::real(certs.clone(), key.clone_key())?
-        }))
+            tls::WebCert::real(certs.clone(), key.clone_key())
+        };
+        match cert {
+            Ok(cert) => Some(Arc::new(cert)),
+            // A certificate only browsers use never keeps the node from
+            // serving native clients (a read-only certs directory without
+            // one, say).
+            Err(err) => {
+                warn!(%err, "WebTransport is off: no certificate for browsers");
+                None
+            }
+        }
     } else {
         None
     };

@@ -15,8 +15,16 @@ pub enum LogFormat {
 
 /// Installs the global subscriber; `default_level` applies when `RUST_LOG` is unset.
 pub fn init(format: LogFormat, default_level: &str) {
-    let filter =
+    let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // web-transport-quinn warns once per malformed capsule or stream header
+    // a peer sends, unmetered: a browser session could flood the log. Its
+    // errors still show; `RUST_LOG=web_transport_quinn=...` overrides.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("web_transport_quinn"))
+        && let Ok(quiet) = "web_transport_quinn=error".parse()
+    {
+        filter = filter.add_directive(quiet);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

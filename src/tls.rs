@@ -444,11 +444,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// the CA certificates in that PEM file (mutual TLS).
 ///
 /// With `web`, the node also offers ALPN `h3` (WebTransport) and serves
-/// `web`'s certificate to clients that ask only for `h3` (browsers). A
-/// browser presents no client certificate, so with `client_ca` and `web`
-/// both set the TLS layer lets clients without one through; the node then
-/// refuses native clients without a certificate in the handshake (and
-/// WebTransport sessions are authenticated by their token).
+/// `web`'s certificate to clients that ask only for `h3` (browsers). The
+/// node never combines the two (`server::webtransport_on`): browsers
+/// cannot present client certificates.
 pub fn server_crypto(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -460,14 +458,12 @@ pub fn server_crypto(
     let builder = match client_ca {
         Some(path) => {
             let roots = root_store(path)?;
-            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider(),
-            );
-            if web.is_some() {
-                verifier = verifier.allow_unauthenticated();
-            }
-            let verifier = verifier.build().map_err(|e| TlsError::Pem {
+            )
+            .build()
+            .map_err(|e| TlsError::Pem {
                 path: path.to_owned(),
                 what: format!("unusable client CA: {e}"),
             })?;
@@ -547,7 +543,7 @@ impl WebCert {
     /// The dev certificate in `dir` for `names`, generated when missing or
     /// due for renewal.
     pub fn dev(dir: &Path, names: &[String]) -> Result<Self, TlsError> {
-        let (chain, key, hash) = load_dev_web_cert(dir, names)?;
+        let (chain, key, hash) = load_dev_web_cert(dir, names, Renew::WhenDueOrRenamed)?;
         Self::serving(
             Some((dir.to_owned(), names.to_vec())),
             chain,
@@ -584,7 +580,7 @@ impl WebCert {
         let Some((dir, names)) = &self.dev else {
             return Ok(false);
         };
-        let (chain, key, hash) = load_dev_web_cert(dir, names)?;
+        let (chain, key, hash) = load_dev_web_cert(dir, names, Renew::WhenDue)?;
         let mut served = self.served.write().unwrap_or_else(|e| e.into_inner());
         if served.hash == Some(hash) {
             return Ok(false);
@@ -637,12 +633,24 @@ impl rustls::server::ResolvesServerCert for AlpnCerts {
     }
 }
 
+/// When [`load_dev_web_cert`] makes a new certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renew {
+    /// Missing, or less than 7 days left.
+    WhenDue,
+    /// That, or made for other names (at start: nodes sharing a directory
+    /// with other `cert_names` would otherwise replace each other's
+    /// certificate every minute).
+    WhenDueOrRenamed,
+}
+
 /// The dev WebTransport certificate in `dir`: (chain, key, SHA-256 of the
-/// certificate), generated under the directory's lock when missing, made
-/// for other names, or due for renewal.
+/// certificate), generated under the directory's lock when missing, due
+/// for renewal, or (with [`Renew::WhenDueOrRenamed`]) made for other names.
 fn load_dev_web_cert(
     dir: &Path,
     names: &[String],
+    renew: Renew,
 ) -> Result<
     (
         Vec<CertificateDer<'static>>,
@@ -658,7 +666,8 @@ fn load_dev_web_cert(
     let wanted = names.join("\n");
     let now = time::OffsetDateTime::now_utc();
     let fresh = || -> Option<()> {
-        if fs::read_to_string(&names_path).ok()? != wanted || !key_path.exists() {
+        let renamed = fs::read_to_string(&names_path).ok()? != wanted;
+        if (renamed && renew == Renew::WhenDueOrRenamed) || !key_path.exists() {
             return None;
         }
         let chain = load_certs(&cert_path).ok()?;

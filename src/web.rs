@@ -197,10 +197,21 @@ impl WebDoor {
             debug!(reason = %close.reason, "WebTransport request refused");
             close
         };
+        // One deadline for the CONNECT request and the answer to it (a
+        // client that grants no credit for the answer must not hold its
+        // pending-handshake slot).
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        let timed_out = || {
+            refused(
+                RefusedReason::HandshakeTimeout,
+                CloseReason::new(
+                    close_code::HANDSHAKE_TIMEOUT,
+                    "no WebTransport session request in time",
+                ),
+            )
+        };
         let request =
-            match tokio::time::timeout(self.handshake_timeout, wt::Request::accept(conn.clone()))
-                .await
-            {
+            match tokio::time::timeout_at(deadline, wt::Request::accept(conn.clone())).await {
                 Ok(Ok(request)) => request,
                 Ok(Err(err)) => {
                     return Err(refused(
@@ -211,15 +222,7 @@ impl WebDoor {
                         ),
                     ));
                 }
-                Err(_) => {
-                    return Err(refused(
-                        RefusedReason::HandshakeTimeout,
-                        CloseReason::new(
-                            close_code::HANDSHAKE_TIMEOUT,
-                            "no WebTransport session request in time",
-                        ),
-                    ));
-                }
+                Err(_) => return Err(timed_out()),
             };
         let path = request.url.path().to_owned();
         let origin = request
@@ -253,15 +256,17 @@ impl WebDoor {
             reject(request, &conn, status).await;
             return Err(close);
         }
-        request.ok().await.map_err(|err| {
-            refused(
+        match tokio::time::timeout_at(deadline, request.ok()).await {
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err(err)) => Err(refused(
                 RefusedReason::WebTransportRequest,
                 CloseReason::new(
                     close_code::NORMAL,
                     format!("WebTransport session not established: {err}"),
                 ),
-            )
-        })
+            )),
+            Err(_) => Err(timed_out()),
+        }
     }
 
     /// The `--web` listener's routes: the demo page, the JavaScript client
@@ -305,19 +310,24 @@ impl WebDoor {
         // socket bound to one family never answers: name the address.
         let host = match host.map(strip_port) {
             None | Some("localhost") => loopback,
-            Some(host) => host,
+            Some(host) if valid_host(host) => host,
+            // Not a host name or address: nothing to advertise from it.
+            Some(_) => loopback,
         };
         format!("https://{host}:{}{}", self.quic_addr.port(), self.path)
     }
 }
 
-/// Answers a session request with an HTTP error status, and gives it a
-/// moment to arrive (the client closes the connection once it has it)
+/// Answers a session request with an HTTP error status, and gives it up
+/// to a second to arrive (the client closes the connection once it has it)
 /// before the connection is closed under it.
 async fn reject(request: wt::Request, conn: &quinn::Connection, status: wt::http::StatusCode) {
-    if request.reject(status).await.is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-    }
+    let answer = async {
+        if request.reject(status).await.is_ok() {
+            conn.closed().await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 const JS: &str = "text/javascript; charset=utf-8";
@@ -346,6 +356,21 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Whether `host` is a DNS name, an IPv4 address or a bracketed IPv6
+/// address: what may stand in a URL's authority.
+fn valid_host(host: &str) -> bool {
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        }
+    }
 }
 
 /// `Host` without its port (`[::1]:8080` → `[::1]`).
@@ -466,6 +491,14 @@ mod tests {
             v4.url_for(Some("chat.example.com:8080")),
             "https://chat.example.com:4433/fabric"
         );
+        for hostile in ["evil/x?", "a b", "x@y", "[not-v6]", ""] {
+            assert_eq!(
+                v4.url_for(Some(hostile)),
+                "https://127.0.0.1:4433/fabric",
+                "{hostile}"
+            );
+        }
+        assert_eq!(v4.url_for(Some("[::1]:8080")), "https://[::1]:4433/fabric");
         let v6 = WebDoor::new(&config, cert.clone(), "[::]:4433".parse().unwrap()).unwrap();
         assert_eq!(v6.url_for(Some("localhost")), "https://[::1]:4433/fabric");
         let fixed = NodeConfig {

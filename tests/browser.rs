@@ -183,10 +183,16 @@ async fn the_demo_page_chats_with_a_native_client_and_survives_a_drain() {
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     eprintln!("screenshot: {}", shot.display());
 
-    // A drains; the load balancer now sends to B. The page gets the
-    // Goodbye, reconnects by itself and resumes its session: same id.
-    lb.retarget(b.addr);
+    // A drains. The page gets the Goodbye, reconnects by itself (to B,
+    // once the load balancer sends it there) and resumes its session:
+    // same id.
     a.start_drain();
+    // The page hears the Goodbye (its reconnects go to A, which refuses
+    // them while it drains), then the load balancer sends it to B.
+    browser
+        .wait_for("fabricDemo.log.some(e => e.text.includes('server says goodbye'))")
+        .await;
+    lb.retarget(b.addr);
     browser
         .wait_for_within(
             &format!(

@@ -319,6 +319,50 @@ async fn a_webtransport_client_that_stops_reading_is_dropped_as_a_slow_consumer(
 }
 
 #[tokio::test]
+async fn a_webtransport_session_gets_no_more_streams_than_a_native_connection() {
+    let node = TestNode::start().await; // max_streams_per_connection: 3
+    let mut web = WebClient::open(&node).await;
+    web.handshake("greedy").await;
+    // Two more streams: served.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut send = web.session.open_uni().await.unwrap();
+        let ping = common::ping();
+        send.write_all(&common::encode(&ping)).await.unwrap();
+        web.next_matching(|f| f.body == Body::Pong { of: ping.id })
+            .await;
+        open.push(send);
+    }
+    // A fourth open at once (the HTTP/3 streams' credit left unused):
+    // stopped with RATE_LIMITED, and nothing on it is handled.
+    let mut fourth = web.session.open_uni().await.unwrap();
+    let _ = fourth.write_all(&common::encode(&common::ping())).await;
+    let stopped = tokio::time::timeout(WAIT, fourth.stopped())
+        .await
+        .expect("stopped in time")
+        .unwrap();
+    assert_eq!(stopped, Some(close_code::RATE_LIMITED));
+    // The others still work.
+    let ping = common::ping();
+    open[0].write_all(&common::encode(&ping)).await.unwrap();
+    web.next_matching(|f| f.body == Body::Pong { of: ping.id })
+        .await;
+}
+
+#[tokio::test]
+async fn a_node_that_requires_client_certificates_keeps_the_webtransport_door_shut() {
+    // Any client can choose ALPN h3; a browser cannot present a
+    // certificate. So with mutual TLS (even with JWT on) there is no h3.
+    let node = TestNode::start_with(|c| {
+        c.auth_client_ca = Some(c.certs_dir.join("ca.pem"));
+        c.auth_jwt_secret = Some("0123456789abcdef0123456789abcdef".into());
+    })
+    .await;
+    assert!(node.web_hashes.is_empty());
+    assert!(h3_connect(&node).await.is_err(), "h3 refused at TLS");
+}
+
+#[tokio::test]
 async fn metrics_count_clients_by_transport() {
     let node =
         TestNode::start_with(|c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;

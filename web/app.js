@@ -79,6 +79,7 @@ function show(kind, { from = "", room = "", text = "", ...extra } = {}) {
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
   log.append(li);
   while (log.childElementCount > MAX_SHOWN) log.firstElementChild.remove();
+  if (demo.log.length > MAX_SHOWN) demo.log.splice(0, demo.log.length - MAX_SHOWN);
   if (atBottom || entry.mine) li.scrollIntoView({ block: "end" });
   return entry;
 }
@@ -119,7 +120,8 @@ function reportError(action, err, text) {
   const e = { action, code: err?.code ?? null, codeName: err?.codeName ?? null, message: String(err?.message ?? err),
     retryAfterMs: err?.retryAfterMs ?? null, time: Date.now() };
   demo.errors.push(e);
-  // The client's messages for node errors already name the code: "RATE_LIMITED (13): ...".
+  if (demo.errors.length > MAX_SHOWN) demo.errors.shift();
+  // The client's messages for node errors already name the code: "RATE_LIMITED (12): ...".
   const code = e.codeName && !e.message.includes(e.codeName) ? ` [${e.codeName}]` : "";
   const retry = e.retryAfterMs ? ` (retry in ${Math.ceil(Number(e.retryAfterMs) / 1000)} s)` : "";
   text ??= `${action}: ${e.message}${code}${retry}`;

@@ -12,7 +12,7 @@ use tracing::{debug, info};
 
 use super::CloseReason;
 use crate::limits::RateKey;
-use crate::link::{InStream, Link, Transport};
+use crate::link::{InStream, Link};
 use crate::node::Node;
 use crate::outbound::{Outbound, QueueLimits};
 use crate::protocol::stream::{Inbound, Oversized, read_frame};
@@ -263,6 +263,8 @@ pub(super) async fn admit(
             },
         )
     });
+    // Bounded like the handshake: a client that grants no stream credit or
+    // window for the answer must not stay admitted.
     let high = async {
         let mut send = conn.open_uni().await.ok()?;
         send.set_priority(protocol::stream_priority(Priority::High));
@@ -272,14 +274,24 @@ pub(super) async fn admit(
             node.stats().frame_out(frame.body.tag(), bytes.len());
         }
         Some(send)
-    }
-    .await;
-    let Some(high) = high else {
-        node.leave(&handle, super::session_end(&handle, None));
-        return Err(CloseReason::new(
-            close_code::INTERNAL,
-            "cannot send handshake ack",
-        ));
+    };
+    let high = match tokio::time::timeout(config.handshake_timeout, high).await {
+        Ok(Some(high)) => high,
+        Ok(None) => {
+            node.leave(&handle, super::session_end(&handle, None));
+            return Err(CloseReason::new(
+                close_code::INTERNAL,
+                "cannot send handshake ack",
+            ));
+        }
+        Err(_) => {
+            node.leave(&handle, super::session_end(&handle, None));
+            node.stats().refused(RefusedReason::HandshakeTimeout);
+            return Err(CloseReason::new(
+                close_code::HANDSHAKE_TIMEOUT,
+                "the handshake ack was not taken in time",
+            ));
+        }
     };
     handle
         .outbound()
@@ -308,16 +320,9 @@ struct Verified {
 /// configured. The error message goes to the client.
 fn authenticate(conn: &Link, node: &Node, token: Option<&str>) -> Result<Verified, String> {
     let mut identity = Verified::default();
-    // Browsers present no client certificate: with mutual TLS on, a
-    // WebTransport session is authenticated by its token alone (the node
-    // serves WebTransport then only when it also verifies tokens).
-    if node.config().auth_client_ca.is_some() && conn.transport() == Transport::Quic {
-        // TLS verified the chain, if the client presented one (the
-        // verifier lets a client without one through only so that browsers
-        // can reach the WebTransport door).
-        if conn.quic().peer_identity().is_none() {
-            return Err("this node requires a client certificate".into());
-        }
+    if node.config().auth_client_ca.is_some() {
+        // TLS already verified the chain (a node that requires
+        // certificates serves no WebTransport); this only reads the name.
         let user = crate::tls::peer_user(conn.quic())
             .ok_or("the client certificate names no user (no CN or SAN)")?;
         // The same rule as for names and token subjects: a user id shows

@@ -86,7 +86,13 @@ pub(crate) async fn serve(
         let link = match (&web, is_http3(&conn)) {
             (Some(web), true) => {
                 tracing::Span::current().record("transport", Transport::WebTransport.label());
-                match web.accept(conn.clone(), &node).await {
+                let accepted = tokio::select! {
+                    accepted = web.accept(conn.clone(), &node) => accepted,
+                    _ = shutdown.cancelled() => {
+                        Err(CloseReason::new(close_code::SHUTDOWN, "server shutting down"))
+                    }
+                };
+                match accepted {
                     Ok(session) => Link::Web(Box::new(session)),
                     Err(CloseReason { code, reason }) => {
                         conn.close(code.into(), reason.as_bytes());
@@ -193,6 +199,17 @@ async fn steady(
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
                 Ok(mut recv) => {
+                    // QUIC stream credit holds a native client to
+                    // `max_streams_per_connection` streams at once; a
+                    // WebTransport session's credit also covers the HTTP/3
+                    // streams, which a client may leave unopened, so its
+                    // streams are counted here.
+                    if conn.transport() == Transport::WebTransport
+                        && readers.len() >= config.max_streams_per_connection as usize
+                    {
+                        recv.stop(close_code::RATE_LIMITED);
+                        continue;
+                    }
                     // Opening a stream costs a token too, so stream churn
                     // is rate limited like frames.
                     match reader.check_rate(Priority::High, None) {
