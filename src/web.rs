@@ -57,7 +57,7 @@ impl Origins {
         }
         list.iter()
             .map(|origin| {
-                let normal = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+                let normal = normal_origin(origin);
                 split_origin(&normal)
                     .map(|_| normal.clone())
                     .ok_or_else(|| {
@@ -76,7 +76,7 @@ impl Origins {
     /// could claim any origin anyway; tokens are what authenticate.
     pub fn allows(&self, origin: Option<&str>) -> bool {
         let Some(origin) = origin else { return true };
-        let origin = origin.to_ascii_lowercase();
+        let origin = normal_origin(origin);
         match self {
             Origins::Any => true,
             Origins::List(list) => list.contains(&origin),
@@ -84,6 +84,20 @@ impl Origins {
                 .is_some_and(|(_, host)| matches!(host, "localhost" | "127.0.0.1" | "[::1]")),
         }
     }
+}
+
+/// `origin` as browsers send it: lower case, no trailing `/`, no default
+/// port (`https://x:443` is `https://x`).
+fn normal_origin(origin: &str) -> String {
+    let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
+        if origin.starts_with(scheme)
+            && let Some(bare) = origin.strip_suffix(port)
+        {
+            return bare.to_owned();
+        }
+    }
+    origin
 }
 
 /// `scheme://host[:port]` split into scheme and host (without the port),
@@ -464,6 +478,10 @@ mod tests {
         assert!(!o.allows(Some("http://chat.example.com")));
         assert!(!o.allows(Some("http://b.example:8081")));
         assert!(!o.allows(Some("http://localhost:8080")));
+        // A default port names the same origin.
+        let o = Origins::parse(&list(&["https://chat.example.com:443"])).unwrap();
+        assert!(o.allows(Some("https://chat.example.com")));
+        assert!(!o.allows(Some("http://chat.example.com")));
         assert_eq!(Origins::parse(&list(&["*"])).unwrap(), Origins::Any);
         for bad in [
             "chat.example.com",
