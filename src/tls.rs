@@ -665,27 +665,27 @@ fn load_dev_web_cert(
     let names_path = dir.join("webtransport.names");
     let wanted = names.join("\n");
     let now = time::OffsetDateTime::now_utc();
-    let fresh = || -> Option<()> {
-        let renamed = fs::read_to_string(&names_path).ok()? != wanted;
-        if (renamed && renew == Renew::WhenDueOrRenamed) || !key_path.exists() {
+    // When the certificate in the directory expires (None: missing,
+    // unreadable, or without its key).
+    let not_after = || -> Option<time::OffsetDateTime> {
+        if !key_path.exists() {
             return None;
         }
         let chain = load_certs(&cert_path).ok()?;
         let (_, parsed) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
-        let not_after = parsed.validity().not_after.to_datetime();
-        (not_after - now > time::Duration::days(WEB_DEV_RENEW_DAYS)).then_some(())
+        Some(parsed.validity().not_after.to_datetime())
     };
-    let still_valid = || -> Option<()> {
-        let chain = load_certs(&cert_path).ok()?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
-        (parsed.validity().not_after.to_datetime() > now + time::Duration::hours(1)).then_some(())
-    };
-    if fresh().is_none() {
+    let not_after = not_after();
+    let renamed = fs::read_to_string(&names_path).ok().as_deref() != Some(wanted.as_str());
+    let fresh = !(renamed && renew == Renew::WhenDueOrRenamed)
+        && not_after.is_some_and(|t| t - now > time::Duration::days(WEB_DEV_RENEW_DAYS));
+    let still_valid = not_after.is_some_and(|t| t > now + time::Duration::hours(1));
+    if !fresh {
         if let Err(err) = certs.writable("the WebTransport dev certificate") {
             // A read-only directory (a container's mount): serve what is
             // there while it is valid; renewing is up to whoever writes it
             // (`fabric-node gen-certs`).
-            if still_valid().is_none() {
+            if !still_valid {
                 return Err(err);
             }
             tracing::warn!(

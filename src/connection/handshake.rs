@@ -277,20 +277,17 @@ pub(super) async fn admit(
     };
     let high = match tokio::time::timeout(config.handshake_timeout, high).await {
         Ok(Some(high)) => high,
-        Ok(None) => {
+        failed => {
             node.leave(&handle, super::session_end(&handle, None));
-            return Err(CloseReason::new(
-                close_code::INTERNAL,
-                "cannot send handshake ack",
-            ));
-        }
-        Err(_) => {
-            node.leave(&handle, super::session_end(&handle, None));
-            node.stats().refused(RefusedReason::HandshakeTimeout);
-            return Err(CloseReason::new(
-                close_code::HANDSHAKE_TIMEOUT,
-                "the handshake ack was not taken in time",
-            ));
+            return Err(if failed.is_err() {
+                node.stats().refused(RefusedReason::HandshakeTimeout);
+                CloseReason::new(
+                    close_code::HANDSHAKE_TIMEOUT,
+                    "the handshake ack was not taken in time",
+                )
+            } else {
+                CloseReason::new(close_code::INTERNAL, "cannot send handshake ack")
+            });
         }
     };
     handle
