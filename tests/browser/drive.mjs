@@ -18,7 +18,19 @@ import { createInterface } from "node:readline";
 import { launch } from "./cdp.mjs";
 
 const chromium = process.argv[2] || process.env.CHROMIUM || "chromium";
-const browser = await launch({ chromium, windowSize: [412, 915] });
+// Generous bounds: on a loaded machine (the compose e2e runs beside three
+// nodes, Redis and nginx) Chromium has taken more than 15 s to answer.
+const browser = await launch({
+  chromium,
+  windowSize: [412, 915],
+  timeoutMs: 60_000,
+  commandTimeoutMs: 60_000,
+});
+// A CDP call that fails outside the command being run must not end the
+// driver silently: it is reported on stderr and the driver goes on.
+process.on("unhandledRejection", (err) => {
+  process.stderr.write(`drive.mjs: unhandled: ${err?.stack ?? err}\n`);
+});
 let page = null;
 let closed = false;
 
