@@ -1214,7 +1214,7 @@ async fn compose_cluster_end_to_end() {
     let mut back = BTreeMap::new();
     for node in live {
         loop {
-            let stats = admin.get(&node, ADMIN_PORT, "/stats", true).await;
+            let stats = admin.get(node, ADMIN_PORT, "/stats", true).await;
             if stats.status == 200 && stats.json()["redis_up"] == Value::Bool(true) {
                 break;
             }
