@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make the Docker images the cluster/tests need available locally.
 #
-#   cluster/images.sh KIND [KIND...]      KIND: base | redis | node | lb   (-h for the list)
+#   cluster/images.sh KIND [KIND...]      KIND: base | redis | node | lb | redis-ha   (-h for the list)
 #
 # base, redis: if the image is already present nothing happens; otherwise the
 # official image is pulled (with a timeout); if no registry is reachable, the
@@ -15,6 +15,9 @@
 # (skipped when the binary, Dockerfile and base image are unchanged: label).
 # lb: nginx UDP load balancer (docker/lb.Dockerfile + nginx/nginx.conf) on the
 # base image; rebuilt only when one of those changed (label).
+# redis-ha: the redis image plus the Redis Cluster / Sentinel start scripts in
+# redis/ (docker/redis-ha.Dockerfile), for the tests of issue 17; rebuilt only
+# when the Dockerfile, a script or the redis image changed (label). Offline.
 #
 # Idempotent, and safe to run concurrently (serialised with flock).
 #
@@ -23,6 +26,7 @@
 #   FABRIC_REDIS_IMAGE    redis image name     (default redis:7)
 #   FABRIC_NODE_IMAGE     node image name      (default quic-fabric/node:latest)
 #   FABRIC_LB_IMAGE       lb image name        (default quic-fabric/lb:latest)
+#   FABRIC_REDIS_HA_IMAGE redis-ha image name  (default quic-fabric/redis-ha:latest)
 #   FABRIC_NODE_BUILD     auto | docker | host (default auto: docker if the Rust
 #                         image is present or pullable, else host)
 #   FABRIC_RUST_IMAGE     builder image for node.Dockerfile (default rust:1-bookworm)
@@ -45,6 +49,7 @@ FABRIC_BASE_IMAGE="${FABRIC_BASE_IMAGE:-quic-fabric/debian:bookworm}"
 FABRIC_REDIS_IMAGE="${FABRIC_REDIS_IMAGE:-redis:7}"
 FABRIC_NODE_IMAGE="${FABRIC_NODE_IMAGE:-quic-fabric/node:latest}"
 FABRIC_LB_IMAGE="${FABRIC_LB_IMAGE:-quic-fabric/lb:latest}"
+FABRIC_REDIS_HA_IMAGE="${FABRIC_REDIS_HA_IMAGE:-quic-fabric/redis-ha:latest}"
 FABRIC_NODE_BUILD="${FABRIC_NODE_BUILD:-auto}"
 FABRIC_RUST_IMAGE="${FABRIC_RUST_IMAGE:-rust:1-bookworm}"
 FABRIC_RUNTIME_IMAGE="${FABRIC_RUNTIME_IMAGE:-debian:bookworm-slim}"
@@ -341,6 +346,20 @@ image_lb() {
     cp "$conf" "$ctx/nginx.conf"
     build_if_changed "$ctx" "$name" "$dockerfile" "$inputs" \
         --build-arg "BASE_IMAGE=$FABRIC_BASE_IMAGE"
+}
+
+# Redis Cluster and Sentinel topologies (redis/*.sh) on the redis image.
+# Rebuilt only when redis-ha.Dockerfile, a script or the redis image changed.
+image_redis-ha() {
+    local name="$FABRIC_REDIS_HA_IMAGE" dockerfile="$DOCKER_DIR/redis-ha.Dockerfile"
+    local scripts=("$SCRIPT_DIR/redis/lib.sh" "$SCRIPT_DIR/redis/cluster.sh" "$SCRIPT_DIR/redis/sentinel.sh")
+    local ctx inputs
+    image_redis
+    inputs="$(inputs_hash "$dockerfile" "${scripts[@]}" -- "$(id_of "$FABRIC_REDIS_IMAGE")")"
+    make_tmpdir ctx
+    cp "${scripts[@]}" "$ctx/"
+    build_if_changed "$ctx" "$name" "$dockerfile" "$inputs" \
+        --build-arg "REDIS_IMAGE=$FABRIC_REDIS_IMAGE"
 }
 
 # -------------------------------------------------------------- dispatcher ---
