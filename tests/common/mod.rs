@@ -6,6 +6,7 @@
 pub mod browser;
 pub mod cluster;
 pub mod redis;
+pub mod redis_ha;
 pub mod scenarios;
 pub mod web;
 
