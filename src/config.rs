@@ -932,6 +932,14 @@ settings! {
         /// CA certificate (PEM) that a `rediss://` server must chain to, instead
         /// of the public web roots.
         redis_ca: Option<PathBuf> = None,
+        /// Redis Sentinel URLs (`redis://host:26379`, comma-separated), instead
+        /// of `redis_url`: the bus uses the master they name
+        /// (`redis_sentinel_master`) and follows it through failovers. A user
+        /// and password in the URLs are used for the sentinels and the master.
+        #[arg(value_delimiter = ',')]
+        redis_sentinel: Vec<String> = Vec::new(),
+        /// The master name the sentinels monitor (with `redis_sentinel`).
+        redis_sentinel_master: Option<String> = None,
         /// Prefix of every Redis key and channel this cluster uses.
         redis_prefix: String = "fabric".into(),
         /// Time to establish a Redis connection.
@@ -1185,6 +1193,51 @@ impl NodeConfig {
         Ok(config)
     }
 
+    /// One Redis target at most: a URL or sentinels (with a master name).
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+        match (
+            self.redis_url(),
+            self.redis_sentinel.is_empty(),
+            &self.redis_sentinel_master,
+        ) {
+            (Some(_), false, _) => {
+                invalid("redis_url and redis_sentinel exclude each other: give one")
+            }
+            (_, false, None) => invalid(
+                "redis_sentinel needs redis_sentinel_master (the name the sentinels monitor)",
+            ),
+            (_, true, Some(_)) => {
+                invalid("redis_sentinel_master needs redis_sentinel (the sentinels' URLs)")
+            }
+            (_, false, Some(name)) if name.is_empty() => {
+                invalid("redis_sentinel_master must not be empty")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `redis_url`, where an empty one (e.g. `FABRIC_REDIS_URL=` to clear
+    /// it in an override) means none.
+    fn redis_url(&self) -> Option<&str> {
+        self.redis_url.as_deref().filter(|url| !url.is_empty())
+    }
+
+    /// Where the cluster bus's Redis is, if anywhere.
+    pub fn redis_target(&self) -> Option<crate::bus::master::RedisTarget> {
+        use crate::bus::master::RedisTarget;
+        match (self.redis_url(), &self.redis_sentinel_master) {
+            (Some(url), _) => Some(RedisTarget::Url(url.to_owned())),
+            (None, Some(master)) if !self.redis_sentinel.is_empty() => {
+                Some(RedisTarget::Sentinel {
+                    sentinels: self.redis_sentinel.clone(),
+                    master: master.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Checks ranges and combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
@@ -1251,6 +1304,7 @@ impl NodeConfig {
         }
         self.validate_channels()?;
         self.validate_sessions()?;
+        self.validate_redis()?;
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return invalid("redis_prefix must be non-empty without spaces".into());
         }
@@ -1466,6 +1520,8 @@ mod tests {
             "rate_limit_anonymous_by_ip" => "false",
             "redis_url" => "redis://127.0.0.1:6390",
             "redis_ca" => "/tmp/redis-ca.pem",
+            "redis_sentinel" => "redis://127.0.0.1:26390,redis://127.0.0.1:26391",
+            "redis_sentinel_master" => "sample-master",
             "redis_prefix" => "sample",
             "redis_connect_timeout" => "2s",
             "redis_response_timeout" => "3s",
@@ -1651,7 +1707,13 @@ mod tests {
 
     #[test]
     fn every_setting_has_its_key_in_its_section_of_the_file() {
-        let lists = ["cert_names", "auth_audience", "auth_issuer", "web_origins"];
+        let lists = [
+            "cert_names",
+            "auth_audience",
+            "auth_issuer",
+            "web_origins",
+            "redis_sentinel",
+        ];
         let value = |s: &Setting| {
             let sample = sample(s.name);
             if lists.contains(&s.name) {
@@ -1932,6 +1994,63 @@ metrics_listen = "127.0.0.1:9390"
                 .unwrap_err()
                 .to_string()
                 .contains("at least 3")
+        );
+    }
+
+    #[test]
+    fn the_bus_has_one_redis_target_a_url_or_sentinels_with_a_master_name() {
+        use crate::bus::master::RedisTarget;
+        let sentinels = vec!["redis://s1:26379".to_owned(), "redis://s2:26379".to_owned()];
+        let refused = |config: NodeConfig, why: &str| {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        };
+        refused(
+            NodeConfig {
+                redis_url: Some("redis://r".into()),
+                redis_sentinel: sentinels.clone(),
+                redis_sentinel_master: Some("m".into()),
+                ..Default::default()
+            },
+            "exclude each other",
+        );
+        refused(
+            NodeConfig {
+                redis_sentinel: sentinels.clone(),
+                ..Default::default()
+            },
+            "needs redis_sentinel_master",
+        );
+        refused(
+            NodeConfig {
+                redis_sentinel_master: Some("m".into()),
+                ..Default::default()
+            },
+            "needs redis_sentinel",
+        );
+        // An empty URL (an override clearing FABRIC_REDIS_URL) is none.
+        let config = NodeConfig {
+            redis_url: Some(String::new()),
+            redis_sentinel: sentinels.clone(),
+            redis_sentinel_master: Some("m".into()),
+            ..Default::default()
+        };
+        config.validate().unwrap();
+        assert_eq!(
+            config.redis_target(),
+            Some(RedisTarget::Sentinel {
+                sentinels,
+                master: "m".into()
+            })
+        );
+        assert_eq!(NodeConfig::default().redis_target(), None);
+        let config = NodeConfig {
+            redis_url: Some("redis://r:6379".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            config.redis_target(),
+            Some(RedisTarget::Url("redis://r:6379".into()))
         );
     }
 

@@ -63,7 +63,7 @@ dir /data/$port
 pidfile /data/$port/pid
 logfile /data/$port/log
 sentinel announce-ip $ANNOUNCE_IP
-sentinel monitor $NAME 127.0.0.1 $BASE $QUORUM
+sentinel monitor $NAME $ANNOUNCE_IP $BASE $QUORUM
 sentinel down-after-milliseconds $NAME $DOWN_AFTER
 sentinel failover-timeout $NAME $FAILOVER_TIMEOUT
 sentinel parallel-syncs $NAME 1

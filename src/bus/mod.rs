@@ -12,6 +12,7 @@
 //! through [`LocalPresence`].
 
 mod confirm;
+pub mod master;
 pub mod memory;
 pub mod redis_bus;
 

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -32,6 +31,7 @@ use tracing::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::confirm::{Answer, Arrival, Incoming, Outgoing};
+use super::master::{Commands, Master, RedisTarget};
 use super::{
     BusError, BusMessage, Claim, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
     HistoryPage, HistoryRange, Landed, LocalPresence, PublishDone, Retention, SessionEnd,
@@ -47,8 +47,8 @@ const MAX_BATCH: usize = 512;
 /// Settings of a Redis bus.
 #[derive(Debug, Clone)]
 pub struct RedisBusConfig {
-    /// `redis://` or `rediss://` URL.
-    pub url: String,
+    /// The server, or the sentinels that name it.
+    pub target: RedisTarget,
     /// CA certificate (PEM bytes) for `rediss://`; public web roots when unset.
     pub ca_pem: Option<Vec<u8>>,
     /// Key and channel prefix.
@@ -205,6 +205,19 @@ impl Membership {
         self.settling_until.is_some_and(|until| now < until)
     }
 
+    /// Counts presence as incomplete for up to `ttl`, as after data loss:
+    /// after a failover, every liveness key may have expired during the
+    /// gap (nobody could refresh them) while the nodes are alive and about
+    /// to re-register. The nodes known before the gap count as seen now,
+    /// or the gap itself would have aged them out.
+    fn unsettle(&mut self, now: Instant, ttl: Duration) {
+        self.settling_until = Some(now + ttl);
+        let known: Vec<NodeId> = self.seen.keys().chain(&self.live).copied().collect();
+        for node in known {
+            self.seen.insert(node, now);
+        }
+    }
+
     /// Records the incarnation marker read from Redis (`None`: missing);
     /// true when it changed or vanished since the last read, i.e. Redis
     /// lost its data. Presence then counts as incomplete for up to `ttl`
@@ -254,10 +267,10 @@ impl Membership {
         for node in &self.live {
             self.seen.insert(*node, now);
         }
-        for node in dead {
-            self.seen.remove(node);
-        }
         if !self.settling(now) {
+            for node in dead {
+                self.seen.remove(node);
+            }
             let live = &self.live;
             self.seen.retain(|node, _| live.contains(node));
         }
@@ -579,8 +592,8 @@ enum Op {
 struct Inner {
     config: RedisBusConfig,
     keys: Keys,
-    client: redis::Client,
-    conn: ConnectionManager,
+    master: Arc<Master>,
+    conn: Commands,
     ops: mpsc::Sender<Op>,
     ops_rx: Mutex<Option<mpsc::Receiver<Op>>>,
     events: ClusterEventSender,
@@ -628,7 +641,7 @@ pub struct RedisBus {
 /// the new connection. Only for reads and commands that are safe to repeat.
 async fn query_once_more<T: redis::FromRedisValue>(
     pipe: &redis::Pipeline,
-    conn: &mut ConnectionManager,
+    conn: &mut Commands,
 ) -> redis::RedisResult<T> {
     match pipe.query_async(conn).await {
         Err(err) if err.is_io_error() || err.is_connection_dropped() => {
@@ -772,7 +785,7 @@ impl Inner {
     /// if presence is incomplete: Redis lost its data and nodes are still
     /// re-registering, or a recently seen node is behind on its heartbeat
     /// (it may be cut off from Redis with clients it could not register).
-    async fn presence_gap(&self, conn: &mut ConnectionManager) -> Result<Option<String>, BusError> {
+    async fn presence_gap(&self, conn: &mut Commands) -> Result<Option<String>, BusError> {
         let now = Instant::now();
         let recent = {
             let members = self.members();
@@ -810,31 +823,23 @@ impl RedisBus {
         events: ClusterEventSender,
         stats: Arc<Stats>,
     ) -> Result<Self, BusError> {
-        let client = match &config.ca_pem {
-            Some(ca) => redis::Client::build_with_tls(
-                config.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                },
-            ),
-            None => redis::Client::open(config.url.as_str()),
-        }
-        .map_err(|e| BusError::Unavailable(format!("invalid Redis URL or CA: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(unavailable)?;
+        let master = Arc::new(
+            Master::new(
+                &config.target,
+                config.ca_pem.as_deref(),
+                config.connect_timeout,
+                config.response_timeout,
+            )
+            .map_err(BusError::Unavailable)?,
+        );
+        let conn = master.commands();
         let (ops, ops_rx) = mpsc::channel(config.queue_len);
         let outgoing = Outgoing::new(rand_u64(), config.queue_len);
         Ok(RedisBus {
             inner: Arc::new(Inner {
                 keys: Keys::new(&config.prefix),
                 config,
-                client,
+                master,
                 conn,
                 ops,
                 ops_rx: Mutex::new(Some(ops_rx)),
@@ -946,16 +951,6 @@ impl RedisBus {
     }
 }
 
-/// The URL without its password, for logs.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 impl ClusterBus for RedisBus {
     /// Starts the writer, subscriber and heartbeat tasks.
     fn start(&self) {
@@ -968,7 +963,24 @@ impl ClusterBus for RedisBus {
         else {
             return;
         };
-        info!(url = %redacted(&self.inner.config.url), prefix = %self.inner.config.prefix, "joining cluster through Redis");
+        info!(redis = %self.inner.master.describe(), prefix = %self.inner.config.prefix, "joining cluster through Redis");
+        let inner = self.inner.clone();
+        tokio::spawn(self.inner.master.clone().follow(
+            self.inner.cancel.clone(),
+            move |switched| {
+                if switched {
+                    // A promoted replica may lack the old master's last
+                    // writes, and every liveness key may have expired in
+                    // the gap: presence is rewritten whole, and counts as
+                    // incomplete until every node has rewritten its own.
+                    inner
+                        .members()
+                        .unsettle(Instant::now(), inner.config.node_ttl);
+                    inner.needs_resync.store(true, Ordering::Release);
+                }
+                let _ = inner.ops.try_send(Op::Heartbeat);
+            },
+        ));
         tokio::spawn(writer(self.inner.clone(), ops_rx));
         tokio::spawn(subscriber(self.inner.clone()));
         let inner = self.inner.clone();
@@ -1575,7 +1587,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Reads the node set and tells live nodes (liveness key present) from dead ones.
 async fn query_live_nodes(
     keys: &Keys,
-    conn: &mut ConnectionManager,
+    conn: &mut Commands,
 ) -> redis::RedisResult<(Vec<NodeId>, Vec<NodeId>)> {
     let members: Vec<String> = redis::cmd("SMEMBERS")
         .arg(keys.nodes())
@@ -1647,7 +1659,7 @@ enum Doubt {
 }
 
 /// Sends a batch of publishes and presence changes as one pipeline.
-async fn flush(inner: &Arc<Inner>, conn: &mut ConnectionManager, ops: Vec<Op>) {
+async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
     if ops.is_empty() {
         return;
     }
@@ -2335,7 +2347,7 @@ fn set_commands_ok(inner: &Inner, ok: bool, why: &str) {
 /// Refreshes liveness, notices when Redis lost its data, re-registers local
 /// presence when needed (first start, outage, data loss, expiry), learns
 /// which nodes are alive and sweeps dead ones.
-async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
+async fn heartbeat(inner: &Inner, conn: &mut Commands) {
     let keys = &inner.keys;
     let me = inner.config.node_id;
     let ttl_ms = inner.config.node_ttl.as_millis() as u64;
@@ -2430,7 +2442,11 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
                     .members()
                     .observe(me, &live, &dead, Instant::now(), inner.config.node_ttl);
             inner.forget_nodes(&gone);
-            for node in dead {
+            // While presence is being rebuilt, an expired liveness key
+            // proves nothing (after a failover every key may have expired):
+            // a node that does not re-register is swept once it is over.
+            let settling = inner.members().settling(Instant::now());
+            for node in dead.into_iter().filter(|_| !settling) {
                 if let Err(err) = sweep(inner, conn, node).await {
                     debug!(%err, %node, "sweep of dead node failed; will retry");
                 }
@@ -2447,7 +2463,7 @@ async fn heartbeat(inner: &Inner, conn: &mut ConnectionManager) {
 /// with this node id), then, in one transaction, replaces this node's
 /// presence hash and sets its liveness key and node-set entry, so other
 /// nodes never see this node alive with half its presence.
-async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+async fn resync(inner: &Inner, conn: &mut Commands) -> redis::RedisResult<()> {
     let keys = &inner.keys;
     let me = inner.config.node_id;
     let clients: Vec<ClientInfo> = inner.presence.local_clients();
@@ -2545,7 +2561,7 @@ async fn resync(inner: &Inner, conn: &mut ConnectionManager) -> redis::RedisResu
 /// many.
 async fn remove_index_entries(
     inner: &Inner,
-    conn: &mut ConnectionManager,
+    conn: &mut Commands,
     stale: impl Fn(&str, &str) -> bool,
 ) -> redis::RedisResult<usize> {
     let index = inner.keys.client_nodes();
@@ -2584,7 +2600,7 @@ async fn remove_index_entries(
 /// for a resume from now on, and the entries of clients without one go.
 async fn orphan_index_entries(
     inner: &Inner,
-    conn: &mut ConnectionManager,
+    conn: &mut Commands,
     dead: &str,
 ) -> redis::RedisResult<()> {
     let keys = &inner.keys;
@@ -2637,11 +2653,7 @@ async fn orphan_index_entries(
 
 /// Forgets a dead node: its routing index entries and its node-set entry.
 /// Its presence hash and liveness key have already expired by TTL.
-async fn sweep(
-    inner: &Inner,
-    conn: &mut ConnectionManager,
-    dead: NodeId,
-) -> redis::RedisResult<()> {
+async fn sweep(inner: &Inner, conn: &mut Commands, dead: NodeId) -> redis::RedisResult<()> {
     let dead_str = dead.to_string();
     // Checked again here: the node may have re-registered since it was
     // found dead. (What remains of the race, a re-registration between
@@ -2669,7 +2681,7 @@ async fn sweep(
 /// (from which they are removed too; the hash goes when it is empty).
 async fn remove_user_entries(
     inner: &Inner,
-    conn: &mut ConnectionManager,
+    conn: &mut Commands,
     node: NodeId,
     stale: impl Fn(&str) -> bool,
 ) -> redis::RedisResult<()> {
@@ -2694,7 +2706,7 @@ async fn remove_user_entries(
 }
 
 /// Graceful leave: remove liveness, presence and index entries at once.
-async fn remove_self(inner: &Inner, conn: &mut ConnectionManager) {
+async fn remove_self(inner: &Inner, conn: &mut Commands) {
     let keys = &inner.keys;
     let me = inner.config.node_id;
     let ids: Vec<String> = match redis::cmd("HKEYS")
@@ -2755,8 +2767,11 @@ async fn subscriber(inner: Arc<Inner>) {
         (inner.config.node_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
     let mut failures: u64 = 0;
     loop {
+        // Taken before connecting: a master change from here on ends the
+        // subscription, so it never stays on a demoted server.
+        let master = inner.master.generation();
         let connect = async {
-            let pubsub = inner.client.get_async_pubsub().await?;
+            let pubsub = inner.master.client()?.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             sink.subscribe(&channels[..]).await?;
             // Every fabric channel this node wants, under the turn, so no
@@ -2790,7 +2805,7 @@ async fn subscriber(inner: Arc<Inner>) {
                 // Whatever was published while not subscribed, before what
                 // arrives from now on.
                 catch_up_all(&inner).await;
-                let end = receive(&inner, sink, stream).await;
+                let end = receive(&inner, master, sink, stream).await;
                 inner.subscribed.store(false, Ordering::Release);
                 {
                     let _turn = inner.channel_turn.lock().await;
@@ -3255,6 +3270,7 @@ fn incarnation_and_counts(replies: Vec<redis::Value>) -> (Option<String>, Vec<i6
 /// detects a silently dead connection.
 async fn receive(
     inner: &Inner,
+    mut master: tokio::sync::watch::Receiver<u64>,
     mut sink: redis::aio::PubSubSink,
     mut stream: redis::aio::PubSubStream,
 ) -> String {
@@ -3263,6 +3279,7 @@ async fn receive(
     ping.tick().await;
     loop {
         tokio::select! {
+            _ = master.changed() => return "the Redis master changed".into(),
             msg = stream.next() => {
                 let Some(msg) = msg else { return "connection closed".into() };
                 crate::stats::add(&inner.stats.pubsub_in, 1);
@@ -3431,5 +3448,39 @@ mod tests {
         // And one that never comes back is dead after its TTL.
         let later = now + TTL;
         assert!(m.recent(later, TTL).is_empty());
+    }
+
+    #[test]
+    fn after_a_failover_nodes_whose_keys_expired_in_the_gap_are_not_dead_yet() {
+        let me = NodeId::new_random();
+        let (a, b) = (NodeId::new_random(), NodeId::new_random());
+        let before = Instant::now();
+        let mut m = Membership::default();
+        m.observe(me, &[me, a, b], &[], before, TTL);
+        // The gap outlasted the TTL: by the clock, nobody was seen recently.
+        let now = before + TTL * 2;
+        assert!(m.recent(now, TTL).is_empty());
+        m.unsettle(now, TTL);
+        assert!(m.settling(now));
+        // Both keys expired on the promoted replica; a re-registered, b not yet.
+        m.observe(me, &[me, a], &[b], now, TTL);
+        let mut recent = m.recent(now, TTL);
+        recent.sort();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(recent, want, "b may be re-registering: not dead yet");
+        assert!(m.settling(now));
+        // b re-registers: presence is complete again.
+        m.observe(me, &[me, a, b], &[], now, TTL);
+        assert!(!m.settling(now));
+        // Had b never come back, it would be dead once the TTL passed.
+        let mut m = Membership::default();
+        m.observe(me, &[me, a, b], &[], before, TTL);
+        m.unsettle(now, TTL);
+        m.observe(me, &[me, a], &[b], now, TTL);
+        let later = now + TTL;
+        m.observe(me, &[me, a], &[b], later, TTL);
+        assert_eq!(m.recent(later, TTL), vec![a]);
+        assert!(!m.settling(later));
     }
 }

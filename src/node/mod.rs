@@ -75,7 +75,8 @@ impl LocalPresence for Here {
 
 /// Which cluster bus a node joins.
 pub enum BusChoice {
-    /// From the config: Redis when `redis_url` is set, else a lone in-memory node.
+    /// From the config: Redis when `redis_url` or `redis_sentinel` is set,
+    /// else a lone in-memory node.
     FromConfig,
     /// A shared in-process cluster (several nodes in one process).
     Memory(Arc<MemoryCluster>),
@@ -136,7 +137,7 @@ impl Node {
             channels: channels.clone(),
         });
         let (events_tx, events) = tokio::sync::mpsc::channel(config.bus_queue_len);
-        let bus = match (bus, &config.redis_url) {
+        let bus = match (bus, config.redis_target()) {
             (BusChoice::Memory(cluster), _) => {
                 cluster.set_history_meta_ttl(config.history_meta_ttl);
                 Bus::Memory(MemoryBus::join(cluster, id, events_tx))
@@ -146,7 +147,7 @@ impl Node {
                 bus.set_history_meta_ttl(config.history_meta_ttl);
                 Bus::Memory(bus)
             }
-            (BusChoice::FromConfig, Some(url)) => {
+            (BusChoice::FromConfig, Some(target)) => {
                 let ca_pem = match &config.redis_ca {
                     Some(path) => Some(std::fs::read(path).map_err(|e| {
                         NodeError::Bus(format!("cannot read {}: {e}", path.display()))
@@ -154,7 +155,7 @@ impl Node {
                     None => None,
                 };
                 let redis = RedisBusConfig {
-                    url: url.clone(),
+                    target,
                     ca_pem,
                     prefix: config.redis_prefix.clone(),
                     node_id: id,
