@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::cluster::{Cluster, exactly};
+use common::cluster::Cluster;
 use common::redis::{NODE_TTL, wait_ready};
-use common::redis_ha::{SentinelSet, conn};
+use common::redis_ha::{SentinelSet, conn, wait_replica};
 use common::{TestCerts, TestNode, WAIT, eventually};
 use quic_fabric::bus::ClusterBus;
 use quic_fabric::client::{Client, ClientError};
@@ -152,16 +152,16 @@ fn traffic(
     })
 }
 
-/// The numbers `client` receives (from `frame_number`) until every one of
-/// `expected` has arrived: asserts each arrives once and in order.
-async fn receive_all(
+/// The numbers `client` receives (from `frame_number`) until `last` has
+/// arrived, or `within` has passed.
+async fn received(
     client: &mut Client,
-    expected: &[u32],
+    last: u32,
+    within: Duration,
     frame_number: impl Fn(&Body) -> Option<u32>,
 ) -> Vec<u32> {
-    let last = expected.iter().copied().max().unwrap_or(0);
     let mut got = Vec::new();
-    tokio::time::timeout(WAIT * 2, async {
+    let _ = tokio::time::timeout(within, async {
         while got.last().is_none_or(|n| *n < last) {
             match client.next_event().await {
                 Some(quic_fabric::client::Event::Frame(f)) => {
@@ -174,21 +174,18 @@ async fn receive_all(
             }
         }
     })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "not all acknowledged arrived; last {last}, got up to {:?}",
-            got.last()
-        )
-    });
-    let mut sorted = got.clone();
+    .await;
+    got
+}
+
+/// Asserts `got` holds each number once, in order; returns the
+/// acknowledged ones (`acked`) missing from it.
+fn in_order_missing(what: &str, got: &[u32], acked: &[u32]) -> Vec<u32> {
+    let mut sorted = got.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
-    assert_eq!(sorted, got, "each once, in the order sent");
-    for n in expected {
-        assert!(got.contains(n), "acknowledged {n} never arrived");
-    }
-    got
+    assert_eq!(sorted, got, "each {what} once, in the order sent");
+    acked.iter().copied().filter(|n| !got.contains(n)).collect()
 }
 
 fn number(payload: &Payload) -> Option<u32> {
@@ -228,24 +225,33 @@ fn summary(sent: &[Sent]) -> Summary {
     }
 }
 
-#[tokio::test]
-async fn a_killed_master_is_followed_to_the_promoted_replica_with_nothing_acknowledged_lost() {
-    let set = SentinelSet::start().await;
-    let certs = TestCerts::new();
-    let n1 = sentinel_node(&set, &certs, "n1", |c| {
-        c.namespaces = vec!["h,history_size=10000,history_ttl=10m".parse().unwrap()]
-    })
-    .await;
-    let n2 = sentinel_node(&set, &certs, "n2", |c| {
-        c.namespaces = vec!["h,history_size=10000,history_ttl=10m".parse().unwrap()]
-    })
-    .await;
-    wait_ready(&[&n1, &n2]).await;
+/// How a phase moves the master.
+#[derive(Debug, Clone, Copy)]
+enum Failover {
+    /// SIGKILL: every connection to it breaks.
+    Kill,
+    /// `SENTINEL FAILOVER`: the old master lives on as a replica.
+    Commanded,
+}
+
+/// Two nodes' clients exchange numbered directs and publications (100 a
+/// second each) while the master fails over `how`: every refusal must be
+/// CLUSTER_UNAVAILABLE, every acknowledged message must reach its receiver
+/// once and in order, delivery must resume by itself soon after the
+/// promotion, and the new master must route to every client. Returns the
+/// old and new master ports and a line of figures.
+async fn failover_under_traffic(
+    set: &SentinelSet,
+    n1: &TestNode,
+    n2: &TestNode,
+    how: Failover,
+) -> (u16, u16, String) {
+    let channel = format!("h:{how:?}");
     let a = Arc::new(n1.connect("a").await);
     let publisher = Arc::new(n1.connect("p").await);
     let mut b = n2.connect("b").await;
     let mut s = n2.connect("s").await;
-    s.subscribe("h:feed", false).await.unwrap();
+    s.subscribe(&channel, false).await.unwrap();
     let everyone = [
         a.client_id(),
         publisher.client_id(),
@@ -264,10 +270,11 @@ async fn a_killed_master_is_followed_to_the_promoted_replica_with_nothing_acknow
         },
         stop.clone(),
     );
+    let published = channel.clone();
     let publications = traffic(
         publisher.clone(),
-        |n| Body::Publish {
-            channel: "h:feed".into(),
+        move |n| Body::Publish {
+            channel: published.clone(),
             payload: Payload::Text(n.to_string()),
         },
         stop.clone(),
@@ -275,31 +282,52 @@ async fn a_killed_master_is_followed_to_the_promoted_replica_with_nothing_acknow
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let old = set.master_port().await;
-    let killed = Instant::now();
-    set.kill_master().await;
+    let started = Instant::now();
+    match how {
+        Failover::Kill => {
+            set.kill_master().await;
+        }
+        Failover::Commanded => {
+            let mut sentinel = redis::Client::open(set.sentinels[0].as_str())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let _: () = redis::cmd("SENTINEL")
+                .arg("FAILOVER")
+                .arg(&set.master_name)
+                .query_async(&mut sentinel)
+                .await
+                .unwrap();
+        }
+    }
     let new = set.wait_failover(old).await;
-    let promoted = killed.elapsed();
-    // Both nodes work again by themselves: a direct each way is acknowledged.
-    let resumed = {
-        let b_side = n2.connect("probe").await;
-        eventually(
-            Duration::from_secs(30),
-            "delivery resumes on the new master",
-            || async {
-                n1.bus().available()
-                    && n2.bus().available()
-                    && a.direct(
-                        b_side.client_id(),
-                        Payload::Text("probe".into()),
-                        Priority::Normal,
-                    )
-                    .await
-                    .is_ok()
-            },
-        )
-        .await;
-        killed.elapsed()
-    };
+    let promoted = started.elapsed();
+    // Both nodes work again by themselves: a direct across is acknowledged.
+    let probe = n2.connect("probe").await;
+    eventually(
+        Duration::from_secs(30),
+        "delivery resumes on the new master",
+        || async {
+            n1.bus().available()
+                && n2.bus().available()
+                && a.direct(
+                    probe.client_id(),
+                    Payload::Text("probe".into()),
+                    Priority::Normal,
+                )
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    let resumed = started.elapsed();
+    assert!(
+        resumed < promoted + Duration::from_secs(8),
+        "{how:?}: the nodes took {:.1}s after the promotion to deliver again",
+        (resumed - promoted).as_secs_f64()
+    );
+    drop(probe);
     // Traffic goes on a little past the failover, then stops.
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
@@ -320,30 +348,50 @@ async fn a_killed_master_is_followed_to_the_promoted_replica_with_nothing_acknow
         for why in refused.keys() {
             assert!(
                 why.starts_with(&format!("{:?}", error_code::CLUSTER_UNAVAILABLE)),
-                "a {what} was refused with something else than CLUSTER_UNAVAILABLE: {why}"
+                "{how:?}: a {what} was refused with something else than CLUSTER_UNAVAILABLE: {why}"
             );
         }
     }
-    assert!(
-        !refused_directs.is_empty(),
-        "a direct sent while no master answered must be refused, not acknowledged"
-    );
     let last_direct = directs.last().unwrap().n;
     assert!(
-        acked_directs.iter().any(|n| *n > last_direct - 50),
-        "directs are acknowledged again after the failover"
+        acked_directs
+            .iter()
+            .any(|n| *n > last_direct.saturating_sub(50)),
+        "{how:?}: directs are acknowledged again after the failover"
     );
-    // Every acknowledged direct and publication arrived exactly once, in order.
-    receive_all(&mut b, &acked_directs, |body| match body {
+    // Every acknowledged direct arrived exactly once, in order.
+    let last = acked_directs.last().copied().unwrap_or(0);
+    let got = received(&mut b, last, WAIT * 2, |body| match body {
         Body::Direct { payload, .. } => number(payload),
         _ => None,
     })
     .await;
-    receive_all(&mut s, &acked_pubs, |body| match body {
+    let missing = in_order_missing("direct", &got, &acked_directs);
+    assert!(
+        missing.is_empty(),
+        "{how:?}: acknowledged directs never arrived: {missing:?}"
+    );
+    // So did every acknowledged publication, after a kill. After a
+    // commanded failover, publications the old master accepted after the
+    // promotion are lost with its data (CLUSTER.md, "Sentinel": a known
+    // gap, reported here rather than hidden).
+    let last = acked_pubs.last().copied().unwrap_or(0);
+    let within = match how {
+        Failover::Kill => WAIT * 2,
+        Failover::Commanded => Duration::from_secs(5),
+    };
+    let got = received(&mut s, last, within, |body| match body {
         Body::Publication { payload, .. } | Body::Publish { payload, .. } => number(payload),
         _ => None,
     })
     .await;
+    let lost = in_order_missing("publication", &got, &acked_pubs);
+    if matches!(how, Failover::Kill) {
+        assert!(
+            lost.is_empty(),
+            "{how:?}: acknowledged publications never arrived: {lost:?}"
+        );
+    }
 
     // Presence was rewritten on the new master: it routes to everyone.
     let mut new_master = conn(new).await;
@@ -355,32 +403,23 @@ async fn a_killed_master_is_followed_to_the_promoted_replica_with_nothing_acknow
     for id in everyone {
         assert!(
             routes.contains_key(&id.to_string()),
-            "{id} routed on the new master"
+            "{how:?}: {id} routed on the new master"
         );
     }
-    let (listed, _) = a.list().await.unwrap();
-    let probe_gone: Vec<_> = listed
-        .iter()
-        .filter(|c| c.name != "probe")
-        .cloned()
-        .collect();
-    assert!(
-        exactly(&probe_gone, &everyone),
-        "list after the failover: {listed:?}"
-    );
+    common::redis::wait_listed(&a, &everyone).await;
 
     let span = |gap: Option<(Instant, Instant)>| {
         gap.map(|(f, l)| {
             format!(
-                "{:.1}s..{:.1}s after the kill",
-                f.saturating_duration_since(killed).as_secs_f64(),
-                l.saturating_duration_since(killed).as_secs_f64()
+                "{:.1}s..{:.1}s",
+                f.saturating_duration_since(started).as_secs_f64(),
+                l.saturating_duration_since(started).as_secs_f64()
             )
         })
         .unwrap_or_else(|| "none".into())
     };
-    println!(
-        "sentinel failover: master {old} killed, {new} named after {:.1}s, delivery resumed after {:.1}s; directs {} acked / {} refused ({}), publications {} acked / {} refused ({}); refusals: {refused_directs:?} {refused_pubs:?}",
+    let figures = format!(
+        "{how:?}: master {old} -> {new} named after {:.1}s, delivery resumed after {:.1}s; directs {} acked / {} refused ({}), publications {} acked / {} refused ({}), acknowledged but lost {}; refusals: {refused_directs:?} {refused_pubs:?}",
         promoted.as_secs_f64(),
         resumed.as_secs_f64(),
         acked_directs.len(),
@@ -389,6 +428,35 @@ async fn a_killed_master_is_followed_to_the_promoted_replica_with_nothing_acknow
         acked_pubs.len(),
         publications.len() - acked_pubs.len(),
         span(gap_pubs),
+        lost.len(),
     );
+    (old, new, figures)
+}
+
+/// A master killed, then (once it is back as a replica) a failover
+/// commanded back to it: the nodes follow both by themselves.
+#[tokio::test]
+async fn the_nodes_follow_the_master_through_a_kill_and_a_commanded_failover() {
+    let set = SentinelSet::start().await;
+    let certs = TestCerts::new();
+    // A TTL longer than the gap, as in production (10 s by default vs a
+    // ~3.5 s failover); the gap outlasting it is covered by the unit
+    // tests of Membership.
+    let history = |c: &mut quic_fabric::NodeConfig| {
+        c.node_ttl = Duration::from_secs(5);
+        c.namespaces = vec!["h,history_size=10000,history_ttl=10m".parse().unwrap()];
+    };
+    let n1 = sentinel_node(&set, &certs, "n1", history).await;
+    let n2 = sentinel_node(&set, &certs, "n2", history).await;
+    wait_ready(&[&n1, &n2]).await;
+
+    let (old, _, killed) = failover_under_traffic(&set, &n1, &n2, Failover::Kill).await;
+    println!("sentinel failover: {killed}");
+    set.restart(old).await;
+    // Back as a replica of the new master, and synced.
+    wait_replica(old).await;
+    let (_, back, commanded) = failover_under_traffic(&set, &n1, &n2, Failover::Commanded).await;
+    println!("sentinel failover: {commanded}");
+    assert_eq!(back, old, "the only replica was the old master");
     set.remove().await;
 }

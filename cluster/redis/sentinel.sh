@@ -84,5 +84,6 @@ for port in $(seq "$FIRST_SENTINEL" "$LAST_SENTINEL"); do
     wait_until "sentinel $port to see the whole set" watching "$port"
 done
 
+touch /data/ready  # for a healthcheck (cluster/redis-sentinel.yml)
 echo "REDIS-SENTINEL-READY master $NAME on $BASE, sentinels $FIRST_SENTINEL-$LAST_SENTINEL after $(($(date +%s) - STARTED))s"
 keep_alive

@@ -66,7 +66,6 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// The server commands go to now.
-#[derive(Clone)]
 struct Current {
     client: redis::Client,
     conn: ConnectionManager,
@@ -74,12 +73,38 @@ struct Current {
     addr: String,
 }
 
+/// What [`Master::follow`] tells the bus, before commands go to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// The sentinels named a master for the first time.
+    Found,
+    /// They named another server than before: a failover.
+    Switched,
+}
+
+/// The sentinels, asked as a set (redis-rs) and one by one (the watch).
+struct Sentinels {
+    set: tokio::sync::Mutex<SentinelClient>,
+    each: Vec<redis::Client>,
+}
+
+/// How long after a lookup that found nothing new a failing command may
+/// trigger the next one: from this, doubling up to [`CALMEST`] while the
+/// answer stays the same (each lookup costs the sentinels a query and the
+/// named master a connection).
+const CALM: Duration = Duration::from_millis(100);
+const CALMEST: Duration = Duration::from_secs(2);
+/// How often the master is looked up regardless.
+const POLL: Duration = Duration::from_secs(5);
+/// Bound on one lookup, and on a sentinel's answer to a PING.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The bus's view of its Redis server.
 pub struct Master {
     manager_config: ConnectionManagerConfig,
-    sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
+    sentinels: Option<Sentinels>,
     describe: String,
-    current: Mutex<Option<Current>>,
+    current: Mutex<Option<Arc<Current>>>,
     /// Bumped when commands move to another server.
     generation: watch::Sender<u64>,
     /// A command failed in a way a failover would explain.
@@ -100,14 +125,16 @@ impl Master {
             .set_response_timeout(Some(response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let tls = |ca: &[u8]| redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(ca.to_vec()),
-        };
-        let (current, sentinel) = match target {
+        let (current, sentinels) = match target {
             RedisTarget::Url(url) => {
                 let client = match ca_pem {
-                    Some(ca) => redis::Client::build_with_tls(url.as_str(), tls(ca)),
+                    Some(ca) => redis::Client::build_with_tls(
+                        url.as_str(),
+                        redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(ca.to_vec()),
+                        },
+                    ),
                     None => redis::Client::open(url.as_str()),
                 }
                 .map_err(|e| format!("invalid Redis URL or CA: {e}"))?;
@@ -115,54 +142,20 @@ impl Master {
                     ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
                         .map_err(|e| e.to_string())?;
                 let addr = client.get_connection_info().addr().to_string();
-                (Some(Current { client, conn, addr }), None)
+                (Some(Arc::new(Current { client, conn, addr })), None)
             }
             RedisTarget::Sentinel { sentinels, master } => {
-                let mut addrs = Vec::new();
-                let mut credentials = None;
-                for url in sentinels {
-                    let info = url
-                        .as_str()
-                        .into_connection_info()
-                        .map_err(|e| format!("invalid sentinel URL {}: {e}", redacted(url)))?;
-                    if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) {
-                        return Err(format!(
-                            "sentinel URL {}: only redis:// (TCP without TLS) is supported with Sentinel",
-                            redacted(url)
-                        ));
-                    }
-                    let settings = info.redis_settings();
-                    credentials.get_or_insert((
-                        settings.username().map(str::to_owned),
-                        settings.password().map(str::to_owned),
-                    ));
-                    addrs.push(info.addr().clone());
+                if ca_pem.is_some() {
+                    return Err(
+                        "redis_ca is for rediss://, which Sentinel mode does not support".into(),
+                    );
                 }
-                if addrs.is_empty() {
-                    return Err("redis_sentinel needs at least one sentinel URL".into());
-                }
-                let mut builder =
-                    SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
-                        .map_err(|e| e.to_string())?;
-                if let Some((user, password)) = credentials {
-                    if let Some(user) = user {
-                        builder = builder
-                            .set_client_to_sentinel_username(&user)
-                            .set_client_to_redis_username(&user);
-                    }
-                    if let Some(password) = password {
-                        builder = builder
-                            .set_client_to_sentinel_password(&password)
-                            .set_client_to_redis_password(&password);
-                    }
-                }
-                let client = builder.build().map_err(|e| e.to_string())?;
-                (None, Some(tokio::sync::Mutex::new(client)))
+                (None, Some(sentinel_set(sentinels, master)?))
             }
         };
         Ok(Master {
             manager_config,
-            sentinel,
+            sentinels,
             describe: target.describe(),
             current: Mutex::new(current),
             generation: watch::Sender::new(0),
@@ -175,6 +168,11 @@ impl Master {
         &self.describe
     }
 
+    /// Whether the master is looked up (Sentinel), rather than fixed.
+    pub fn is_followed(&self) -> bool {
+        self.sentinels.is_some()
+    }
+
     /// A handle for commands, following the master.
     pub fn commands(self: &Arc<Self>) -> Commands {
         Commands {
@@ -184,15 +182,15 @@ impl Master {
 
     /// A client for the current master (for a subscription connection).
     pub fn client(&self) -> Result<redis::Client, RedisError> {
-        self.now().map(|c| c.client)
+        self.now().map(|c| c.client.clone())
     }
 
-    /// Changes with every move to another server.
+    /// Changes with every move to another server (0: none known yet).
     pub fn generation(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }
 
-    fn now(&self) -> Result<Current, RedisError> {
+    fn now(&self) -> Result<Arc<Current>, RedisError> {
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -208,55 +206,72 @@ impl Master {
 
     /// Notes a failure that a failover would explain.
     fn suspected(&self, err: &RedisError) {
-        if self.sentinel.is_some()
-            && (err.is_io_error()
-                || err.is_connection_dropped()
-                || err.is_connection_refusal()
-                || err.is_timeout()
-                || err.code() == Some("READONLY"))
+        if self.sentinels.is_none() {
+            return;
+        }
+        let demoted = |err: &RedisError| err.code() == Some("READONLY");
+        // A MULTI whose writes a demoted master refused fails as EXECABORT.
+        let aborted = || {
+            err.clone()
+                .into_server_errors()
+                .is_some_and(|errs| errs.iter().any(|(_, e)| e.code() == "READONLY"))
+        };
+        if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_timeout()
+            || demoted(err)
+            || aborted()
         {
             self.suspect.notify_one();
         }
     }
 
     /// With Sentinel: finds the master and keeps following it, until
-    /// `cancel`; `moved(switched)` is called when the master is found
-    /// (false) and after every change to another server (true). Returns at
-    /// once for a fixed URL.
-    pub async fn follow(self: Arc<Self>, cancel: CancellationToken, moved: impl Fn(bool) + Send) {
-        let Some(sentinel) = &self.sentinel else {
+    /// `cancel`; `moved` is told when the master is found and at every
+    /// change to another server, before commands go there. Returns at once
+    /// for a fixed URL.
+    pub async fn follow(self: Arc<Self>, cancel: CancellationToken, moved: impl Fn(Moved) + Send) {
+        let Some(sentinels) = &self.sentinels else {
             return;
         };
         tokio::spawn(watch_switches(self.clone(), cancel.clone()));
         let mut failures = 0u64;
+        let mut calm = CALM;
         loop {
-            let found = {
-                let mut sentinel = sentinel.lock().await;
-                tokio::time::timeout(Duration::from_secs(5), sentinel.async_get_client()).await
+            let lookup = async {
+                let mut set = sentinels.set.lock().await;
+                tokio::time::timeout(LOOKUP_TIMEOUT, set.async_get_client()).await
+            };
+            let found = tokio::select! {
+                found = lookup => found,
+                _ = cancel.cancelled() => return,
             };
             let wait = match found {
                 Ok(Ok(client)) => {
                     failures = 0;
-                    if let Some(switched) = self.adopt(client) {
-                        moved(switched);
+                    if self.adopt(client, &moved) {
+                        calm = CALM;
                     }
-                    Duration::from_secs(5)
+                    POLL
                 }
                 Ok(Err(err)) => {
                     self.failed(&mut failures, &err.to_string());
                     Duration::from_millis(250)
                 }
                 Err(_) => {
-                    self.failed(&mut failures, "sentinels did not answer in 5s");
+                    self.failed(&mut failures, "the sentinels did not answer in time");
                     Duration::from_millis(250)
                 }
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.suspect.notified() => {
-                    // Several failing commands in a burst: one lookup.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                _ = async {
+                    self.suspect.notified().await;
+                    // Failing commands come in bursts: one lookup, and
+                    // fewer while the answer stays the same.
+                    tokio::time::sleep(calm).await;
+                } => calm = (calm * 2).min(CALMEST),
                 _ = cancel.cancelled() => return,
             }
         }
@@ -277,13 +292,13 @@ impl Master {
     }
 
     /// Makes `client` the master if it is another server than the current
-    /// one: `None` if it is the same, else whether there was another before.
-    fn adopt(&self, client: redis::Client) -> Option<bool> {
+    /// one (telling `moved` first); whether it was.
+    fn adopt(&self, client: redis::Client, moved: &impl Fn(Moved)) -> bool {
         let addr = client.get_connection_info().addr().to_string();
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|c| c.addr == addr) {
-            return None;
-        }
+        let old = match &*self.current.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(current) if current.addr == addr => return false,
+            current => current.as_ref().map(|c| c.addr.clone()),
+        };
         let conn = match ConnectionManager::new_lazy_with_config(
             client.clone(),
             self.manager_config.clone(),
@@ -291,68 +306,139 @@ impl Master {
             Ok(conn) => conn,
             Err(err) => {
                 warn!(%err, %addr, "cannot use the master the sentinels named");
-                return None;
+                return false;
             }
         };
-        let old = current.replace(Current {
+        // The bus counts presence as incomplete before any command reaches
+        // the new master, where liveness keys may have expired in the gap.
+        moved(if old.is_some() {
+            Moved::Switched
+        } else {
+            Moved::Found
+        });
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Current {
             client,
             conn,
             addr: addr.clone(),
-        });
-        drop(current);
-        match &old {
+        }));
+        match old {
             Some(old) => warn!(
-                from = %old.addr,
+                from = %old,
                 to = %addr,
                 "Redis master changed (Sentinel failover); moving commands and subscriptions, rewriting presence"
             ),
             None => info!(%addr, "Redis master found through Sentinel"),
         }
         self.generation.send_modify(|g| *g += 1);
-        Some(old.is_some())
+        true
     }
 }
 
-/// Listens for the sentinels' `+switch-master` announcements and asks for
-/// a lookup at each, so a failover is followed as soon as it is decided.
+/// The sentinels of `urls`, for master `name`. Their user and password
+/// (one pair for all) and database number also go to the master.
+fn sentinel_set(urls: &[String], name: &str) -> Result<Sentinels, String> {
+    let mut addrs = Vec::new();
+    let mut each = Vec::new();
+    let mut shared: Option<(Option<String>, Option<String>, i64)> = None;
+    for url in urls {
+        let invalid = |why: &str| format!("sentinel URL {}: {why}", redacted(url));
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| invalid(&e.to_string()))?;
+        let redis::ConnectionAddr::Tcp(_, port) = info.addr() else {
+            return Err(invalid(
+                "only redis:// (TCP without TLS) is supported with Sentinel",
+            ));
+        };
+        if !url.contains(&format!(":{port}")) {
+            return Err(invalid("give the sentinel's port (usually 26379)"));
+        }
+        let settings = info.redis_settings();
+        let these = (
+            settings.username().map(str::to_owned),
+            settings.password().map(str::to_owned),
+            settings.db(),
+        );
+        if shared.get_or_insert_with(|| these.clone()) != &these {
+            return Err(invalid(
+                "every sentinel URL must carry the same user, password and database",
+            ));
+        }
+        each.push(redis::Client::open(info.clone()).map_err(|e| invalid(&e.to_string()))?);
+        addrs.push(info.addr().clone());
+    }
+    let Some((user, password, db)) = shared else {
+        return Err("redis_sentinel needs at least one sentinel URL".into());
+    };
+    let mut builder = SentinelClientBuilder::new(addrs, name, SentinelServerType::Master)
+        .map_err(|e| e.to_string())?
+        .set_client_to_redis_db(db);
+    if let Some(user) = user {
+        builder = builder
+            .set_client_to_sentinel_username(&user)
+            .set_client_to_redis_username(&user);
+    }
+    if let Some(password) = password {
+        builder = builder
+            .set_client_to_sentinel_password(&password)
+            .set_client_to_redis_password(&password);
+    }
+    Ok(Sentinels {
+        set: tokio::sync::Mutex::new(builder.build().map_err(|e| e.to_string())?),
+        each,
+    })
+}
+
+/// Listens for the sentinels' `+switch-master` announcements (on one
+/// sentinel at a time, the next when it fails or stops answering PINGs)
+/// and asks for a lookup at each, so a failover is followed as soon as it
+/// is decided.
 async fn watch_switches(master: Arc<Master>, cancel: CancellationToken) {
-    let Some(sentinel) = &master.sentinel else {
+    let Some(sentinels) = &master.sentinels else {
         return;
     };
     let mut backoff = Duration::from_millis(250);
-    loop {
+    for sentinel in sentinels.each.iter().cycle() {
         let attempt = async {
-            let client = sentinel.lock().await.async_get_sentinel_client().await?;
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = sentinel.get_async_pubsub().await?;
             pubsub.subscribe("+switch-master").await?;
-            Ok::<_, RedisError>(pubsub)
+            Ok::<_, RedisError>(pubsub.split())
         };
         let attempt = tokio::select! {
-            r = tokio::time::timeout(Duration::from_secs(5), attempt) => r,
+            r = tokio::time::timeout(LOOKUP_TIMEOUT, attempt) => r,
             _ = cancel.cancelled() => return,
         };
-        if let Ok(Ok(pubsub)) = attempt {
+        if let Ok(Ok((mut sink, mut messages))) = attempt {
             backoff = Duration::from_millis(250);
-            let mut messages = pubsub.into_on_message();
+            let mut ping = tokio::time::interval(POLL);
+            ping.tick().await;
             loop {
                 tokio::select! {
                     message = messages.next() => match message {
                         Some(message) => {
                             let text: String = message.get_payload().unwrap_or_default();
-                            info!(announcement = %text, "sentinel announced a new master");
+                            info!(announcement = %text, "a sentinel announced a new master");
                             master.suspect.notify_one();
                         }
                         None => break,
                     },
+                    _ = ping.tick() => {
+                        let pong = tokio::time::timeout(LOOKUP_TIMEOUT, sink.ping::<Value>()).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
                     _ = cancel.cancelled() => return,
                 }
             }
+            debug!(sentinel = %sentinel.get_connection_info().addr(), "sentinel watch lost; trying the next");
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = cancel.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(POLL);
     }
 }
 
@@ -373,7 +459,7 @@ impl Commands {
 impl ConnectionLike for Commands {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let mut conn = self.master.now()?.conn;
+            let mut conn = self.master.now()?.conn.clone();
             let result = conn.req_packed_command(cmd).await;
             self.noted(&result);
             result
@@ -387,13 +473,13 @@ impl ConnectionLike for Commands {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let mut conn = self.master.now()?.conn;
+            let mut conn = self.master.now()?.conn.clone();
             let result = conn.req_packed_commands(pipeline, offset, count).await;
             self.noted(&result);
             let values = result?;
             // A write refused by a demoted master comes back inside the
             // pipeline's replies, not as the call's error.
-            if self.master.sentinel.is_some()
+            if self.master.sentinels.is_some()
                 && values
                     .iter()
                     .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY"))
@@ -444,11 +530,22 @@ mod tests {
             )
             .map(|_| ())
         };
-        new(sentinel(&["redis://s1:26379", "redis://user:pw@s2:26379"])).unwrap();
+        new(sentinel(&[
+            "redis://user:pw@s1:26379",
+            "redis://user:pw@s2:26379/0",
+        ]))
+        .unwrap();
         let err = new(sentinel(&["rediss://s1:26379"])).unwrap_err();
         assert!(err.contains("only redis://"), "{err}");
+        let err = new(sentinel(&["redis://s1"])).unwrap_err();
+        assert!(err.contains("give the sentinel's port"), "{err}");
+        let err = new(sentinel(&["redis://:a@s1:26379", "redis://:b@s2:26379"])).unwrap_err();
+        assert!(
+            err.contains("the same user, password and database"),
+            "{err}"
+        );
         let err = new(sentinel(&["not a url"])).unwrap_err();
-        assert!(err.contains("invalid sentinel URL"), "{err}");
+        assert!(err.contains("did not parse"), "{err}");
         let err = new(sentinel(&[])).unwrap_err();
         assert!(err.contains("at least one"), "{err}");
         // Before the sentinels are asked there is no master: commands fail

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::confirm::{Answer, Arrival, Incoming, Outgoing};
-use super::master::{Commands, Master, RedisTarget};
+use super::master::{Commands, Master, Moved, RedisTarget};
 use super::{
     BusError, BusMessage, Claim, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
     HistoryPage, HistoryRange, Landed, LocalPresence, PublishDone, Retention, SessionEnd,
@@ -791,7 +791,7 @@ impl Inner {
             let members = self.members();
             if members.settling(now) {
                 return Ok(Some(
-                    "Redis lost its data and nodes are re-registering".into(),
+                    "Redis lost its data or failed over, and nodes are re-registering".into(),
                 ));
             }
             members.recent(now, self.config.node_ttl)
@@ -965,22 +965,25 @@ impl ClusterBus for RedisBus {
         };
         info!(redis = %self.inner.master.describe(), prefix = %self.inner.config.prefix, "joining cluster through Redis");
         let inner = self.inner.clone();
-        tokio::spawn(self.inner.master.clone().follow(
-            self.inner.cancel.clone(),
-            move |switched| {
-                if switched {
-                    // A promoted replica may lack the old master's last
-                    // writes, and every liveness key may have expired in
-                    // the gap: presence is rewritten whole, and counts as
-                    // incomplete until every node has rewritten its own.
-                    inner
-                        .members()
-                        .unsettle(Instant::now(), inner.config.node_ttl);
-                    inner.needs_resync.store(true, Ordering::Release);
-                }
-                let _ = inner.ops.try_send(Op::Heartbeat);
-            },
-        ));
+        tokio::spawn(
+            self.inner
+                .master
+                .clone()
+                .follow(self.inner.cancel.clone(), move |moved| {
+                    if moved == Moved::Switched {
+                        // A promoted replica may lack the old master's last
+                        // writes, and every liveness key may have expired in
+                        // the gap: presence is rewritten whole, and counts as
+                        // incomplete until every node known before has a
+                        // liveness key again (or for node_ttl at most).
+                        inner
+                            .members()
+                            .unsettle(Instant::now(), inner.config.node_ttl);
+                        inner.needs_resync.store(true, Ordering::Release);
+                    }
+                    let _ = inner.ops.try_send(Op::Heartbeat);
+                }),
+        );
         tokio::spawn(writer(self.inner.clone(), ops_rx));
         tokio::spawn(subscriber(self.inner.clone()));
         let inner = self.inner.clone();
@@ -1169,7 +1172,7 @@ impl ClusterBus for RedisBus {
             Ok(Some(node))
         } else if members.settling(now) && members.seen.contains_key(&node) {
             Err(BusError::Rebuilding(format!(
-                "node {node} is re-registering after Redis lost its data"
+                "node {node} is re-registering after Redis lost its data or failed over"
             )))
         } else {
             Ok(None)
@@ -2766,10 +2769,18 @@ async fn subscriber(inner: Arc<Inner>) {
     let longest =
         (inner.config.node_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
     let mut failures: u64 = 0;
+    if inner.master.is_followed() {
+        // Nothing to connect to before the sentinels name a master.
+        let mut generation = inner.master.generation();
+        tokio::select! {
+            _ = generation.wait_for(|g| *g > 0) => {}
+            _ = inner.cancel.cancelled() => return,
+        }
+    }
     loop {
         // Taken before connecting: a master change from here on ends the
         // subscription, so it never stays on a demoted server.
-        let master = inner.master.generation();
+        let mut generation = inner.master.generation();
         let connect = async {
             let pubsub = inner.master.client()?.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
@@ -2805,7 +2816,7 @@ async fn subscriber(inner: Arc<Inner>) {
                 // Whatever was published while not subscribed, before what
                 // arrives from now on.
                 catch_up_all(&inner).await;
-                let end = receive(&inner, master, sink, stream).await;
+                let end = receive(&inner, &mut generation, sink, stream).await;
                 inner.subscribed.store(false, Ordering::Release);
                 {
                     let _turn = inner.channel_turn.lock().await;
@@ -2822,10 +2833,12 @@ async fn subscriber(inner: Arc<Inner>) {
             Err(_) => log_failure(&mut failures, "timed out"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(longest),
+            // A new master: try it at once, not after the backoff the old
+            // one's failures built up.
+            _ = generation.changed() => backoff = Duration::from_millis(100),
             _ = inner.cancel.cancelled() => return,
         }
-        backoff = (backoff * 2).min(longest);
     }
 }
 
@@ -3270,7 +3283,7 @@ fn incarnation_and_counts(replies: Vec<redis::Value>) -> (Option<String>, Vec<i6
 /// detects a silently dead connection.
 async fn receive(
     inner: &Inner,
-    mut master: tokio::sync::watch::Receiver<u64>,
+    generation: &mut tokio::sync::watch::Receiver<u64>,
     mut sink: redis::aio::PubSubSink,
     mut stream: redis::aio::PubSubStream,
 ) -> String {
@@ -3279,7 +3292,7 @@ async fn receive(
     ping.tick().await;
     loop {
         tokio::select! {
-            _ = master.changed() => return "the Redis master changed".into(),
+            _ = generation.changed() => return "the Redis master changed".into(),
             msg = stream.next() => {
                 let Some(msg) = msg else { return "connection closed".into() };
                 crate::stats::add(&inner.stats.pubsub_in, 1);
