@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use common::redis::{NODE_TTL, wait_ready};
+use common::redis::{short_timings, wait_ready};
 use common::redis_ha::{SentinelSet, conn, wait_replica};
 use common::{TestCerts, TestNode, WAIT, eventually};
 use quic_fabric::bus::ClusterBus;
@@ -38,11 +38,7 @@ async fn sentinel_node(
         c.name = name;
         c.redis_sentinel = sentinels;
         c.redis_sentinel_master = Some(master);
-        c.node_ttl = NODE_TTL;
-        c.heartbeat_interval = Duration::from_millis(300);
-        c.delivery_timeout = Duration::from_secs(3);
-        c.redis_connect_timeout = Duration::from_millis(500);
-        c.redis_response_timeout = Duration::from_millis(500);
+        short_timings(c);
         tweak(c);
     })
     .await

@@ -103,14 +103,20 @@ pub async fn redis_node_with(
     TestNode::start_on(BusChoice::FromConfig, Some(certs), move |c| {
         c.name = name;
         c.redis_url = Some(url);
-        c.node_ttl = NODE_TTL;
-        c.heartbeat_interval = Duration::from_millis(300);
-        c.delivery_timeout = Duration::from_secs(3);
-        c.redis_connect_timeout = Duration::from_millis(500);
-        c.redis_response_timeout = Duration::from_millis(500);
+        short_timings(c);
         tweak(c);
     })
     .await
+}
+
+/// The cluster tests' timings: a short node TTL and heartbeat, so deaths
+/// and recoveries show quickly, and short Redis timeouts.
+pub fn short_timings(c: &mut quic_fabric::NodeConfig) {
+    c.node_ttl = NODE_TTL;
+    c.heartbeat_interval = Duration::from_millis(300);
+    c.delivery_timeout = Duration::from_secs(3);
+    c.redis_connect_timeout = Duration::from_millis(500);
+    c.redis_response_timeout = Duration::from_millis(500);
 }
 
 /// Waits until every node reaches Redis and sees all the others alive.
