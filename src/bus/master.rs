@@ -8,7 +8,8 @@
 //! task asks the sentinels which server is master: at start, whenever a
 //! command fails in a way a failover explains (connection lost, `READONLY`
 //! from a demoted master), on every `+switch-master` the sentinels
-//! announce, and every few seconds regardless. When the answer changes it
+//! announce, and when a periodic question to one sentinel names another
+//! server. When the answer changes it
 //! swaps the connection, bumps the generation (the subscription watches it
 //! and moves to the new master) and tells the bus to rewrite its presence,
 //! since a promoted replica may lack the last writes of the old master.
@@ -82,10 +83,56 @@ pub enum Moved {
     Switched,
 }
 
-/// The sentinels, asked as a set (redis-rs) and one by one (the watch).
+/// The sentinels, asked as a set (redis-rs) and one by one (the watch
+/// and the periodic check).
 struct Sentinels {
     set: tokio::sync::Mutex<SentinelClient>,
     each: Vec<redis::Client>,
+    /// The master's name.
+    name: String,
+}
+
+/// A kept connection to one sentinel, for the periodic check.
+#[derive(Default)]
+struct Probe {
+    /// Which of [`Sentinels::each`], and the connection (none after a failure).
+    at: usize,
+    conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl Probe {
+    /// Whether a sentinel still names `addr` (`host:port`) as the master;
+    /// false when it names another, or cannot be asked (then the next
+    /// sentinel is asked next time).
+    async fn still_names(&mut self, sentinels: &Sentinels, addr: &Option<String>) -> bool {
+        let Some(addr) = addr else {
+            return false;
+        };
+        let ask = async {
+            let conn = match &mut self.conn {
+                Some(conn) => conn,
+                None => self.conn.insert(
+                    sentinels.each[self.at]
+                        .get_multiplexed_async_connection()
+                        .await?,
+                ),
+            };
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(&sentinels.name)
+                .query_async::<Option<(String, u16)>>(conn)
+                .await
+        };
+        match tokio::time::timeout(LOOKUP_TIMEOUT, ask).await {
+            Ok(Ok(Some((host, port)))) => format!("{host}:{port}") == *addr,
+            Ok(Ok(None)) => false,
+            Ok(Err(_)) | Err(_) => {
+                self.conn = None;
+                self.at = (self.at + 1) % sentinels.each.len();
+                false
+            }
+        }
+    }
 }
 
 /// How long after a lookup that found nothing new a failing command may
@@ -94,7 +141,8 @@ struct Sentinels {
 /// named master a connection).
 const CALM: Duration = Duration::from_millis(100);
 const CALMEST: Duration = Duration::from_secs(2);
-/// How often the master is looked up regardless.
+/// How often a sentinel is asked whether the master is still the same
+/// (and how often the `+switch-master` watch PINGs its sentinel).
 const POLL: Duration = Duration::from_secs(5);
 /// Bound on one lookup, and on a sentinel's answer to a PING.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -238,7 +286,23 @@ impl Master {
         tokio::spawn(watch_switches(self.clone(), cancel.clone()));
         let mut failures = 0u64;
         let mut calm = CALM;
+        let mut probe = Probe::default();
+        let mut look = true;
         loop {
+            if !look {
+                // The periodic check: one question to one sentinel on a
+                // kept connection; the full lookup only if the answer moved.
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {
+                        look = !probe.still_names(sentinels, &self.addr()).await;
+                        continue;
+                    }
+                    _ = self.calmed(&mut calm) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+            // Until a lookup succeeds, the next comes after a short wait.
+            look = true;
             let lookup = async {
                 let mut set = sentinels.set.lock().await;
                 tokio::time::timeout(LOOKUP_TIMEOUT, set.async_get_client()).await
@@ -253,7 +317,8 @@ impl Master {
                     if self.adopt(client, &moved) {
                         calm = CALM;
                     }
-                    POLL
+                    look = false;
+                    continue;
                 }
                 Ok(Err(err)) => {
                     self.failed(&mut failures, &err.to_string());
@@ -266,15 +331,23 @@ impl Master {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = async {
-                    self.suspect.notified().await;
-                    // Failing commands come in bursts: one lookup, and
-                    // fewer while the answer stays the same.
-                    tokio::time::sleep(calm).await;
-                } => calm = (calm * 2).min(CALMEST),
+                _ = self.calmed(&mut calm) => {}
                 _ = cancel.cancelled() => return,
             }
         }
+    }
+
+    /// Waits for a suspicious failure, then `calm` (failing commands come
+    /// in bursts: one lookup, and fewer while the answer stays the same).
+    async fn calmed(&self, calm: &mut Duration) {
+        self.suspect.notified().await;
+        tokio::time::sleep(*calm).await;
+        *calm = (*calm * 2).min(CALMEST);
+    }
+
+    /// The current master's `host:port`, if any.
+    fn addr(&self) -> Option<String> {
+        self.now().ok().map(|c| c.addr.clone())
     }
 
     fn failed(&self, failures: &mut u64, why: &str) {
@@ -387,6 +460,7 @@ fn sentinel_set(urls: &[String], name: &str) -> Result<Sentinels, String> {
     Ok(Sentinels {
         set: tokio::sync::Mutex::new(builder.build().map_err(|e| e.to_string())?),
         each,
+        name: name.to_owned(),
     })
 }
 
