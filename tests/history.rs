@@ -303,3 +303,71 @@ async fn a_publication_whose_answer_was_lost_is_sent_again_and_handled_once() {
     drop(proxy);
     cluster.finish().await;
 }
+
+/// Appends one publication with the node's own script on `conn`; returns
+/// its position (epoch, offset).
+async fn append_with_script(conn: &mut redis::aio::MultiplexedConnection, n: u8) -> (u64, u64) {
+    let script = redis::Script::new(quic_fabric::bus::redis_bus::PUBLISH_HISTORY_SOURCE);
+    let fresh = u64::from(n) << 32 | 0xfab;
+    let (position, _): (Vec<u8>, i64) = script
+        .key("t:hist:c")
+        .key("t:hist-meta:c")
+        .arg(vec![n; 8])
+        .arg(100)
+        .arg(60_000)
+        .arg(60_000)
+        .arg(fresh.to_le_bytes().to_vec())
+        .arg("t:ch:chan:c")
+        .invoke_async(conn)
+        .await
+        .unwrap();
+    let word = |i: usize| u64::from_le_bytes(position[i..i + 8].try_into().unwrap());
+    (word(0), word(8))
+}
+
+/// A channel's history goes on in its epoch on a server restarted from its
+/// own disk (a new replication id, no previous one), and starts a new
+/// epoch on a promoted replica (whose previous replication id is the one
+/// that last wrote it): the old master may have taken publications the
+/// replica never got, and their offsets must not be reused.
+#[tokio::test]
+async fn a_promoted_replica_starts_a_new_epoch_and_a_restarted_master_does_not() {
+    let redis = TestRedis::start().await;
+    let mut conn = redis.conn().await;
+    let (epoch, first) = append_with_script(&mut conn, 1).await;
+    assert_eq!(first, 1);
+    // The last writer's id differs, but this server was never a replica:
+    // as after a restart from disk, the history goes on.
+    let _: () = redis::cmd("HSET")
+        .arg("t:hist-meta:c")
+        .arg("r")
+        .arg("0123456789abcdef0123456789abcdef01234567")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(append_with_script(&mut conn, 2).await, (epoch, 2));
+    // A replica (of nothing reachable) promoted again: its previous
+    // replication id is the one that wrote the history.
+    for args in [&["127.0.0.1", "1"][..], &["NO", "ONE"][..]] {
+        let _: () = redis::cmd("REPLICAOF")
+            .arg(args)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (new_epoch, offset) = append_with_script(&mut conn, 3).await;
+    assert_ne!(new_epoch, epoch, "a new epoch after the promotion");
+    assert_eq!(offset, 1, "the new epoch starts at offset 1");
+    let kept: usize = redis::cmd("XLEN")
+        .arg("t:hist:c")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept, 1,
+        "the old epoch's entries are not served in the new one"
+    );
+    // And goes on in it.
+    assert_eq!(append_with_script(&mut conn, 4).await, (new_epoch, 2));
+    redis.remove().await;
+}

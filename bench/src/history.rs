@@ -17,7 +17,7 @@ use quic_fabric::client::{Client, Event};
 use quic_fabric::protocol::{Body, Payload, Priority, Recovery};
 
 /// The node's script, run by the floor exactly as a node runs it.
-const SCRIPT: &str = include_str!("../../src/bus/scripts/publish_history.lua");
+const SCRIPT: &str = quic_fabric::bus::redis_bus::PUBLISH_HISTORY_SOURCE;
 
 /// Bytes of each publication.
 const PAYLOAD: usize = 100;

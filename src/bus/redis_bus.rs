@@ -372,9 +372,19 @@ impl Lua {
 }
 
 /// Appends a publication to its channel's history and publishes it.
-static PUBLISH_HISTORY: Lua = Lua::new(include_str!("scripts/publish_history.lua"));
+static PUBLISH_HISTORY: Lua = Lua::new(PUBLISH_HISTORY_SOURCE);
 /// Reads a channel's position and latest publications.
-static HISTORY_READ: Lua = Lua::new(include_str!("scripts/history_read.lua"));
+static HISTORY_READ: Lua = Lua::new(concat!(
+    include_str!("scripts/epoch.lua"),
+    include_str!("scripts/history_read.lua")
+));
+
+/// The source of the script that appends a publication to its channel's
+/// history and publishes it (also run by `fabric-bench` as its floor).
+pub const PUBLISH_HISTORY_SOURCE: &str = concat!(
+    include_str!("scripts/epoch.lua"),
+    include_str!("scripts/publish_history.lua")
+);
 /// The session scripts (CLUSTER.md "Sessions").
 static SESSION_LEAVE: Lua = Lua::new(include_str!("scripts/session_leave.lua"));
 static INBOX_PUSH: Lua = Lua::new(include_str!("scripts/inbox_push.lua"));
@@ -3071,7 +3081,7 @@ async fn take_positioned(
 async fn catch_up(
     inner: &Inner,
     channel: &str,
-    epoch: u64,
+    mut epoch: u64,
     mut after: u64,
     until: Option<u64>,
 ) -> Result<(), String> {
@@ -3093,9 +3103,25 @@ async fn catch_up(
             };
         if position.epoch != epoch {
             warn!(%channel, "the channel's history was lost; publications this node missed cannot be delivered");
-            let lost = until.unwrap_or(position.offset).saturating_sub(after + 1);
-            crate::stats::add(&inner.stats.history_missed, lost);
-            return report_lost(inner, channel, "the channel's history was lost".into()).await;
+            report_lost(inner, channel, "the channel's history was lost".into()).await?;
+            if let Some(until) = until {
+                let lost = until.saturating_sub(after + 1);
+                crate::stats::add(&inner.stats.history_missed, lost);
+                return Ok(());
+            }
+            // What the new epoch holds already is delivered from its start
+            // (after a failover, the new master's first publications).
+            epoch = position.epoch;
+            after = 0;
+            inner.set_follow(
+                channel,
+                Follow {
+                    epoch,
+                    last: 0,
+                    seeded: false,
+                },
+            );
+            continue;
         }
         let top = until
             .map_or(position.offset, |u| u - 1)

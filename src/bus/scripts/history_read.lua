@@ -6,14 +6,10 @@
 -- ARGV[3] meta TTL (ms), ARGV[4] a fresh random epoch (8 bytes),
 -- ARGV[5] the mode: 'before' (newest first) or 'after' (oldest first).
 -- Returns {epoch (8 bytes), latest offset, entries}.
-local e = redis.call('HGET', KEYS[2], 'e')
-if not e then
-  -- No position: start an epoch here, so that a later publication
-  -- continues the position this read reports.
-  e = ARGV[4]
-  redis.call('HSET', KEYS[2], 'e', e, 's', 0)
-  redis.call('DEL', KEYS[1])
-end
+-- No position, or one a failover may have cut short (epoch.lua, prepended
+-- to this script): an epoch starts here, so that a later publication
+-- continues the position this read reports.
+local e = current_epoch(KEYS[1], KEYS[2], ARGV[4])
 local top = tonumber(redis.call('HGET', KEYS[2], 's') or '0')
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local entries

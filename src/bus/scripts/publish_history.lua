@@ -1,7 +1,8 @@
 -- Appends a channel publication to the channel's history and publishes it,
 -- atomically: the offset order is the pub/sub order on every node.
 -- KEYS[1] the history stream, KEYS[2] the channel's meta hash
---   (e = epoch, 8 raw bytes; s = latest offset).
+--   (e = epoch, 8 raw bytes; s = latest offset; r = see epoch.lua, which
+--   is prepended to this script).
 -- ARGV[1] the encoded Wire::Positioned without its last 16 bytes
 --   (the position, appended here as epoch ‖ offset, both u64 LE)
 -- ARGV[2] history size, ARGV[3] history TTL (ms), ARGV[4] meta TTL (ms),
@@ -17,11 +18,7 @@ local function le64(n)
   return string.char(unpack(b))
 end
 
-local e = redis.call('HGET', KEYS[2], 'e')
-if not e then
-  e = ARGV[5]
-  redis.call('HSET', KEYS[2], 'e', e)
-end
+local e = current_epoch(KEYS[1], KEYS[2], ARGV[5])
 local off = redis.call('HINCRBY', KEYS[2], 's', 1)
 if off == 1 then
   -- A new epoch: a stream left from a lost one must never be served in it.
