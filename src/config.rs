@@ -940,6 +940,12 @@ settings! {
         redis_sentinel: Vec<String> = Vec::new(),
         /// The master name the sentinels monitor (with `redis_sentinel`).
         redis_sentinel_master: Option<String> = None,
+        /// Redis Cluster seed URLs (`redis://host:port`, comma-separated),
+        /// instead of `redis_url`: the bus uses sharded pub/sub and hash-tagged
+        /// keys (CLUSTER.md, "Redis Cluster") and follows resharding and
+        /// failovers. A user and password in the URLs are used for every node.
+        #[arg(value_delimiter = ',')]
+        redis_cluster: Vec<String> = Vec::new(),
         /// Prefix of every Redis key and channel this cluster uses.
         redis_prefix: String = "fabric".into(),
         /// Time to establish a Redis connection.
@@ -1193,9 +1199,17 @@ impl NodeConfig {
         Ok(config)
     }
 
-    /// One Redis target at most: a URL or sentinels (with a master name).
+    /// One Redis target at most: a URL, sentinels (with a master name) or
+    /// a Redis Cluster.
     fn validate_redis(&self) -> Result<(), ConfigError> {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if !self.redis_cluster.is_empty()
+            && (self.redis_url().is_some() || !self.redis_sentinel.is_empty())
+        {
+            return invalid(
+                "redis_cluster excludes redis_url and redis_sentinel: give one Redis target",
+            );
+        }
         match (
             self.redis_url(),
             self.redis_sentinel.is_empty(),
@@ -1226,6 +1240,11 @@ impl NodeConfig {
     /// Where the cluster bus's Redis is, if anywhere.
     pub fn redis_target(&self) -> Option<crate::bus::master::RedisTarget> {
         use crate::bus::master::RedisTarget;
+        if !self.redis_cluster.is_empty() {
+            return Some(RedisTarget::Cluster {
+                seeds: self.redis_cluster.clone(),
+            });
+        }
         match (self.redis_url(), &self.redis_sentinel_master) {
             (Some(url), _) => Some(RedisTarget::Url(url.to_owned())),
             (None, Some(master)) if !self.redis_sentinel.is_empty() => {
@@ -1522,6 +1541,7 @@ mod tests {
             "redis_ca" => "/tmp/redis-ca.pem",
             "redis_sentinel" => "redis://127.0.0.1:26390,redis://127.0.0.1:26391",
             "redis_sentinel_master" => "sample-master",
+            "redis_cluster" => "redis://127.0.0.1:7390,redis://127.0.0.1:7391",
             "redis_prefix" => "sample",
             "redis_connect_timeout" => "2s",
             "redis_response_timeout" => "3s",
@@ -1713,6 +1733,7 @@ mod tests {
             "auth_issuer",
             "web_origins",
             "redis_sentinel",
+            "redis_cluster",
         ];
         let value = |s: &Setting| {
             let sample = sample(s.name);
@@ -1998,7 +2019,7 @@ metrics_listen = "127.0.0.1:9390"
     }
 
     #[test]
-    fn the_bus_has_one_redis_target_a_url_or_sentinels_with_a_master_name() {
+    fn the_bus_has_one_redis_target_a_url_sentinels_with_a_master_name_or_a_cluster() {
         use crate::bus::master::RedisTarget;
         let sentinels = vec!["redis://s1:26379".to_owned(), "redis://s2:26379".to_owned()];
         let refused = |config: NodeConfig, why: &str| {
@@ -2052,6 +2073,31 @@ metrics_listen = "127.0.0.1:9390"
             config.redis_target(),
             Some(RedisTarget::Url("redis://r:6379".into()))
         );
+        let seeds = vec!["redis://c1:7000".to_owned(), "redis://c2:7001".to_owned()];
+        refused(
+            NodeConfig {
+                redis_url: Some("redis://r".into()),
+                redis_cluster: seeds.clone(),
+                ..Default::default()
+            },
+            "redis_cluster excludes",
+        );
+        refused(
+            NodeConfig {
+                redis_cluster: seeds.clone(),
+                redis_sentinel: vec!["redis://s1:26379".to_owned()],
+                redis_sentinel_master: Some("m".into()),
+                ..Default::default()
+            },
+            "redis_cluster excludes",
+        );
+        let config = NodeConfig {
+            redis_url: Some(String::new()),
+            redis_cluster: seeds.clone(),
+            ..Default::default()
+        };
+        config.validate().unwrap();
+        assert_eq!(config.redis_target(), Some(RedisTarget::Cluster { seeds }));
     }
 
     /// Checks that `doc` has one table row per setting of `settings`,

@@ -19,6 +19,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
 use tokio::sync::{Notify, watch};
@@ -37,6 +40,9 @@ pub enum RedisTarget {
         sentinels: Vec<String>,
         master: String,
     },
+    /// A Redis Cluster reached through these seed nodes (`redis://host:port`
+    /// URLs; user and password, when given, are used for every node).
+    Cluster { seeds: Vec<String> },
 }
 
 impl RedisTarget {
@@ -47,6 +53,14 @@ impl RedisTarget {
             RedisTarget::Sentinel { sentinels, master } => format!(
                 "master {master:?} of sentinels {}",
                 sentinels
+                    .iter()
+                    .map(|s| redacted(s))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            RedisTarget::Cluster { seeds } => format!(
+                "Redis Cluster through {}",
+                seeds
                     .iter()
                     .map(|s| redacted(s))
                     .collect::<Vec<_>>()
@@ -147,10 +161,22 @@ const POLL: Duration = Duration::from_secs(5);
 /// Bound on one lookup, and on a sentinel's answer to a PING.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A Redis Cluster: commands go through redis-rs's cluster connection
+/// (routing by slot, MOVED/ASK, reconnects, slot-map refreshes); the
+/// bus's sharded subscriptions use connections of their own, one per
+/// master, made from `shard_info`.
+struct ClusterTarget {
+    conn: ClusterConnection,
+    /// The first seed's settings (user, password, database), RESP3: an
+    /// address is put in for each master.
+    shard_info: redis::ConnectionInfo,
+}
+
 /// The bus's view of its Redis server.
 pub struct Master {
     manager_config: ConnectionManagerConfig,
     sentinels: Option<Sentinels>,
+    cluster: Option<ClusterTarget>,
     describe: String,
     current: Mutex<Option<Arc<Current>>>,
     /// Bumped when commands move to another server.
@@ -173,6 +199,7 @@ impl Master {
             .set_response_timeout(Some(response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
+        let mut cluster = None;
         let (current, sentinels) = match target {
             RedisTarget::Url(url) => {
                 let client = match ca_pem {
@@ -200,10 +227,21 @@ impl Master {
                 }
                 (None, Some(sentinel_set(sentinels, master)?))
             }
+            RedisTarget::Cluster { seeds } => {
+                if ca_pem.is_some() {
+                    return Err(
+                        "redis_ca is for rediss://, which Redis Cluster mode does not support"
+                            .into(),
+                    );
+                }
+                cluster = Some(cluster_target(seeds, connect_timeout, response_timeout)?);
+                (None, None)
+            }
         };
         Ok(Master {
             manager_config,
             sentinels,
+            cluster,
             describe: target.describe(),
             current: Mutex::new(current),
             generation: watch::Sender::new(0),
@@ -219,6 +257,89 @@ impl Master {
     /// Whether the master is looked up (Sentinel), rather than fixed.
     pub fn is_followed(&self) -> bool {
         self.sentinels.is_some()
+    }
+
+    /// Whether the bus is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// The masters of a Redis Cluster and the slots each serves, as
+    /// `CLUSTER SLOTS` tells now: `(first slot, last slot, "host:port")`.
+    pub async fn cluster_slots(&self) -> Result<Vec<(u16, u16, String)>, RedisError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(Vec::new());
+        };
+        let mut conn = cluster.conn.clone();
+        let reply = conn
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await?;
+        let ranges: Vec<(u16, u16, (String, u16))> =
+            redis::FromRedisValue::from_redis_value(match reply {
+                // Each range: first, last, [host, port, id, ...], replicas...:
+                // keep the first three fields.
+                Value::Array(ranges) => Value::Array(
+                    ranges
+                        .into_iter()
+                        .map(|r| match r {
+                            Value::Array(mut fields) => {
+                                fields.truncate(3);
+                                if let Some(Value::Array(master)) = fields.get_mut(2) {
+                                    master.truncate(2);
+                                }
+                                Value::Array(fields)
+                            }
+                            other => other,
+                        })
+                        .collect(),
+                ),
+                other => other,
+            })?;
+        Ok(ranges
+            .into_iter()
+            .map(|(first, last, (host, port))| (first, last, format!("{host}:{port}")))
+            .collect())
+    }
+
+    /// A connection to one master of a Redis Cluster (`host:port`), RESP3,
+    /// for sharded subscriptions: its pushes go to `pushes`.
+    pub async fn shard_connection(
+        &self,
+        addr: &str,
+        pushes: impl redis::aio::AsyncPushSender,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<redis::aio::MultiplexedConnection, RedisError> {
+        let Some(cluster) = &self.cluster else {
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "not a Redis Cluster",
+            )));
+        };
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| {
+                RedisError::from((
+                    redis::ErrorKind::Client,
+                    "bad cluster node address",
+                    addr.to_owned(),
+                ))
+            })?;
+        let info = cluster
+            .shard_info
+            .clone()
+            .set_addr(redis::ConnectionAddr::Tcp(host, port));
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(response_timeout))
+            .set_push_sender(pushes);
+        redis::Client::open(info)?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
     }
 
     /// A handle for commands, following the master.
@@ -239,6 +360,12 @@ impl Master {
     }
 
     fn now(&self) -> Result<Arc<Current>, RedisError> {
+        if self.cluster.is_some() {
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "a Redis Cluster has no single master",
+            )));
+        }
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -409,6 +536,157 @@ impl Master {
 
 /// The sentinels of `urls`, for master `name`. Their user and password
 /// (one pair for all) and database number also go to the master.
+/// The cluster connection for `seeds` (connecting in the background: a
+/// node starts while Redis is down), with the bus's timeouts and few,
+/// short retries: a command the cluster cannot serve fails fast, as on
+/// one Redis, rather than after redis-rs's default 16 retries.
+fn cluster_target(
+    seeds: &[String],
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Result<ClusterTarget, String> {
+    if seeds.is_empty() {
+        return Err("redis_cluster needs at least one seed URL".into());
+    }
+    let mut infos = Vec::new();
+    for url in seeds {
+        if !url.starts_with("redis://") {
+            return Err(format!(
+                "Redis Cluster seed {} must be a redis:// URL (TLS to a cluster is not supported)",
+                redacted(url)
+            ));
+        }
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("invalid Redis Cluster seed {}: {e}", redacted(url)))?;
+        if !url
+            .trim_end_matches('/')
+            .rsplit(':')
+            .next()
+            .is_some_and(|p| {
+                p.split('/')
+                    .next()
+                    .is_some_and(|p| p.parse::<u16>().is_ok())
+            })
+        {
+            return Err(format!(
+                "Redis Cluster seed {} must name its port",
+                redacted(url)
+            ));
+        }
+        infos.push(info);
+    }
+    let first = infos[0].redis_settings().clone();
+    if infos.iter().any(|i| {
+        let r = i.redis_settings();
+        r.username() != first.username() || r.password() != first.password()
+    }) {
+        return Err("every Redis Cluster seed URL must carry the same user and password".into());
+    }
+    let client = ClusterClientBuilder::new(infos.clone())
+        .connection_timeout(connect_timeout)
+        .response_timeout(response_timeout)
+        .retries(2)
+        .min_retry_wait(50)
+        .max_retry_wait(500)
+        .build()
+        .map_err(|e| format!("invalid Redis Cluster seeds: {e}"))?;
+    let config = ClusterConfig::new()
+        .set_connection_timeout(connect_timeout)
+        .set_response_timeout(response_timeout);
+    let conn = client.get_pending_async_connection_with_config(config);
+    let shard_info = infos[0]
+        .clone()
+        .set_redis_settings(first.set_protocol(redis::ProtocolVersion::RESP3));
+    Ok(ClusterTarget { conn, shard_info })
+}
+
+/// The key a command is routed by in a Redis Cluster, for the commands the
+/// bus sends (`None`: keyless, like `SCRIPT LOAD`).
+fn routing_key(cmd: &Cmd) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    let name = args.first()?.to_ascii_uppercase();
+    match name.as_slice() {
+        b"EVAL" | b"EVALSHA" => {
+            let keys: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
+            (keys > 0).then(|| args.get(3).map(|k| k.to_vec()))?
+        }
+        b"SCRIPT" | b"PING" | b"INFO" | b"WAIT" | b"CLUSTER" => None,
+        _ => args.get(1).map(|k| k.to_vec()),
+    }
+}
+
+/// Runs a (non-atomic) pipeline on a Redis Cluster: its commands grouped by
+/// slot, each group one pipeline to the slot's master (so the commands of
+/// one slot, and so of one key or channel, keep their order), the groups
+/// at once; the replies put back in the pipeline's order. Keyless commands
+/// (`SCRIPT LOAD`) go at the head of every group that runs a script, since
+/// a script cache is per server.
+async fn cluster_pipeline(
+    conn: &ClusterConnection,
+    pipeline: &Pipeline,
+) -> Result<Vec<Value>, RedisError> {
+    let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    let mut keyless = Vec::new();
+    let mut groups: Vec<(Slot, Vec<usize>)> = Vec::new();
+    for (i, cmd) in cmds.iter().enumerate() {
+        match routing_key(cmd) {
+            None => keyless.push(i),
+            Some(key) => {
+                let slot = Slot::for_key(&key);
+                match groups.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, members)) => members.push(i),
+                    None => groups.push((slot, vec![i])),
+                }
+            }
+        }
+    }
+    let runs_script = |members: &[usize]| {
+        members.iter().any(|i| {
+            matches!(cmds[*i].args_iter().next(), Some(redis::Arg::Simple(n)) if n.eq_ignore_ascii_case(b"EVALSHA"))
+        })
+    };
+    let sends = groups.iter().map(|(_, members)| {
+        let mut pipe = redis::pipe();
+        let lead: &[usize] = if runs_script(members) { &keyless } else { &[] };
+        for i in lead.iter().chain(members) {
+            pipe.add_command(cmds[*i].clone());
+        }
+        let mut conn = conn.clone();
+        let count = pipe.len();
+        async move {
+            let values = conn.req_packed_commands(&pipe, 0, count).await?;
+            Ok::<_, RedisError>((lead.len(), values))
+        }
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let mut replies: Vec<Option<Value>> = vec![None; cmds.len()];
+    for ((_, members), result) in groups.iter().zip(results) {
+        let (lead, values) = result?;
+        let mut values = values.into_iter();
+        for i in keyless.iter().take(lead) {
+            let value = values.next();
+            if replies[*i].is_none() {
+                replies[*i] = value;
+            }
+        }
+        for i in members {
+            replies[*i] = values.next();
+        }
+    }
+    Ok(replies
+        .into_iter()
+        .map(|v| v.unwrap_or(Value::Okay))
+        .collect())
+}
+
 fn sentinel_set(urls: &[String], name: &str) -> Result<Sentinels, String> {
     let mut addrs = Vec::new();
     let mut each = Vec::new();
@@ -533,6 +811,9 @@ impl Commands {
 impl ConnectionLike for Commands {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
+            if let Some(cluster) = &self.master.cluster {
+                return cluster.conn.clone().req_packed_command(cmd).await;
+            }
             let mut conn = self.master.now()?.conn.clone();
             let result = conn.req_packed_command(cmd).await;
             self.noted(&result);
@@ -547,6 +828,18 @@ impl ConnectionLike for Commands {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
+            if let Some(cluster) = &self.master.cluster {
+                // A transaction (MULTI/EXEC: replies start past `offset`)
+                // must stay within one slot, and goes as it is.
+                if offset > 0 {
+                    return cluster
+                        .conn
+                        .clone()
+                        .req_packed_commands(pipeline, offset, count)
+                        .await;
+                }
+                return cluster_pipeline(&cluster.conn, pipeline).await;
+            }
             let mut conn = self.master.now()?.conn.clone();
             let result = conn.req_packed_commands(pipeline, offset, count).await;
             self.noted(&result);
