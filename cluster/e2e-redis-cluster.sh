@@ -68,6 +68,7 @@ lines() { cut -d' ' -f2- "$1"; }
 bg() {
     local file="$1"
     shift
+    : >"$file"  # exists at once (stamp opens it asynchronously)
     "${FAB[@]}" "$@" > >(stamp >"$file") 2>"$file.err" &
     E2E_PIDS+=("$!")
 }
@@ -288,7 +289,7 @@ account() {
                 lost++
                 if (!tells || ack[i] > told_by) untold++
             }
-            for (r in rec) { recs = recs sep r "x" rec[r]; sep = "," }
+            for (r in rec) { recs = recs sep r ":" rec[r]; sep = "," }
             printf "got=%d lost=%d told=%d untold=%d dup=%d disorder=%d recoveries=%s\n",
                 ng, lost, tells, untold, dup, disorder, recs
             exit (untold || dup || disorder) ? 1 : 0
@@ -392,15 +393,25 @@ REPLICA="$(replica_of "$A_MASTER")"
 [[ -n "$REPLICA" ]] || fail "step 4/7 :$A_MASTER has no replica"
 rexec sh -c "kill -9 \$(cat /data/$A_MASTER/pid)" || fail "step 4/7 could not kill :$A_MASTER"
 KILLED="$(now_us)"
-# Promotion, as the surviving nodes see it; the service's health meanwhile.
-promoted="" unhealthy=""
+# The service's health from the kill on (checked every 2 s, so a short
+# failover may fall between two checks): when it turned unhealthy, and
+# healthy again.
+UNHEALTHY="" HEALTHY_AGAIN=""
+sample_health() {
+    if [[ -z "$UNHEALTHY" ]]; then
+        [[ "$(redis_health)" != unhealthy ]] || UNHEALTHY="$(now_us)"
+    elif [[ -z "$HEALTHY_AGAIN" && "$(redis_health)" == healthy ]]; then
+        HEALTHY_AGAIN="$(now_us)"
+    fi
+}
+# Promotion, as the surviving nodes see it.
 deadline=$((SECONDS + FAILOVER_BOUND))
 until [[ "$(role_of "$REPLICA")" == master ]]; do
-    [[ -n "$unhealthy" || "$(redis_health)" != unhealthy ]] || unhealthy="$(now_us)"
+    sample_health
     (( SECONDS < deadline )) || fail "step 4/7 replica :$REPLICA not promoted within ${FAILOVER_BOUND}s"
     sleep 0.2
 done
-promoted="$(now_us)"
+PROMOTED="$(now_us)"
 # Delivery resumed: every subscriber got an A publication sent after the
 # kill (numbers from the publisher's log).
 first_after() { awk -v k="$KILLED" '$2 > k { print $1; exit }' "$LOG_DIR/pub-a"; }
@@ -412,6 +423,7 @@ resumed_at() {  # FILE: when the first A publication sent after the kill arrived
 }
 all_resumed() {
     local file
+    sample_health
     for file in $(sub_files); do resumed_at "$file" >/dev/null || return 1; done
 }
 left=$(( FAILOVER_BOUND - (($(now_us) - KILLED) / 1000000) ))
@@ -430,16 +442,25 @@ for file in $(sub_files); do
 done
 (( max_gap <= FAILOVER_BOUND * 1000000 )) || fail "step 4/7 delivery resumed only after $(secs "$max_gap")s"
 # A few more seconds of traffic after the recovery, then stop.
-sleep 3
+for _ in $(seq 1 15); do
+    sample_health
+    sleep 0.2
+done
 touch "$STOP"
 wait "$PUB_A" "$PUB_B" || true
-refused() {  # LOG: "N refused (first..last s after the kill)"
-    awk -v k="$KILLED" '$4 != 0 { n++; s = ($2 - k) / 1e6; if (n == 1) f = s; l = s }
-        END { if (n) printf "%d refused (%.1fs..%.1fs after the kill)", n, f, l; else printf "0 refused" }' "$1"
+refused() {  # LOG: "N acknowledged (slowest X s), N refused (first..last s after the kill)"
+    awk -v k="$KILLED" '$4 == 0 { a++; d = ($3 - $2) / 1e6; if (d > slow) slow = d }
+        $4 != 0 { n++; s = ($2 - k) / 1e6; if (n == 1) f = s; l = s }
+        END { printf "%d acknowledged (slowest in %.1fs), ", a, slow
+              if (n) printf "%d refused (sent %.1fs..%.1fs after the kill)", n, f, l; else printf "0 refused" }' "$1"
 }
-health_note="the redis healthcheck never saw it"
-[[ -z "$unhealthy" ]] || health_note="the redis service unhealthy after $(secs $((unhealthy - KILLED)))s"
-say "step 4/7 PASS SIGKILL of master :$A_MASTER ($A's slot $A_SLOT): replica :$REPLICA promoted after $(secs $((promoted - KILLED)))s ($health_note); delivery on $A resumed by itself after $gaps s (per subscriber; bound ${FAILOVER_BOUND}s), longest silence $(secs "$max_silence")s; publications meanwhile: $A $(refused "$LOG_DIR/pub-a"), $B $(refused "$LOG_DIR/pub-b") ($((SECONDS - t))s)"
+health_note="the redis healthcheck did not run while the cluster was not ok"
+if [[ -n "$UNHEALTHY" && -n "$HEALTHY_AGAIN" ]]; then
+    health_note="the redis service unhealthy from $(secs $((UNHEALTHY - KILLED)))s to $(secs $((HEALTHY_AGAIN - KILLED)))s"
+elif [[ -n "$UNHEALTHY" ]]; then
+    health_note="the redis service unhealthy from $(secs $((UNHEALTHY - KILLED)))s"
+fi
+say "step 4/7 PASS SIGKILL of master :$A_MASTER ($A's slot $A_SLOT): replica :$REPLICA promoted after $(secs $((PROMOTED - KILLED)))s ($health_note); delivery on $A resumed by itself after $gaps s (per subscriber; bound ${FAILOVER_BOUND}s), longest silence $(secs "$max_silence")s; publications meanwhile: $A $(refused "$LOG_DIR/pub-a"), $B $(refused "$LOG_DIR/pub-b") ($((SECONDS - t))s)"
 
 # ------------------------------------------------------------- step 5 ---
 # Every acknowledged publication arrived once and in order, or the loss
@@ -453,7 +474,7 @@ last_b="$(tail -n 1 "$LOG_DIR/acked-b")"
 reached() {  # FILE CHANNEL N: N or a later one arrived
     received "$1" "$2" | awk -v n="$3" '$1 >= n { found = 1 } END { exit !found }'
 }
-summary="" lost_total=0 told_total=0
+declare -A LOST=() TOLD=() RECOVERIES=()
 for i in $(seq 1 "$SUBS"); do
     file="$LOG_DIR/s$i"
     until_true "$WAIT" reached "$file" "$A" "$last_a" || true
@@ -462,17 +483,27 @@ for i in $(seq 1 "$SUBS"); do
         read -r name channel acked <<<"$pair"
         result="$(account "$file" "$channel" "$LOG_DIR/$acked")" \
             || fail "step 5/7 subscriber $i, $channel: $result"
-        lost="$(sed -n 's/.*lost=\([0-9]*\).*/\1/p' <<<"$result")"
-        told="$(sed -n 's/.*told=\([0-9]*\).*/\1/p' <<<"$result")"
-        lost_total=$((lost_total + lost))
-        told_total=$((told_total + told))
+        lost="$(sed -n 's/.* lost=\([0-9]*\).*/\1/p' <<<"$result")"
+        told="$(sed -n 's/.* told=\([0-9]*\).*/\1/p' <<<"$result")"
+        LOST[$name]=$(( ${LOST[$name]:-0} + lost ))
+        TOLD[$name]=$(( ${TOLD[$name]:-0} + told ))
+        RECOVERIES[$name]+=" ${result##*recoveries=}"
         if [[ "$name" == B && "$lost" != 0 ]]; then
             fail "step 5/7 subscriber $i lost publications of $B, on a master that never failed: $result"
         fi
-        summary+="${summary:+; }s$i $name ${result%% recoveries*} ${result##* }"
     done
 done
-say "step 5/7 PASS every acknowledged publication ($A: $(wc -l <"$LOG_DIR/acked-a"), $B: $(wc -l <"$LOG_DIR/acked-b")) reached every subscriber exactly once and in order, or the subscriber was told: $lost_total acknowledged but lost in all, $told_total tellings [$summary] ($((SECONDS - t))s)"
+# "epoch_changed x4" for the tellings of a channel, over all subscribers.
+tellings() {
+    tr ' ,' '\n' <<<"$1" | awk -F : '$1 != "" && $1 != "not_requested" && $1 != "recovered" { n[$1] += $2 }
+        END { for (r in n) { printf "%s%s x%d", sep, r, n[r]; sep = ", " } }'
+}
+told_of() {  # NAME: "told: epoch_changed x4" or "never told of a loss"
+    local what
+    what="$(tellings "${RECOVERIES[$1]}")"
+    if [[ -n "$what" ]]; then echo "told: $what"; else echo "never told of a loss"; fi
+}
+say "step 5/7 PASS every acknowledged publication reached all $SUBS subscribers exactly once and in order, or they were told: $A $(wc -l <"$LOG_DIR/acked-a") acknowledged, ${LOST[A]} (subscriber x publication) lost, $(told_of A); $B $(wc -l <"$LOG_DIR/acked-b") acknowledged, ${LOST[B]} lost, $(told_of B) ($((SECONDS - t))s)"
 
 # ------------------------------------------------------------- step 6 ---
 # Directs across nodes and a broadcast again; list; the old master back.
