@@ -27,7 +27,7 @@
 # Environment: FABRIC_E2E_PROJECT (compose project, default fabric-e2e-rc),
 # FABRIC_LB_PORT (default 14434), FABRIC_WEB_PORT (default 18081),
 # FABRIC_NET_PREFIX (default 172.29.54): different from cluster/e2e.sh's,
-# so both can run one after the other or at once;
+# so it can run right after it;
 # FABRIC_E2E_FAILOVER_BOUND (seconds from the kill until delivery must have
 # resumed, default 30), FABRIC_ADMIN_TOKEN and FABRIC_SESSION_SECRET
 # (default: random ones for this run), plus the image variables of
