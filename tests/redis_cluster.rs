@@ -14,6 +14,7 @@
 mod common;
 
 use common::cluster::Cluster;
+use common::failover::{FailsOver, failover_under_traffic};
 use common::redis::{short_timings, wait_ready};
 use common::redis_ha::{RedisClusterSet, conn};
 use common::{TestCerts, TestNode};
@@ -155,4 +156,69 @@ async fn the_user_scenarios_pass_on_a_redis_cluster() {
     user_messages_reach_every_connection_of_the_user_on_every_node(&mut cluster).await;
     granted_namespaces_follow_the_token_on_every_node(&mut cluster).await;
     cluster.finish().await;
+}
+
+/// The cluster, losing master `victim` to SIGKILL.
+struct Killing<'a> {
+    set: &'a RedisClusterSet,
+    victim: u16,
+}
+
+impl FailsOver for Killing<'_> {
+    async fn fail_over(&self) -> (u16, u16) {
+        self.set.kill(self.victim).await;
+        (self.victim, self.set.wait_promoted(self.victim).await)
+    }
+
+    async fn assert_routed(&self, ids: &[ClientId]) {
+        let mut cluster = self.set.client().await;
+        for id in ids {
+            let text = id.to_string();
+            let bucket = u8::from_str_radix(&text[..2], 16).unwrap() % 64;
+            let node: Option<String> = redis::cmd("HGET")
+                .arg(format!("fabric:{{r:{bucket:02x}}}:route"))
+                .arg(&text)
+                .query_async(&mut cluster)
+                .await
+                .unwrap();
+            assert!(node.is_some(), "{id} routed after the failover");
+        }
+    }
+}
+
+/// The master that serves the receiving node's channel (so directs to it)
+/// and a channel with history is SIGKILLed under traffic: its replica is
+/// promoted, the nodes follow by themselves, sends in the gap are refused
+/// with CLUSTER_UNAVAILABLE, and nothing acknowledged is lost silently.
+#[tokio::test]
+async fn the_nodes_follow_a_killed_master_to_its_promoted_replica() {
+    let set = RedisClusterSet::start().await;
+    let certs = TestCerts::new();
+    let history = |c: &mut quic_fabric::NodeConfig| {
+        c.node_ttl = std::time::Duration::from_secs(5);
+        c.namespaces = vec!["h,history_size=10000,history_ttl=10m".parse().unwrap()];
+    };
+    let n1 = cluster_node(&set, &certs, "n1", history).await;
+    let n2 = cluster_node(&set, &certs, "n2", history).await;
+    wait_ready(&[&n1, &n2]).await;
+    let victim = set
+        .master_port_for_key(&format!("fabric:{{n:{}}}:ch", n2.id()))
+        .await;
+    let mut channel = None;
+    for i in 0.. {
+        let name = format!("h:kill{i}");
+        if set
+            .master_port_for_key(&format!("fabric:{{c:{name}}}:ch"))
+            .await
+            == victim
+        {
+            channel = Some(name);
+            break;
+        }
+    }
+    let channel = channel.unwrap();
+    let killing = Killing { set: &set, victim };
+    let (old, new, figures) = failover_under_traffic(&killing, "Kill", &n1, &n2, &channel).await;
+    println!("redis cluster failover ({old} -> {new}): {figures}");
+    set.remove().await;
 }
