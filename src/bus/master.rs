@@ -166,10 +166,20 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// bus's sharded subscriptions use connections of their own, one per
 /// master, made from `shard_info`.
 struct ClusterTarget {
+    /// For reads and idempotent commands: redis-rs retries them (twice,
+    /// shortly) after a redirect or a lost connection.
     conn: ClusterConnection,
+    /// For the writer's pipelines: no retries, since redis-rs resends a
+    /// whole pipeline when one reply asks for it (or the reply timed out),
+    /// which would publish or append what already ran a second time. A
+    /// redirect or timeout fails the ops it carried instead, visibly.
+    writes: ClusterConnection,
     /// The first seed's settings (user, password, database), RESP3: an
     /// address is put in for each master.
     shard_info: redis::ConnectionInfo,
+    /// The slot map as last read (`cluster_slots`), to send each master
+    /// one pipeline per flush.
+    slots: Mutex<Vec<(u16, u16, String)>>,
 }
 
 /// The bus's view of its Redis server.
@@ -303,6 +313,7 @@ impl Master {
             .map(|(first, last, (host, port))| (first, last, format!("{host}:{port}")))
             .collect();
         slots.sort();
+        *cluster.slots.lock().unwrap_or_else(|e| e.into_inner()) = slots.clone();
         Ok(slots)
     }
 
@@ -348,6 +359,17 @@ impl Master {
     pub fn commands(self: &Arc<Self>) -> Commands {
         Commands {
             master: self.clone(),
+            writer: false,
+        }
+    }
+
+    /// A handle for the writer's commands: like [`Master::commands`], but
+    /// on a Redis Cluster never retried by redis-rs (a retried pipeline
+    /// would publish twice what already ran).
+    pub fn write_commands(self: &Arc<Self>) -> Commands {
+        Commands {
+            master: self.clone(),
+            writer: true,
         }
     }
 
@@ -538,6 +560,16 @@ impl Master {
 
 /// The sentinels of `urls`, for master `name`. Their user and password
 /// (one pair for all) and database number also go to the master.
+impl ClusterTarget {
+    fn conn(&self, writer: bool) -> ClusterConnection {
+        if writer {
+            self.writes.clone()
+        } else {
+            self.conn.clone()
+        }
+    }
+}
+
 /// The cluster connection for `seeds` (connecting in the background: a
 /// node starts while Redis is down), with the bus's timeouts and few,
 /// short retries: a command the cluster cannot serve fails fast, as on
@@ -586,22 +618,42 @@ fn cluster_target(
     }) {
         return Err("every Redis Cluster seed URL must carry the same user and password".into());
     }
-    let client = ClusterClientBuilder::new(infos.clone())
-        .connection_timeout(connect_timeout)
-        .response_timeout(response_timeout)
-        .retries(2)
-        .min_retry_wait(50)
-        .max_retry_wait(500)
-        .build()
-        .map_err(|e| format!("invalid Redis Cluster seeds: {e}"))?;
-    let config = ClusterConfig::new()
-        .set_connection_timeout(connect_timeout)
-        .set_response_timeout(response_timeout);
-    let conn = client.get_pending_async_connection_with_config(config);
+    let connect = |retries: u32| {
+        let client = ClusterClientBuilder::new(infos.clone())
+            .connection_timeout(connect_timeout)
+            .response_timeout(response_timeout)
+            .retries(retries)
+            .min_retry_wait(50)
+            .max_retry_wait(500)
+            .build()
+            .map_err(|e| format!("invalid Redis Cluster seeds: {e}"))?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(connect_timeout)
+            .set_response_timeout(response_timeout);
+        Ok::<_, String>(client.get_pending_async_connection_with_config(config))
+    };
+    let conn = connect(2)?;
+    let writes = connect(0)?;
     let shard_info = infos[0]
         .clone()
         .set_redis_settings(first.set_protocol(redis::ProtocolVersion::RESP3));
-    Ok(ClusterTarget { conn, shard_info })
+    Ok(ClusterTarget {
+        conn,
+        writes,
+        shard_info,
+        slots: Mutex::new(Vec::new()),
+    })
+}
+
+/// The Redis Cluster slot of a key or shard channel (CRC16 of its hash
+/// tag, or of the whole name without one, modulo 16384).
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tag = key.iter().position(|b| *b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|b| *b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tag.unwrap_or(key)) % 16384
 }
 
 /// The key a command is routed by in a Redis Cluster, for the commands the
@@ -625,27 +677,54 @@ fn routing_key(cmd: &Cmd) -> Option<Vec<u8>> {
     }
 }
 
+/// Where a group of a cluster pipeline goes: a master by address (from
+/// the slot map last read), or, for a slot the map does not know, the
+/// slot's master as redis-rs routes it.
+#[derive(PartialEq, Eq)]
+enum Group {
+    Master(String),
+    Slot(Slot),
+}
+
 /// Runs a (non-atomic) pipeline on a Redis Cluster: its commands grouped by
-/// slot, each group one pipeline to the slot's master (so the commands of
-/// one slot, and so of one key or channel, keep their order), the groups
-/// at once; the replies put back in the pipeline's order. Keyless commands
-/// (`SCRIPT LOAD`) go at the head of every group that runs a script, since
-/// a script cache is per server.
+/// the master that serves their slot (`slots`, the map last read), each
+/// group one pipeline to that master (so the commands of one master, and
+/// so of one key or channel, keep their order), the groups at once; the
+/// replies put back in the pipeline's order. A map gone stale meanwhile
+/// shows as `MOVED` replies: on the writer's connection (no retries) they
+/// fail those commands, visibly. `SCRIPT LOAD` goes at the head of every
+/// group that runs a script, since a script cache is per server; other
+/// keyless commands are refused. A group that fails gives each of its
+/// commands an error reply (`UNAVAILABLE …`), so that the others' replies
+/// stand: a caller reading replies one by one fails only what that group
+/// carried.
 async fn cluster_pipeline(
     conn: &ClusterConnection,
     pipeline: &Pipeline,
-) -> Result<Vec<Value>, RedisError> {
+    slots: &[(u16, u16, String)],
+) -> Result<Replies, RedisError> {
     let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
     let mut keyless = Vec::new();
-    let mut groups: Vec<(Slot, Vec<usize>)> = Vec::new();
+    let mut groups: Vec<(Group, Vec<usize>)> = Vec::new();
     for (i, cmd) in cmds.iter().enumerate() {
         match routing_key(cmd) {
-            None => keyless.push(i),
+            None if is_script_load(cmd) => keyless.push(i),
+            None => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::Client,
+                    "a keyless command cannot go in a Redis Cluster pipeline",
+                )));
+            }
             Some(key) => {
-                let slot = Slot::for_key(&key);
-                match groups.iter_mut().find(|(s, _)| *s == slot) {
+                let slot = key_slot(&key);
+                let group = slots
+                    .iter()
+                    .find(|(first, last, _)| (*first..=*last).contains(&slot))
+                    .map(|(_, _, addr)| Group::Master(addr.clone()))
+                    .unwrap_or_else(|| Group::Slot(Slot::for_key(&key)));
+                match groups.iter_mut().find(|(g, _)| *g == group) {
                     Some((_, members)) => members.push(i),
-                    None => groups.push((slot, vec![i])),
+                    None => groups.push((group, vec![i])),
                 }
             }
         }
@@ -655,7 +734,7 @@ async fn cluster_pipeline(
             matches!(cmds[*i].args_iter().next(), Some(redis::Arg::Simple(n)) if n.eq_ignore_ascii_case(b"EVALSHA"))
         })
     };
-    let sends = groups.iter().map(|(_, members)| {
+    let sends = groups.iter().map(|(group, members)| {
         let mut pipe = redis::pipe();
         let lead: &[usize] = if runs_script(members) { &keyless } else { &[] };
         for i in lead.iter().chain(members) {
@@ -663,15 +742,45 @@ async fn cluster_pipeline(
         }
         let mut conn = conn.clone();
         let count = pipe.len();
+        let master = match group {
+            Group::Master(addr) => addr
+                .rsplit_once(':')
+                .and_then(|(host, port)| Some((host.to_owned(), port.parse::<u16>().ok()?))),
+            Group::Slot(_) => None,
+        };
         async move {
-            let values = conn.req_packed_commands(&pipe, 0, count).await?;
+            let values = match master {
+                Some((host, port)) => {
+                    let route = SingleNodeRoutingInfo::ByAddress { host, port };
+                    conn.route_pipeline(pipe, 0, count, route).await?
+                }
+                None => conn.req_packed_commands(&pipe, 0, count).await?,
+            };
             Ok::<_, RedisError>((lead.len(), values))
         }
     });
     let results = futures_util::future::join_all(sends).await;
     let mut replies: Vec<Option<Value>> = vec![None; cmds.len()];
-    for ((_, members), result) in groups.iter().zip(results) {
-        let (lead, values) = result?;
+    let mut failures = 0;
+    let mut first_failure = None;
+    let mut stale = false;
+    for ((group, members), result) in groups.iter().zip(results) {
+        let (lead, values) = match result {
+            Ok(done) => done,
+            Err(err) => {
+                failures += 1;
+                stale |= matches!(group, Group::Master(_));
+                let reply = failed_reply(&err);
+                for i in members {
+                    replies[*i] = Some(reply.clone());
+                }
+                first_failure.get_or_insert(err);
+                continue;
+            }
+        };
+        stale |= values.iter().any(
+            |v| matches!(v, Value::ServerError(e) if matches!(e.code(), "MOVED" | "ASK" | "READONLY")),
+        );
         let mut values = values.into_iter();
         for i in keyless.iter().take(lead) {
             let value = values.next();
@@ -683,10 +792,47 @@ async fn cluster_pipeline(
             replies[*i] = values.next();
         }
     }
-    Ok(replies
-        .into_iter()
-        .map(|v| v.unwrap_or(Value::Okay))
-        .collect())
+    // Nothing went through: the caller gets the error itself.
+    if let Some(err) = first_failure
+        && failures == groups.len()
+    {
+        return Err(err);
+    }
+    Ok(Replies {
+        values: replies
+            .into_iter()
+            .map(|v| v.unwrap_or(Value::Okay))
+            .collect(),
+        stale,
+    })
+}
+
+/// A cluster pipeline's replies, and whether they showed the slot map
+/// used to route it stale (a master lost, or a redirect).
+struct Replies {
+    values: Vec<Value>,
+    stale: bool,
+}
+
+fn is_script_load(cmd: &Cmd) -> bool {
+    let mut args = cmd.args_iter();
+    matches!(
+        (args.next(), args.next()),
+        (Some(redis::Arg::Simple(a)), Some(redis::Arg::Simple(b)))
+            if a.eq_ignore_ascii_case(b"SCRIPT") && b.eq_ignore_ascii_case(b"LOAD")
+    )
+}
+
+/// The reply that stands for a command whose slot's pipeline failed: an
+/// error value, as Redis would send one.
+fn failed_reply(err: &RedisError) -> Value {
+    let why: String = err
+        .to_string()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    redis::parse_redis_value(format!("-UNAVAILABLE {why}\r\n").as_bytes())
+        .unwrap_or(Value::Nil)
 }
 
 fn sentinel_set(urls: &[String], name: &str) -> Result<Sentinels, String> {
@@ -800,6 +946,9 @@ async fn watch_switches(master: Arc<Master>, cancel: CancellationToken) {
 #[derive(Clone)]
 pub struct Commands {
     master: Arc<Master>,
+    /// The writer's: on a Redis Cluster, never retried (see
+    /// `ClusterTarget::writes`).
+    writer: bool,
 }
 
 impl Commands {
@@ -814,7 +963,7 @@ impl ConnectionLike for Commands {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             if let Some(cluster) = &self.master.cluster {
-                return cluster.conn.clone().req_packed_command(cmd).await;
+                return cluster.conn(self.writer).req_packed_command(cmd).await;
             }
             let mut conn = self.master.now()?.conn.clone();
             let result = conn.req_packed_command(cmd).await;
@@ -835,12 +984,26 @@ impl ConnectionLike for Commands {
                 // must stay within one slot, and goes as it is.
                 if offset > 0 {
                     return cluster
-                        .conn
-                        .clone()
+                        .conn(self.writer)
                         .req_packed_commands(pipeline, offset, count)
                         .await;
                 }
-                return cluster_pipeline(&cluster.conn, pipeline).await;
+                let slots = cluster
+                    .slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let result = cluster_pipeline(&cluster.conn(self.writer), pipeline, &slots).await;
+                if result.as_ref().map_or(true, |r| r.stale) {
+                    // Routed by slot (redis-rs follows the cluster) until
+                    // the map is read again.
+                    cluster
+                        .slots
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear();
+                }
+                return result.map(|r| r.values);
             }
             let mut conn = self.master.now()?.conn.clone();
             let result = conn.req_packed_commands(pipeline, offset, count).await;

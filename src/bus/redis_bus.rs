@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::confirm::{Answer, Arrival, Incoming, Outgoing};
-use super::master::{Commands, Master, Moved, RedisTarget};
+use super::master::{Commands, Master, Moved, RedisTarget, key_slot};
 use super::{
     BusError, BusMessage, Claim, ClusterBus, ClusterEvent, ClusterEventSender, Feed, HistoryEntry,
     HistoryPage, HistoryRange, Landed, LocalPresence, PublishDone, Retention, SessionEnd,
@@ -320,16 +320,6 @@ impl Keys {
     }
 }
 
-/// The Redis Cluster slot of a key or shard channel (CRC16 of its hash
-/// tag, or of the whole name without one, modulo 16384).
-fn key_slot(key: &[u8]) -> u16 {
-    let tag = key.iter().position(|b| *b == b'{').and_then(|open| {
-        let rest = &key[open + 1..];
-        let close = rest.iter().position(|b| *b == b'}')?;
-        (close > 0).then(|| &rest[..close])
-    });
-    crc16::State::<crc16::XMODEM>::calculate(tag.unwrap_or(key)) % 16384
-}
 
 /// What this node knows about the other nodes: enough to tell a client
 /// that is not connected from one whose node has not re-registered yet,
@@ -1781,7 +1771,7 @@ async fn query_live_nodes(
 
 /// Drains the operation queue in order, pipelining consecutive writes.
 async fn writer(inner: Arc<Inner>, mut ops: mpsc::Receiver<Op>) {
-    let mut conn = inner.conn.clone();
+    let mut conn = inner.master.write_commands();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let n = tokio::select! {
@@ -3007,6 +2997,10 @@ impl Sink {
 struct Shards {
     slots: Vec<(u16, u16, String)>,
     conns: HashMap<String, redis::aio::MultiplexedConnection>,
+    /// A reply was not the one its command asks for: an unsolicited push
+    /// was taken as a reply, and every later reply on that connection may
+    /// be shifted. The subscriptions start over.
+    broken: tokio::sync::Notify,
 }
 
 impl Shards {
@@ -3028,11 +3022,31 @@ impl Shards {
                 ))
             })?;
         let mut conn = conn.clone();
-        redis::cmd(command)
+        let reply = redis::cmd(command)
             .arg(channel)
             .query_async::<redis::Value>(&mut conn)
-            .await
-            .map(|_| ())
+            .await?;
+        let kind = if command == "SSUBSCRIBE" {
+            redis::PushKind::SSubscribe
+        } else {
+            redis::PushKind::SUnsubscribe
+        };
+        match reply {
+            redis::Value::Push { kind: got, data }
+                if got == kind
+                    && matches!(data.first(), Some(redis::Value::BulkString(name)) if name == channel.as_bytes()) =>
+            {
+                Ok(())
+            }
+            other => {
+                self.broken.notify_one();
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "unexpected reply on a shard subscription connection",
+                    format!("{command} {channel}: {other:?}"),
+                )))
+            }
+        }
     }
 }
 
@@ -3169,7 +3183,11 @@ async fn sharded_subscriber(inner: Arc<Inner>) {
                     .await?;
                 conns.insert(addr.clone(), conn);
             }
-            let shards = Arc::new(Shards { slots, conns });
+            let shards = Arc::new(Shards {
+                slots,
+                conns,
+                broken: tokio::sync::Notify::new(),
+            });
             futures_util::future::try_join_all(
                 base.iter().map(|c| shards.command("SSUBSCRIBE", c)),
             )
@@ -3256,6 +3274,7 @@ async fn receive_sharded(
     let me = inner.config.node_id;
     let mut ping = tokio::time::interval(inner.config.heartbeat_interval);
     ping.tick().await;
+    let mut changed: Option<Vec<(u16, u16, String)>> = None;
     loop {
         tokio::select! {
             arrival = arrivals.recv() => {
@@ -3296,6 +3315,9 @@ async fn receive_sharded(
                     _ => {}
                 }
             }
+            _ = shards.broken.notified() => {
+                return "a shard connection's replies no longer match its commands".into();
+            }
             _ = ping.tick() => {
                 for (addr, conn) in &shards.conns {
                     let mut conn = conn.clone();
@@ -3304,17 +3326,25 @@ async fn receive_sharded(
                         redis::cmd("PING").query_async::<redis::Value>(&mut conn),
                     )
                     .await;
-                    if !matches!(pong, Ok(Ok(_))) {
-                        return format!("Redis Cluster master {addr} does not answer PING");
+                    match pong {
+                        Ok(Ok(redis::Value::SimpleString(pong))) if pong == "PONG" => {}
+                        Ok(Ok(other)) => {
+                            return format!("Redis Cluster master {addr} answered PING with {other:?}");
+                        }
+                        _ => return format!("Redis Cluster master {addr} does not answer PING"),
                     }
                 }
                 // A failover or resharding that kept every connection up
-                // (a slot moved between live masters) shows in the map.
+                // (a slot moved between live masters) shows in the map;
+                // two reads that agree, since nodes may briefly disagree.
                 match inner.master.cluster_slots().await {
                     Ok(slots) if slots != shards.slots => {
-                        return "the Redis Cluster slot map changed".into();
+                        if changed.as_ref() == Some(&slots) {
+                            return "the Redis Cluster slot map changed".into();
+                        }
+                        changed = Some(slots);
                     }
-                    _ => {}
+                    _ => changed = None,
                 }
             }
             _ = inner.cancel.cancelled() => return "shutting down".into(),

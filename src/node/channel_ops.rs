@@ -166,6 +166,13 @@ impl Node {
                 // Queued past the node's budget (bounded by the recovery
                 // buffer): a frame dropped here would be lost for good.
                 let (mut last, recovery) = recovered;
+                // After an epoch change, publications of the client's old
+                // epoch still on their way (from a node that had not
+                // switched yet) are not sent after the new one's.
+                let stale = match (recovery, since.flatten()) {
+                    (Recovery::EpochChanged, Some(since)) => Some(since.epoch),
+                    _ => None,
+                };
                 let finished = self
                     .channels()
                     .finish_recovery(client.id(), &channel, |arrived| {
@@ -173,7 +180,9 @@ impl Node {
                             return false;
                         }
                         for (at, frame) in arrived.arrived {
-                            if at.epoch == last.epoch && at.offset <= last.offset {
+                            if at.epoch == last.epoch && at.offset <= last.offset
+                                || Some(at.epoch) == stale
+                            {
                                 continue;
                             }
                             let _ = client.outbound().enqueue(

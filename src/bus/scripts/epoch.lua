@@ -19,7 +19,9 @@ local function current_epoch(stream, meta, fresh)
   local before = string.match(info, 'master_replid2:(%x+)') or ''
   local m = redis.call('HMGET', meta, 'e', 'r')
   local e, r = m[1], m[2]
-  if e and r and r ~= id and not string.match(before, '^0*$') then
+  -- (A meta from before this check has no r: on a promoted server it
+  -- counts as another server's.)
+  if e and r ~= id and not string.match(before, '^0*$') then
     e = nil
   end
   if not e then
