@@ -298,10 +298,12 @@ impl Master {
                 ),
                 other => other,
             })?;
-        Ok(ranges
+        let mut slots: Vec<(u16, u16, String)> = ranges
             .into_iter()
             .map(|(first, last, (host, port))| (first, last, format!("{host}:{port}")))
-            .collect())
+            .collect();
+        slots.sort();
+        Ok(slots)
     }
 
     /// A connection to one master of a Redis Cluster (`host:port`), RESP3,

@@ -77,52 +77,156 @@ pub struct RedisBusConfig {
     pub session_window: Duration,
 }
 
-/// Key and channel names (see CLUSTER.md).
+/// Key and channel names (see CLUSTER.md). On one Redis (or Sentinel)
+/// they are plain; on a Redis Cluster every name carries a hash tag, so
+/// that what one script or transaction touches lives in one slot
+/// (CLUSTER.md, "Redis Cluster"): `{n:N}` a node's keys and channel,
+/// `{c:X}` a fabric channel's, `{r:B}` a routing bucket's (the client
+/// routing index, split in [`ROUTE_BUCKETS`], with the sessions and
+/// inboxes of its clients), `{g}` the few cluster-wide ones.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    cluster: bool,
 }
 
+/// Buckets of the routing index on a Redis Cluster: enough to spread it
+/// over every shard, few enough to scan them all on a sweep.
+pub const ROUTE_BUCKETS: u8 = 64;
+
 impl Keys {
-    /// Names under `prefix`.
+    /// Names under `prefix`, plain.
     pub fn new(prefix: &str) -> Self {
         Keys {
             prefix: prefix.to_owned(),
+            cluster: false,
         }
     }
+
+    /// Names under `prefix`, hash-tagged for a Redis Cluster (the prefix
+    /// itself must hold no `{` or `}`).
+    pub fn tagged(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+            cluster: true,
+        }
+    }
+
+    /// Whether the names are hash-tagged (a Redis Cluster).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The command that publishes: `SPUBLISH` (sharded pub/sub) on a Redis
+    /// Cluster, `PUBLISH` elsewhere.
+    pub fn publish_command(&self) -> &'static str {
+        if self.cluster { "SPUBLISH" } else { "PUBLISH" }
+    }
+
+    /// `P:{n:N}` on a cluster, `P:node:N` elsewhere.
+    fn of_node(&self, node: NodeId) -> String {
+        if self.cluster {
+            format!("{}:{{n:{node}}}", self.prefix)
+        } else {
+            format!("{}:node:{node}", self.prefix)
+        }
+    }
+
+    /// `P:{c:X}` on a cluster (`%` and `}` escaped in X so the tag closes
+    /// where it should), `P:PLAIN:X` elsewhere.
+    fn of_channel(&self, plain: &str, channel: &str) -> String {
+        if self.cluster {
+            let escaped = channel.replace('%', "%25").replace('}', "%7D");
+            format!("{}:{{c:{escaped}}}", self.prefix)
+        } else {
+            format!("{}:{plain}:{channel}", self.prefix)
+        }
+    }
+
+    /// The routing bucket of `client` (cluster only).
+    fn bucket(client: ClientId) -> u8 {
+        let text = client.to_string();
+        u8::from_str_radix(text.get(..2).unwrap_or("0"), 16).unwrap_or(0) % ROUTE_BUCKETS
+    }
+
+    /// `P:{r:B}` of `client`'s bucket.
+    fn of_bucket(&self, bucket: u8) -> String {
+        format!("{}:{{r:{bucket:02x}}}", self.prefix)
+    }
+
     /// SET of every node id that registered (live or not yet swept).
     pub fn nodes(&self) -> String {
-        format!("{}:nodes", self.prefix)
+        if self.cluster {
+            format!("{}:{{g}}:nodes", self.prefix)
+        } else {
+            format!("{}:nodes", self.prefix)
+        }
     }
     /// STRING liveness key of a node, with TTL.
     pub fn node(&self, node: NodeId) -> String {
-        format!("{}:node:{node}", self.prefix)
+        if self.cluster {
+            format!("{}:alive", self.of_node(node))
+        } else {
+            self.of_node(node)
+        }
     }
     /// HASH client id → ClientInfo of a node's clients, with TTL.
     pub fn node_clients(&self, node: NodeId) -> String {
-        format!("{}:node:{node}:clients", self.prefix)
+        format!("{}:clients", self.of_node(node))
     }
-    /// HASH client id → node id of every client (routing index).
-    pub fn client_nodes(&self) -> String {
-        format!("{}:client-nodes", self.prefix)
+    /// HASH client id → node id: the routing index entry of `client` is
+    /// in this hash (one for every client on one Redis, its bucket's on a
+    /// cluster).
+    pub fn client_nodes(&self, client: ClientId) -> String {
+        if self.cluster {
+            format!("{}:route", self.of_bucket(Self::bucket(client)))
+        } else {
+            format!("{}:client-nodes", self.prefix)
+        }
+    }
+    /// Every hash of the routing index.
+    pub fn route_indexes(&self) -> Vec<String> {
+        if self.cluster {
+            (0..ROUTE_BUCKETS)
+                .map(|b| format!("{}:route", self.of_bucket(b)))
+                .collect()
+        } else {
+            vec![format!("{}:client-nodes", self.prefix)]
+        }
     }
     /// Channel every node subscribes to for broadcasts.
     pub fn broadcast_channel(&self) -> String {
-        format!("{}:ch:broadcast", self.prefix)
+        if self.cluster {
+            format!("{}:{{g}}:broadcast", self.prefix)
+        } else {
+            format!("{}:ch:broadcast", self.prefix)
+        }
     }
     /// A node's own channel (direct messages and receipts).
     pub fn node_channel(&self, node: NodeId) -> String {
-        format!("{}:ch:node:{node}", self.prefix)
+        if self.cluster {
+            format!("{}:ch", self.of_node(node))
+        } else {
+            format!("{}:ch:node:{node}", self.prefix)
+        }
     }
     /// Pub/sub channel of a fabric channel's publications: only nodes with
     /// subscribers of it subscribe.
     pub fn channel(&self, channel: &str) -> String {
-        format!("{}:ch:chan:{channel}", self.prefix)
+        if self.cluster {
+            format!("{}:ch", self.of_channel("", channel))
+        } else {
+            self.of_channel("ch:chan", channel)
+        }
     }
     /// Pub/sub channel of a fabric channel's Join and Leave events: only
     /// nodes with subscribers of it that want events subscribe.
     pub fn channel_events(&self, channel: &str) -> String {
-        format!("{}:ch:chan-events:{channel}", self.prefix)
+        if self.cluster {
+            format!("{}:ev", self.of_channel("", channel))
+        } else {
+            self.of_channel("ch:chan-events", channel)
+        }
     }
     /// The pub/sub channel of `feed` of fabric channel `channel`.
     pub fn feed(&self, channel: &str, feed: Feed) -> String {
@@ -134,11 +238,15 @@ impl Keys {
     /// HASH client id → ClientInfo of a channel's members on a node, with
     /// TTL (channel presence).
     pub fn channel_members(&self, channel: &str, node: NodeId) -> String {
-        format!("{}:chan:{channel}:node:{node}", self.prefix)
+        if self.cluster {
+            format!("{}:members:{node}", self.of_channel("", channel))
+        } else {
+            format!("{}:node:{node}", self.of_channel("chan", channel))
+        }
     }
     /// HASH channel → number of subscribers on a node, with TTL.
     pub fn node_channels(&self, node: NodeId) -> String {
-        format!("{}:node:{node}:channels", self.prefix)
+        format!("{}:channels", self.of_node(node))
     }
     /// HASH client id → node id of a user's connections.
     pub fn user(&self, user: &str) -> String {
@@ -147,17 +255,26 @@ impl Keys {
     /// HASH client id → user of a node's clients that have a user: which
     /// `user` entries are the node's, to remove when it is gone.
     pub fn node_users(&self, node: NodeId) -> String {
-        format!("{}:node:{node}:users", self.prefix)
+        format!("{}:users", self.of_node(node))
     }
     /// STREAM of a fabric channel's history: entry id `OFFSET-0`, field `m`
     /// the bytes published (a [`Wire::Positioned`]).
     pub fn history(&self, channel: &str) -> String {
-        format!("{}:hist:{channel}", self.prefix)
+        if self.cluster {
+            format!("{}:hist", self.of_channel("", channel))
+        } else {
+            self.of_channel("hist", channel)
+        }
     }
     /// HASH of a fabric channel's position: `e` its epoch (8 bytes, u64
-    /// LE), `s` its latest offset.
+    /// LE), `s` its latest offset, `r` the replication id of the server
+    /// that last wrote it.
     pub fn history_meta(&self, channel: &str) -> String {
-        format!("{}:hist-meta:{channel}", self.prefix)
+        if self.cluster {
+            format!("{}:meta", self.of_channel("", channel))
+        } else {
+            self.of_channel("hist-meta", channel)
+        }
     }
     /// STRING an idempotency key's state (`p:NODE/ATTEMPT` pending, `a` acked, `s:UNTIL` stored,
     /// `e:CODE:MESSAGE` refused), for `dedupe_window`.
@@ -168,21 +285,50 @@ impl Keys {
     /// generation, `n` the node it is attached to ('' waiting for a
     /// resume), `b` bytes stored.
     pub fn session(&self, client: ClientId) -> String {
-        format!("{}:session:{client}", self.prefix)
+        if self.cluster {
+            format!("{}:session:{client}", self.of_bucket(Self::bucket(client)))
+        } else {
+            format!("{}:session:{client}", self.prefix)
+        }
     }
     /// LIST of the direct messages stored for a session.
     pub fn inbox(&self, client: ClientId) -> String {
-        format!("{}:inbox:{client}", self.prefix)
+        if self.cluster {
+            format!("{}:inbox:{client}", self.of_bucket(Self::bucket(client)))
+        } else {
+            format!("{}:inbox:{client}", self.prefix)
+        }
     }
-    /// What a node's liveness key starts with (the scripts add the id).
+    /// What a node's liveness key starts with (the scripts add the id);
+    /// empty on a cluster, where another node's key is in another slot and
+    /// `inbox_push.lua` leaves the liveness check to its caller.
     fn node_prefix(&self) -> String {
-        format!("{}:node:", self.prefix)
+        if self.cluster {
+            String::new()
+        } else {
+            format!("{}:node:", self.prefix)
+        }
     }
     /// STRING random marker created once per Redis dataset: when it
     /// changes, Redis lost its data (a restart without persistence).
     pub fn incarnation(&self) -> String {
-        format!("{}:incarnation", self.prefix)
+        if self.cluster {
+            format!("{}:{{g}}:incarnation", self.prefix)
+        } else {
+            format!("{}:incarnation", self.prefix)
+        }
     }
+}
+
+/// The Redis Cluster slot of a key or shard channel (CRC16 of its hash
+/// tag, or of the whole name without one, modulo 16384).
+fn key_slot(key: &[u8]) -> u16 {
+    let tag = key.iter().position(|b| *b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|b| *b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tag.unwrap_or(key)) % 16384
 }
 
 /// What this node knows about the other nodes: enough to tell a client
@@ -515,8 +661,8 @@ impl MessageRun {
         self.dones.extend(done);
     }
 
-    /// Adds the run's PUBLISH to `batch`.
-    fn publish(self, batch: &mut Batch) {
+    /// Adds the run's PUBLISH (`command`) to `batch`.
+    fn publish(self, batch: &mut Batch, command: &str) {
         let mut payloads = self.payloads;
         let payload = if payloads.len() == 1 {
             payloads.swap_remove(0)
@@ -525,7 +671,7 @@ impl MessageRun {
         };
         batch
             .publish(Target::Node(self.node), None, self.dones)
-            .cmd("PUBLISH")
+            .cmd(command)
             .arg(self.channel)
             .arg(payload);
     }
@@ -629,7 +775,7 @@ struct Inner {
     /// `have` may be wrong about them.
     doubtful: Mutex<HashSet<String>>,
     /// The current subscription connection's command half.
-    sink: Mutex<Option<redis::aio::PubSubSink>>,
+    sink: Mutex<Option<Sink>>,
     /// Where this node is in each channel with history it receives (by
     /// fabric channel): what it delivered, to detect and fill gaps.
     follows: Mutex<HashMap<String, Follow>>,
@@ -842,12 +988,23 @@ impl RedisBus {
             )
             .map_err(BusError::Unavailable)?,
         );
+        let keys = if master.is_cluster() {
+            if config.prefix.contains(['{', '}']) {
+                return Err(BusError::Unavailable(format!(
+                    "the Redis prefix {:?} must not contain braces on a Redis Cluster (they are hash tags)",
+                    config.prefix
+                )));
+            }
+            Keys::tagged(&config.prefix)
+        } else {
+            Keys::new(&config.prefix)
+        };
         let conn = master.commands();
         let (ops, ops_rx) = mpsc::channel(config.queue_len);
         let outgoing = Outgoing::new(rand_u64(), config.queue_len);
         Ok(RedisBus {
             inner: Arc::new(Inner {
-                keys: Keys::new(&config.prefix),
+                keys,
                 config,
                 master,
                 conn,
@@ -1101,7 +1258,7 @@ impl ClusterBus for RedisBus {
             .script()
             .key(keys.session(client))
             .key(keys.inbox(client))
-            .key(keys.client_nodes())
+            .key(keys.client_nodes(client))
             .arg(client.to_string())
             .arg(generation)
             .arg(user.unwrap_or_default())
@@ -1143,7 +1300,7 @@ impl ClusterBus for RedisBus {
         let mut lookup = redis::pipe();
         lookup
             .cmd("HGET")
-            .arg(inner.keys.client_nodes())
+            .arg(inner.keys.client_nodes(id))
             .arg(id.to_string())
             .cmd("GET")
             .arg(inner.keys.incarnation());
@@ -1711,20 +1868,20 @@ async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
                 Some(open) if open.takes(node, &channel, &payload) => open.push(payload, done),
                 _ => {
                     if let Some(ended) = run.take() {
-                        ended.publish(&mut batch);
+                        ended.publish(&mut batch, keys.publish_command());
                     }
                     let started = MessageRun::new(node, channel, payload, done);
                     if is_message(&started.payloads[0]) {
                         run = Some(started);
                     } else {
-                        started.publish(&mut batch);
+                        started.publish(&mut batch, keys.publish_command());
                     }
                 }
             }
             continue;
         }
         if let Some(ended) = run.take() {
-            ended.publish(&mut batch);
+            ended.publish(&mut batch, keys.publish_command());
         }
         match op {
             Op::Publish {
@@ -1736,7 +1893,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
             } => {
                 batch
                     .publish(target, seq, done.into_iter().collect())
-                    .cmd("PUBLISH")
+                    .cmd(keys.publish_command())
                     .arg(channel)
                     .arg(payload);
             }
@@ -1758,7 +1915,8 @@ async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
                     .arg(retention.ttl.as_millis() as u64)
                     .arg(inner.config.history_meta_ttl.as_millis() as u64)
                     .arg(&epoch_arg()[..])
-                    .arg(keys.channel(&channel));
+                    .arg(keys.channel(&channel))
+                    .arg(keys.publish_command());
             }
             Op::Join(info, registered) => match encode_value(&info) {
                 Ok(value) => {
@@ -1772,7 +1930,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
                     batch
                         .write()
                         .cmd("HSET")
-                        .arg(keys.client_nodes())
+                        .arg(keys.client_nodes(info.client_id))
                         .arg(&id)
                         .arg(&node);
                     if let Some(user) = &info.user {
@@ -1806,7 +1964,11 @@ async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
                     SessionEnd::End { generation } => ("end", generation),
                 };
                 if mode.is_empty() {
-                    batch.write().cmd("HDEL").arg(keys.client_nodes()).arg(&id);
+                    batch
+                        .write()
+                        .cmd("HDEL")
+                        .arg(keys.client_nodes(client))
+                        .arg(&id);
                 } else {
                     // A session's client id may be attached elsewhere by
                     // now: the script detaches or ends it only if it is
@@ -1818,7 +1980,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
                         .arg(3)
                         .arg(keys.session(client))
                         .arg(keys.inbox(client))
-                        .arg(keys.client_nodes())
+                        .arg(keys.client_nodes(client))
                         .arg(&id)
                         .arg(&node)
                         .arg(mode)
@@ -1899,7 +2061,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
                     .arg(3)
                     .arg(keys.session(to))
                     .arg(keys.inbox(to))
-                    .arg(keys.client_nodes())
+                    .arg(keys.client_nodes(to))
                     .arg(payload)
                     .arg(limits.inbox_len)
                     .arg(limits.inbox_bytes)
@@ -1943,7 +2105,7 @@ async fn flush(inner: &Arc<Inner>, conn: &mut Commands, ops: Vec<Op>) {
         }
     }
     if let Some(ended) = run.take() {
-        ended.publish(&mut batch);
+        ended.publish(&mut batch, keys.publish_command());
     }
     let Batch {
         pipe,
@@ -2488,22 +2650,33 @@ async fn resync(inner: &Inner, conn: &mut Commands) -> redis::RedisResult<()> {
     .await?;
     remove_user_entries(inner, conn, me, |client| !here.contains(client)).await?;
     let mut pipe = redis::pipe();
-    pipe.atomic();
+    if !keys.is_cluster() {
+        pipe.atomic();
+    }
     pipe.cmd("DEL").arg(keys.node_clients(me)).ignore();
     for chunk in clients.chunks(1000) {
         let mut infos = redis::cmd("HSET");
         infos.arg(keys.node_clients(me));
-        let mut index = redis::cmd("HSET");
-        index.arg(keys.client_nodes());
+        let mut index: HashMap<String, redis::Cmd> = HashMap::new();
         for info in chunk {
             let Ok(value) = encode_value(info) else {
                 continue;
             };
             infos.arg(info.client_id.to_string()).arg(value);
-            index.arg(info.client_id.to_string()).arg(&me_str);
+            index
+                .entry(keys.client_nodes(info.client_id))
+                .or_insert_with_key(|key| {
+                    let mut hset = redis::cmd("HSET");
+                    hset.arg(key);
+                    hset
+                })
+                .arg(info.client_id.to_string())
+                .arg(&me_str);
         }
         pipe.add_command(infos).ignore();
-        pipe.add_command(index).ignore();
+        for (_, hset) in index {
+            pipe.add_command(hset).ignore();
+        }
     }
     for info in &clients {
         if let Some(user) = &info.user {
@@ -2553,14 +2726,23 @@ async fn resync(inner: &Inner, conn: &mut Commands) -> redis::RedisResult<()> {
         .arg(keys.node_channels(me))
         .arg(ttl_ms)
         .ignore();
-    pipe.cmd("SET")
+    // On a Redis Cluster the writes above span slots, so no transaction
+    // holds them all: they land first, and the node comes alive after.
+    let mut alive = if keys.is_cluster() {
+        pipe.query_async::<()>(conn).await?;
+        redis::pipe()
+    } else {
+        pipe
+    };
+    alive
+        .cmd("SET")
         .arg(keys.node(me))
         .arg(format!("{}|{}", inner.config.node_name, now_ms()))
         .arg("PX")
         .arg(ttl_ms)
         .ignore();
-    pipe.cmd("SADD").arg(keys.nodes()).arg(&me_str).ignore();
-    pipe.query_async::<()>(conn).await?;
+    alive.cmd("SADD").arg(keys.nodes()).arg(&me_str).ignore();
+    alive.query_async::<()>(conn).await?;
     info!(
         clients = clients.len(),
         stale_index_entries = stale,
@@ -2577,12 +2759,24 @@ async fn remove_index_entries(
     conn: &mut Commands,
     stale: impl Fn(&str, &str) -> bool,
 ) -> redis::RedisResult<usize> {
-    let index = inner.keys.client_nodes();
+    let mut removed = 0;
+    for index in inner.keys.route_indexes() {
+        removed += remove_entries_of(conn, &index, &stale).await?;
+    }
+    Ok(removed)
+}
+
+/// [`remove_index_entries`] on one hash of the routing index.
+async fn remove_entries_of(
+    conn: &mut Commands,
+    index: &str,
+    stale: &impl Fn(&str, &str) -> bool,
+) -> redis::RedisResult<usize> {
     let mut cursor: u64 = 0;
     let mut removed = 0;
     loop {
         let (next, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(&index)
+            .arg(index)
             .arg(cursor)
             .arg("COUNT")
             .arg(1000)
@@ -2596,7 +2790,7 @@ async fn remove_index_entries(
         if !doomed.is_empty() {
             removed += doomed.len();
             redis::cmd("HDEL")
-                .arg(&index)
+                .arg(index)
                 .arg(doomed)
                 .query_async::<()>(conn)
                 .await?;
@@ -2616,13 +2810,25 @@ async fn orphan_index_entries(
     conn: &mut Commands,
     dead: &str,
 ) -> redis::RedisResult<()> {
+    for index in inner.keys.route_indexes() {
+        orphan_entries_of(inner, conn, &index, dead).await?;
+    }
+    Ok(())
+}
+
+/// [`orphan_index_entries`] on one hash of the routing index.
+async fn orphan_entries_of(
+    inner: &Inner,
+    conn: &mut Commands,
+    index: &str,
+    dead: &str,
+) -> redis::RedisResult<()> {
     let keys = &inner.keys;
-    let index = keys.client_nodes();
     let window = inner.config.session_window.as_millis() as u64;
     let mut cursor: u64 = 0;
     loop {
         let (next, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(&index)
+            .arg(index)
             .arg(cursor)
             .arg("COUNT")
             .arg(1000)
@@ -2648,7 +2854,7 @@ async fn orphan_index_entries(
                 .arg(SESSION_ORPHAN.hash())
                 .arg(2)
                 .arg(keys.session(id))
-                .arg(&index)
+                .arg(index)
                 .arg(client)
                 .arg(dead)
                 .arg(window)
@@ -2755,8 +2961,14 @@ async fn remove_self(inner: &Inner, conn: &mut Commands) {
         .arg(keys.nodes())
         .arg(me.to_string())
         .ignore();
-    if !ids.is_empty() {
-        pipe.cmd("HDEL").arg(keys.client_nodes()).arg(ids).ignore();
+    let mut index: HashMap<String, Vec<String>> = HashMap::new();
+    for id in ids {
+        if let Ok(client) = id.parse::<ClientId>() {
+            index.entry(keys.client_nodes(client)).or_default().push(id);
+        }
+    }
+    for (key, ids) in index {
+        pipe.cmd("HDEL").arg(key).arg(ids).ignore();
     }
     match pipe.query_async::<()>(conn).await {
         Ok(()) => info!("left the cluster"),
@@ -2764,9 +2976,72 @@ async fn remove_self(inner: &Inner, conn: &mut Commands) {
     }
 }
 
+/// Where the node subscribes to fabric channel feeds: its one pub/sub
+/// connection, or (Redis Cluster) the connections to each master.
+#[derive(Clone)]
+enum Sink {
+    Plain(redis::aio::PubSubSink),
+    Sharded(Arc<Shards>),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Sink::Plain(sink) => sink.subscribe(channel).await,
+            Sink::Sharded(shards) => shards.command("SSUBSCRIBE", channel).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Sink::Plain(sink) => sink.unsubscribe(channel).await,
+            Sink::Sharded(shards) => shards.command("SUNSUBSCRIBE", channel).await,
+        }
+    }
+}
+
+/// A Redis Cluster's masters as the sharded subscriptions saw them: the
+/// slot map, and one RESP3 connection per master carrying only this
+/// node's `SSUBSCRIBE`s, `SUNSUBSCRIBE`s and PINGs (never other commands:
+/// an unsolicited `sunsubscribe` would be taken for their reply).
+struct Shards {
+    slots: Vec<(u16, u16, String)>,
+    conns: HashMap<String, redis::aio::MultiplexedConnection>,
+}
+
+impl Shards {
+    /// Sends `command` (SSUBSCRIBE or SUNSUBSCRIBE) for `channel` to the
+    /// master serving its slot: one channel per command, since one command
+    /// must stay within one slot.
+    async fn command(&self, command: &str, channel: &str) -> redis::RedisResult<()> {
+        let slot = key_slot(channel.as_bytes());
+        let conn = self
+            .slots
+            .iter()
+            .find(|(first, last, _)| (*first..=*last).contains(&slot))
+            .and_then(|(_, _, addr)| self.conns.get(addr))
+            .ok_or_else(|| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no Redis Cluster master serves the slot",
+                    format!("slot {slot} of {channel}"),
+                ))
+            })?;
+        let mut conn = conn.clone();
+        redis::cmd(command)
+            .arg(channel)
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .map(|_| ())
+    }
+}
+
 /// Keeps a subscription to the broadcast channel and this node's channel,
 /// reconnecting with backoff for as long as the node runs.
 async fn subscriber(inner: Arc<Inner>) {
+    if inner.master.is_cluster() {
+        return sharded_subscriber(inner).await;
+    }
     let channels = [
         inner.keys.broadcast_channel(),
         inner.keys.node_channel(inner.config.node_id),
@@ -2804,7 +3079,7 @@ async fn subscriber(inner: Arc<Inner>) {
             }
             *lock(&inner.have) = wanted.into_iter().collect();
             lock(&inner.doubtful).clear();
-            *lock(&inner.sink) = Some(sink.clone());
+            *lock(&inner.sink) = Some(Sink::Plain(sink.clone()));
             drop(turn);
             Ok::<_, redis::RedisError>((sink, stream))
         };
@@ -2848,6 +3123,201 @@ async fn subscriber(inner: Arc<Inner>) {
             // one's failures built up.
             _ = generation.changed() => backoff = Duration::from_millis(100),
             _ = inner.cancel.cancelled() => return,
+        }
+    }
+}
+
+/// [`subscriber`] on a Redis Cluster: sharded pub/sub, each channel
+/// subscribed (`SSUBSCRIBE`) on the master serving its slot, through a
+/// connection per master. When any of them is lost, a subscription is
+/// dropped by its shard (its slot moved) or the slot map changes, the node
+/// subscribes everything again from a fresh slot map: the same gap
+/// handling as on one Redis (catch-up from the history, presence written
+/// again), and after a change of masters presence counts as incomplete
+/// until every node re-registered, as after a Sentinel failover.
+async fn sharded_subscriber(inner: Arc<Inner>) {
+    let base = [
+        inner.keys.broadcast_channel(),
+        inner.keys.node_channel(inner.config.node_id),
+    ];
+    let mut backoff = Duration::from_millis(100);
+    let longest =
+        (inner.config.node_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
+    let mut failures: u64 = 0;
+    let mut masters_before: Option<Vec<String>> = None;
+    loop {
+        let (pushes, mut arrivals) = mpsc::unbounded_channel::<(String, redis::PushInfo)>();
+        let connect = async {
+            let slots = inner.master.cluster_slots().await?;
+            let mut masters: Vec<String> = slots.iter().map(|(_, _, a)| a.clone()).collect();
+            masters.sort();
+            masters.dedup();
+            let mut conns = HashMap::new();
+            for addr in &masters {
+                let pushes = pushes.clone();
+                let tag = addr.clone();
+                let conn = inner
+                    .master
+                    .shard_connection(
+                        addr,
+                        move |push: redis::PushInfo| {
+                            pushes.send((tag.clone(), push)).map_err(|_| ())
+                        },
+                        inner.config.connect_timeout,
+                        inner.config.response_timeout,
+                    )
+                    .await?;
+                conns.insert(addr.clone(), conn);
+            }
+            let shards = Arc::new(Shards { slots, conns });
+            futures_util::future::try_join_all(
+                base.iter().map(|c| shards.command("SSUBSCRIBE", c)),
+            )
+            .await?;
+            let turn = inner.channel_turn.lock().await;
+            let wanted: Vec<String> = lock(&inner.wanted).iter().cloned().collect();
+            for chunk in wanted.chunks(1000) {
+                futures_util::future::try_join_all(
+                    chunk.iter().map(|c| shards.command("SSUBSCRIBE", c)),
+                )
+                .await?;
+            }
+            *lock(&inner.have) = wanted.into_iter().collect();
+            lock(&inner.doubtful).clear();
+            *lock(&inner.sink) = Some(Sink::Sharded(shards.clone()));
+            drop(turn);
+            Ok::<_, redis::RedisError>((shards, masters))
+        };
+        let attempt = tokio::select! {
+            r = tokio::time::timeout((inner.config.connect_timeout + inner.config.response_timeout) * 2, connect) => r,
+            _ = inner.cancel.cancelled() => return,
+        };
+        match attempt {
+            Ok(Ok((shards, masters))) => {
+                failures = 0;
+                backoff = Duration::from_millis(100);
+                if masters_before
+                    .as_ref()
+                    .is_some_and(|before| *before != masters)
+                {
+                    warn!(
+                        before = ?masters_before,
+                        now = ?masters,
+                        "Redis Cluster masters changed (failover or resharding); \
+                         re-registering, and treating presence as incomplete until every node has"
+                    );
+                    inner
+                        .members()
+                        .unsettle(Instant::now(), inner.config.node_ttl);
+                }
+                masters_before = Some(masters.clone());
+                // A shard may have lost writes (a promoted replica, or a
+                // master restarted empty): presence is written again.
+                inner.needs_resync.store(true, Ordering::Release);
+                inner.subscribed.store(true, Ordering::Release);
+                info!(
+                    channels = lock(&inner.have).len(),
+                    masters = masters.len(),
+                    "subscribed to cluster channels (sharded)"
+                );
+                let _ = inner.ops.try_send(Op::Heartbeat);
+                catch_up_all(&inner).await;
+                let end = receive_sharded(&inner, &shards, &mut arrivals).await;
+                inner.subscribed.store(false, Ordering::Release);
+                {
+                    let _turn = inner.channel_turn.lock().await;
+                    *lock(&inner.sink) = None;
+                    lock(&inner.have).clear();
+                    lock(&inner.doubtful).clear();
+                }
+                if inner.cancel.is_cancelled() {
+                    return;
+                }
+                warn!(reason = %end, "cluster subscription lost; subscribing again");
+            }
+            Ok(Err(err)) => log_failure(&mut failures, &err.to_string()),
+            Err(_) => log_failure(&mut failures, "timed out"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(longest),
+            _ = inner.cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Takes in what the shard connections push until one of them is lost,
+/// drops a subscription the node still wants, stops answering PINGs, or
+/// the slot map changes; returns why.
+async fn receive_sharded(
+    inner: &Inner,
+    shards: &Shards,
+    arrivals: &mut mpsc::UnboundedReceiver<(String, redis::PushInfo)>,
+) -> String {
+    let me = inner.config.node_id;
+    let mut ping = tokio::time::interval(inner.config.heartbeat_interval);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            arrival = arrivals.recv() => {
+                let Some((shard, push)) = arrival else { return "connections closed".into() };
+                match push.kind {
+                    redis::PushKind::SMessage => {
+                        let Some(redis::Value::BulkString(payload)) = push.data.get(1) else {
+                            continue;
+                        };
+                        crate::stats::add(&inner.stats.pubsub_in, 1);
+                        let wire = match decode_value::<Wire>(payload) {
+                            Ok(wire) => wire,
+                            Err(err) => {
+                                warn!(%err, %shard, "undecodable cluster message dropped");
+                                continue;
+                            }
+                        };
+                        if let Err(stopped) = take_in(inner, me, wire).await {
+                            return stopped;
+                        }
+                    }
+                    redis::PushKind::Disconnection => {
+                        return format!("lost the connection to Redis Cluster master {shard}");
+                    }
+                    redis::PushKind::SUnsubscribe => {
+                        // Ours (a channel no longer wanted), or the shard's
+                        // own: the slot moved away.
+                        let channel = match push.data.first() {
+                            Some(redis::Value::BulkString(name)) => String::from_utf8_lossy(name).into_owned(),
+                            _ => continue,
+                        };
+                        let base = channel == inner.keys.broadcast_channel()
+                            || channel == inner.keys.node_channel(me);
+                        if base || lock(&inner.wanted).contains(&channel) {
+                            return format!("Redis Cluster master {shard} dropped the subscription to {channel} (its slot moved?)");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ = ping.tick() => {
+                for (addr, conn) in &shards.conns {
+                    let mut conn = conn.clone();
+                    let pong = tokio::time::timeout(
+                        inner.config.response_timeout * 2,
+                        redis::cmd("PING").query_async::<redis::Value>(&mut conn),
+                    )
+                    .await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        return format!("Redis Cluster master {addr} does not answer PING");
+                    }
+                }
+                // A failover or resharding that kept every connection up
+                // (a slot moved between live masters) shows in the map.
+                match inner.master.cluster_slots().await {
+                    Ok(slots) if slots != shards.slots => {
+                        return "the Redis Cluster slot map changed".into();
+                    }
+                    _ => {}
+                }
+            }
+            _ = inner.cancel.cancelled() => return "shutting down".into(),
         }
     }
 }

@@ -3,7 +3,7 @@
 -- sender's messages are stored in the order it sent them.
 -- KEYS: 1 session record, 2 its inbox, 3 the routing index.
 -- ARGV: 1 the encoded message, 2 most messages, 3 most bytes, 4 liveness
--- key prefix of nodes, 5 resume window (ms), 6 client id.
+-- key prefix of nodes ('' on a Redis Cluster: not checked here), 5 resume window (ms), 6 client id.
 -- Returns {0} gone, {1, ms left} stored, {2} full, {3, node} attached to a
 -- live node.
 local s = redis.call('HMGET', KEYS[1], 'n', 'b')
@@ -16,7 +16,9 @@ if not s[1] then
 end
 local n = s[1]
 if n ~= '' then
-  if redis.call('EXISTS', ARGV[4] .. n) == 1 then
+  -- On a Redis Cluster (ARGV[4] empty) the node's liveness key is in
+  -- another slot: the caller finds out whether it lives.
+  if ARGV[4] == '' or redis.call('EXISTS', ARGV[4] .. n) == 1 then
     return {3, n}
   end
   -- Its node died without detaching it: it waits for a resume from now.

@@ -7,7 +7,8 @@
 --   (the position, appended here as epoch ‖ offset, both u64 LE)
 -- ARGV[2] history size, ARGV[3] history TTL (ms), ARGV[4] meta TTL (ms),
 -- ARGV[5] a fresh random epoch (8 bytes), used when the channel has none,
--- ARGV[6] the pub/sub channel.
+-- ARGV[6] the pub/sub channel, ARGV[7] the command that publishes on it
+--   (PUBLISH, or SPUBLISH on a Redis Cluster; PUBLISH when absent).
 -- Returns {position (16 bytes), subscribers that received it}.
 local function le64(n)
   local b = {}
@@ -38,5 +39,5 @@ if type(added) == 'table' and added.err then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-local n = redis.call('PUBLISH', ARGV[6], msg)
+local n = redis.call(ARGV[7] or 'PUBLISH', ARGV[6], msg)
 return {e .. le64(off), n}
