@@ -7,14 +7,15 @@
 //! masters): publications to channels without history, to channels with
 //! history (1,000 kept), and cross-node directs. Each flow runs right
 //! after its raw floor on the same Redis: pipelined `PUBLISH` (one Redis)
-//! or `SPUBLISH` (cluster, one pipeline loop per master over the channels
-//! it owns) to the same channels, each with a subscriber in this process;
-//! with history, pipelined `EVALSHA` of the node's own
-//! `publish_history.lua` (its `PUBLISH` made `SPUBLISH` on the cluster).
-//! Every phase also reads `INFO commandstats` and `INFO cpu` of every
+//! or `SPUBLISH` (cluster: a pipeline per master with the channels it
+//! owns) on channels named as the bus names them, each received by a
+//! subscriber in this process; with history, pipelined `EVALSHA` of the
+//! node's own `publish_history.lua`, publishing as the bus does.
+//! Every phase also reads `INFO commandstats`, `cpu` and `stats` of every
 //! Redis process before and after: the calls per master (the load
-//! distribution), the Redis commands per delivered message, and Redis CPU
-//! per message. On the cluster the fabric flows run again with 2 nodes:
+//! distribution), the Redis commands per delivered message, commands per
+//! socket read, and Redis CPU per message. On the cluster the fabric flows
+//! run again with 2 nodes:
 //! commands per message must not grow with nodes (nor, one Redis against
 //! three masters, with shards).
 //!
@@ -48,7 +49,7 @@ const HISTORY_SIZE: usize = 1_000;
 const PIPELINE: usize = 64;
 
 /// Floor messages sent but not yet received by its subscriber (the floor
-/// counterpart of [`RATE_WINDOW`]: a few pipelines per loop).
+/// counterpart of [`RATE_WINDOW`]: a few batches of every driver).
 const FLOOR_WINDOW: u64 = 2_048;
 
 /// Concurrent publishing drivers of a floor.
@@ -246,6 +247,9 @@ pub(crate) async fn start_cluster(masters: u16) -> anyhow::Result<(Container, Ve
     Ok((container, seeds))
 }
 
+/// Slot ranges (inclusive) a master owns.
+type Slots = Vec<(u16, u16)>;
+
 /// One Redis process whose statistics a measurement reads.
 struct Process {
     /// `host:port`.
@@ -261,7 +265,7 @@ struct Topology {
     /// Masters first (sorted by address), then replicas.
     processes: Vec<Process>,
     /// Per master (index into `processes`): owned slot ranges.
-    slots: Vec<Vec<(u16, u16)>>,
+    slots: Vec<Slots>,
     /// Commands one EVALSHA of the history script runs inside Redis (they
     /// count in `INFO commandstats` too), measured by [`Topology::calibrate`].
     script_calls: f64,
@@ -304,7 +308,7 @@ impl Topology {
                 }
                 let text = text.ok_or_else(|| anyhow::anyhow!("no seed answered CLUSTER NODES"))?;
                 // (addr, master?, slots)
-                let mut nodes: Vec<(String, bool, Vec<(u16, u16)>)> = Vec::new();
+                let mut nodes: Vec<(String, bool, Slots)> = Vec::new();
                 for line in text.lines() {
                     let f: Vec<&str> = line.split_whitespace().collect();
                     let (Some(addr), Some(flags)) = (f.get(1), f.get(2)) else {
@@ -356,15 +360,15 @@ impl Topology {
     /// script on a warm key of one master, against that master's
     /// `INFO commandstats`.
     async fn calibrate(&mut self) -> anyhow::Result<()> {
-        let source = script_source(self.target.is_cluster());
-        let script = redis::Script::new(&source);
+        let cluster = self.target.is_cluster();
+        let script = redis::Script::new(SCRIPT);
         let prefix = format!("benchcal{}", std::process::id());
-        let (channel, hist, meta) = floor_keys(&prefix, Kind::History, 0);
+        let (channel, hist, meta) = floor_keys(&prefix, cluster, Kind::History, 0);
         let master = self.owners(std::slice::from_ref(&channel)).await?[0];
         let mut conn = self.processes[master].conn.clone();
         let _: String = redis::cmd("SCRIPT")
             .arg("LOAD")
-            .arg(&source)
+            .arg(SCRIPT)
             .query_async(&mut conn)
             .await?;
         let call = |pipe: &mut redis::Pipeline| {
@@ -379,6 +383,7 @@ impl Topology {
                 .arg(60_000)
                 .arg(&7u64.to_le_bytes()[..])
                 .arg(&channel)
+                .arg(if cluster { "SPUBLISH" } else { "PUBLISH" })
                 .ignore();
         };
         // The first call starts the channel's epoch (more commands).
@@ -412,7 +417,9 @@ impl Topology {
         for k in keys {
             pipe.cmd("CLUSTER").arg("KEYSLOT").arg(k);
         }
-        let slots: Vec<u16> = pipe.query_async(&mut self.processes[0].conn.clone()).await?;
+        let slots: Vec<u16> = pipe
+            .query_async(&mut self.processes[0].conn.clone())
+            .await?;
         slots
             .iter()
             .map(|&s| {
@@ -431,6 +438,7 @@ impl Topology {
             let text: String = redis::cmd("INFO")
                 .arg("commandstats")
                 .arg("cpu")
+                .arg("stats")
                 .query_async(&mut p.conn.clone())
                 .await?;
             let mut stats = Stats::default();
@@ -445,6 +453,8 @@ impl Topology {
                         .and_then(|c| c.parse().ok())
                         .unwrap_or(0);
                     stats.calls.insert(name.to_owned(), calls);
+                } else if let Some(v) = line.strip_prefix("total_reads_processed:") {
+                    stats.reads = v.parse().unwrap_or(0);
                 } else if let Some(v) = line
                     .strip_prefix("used_cpu_sys:")
                     .or_else(|| line.strip_prefix("used_cpu_user:"))
@@ -482,6 +492,7 @@ impl Topology {
                 addr: p.addr.clone(),
                 calls,
                 cpu_s,
+                reads: a.reads.saturating_sub(b.reads),
             });
         }
         Load {
@@ -498,6 +509,9 @@ impl Topology {
 struct Stats {
     calls: BTreeMap<String, u64>,
     cpu_s: f64,
+    /// Reads from client sockets (`total_reads_processed`): about one per
+    /// pipeline a client sends, so messages per read tell pipeline sizes.
+    reads: u64,
 }
 
 /// One master's share of a phase.
@@ -505,6 +519,7 @@ struct Shard {
     addr: String,
     calls: BTreeMap<String, u64>,
     cpu_s: f64,
+    reads: u64,
 }
 
 impl Shard {
@@ -554,6 +569,15 @@ impl Load {
         ratio(max, self.total() as f64 / self.shards.len().max(1) as f64)
     }
 
+    /// Commands sent per socket read on the masters (about the commands
+    /// per pipeline).
+    fn sent_per_read(&self) -> f64 {
+        ratio(
+            self.sent(),
+            self.shards.iter().map(|s| s.reads).sum::<u64>() as f64,
+        )
+    }
+
     fn master_cpu_us(&self) -> f64 {
         self.shards.iter().map(|s| s.cpu_s).sum::<f64>() * 1e6 / self.messages.max(1) as f64
     }
@@ -582,11 +606,12 @@ impl Load {
             ));
         }
         lines.push(format!(
-            "      {:.3} Redis commands sent per message ({:.0} / {} messages; {:.2} calls per message counting those inside scripts), largest master {:.2}x the mean; Redis CPU per message: masters {:.2} µs, replicas {:.2} µs",
+            "      {:.3} Redis commands sent per message ({:.0} / {} messages; {:.2} calls per message counting those inside scripts; {:.1} commands per socket read), largest master {:.2}x the mean; Redis CPU per message: masters {:.2} µs, replicas {:.2} µs",
             self.per_message(),
             self.sent(),
             self.messages,
             self.calls_per_message(),
+            self.sent_per_read(),
             self.imbalance(),
             self.master_cpu_us(),
             self.replica_cpu_us()
@@ -600,6 +625,7 @@ impl Load {
             "commands_per_message": self.per_message(),
             "commands_sent": self.sent(),
             "calls_per_message": self.calls_per_message(),
+            "commands_per_read": self.sent_per_read(),
             "total_calls": self.total(),
             "calls_inside_each_script_call": self.script_calls,
             "messages": self.messages,
@@ -608,33 +634,33 @@ impl Load {
             "replica_cpu_us_per_message": self.replica_cpu_us(),
             "masters": self.shards.iter().map(|s| json!({
                 "addr": s.addr, "calls": s.total(), "share": s.total() as f64 / total,
-                "by_command": s.calls, "cpu_s": s.cpu_s,
+                "by_command": s.calls, "cpu_s": s.cpu_s, "reads": s.reads,
             })).collect::<Vec<_>>(),
         })
     }
 }
 
 /// Deliveries counted by receiving tasks, with the time of the last one.
-#[derive(Default)]
 struct Counter {
     n: AtomicU64,
     /// Nanoseconds since `born` of the latest delivery.
     last_ns: AtomicU64,
-    born: std::sync::OnceLock<Instant>,
+    born: Instant,
 }
 
 impl Counter {
     fn new() -> Arc<Counter> {
-        let c = Arc::new(Counter::default());
-        c.born.get_or_init(Instant::now);
-        c
+        Arc::new(Counter {
+            n: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+            born: Instant::now(),
+        })
     }
 
     fn note(&self) {
         self.n.fetch_add(1, Ordering::Relaxed);
-        let born = *self.born.get_or_init(Instant::now);
         self.last_ns
-            .store(born.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .store(self.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     fn count(&self) -> u64 {
@@ -642,8 +668,7 @@ impl Counter {
     }
 
     fn last(&self) -> Instant {
-        *self.born.get_or_init(Instant::now)
-            + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
+        self.born + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
     }
 
     /// Waits (at most `patience`) until `target` deliveries were counted.
@@ -687,22 +712,23 @@ impl Flow {
 
 // ---------------------------------------------------------------- floors ---
 
-/// The history script as the floor runs it: the node's, publishing with
-/// SPUBLISH on a cluster.
-fn script_source(cluster: bool) -> String {
-    if cluster {
-        SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+/// The floor's names for channel `i` of `kind` (pub/sub channel, history
+/// stream, history meta): the bus's own names (`Keys`) under `prefix`,
+/// hash-tagged on a cluster, so a floor channel lives on the slot of the
+/// fabric channel of the same name.
+fn floor_keys(prefix: &str, cluster: bool, kind: Kind, i: usize) -> (String, String, String) {
+    use quic_fabric::bus::redis_bus::Keys;
+    let keys = if cluster {
+        Keys::tagged(prefix)
     } else {
-        SCRIPT.to_owned()
-    }
-}
-
-/// The floor's names for channel `i` of `kind`: the same hash tag the
-/// bus gives a fabric channel (`P:{c:NAME}:…`), so a floor channel lives
-/// on the same slot as the fabric channel of that name.
-fn floor_keys(prefix: &str, kind: Kind, i: usize) -> (String, String, String) {
-    let tag = format!("{prefix}:{{c:{}}}", kind.channel(i));
-    (format!("{tag}:ch"), format!("{tag}:hist"), format!("{tag}:meta"))
+        Keys::new(prefix)
+    };
+    let name = kind.channel(i);
+    (
+        keys.channel(&name),
+        keys.history(&name),
+        keys.history_meta(&name),
+    )
 }
 
 /// The raw floor of `kind` (Plain or History; a direct's floor is
@@ -715,17 +741,20 @@ async fn floor(
     limits: Limits,
 ) -> anyhow::Result<Flow> {
     let prefix = format!("benchfloor{}", std::process::id());
-    let keys: Vec<(String, String, String)> = (0..channels)
-        .map(|i| floor_keys(&prefix, kind, i))
-        .collect();
     let cluster = topo.target.is_cluster();
+    let keys: Vec<(String, String, String)> = (0..channels)
+        .map(|i| floor_keys(&prefix, cluster, kind, i))
+        .collect();
     // The subscriber: RESP3 pushes into one channel, counted by one task.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
     let counter = Counter::new();
     let count = counter.clone();
     let reader = tokio::spawn(async move {
         while let Some(push) = rx.recv().await {
-            if matches!(push.kind, redis::PushKind::Message | redis::PushKind::SMessage) {
+            if matches!(
+                push.kind,
+                redis::PushKind::Message | redis::PushKind::SMessage
+            ) {
                 count.note();
             }
         }
@@ -757,8 +786,7 @@ async fn floor(
             Box::new(conn)
         }
     };
-    let script_source = script_source(cluster);
-    let script = redis::Script::new(&script_source);
+    let script = redis::Script::new(SCRIPT);
     // Publishing: FLOOR_DRIVERS drivers, each taking the channels in
     // turn (as the fabric's publishers do), a batch of PIPELINE messages
     // per master at a time, grouped by the master that owns the channel
@@ -776,7 +804,7 @@ async fn floor(
         if kind == Kind::History {
             let _: String = redis::cmd("SCRIPT")
                 .arg("LOAD")
-                .arg(&script_source)
+                .arg(SCRIPT)
                 .query_async(&mut conn)
                 .await?;
         }
@@ -838,6 +866,7 @@ async fn floor(
                             .arg(60_000)
                             .arg(&7u64.to_le_bytes()[..])
                             .arg(channel)
+                            .arg(if cluster { "SPUBLISH" } else { "PUBLISH" })
                             .ignore();
                     } else {
                         pipe.cmd(if cluster { "SPUBLISH" } else { "PUBLISH" })
@@ -1094,12 +1123,7 @@ async fn measure(
     let mut topo = Topology::discover(target).await?;
     topo.calibrate().await?;
     print_layout(&topo, channels).await?;
-    // TEMPORARY (until the bus speaks cluster): floors only on the cluster.
-    let fabric = if target.is_cluster() && std::env::var_os("BENCH_NO_CLUSTER_FABRIC").is_some() {
-        None
-    } else {
-        Some(Fabric::start(target, nodes, channels).await?)
-    };
+    let fabric = Fabric::start(target, nodes, channels).await?;
     // Subscriptions and Join events settle.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut out = Measured {
@@ -1118,7 +1142,6 @@ async fn measure(
             print_flow(name, &f);
             out.floor.insert(kind.key(), f);
         }
-        let Some(fabric) = &fabric else { continue };
         let f = fabric.flow(&topo, kind, channels, limits).await?;
         print_flow(&format!("fabric, {nodes} nodes: {}", kind.label()), &f);
         out.fabric.insert(kind.key(), f);
@@ -1131,7 +1154,7 @@ async fn print_layout(topo: &Topology, channels: usize) -> anyhow::Result<()> {
     let mut parts = Vec::new();
     for kind in [Kind::Plain, Kind::History] {
         let names: Vec<String> = (0..channels)
-            .map(|i| floor_keys("x", kind, i).0)
+            .map(|i| floor_keys("x", topo.target.is_cluster(), kind, i).0)
             .collect();
         let owners = topo.owners(&names).await?;
         let per: Vec<String> = (0..topo.masters())
@@ -1148,7 +1171,7 @@ async fn print_layout(topo: &Topology, channels: usize) -> anyhow::Result<()> {
 }
 
 /// The floor a fabric flow of `kind` is set against.
-fn floor_of<'a>(m: &'a Measured, kind: Kind) -> Option<&'a Flow> {
+fn floor_of(m: &Measured, kind: Kind) -> Option<&Flow> {
     m.floor.get(match kind {
         Kind::History => Kind::History.key(),
         _ => Kind::Plain.key(),
@@ -1214,8 +1237,10 @@ pub(crate) async fn redis_cluster(
     print_summary(&single, &sharded, &two);
     let mut vs = serde_json::Map::new();
     for kind in Kind::ALL {
-        let (Some(a), Some(b)) = (single.fabric.get(kind.key()), sharded.fabric.get(kind.key()))
-        else {
+        let (Some(a), Some(b)) = (
+            single.fabric.get(kind.key()),
+            sharded.fabric.get(kind.key()),
+        ) else {
             continue;
         };
         vs.insert(
@@ -1241,14 +1266,18 @@ pub(crate) async fn redis_cluster(
 
 /// The table the lead pastes.
 fn print_summary(single: &Measured, sharded: &Measured, two: &Measured) {
-    println!("  summary (msg/s; ratio = fabric / its floor; commands = Redis calls per delivered message):");
     println!(
-        "    | flow | one Redis: fabric | floor | ratio | cluster: fabric | floor | ratio | cluster / one (fabric, floor) | commands 1 Redis / cluster 3 nodes / 2 nodes | largest master / mean |"
+        "  summary (msg/s; ratio = fabric / its floor; commands = Redis commands sent per delivered message; last column: cluster, 3 nodes):"
     );
-    println!("    |---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "    | flow | one Redis: fabric | floor | ratio | cluster: fabric | floor | ratio | cluster / one (fabric, floor) | commands 1 Redis / cluster 3 nodes / 2 nodes | largest master / mean | node CPU µs per message 1 Redis / cluster |"
+    );
+    println!("    |---|---|---|---|---|---|---|---|---|---|---|");
     for kind in Kind::ALL {
-        let (Some(a), Some(b)) = (single.fabric.get(kind.key()), sharded.fabric.get(kind.key()))
-        else {
+        let (Some(a), Some(b)) = (
+            single.fabric.get(kind.key()),
+            sharded.fabric.get(kind.key()),
+        ) else {
             continue;
         };
         let (fa, fb) = (floor_of(single, kind), floor_of(sharded, kind));
@@ -1258,7 +1287,7 @@ fn print_summary(single: &Measured, sharded: &Measured, two: &Measured) {
             .get(kind.key())
             .map_or(f64::NAN, |f| f.load.per_message());
         println!(
-            "    | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2}, {:.2} | {:.2} / {:.2} / {:.2} | {:.2} |",
+            "    | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2}, {:.2} | {:.2} / {:.2} / {:.2} | {:.2} | {:.1} / {:.1} |",
             kind.label(),
             a.rate,
             rate(fa),
@@ -1272,6 +1301,8 @@ fn print_summary(single: &Measured, sharded: &Measured, two: &Measured) {
             b.load.per_message(),
             c2,
             b.load.imbalance(),
+            a.cpu.server_us_per(a.delivered),
+            b.cpu.server_us_per(b.delivered),
         );
     }
 }

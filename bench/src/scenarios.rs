@@ -454,6 +454,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::ChannelFanout,
             Scenario::SparseChannels,
             Scenario::History,
+            Scenario::RedisCluster,
         ],
         s => vec![s],
     };
