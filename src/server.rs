@@ -70,7 +70,7 @@ fn bind_tcp(addr: Option<SocketAddr>) -> Result<Option<std::net::TcpListener>, S
 
 impl Server {
     /// Loads or generates certificates and binds the UDP socket. Joins the
-    /// Redis cluster when `redis_url` or `redis_sentinel` is set, else runs alone.
+    /// Redis cluster when `redis_url`, `redis_sentinel` or `redis_cluster` is set, else runs alone.
     pub fn bind(config: NodeConfig) -> Result<Self, ServerError> {
         Self::bind_with(config, BusChoice::FromConfig)
     }

@@ -1047,7 +1047,7 @@ enum DataLoss {
 /// next publication starts a new epoch; a version 3 subscriber is told
 /// plainly (SubscriptionLost from its node, and `Event::Subscribed` with
 /// EpochChanged), never a silent gap, and goes on receiving; an old
-/// position is then answered EpochChanged.
+/// position is then answered EpochChanged, with the new epoch replayed.
 #[tokio::test]
 async fn a_lost_history_is_a_new_epoch_that_subscribers_are_told_about() {
     lost_history_is_told(DataLoss::Flush).await;
@@ -1136,6 +1136,23 @@ async fn lost_history_is_told(loss: DataLoss) {
         .unwrap();
     assert_eq!(got.recovery, Recovery::EpochChanged);
     assert_eq!(got.position, Some(now));
+    // The new epoch is replayed from its start (whole in the history),
+    // after the library's own word that the epoch changed.
+    let replayed = tokio::time::timeout(WAIT, async {
+        loop {
+            match late.next_event().await.unwrap() {
+                Event::Frame(f) if matches!(f.body, Body::Publication { .. }) => return f,
+                Event::Subscribed {
+                    recovery: Recovery::EpochChanged,
+                    ..
+                } => {}
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the new epoch's publication is replayed");
+    assert_eq!(replayed.id, id);
     common::assert_none_before_echo(&mut late, |f| matches!(f.body, Body::Publication { .. }))
         .await;
     cluster.finish().await;

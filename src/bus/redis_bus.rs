@@ -3452,10 +3452,24 @@ impl Follow {
             seeded: false,
         };
         match follow {
-            // The first one since the node subscribed, or a new epoch (the
-            // history was lost: nothing can be read back).
+            // The first one since the node subscribed.
             None => *follow = Some(next),
-            Some(f) if f.epoch != position.epoch => *f = next,
+            // A new epoch: the old one's history was lost (nothing of it
+            // can be read back), but what the new one holds before this
+            // publication (after a failover, what the other nodes
+            // published on the new master while this one was switching)
+            // is read from its start.
+            Some(f) if f.epoch != position.epoch => {
+                if position.offset > 1 {
+                    *f = Follow {
+                        epoch: position.epoch,
+                        last: 0,
+                        seeded: false,
+                    };
+                    return Arrived::Gap { after: 0 };
+                }
+                *f = next
+            }
             Some(f) if f.seeded && position.offset <= f.last => {}
             Some(f) if position.offset <= f.last => return Arrived::Duplicate,
             Some(f) if position.offset == f.last + 1 => *f = next,
@@ -3836,13 +3850,18 @@ mod tests {
             Arrived::Gap { after: 11 }
         );
         assert_eq!(follow.unwrap().last, 11, "a gap moves nothing");
-        // A new epoch: the old history is gone, nothing to read back.
-        assert_eq!(Follow::arrived(&mut follow, at(8, 40)), Arrived::Deliver);
+        // A new epoch: the old history is gone, nothing to read back, but
+        // the new one is read from its start.
+        assert_eq!(
+            Follow::arrived(&mut follow.clone(), at(8, 40)),
+            Arrived::Gap { after: 0 }
+        );
+        assert_eq!(Follow::arrived(&mut follow, at(8, 1)), Arrived::Deliver);
         assert_eq!(
             follow.unwrap(),
             Follow {
                 epoch: 8,
-                last: 40,
+                last: 1,
                 seeded: false
             }
         );
@@ -3866,6 +3885,62 @@ mod tests {
             Follow::arrived(&mut follow, at(8, 53)),
             Arrived::Gap { after: 50 }
         );
+    }
+
+    #[test]
+    fn on_a_redis_cluster_what_one_script_touches_shares_a_slot() {
+        let keys = Keys::tagged("fabric");
+        let node = NodeId::new_random();
+        let client = ClientId::new_random();
+        let slot = |k: String| key_slot(k.as_bytes());
+        let one = |names: Vec<String>| {
+            let slots: HashSet<u16> = names.iter().map(|k| key_slot(k.as_bytes())).collect();
+            assert_eq!(slots.len(), 1, "one slot for {names:?}");
+        };
+        one(vec![
+            keys.node(node),
+            keys.node_clients(node),
+            keys.node_channels(node),
+            keys.node_users(node),
+            keys.node_channel(node),
+        ]);
+        one(vec![
+            keys.session(client),
+            keys.inbox(client),
+            keys.client_nodes(client),
+        ]);
+        one(vec![
+            keys.nodes(),
+            keys.incarnation(),
+            keys.broadcast_channel(),
+        ]);
+        // Channel names may hold braces: the tag still closes where ours
+        // does, and names stay apart.
+        for channel in ["chat", "a}b", "{x}", "50%", "%7D"] {
+            one(vec![
+                keys.history(channel),
+                keys.history_meta(channel),
+                keys.channel(channel),
+                keys.channel_events(channel),
+                keys.channel_members(channel, node),
+            ]);
+        }
+        assert_ne!(keys.channel("a}b"), keys.channel("a%7Db"));
+        assert_eq!(slot(keys.channel("a}b")), slot("{c:a%7Db}".into()));
+        // The routing index spreads over every bucket.
+        assert_eq!(keys.route_indexes().len(), usize::from(ROUTE_BUCKETS));
+        assert!(keys.route_indexes().contains(&keys.client_nodes(client)));
+        // On one Redis, the names are the plain ones CLUSTER.md lists.
+        let plain = Keys::new("fabric");
+        assert_eq!(plain.node(node), format!("fabric:node:{node}"));
+        assert_eq!(plain.client_nodes(client), "fabric:client-nodes");
+        assert_eq!(plain.history("c"), "fabric:hist:c");
+        assert_eq!(
+            plain.channel_members("c", node),
+            format!("fabric:chan:c:node:{node}")
+        );
+        assert_eq!(plain.publish_command(), "PUBLISH");
+        assert_eq!(keys.publish_command(), "SPUBLISH");
     }
 
     #[test]

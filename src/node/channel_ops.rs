@@ -254,9 +254,19 @@ impl Node {
         let Some(since) = since else {
             return Ok((top, Recovery::NotRequested));
         };
-        if top.epoch != since.epoch {
-            return Ok((top, Recovery::EpochChanged));
-        }
+        // Another epoch: what the old one published after `since` is lost,
+        // but the new one is replayed from its start when the history
+        // still holds it all (after a failover, what was published on the
+        // promoted server before the client came back).
+        let (since, outcome) = if top.epoch != since.epoch {
+            let start = Position {
+                epoch: top.epoch,
+                offset: 0,
+            };
+            (start, Recovery::EpochChanged)
+        } else {
+            (since, Recovery::Recovered)
+        };
         if since.offset > top.offset {
             return Ok((top, Recovery::Ahead));
         }
@@ -276,9 +286,11 @@ impl Node {
             }
             let contiguous = page.entries.first().map(|e| e.offset) == Some(last.offset + 1);
             if !contiguous {
-                return match last == since {
-                    true => Ok((top, Recovery::Trimmed)),
-                    false => Err(gone("trimmed")),
+                return match (last == since, outcome) {
+                    // A new epoch no longer whole: nothing replayed.
+                    (true, Recovery::EpochChanged) => Ok((top, Recovery::EpochChanged)),
+                    (true, _) => Ok((top, Recovery::Trimmed)),
+                    (false, _) => Err(gone("trimmed")),
                 };
             }
             for entry in page.entries {
@@ -332,7 +344,7 @@ impl Node {
                 return Err(gone("trimmed"));
             }
         }
-        Ok((if last == since { top } else { last }, Recovery::Recovered))
+        Ok((if last == since { top } else { last }, outcome))
     }
 
     /// Unsubscribes client `id` from `channel`; announces its Leave when

@@ -75,7 +75,7 @@ impl LocalPresence for Here {
 
 /// Which cluster bus a node joins.
 pub enum BusChoice {
-    /// From the config: Redis when `redis_url` or `redis_sentinel` is set,
+    /// From the config: Redis when `redis_url`, `redis_sentinel` or `redis_cluster` is set,
     /// else a lone in-memory node.
     FromConfig,
     /// A shared in-process cluster (several nodes in one process).

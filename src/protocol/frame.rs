@@ -603,8 +603,10 @@ pub enum Recovery {
     /// 1: every publication after `since` was sent before the Subscribed
     ///    (possibly none): nothing was missed.
     Recovered,
-    /// 2: the channel's history was lost since (a new epoch): what was
-    ///    published meanwhile cannot be told. Nothing was replayed.
+    /// 2: the channel's history was lost since (a new epoch): what the old
+    ///    epoch published after `since` cannot be told. The new epoch was
+    ///    replayed from its first publication when it is still whole,
+    ///    else nothing was.
     EpochChanged,
     /// 3: publications after `since` are no longer kept (trimmed or
     ///    expired). Nothing was replayed.

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod cluster;
+pub mod failover;
 pub mod redis;
 pub mod redis_ha;
 pub mod scenarios;

@@ -645,17 +645,34 @@ pub async fn a_subscriber_recovers_from_a_position_or_is_told_why_not(cluster: &
     assert_none_before_echo(&mut sub, is_publication).await;
 
     let mut other = nodes[2].connect("o").await;
-    let cases = [
-        (at(4), Recovery::Recovered),
-        (at(9), Recovery::Ahead),
-        (
-            Position {
-                epoch: top.epoch ^ 0xff,
-                offset: 2,
-            },
-            Recovery::EpochChanged,
-        ),
-    ];
+    let elsewhere = Position {
+        epoch: top.epoch ^ 0xff,
+        offset: 2,
+    };
+    // From another epoch: the channel's epoch is replayed from its start,
+    // since the history still holds all of it.
+    let got = other
+        .subscribe_since("h:r", false, Some(elsewhere))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.recovery, got.position),
+        (Recovery::EpochChanged, Some(at(4)))
+    );
+    // (The library also reports the new epoch when its first publication
+    // arrives, before them.)
+    match other.next_event().await {
+        Some(quic_fabric::client::Event::Subscribed { recovery, .. }) => {
+            assert_eq!(recovery, Recovery::EpochChanged)
+        }
+        other => panic!("expected the library's EpochChanged, got {other:?}"),
+    }
+    for i in 1..=4 {
+        let frame = next_matching(&mut other, is_publication).await;
+        assert_eq!(position_of(&frame), at(i as u64));
+    }
+    assert_none_before_echo(&mut other, is_publication).await;
+    let cases = [(at(4), Recovery::Recovered), (at(9), Recovery::Ahead)];
     for (since, recovery) in cases {
         let got = other
             .subscribe_since("h:r", false, Some(since))
@@ -684,6 +701,16 @@ pub async fn a_subscriber_recovers_from_a_position_or_is_told_why_not(cluster: &
     assert_eq!(
         (got.recovery, got.position),
         (Recovery::Trimmed, Some(at(10)))
+    );
+    assert_none_before_echo(&mut other, is_publication).await;
+    // From another epoch, when this one is no longer whole: nothing.
+    let got = other
+        .subscribe_since("h:r", false, Some(elsewhere))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.recovery, got.position),
+        (Recovery::EpochChanged, Some(at(10)))
     );
     assert_none_before_echo(&mut other, is_publication).await;
     let mut late = nodes[2].connect("late").await;
