@@ -1,10 +1,10 @@
 #!/bin/sh
 # A Redis Cluster in one container: MASTERS masters with REPLICAS replicas
 # each, on consecutive ports from BASE (cluster bus: PORT+10000), every node
-# announcing ANNOUNCE_IP. Prints REDIS-CLUSTER-READY once every node reports
-# cluster_state:ok and every replica's link to its master is up, then keeps
-# PID 1 alive so that a test can SIGKILL one node (`kill -9 $(cat
-# /data/PORT/pid)`) and start it again (`sh /data/PORT/start`).
+# announcing ANNOUNCE_IP. Prints REDIS-CLUSTER-READY (and creates /data/ready)
+# once every node reports cluster_state:ok and every replica's link to its
+# master is up, then keeps PID 1 alive so that a test can SIGKILL one node
+# (`kill -9 $(cat /data/PORT/pid)`) and start it again (`sh /data/PORT/start`).
 # On failure: REDIS-CLUSTER-FAILED: reason (and the logs' tails), exit 1.
 #
 # Environment (defaults):
@@ -56,5 +56,6 @@ for port in $(seq "$BASE" "$LAST"); do
     wait_until "node $port to be healthy" healthy "$port"
 done
 
+touch /data/ready  # for a healthcheck (cluster/redis-cluster.yml)
 echo "REDIS-CLUSTER-READY ports $BASE-$LAST after $(($(date +%s) - STARTED))s"
 keep_alive
