@@ -8,6 +8,7 @@ mod channels;
 mod history;
 mod procs;
 mod raw;
+mod redis_cluster;
 mod scenarios;
 
 use clap::Parser;

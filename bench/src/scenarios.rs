@@ -45,6 +45,14 @@ pub struct BenchArgs {
     /// `sparse-channels`: channels (two subscribers each).
     #[arg(long)]
     pub channels: Option<usize>,
+    /// `redis-cluster`: use this Redis Cluster (seed URLs, comma-separated)
+    /// instead of starting one (3 masters + 3 replicas) in a container.
+    #[arg(long, value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+    /// `redis-cluster`: channels each flow spreads over (their slots spread
+    /// over the masters).
+    #[arg(long)]
+    pub shard_channels: Option<usize>,
     /// Idle connections for `connections`.
     #[arg(long)]
     pub connections: Option<usize>,
@@ -125,6 +133,11 @@ pub enum Scenario {
     /// (PUBLISH; EVALSHA of the node's script), and recovery time of 100
     /// and 1,000 missed publications on another node.
     History,
+    /// 3 nodes on one Redis vs on a Redis Cluster (3 masters + 3
+    /// replicas): channel publications (with and without history) and
+    /// cross-node directs beside raw PUBLISH / SPUBLISH floors, Redis
+    /// calls per master and per message (also with 2 nodes).
+    RedisCluster,
     /// Small high-priority messages with and without a bulk flow on the
     /// same connection, against `--server` across an impaired link (run
     /// by bench/lossy.sh; not part of `all`).
@@ -153,6 +166,8 @@ pub(crate) struct Sizes {
     pub(crate) sparse_channels: usize,
     /// `sparse-channels`: publishing clients.
     pub(crate) sparse_publishers: usize,
+    /// `redis-cluster`: channels per flow.
+    pub(crate) shard_channels: usize,
 }
 
 impl Sizes {
@@ -171,6 +186,7 @@ impl Sizes {
                 connections: 200,
                 sparse_channels: 50,
                 sparse_publishers: 6,
+                shard_channels: 64,
             }
         } else {
             Sizes {
@@ -190,6 +206,7 @@ impl Sizes {
                 connections: 10_000,
                 sparse_channels: 1_000,
                 sparse_publishers: 30,
+                shard_channels: 64,
             }
         };
         if let Some(n) = args.samples {
@@ -211,6 +228,9 @@ impl Sizes {
         }
         if let Some(n) = args.channels {
             s.sparse_channels = n;
+        }
+        if let Some(n) = args.shard_channels {
+            s.shard_channels = n;
         }
         s
     }
@@ -434,6 +454,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::ChannelFanout,
             Scenario::SparseChannels,
             Scenario::History,
+            Scenario::RedisCluster,
         ],
         s => vec![s],
     };
@@ -495,6 +516,14 @@ async fn run_scenarios(
             Scenario::History => {
                 let url = redis_url(args, redis).await?;
                 crate::history::history(sizes, &url).await?
+            }
+            Scenario::RedisCluster => {
+                crate::redis_cluster::redis_cluster(
+                    sizes,
+                    args.redis.clone(),
+                    args.redis_cluster.clone(),
+                )
+                .await?
             }
             Scenario::Lossy => lossy(args).await?,
             Scenario::All => unreachable!("expanded above"),
