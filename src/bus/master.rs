@@ -831,8 +831,7 @@ fn failed_reply(err: &RedisError) -> Value {
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    redis::parse_redis_value(format!("-UNAVAILABLE {why}\r\n").as_bytes())
-        .unwrap_or(Value::Nil)
+    redis::parse_redis_value(format!("-UNAVAILABLE {why}\r\n").as_bytes()).unwrap_or(Value::Nil)
 }
 
 fn sentinel_set(urls: &[String], name: &str) -> Result<Sentinels, String> {

@@ -320,7 +320,6 @@ impl Keys {
     }
 }
 
-
 /// What this node knows about the other nodes: enough to tell a client
 /// that is not connected from one whose node has not re-registered yet,
 /// and to know how many nodes a broadcast must reach.
