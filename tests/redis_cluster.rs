@@ -16,73 +16,13 @@ mod common;
 
 use common::cluster::Cluster;
 use common::failover::{FailsOver, failover_under_traffic};
-use common::redis::{short_timings, wait_ready};
-use common::redis_ha::{RedisClusterSet, conn};
+use common::redis::wait_ready;
+use common::redis_ha::{HaNodes, RedisClusterSet, conn, ha_node};
 use common::{TestCerts, TestNode};
-use quic_fabric::client::Client;
-use quic_fabric::node::BusChoice;
 use quic_fabric::protocol::ClientId;
 
-/// A node in this process on the Redis Cluster `set`.
-async fn cluster_node(
-    set: &RedisClusterSet,
-    certs: &TestCerts,
-    name: &str,
-    tweak: impl FnOnce(&mut quic_fabric::NodeConfig),
-) -> TestNode {
-    let seeds = set.seeds.clone();
-    let name = name.to_owned();
-    TestNode::start_on(BusChoice::FromConfig, Some(certs), move |c| {
-        c.name = name;
-        c.redis_cluster = seeds;
-        short_timings(c);
-        tweak(c);
-    })
-    .await
-}
-
 /// Nodes on a Redis Cluster of their own.
-struct ClusterNodes {
-    nodes: Vec<TestNode>,
-    _certs: TestCerts,
-    set: RedisClusterSet,
-}
-
-impl Cluster for ClusterNodes {
-    async fn start_with(
-        n: usize,
-        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
-    ) -> ClusterNodes {
-        let set = RedisClusterSet::start().await;
-        let certs = TestCerts::new();
-        let mut nodes = Vec::new();
-        for i in 0..n {
-            nodes.push(cluster_node(&set, &certs, &format!("n{}", i + 1), |c| tweak(i, c)).await);
-        }
-        wait_ready(&nodes.iter().collect::<Vec<_>>()).await;
-        ClusterNodes {
-            nodes,
-            _certs: certs,
-            set,
-        }
-    }
-
-    fn nodes(&self) -> &[TestNode] {
-        &self.nodes
-    }
-
-    fn nodes_mut(&mut self) -> &mut [TestNode] {
-        &mut self.nodes
-    }
-
-    async fn wait_listed(&self, observer: &Client, expected: &[ClientId]) {
-        common::redis::wait_listed(observer, expected).await;
-    }
-
-    async fn finish(self) {
-        self.set.remove().await;
-    }
-}
+type ClusterNodes = HaNodes<RedisClusterSet>;
 
 /// The shared scenarios without users, one after another on one cluster
 /// (the one that takes a node away last).
@@ -174,6 +114,20 @@ async fn channel_on(set: &RedisClusterSet, port: u16, stem: &str) -> String {
     unreachable!()
 }
 
+/// Two nodes on `set` for the traffic of `failover_under_traffic`: a node
+/// TTL longer than a failover's gap, as in production, and namespace `h`
+/// with history.
+async fn two_nodes_with_history(set: &RedisClusterSet, certs: &TestCerts) -> (TestNode, TestNode) {
+    let history = |c: &mut quic_fabric::NodeConfig| {
+        c.node_ttl = std::time::Duration::from_secs(5);
+        c.namespaces = vec!["h,history_size=10000,history_ttl=10m".parse().unwrap()];
+    };
+    let n1 = ha_node(set, certs, "n1", history).await;
+    let n2 = ha_node(set, certs, "n2", history).await;
+    wait_ready(&[&n1, &n2]).await;
+    (n1, n2)
+}
+
 /// The cluster, losing master `victim` to SIGKILL.
 struct Killing<'a> {
     set: &'a RedisClusterSet,
@@ -210,13 +164,7 @@ impl FailsOver for Killing<'_> {
 async fn the_nodes_follow_a_killed_master_to_its_promoted_replica() {
     let set = RedisClusterSet::start().await;
     let certs = TestCerts::new();
-    let history = |c: &mut quic_fabric::NodeConfig| {
-        c.node_ttl = std::time::Duration::from_secs(5);
-        c.namespaces = vec!["h,history_size=10000,history_ttl=10m".parse().unwrap()];
-    };
-    let n1 = cluster_node(&set, &certs, "n1", history).await;
-    let n2 = cluster_node(&set, &certs, "n2", history).await;
-    wait_ready(&[&n1, &n2]).await;
+    let (n1, n2) = two_nodes_with_history(&set, &certs).await;
     let victim = set
         .master_port_for_key(&format!("fabric:{{n:{}}}:ch", n2.id()))
         .await;
@@ -316,13 +264,7 @@ impl FailsOver for Resharding<'_> {
 async fn the_nodes_follow_slots_moved_to_another_master() {
     let set = RedisClusterSet::start().await;
     let certs = TestCerts::new();
-    let history = |c: &mut quic_fabric::NodeConfig| {
-        c.node_ttl = std::time::Duration::from_secs(5);
-        c.namespaces = vec!["h,history_size=10000,history_ttl=10m".parse().unwrap()];
-    };
-    let n1 = cluster_node(&set, &certs, "n1", history).await;
-    let n2 = cluster_node(&set, &certs, "n2", history).await;
-    wait_ready(&[&n1, &n2]).await;
+    let (n1, n2) = two_nodes_with_history(&set, &certs).await;
     let node_channel = format!("fabric:{{n:{}}}:ch", n2.id());
     let from = set.master_port_for_key(&node_channel).await;
     let channel = &channel_on(&set, from, "h:moving").await;

@@ -12,77 +12,15 @@ mod common;
 
 use std::time::Duration;
 
+use common::TestCerts;
 use common::cluster::Cluster;
 use common::failover::{FailsOver, failover_under_traffic};
-use common::redis::{short_timings, wait_ready};
-use common::redis_ha::{SentinelSet, conn, wait_replica};
-use common::{TestCerts, TestNode};
-use quic_fabric::client::Client;
-use quic_fabric::node::BusChoice;
+use common::redis::wait_ready;
+use common::redis_ha::{HaNodes, SentinelSet, conn, ha_node, wait_replica};
 use quic_fabric::protocol::ClientId;
 
-/// A node in this process on the master `set`'s sentinels name.
-async fn sentinel_node(
-    set: &SentinelSet,
-    certs: &TestCerts,
-    name: &str,
-    tweak: impl FnOnce(&mut quic_fabric::NodeConfig),
-) -> TestNode {
-    let sentinels = set.sentinels.clone();
-    let master = set.master_name.clone();
-    let name = name.to_owned();
-    TestNode::start_on(BusChoice::FromConfig, Some(certs), move |c| {
-        c.name = name;
-        c.redis_sentinel = sentinels;
-        c.redis_sentinel_master = Some(master);
-        short_timings(c);
-        tweak(c);
-    })
-    .await
-}
-
 /// Nodes on a Sentinel set of their own.
-struct SentinelNodes {
-    nodes: Vec<TestNode>,
-    _certs: TestCerts,
-    set: SentinelSet,
-}
-
-impl Cluster for SentinelNodes {
-    async fn start_with(
-        n: usize,
-        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
-    ) -> SentinelNodes {
-        let set = SentinelSet::start().await;
-        let certs = TestCerts::new();
-        let mut nodes = Vec::new();
-        for i in 0..n {
-            nodes.push(sentinel_node(&set, &certs, &format!("n{}", i + 1), |c| tweak(i, c)).await);
-        }
-        wait_ready(&nodes.iter().collect::<Vec<_>>()).await;
-        SentinelNodes {
-            nodes,
-            _certs: certs,
-            set,
-        }
-    }
-
-    fn nodes(&self) -> &[TestNode] {
-        &self.nodes
-    }
-
-    fn nodes_mut(&mut self) -> &mut [TestNode] {
-        &mut self.nodes
-    }
-
-    async fn wait_listed(&self, observer: &Client, expected: &[ClientId]) {
-        common::redis::wait_listed(observer, expected).await;
-    }
-
-    async fn finish(self) {
-        self.set.remove().await;
-    }
-}
+type SentinelNodes = HaNodes<SentinelSet>;
 
 /// The shared scenarios, one after another on one Sentinel set (starting
 /// a set takes ~12 s: the sentinels learn the replica from INFO).
@@ -168,8 +106,8 @@ async fn the_nodes_follow_the_master_through_a_kill_and_a_commanded_failover() {
         c.node_ttl = Duration::from_secs(5);
         c.namespaces = vec!["h,history_size=10000,history_ttl=10m".parse().unwrap()];
     };
-    let n1 = sentinel_node(&set, &certs, "n1", history).await;
-    let n2 = sentinel_node(&set, &certs, "n2", history).await;
+    let n1 = ha_node(&set, &certs, "n1", history).await;
+    let n2 = ha_node(&set, &certs, "n2", history).await;
     wait_ready(&[&n1, &n2]).await;
 
     let killing = Moving {

@@ -3109,19 +3109,7 @@ async fn subscriber(inner: Arc<Inner>) {
                     channels = lock(&inner.have).len(),
                     "subscribed to cluster channels"
                 );
-                // Re-register at once rather than at the next tick.
-                let _ = inner.ops.try_send(Op::Heartbeat);
-                // Whatever was published while not subscribed, before what
-                // arrives from now on.
-                catch_up_all(&inner).await;
-                let end = receive(&inner, &mut generation, sink, stream).await;
-                inner.subscribed.store(false, Ordering::Release);
-                {
-                    let _turn = inner.channel_turn.lock().await;
-                    *lock(&inner.sink) = None;
-                    lock(&inner.have).clear();
-                    lock(&inner.doubtful).clear();
-                }
+                let end = subscribed(&inner, receive(&inner, &mut generation, sink, stream)).await;
                 if inner.cancel.is_cancelled() {
                     return;
                 }
@@ -3237,16 +3225,7 @@ async fn sharded_subscriber(inner: Arc<Inner>) {
                     masters = masters.len(),
                     "subscribed to cluster channels (sharded)"
                 );
-                let _ = inner.ops.try_send(Op::Heartbeat);
-                catch_up_all(&inner).await;
-                let end = receive_sharded(&inner, &shards, &mut arrivals).await;
-                inner.subscribed.store(false, Ordering::Release);
-                {
-                    let _turn = inner.channel_turn.lock().await;
-                    *lock(&inner.sink) = None;
-                    lock(&inner.have).clear();
-                    lock(&inner.doubtful).clear();
-                }
+                let end = subscribed(&inner, receive_sharded(&inner, &shards, &mut arrivals)).await;
                 if inner.cancel.is_cancelled() {
                     return;
                 }
@@ -3349,6 +3328,25 @@ async fn receive_sharded(
             _ = inner.cancel.cancelled() => return "shutting down".into(),
         }
     }
+}
+
+/// What follows a (re)subscription, whichever the kind: presence written
+/// again at once, what was published meanwhile caught up, then `receive`
+/// until it ends (its reason is returned), after which nothing counts as
+/// subscribed.
+async fn subscribed(inner: &Inner, receive: impl std::future::Future<Output = String>) -> String {
+    // Re-register at once rather than at the next tick.
+    let _ = inner.ops.try_send(Op::Heartbeat);
+    // Whatever was published while not subscribed, before what arrives
+    // from now on.
+    catch_up_all(inner).await;
+    let end = receive.await;
+    inner.subscribed.store(false, Ordering::Release);
+    let _turn = inner.channel_turn.lock().await;
+    *lock(&inner.sink) = None;
+    lock(&inner.have).clear();
+    lock(&inner.doubtful).clear();
+    end
 }
 
 fn log_failure(failures: &mut u64, why: &str) {

@@ -537,3 +537,112 @@ impl SentinelSet {
         self.ha.remove().await;
     }
 }
+
+/// A Redis topology nodes can run on: [`HaNodes`] over it is a
+/// [`super::cluster::Cluster`], so the shared scenarios run on it.
+pub trait HaSet: Sized {
+    fn start() -> impl Future<Output = Self>;
+
+    /// Points a node's settings at this topology.
+    fn point(&self, config: &mut quic_fabric::NodeConfig);
+
+    fn remove(self) -> impl Future<Output = ()>;
+}
+
+impl HaSet for RedisClusterSet {
+    fn start() -> impl Future<Output = Self> {
+        RedisClusterSet::start()
+    }
+
+    fn point(&self, config: &mut quic_fabric::NodeConfig) {
+        config.redis_cluster = self.seeds.clone();
+    }
+
+    fn remove(self) -> impl Future<Output = ()> {
+        RedisClusterSet::remove(self)
+    }
+}
+
+impl HaSet for SentinelSet {
+    fn start() -> impl Future<Output = Self> {
+        SentinelSet::start()
+    }
+
+    fn point(&self, config: &mut quic_fabric::NodeConfig) {
+        config.redis_sentinel = self.sentinels.clone();
+        config.redis_sentinel_master = Some(self.master_name.clone());
+    }
+
+    fn remove(self) -> impl Future<Output = ()> {
+        SentinelSet::remove(self)
+    }
+}
+
+/// A node in this process on `set`, with the short timings of the Redis
+/// tests, then `tweak`.
+pub async fn ha_node(
+    set: &impl HaSet,
+    certs: &super::TestCerts,
+    name: &str,
+    tweak: impl FnOnce(&mut quic_fabric::NodeConfig),
+) -> super::TestNode {
+    let name = name.to_owned();
+    super::TestNode::start_on(
+        quic_fabric::node::BusChoice::FromConfig,
+        Some(certs),
+        move |c| {
+            c.name = name;
+            set.point(c);
+            super::redis::short_timings(c);
+            tweak(c);
+        },
+    )
+    .await
+}
+
+/// Nodes on a Redis topology of their own.
+pub struct HaNodes<S> {
+    pub nodes: Vec<super::TestNode>,
+    _certs: super::TestCerts,
+    pub set: S,
+}
+
+impl<S: HaSet> super::cluster::Cluster for HaNodes<S> {
+    async fn start_with(
+        n: usize,
+        tweak: impl Fn(usize, &mut quic_fabric::NodeConfig),
+    ) -> HaNodes<S> {
+        let set = S::start().await;
+        let certs = super::TestCerts::new();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            nodes.push(ha_node(&set, &certs, &format!("n{}", i + 1), |c| tweak(i, c)).await);
+        }
+        super::redis::wait_ready(&nodes.iter().collect::<Vec<_>>()).await;
+        HaNodes {
+            nodes,
+            _certs: certs,
+            set,
+        }
+    }
+
+    fn nodes(&self) -> &[super::TestNode] {
+        &self.nodes
+    }
+
+    fn nodes_mut(&mut self) -> &mut [super::TestNode] {
+        &mut self.nodes
+    }
+
+    async fn wait_listed(
+        &self,
+        observer: &quic_fabric::client::Client,
+        expected: &[quic_fabric::protocol::ClientId],
+    ) {
+        super::redis::wait_listed(observer, expected).await;
+    }
+
+    async fn finish(self) {
+        self.set.remove().await;
+    }
+}
