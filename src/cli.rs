@@ -579,7 +579,13 @@ async fn subscribe(
                             return Ok(());
                         }
                     }
-                    Body::Join { .. } | Body::Leave { .. } | Body::Error { .. } | Body::Goodbye { .. } => {
+                    // A loss the node tells of (the library then subscribes
+                    // again from its position and reports what it got back).
+                    Body::Join { .. }
+                    | Body::Leave { .. }
+                    | Body::Error { .. }
+                    | Body::Goodbye { .. }
+                    | Body::SubscriptionLost { .. } => {
                         println!("{}", frame_json(&frame));
                     }
                     Body::Unsubscribed { channel, reason } => {
