@@ -145,8 +145,8 @@ impl Keys {
 
     /// The routing bucket of `client` (cluster only).
     fn bucket(client: ClientId) -> u8 {
-        let text = client.to_string();
-        u8::from_str_radix(text.get(..2).unwrap_or("0"), 16).unwrap_or(0) % ROUTE_BUCKETS
+        // The uuid's first byte: its first two hex digits in the text form.
+        client.0.as_bytes()[0] % ROUTE_BUCKETS
     }
 
     /// `P:{r:B}` of `client`'s bucket.
@@ -3104,7 +3104,6 @@ async fn subscriber(inner: Arc<Inner>) {
             Ok(Ok((sink, stream))) => {
                 failures = 0;
                 backoff = Duration::from_millis(100);
-                inner.subscribed.store(true, Ordering::Release);
                 info!(
                     channels = lock(&inner.have).len(),
                     "subscribed to cluster channels"
@@ -3219,7 +3218,6 @@ async fn sharded_subscriber(inner: Arc<Inner>) {
                 // A shard may have lost writes (a promoted replica, or a
                 // master restarted empty): presence is written again.
                 inner.needs_resync.store(true, Ordering::Release);
-                inner.subscribed.store(true, Ordering::Release);
                 info!(
                     channels = lock(&inner.have).len(),
                     masters = masters.len(),
@@ -3330,11 +3328,12 @@ async fn receive_sharded(
     }
 }
 
-/// What follows a (re)subscription, whichever the kind: presence written
-/// again at once, what was published meanwhile caught up, then `receive`
+/// What follows a (re)subscription, whichever the kind: the bus counts as
+/// subscribed, presence is written again at once, what was published meanwhile caught up, then `receive`
 /// until it ends (its reason is returned), after which nothing counts as
 /// subscribed.
 async fn subscribed(inner: &Inner, receive: impl std::future::Future<Output = String>) -> String {
+    inner.subscribed.store(true, Ordering::Release);
     // Re-register at once rather than at the next tick.
     let _ = inner.ops.try_send(Op::Heartbeat);
     // Whatever was published while not subscribed, before what arrives
